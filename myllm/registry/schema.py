@@ -1,0 +1,62 @@
+"""ORM tables of the registry database."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, DateTime, Integer, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class ModelRow(Base):
+    """One registered name. Several names may point at one blob (`digest`)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
+    digest: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
+    blob_path: Mapped[str] = mapped_column(Text, nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    architecture: Mapped[str] = mapped_column(String(64), nullable=False)
+    family: Mapped[str] = mapped_column(String(64), nullable=False)
+    parameter_count: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    parameter_size: Mapped[str] = mapped_column(String(32), nullable=False)
+    quantization: Mapped[str] = mapped_column(String(32), nullable=False)
+    context_length: Mapped[int] = mapped_column(Integer, nullable=False)
+    embedding_length: Mapped[int | None] = mapped_column(Integer)
+    vocab_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    chat_template: Mapped[str | None] = mapped_column(Text)
+    license: Mapped[str | None] = mapped_column(Text)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    system: Mapped[str | None] = mapped_column(Text)
+    template_override: Mapped[str | None] = mapped_column(Text)
+    source: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    modified_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), nullable=False, default=utcnow, onupdate=utcnow
+    )
+
+    @property
+    def template(self) -> str | None:
+        """The chat template in force: the registry's override, else the file's own."""
+        return self.template_override or self.chat_template
+
+
+class MigrationRow(Base):
+    """Named schema steps already applied to this database."""
+
+    __tablename__ = "schema_migrations"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    applied_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

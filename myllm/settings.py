@@ -1,0 +1,55 @@
+"""All configuration in one place: every knob is a `MYLLM_*` environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Read fresh from the environment each time it is built, so tests and the CLI
+    can point a process at another home without global state."""
+
+    model_config = SettingsConfigDict(env_prefix="MYLLM_", extra="ignore")
+
+    home: Path = Field(
+        default=Path("~/.myllm"),
+        description="Data folder: the database, the blob store and download caches.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address the daemon binds to.")
+    port: int = Field(default=8000, ge=1, le=65535, description="Port the daemon listens on.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the registry database; default SQLite at $MYLLM_HOME/myllm.db.",
+    )
+    default_model: str = Field(
+        default="smollm2:135m", description="Model used when a request names none."
+    )
+    num_threads: int | None = Field(
+        default=None, ge=1, description="llama.cpp threads per model; default: physical cores."
+    )
+    num_ctx: int = Field(
+        default=4096,
+        ge=256,
+        description="Context length a model is loaded with unless it or the request asks for another "
+        "(capped at the model's trained context).",
+    )
+
+    @property
+    def home_dir(self) -> Path:
+        return self.home.expanduser()
+
+    @property
+    def blobs_dir(self) -> Path:
+        return self.home_dir / "blobs"
+
+    @property
+    def downloads_dir(self) -> Path:
+        """Partial hub downloads live here so an interrupted pull can resume."""
+        return self.home_dir / "downloads"
+
+    @property
+    def db_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.home_dir / 'myllm.db'}"

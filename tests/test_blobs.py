@@ -1,0 +1,58 @@
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+
+from myllm.errors import IntegrityError
+from myllm.registry.blobs import BlobStore
+
+
+def test_stage_and_commit(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    data = b"hello blobs" * 1000
+    seen: list[tuple[int, int | None]] = []
+    staged = store.stage_stream(io.BytesIO(data), len(data), lambda d, t: seen.append((d, t)))
+    assert staged.path.name.startswith(".partial-")
+    assert store.digests() == set()  # nothing visible before commit
+    digest = store.commit(staged)
+    assert digest == hashlib.sha256(data).hexdigest()
+    assert store.path(digest).read_bytes() == data
+    assert not staged.path.exists()
+    assert seen[-1] == (len(data), len(data))
+
+
+def test_mismatch_leaves_nothing(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    staged = store.stage_stream(io.BytesIO(b"abc"))
+    with pytest.raises(IntegrityError, match="sha256 mismatch"):
+        store.commit(staged, expected="0" * 64)
+    assert list(store.root.iterdir()) == []
+
+
+def test_same_bytes_twice_is_one_blob(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    a = store.commit(store.stage_stream(io.BytesIO(b"same")))
+    b = store.commit(store.stage_stream(io.BytesIO(b"same")))
+    assert a == b
+    assert len(list(store.root.iterdir())) == 1
+
+
+def test_failed_stream_removes_temp(tmp_path: Path) -> None:
+    class Broken(io.BytesIO):
+        def read(self, n: int | None = -1) -> bytes:
+            raise OSError("disk went away")
+
+    store = BlobStore(tmp_path / "blobs")
+    with pytest.raises(OSError):
+        store.stage_stream(Broken())
+    assert list(store.root.iterdir()) == []
+
+
+def test_sweep_removes_crash_leftovers(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    keep = store.commit(store.stage_stream(io.BytesIO(b"keep")))
+    leftover = store.temp_path()
+    leftover.write_bytes(b"half a model")
+    assert store.sweep_temp() == [leftover]
+    assert store.digests() == {keep}
