@@ -86,3 +86,37 @@ class PromptTooLong(MyLLMError):
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+
+
+class OutOfMemory(MyLLMError):
+    """The model does not fit the memory budget, now or at all."""
+
+    status = 503
+    code = "out_of_memory"
+
+    def __init__(self, message: str, needed: int = 0, budget: int = 0, retry_after: int = 10) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.budget = budget
+        self.retry_after = retry_after
+
+
+class Overloaded(MyLLMError):
+    """Too many requests are queued for a model; retry later."""
+
+    status = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ModelNotLoaded(MyLLMError):
+    status = 503
+    code = "model_not_loaded"
+
+
+class ShuttingDown(MyLLMError):
+    status = 503
+    code = "shutting_down"

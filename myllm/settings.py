@@ -36,6 +36,23 @@ class Settings(BaseSettings):
         description="Context length a model is loaded with unless it or the request asks for another "
         "(capped at the model's trained context).",
     )
+    max_memory: str = Field(
+        default="75%",
+        description="Memory budget for loaded models: bytes, a size such as 6GiB, or a percentage "
+        "of the memory available at start.",
+    )
+    max_loaded_models: int = Field(default=3, ge=1, description="Most model instances loaded at once.")
+    keep_alive: str = Field(
+        default="5m",
+        description="How long an idle model stays loaded: 30s, 5m, 1h, seconds as a number; 0 unloads "
+        "after each request, a negative value keeps it loaded.",
+    )
+    load_timeout: str = Field(
+        default="5m", description="How long a load may wait for memory held by busy models."
+    )
+    max_queue: int = Field(
+        default=64, ge=1, description="Requests that may wait per model; past it the API answers 503."
+    )
 
     @property
     def home_dir(self) -> Path:

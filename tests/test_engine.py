@@ -1,7 +1,8 @@
 """The whole chain on a real model: registry row -> llama.cpp -> text."""
 
 from myllm.registry.store import Registry
-from myllm.runtime.engine import LlamaEngine, LoadSpec
+from myllm.runtime.engine import DoneEvent, GenerationRequest, LlamaEngine, LoadSpec
+from myllm.runtime.options import resolve_options
 
 
 def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
@@ -10,9 +11,16 @@ def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
     assert spec.n_ctx == 512
     engine = LlamaEngine(spec, n_threads=2)
     try:
-        out = engine.complete("The capital of France is", max_tokens=8, temperature=0.0)
+        tokens = engine.tokenize("The capital of France is")
+        events = list(engine.generate(GenerationRequest(tokens, resolve_options({"temperature": 0, "max_tokens": 8}))))
     finally:
         engine.close()
-    assert out.completion_tokens > 0
-    assert out.prompt_tokens == 5
-    assert "Paris" in out.text
+    done = events[-1]
+    assert isinstance(done, DoneEvent)
+    assert done.prompt_tokens == 5
+    assert done.completion_tokens == 8
+    assert "Paris" in done.text
+
+
+def test_context_capped_at_trained_length(shared_registry: Registry) -> None:
+    assert LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=100_000).n_ctx == 8192

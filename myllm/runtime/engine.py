@@ -1,14 +1,25 @@
-"""One llama.cpp instance of one registered model."""
+"""One llama.cpp instance of one registered model, and the operations the APIs need.
+
+The engine is synchronous and not thread-safe: a model's worker thread is its only caller
+for generation. Tokenizing only reads the vocabulary and may be called from anywhere.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import random
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import psutil
 
-from myllm.errors import ModelLoadError
+from myllm.errors import InvalidOptions, ModelLoadError, OutOfMemory, PromptTooLong
 from myllm.registry.schema import ModelRow
+from myllm.runtime.options import GenerationOptions
+from myllm.runtime.textstream import TextAssembler
 
 
 def default_threads() -> int:
@@ -17,53 +28,225 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class LoadSpec:
-    """Everything that changes how a model is loaded; two requests with the same spec share
-    one instance whatever their sampling options."""
+    """Everything that changes how a model is loaded. Requests with the same spec share one
+    instance whatever their sampling options."""
 
     name: str
     path: Path
     n_ctx: int
     n_gpu_layers: int = 0
+    embedding: bool = False
 
     @classmethod
-    def for_model(cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0) -> LoadSpec:
+    def for_model(cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False) -> LoadSpec:
         ctx = min(num_ctx, row.context_length) if row.context_length else num_ctx
-        return cls(row.name, Path(row.blob_path), ctx, n_gpu_layers)
+        return cls(row.name, Path(row.blob_path), ctx, n_gpu_layers, embedding)
 
 
 @dataclass(frozen=True)
-class Completion:
+class Candidate:
+    token_id: int
+    text: str
+    logprob: float
+
+    @property
+    def prob(self) -> float:
+        return float(np.exp(self.logprob))
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A piece of generated text. `text` may be "" when a token only completed part of a
+    character or may start a stop string; such tokens still carry their probabilities."""
+
+    text: str
+    token_id: int
+    logprob: float | None = None
+    top: tuple[Candidate, ...] | None = None
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str
+    """`stop` (end of turn or a stop string), `length` (max_tokens or context), `cancelled`."""
     text: str
     prompt_tokens: int
+    prompt_eval_tokens: int
+    """Prompt tokens actually evaluated; fewer than `prompt_tokens` when a cached prefix was reused."""
     completion_tokens: int
-    finish_reason: str
+    prompt_ms: float
+    generation_ms: float
+
+
+Event = TokenEvent | DoneEvent
+
+
+@dataclass
+class GenerationRequest:
+    tokens: list[int]
+    options: GenerationOptions
+    extra_stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class LlamaEngine:
     def __init__(self, spec: LoadSpec, n_threads: int | None = None) -> None:
-        from llama_cpp import Llama
+        import llama_cpp
 
         self.spec = spec
         if not spec.path.is_file():
             raise ModelLoadError(f"model file for '{spec.name}' is missing: {spec.path}")
+        extra: dict[str, object] = {}
+        if spec.embedding:
+            batch = min(spec.n_ctx, 2048)
+            extra = dict(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_batch=batch, n_ubatch=batch)
         try:
-            self.llm = Llama(
+            self.llm = llama_cpp.Llama(
                 model_path=str(spec.path),
                 n_ctx=spec.n_ctx,
                 n_threads=n_threads or default_threads(),
                 n_gpu_layers=spec.n_gpu_layers,
                 verbose=False,
+                **extra,
             )
-        except (ValueError, RuntimeError) as exc:
+        except MemoryError as exc:
+            raise OutOfMemory(f"not enough memory to load '{spec.name}'") from exc
+        except (ValueError, RuntimeError, OSError) as exc:
+            if "context" in str(exc):
+                # The weights loaded but the KV cache and buffers could not be allocated.
+                raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {exc}") from exc
             raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {exc}") from exc
+        self._lib = llama_cpp
+        self._vocab = self.llm._model.vocab
+        self.n_vocab = self.llm.n_vocab()
+        self.bos_text = self._piece(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
 
-    def complete(self, prompt: str, max_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> Completion:
-        out = self.llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, seed=seed)
-        choice = out["choices"][0]
-        usage = out["usage"]
-        return Completion(
-            choice["text"], usage["prompt_tokens"], usage["completion_tokens"], choice["finish_reason"] or "stop"
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    def _piece(self, token: int) -> str:
+        return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    def tokenize(self, text: str) -> list[int]:
+        """Special tokens in the text are parsed (chat templates write them as text); a BOS is
+        added when the model wants one and the text does not already start with it."""
+        add_bos = not (self.bos_text and text.startswith(self.bos_text))
+        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+
+    def token_text(self, token: int) -> str:
+        return self._piece(token)
+
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """How many leading tokens are already in the KV cache; the last prompt token is
+        always re-evaluated, because sampling needs its logits."""
+        cached = self.llm.input_ids[: self.llm.n_tokens]
+        n = 0
+        for a, b in zip(cached, tokens):
+            if a != b:
+                break
+            n += 1
+        return min(n, len(tokens) - 1)
+
+    def check_fits(self, n_prompt: int) -> None:
+        if n_prompt >= self.n_ctx:
+            raise PromptTooLong(n_prompt, self.n_ctx)
+
+    def generate(self, req: GenerationRequest) -> Iterator[Event]:
+        """Yields `TokenEvent`s, then one `DoneEvent`. Stops within one token of
+        `req.cancel` being set."""
+        tokens, opts = req.tokens, req.options
+        if not tokens:
+            raise InvalidOptions("the prompt is empty", field="prompt")
+        self.check_fits(len(tokens))
+        room = self.n_ctx - len(tokens)
+        limit = min(opts.max_tokens or room, room)
+        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
+            raise InvalidOptions("logprobs must be between 0 and 20", field="logprobs")
+        reused = self._cached_prefix(tokens)
+        self.llm.set_seed(opts.seed if opts.seed is not None else random.randrange(2**32))
+        assembler = TextAssembler(tuple(opts.stop) + req.extra_stop)
+        started = time.perf_counter()
+        first_at: float | None = None
+        finish = "length"
+        count = 0
+        stream = self.llm.generate(
+            tokens,
+            top_k=opts.top_k,
+            top_p=opts.top_p,
+            min_p=opts.min_p,
+            temp=opts.temperature,
+            repeat_penalty=opts.repeat_penalty,
+            presence_penalty=opts.presence_penalty,
+            frequency_penalty=opts.frequency_penalty,
         )
+        try:
+            for token in stream:
+                if first_at is None:
+                    first_at = time.perf_counter()
+                if req.cancel.is_set():
+                    finish = "cancelled"
+                    break
+                if self._lib.llama_vocab_is_eog(self._vocab, token):
+                    finish = "stop"
+                    break
+                count += 1
+                logprob, top = self._probabilities(token, req.logprobs)
+                text = assembler.feed(self.llm.detokenize([token], special=True))
+                if assembler.stopped:
+                    if text:
+                        yield TokenEvent(text, token, logprob, top)
+                    finish = "stop"
+                    break
+                yield TokenEvent(text, token, logprob, top)
+                if count >= limit:
+                    break
+        finally:
+            stream.close()
+        if tail := assembler.finish():
+            yield TokenEvent(tail, -1)
+        done_at = time.perf_counter()
+        first_at = first_at or done_at
+        yield DoneEvent(
+            finish_reason=finish,
+            text=assembler.text,
+            prompt_tokens=len(tokens),
+            prompt_eval_tokens=len(tokens) - reused,
+            completion_tokens=count,
+            prompt_ms=(first_at - started) * 1000,
+            generation_ms=(done_at - first_at) * 1000,
+        )
+
+    def _probabilities(self, token: int, k: int | None) -> tuple[float | None, tuple[Candidate, ...] | None]:
+        """From the last position's logits only (one row): log-softmax, then argpartition for
+        the top k. `logits_all` would compute every row and slow decode several-fold."""
+        if k is None:
+            return None, None
+        ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        peak = logits.max()
+        log_z = peak + np.log(np.exp(logits - peak).sum())
+        chosen = float(logits[token] - log_z)
+        if k == 0:
+            return chosen, None
+        idx = np.argpartition(-logits, k - 1)[:k]
+        idx = idx[np.argsort(-logits[idx])]
+        top = tuple(Candidate(int(i), self._piece(int(i)), float(logits[i] - log_z)) for i in idx)
+        return chosen, top
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """One mean-pooled, L2-normalised vector per text, all texts in one call."""
+        if not self.spec.embedding:
+            raise ModelLoadError(f"'{self.spec.name}' was not loaded for embeddings")
+        limit = int(self.llm.n_batch)
+        for text in texts:
+            n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n > limit:
+                raise PromptTooLong(n, limit)
+        vectors, count = self.llm.embed(texts, normalize=True, truncate=False, return_count=True)
+        return [list(map(float, v)) for v in vectors], int(count)
 
     def close(self) -> None:
         self.llm.close()

@@ -1,0 +1,33 @@
+"""Ollama-style durations: `5m`, `30s`, `1h30m`, `250ms`, a plain number of seconds."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from myllm.errors import InvalidOptions
+
+_PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
+_SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: str | int | float, field: str = "keep_alive") -> float:
+    """Seconds; a negative result means "forever"."""
+    if isinstance(value, bool):
+        raise InvalidOptions(f"invalid {field}: {value!r}", field=field)
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidOptions(f"invalid {field}: {value!r}", field=field)
+        return float(value)
+    text = value.strip().lower()
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    negative = text.startswith("-")
+    body = text.lstrip("-")
+    parts = _PART.findall(body)
+    if not parts or "".join(n + u for n, u in parts) != body:
+        raise InvalidOptions(f"invalid {field} {value!r}: use e.g. 30s, 5m, 1h, -1", field=field)
+    seconds = sum(float(n) * _SCALE[u] for n, u in parts)
+    return -seconds if negative else seconds

@@ -1,0 +1,204 @@
+"""The runtime's public face: chat, generate, embed and token probabilities over the model
+manager. Every API adapter calls these and nothing below them.
+
+Errors the caller can still answer with a status code (unknown model, invalid options,
+prompt too long, overload, out of memory) are raised before a stream is returned; what goes
+wrong later is raised from the stream's iteration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from myllm.errors import InvalidOptions
+from myllm.registry.schema import ModelRow
+from myllm.registry.store import Registry
+from myllm.runtime.engine import DoneEvent, Event, GenerationRequest, LlamaEngine, TokenEvent
+from myllm.runtime.manager import Lease, ModelManager
+from myllm.runtime.options import GenerationOptions, resolve_options
+from myllm.runtime.template import render_chat
+from myllm.runtime.worker import JobStream
+from myllm.settings import Settings
+
+ROLES = ("system", "user", "assistant")
+
+
+class GenerationStream(AsyncIterator[Event]):
+    """`TokenEvent`s then one `DoneEvent`. Holds the model lease until the stream ends or is
+    closed; closing early cancels generation within one token."""
+
+    def __init__(self, events: JobStream[Event], lease: Lease, prompt_tokens: int) -> None:
+        self._events = events
+        self._lease = lease
+        self.model = lease.row.name
+        self.prompt_tokens = prompt_tokens
+        self.done: DoneEvent | None = None
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            event = await self._events.__anext__()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(event, DoneEvent):
+            self.done = event
+        return event
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
+        self._lease.release()
+
+    async def collect(self) -> DoneEvent:
+        """Run to the end; the `DoneEvent` carries the whole text and the counts."""
+        async for _ in self:
+            pass
+        assert self.done is not None
+        return self.done
+
+    async def __aenter__(self) -> GenerationStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+@dataclass(frozen=True)
+class Embeddings:
+    model: str
+    vectors: list[list[float]]
+    prompt_tokens: int
+
+
+def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+    if not messages:
+        raise InvalidOptions("messages must not be empty", field="messages")
+    clean = []
+    for i, msg in enumerate(messages):
+        role, content = msg.get("role"), msg.get("content")
+        if role not in ROLES:
+            raise InvalidOptions(f"messages[{i}].role must be one of {', '.join(ROLES)} (got {role!r})", field="messages")
+        if not isinstance(content, str):
+            raise InvalidOptions(f"messages[{i}].content must be a string", field="messages")
+        clean.append({"role": role, "content": content})
+    return clean
+
+
+class Runtime:
+    def __init__(self, registry: Registry, settings: Settings, manager: ModelManager | None = None) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.manager = manager or ModelManager(registry, settings)
+
+    async def start(self) -> None:
+        self.manager.start()
+
+    async def close(self) -> None:
+        await self.manager.close()
+
+    async def model(self, name: str) -> ModelRow:
+        return await asyncio.to_thread(self.registry.get, name)
+
+    def options_for(self, row: ModelRow, options: dict[str, Any] | None) -> GenerationOptions:
+        """The model's stored defaults (Modelfile PARAMETERs), overridden by the request's."""
+        return resolve_options(row.parameters, options)
+
+    async def chat(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        options: dict[str, Any] | None = None,
+        keep_alive: str | float | None = None,
+        logprobs: int | None = None,
+    ) -> GenerationStream:
+        row = await self.model(model)
+        opts = self.options_for(row, options)
+        msgs = check_messages(messages)
+        if row.system and not any(m["role"] == "system" for m in msgs):
+            msgs.insert(0, {"role": "system", "content": row.system})
+        details = row.details or {}
+        rendered = render_chat(msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"))
+        return await self._start(model, rendered.text, opts, keep_alive, rendered.stop, logprobs)
+
+    async def generate(
+        self,
+        model: str,
+        prompt: str,
+        options: dict[str, Any] | None = None,
+        system: str | None = None,
+        raw: bool = False,
+        keep_alive: str | float | None = None,
+        logprobs: int | None = None,
+    ) -> GenerationStream:
+        """Completion of `prompt`. A model with a chat template gets the prompt as one user
+        turn (after `system`, else the model's own system prompt) unless `raw`; a model
+        without one (a base model) continues the text as given."""
+        row = await self.model(model)
+        opts = self.options_for(row, options)
+        system = system if system is not None else row.system
+        stop: tuple[str, ...] = ()
+        if raw or not row.template:
+            text = prompt if raw or not system else f"{system}\n\n{prompt}"
+        else:
+            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+            details = row.details or {}
+            rendered = render_chat(msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"))
+            text, stop = rendered.text, rendered.stop
+        return await self._start(model, text, opts, keep_alive, stop, logprobs)
+
+    async def _start(
+        self,
+        model: str,
+        text: str,
+        opts: GenerationOptions,
+        keep_alive: str | float | None,
+        stop: tuple[str, ...],
+        logprobs: int | None,
+    ) -> GenerationStream:
+        if logprobs is not None and not 0 <= logprobs <= 20:
+            raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")
+        lease = await self.manager.acquire(model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+        try:
+            engine = lease.engine
+            tokens = await asyncio.to_thread(engine.tokenize, text)
+            if not tokens:
+                raise InvalidOptions("the prompt is empty", field="prompt")
+            engine.check_fits(len(tokens))
+
+            def job(eng: LlamaEngine, cancel: threading.Event) -> Iterator[Event]:
+                return eng.generate(GenerationRequest(tokens, opts, stop, logprobs, cancel))
+
+            events = lease.worker.submit(job)
+        except BaseException:
+            lease.release()
+            raise
+        return GenerationStream(events, lease, len(tokens))
+
+    async def embed(self, model: str, texts: list[str], keep_alive: str | float | None = None) -> Embeddings:
+        if not texts:
+            raise InvalidOptions("input must not be empty", field="input")
+        lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)
+        try:
+
+            def job(eng: LlamaEngine, cancel: threading.Event) -> Iterator[tuple[list[list[float]], int]]:
+                yield eng.embed(texts)
+
+            vectors, count = [item async for item in lease.worker.submit(job)][0]
+        finally:
+            lease.release()
+        return Embeddings(lease.row.name, vectors, count)
+
+    async def next_token_probabilities(
+        self, model: str, prompt: str, top_k: int, options: dict[str, Any] | None = None, raw: bool = True
+    ) -> GenerationStream:
+        """Generation where each token carries the top-k candidates of its position."""
+        return await self.generate(model, prompt, options, raw=raw, logprobs=top_k)
+
+
+__all__ = ["DoneEvent", "Embeddings", "GenerationStream", "Runtime", "TokenEvent"]

@@ -1,0 +1,155 @@
+"""A loaded model's worker thread and its FIFO queue: "submit a job, get an async stream of
+its events". Generation runs off the event loop, so the server keeps answering other
+requests while a model generates.
+
+A job is a function `(engine, cancel) -> iterator of events`. The worker runs one job at a
+time (a llama.cpp context serves one sequence for now); a later batching worker can keep
+this interface and run several sequences per step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+from myllm.errors import Overloaded, ShuttingDown
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+JobFn = Callable[[Any, threading.Event], Iterator[T]]
+
+_END = object()
+
+
+@dataclass
+class _Failure:
+    error: BaseException
+
+
+@dataclass
+class Job(Generic[T]):
+    fn: JobFn[T]
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    def push(self, item: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, item)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+            self.cancel.set()
+
+
+class JobStream(AsyncIterator[T]):
+    """The caller's side of a job. Closing it (or dropping out of `async for` early) cancels
+    the job: a queued job never starts, a running one stops within one token."""
+
+    def __init__(self, job: Job[T]) -> None:
+        self._job = job
+        self._done = False
+
+    def __aiter__(self) -> JobStream[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            item = await self._job.events.get()
+        except BaseException:
+            self.cancel()
+            raise
+        if item is _END:
+            self._done = True
+            raise StopAsyncIteration
+        if isinstance(item, _Failure):
+            self._done = True
+            raise item.error
+        return item
+
+    def cancel(self) -> None:
+        self._job.cancel.set()
+
+    async def aclose(self) -> None:
+        if not self._done:
+            self.cancel()
+            self._done = True
+
+
+class ModelWorker:
+    def __init__(self, engine: Any, name: str, max_queue: int) -> None:
+        self.engine = engine
+        self.max_queue = max_queue
+        self._jobs: queue.Queue[Job[Any] | None] = queue.Queue()
+        self._waiting = 0
+        self._running = False
+        self._lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return self._waiting
+
+    @property
+    def busy(self) -> bool:
+        return self._running or self._waiting > 0
+
+    def submit(self, fn: JobFn[T]) -> JobStream[T]:
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the model is being unloaded")
+            if self._waiting >= self.max_queue:
+                raise Overloaded(f"{self._waiting} requests are already waiting for this model; retry later")
+            self._waiting += 1
+        job: Job[T] = Job(fn, asyncio.get_running_loop())
+        self._jobs.put(job)
+        return JobStream(job)
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            with self._lock:
+                self._waiting -= 1
+                self._running = True
+            try:
+                if job.cancel.is_set():
+                    job.push(_END)
+                    continue
+                job.started.set()
+                for event in job.fn(self.engine, job.cancel):
+                    job.push(event)
+                job.push(_END)
+            except BaseException as exc:  # delivered to the caller, who maps it to an API error
+                if not isinstance(exc, Exception):
+                    log.exception("worker job failed")
+                job.push(_Failure(exc))
+            finally:
+                with self._lock:
+                    self._running = False
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs; queued jobs are cancelled, the running one finishes or is cancelled
+        by its caller. Joins the thread."""
+        with self._lock:
+            self._closed = True
+        pending: list[Job[Any]] = []
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                pending.append(job)
+        for job in pending:
+            with self._lock:
+                self._waiting -= 1
+            job.push(_Failure(ShuttingDown("the model was unloaded before this request started")))
+        self._jobs.put(None)
+        self._thread.join(timeout)

@@ -1,0 +1,116 @@
+"""Pure scheduling logic of the model manager (eviction order, the instance limit, the
+retry after a failed allocation), with a fake engine named as such. Everything that runs a
+model is tested on the real models elsewhere."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from myllm.errors import OutOfMemory
+from myllm.registry.schema import ModelRow
+from myllm.registry.store import Registry
+from myllm.runtime.engine import LoadSpec
+from myllm.runtime.manager import ModelManager
+from myllm.runtime.memory import MiB, estimate
+from myllm.settings import Settings
+
+
+class FakeEngine:
+    """Stands in for LlamaEngine: loads instantly, holds no memory."""
+
+    fail_next_with_oom = 0
+    created: list[str] = []
+
+    def __init__(self, spec: LoadSpec, n_threads: int | None) -> None:
+        if FakeEngine.fail_next_with_oom:
+            FakeEngine.fail_next_with_oom -= 1
+            raise OutOfMemory(f"fake allocation failure for {spec.name}")
+        self.spec = spec
+        FakeEngine.created.append(spec.name)
+
+    def close(self) -> None:
+        pass
+
+
+def add_fake_row(registry: Registry, name: str, size_mib: int, tmp_path: Path) -> ModelRow:
+    row = ModelRow(
+        name=name, digest=name.replace(":", "") * 2, blob_path=str(tmp_path / name), size=size_mib * MiB,
+        architecture="llama", family="llama", parameter_count=1, parameter_size="1M", quantization="Q4_0",
+        context_length=512, vocab_size=0, parameters={}, details={"block_count": 0},
+    )
+    with registry.sessions.begin() as db:
+        db.add(row)
+    return row
+
+
+@pytest.fixture
+def fake_registry(registry: Registry, tmp_path: Path) -> Registry:
+    FakeEngine.created = []
+    FakeEngine.fail_next_with_oom = 0
+    for name in ("a:1", "b:1", "c:1"):
+        add_fake_row(registry, name, 100, tmp_path)
+    add_fake_row(registry, "big:1", 250, tmp_path)
+    return registry
+
+
+def manager(registry: Registry, budget_mib: int, max_loaded: int = 3) -> ModelManager:
+    settings = Settings(num_ctx=512, max_loaded_models=max_loaded)
+    return ModelManager(registry, settings, engine_factory=FakeEngine, budget=budget_mib * MiB)  # type: ignore[arg-type]
+
+
+def per_model(registry: Registry) -> int:
+    return estimate(registry.get("a:1"), 512).total // MiB + 1
+
+
+async def use(mgr: ModelManager, name: str) -> None:
+    lease = await mgr.acquire(name)
+    lease.release()
+
+
+async def test_lru_victim_is_least_recently_used(fake_registry: Registry) -> None:
+    mgr = manager(fake_registry, budget_mib=3 * per_model(fake_registry) + 50)
+    for name in ("a:1", "b:1", "c:1"):
+        await use(mgr, name)
+    await use(mgr, "a:1")  # a is now the most recent; b the least
+    await use(mgr, "big:1")  # needs the room of two 100 MiB models
+    assert sorted(m.name for m in mgr.loaded()) == ["a:1", "big:1"]
+    await mgr.close()
+
+
+async def test_instance_limit_evicts_lru(fake_registry: Registry) -> None:
+    mgr = manager(fake_registry, budget_mib=10_000, max_loaded=2)
+    await use(mgr, "a:1")
+    await use(mgr, "b:1")
+    await use(mgr, "c:1")
+    assert sorted(m.name for m in mgr.loaded()) == ["b:1", "c:1"]
+    await mgr.close()
+
+
+async def test_leased_instance_is_never_victim(fake_registry: Registry) -> None:
+    mgr = manager(fake_registry, budget_mib=2 * per_model(fake_registry))
+    mgr.load_timeout = 0.2
+    held = await mgr.acquire("a:1")
+    await use(mgr, "b:1")
+    await use(mgr, "c:1")  # evicts idle b, never leased a
+    assert sorted(m.name for m in mgr.loaded()) == ["a:1", "c:1"]
+    held.release()
+    await mgr.close()
+
+
+async def test_allocation_failure_evicts_idle_and_retries_once(fake_registry: Registry) -> None:
+    mgr = manager(fake_registry, budget_mib=10_000)
+    await use(mgr, "a:1")
+    await use(mgr, "b:1")
+    FakeEngine.fail_next_with_oom = 1
+    await use(mgr, "c:1")
+    assert [m.name for m in mgr.loaded()] == ["c:1"], "idle models were unloaded before the retry"
+
+    held = await mgr.acquire("c:1")
+    FakeEngine.fail_next_with_oom = 2
+    with pytest.raises(OutOfMemory, match="fake allocation failure"):
+        await use(mgr, "a:1")
+    assert [m.name for m in mgr.loaded()] == ["c:1"], "the busy model kept serving"
+    held.release()
+    await mgr.close()

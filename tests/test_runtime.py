@@ -1,0 +1,251 @@
+"""The runtime on the real test models: chat, generate, embeddings, probabilities, options,
+stop strings, UTF-8, prefix reuse, cancellation, queueing."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+
+from myllm.errors import InvalidOptions, ModelNotFound, Overloaded, PromptTooLong
+from myllm.registry.store import Registry
+from myllm.runtime.engine import DoneEvent, TokenEvent
+from myllm.runtime.service import GenerationStream, Runtime
+from myllm.settings import Settings
+
+GREEDY = {"temperature": 0.0, "max_tokens": 24}
+
+
+@pytest.fixture
+async def runtime(shared_registry: Registry) -> AsyncIterator[Runtime]:
+    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024))
+    await rt.start()
+    yield rt
+    await rt.close()
+
+
+async def pieces(stream: GenerationStream) -> tuple[list[TokenEvent], DoneEvent]:
+    tokens = [e async for e in stream if isinstance(e, TokenEvent)]
+    assert stream.done is not None
+    return tokens, stream.done
+
+
+async def test_chat_smollm2(runtime: Runtime) -> None:
+    stream = await runtime.chat("smollm2:135m", [{"role": "user", "content": "What is the capital of France?"}], GREEDY)
+    tokens, done = await pieces(stream)
+    assert done.text.strip()
+    assert "<|im_end|>" not in done.text and "<|im_start|>" not in done.text
+    assert "".join(t.text for t in tokens) == done.text
+    assert done.completion_tokens == len([t for t in tokens if t.token_id >= 0])
+    assert done.prompt_tokens > 10  # the chat template wrapped the question
+    assert done.finish_reason in ("stop", "length")
+
+
+async def test_gemma_base_model_gets_gemma_turns(runtime: Runtime) -> None:
+    stream = await runtime.chat("gemma3:270m", [{"role": "user", "content": "Say hi"}], GREEDY)
+    _, done = await pieces(stream)
+    assert "<start_of_turn>" not in done.text and "<end_of_turn>" not in done.text
+    assert done.completion_tokens >= 1
+
+
+async def test_generate_continues_plain_text_on_base_model(runtime: Runtime) -> None:
+    stream = await runtime.generate("gemma3:270m", "The capital of France is", GREEDY)
+    _, done = await pieces(stream)
+    assert stream.prompt_tokens == 6  # <bos> + 5 tokens: no template around a base model's prompt
+    assert done.text.startswith(" ") and "France" in done.text  # a continuation, not a chat turn
+
+
+async def test_same_seed_same_text(runtime: Runtime) -> None:
+    opts = {"temperature": 1.0, "seed": 1234, "max_tokens": 30}
+    texts = []
+    for _ in range(2):
+        stream = await runtime.generate("smollm2:135m", "Tell me a story", opts)
+        texts.append((await stream.collect()).text)
+    other = await (await runtime.generate("smollm2:135m", "Tell me a story", {**opts, "seed": 99})).collect()
+    assert texts[0] == texts[1]
+    assert other.text != texts[0]
+
+
+async def test_stop_strings_never_in_output(runtime: Runtime) -> None:
+    prompt = "List the days of the week: Monday, Tuesday,"
+    full = (await (await runtime.generate("gemma3:270m", prompt, GREEDY)).collect()).text
+    assert "Thursday" in full, full
+    stream = await runtime.generate("gemma3:270m", prompt, {**GREEDY, "stop": ["Thurs", "never-seen"]})
+    tokens, done = await pieces(stream)
+    assert done.finish_reason == "stop"
+    assert "Thurs" not in done.text
+    assert full.startswith(done.text)
+    assert "Thurs" not in "".join(t.text for t in tokens)
+
+
+async def test_max_tokens_is_length(runtime: Runtime) -> None:
+    done = await (await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 0, "max_tokens": 5})).collect()
+    assert done.completion_tokens == 5
+    assert done.finish_reason == "length"
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"top_p": 1.5}, "top_p"),
+        ({"top_k": -1}, "top_k"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"repeat_penalty": -1}, "repeat_penalty"),
+        ({"temprature": 0.5}, "temprature"),
+        ({"stop": [""]}, "stop"),
+    ],
+)
+async def test_invalid_options_name_the_field(runtime: Runtime, options: dict[str, object], field: str) -> None:
+    with pytest.raises(InvalidOptions) as info:
+        await runtime.generate("smollm2:135m", "hi", options)
+    assert info.value.field == field
+    assert field in str(info.value)
+    assert not runtime.manager.loaded(), "validation happens before any load"
+
+
+async def test_invalid_messages(runtime: Runtime) -> None:
+    with pytest.raises(InvalidOptions, match="messages must not be empty"):
+        await runtime.chat("smollm2:135m", [])
+    with pytest.raises(InvalidOptions, match=r"role must be one of"):
+        await runtime.chat("smollm2:135m", [{"role": "wizard", "content": "hi"}])
+
+
+async def test_unknown_model(runtime: Runtime) -> None:
+    with pytest.raises(ModelNotFound):
+        await runtime.generate("nope:1", "hi")
+
+
+async def test_prompt_too_long(runtime: Runtime) -> None:
+    with pytest.raises(PromptTooLong) as info:
+        await runtime.generate("smollm2:135m", "word " * 400, {"num_ctx": 256})
+    assert info.value.context_length == 256
+    assert info.value.prompt_tokens > 256
+    assert "256" in str(info.value) and str(info.value.prompt_tokens) in str(info.value)
+
+
+async def test_utf8_never_split(runtime: Runtime) -> None:
+    prompt = "Emoji: 😀 😃 😄 😁 😆 😅 🤣 😂 🙂 🙃 😉 😊 😇 🥰 😍 🤩 😘 😗 ☺ 😚 😙 🥲 😋 😛 😜 🤪"
+    # SmolLM2's byte-level BPE spells most emoji as several byte tokens.
+    stream = await runtime.generate("smollm2:135m", prompt, {"temperature": 0, "max_tokens": 24}, raw=True)
+    tokens, done = await pieces(stream)
+    assert any(ord(c) > 0x1F000 for c in done.text), done.text
+    for t in tokens:
+        assert "\ufffd" not in t.text
+        t.text.encode("utf-8")
+    assert any(t.text == "" for t in tokens), "some tokens carried half an emoji and were held back"
+    cjk = await (await runtime.generate("gemma3:270m", "中文：你好，世界。我们", {"temperature": 0, "max_tokens": 16})).collect()
+    assert "\ufffd" not in cjk.text and any("\u4e00" <= c <= "\u9fff" for c in cjk.text)
+
+
+async def test_prefix_reuse_evaluates_only_new_tokens(runtime: Runtime) -> None:
+    first = "The history of the Roman Empire spans many centuries. " * 4
+    a = await (await runtime.generate("smollm2:135m", first, {"temperature": 0, "max_tokens": 4}, raw=True)).collect()
+    assert a.prompt_eval_tokens == a.prompt_tokens
+    b_stream = await runtime.generate("smollm2:135m", first + "It began in Rome.", {"temperature": 0, "max_tokens": 4}, raw=True)
+    b = await b_stream.collect()
+    new_tokens = b.prompt_tokens - a.prompt_tokens
+    print(f"prompt {b.prompt_tokens} tokens, evaluated {b.prompt_eval_tokens} (new: {new_tokens})")
+    assert b.prompt_eval_tokens <= new_tokens + 1
+    assert b.prompt_eval_tokens < b.prompt_tokens // 4
+
+
+async def test_embeddings(runtime: Runtime) -> None:
+    result = await runtime.embed(
+        "smollm2:135m", ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly tax filing deadlines"]
+    )
+    vecs = np.array(result.vectors)
+    assert vecs.shape == (3, 576)  # one vector per text, not one per token
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-4)
+    sims = vecs @ vecs.T
+    assert sims[0, 1] > sims[0, 2]
+    assert result.prompt_tokens > 10
+    with pytest.raises(InvalidOptions):
+        await runtime.embed("smollm2:135m", [])
+
+
+async def test_next_token_probabilities(runtime: Runtime) -> None:
+    stream = await runtime.next_token_probabilities("smollm2:135m", "The capital of France is", top_k=5,
+                                                    options={"temperature": 0, "max_tokens": 4, "repeat_penalty": 1.0})
+    tokens, _ = await pieces(stream)
+    scored = [t for t in tokens if t.top]
+    assert len(scored) == 4
+    for t in scored:
+        assert t.top is not None and len(t.top) == 5
+        probs = [c.prob for c in t.top]
+        assert probs == sorted(probs, reverse=True)
+        assert 0 < sum(probs) <= 1.0001
+        assert t.top[0].token_id == t.token_id  # greedy picks the most likely candidate
+        assert t.logprob == pytest.approx(t.top[0].logprob)
+    assert "Paris" in scored[0].top[0].text or "Paris" in scored[1].top[0].text
+
+
+async def test_logprobs_out_of_range(runtime: Runtime) -> None:
+    with pytest.raises(InvalidOptions, match="logprobs"):
+        await runtime.generate("smollm2:135m", "hi", logprobs=21)
+
+
+async def test_generation_runs_off_the_event_loop(runtime: Runtime) -> None:
+    stream = await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 0, "max_tokens": 150})
+    ticks: list[float] = []
+
+    async def ticker() -> None:
+        while stream.done is None:
+            t = time.perf_counter()
+            await asyncio.sleep(0.01)
+            ticks.append(time.perf_counter() - t)
+
+    tick_task = asyncio.create_task(ticker())
+    other = await (await runtime.chat("smollm2:135m", [{"role": "user", "content": "Hi"}], GREEDY)).collect()
+    await stream.collect()
+    await tick_task
+    assert other.completion_tokens > 0, "another model answered while gemma generated"
+    assert len(ticks) > 10 and max(ticks) < 0.5, f"event loop stalled: {max(ticks):.3f}s"
+
+
+async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
+    stream = await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 1.0, "seed": 1, "max_tokens": 400})
+    engine = stream._lease.engine
+    seen = 0
+    async for event in stream:
+        seen += 1
+        if seen == 5:
+            break
+    at_cancel = engine.llm.n_tokens
+    await stream.aclose()
+    worker = stream._lease.worker
+    for _ in range(200):
+        if not worker.busy:
+            break
+        await asyncio.sleep(0.01)
+    assert not worker.busy
+    extra = engine.llm.n_tokens - at_cancel
+    print(f"tokens evaluated after cancel: {extra}")
+    assert extra <= 1
+    done = await (await runtime.generate("gemma3:270m", "Hello", {"max_tokens": 2})).collect()
+    assert done.completion_tokens == 2, "the model is free for the next request"
+
+
+async def test_queue_is_fifo_and_bounded(shared_registry: Registry) -> None:
+    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, max_queue=2))
+    await rt.start()
+    try:
+        running = await rt.generate("smollm2:135m", "Count:", {"temperature": 0, "max_tokens": 60})
+        first = await running.__anext__()
+        assert isinstance(first, TokenEvent)
+        queued = [await rt.generate("smollm2:135m", f"Item {i}:", {"temperature": 0, "max_tokens": 3}) for i in range(2)]
+        with pytest.raises(Overloaded):
+            await rt.generate("smollm2:135m", "one too many", {"max_tokens": 3})
+        order: list[int] = []
+
+        async def drain(i: int, s: GenerationStream) -> None:
+            await s.collect()
+            order.append(i)
+
+        await asyncio.gather(drain(0, running), drain(2, queued[1]), drain(1, queued[0]))
+        assert order == [0, 1, 2]
+    finally:
+        await rt.close()
