@@ -178,17 +178,10 @@ def serve(
     port: Annotated[int | None, typer.Option(help="Port (MYLLM_PORT).")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
-    """Start the daemon."""
-    import uvicorn
+    """Start the daemon (default 127.0.0.1:8000; --host 0.0.0.0 opens it to the network)."""
+    from myllm.api.server import serve as run_server
 
-    settings = Settings()
-    uvicorn.run(
-        "myllm.api.app:create_app",
-        factory=True,
-        host=host or settings.host,
-        port=port or settings.port,
-        log_level=log_level,
-    )
+    run_server(Settings(), host=host, port=port, log_level=log_level)
 
 
 def main() -> None:

@@ -29,6 +29,15 @@ class ModelNotFound(MyLLMError):
         self.name = name
 
 
+class SessionNotFound(MyLLMError):
+    status = 404
+    code = "session_not_found"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session '{session_id}' not found")
+        self.session_id = session_id
+
+
 class ModelExists(MyLLMError):
     status = 409
     code = "model_exists"

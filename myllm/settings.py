@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=64, ge=1, description="Requests that may wait per model; past it the API answers 503."
     )
+    origins: str | None = Field(
+        default=None,
+        description="Comma-separated origins browsers may call from (CORS); default: localhost and "
+        "127.0.0.1 on any port.",
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -76,3 +76,18 @@ def shared_registry(models_home: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     reg = Registry.open(Settings())
     yield reg
     reg.close()
+
+
+@pytest.fixture
+def api_settings(models_home: Path) -> Settings:
+    """Settings for a daemon over the shared test models (each test's own copy of the DB
+    would cost a 15 s Gemma metadata read, so the home is shared; tests use their own sessions)."""
+    return Settings(home=models_home, num_threads=2, num_ctx=2048)
+
+
+@pytest.fixture
+def server(api_settings: Settings) -> Iterator[str]:
+    from tests.server import running_server
+
+    with running_server(api_settings) as url:
+        yield url

@@ -80,3 +80,32 @@ def test_not_gguf_error(tmp_path: Path) -> None:
     bogus = tmp_path / "x.gguf"
     bogus.write_text("hello")
     assert_one_line_error(myllm("pull", str(bogus), check=False), "not a GGUF file")
+
+
+def test_serve_starts_the_daemon(models_home: Path) -> None:
+    import signal
+    import time
+
+    import httpx
+
+    from tests.server import free_port
+
+    port = free_port()
+    env = dict(os.environ, MYLLM_HOME=str(models_home))
+    proc = subprocess.Popen([MYLLM, "serve", "--port", str(port), "--log-level", "warning"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
+            time.sleep(0.1)
+        names = {m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/api/models").json()["models"]}
+        assert {"smollm2:135m", "gemma3:270m"} <= names
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0

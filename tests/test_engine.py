@@ -24,3 +24,13 @@ def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
 
 def test_context_capped_at_trained_length(shared_registry: Registry) -> None:
     assert LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=100_000).n_ctx == 8192
+
+
+def test_context_rounded_to_llama_cpp_padding(shared_registry: Registry) -> None:
+    spec = LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=320)
+    assert spec.n_ctx == 512
+    engine = LlamaEngine(spec, n_threads=2)
+    try:
+        assert engine.n_ctx == 512 == len(engine.llm.input_ids)
+    finally:
+        engine.close()

@@ -1,17 +1,25 @@
-"""The daemon's ASGI app. State (settings, registry) is built in the lifespan and kept on
-`app.state`; routes only translate requests and responses."""
+"""The daemon's ASGI app. Everything it serves from is built in the lifespan and kept on
+`app.state`; each API document is an adapter module that only translates."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime, timezone
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
+from myllm.api import errors, native
+from myllm.api.state import Services
+from myllm.registry.sessions import SessionStore
 from myllm.registry.store import Registry
+from myllm.runtime.service import Runtime
 from myllm.settings import Settings
+
+log = logging.getLogger(__name__)
+LOCAL_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -19,26 +27,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.settings = settings
-        app.state.registry = Registry.open(settings)
+        registry = Registry.open(settings)
+        runtime = Runtime(registry, settings)
+        await runtime.start()
+        app.state.services = Services(settings, registry, runtime, SessionStore(registry.sessions))
+        app.state.ready = True
         try:
             yield
         finally:
-            app.state.registry.close()
+            app.state.ready = False
+            await runtime.close()
+            registry.close()
 
-    app = FastAPI(title="myllm", version=__version__, lifespan=lifespan)
-
-    @app.get("/")
-    def root(request: Request) -> dict[str, object]:
-        return {
-            "name": "MyLLM",
-            "version": __version__,
-            "status": "running",
-            "models_available": request.app.state.registry.count(),
-        }
-
-    @app.get("/health")
-    def health() -> dict[str, str]:
-        return {"status": "healthy", "timestamp": datetime.now(timezone.utc).isoformat()}
-
+    app = FastAPI(
+        title="myllm",
+        version=__version__,
+        description="A local LLM daemon: the MyLLM native API and the other documented APIs on one port.",
+        lifespan=lifespan,
+    )
+    app.state.ready = False
+    origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_origin_regex=None if origins else LOCAL_ORIGINS,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    errors.install(app, errors.ErrorRouter(default=errors.native_renderer))
+    app.include_router(native.router)
     return app

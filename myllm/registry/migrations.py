@@ -44,8 +44,33 @@ def _0001_models(op: Operations) -> None:
     )
 
 
+def _0002_sessions(op: Operations) -> None:
+    op.create_table(
+        "sessions",
+        sa.Column("id", sa.String(128), primary_key=True),
+        sa.Column("kind", sa.String(16), nullable=False),
+        sa.Column("model", sa.String(255), nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
+    op.create_table(
+        "session_messages",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column(
+            "session_id", sa.String(128), sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False, index=True
+        ),
+        sa.Column("seq", sa.Integer, nullable=False),
+        sa.Column("role", sa.String(16), nullable=False),
+        sa.Column("content", sa.Text, nullable=False),
+        sa.Column("tokens", sa.Integer),
+        sa.Column("model", sa.String(255)),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
+    ("0002_sessions", _0002_sessions),
 ]
 
 _migrations_table = sa.Table(

@@ -22,6 +22,9 @@ from myllm.runtime.options import GenerationOptions
 from myllm.runtime.textstream import TextAssembler
 
 
+CTX_PAD = 256
+
+
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
@@ -39,7 +42,11 @@ class LoadSpec:
 
     @classmethod
     def for_model(cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False) -> LoadSpec:
-        ctx = min(num_ctx, row.context_length) if row.context_length else num_ctx
+        """llama.cpp pads the context to a multiple of 256; asking for exactly that keeps its
+        size and llama-cpp-python's token buffer the same."""
+        ctx = -(-num_ctx // CTX_PAD) * CTX_PAD
+        if row.context_length:
+            ctx = min(ctx, row.context_length)
         return cls(row.name, Path(row.blob_path), ctx, n_gpu_layers, embedding)
 
 
@@ -125,7 +132,7 @@ class LlamaEngine:
 
     @property
     def n_ctx(self) -> int:
-        return int(self.llm.n_ctx())
+        return min(int(self.llm.n_ctx()), len(self.llm.input_ids))
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
@@ -136,8 +143,9 @@ class LlamaEngine:
         add_bos = not (self.bos_text and text.startswith(self.bos_text))
         return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
-    def token_text(self, token: int) -> str:
-        return self._piece(token)
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a piece of text on its own (no BOS), e.g. one stored message."""
+        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         """How many leading tokens are already in the KV cache; the last prompt token is

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from myllm.errors import ModelLoadError, OutOfMemory, ShuttingDown
+from myllm.errors import ModelNotLoaded, OutOfMemory, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.durations import parse_duration
@@ -314,14 +314,18 @@ class ModelManager:
         lease.release()
         return info
 
-    async def unload(self, name: str) -> int:
-        """Unload every instance of `name`: idle ones now, busy ones as soon as their
-        requests finish. Returns how many instances were affected."""
+    async def unload(self, name: str, abort: bool = False) -> int:
+        """Unload every instance of `name`. Idle ones go now; busy ones as soon as their
+        requests finish, or at once with `abort`, their requests failing with
+        `ModelNotLoaded`. Returns how many instances were affected."""
         row = await asyncio.to_thread(self.registry.get, name)
         hits = [i for i in self._instances.values() if i.spec.name == row.name]
         for inst in hits:
             inst.keep_alive = 0
-            if inst.idle:
+            if abort and not inst.idle:
+                inst.worker.abort(ModelNotLoaded(f"model '{row.name}' was unloaded while this request ran"))
+                await self._unload(inst)
+            elif inst.idle:
                 await self._unload(inst)
             else:
                 inst.expires_at = time.monotonic()

@@ -37,6 +37,10 @@ class GenerationStream(AsyncIterator[Event]):
         self.model = lease.row.name
         self.prompt_tokens = prompt_tokens
         self.done: DoneEvent | None = None
+        self.counts: list[int] = []
+        """Token counts of the texts the caller asked to have counted."""
+        self.dropped = 0
+        """Messages left out of the prompt to fit the context."""
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -90,6 +94,42 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return clean
 
 
+class _TextPrompt:
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def tokens(self, engine: LlamaEngine, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+        return engine.tokenize(self.text), ()
+
+
+class _ChatPrompt:
+    """Messages rendered with the model's chat template, trimmed to fit when asked to."""
+
+    def __init__(self, row: ModelRow, messages: list[dict[str, str]], trim: bool) -> None:
+        self.row = row
+        self.messages = messages
+        self.trim = trim
+        self.dropped = 0
+
+    def _render(self, engine: LlamaEngine, msgs: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+        details = self.row.details or {}
+        rendered = render_chat(msgs, self.row.template, self.row.family, details.get("bos_token"), details.get("eos_token"))
+        return engine.tokenize(rendered.text), rendered.stop
+
+    def tokens(self, engine: LlamaEngine, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+        msgs = list(self.messages)
+        tokens, stop = self._render(engine, msgs)
+        first = 1 if msgs and msgs[0]["role"] == "system" else 0
+        while self.trim and len(tokens) + reserve > engine.n_ctx and len(msgs) - first > 1:
+            del msgs[first]
+            self.dropped += 1
+            tokens, stop = self._render(engine, msgs)
+        return tokens, stop
+
+
+_Prompt = _TextPrompt | _ChatPrompt
+
+
 class Runtime:
     def __init__(self, registry: Registry, settings: Settings, manager: ModelManager | None = None) -> None:
         self.registry = registry
@@ -116,15 +156,18 @@ class Runtime:
         options: dict[str, Any] | None = None,
         keep_alive: str | float | None = None,
         logprobs: int | None = None,
+        trim: bool = False,
+        count: list[str] | None = None,
     ) -> GenerationStream:
+        """With `trim`, when the conversation does not fit the context (leaving room for the
+        reply), the oldest messages after the system message drop out of the prompt.
+        `count`: texts whose token counts the stream reports in `counts` (for storing them)."""
         row = await self.model(model)
         opts = self.options_for(row, options)
         msgs = check_messages(messages)
         if row.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": row.system})
-        details = row.details or {}
-        rendered = render_chat(msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"))
-        return await self._start(model, rendered.text, opts, keep_alive, rendered.stop, logprobs)
+        return await self._start(row, _ChatPrompt(row, msgs, trim), opts, keep_alive, logprobs, count)
 
     async def generate(
         self,
@@ -135,38 +178,46 @@ class Runtime:
         raw: bool = False,
         keep_alive: str | float | None = None,
         logprobs: int | None = None,
+        history: list[tuple[str, str]] | None = None,
+        count: list[str] | None = None,
     ) -> GenerationStream:
         """Completion of `prompt`. A model with a chat template gets the prompt as one user
         turn (after `system`, else the model's own system prompt) unless `raw`; a model
-        without one (a base model) continues the text as given."""
+        without one (a base model) continues the text as given. `history` holds earlier
+        (prompt, response) pairs of a generate session, which come first."""
         row = await self.model(model)
         opts = self.options_for(row, options)
         system = system if system is not None else row.system
-        stop: tuple[str, ...] = ()
+        pairs = history or []
         if raw or not row.template:
-            text = prompt if raw or not system else f"{system}\n\n{prompt}"
-        else:
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
-            details = row.details or {}
-            rendered = render_chat(msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"))
-            text, stop = rendered.text, rendered.stop
-        return await self._start(model, text, opts, keep_alive, stop, logprobs)
+            earlier = "".join(p + r for p, r in pairs)
+            text = earlier + prompt
+            if system and not raw:
+                text = f"{system}\n\n{text}"
+            return await self._start(row, _TextPrompt(text), opts, keep_alive, logprobs, count)
+        msgs = [{"role": "system", "content": system}] if system else []
+        for p, r in pairs:
+            msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
+        msgs.append({"role": "user", "content": prompt})
+        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive, logprobs, count)
 
     async def _start(
         self,
-        model: str,
-        text: str,
+        row: ModelRow,
+        prompt: _Prompt,
         opts: GenerationOptions,
         keep_alive: str | float | None,
-        stop: tuple[str, ...],
         logprobs: int | None,
+        count: list[str] | None = None,
     ) -> GenerationStream:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")
-        lease = await self.manager.acquire(model, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+        lease = await self.manager.acquire(row.name, keep_alive=keep_alive, num_ctx=opts.num_ctx)
         try:
             engine = lease.engine
-            tokens = await asyncio.to_thread(engine.tokenize, text)
+            reserve = min(opts.max_tokens or 256, engine.n_ctx // 4)
+            tokens, stop = await asyncio.to_thread(prompt.tokens, engine, reserve)
+            counts = await asyncio.to_thread(lambda: [engine.count_tokens(t) for t in count or []])
             if not tokens:
                 raise InvalidOptions("the prompt is empty", field="prompt")
             engine.check_fits(len(tokens))
@@ -178,7 +229,10 @@ class Runtime:
         except BaseException:
             lease.release()
             raise
-        return GenerationStream(events, lease, len(tokens))
+        stream = GenerationStream(events, lease, len(tokens))
+        stream.counts = counts
+        stream.dropped = getattr(prompt, "dropped", 0)
+        return stream
 
     async def embed(self, model: str, texts: list[str], keep_alive: str | float | None = None) -> Embeddings:
         if not texts:

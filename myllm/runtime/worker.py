@@ -37,7 +37,8 @@ class Job(Generic[T]):
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
-    started: threading.Event = field(default_factory=threading.Event)
+    abort_error: BaseException | None = None
+    """Set when the job is stopped by the server (unload, shutdown), not by its caller."""
 
     def push(self, item: Any) -> None:
         try:
@@ -89,6 +90,7 @@ class ModelWorker:
         self._jobs: queue.Queue[Job[Any] | None] = queue.Queue()
         self._waiting = 0
         self._running = False
+        self._current: Job[Any] | None = None
         self._lock = threading.Lock()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"model-{name}", daemon=True)
@@ -118,38 +120,53 @@ class ModelWorker:
             with self._lock:
                 self._waiting -= 1
                 self._running = True
+                self._current = job
+            final: Any = _END
             try:
-                if job.cancel.is_set():
-                    job.push(_END)
-                    continue
-                job.started.set()
-                for event in job.fn(self.engine, job.cancel):
-                    job.push(event)
-                job.push(_END)
+                if not job.cancel.is_set():
+                    for event in job.fn(self.engine, job.cancel):
+                        if job.abort_error is not None:
+                            break
+                        job.push(event)
             except BaseException as exc:  # delivered to the caller, who maps it to an API error
                 if not isinstance(exc, Exception):
                     log.exception("worker job failed")
-                job.push(_Failure(exc))
-            finally:
-                with self._lock:
-                    self._running = False
+                final = _Failure(exc)
+            if job.abort_error is not None:
+                final = _Failure(job.abort_error)
+            with self._lock:  # idle before the caller hears the end, so it may unload at once
+                self._running = False
+                self._current = None
+            job.push(final)
 
-    def close(self, timeout: float | None = None) -> None:
-        """Stop taking jobs; queued jobs are cancelled, the running one finishes or is cancelled
-        by its caller. Joins the thread."""
+    def abort(self, error: BaseException) -> None:
+        """Stop the running job within one token and fail queued ones; each caller's stream
+        raises `error`."""
         with self._lock:
-            self._closed = True
-        pending: list[Job[Any]] = []
+            current = self._current
+        if current is not None:
+            current.abort_error = error
+            current.cancel.set()
+        self._fail_queued(error)
+
+    def _fail_queued(self, error: BaseException) -> None:
         while True:
             try:
                 job = self._jobs.get_nowait()
             except queue.Empty:
                 break
-            if job is not None:
-                pending.append(job)
-        for job in pending:
+            if job is None:
+                self._jobs.put(None)
+                break
             with self._lock:
                 self._waiting -= 1
-            job.push(_Failure(ShuttingDown("the model was unloaded before this request started")))
+            job.push(_Failure(error))
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking jobs; queued jobs fail, the running one finishes (or is cancelled by its
+        caller). Joins the thread."""
+        with self._lock:
+            self._closed = True
+        self._fail_queued(ShuttingDown("the model was unloaded before this request started"))
         self._jobs.put(None)
         self._thread.join(timeout)

@@ -1,0 +1,250 @@
+"""The native MyLLM API (`GET /`, `/health`, `/api/*`): requests to runtime calls, events to
+the document's JSON and Server-Sent Events."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from myllm import __version__
+from myllm.api import sse
+from myllm.api.native_models import (
+    ChatRequest,
+    ChatResponse,
+    EmbeddingResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorDetail,
+    GenerateRequest,
+    GenerateResponse,
+    Message,
+    ModelInfo,
+    ModelList,
+    ServerInfo,
+    SessionDetail,
+    SessionList,
+    SessionMessage,
+    SessionSummary,
+    StatusMessage,
+    Usage,
+)
+from myllm.api.state import services
+from myllm.errors import MyLLMError
+from myllm.registry.schema import ModelRow
+from myllm.registry.sessions import SessionInfo, StoredMessage, check_session_id, new_session_id
+from myllm.runtime.engine import DoneEvent, TokenEvent
+from myllm.runtime.service import GenerationStream
+from myllm.runtime.template import template_name
+
+log = logging.getLogger(__name__)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDetail} for code in (400, 404, 500, 503)
+}
+router = APIRouter(responses=ERRORS)
+
+
+@router.get("/", response_model=ServerInfo, tags=["MyLLM"])
+async def root(request: Request) -> ServerInfo:
+    count = await asyncio.to_thread(services(request).registry.count)
+    return ServerInfo(name="MyLLM", version=__version__, status="running", models_available=count)
+
+
+@router.get("/health", tags=["MyLLM"])
+async def health(request: Request) -> JSONResponse:
+    """200 once the daemon serves requests; 503 while it starts or shuts down."""
+    ready = getattr(request.app.state, "ready", False)
+    body = {"status": "healthy" if ready else "starting", "timestamp": datetime.now(timezone.utc).isoformat()}
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def model_info(row: ModelRow, loaded: bool) -> ModelInfo:
+    return ModelInfo(
+        name=row.name,
+        family=row.family,
+        size_mb=round(row.size / (1 << 20)),
+        quantization=row.quantization,
+        context_size=row.context_length,
+        template=template_name(row.template, row.family),
+        parameters=row.parameters or {},
+        loaded=loaded,
+    )
+
+
+@router.get("/api/models", response_model=ModelList, tags=["MyLLM"])
+async def list_models(request: Request) -> ModelList:
+    svc = services(request)
+    rows = await asyncio.to_thread(svc.registry.list)
+    return ModelList(models=[model_info(r, svc.runtime.manager.is_loaded(r.name)) for r in rows])
+
+
+@router.get("/api/models/{model_name}", response_model=ModelInfo, tags=["MyLLM"])
+async def get_model(model_name: str, request: Request) -> ModelInfo:
+    svc = services(request)
+    row = await svc.runtime.model(model_name)
+    return model_info(row, svc.runtime.manager.is_loaded(row.name))
+
+
+@router.post("/api/models/{model_name}/load", response_model=StatusMessage, tags=["MyLLM"])
+async def load_model(model_name: str, request: Request) -> StatusMessage:
+    info = await services(request).runtime.manager.load(model_name)
+    return StatusMessage(status="success", message=f"Model '{info.name}' loaded")
+
+
+@router.post("/api/models/{model_name}/unload", response_model=StatusMessage, tags=["MyLLM"])
+async def unload_model(model_name: str, request: Request) -> StatusMessage:
+    """Unloads at once; requests still running on the model end with an error."""
+    svc = services(request)
+    row = await svc.runtime.model(model_name)
+    await svc.runtime.manager.unload(row.name, abort=True)
+    return StatusMessage(status="success", message=f"Model '{row.name}' unloaded")
+
+
+def usage_of(done: DoneEvent) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
+
+
+OnDone = Callable[[DoneEvent], Awaitable[None]]
+
+
+async def _events(stream: GenerationStream, on_done: OnDone, final: dict[str, Any]) -> AsyncIterator[str]:
+    """The document's SSE: a `token` event per piece, then `done` with the full text. An error
+    after the stream started becomes a last `{"error": ..., "done": true}` event."""
+    try:
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    yield sse.data({"token": event.text, "done": False})
+            elif event.finish_reason != "cancelled":
+                await on_done(event)
+                yield sse.data({"done": True, **final, "full_text": event.text, "usage": usage_of(event).model_dump()})
+    except MyLLMError as exc:
+        yield sse.data({"error": exc.message, "done": True})
+    except Exception:
+        log.exception("stream failed")
+        yield sse.data({"error": "internal server error", "done": True})
+    finally:
+        await stream.aclose()
+
+
+def _history_messages(stored: list[StoredMessage], new: list[Message]) -> list[dict[str, str]]:
+    """Stored turns, then the new messages; a system message sent now replaces stored ones."""
+    sends_system = any(m.role == "system" for m in new)
+    earlier = [{"role": m.role, "content": m.content} for m in stored if not (sends_system and m.role == "system")]
+    fresh = [m.model_dump() for m in new]
+    system = [m for m in fresh if m["role"] == "system"]
+    return system + earlier + [m for m in fresh if m["role"] != "system"]
+
+
+@router.post("/api/chat", response_model=ChatResponse, tags=["MyLLM"])
+async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
+    """Chat with history: a `session_id` continues (or starts) a stored session; without one a
+    new session is started. When the conversation outgrows the context, the oldest turns
+    after the system message are left out of the prompt; the stored history stays whole."""
+    svc = services(request)
+    model = body.model or svc.settings.default_model
+    session_id = check_session_id(body.session_id) if body.session_id else new_session_id()
+    stored = await asyncio.to_thread(svc.sessions.history, session_id) if body.session_id else []
+    stream = await svc.runtime.chat(
+        model,
+        _history_messages(stored, body.messages),
+        body.options.as_dict(),
+        keep_alive=body.keep_alive,
+        trim=True,
+        count=[m.content for m in body.messages],
+    )
+
+    async def save(done: DoneEvent) -> None:
+        turn = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
+        turn.append(("assistant", done.text, done.completion_tokens))
+        await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, turn)
+
+    if body.stream:
+        return sse.response(_events(stream, save, {"session_id": session_id}))
+    async with stream:
+        done = await stream.collect()
+    await save(done)
+    return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
+
+
+@router.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["MyLLM"])
+async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
+    """Stateless unless a `session_id` is given, in which case earlier prompt/response pairs
+    of that session come first and this pair is stored."""
+    svc = services(request)
+    model = body.model or svc.settings.default_model
+    session_id = check_session_id(body.session_id) if body.session_id else None
+    history: list[tuple[str, str]] = []
+    if session_id:
+        stored = await asyncio.to_thread(svc.sessions.history, session_id)
+        history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
+    stream = await svc.runtime.generate(
+        model, body.prompt, body.options.as_dict(), system=body.system, raw=body.raw,
+        keep_alive=body.keep_alive, history=history, count=[body.prompt],
+    )
+
+    async def save(done: DoneEvent) -> None:
+        if session_id:
+            turn = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
+            await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, turn)
+
+    if body.stream:
+        return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}))
+    async with stream:
+        done = await stream.collect()
+    await save(done)
+    return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id)
+
+
+@router.post(
+    "/api/embeddings", response_model=EmbeddingResponse | EmbeddingsResponse, tags=["MyLLM"]
+)
+async def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingResponse | EmbeddingsResponse:
+    """A string gives `embedding`; a list of strings gives `embeddings`, one per string."""
+    svc = services(request)
+    model = body.model or svc.settings.default_model
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    result = await svc.runtime.embed(model, texts, keep_alive=body.keep_alive)
+    if isinstance(body.input, str):
+        return EmbeddingResponse(embedding=result.vectors[0], model=result.model)
+    return EmbeddingsResponse(embeddings=result.vectors, model=result.model)
+
+
+def _summary(info: SessionInfo) -> SessionSummary:
+    return SessionSummary(
+        id=info.id, kind=info.kind, model=info.model, created=info.created_at.isoformat(),
+        updated=info.updated_at.isoformat(), message_count=info.message_count,
+    )
+
+
+@router.get("/api/sessions", response_model=SessionList, tags=["Sessions"])
+async def list_sessions(request: Request) -> SessionList:
+    infos = await asyncio.to_thread(services(request).sessions.list)
+    return SessionList(sessions=[_summary(i) for i in infos])
+
+
+@router.get("/api/sessions/{session_id}", response_model=SessionDetail, tags=["Sessions"])
+async def get_session(session_id: str, request: Request) -> SessionDetail:
+    info, messages = await asyncio.to_thread(services(request).sessions.get, session_id)
+    return SessionDetail(
+        **_summary(info).model_dump(),
+        messages=[
+            SessionMessage(role=m.role, content=m.content, tokens=m.tokens, model=m.model, created=m.created_at.isoformat())
+            for m in messages
+        ],
+    )
+
+
+@router.delete("/api/sessions/{session_id}", response_model=StatusMessage, tags=["Sessions"])
+async def delete_session(session_id: str, request: Request) -> StatusMessage:
+    await asyncio.to_thread(services(request).sessions.delete, session_id)
+    return StatusMessage(status="success", message=f"Session '{session_id}' deleted")

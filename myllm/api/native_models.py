@@ -1,0 +1,144 @@
+"""Request and response shapes of the native MyLLM API (the 003 document)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class InferenceOptions(BaseModel):
+    """The document's InferenceOptions; a few more llama.cpp options are accepted as
+    extensions. Ranges are checked by the runtime, which names the field in its error."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(None, description="0.0 to 2.0")
+    top_p: float | None = Field(None, description="0.0 to 1.0")
+    top_k: int | None = Field(None, description="integer >= 0")
+    max_tokens: int | None = Field(None, description="integer >= 1")
+    stop: list[str] | None = Field(None, description="stop sequences, never part of the output")
+    repeat_penalty: float | None = Field(None, description=">= 0.0")
+    min_p: float | None = Field(None, description="extension: 0.0 to 1.0")
+    seed: int | None = Field(None, description="extension: same seed and options give the same text")
+    presence_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
+    frequency_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
+    num_ctx: int | None = Field(None, description="extension: context length to load the model with")
+
+    def as_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+
+class Message(BaseModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class ChatRequest(BaseModel):
+    model: str | None = Field(None, description="default: MYLLM_DEFAULT_MODEL")
+    messages: list[Message] = Field(min_length=1)
+    session_id: str | None = Field(None, description="continue (or start) this session; omitted: a new one")
+    stream: bool = False
+    options: InferenceOptions = Field(default_factory=InferenceOptions)
+    keep_alive: str | float | None = Field(None, description="extension: how long the model stays loaded")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatResponse(BaseModel):
+    message: Message
+    session_id: str
+    usage: Usage
+
+
+class GenerateRequest(BaseModel):
+    model: str | None = None
+    prompt: str
+    stream: bool = False
+    options: InferenceOptions = Field(default_factory=InferenceOptions)
+    system: str | None = None
+    session_id: str | None = Field(None, description="extension: continue a generate session")
+    raw: bool = Field(False, description="extension: no chat template around the prompt")
+    keep_alive: str | float | None = None
+
+
+class GenerateResponse(BaseModel):
+    text: str
+    usage: Usage
+    session_id: str | None = None
+
+
+class EmbeddingsRequest(BaseModel):
+    model: str | None = None
+    input: str | list[str]
+    keep_alive: str | float | None = None
+
+
+class EmbeddingResponse(BaseModel):
+    embedding: list[float]
+    model: str
+
+
+class EmbeddingsResponse(BaseModel):
+    embeddings: list[list[float]]
+    model: str
+
+
+class ModelInfo(BaseModel):
+    name: str
+    family: str
+    size_mb: int
+    quantization: str
+    context_size: int
+    template: str
+    parameters: dict[str, Any]
+    loaded: bool
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+
+
+class StatusMessage(BaseModel):
+    status: str
+    message: str
+
+
+class ServerInfo(BaseModel):
+    name: str
+    version: str
+    status: str
+    models_available: int
+
+
+class SessionSummary(BaseModel):
+    id: str
+    kind: str
+    model: str
+    created: str
+    updated: str
+    message_count: int
+
+
+class SessionList(BaseModel):
+    sessions: list[SessionSummary]
+
+
+class SessionMessage(BaseModel):
+    role: str
+    content: str
+    tokens: int | None
+    model: str | None
+    created: str
+
+
+class SessionDetail(SessionSummary):
+    messages: list[SessionMessage]
+
+
+class ErrorDetail(BaseModel):
+    detail: str

@@ -1,0 +1,24 @@
+"""Typed access to what the lifespan put on `app.state`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from myllm.registry.sessions import SessionStore
+from myllm.registry.store import Registry
+from myllm.runtime.service import Runtime
+from myllm.settings import Settings
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: Registry
+    runtime: Runtime
+    sessions: SessionStore
+
+
+def services(request: Request) -> Services:
+    return request.app.state.services  # type: ignore[no-any-return]
