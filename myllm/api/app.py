@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import errors, native
+from myllm.api import errors, native, openai
 from myllm.api.state import Services
 from myllm.registry.sessions import SessionStore
 from myllm.registry.store import Registry
@@ -54,6 +54,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    errors.install(app, errors.ErrorRouter(default=errors.native_renderer))
+    error_router = errors.ErrorRouter(default=errors.native_renderer)
+    error_router.add(openai.PREFIX, openai.openai_renderer)
+    errors.install(app, error_router)
     app.include_router(native.router)
+    app.include_router(openai.router)
     return app

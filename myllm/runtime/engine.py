@@ -70,6 +70,8 @@ class TokenEvent:
     token_id: int
     logprob: float | None = None
     top: tuple[Candidate, ...] | None = None
+    piece: str | None = None
+    """The token's own text, present when probabilities were asked for."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ class GenerationRequest:
     logprobs: int | None = None
     """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
     cancel: threading.Event = field(default_factory=threading.Event)
+    grammar: str | None = None
+    """GBNF the output must follow (see runtime/grammar.py)."""
 
 
 class LlamaEngine:
@@ -180,8 +184,14 @@ class LlamaEngine:
         first_at: float | None = None
         finish = "length"
         count = 0
+        grammar = None
+        if req.grammar:
+            from llama_cpp import LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(req.grammar, verbose=False)
         stream = self.llm.generate(
             tokens,
+            grammar=grammar,
             top_k=opts.top_k,
             top_p=opts.top_p,
             min_p=opts.min_p,
@@ -202,13 +212,15 @@ class LlamaEngine:
                     break
                 count += 1
                 logprob, top = self._probabilities(token, req.logprobs)
-                text = assembler.feed(self.llm.detokenize([token], special=True))
+                raw = self.llm.detokenize([token], special=True)
+                piece = raw.decode("utf-8", "replace") if logprob is not None else None
+                text = assembler.feed(raw)
                 if assembler.stopped:
                     if text:
-                        yield TokenEvent(text, token, logprob, top)
+                        yield TokenEvent(text, token, logprob, top, piece)
                     finish = "stop"
                     break
-                yield TokenEvent(text, token, logprob, top)
+                yield TokenEvent(text, token, logprob, top, piece)
                 if count >= limit:
                     break
         finally:
@@ -244,10 +256,18 @@ class LlamaEngine:
         top = tuple(Candidate(int(i), self._piece(int(i)), float(logits[i] - log_z)) for i in idx)
         return chosen, top
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """One mean-pooled, L2-normalised vector per text, all texts in one call."""
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""
+        bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
+        if bad is not None:
+            raise InvalidOptions(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})", field="input")
+        return self.llm.detokenize(tokens).decode("utf-8", "replace")
+
+    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        """One mean-pooled, L2-normalised vector per input (a text or token ids), all in one call."""
         if not self.spec.embedding:
             raise ModelLoadError(f"'{self.spec.name}' was not loaded for embeddings")
+        texts = [i if isinstance(i, str) else self.detokenize(i) for i in inputs]
         limit = int(self.llm.n_batch)
         for text in texts:
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))

@@ -158,6 +158,7 @@ class Runtime:
         logprobs: int | None = None,
         trim: bool = False,
         count: list[str] | None = None,
+        grammar: str | None = None,
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
         reply), the oldest messages after the system message drop out of the prompt.
@@ -167,7 +168,7 @@ class Runtime:
         msgs = check_messages(messages)
         if row.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": row.system})
-        return await self._start(row, _ChatPrompt(row, msgs, trim), opts, keep_alive, logprobs, count)
+        return await self._start(row, _ChatPrompt(row, msgs, trim), opts, keep_alive, logprobs, count, grammar)
 
     async def generate(
         self,
@@ -180,6 +181,7 @@ class Runtime:
         logprobs: int | None = None,
         history: list[tuple[str, str]] | None = None,
         count: list[str] | None = None,
+        grammar: str | None = None,
     ) -> GenerationStream:
         """Completion of `prompt`. A model with a chat template gets the prompt as one user
         turn (after `system`, else the model's own system prompt) unless `raw`; a model
@@ -194,12 +196,12 @@ class Runtime:
             text = earlier + prompt
             if system and not raw:
                 text = f"{system}\n\n{text}"
-            return await self._start(row, _TextPrompt(text), opts, keep_alive, logprobs, count)
+            return await self._start(row, _TextPrompt(text), opts, keep_alive, logprobs, count, grammar)
         msgs = [{"role": "system", "content": system}] if system else []
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive, logprobs, count)
+        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive, logprobs, count, grammar)
 
     async def _start(
         self,
@@ -209,6 +211,7 @@ class Runtime:
         keep_alive: str | float | None,
         logprobs: int | None,
         count: list[str] | None = None,
+        grammar: str | None = None,
     ) -> GenerationStream:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")
@@ -223,7 +226,7 @@ class Runtime:
             engine.check_fits(len(tokens))
 
             def job(eng: LlamaEngine, cancel: threading.Event) -> Iterator[Event]:
-                return eng.generate(GenerationRequest(tokens, opts, stop, logprobs, cancel))
+                return eng.generate(GenerationRequest(tokens, opts, stop, logprobs, cancel, grammar))
 
             events = lease.worker.submit(job)
         except BaseException:
@@ -234,7 +237,9 @@ class Runtime:
         stream.dropped = getattr(prompt, "dropped", 0)
         return stream
 
-    async def embed(self, model: str, texts: list[str], keep_alive: str | float | None = None) -> Embeddings:
+    async def embed(
+        self, model: str, texts: list[str | list[int]], keep_alive: str | float | None = None
+    ) -> Embeddings:
         if not texts:
             raise InvalidOptions("input must not be empty", field="input")
         lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)

@@ -1,0 +1,362 @@
+"""The OpenAI-style `/v1` API: OpenAI requests to runtime calls, runtime events to OpenAI
+objects and chunks. Errors take OpenAI's shape (see `openai_renderer`), never FastAPI's 422."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from myllm.api import sse
+from myllm.api.errors import ApiError
+from myllm.api.openai_models import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    ChatMessage,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    EmbeddingList,
+    EmbeddingObject,
+    EmbeddingRequest,
+    EmbeddingUsage,
+    ErrorObject,
+    ModelListObject,
+    ModelObject,
+    ResponseFormat,
+    UsageObject,
+    _Sampling,
+)
+from myllm.api.state import services
+from myllm.errors import InvalidOptions, MyLLMError
+from myllm.registry.schema import ModelRow
+from myllm.runtime.engine import DoneEvent, TokenEvent
+from myllm.runtime.grammar import json_grammar
+from myllm.runtime.service import GenerationStream
+
+log = logging.getLogger(__name__)
+PREFIX = "/v1"
+router = APIRouter(prefix=PREFIX, tags=["OpenAI"], responses={c: {"model": ErrorObject} for c in (400, 401, 404, 500, 503)})
+
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
+
+
+def openai_error(err: ApiError) -> dict[str, Any]:
+    code = err.code
+    if err.status == 401:
+        code = "invalid_api_key"
+    return {"error": {"message": err.message, "type": _TYPES.get(err.status, "server_error"),
+                      "param": err.param, "code": code}}
+
+
+def openai_renderer(err: ApiError) -> Response:
+    return JSONResponse(openai_error(err), status_code=err.status)
+
+
+def _error_event(exc: BaseException) -> str:
+    if isinstance(exc, MyLLMError):
+        err = ApiError(exc.status, exc.message, exc.code, getattr(exc, "field", None))
+    else:
+        log.exception("stream failed", exc_info=exc)
+        err = ApiError(500, "internal server error", "internal_error")
+    return sse.data(openai_error(err))
+
+
+# -- models ---------------------------------------------------------------------------
+
+
+def model_object(row: ModelRow) -> ModelObject:
+    return ModelObject(id=row.name, created=int(row.created_at.timestamp()), owned_by="myllm")
+
+
+@router.get("/models", response_model=ModelListObject)
+async def list_models(request: Request) -> ModelListObject:
+    import asyncio
+
+    rows = await asyncio.to_thread(services(request).registry.list)
+    return ModelListObject(data=[model_object(r) for r in rows])
+
+
+@router.get("/models/{model_id:path}", response_model=ModelObject)
+async def get_model(model_id: str, request: Request) -> ModelObject:
+    return model_object(await services(request).runtime.model(model_id))
+
+
+# -- shared request handling -----------------------------------------------------------
+
+
+def _options(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
+    stop = [body.stop] if isinstance(body.stop, str) else body.stop
+    if stop is not None and len(stop) > 4:
+        raise InvalidOptions(f"stop takes at most 4 sequences (got {len(stop)})", field="stop")
+    if body.n is not None and body.n != 1:
+        raise InvalidOptions("n must be 1: myllm returns one choice per request; send several requests", field="n")
+    for unsupported in ("tools", "functions", "tool_choice", "function_call"):
+        value = (body.model_extra or {}).get(unsupported)
+        if value and value != "none":
+            raise InvalidOptions(f"'{unsupported}' is not supported", field=unsupported)
+    return {
+        "temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
+        "seed": body.seed, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
+        "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
+    }
+
+
+def _grammar(fmt: ResponseFormat | None) -> str | None:
+    if fmt is None or fmt.type == "text":
+        return None
+    if fmt.type == "json_object":
+        return json_grammar()
+    if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+        raise InvalidOptions("response_format json_schema needs json_schema.schema", field="response_format")
+    return json_grammar(fmt.json_schema.schema_)
+
+
+def _message(msg: ChatMessage, index: int) -> dict[str, str]:
+    role = "system" if msg.role == "developer" else msg.role
+    if role not in ("system", "user", "assistant"):
+        raise InvalidOptions(f"messages[{index}].role {msg.role!r} is not supported (system, user, assistant)",
+                             field=f"messages[{index}].role")
+    if isinstance(msg.content, list):
+        texts = []
+        for part in msg.content:
+            if part.type != "text" or part.text is None:
+                raise InvalidOptions(f"messages[{index}].content: only text parts are supported (got {part.type!r})",
+                                     field=f"messages[{index}].content")
+            texts.append(part.text)
+        return {"role": role, "content": "".join(texts)}
+    return {"role": role, "content": msg.content or ""}
+
+
+def _usage(done: DoneEvent) -> UsageObject:
+    return UsageObject(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
+                       total_tokens=done.prompt_tokens + done.completion_tokens)
+
+
+def _finish(done: DoneEvent) -> str:
+    return "length" if done.finish_reason == "length" else "stop"
+
+
+def _chat_logprob(event: TokenEvent) -> dict[str, Any]:
+    piece = event.piece or ""
+    return {
+        "token": piece, "logprob": event.logprob, "bytes": list(piece.encode("utf-8")),
+        "top_logprobs": [{"token": c.text, "logprob": c.logprob, "bytes": list(c.text.encode("utf-8"))}
+                         for c in event.top or ()],
+    }
+
+
+# -- chat ------------------------------------------------------------------------------
+
+
+@router.post("/chat/completions", response_model=ChatCompletion)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
+    svc = services(request)
+    options = _options(body, body.max_completion_tokens or body.max_tokens)
+    if body.top_logprobs is not None and not body.logprobs:
+        raise InvalidOptions("top_logprobs needs logprobs: true", field="top_logprobs")
+    if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
+        raise InvalidOptions(f"top_logprobs must be between 0 and 20 (got {body.top_logprobs})", field="top_logprobs")
+    logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    stream = await svc.runtime.chat(
+        body.model or svc.settings.default_model,
+        [_message(m, i) for i, m in enumerate(body.messages)],
+        options,
+        keep_alive=body.keep_alive,
+        logprobs=logprobs,
+        grammar=_grammar(body.response_format),
+    )
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if body.stream:
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse.response(_chat_chunks(stream, cid, created, usage, logprobs is not None))
+    entries: list[dict[str, Any]] = []
+    async with stream:
+        async for event in stream:
+            if isinstance(event, TokenEvent) and event.logprob is not None:
+                entries.append(_chat_logprob(event))
+    done = stream.done
+    assert done is not None
+    return ChatCompletion(
+        id=cid, created=created, model=stream.model, usage=_usage(done),
+        choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=_finish(done),
+                            logprobs={"content": entries} if logprobs is not None else None)],
+    )
+
+
+async def _chat_chunks(
+    stream: GenerationStream, cid: str, created: int, include_usage: bool, with_logprobs: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list[dict[str, Any]] | None = None) -> str:
+        body: dict[str, Any] = {
+            "id": cid, "object": "chat.completion.chunk", "created": created, "model": stream.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
+                         "logprobs": {"content": logprobs} if with_logprobs and logprobs is not None else None}],
+        }
+        if include_usage:
+            body["usage"] = None
+        return sse.data(body)
+
+    try:
+        yield chunk({"role": "assistant", "content": ""})
+        pending: list[dict[str, Any]] = []
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                if event.logprob is not None and event.token_id >= 0:
+                    pending.append(_chat_logprob(event))
+                if event.text:
+                    yield chunk({"content": event.text}, logprobs=pending)
+                    pending = []
+            elif event.finish_reason != "cancelled":
+                yield chunk({}, _finish(event), logprobs=pending or None)
+                if include_usage:
+                    yield sse.data({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                    "model": stream.model, "choices": [], "usage": _usage(event).model_dump()})
+    except Exception as exc:
+        yield _error_event(exc)
+    finally:
+        await stream.aclose()
+    yield sse.data("[DONE]")
+
+
+# -- completions ----------------------------------------------------------------------
+
+
+def _legacy_logprobs(events: list[TokenEvent], offset: int) -> dict[str, Any]:
+    tokens, token_logprobs, top, offsets = [], [], [], []
+    for e in events:
+        piece = e.piece or ""
+        offsets.append(offset)
+        offset += len(piece)
+        tokens.append(piece)
+        token_logprobs.append(e.logprob)
+        top.append({c.text: c.logprob for c in e.top or ()})
+    return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
+
+
+@router.post("/completions", response_model=Completion)
+async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
+    svc = services(request)
+    if body.suffix:
+        raise InvalidOptions("suffix (fill-in-the-middle) is not supported", field="suffix")
+    if body.logprobs is not None and not 0 <= body.logprobs <= 5:
+        raise InvalidOptions(f"logprobs must be between 0 and 5 (got {body.logprobs})", field="logprobs")
+    if body.echo and body.logprobs is not None:
+        raise InvalidOptions("echo together with logprobs is not supported", field="echo")
+    options = _options(body, body.max_tokens)
+    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+    if not prompts:
+        raise InvalidOptions("prompt must not be empty", field="prompt")
+    model = body.model or svc.settings.default_model
+    await svc.runtime.model(model)  # a 404 before anything starts
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    async def start(prompt: str) -> GenerationStream:
+        return await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=body.keep_alive,
+                                          logprobs=body.logprobs)
+
+    if body.stream:
+        first = await start(prompts[0])  # errors before the first byte still get a status code
+        usage = bool(body.stream_options and body.stream_options.include_usage)
+        return sse.response(_completion_chunks(first, prompts, start, body.echo, cid, created, usage))
+    choices: list[CompletionChoice] = []
+    prompt_tokens = completion_tokens = 0
+    name = model
+    for index, prompt in enumerate(prompts):
+        stream = await start(prompt)
+        events: list[TokenEvent] = []
+        async with stream:
+            events = [e async for e in stream if isinstance(e, TokenEvent) and e.token_id >= 0]
+        done = stream.done
+        assert done is not None
+        name = stream.model
+        prompt_tokens += done.prompt_tokens
+        completion_tokens += done.completion_tokens
+        choices.append(CompletionChoice(
+            index=index, text=(prompt if body.echo else "") + done.text, finish_reason=_finish(done),
+            logprobs=_legacy_logprobs(events, 0) if body.logprobs is not None else None,
+        ))
+    return Completion(id=cid, created=created, model=name, choices=choices,
+                      usage=UsageObject(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                                        total_tokens=prompt_tokens + completion_tokens))
+
+
+async def _completion_chunks(
+    first: GenerationStream, prompts: list[str], start: Any, echo: bool, cid: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(index: int, text: str, finish: str | None, model: str, logprobs: dict[str, Any] | None = None) -> str:
+        body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
+                                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if include_usage:
+            body["usage"] = None
+        return sse.data(body)
+
+    totals = [0, 0]
+    stream: GenerationStream | None = first
+    try:
+        for index, prompt in enumerate(prompts):
+            stream = first if index == 0 else await start(prompt)
+            if echo:
+                yield chunk(index, prompt, None, stream.model)
+            offset = 0
+            async for event in stream:
+                if isinstance(event, TokenEvent):
+                    if event.text or event.logprob is not None:
+                        lp = _legacy_logprobs([event], offset) if event.logprob is not None and event.token_id >= 0 else None
+                        offset += len(event.text)
+                        yield chunk(index, event.text, None, stream.model, lp)
+                elif event.finish_reason != "cancelled":
+                    totals[0] += event.prompt_tokens
+                    totals[1] += event.completion_tokens
+                    yield chunk(index, "", _finish(event), stream.model)
+            await stream.aclose()
+            stream = None
+        if include_usage:
+            yield sse.data({"id": cid, "object": "text_completion", "created": created, "model": first.model,
+                            "choices": [], "usage": {"prompt_tokens": totals[0], "completion_tokens": totals[1],
+                                                     "total_tokens": sum(totals)}})
+    except Exception as exc:
+        yield _error_event(exc)
+    finally:
+        if stream is not None:
+            await stream.aclose()
+    yield sse.data("[DONE]")
+
+
+# -- embeddings -----------------------------------------------------------------------
+
+
+@router.post("/embeddings", response_model=EmbeddingList)
+async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
+    svc = services(request)
+    raw = body.input
+    if isinstance(raw, str):
+        inputs: list[str | list[int]] = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        inputs = [list(raw)]  # type: ignore[arg-type]
+    else:
+        inputs = list(raw)  # type: ignore[arg-type]
+    result = await svc.runtime.embed(body.model or svc.settings.default_model, inputs, keep_alive=body.keep_alive)
+    if body.dimensions is not None and body.dimensions != len(result.vectors[0]):
+        raise InvalidOptions(f"this model's embeddings have {len(result.vectors[0])} dimensions", field="dimensions")
+
+    def encode(vector: list[float]) -> list[float] | str:
+        if body.encoding_format == "base64":
+            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+        return vector
+
+    return EmbeddingList(
+        data=[EmbeddingObject(index=i, embedding=encode(v)) for i, v in enumerate(result.vectors)],
+        model=result.model,
+        usage=EmbeddingUsage(prompt_tokens=result.prompt_tokens, total_tokens=result.prompt_tokens),
+    )
