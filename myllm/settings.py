@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         description="Comma-separated origins browsers may call from (CORS); default: localhost and "
         "127.0.0.1 on any port.",
     )
+    api_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated API keys; when set, requests need 'Authorization: Bearer KEY'."
+    )
+    api_keys_file: Path | None = Field(default=None, description="A file of API keys, one per line.")
 
     @property
     def home_dir(self) -> Path:

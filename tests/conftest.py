@@ -91,3 +91,22 @@ def server(api_settings: Settings) -> Iterator[str]:
 
     with running_server(api_settings) as url:
         yield url
+
+
+def register_broken_model(registry: Registry, name: str, good_file: Path, tmp_path: Path) -> None:
+    """A registered model whose file llama.cpp refuses (its tensor count overwritten after
+    registration), for testing load failures."""
+    import shutil
+
+    from sqlalchemy import update
+
+    from myllm.registry.schema import ModelRow
+
+    row = pull(registry, Settings(), str(good_file), name=name).model
+    broken = tmp_path / f"broken-{row.id}.gguf"
+    shutil.copy(good_file, broken)
+    with broken.open("r+b") as fh:
+        fh.seek(8)
+        fh.write(b"\xff" * 8)
+    with registry.sessions.begin() as db:
+        db.execute(update(ModelRow).where(ModelRow.id == row.id).values(blob_path=str(broken)))

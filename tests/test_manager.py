@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import pytest
@@ -15,6 +14,7 @@ from myllm.runtime.manager import ModelManager
 from myllm.runtime.memory import MiB, estimate, rss
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
+from tests.conftest import register_broken_model
 
 
 def make_runtime(registry: Registry, **overrides: object) -> Runtime:
@@ -143,21 +143,7 @@ async def test_busy_model_is_never_evicted_and_load_waits(shared_registry: Regis
 async def test_corrupt_model_leaves_manager_as_it_was(registry: Registry, smollm2_path: Path, tmp_path: Path) -> None:
     settings = Settings(num_threads=2, num_ctx=512)
     pull(registry, settings, str(smollm2_path), name="good")
-    broken = pull(registry, settings, str(smollm2_path), name="broken").model
-    # Give "broken" its own blob, then damage a tensor's bytes so llama.cpp refuses it.
-    own = tmp_path / "own.gguf"
-    shutil.copy(smollm2_path, own)
-    with own.open("r+b") as fh:
-        fh.seek(8)
-        fh.write(b"\xff" * 8)  # tensor count: absurd
-    registry.blobs.path(broken.digest)  # unchanged shared blob
-    row = registry.get("broken")
-    from sqlalchemy import update
-
-    from myllm.registry.schema import ModelRow
-
-    with registry.sessions.begin() as db:
-        db.execute(update(ModelRow).where(ModelRow.id == row.id).values(blob_path=str(own)))
+    register_broken_model(registry, "broken", smollm2_path, tmp_path)
     rt = Runtime(registry, settings)
     await rt.manager.load("good")
     with pytest.raises(ModelLoadError, match="llama.cpp could not load 'broken:latest'"):

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,7 +12,8 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import errors, native, openai
+from myllm.api import compat, errors, llama_server, native, openai
+from myllm.api.auth import ApiKeyMiddleware, load_keys
 from myllm.api.state import Services
 from myllm.registry.sessions import SessionStore
 from myllm.registry.store import Registry
@@ -30,7 +32,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry.open(settings)
         runtime = Runtime(registry, settings)
         await runtime.start()
-        app.state.services = Services(settings, registry, runtime, SessionStore(registry.sessions))
+        app.state.services = Services(settings, registry, runtime, SessionStore(registry.sessions), time.monotonic())
         app.state.ready = True
         try:
             yield
@@ -46,6 +48,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ready = False
+    error_router = errors.ErrorRouter(default=errors.native_renderer)
+    error_router.add(openai.PREFIX, openai.openai_renderer)
+    for path in compat.PATHS:
+        error_router.add(path, compat.legacy_renderer)
+    error_router.add(llama_server.PATH, llama_server.llama_renderer)
+    errors.install(app, error_router)
+    # Added last, so it runs first: 401 answers carry CORS headers too.
+    app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings), errors=error_router)
     origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
     app.add_middleware(
         CORSMiddleware,
@@ -54,9 +64,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
-    error_router = errors.ErrorRouter(default=errors.native_renderer)
-    error_router.add(openai.PREFIX, openai.openai_renderer)
-    errors.install(app, error_router)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(compat.router)
+    app.include_router(llama_server.router)
     return app

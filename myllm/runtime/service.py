@@ -41,6 +41,8 @@ class GenerationStream(AsyncIterator[Event]):
         """Token counts of the texts the caller asked to have counted."""
         self.dropped = 0
         """Messages left out of the prompt to fit the context."""
+        self.prompt_text = ""
+        """The prompt as the model saw it (after the chat template)."""
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -103,18 +105,22 @@ class _TextPrompt:
 
 
 class _ChatPrompt:
-    """Messages rendered with the model's chat template, trimmed to fit when asked to."""
+    """Messages rendered with the model's chat template, trimmed to fit when asked to;
+    `prefill` starts the assistant's turn."""
 
-    def __init__(self, row: ModelRow, messages: list[dict[str, str]], trim: bool) -> None:
+    def __init__(self, row: ModelRow, messages: list[dict[str, str]], trim: bool, prefill: str = "") -> None:
         self.row = row
         self.messages = messages
         self.trim = trim
+        self.prefill = prefill
         self.dropped = 0
+        self.text = ""
 
     def _render(self, engine: LlamaEngine, msgs: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
         details = self.row.details or {}
         rendered = render_chat(msgs, self.row.template, self.row.family, details.get("bos_token"), details.get("eos_token"))
-        return engine.tokenize(rendered.text), rendered.stop
+        self.text = rendered.text + self.prefill
+        return engine.tokenize(self.text), rendered.stop
 
     def tokens(self, engine: LlamaEngine, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         msgs = list(self.messages)
@@ -159,16 +165,18 @@ class Runtime:
         trim: bool = False,
         count: list[str] | None = None,
         grammar: str | None = None,
+        prefill: str = "",
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
         reply), the oldest messages after the system message drop out of the prompt.
-        `count`: texts whose token counts the stream reports in `counts` (for storing them)."""
+        `count`: texts whose token counts the stream reports in `counts` (for storing them).
+        `prefill`: text the assistant's reply starts with (the stream's text continues it)."""
         row = await self.model(model)
         opts = self.options_for(row, options)
         msgs = check_messages(messages)
         if row.system and not any(m["role"] == "system" for m in msgs):
             msgs.insert(0, {"role": "system", "content": row.system})
-        return await self._start(row, _ChatPrompt(row, msgs, trim), opts, keep_alive, logprobs, count, grammar)
+        return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive, logprobs, count, grammar)
 
     async def generate(
         self,
@@ -235,6 +243,7 @@ class Runtime:
         stream = GenerationStream(events, lease, len(tokens))
         stream.counts = counts
         stream.dropped = getattr(prompt, "dropped", 0)
+        stream.prompt_text = prompt.text
         return stream
 
     async def embed(

@@ -1,0 +1,61 @@
+"""Bearer API keys. With keys configured every route but `/health` and the docs needs
+`Authorization: Bearer KEY`; a missing or wrong key gets 401 in the route's own error shape.
+Keys are compared in constant time and never logged."""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from myllm.api.errors import ApiError, ErrorRouter
+from myllm.settings import Settings
+
+OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+
+
+def load_keys(settings: Settings) -> list[bytes]:
+    keys: list[str] = []
+    if settings.api_keys:
+        keys += settings.api_keys.get_secret_value().split(",")
+    if settings.api_keys_file:
+        for line in Path(settings.api_keys_file).expanduser().read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#"):
+                keys.append(line)
+    return [k.strip().encode() for k in keys if k.strip()]
+
+
+def key_matches(presented: bytes, keys: list[bytes]) -> bool:
+    """Every key is compared (no early exit), each in constant time."""
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(presented, key)
+    return found
+
+
+class ApiKeyMiddleware:
+    def __init__(self, app: ASGIApp, keys: list[bytes], errors: ErrorRouter) -> None:
+        self.app = app
+        self.keys = keys
+        self.errors = errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or not self.keys
+            or scope["method"] == "OPTIONS"  # CORS preflights carry no credentials
+            or scope["path"] in OPEN_PATHS
+        ):
+            await self.app(scope, receive, send)
+            return
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.partition(b" ")
+        if scheme.lower() == b"bearer" and key_matches(token.strip(), self.keys):
+            await self.app(scope, receive, send)
+            return
+        message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+        response = self.errors.render(Request(scope), ApiError(401, message, "unauthorized"))
+        response.headers["WWW-Authenticate"] = "Bearer"
+        await response(scope, receive, send)

@@ -1,0 +1,241 @@
+"""The DeepShiva (002) and LLM-service (004) routes. Both documents name `POST /generate`, so
+one route accepts both requests and answers with both documents' fields; errors likewise carry
+both shapes' keys: `{"status": "error", "message", "detail", "error_code"}`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psutil
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from myllm import __version__
+from myllm.api import sse
+from myllm.api.compat_models import (
+    GenerateRequest,
+    GenerateResponse,
+    LegacyError,
+    LoadModelRequest,
+    ModelStatus,
+    Position,
+    StatusMessage,
+    TokenProbability,
+)
+from myllm.api.errors import ApiError
+from myllm.api.state import Services, services
+from myllm.errors import InvalidOptions, ModelNotLoaded, MyLLMError, PullError
+from myllm.pull import ensure_model
+from myllm.runtime.engine import Candidate, TokenEvent
+from myllm.runtime.manager import LoadedInfo
+
+PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
+router = APIRouter(tags=["DeepShiva / LLM service"], responses={c: {"model": LegacyError} for c in (400, 404, 422, 500, 503)})
+
+_CODES = {
+    "model_not_found": "MODEL_NOT_FOUND",
+    "source_not_found": "MODEL_NOT_FOUND",
+    "model_not_loaded": "MODEL_NOT_LOADED",
+    "prompt_too_long": "PROMPT_TOO_LONG",
+    "out_of_memory": "OUT_OF_MEMORY",
+    "overloaded": "OVERLOADED",
+}
+_FIELD_CODES = {"temperature": "INVALID_TEMPERATURE", "max_tokens": "INVALID_MAX_TOKENS",
+                "max_length": "INVALID_MAX_TOKENS", "top_k": "INVALID_TOP_K", "prompt": "EMPTY_PROMPT"}
+
+
+def legacy_code(err: ApiError) -> str:
+    if err.param in _FIELD_CODES and err.status in (400, 422):
+        return _FIELD_CODES[err.param]
+    if err.code in _CODES:
+        return _CODES[err.code]
+    if err.status >= 500:
+        return "GENERATION_FAILED"
+    return "INVALID_REQUEST" if err.status in (400, 422) else err.code.upper()
+
+
+def legacy_renderer(err: ApiError) -> Response:
+    code = legacy_code(err)
+    status = 422 if code.startswith("INVALID_") and code != "INVALID_REQUEST" else err.status
+    message = "Token generation failed due to internal error" if code == "GENERATION_FAILED" and err.status == 500 and err.error is None else err.message
+    return JSONResponse({"status": "error", "message": message, "detail": message, "error_code": code}, status_code=status)
+
+
+def _precision(quantization: str) -> str:
+    q = quantization.upper()
+    named = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+    if q in named:
+        return named[q]
+    digits = next((c for c in q.lstrip("IQ") if c.isdigit()), None)
+    return f"int{digits}" if digits else quantization.lower()
+
+
+# -- DeepShiva ----------------------------------------------------------------------------
+
+
+@router.post("/load_model", response_model=StatusMessage)
+async def load_model(request: Request, body: LoadModelRequest | None = None) -> StatusMessage:
+    """Load a registered model, a local .gguf file or a Hugging Face repo (pulled first), and
+    make it the model of `/generate`, `/stream` and `/model_status`. It stays loaded."""
+    svc = services(request)
+    wanted = (body.model_name if body else None) or svc.settings.default_model
+    row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted)
+    name = row.name
+    await svc.runtime.manager.load(name, keep_alive=-1)
+    svc.selected_model = name
+    return StatusMessage(status="success", message=f"Model {wanted} loaded successfully")
+
+
+@router.get("/model_status", response_model=ModelStatus)
+async def model_status(request: Request) -> ModelStatus:
+    svc = services(request)
+    mine = _loaded(svc)
+    return ModelStatus(status="success", model_loaded=mine is not None, model_name=svc.legacy_model,
+                       device=mine.device if mine else "cpu")
+
+
+def _loaded(svc: Services) -> LoadedInfo | None:
+    row = svc.registry.find(svc.legacy_model)
+    return next((m for m in svc.runtime.manager.loaded() if row is not None and m.name == row.name), None)
+
+
+# -- the shared /generate -------------------------------------------------------------------
+
+
+class _Plan:
+    """Both documents' parameters resolved to one set of runtime options."""
+
+    def __init__(self, body: GenerateRequest) -> None:
+        service = body.max_tokens is not None or body.top_k is not None
+        if not body.prompt.strip():
+            raise InvalidOptions("Prompt cannot be empty", field="prompt")
+        self.temperature = body.temperature if body.temperature is not None else (1.0 if service else 0.7)
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidOptions(f"temperature must be between 0.0 and 2.0 (got {self.temperature})", field="temperature")
+        if body.max_tokens is not None:
+            if not 1 <= body.max_tokens <= 100:
+                raise InvalidOptions(f"max_tokens must be between 1 and 100 (got {body.max_tokens})", field="max_tokens")
+            self.max_tokens = body.max_tokens
+        elif body.max_length is not None:
+            if body.max_length < 1:
+                raise InvalidOptions(f"max_length must be a positive number of tokens (got {body.max_length})", field="max_length")
+            self.max_tokens = body.max_length
+        else:
+            self.max_tokens = 1 if service else 512
+        self.top_k = body.top_k if body.top_k is not None else 5
+        if not 1 <= self.top_k <= 50:
+            raise InvalidOptions(f"top_k must be between 1 and 50 (got {self.top_k})", field="top_k")
+        self.options: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens,
+                                        "top_p": body.top_p, "stop": body.stop}
+
+
+async def _start(svc: Services, body: GenerateRequest, plan: _Plan, logprobs: int | None) -> Any:
+    name = body.model or svc.legacy_model
+    if body.model is None and svc.registry.find(name) is None:
+        raise ModelNotLoaded("Model is not loaded. Load one with POST /load_model.")
+    try:
+        return await svc.runtime.generate(name, body.prompt, plan.options, raw=True, logprobs=logprobs)
+    except PullError as exc:
+        raise ModelNotLoaded(exc.message) from exc
+
+
+def _candidates(top: tuple[Candidate, ...]) -> list[TokenProbability]:
+    return [
+        TokenProbability(token=c.text, probability=round(min(1.0, c.prob), 4), percentage=round(min(100.0, c.prob * 100), 2),
+                         logprob=round(c.logprob, 4), rank=i + 1)
+        for i, c in enumerate(top)
+    ]
+
+
+@router.post("/generate", response_model=GenerateResponse)
+async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
+    """DeepShiva's and the LLM service's `/generate` in one: `response` (prompt + text) and
+    `status` for the first, `generated_text`, `tokens` and `metadata` for the second."""
+    svc = services(request)
+    plan = _Plan(body)
+    started = time.perf_counter()
+    stream = await _start(svc, body, plan, plan.top_k)
+    positions: list[Position] = []
+    async with stream:
+        async for event in stream:
+            if isinstance(event, TokenEvent) and event.top:
+                positions.append(Position(token=event.piece or "", candidates=_candidates(event.top)))
+    done = stream.done
+    assert done is not None
+    elapsed = (time.perf_counter() - started) * 1000
+    return GenerateResponse(
+        status="success",
+        response=body.prompt + done.text,
+        generated_text=done.text,
+        tokens=positions[0].candidates if positions else [],
+        positions=positions,
+        metadata={
+            "model_name": stream.model, "prompt_length": len(body.prompt), "prompt_tokens": done.prompt_tokens,
+            "completion_tokens": done.completion_tokens, "generation_time_ms": round(elapsed),
+            "temperature_used": plan.temperature, "device": "cpu", "finish_reason": done.finish_reason,
+        },
+    )
+
+
+@router.post("/stream")
+async def stream(body: GenerateRequest, request: Request) -> Response:
+    """The `/generate` request answered as Server-Sent Events: each event's data is the text as
+    it is generated; an event named `done` ends the stream (`error` if it failed)."""
+    svc = services(request)
+    plan = _Plan(body)
+    events = await _start(svc, body, plan, None)
+
+    async def chunks() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                if isinstance(event, TokenEvent) and event.text:
+                    yield sse.event("message", event.text)
+            yield sse.event("done", "[DONE]")
+        except MyLLMError as exc:
+            yield sse.event("error", exc.message)
+        finally:
+            await events.aclose()
+
+    return sse.response(chunks())
+
+
+# -- LLM service ------------------------------------------------------------------------------
+
+
+@router.get("/status")
+async def status(request: Request) -> dict[str, Any]:
+    svc = services(request)
+    name = svc.legacy_model
+    row = svc.registry.find(name)
+    loaded = svc.runtime.manager.loaded()
+    mine = _loaded(svc)
+    memory = psutil.virtual_memory()
+    return {
+        "service": {
+            "status": "running", "version": __version__,
+            "uptime_seconds": round(time.monotonic() - svc.started),
+            "memory_usage_mb": round(psutil.Process().memory_info().rss / (1 << 20)),
+        },
+        "model": {
+            "name": row.name if row else name, "loaded": mine is not None, "device": mine.device if mine else "cpu",
+            "precision": _precision(row.quantization) if row else None,
+            "max_length": mine.context_length if mine else (row.context_length if row else None),
+            "vocab_size": row.vocab_size if row else None,
+        },
+        "system": {
+            "gpu_available": False, "gpu_name": None, "gpu_memory_total_mb": None, "gpu_memory_used_mb": None,
+            "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(), "system_memory_gb": round(memory.total / (1 << 30)),
+            "platform": platform.platform(),
+        },
+        "loaded_models": [
+            {"name": m.name, "context_length": m.context_length, "device": m.device, "size_estimate_mb": m.size_estimate >> 20,
+             "rss_growth_mb": m.rss_growth >> 20, "expires_at": m.expires_at.isoformat() if m.expires_at else None,
+             "embedding": m.embedding}
+            for m in loaded
+        ],
+    }
