@@ -7,18 +7,23 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cli.render import ago, human_bytes
+from pathlib import Path
+
 from myllm import __version__
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.settings import Settings
+
+if TYPE_CHECKING:
+    from cli.client import Client
 
 app = typer.Typer(
     name="myllm",
@@ -170,6 +175,108 @@ def rm(models: Annotated[list[str], typer.Argument(help="Model names.")]) -> Non
         for model in models:
             reg.remove(model)
             out.print(f"deleted '{model}'")
+
+
+HostOpt = Annotated[str | None, typer.Option("--host", help="Where the daemon listens (MYLLM_HOST).")]
+PortOpt = Annotated[int | None, typer.Option("--port", help="The daemon's port (MYLLM_PORT).")]
+
+
+@contextmanager
+def daemon(host: str | None, port: int | None) -> Iterator[Client]:
+    from cli.client import Client, DaemonError
+
+    try:
+        yield Client(host, port)
+    except DaemonError as exc:
+        fail(str(exc))
+
+
+@app.command()
+def cp(source: Annotated[str, typer.Argument(help="Existing model.")],
+       destination: Annotated[str, typer.Argument(help="New name.")]) -> None:
+    """Copy a model: a second name for the same blob and settings."""
+    with registry() as reg:
+        row = reg.copy(source, destination)
+    out.print(f"copied '{source}' to '{row.name}'")
+
+
+@app.command()
+def create(
+    name: Annotated[str, typer.Argument(help="Name of the new model.")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path("Modelfile"),
+) -> None:
+    """Create a model from a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE)."""
+    from myllm.create import create_model
+
+    if not file.is_file():
+        fail(f"no Modelfile at {file}")
+    with registry() as reg:
+        row = create_model(reg, Settings(), name, file.read_text(), file.resolve().parent)
+    out.print(f"created '{row.name}' from {row.digest[:12]}")
+
+
+@app.command()
+def ps(host: HostOpt = None, port: PortOpt = None) -> None:
+    """List the models the daemon has loaded."""
+    with daemon(host, port) as client:
+        models = client.get("/api/ps")["models"]
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"):
+        table.add_column(column)
+    for m in models:
+        until = "in use" if m["active"] else ("forever" if m["expires_at"] is None else _until(m["expires_at"]))
+        table.add_row(m["name"], human_bytes(m["size_mb"] * 1_048_576), m["processor"], str(m["context_length"]), until)
+    out.print(table)
+
+
+def _until(iso: str) -> str:
+    from datetime import datetime, timezone
+
+    seconds = int((datetime.fromisoformat(iso) - datetime.now(timezone.utc)).total_seconds())
+    if seconds < 60:
+        return f"{max(seconds, 0)} seconds from now"
+    return f"{seconds // 60} minutes from now"
+
+
+@app.command()
+def stop(model: Annotated[str, typer.Argument(help="Model to unload.")], host: HostOpt = None, port: PortOpt = None) -> None:
+    """Unload a model from the daemon now."""
+    with daemon(host, port) as client:
+        out.print(client.post(f"/api/models/{model}/unload")["message"])
+
+
+@app.command()
+def run(
+    model: Annotated[str, typer.Argument(help="Model to run.")],
+    prompt: Annotated[str | None, typer.Argument(help="Answer this and exit (also read from stdin).")] = None,
+    session: Annotated[str | None, typer.Option("--session", help="Resume this chat session.")] = None,
+    host: HostOpt = None,
+    port: PortOpt = None,
+) -> None:
+    """Chat with a model (interactive), or answer one prompt and exit."""
+    from cli.chat import Repl, one_shot
+
+    piped = None if sys.stdin.isatty() else sys.stdin.read()
+    with daemon(host, port) as client:
+        _ensure_pulled(client, model)
+        if prompt is not None or piped:
+            text = "\n".join(p for p in (prompt, piped) if p)
+            one_shot(client, model, text, {})
+            return
+        Repl(client, model, session, out).run()
+
+
+def _ensure_pulled(client: Client, model: str) -> None:
+    """Pull a catalog model the first time it is run, with the progress bar."""
+    from cli.client import DaemonError
+    from myllm.pull import CATALOG
+
+    try:
+        client.get(f"/api/models/{model}")
+    except DaemonError as exc:
+        if exc.status != 404 or model not in CATALOG:
+            raise
+        pull(model)
 
 
 @app.command()

@@ -58,6 +58,10 @@ class Settings(BaseSettings):
         description="Comma-separated origins browsers may call from (CORS); default: localhost and "
         "127.0.0.1 on any port.",
     )
+    shutdown_grace: float = Field(
+        default=10.0, ge=0, description="Seconds in-flight requests may run on after SIGTERM/Ctrl-C before "
+        "they are cancelled (their streams end with an error event)."
+    )
     api_keys: SecretStr | None = Field(
         default=None, description="Comma-separated API keys; when set, requests need 'Authorization: Bearer KEY'."
     )

@@ -79,6 +79,22 @@ def shared_registry(models_home: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
 
 
 @pytest.fixture
+def private_home(models_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A writable copy of the shared home (blobs hard-linked), made the test's MYLLM_HOME."""
+    import os
+    import shutil
+
+    home = tmp_path / "private-home"
+    shutil.copytree(models_home, home, copy_function=os.link)
+    for sidecar in ("myllm.db-wal", "myllm.db-shm", "myllm.db"):
+        if (home / sidecar).exists():
+            (home / sidecar).unlink()
+            shutil.copy(models_home / sidecar, home / sidecar)
+    monkeypatch.setenv("MYLLM_HOME", str(home))
+    return home
+
+
+@pytest.fixture
 def api_settings(models_home: Path) -> Settings:
     """Settings for a daemon over the shared test models (each test's own copy of the DB
     would cost a 15 s Gemma metadata read, so the home is shared; tests use their own sessions)."""

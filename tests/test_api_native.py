@@ -21,7 +21,9 @@ def sse_events(response: httpx.Response) -> list[dict]:
 
 def test_root_and_health(server: str) -> None:
     body = httpx.get(f"{server}/").json()
-    assert body == {"name": "MyLLM", "version": "0.1.0", "status": "running", "models_available": 2}
+    count = len(httpx.get(f"{server}/api/models").json()["models"])
+    assert count >= 2
+    assert body == {"name": "MyLLM", "version": "0.1.0", "status": "running", "models_available": count}
     health = httpx.get(f"{server}/health")
     assert health.status_code == 200
     assert health.json()["status"] == "healthy" and "timestamp" in health.json()

@@ -13,6 +13,7 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
 from myllm.api import compat, errors, llama_server, native, openai
+from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import ApiKeyMiddleware, load_keys
 from myllm.api.state import Services
 from myllm.registry.sessions import SessionStore
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    app.add_middleware(AccessLogMiddleware)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(compat.router)

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from myllm import __version__
 from myllm.api import sse
+from myllm.api.access_log import track
 from myllm.api.compat_models import (
     GenerateRequest,
     GenerateResponse,
@@ -160,6 +161,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     plan = _Plan(body)
     started = time.perf_counter()
     stream = await _start(svc, body, plan, plan.top_k)
+    track(request, stream)
     positions: list[Position] = []
     async with stream:
         async for event in stream:
@@ -189,6 +191,7 @@ async def stream(body: GenerateRequest, request: Request) -> Response:
     svc = services(request)
     plan = _Plan(body)
     events = await _start(svc, body, plan, None)
+    track(request, events)
 
     async def chunks() -> AsyncIterator[str]:
         try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from myllm.api.access_log import track
 from myllm.api.compat_models import LlamaError, LlamaRequest
 from myllm.api.errors import ApiError
 from myllm.api.state import services
@@ -39,6 +40,7 @@ async def llama(body: LlamaRequest, request: Request) -> str:
         {"max_tokens": body.max_length or None},
         prefill=body.pre_response or "",
     )
+    track(request, stream)
     async with stream:
         done = await stream.collect()
     return stream.prompt_text + done.text

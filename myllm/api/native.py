@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 
 from myllm import __version__
 from myllm.api import sse
+from myllm.api.access_log import track
 from myllm.api.native_models import (
     ChatRequest,
     ChatResponse,
@@ -26,6 +27,8 @@ from myllm.api.native_models import (
     Message,
     ModelInfo,
     ModelList,
+    RunningList,
+    RunningModel,
     ServerInfo,
     SessionDetail,
     SessionList,
@@ -105,6 +108,19 @@ async def unload_model(model_name: str, request: Request) -> StatusMessage:
     return StatusMessage(status="success", message=f"Model '{row.name}' unloaded")
 
 
+@router.get("/api/ps", response_model=RunningList, tags=["MyLLM"])
+async def running(request: Request) -> RunningList:
+    """Extension (Ollama's `ps`): the loaded models."""
+    return RunningList(models=[
+        RunningModel(
+            name=m.name, size_mb=m.size_estimate >> 20, rss_growth_mb=max(0, m.rss_growth) >> 20,
+            context_length=m.context_length, processor="100% GPU" if m.device == "gpu" else "100% CPU",
+            expires_at=m.expires_at.isoformat() if m.expires_at else None, active=m.active, queued=m.queued,
+        )
+        for m in services(request).runtime.manager.loaded()
+    ])
+
+
 def usage_of(done: DoneEvent) -> Usage:
     return Usage(
         prompt_tokens=done.prompt_tokens,
@@ -162,6 +178,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
         trim=True,
         count=[m.content for m in body.messages],
     )
+    track(request, stream)
 
     async def save(done: DoneEvent) -> None:
         turn = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
@@ -191,6 +208,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         model, body.prompt, body.options.as_dict(), system=body.system, raw=body.raw,
         keep_alive=body.keep_alive, history=history, count=[body.prompt],
     )
+    track(request, stream)
 
     async def save(done: DoneEvent) -> None:
         if session_id:

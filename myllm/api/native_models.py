@@ -142,3 +142,18 @@ class SessionDetail(SessionSummary):
 
 class ErrorDetail(BaseModel):
     detail: str
+
+
+class RunningModel(BaseModel):
+    name: str
+    size_mb: int = Field(description="estimated memory: weights + KV cache + compute buffers")
+    rss_growth_mb: int = Field(description="measured growth of the daemon's RSS when it loaded")
+    context_length: int
+    processor: str
+    expires_at: str | None = Field(description="when it unloads if idle; null: in use, or kept loaded")
+    active: int
+    queued: int
+
+
+class RunningList(BaseModel):
+    models: list[RunningModel]

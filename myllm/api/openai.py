@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from myllm.api import sse
+from myllm.api.access_log import track
 from myllm.api.errors import ApiError
 from myllm.api.openai_models import (
     AssistantMessage,
@@ -176,6 +177,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         logprobs=logprobs,
         grammar=_grammar(body.response_format),
     )
+    track(request, stream)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)

@@ -68,9 +68,15 @@ def _0002_sessions(op: Operations) -> None:
     )
 
 
+def _0003_model_messages(op: Operations) -> None:
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("messages", sa.JSON))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
+    ("0003_model_messages", _0003_model_messages),
 ]
 
 _migrations_table = sa.Table(

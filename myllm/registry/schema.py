@@ -40,6 +40,8 @@ class ModelRow(Base):
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     system: Mapped[str | None] = mapped_column(Text)
     template_override: Mapped[str | None] = mapped_column(Text)
+    messages: Mapped[list[dict[str, str]] | None] = mapped_column(JSON)
+    """Seed conversation (Modelfile MESSAGE lines), put before every chat's own messages."""
     source: Mapped[str | None] = mapped_column(Text)
     details: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)

@@ -136,6 +136,23 @@ class Registry:
             raise ModelExists(f"model '{key}' already exists") from exc
         return row
 
+    def set_overrides(self, name: str, **overrides: Any) -> ModelRow:
+        """Store a model's own defaults (parameters, system, template_override, messages,
+        license), as `myllm create` derives them from a Modelfile."""
+        allowed = {"parameters", "system", "template_override", "messages", "license"}
+        unknown = set(overrides) - allowed
+        if unknown:
+            raise ValueError(f"not an override: {', '.join(sorted(unknown))}")
+        key = normalize(name)
+        with self.sessions.begin() as db:
+            row = db.scalar(select(ModelRow).where(ModelRow.name == key))
+            if row is None:
+                raise ModelNotFound(name)
+            for column, value in overrides.items():
+                setattr(row, column, value)
+            row.modified_at = utcnow()
+        return row
+
     def remove(self, name: str) -> ModelRow:
         """Delete a name; its blob goes only when no other name uses it."""
         key = normalize(name)

@@ -135,6 +135,11 @@ class ModelManager:
         for inst in list(self._instances.values()):
             await self._unload(inst)
 
+    def abort_all(self, error: BaseException) -> None:
+        """Stop every running and queued request now; their streams raise `error`."""
+        for inst in self._instances.values():
+            inst.worker.abort(error)
+
     async def _reap_forever(self) -> None:
         while True:
             await asyncio.sleep(self._next_wakeup())

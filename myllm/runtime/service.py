@@ -96,6 +96,15 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     return clean
 
 
+def with_model_defaults(row: ModelRow, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The model's system prompt (unless the request has one) and its seed messages
+    (Modelfile MESSAGE) come before the request's own messages."""
+    head = [m for m in messages if m["role"] == "system"] or (
+        [{"role": "system", "content": row.system}] if row.system else []
+    )
+    return head + list(row.messages or []) + [m for m in messages if m["role"] != "system"]
+
+
 class _TextPrompt:
     def __init__(self, text: str) -> None:
         self.text = text
@@ -173,9 +182,7 @@ class Runtime:
         `prefill`: text the assistant's reply starts with (the stream's text continues it)."""
         row = await self.model(model)
         opts = self.options_for(row, options)
-        msgs = check_messages(messages)
-        if row.system and not any(m["role"] == "system" for m in msgs):
-            msgs.insert(0, {"role": "system", "content": row.system})
+        msgs = with_model_defaults(row, check_messages(messages))
         return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive, logprobs, count, grammar)
 
     async def generate(
@@ -205,7 +212,7 @@ class Runtime:
             if system and not raw:
                 text = f"{system}\n\n{text}"
             return await self._start(row, _TextPrompt(text), opts, keep_alive, logprobs, count, grammar)
-        msgs = [{"role": "system", "content": system}] if system else []
+        msgs = with_model_defaults(row, [{"role": "system", "content": system}] if system else [])
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})

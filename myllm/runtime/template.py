@@ -73,7 +73,7 @@ def _raise(message: str) -> None:
 
 
 @lru_cache(maxsize=32)
-def _compile(template: str) -> Any:
+def compile_template(template: str) -> Any:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -100,7 +100,7 @@ def render_chat(
         fallback = fallback_for(family)
         template, stop = fallback.template, fallback.stop
     try:
-        text = _compile(template).render(
+        text = compile_template(template).render(
             messages=messages,
             bos_token=bos_token or "",
             eos_token=eos_token or "",

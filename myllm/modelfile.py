@@ -1,0 +1,146 @@
+"""Ollama's Modelfile format, for `myllm create`.
+
+    FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
+    PARAMETER temperature 0.7    # temperature top_p top_k min_p repeat_penalty seed stop num_ctx num_predict
+    PARAMETER stop "<|im_end|>"  # stop may repeat
+    TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
+    SYSTEM \"\"\"...\"\"\"
+    MESSAGE user Hello           # seed conversation
+    LICENSE \"\"\"...\"\"\"
+
+Instructions are case-insensitive; `#` starts a comment line; a value may be bare (to the end
+of the line), "quoted", or a \"\"\"block\"\"\" over several lines. Errors name the line.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from jinja2 import TemplateSyntaxError
+
+from myllm.errors import InvalidOptions, MyLLMError
+from myllm.runtime.options import resolve_options
+
+PARAMETERS = {
+    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
+    "seed": int, "stop": str, "num_ctx": int, "num_predict": int,
+}
+ROLES = ("system", "user", "assistant")
+INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
+
+
+class ModelfileError(MyLLMError):
+    status = 400
+    code = "invalid_modelfile"
+
+    def __init__(self, line: int, message: str) -> None:
+        super().__init__(f"Modelfile line {line}: {message}")
+        self.line = line
+
+
+@dataclass
+class Modelfile:
+    base: str = ""
+    parameters: dict[str, Any] = field(default_factory=dict)
+    template: str | None = None
+    system: str | None = None
+    messages: list[dict[str, str]] = field(default_factory=list)
+    license: str | None = None
+
+
+def _value(text: str, lines: list[str], index: int) -> tuple[str, int]:
+    """The value starting at `text` on line `index`; returns it and the last line used."""
+    text = text.strip()
+    if text.startswith('"""'):
+        rest = text[3:]
+        if '"""' in rest:
+            return rest[: rest.index('"""')], index
+        parts = [rest]
+        for j in range(index + 1, len(lines)):
+            if '"""' in lines[j]:
+                parts.append(lines[j][: lines[j].index('"""')])
+                return "\n".join(parts).strip("\n"), j
+            parts.append(lines[j])
+        raise ModelfileError(index + 1, 'unterminated """ block')
+    if len(text) >= 2 and text[0] == text[-1] == '"':
+        return text[1:-1].replace('\\"', '"').replace("\\n", "\n"), index
+    return text, index
+
+
+def parse(text: str) -> Modelfile:
+    lines = text.splitlines()
+    mf = Modelfile()
+    i = 0
+    while i < len(lines):
+        line = lines[i].strip()
+        number = i + 1
+        if not line or line.startswith("#"):
+            i += 1
+            continue
+        word, _, rest = line.partition(" ")
+        op = word.upper()
+        if op not in INSTRUCTIONS:
+            raise ModelfileError(number, f"unknown instruction {word!r} (use {', '.join(INSTRUCTIONS)})")
+        if not rest.strip():
+            raise ModelfileError(number, f"{op} needs a value")
+        if op == "PARAMETER":
+            name, _, raw = rest.strip().partition(" ")
+            value, i = _value(raw, lines, i)
+            _parameter(mf, number, name.lower(), value)
+        elif op == "MESSAGE":
+            role, _, raw = rest.strip().partition(" ")
+            if role.lower() not in ROLES:
+                raise ModelfileError(number, f"MESSAGE role must be one of {', '.join(ROLES)} (got {role!r})")
+            value, i = _value(raw, lines, i)
+            mf.messages.append({"role": role.lower(), "content": value})
+        else:
+            value, i = _value(rest, lines, i)
+            if op == "FROM":
+                if mf.base:
+                    raise ModelfileError(number, "only one FROM is allowed")
+                mf.base = value
+            elif op == "TEMPLATE":
+                _check_template(number, value)
+                mf.template = value
+            elif op == "SYSTEM":
+                mf.system = value
+            else:
+                mf.license = value
+        i += 1
+    if not mf.base:
+        raise ModelfileError(1, "no FROM line: name the model (or .gguf file) to build on")
+    try:
+        resolve_options(mf.parameters)
+    except InvalidOptions as exc:
+        raise ModelfileError(_line_of(lines, exc.field), exc.message) from None
+    return mf
+
+
+def _parameter(mf: Modelfile, number: int, name: str, value: str) -> None:
+    kind = PARAMETERS.get(name)
+    if kind is None:
+        raise ModelfileError(number, f"unknown PARAMETER {name!r} (use {', '.join(PARAMETERS)})")
+    if name == "stop":
+        mf.parameters.setdefault("stop", []).append(value)
+        return
+    try:
+        mf.parameters[name] = kind(value)
+    except ValueError:
+        raise ModelfileError(number, f"PARAMETER {name} needs a {kind.__name__} (got {value!r})") from None
+
+
+def _check_template(number: int, template: str) -> None:
+    from myllm.runtime.template import compile_template
+
+    try:
+        compile_template(template)
+    except TemplateSyntaxError as exc:
+        raise ModelfileError(number + (exc.lineno or 1) - 1, f"TEMPLATE is not valid Jinja2: {exc.message}") from None
+
+
+def _line_of(lines: list[str], option: str | None) -> int:
+    alias = {"max_tokens": "num_predict"}.get(option or "", option or "")
+    pattern = re.compile(rf"^\s*PARAMETER\s+{re.escape(alias)}\b", re.IGNORECASE)
+    return next((n + 1 for n, line in enumerate(lines) if pattern.match(line)), 1)

@@ -1,0 +1,116 @@
+"""`myllm serve` as a process: its access log and its graceful shutdown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.server import free_port
+
+MYLLM = str(Path(sys.executable).parent / "myllm")
+
+
+class Daemon:
+    def __init__(self, home: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [MYLLM, "serve", "--port", str(self.port)],
+            env={**os.environ, "MYLLM_HOME": str(home), "MYLLM_NUM_THREADS": "1", **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.output)
+            time.sleep(0.1)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture
+def daemon(private_home: Path) -> Iterator[Daemon]:
+    d = Daemon(private_home, MYLLM_SHUTDOWN_GRACE="3")
+    yield d
+    if d.proc.poll() is None:
+        d.proc.kill()
+
+
+def test_access_log_line_per_request(daemon: Daemon) -> None:
+    httpx.post(f"{daemon.url}/api/chat", json={"model": "smollm2:135m", "options": {"max_tokens": 7, "temperature": 0},
+                                               "messages": [{"role": "user", "content": "Hi"}]}, timeout=60)
+    with httpx.stream("POST", f"{daemon.url}/v1/chat/completions", json={
+            "model": "smollm2:135m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
+            timeout=60) as r:
+        r.read()
+    httpx.get(f"{daemon.url}/api/models/nope:1")
+    assert daemon.stop() == 0
+    log = "".join(daemon.output)
+    assert "POST /api/chat 200 model=smollm2:135m tokens=7" in log
+    assert "POST /v1/chat/completions 200 model=smollm2:135m tokens=5" in log
+    assert "GET /api/models/nope:1 404 model=- tokens=-" in log
+    assert "ms" in log.split("tokens=7")[1].splitlines()[0]
+
+
+def test_graceful_shutdown(daemon: Daemon, private_home: Path) -> None:
+    events: list[dict] = []
+    short: dict = {}
+
+    def long_stream() -> None:
+        with httpx.stream("POST", f"{daemon.url}/api/chat", json={
+                "model": "gemma3:270m", "stream": True, "options": {"max_tokens": 5000, "temperature": 0.8},
+                "messages": [{"role": "user", "content": "Tell an endless story."}]}, timeout=120) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line[6:]))
+
+    def short_request() -> None:
+        short["response"] = httpx.post(f"{daemon.url}/api/generate", json={
+            "model": "smollm2:135m", "prompt": "Hi", "options": {"max_tokens": 30}}, timeout=120)
+
+    streamer = threading.Thread(target=long_stream)
+    streamer.start()
+    while not events:
+        time.sleep(0.05)
+    httpx.post(f"{daemon.url}/api/models/smollm2:135m/load", timeout=60)
+    shorty = threading.Thread(target=short_request)
+    shorty.start()
+    time.sleep(0.2)
+    signalled = time.monotonic()
+    daemon.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{daemon.url}/health", timeout=2)  # no new connections once shutting down
+    shorty.join(60)
+    streamer.join(60)
+    code = daemon.proc.wait(60)
+    took = time.monotonic() - signalled
+    assert short["response"].status_code == 200, "a request that fits in the grace period finishes"
+    assert events[-1] == {"error": "the server is shutting down", "done": True}
+    assert 2.5 < took < 15, f"cancelled after the 3 s grace period, exited after {took:.1f}s"
+    assert code == 0
+    wal = private_home / "myllm.db-wal"
+    assert not wal.exists() or wal.stat().st_size == 0, "the database was closed cleanly"
