@@ -58,6 +58,7 @@ class Settings(BaseSettings):
         description="Comma-separated origins browsers may call from (CORS); default: localhost and "
         "127.0.0.1 on any port.",
     )
+    max_body: int = Field(default=4 * 1024 * 1024, ge=1024, description="Largest request body in bytes; larger ones get 413.")
     shutdown_grace: float = Field(
         default=10.0, ge=0, description="Seconds in-flight requests may run on after SIGTERM/Ctrl-C before "
         "they are cancelled (their streams end with an error event)."

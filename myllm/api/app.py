@@ -15,6 +15,7 @@ from myllm import __version__
 from myllm.api import compat, errors, llama_server, native, openai
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import ApiKeyMiddleware, load_keys
+from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.state import Services
 from myllm.registry.sessions import SessionStore
 from myllm.registry.store import Registry
@@ -56,6 +57,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     error_router.add(llama_server.PATH, llama_server.llama_renderer)
     errors.install(app, error_router)
     # Added last, so it runs first: 401 answers carry CORS headers too.
+    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router)
     app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings), errors=error_router)
     origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
     app.add_middleware(

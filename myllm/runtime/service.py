@@ -82,6 +82,12 @@ class Embeddings:
     prompt_tokens: int
 
 
+def check_text(text: str, field: str) -> None:
+    """NUL characters end C strings inside llama.cpp and tokenizers; refuse them clearly."""
+    if "\x00" in text:
+        raise InvalidOptions(f"{field} contains a NUL character", field=field)
+
+
 def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
     if not messages:
         raise InvalidOptions("messages must not be empty", field="messages")
@@ -92,6 +98,7 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
             raise InvalidOptions(f"messages[{i}].role must be one of {', '.join(ROLES)} (got {role!r})", field="messages")
         if not isinstance(content, str):
             raise InvalidOptions(f"messages[{i}].content must be a string", field="messages")
+        check_text(content, f"messages[{i}].content")
         clean.append({"role": role, "content": content})
     return clean
 
@@ -202,6 +209,9 @@ class Runtime:
         turn (after `system`, else the model's own system prompt) unless `raw`; a model
         without one (a base model) continues the text as given. `history` holds earlier
         (prompt, response) pairs of a generate session, which come first."""
+        check_text(prompt, "prompt")
+        if system is not None:
+            check_text(system, "system")
         row = await self.model(model)
         opts = self.options_for(row, options)
         system = system if system is not None else row.system
@@ -233,6 +243,11 @@ class Runtime:
         lease = await self.manager.acquire(row.name, keep_alive=keep_alive, num_ctx=opts.num_ctx)
         try:
             engine = lease.engine
+            if opts.max_tokens is not None and opts.max_tokens > engine.n_ctx:
+                raise InvalidOptions(
+                    f"max_tokens {opts.max_tokens} is more than the model's context of {engine.n_ctx} tokens",
+                    field="max_tokens",
+                )
             reserve = min(opts.max_tokens or 256, engine.n_ctx // 4)
             tokens, stop = await asyncio.to_thread(prompt.tokens, engine, reserve)
             counts = await asyncio.to_thread(lambda: [engine.count_tokens(t) for t in count or []])

@@ -1,0 +1,57 @@
+"""Request body size limit: larger bodies get 413 in the route's own error shape before they
+are read whole into memory."""
+
+from __future__ import annotations
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from myllm.api.errors import ApiError, ErrorRouter
+
+
+class _TooLarge(BaseException):
+    """A BaseException so the framework's body parsing (which turns any Exception into 400)
+    lets it reach this middleware."""
+
+
+class BodyLimitMiddleware:
+    def __init__(self, app: ASGIApp, max_body: int, errors: ErrorRouter) -> None:
+        self.app = app
+        self.max_body = max_body
+        self.errors = errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body:
+            await self._reject(scope, receive, send)
+            return
+        seen = 0
+        started = False
+
+        async def counting() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body:
+                    raise _TooLarge
+            return message
+
+        async def sending(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counting, sending)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, receive, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = f"request body is larger than the {self.max_body}-byte limit (MYLLM_MAX_BODY)"
+        response = self.errors.render(Request(scope), ApiError(413, message, "payload_too_large"))
+        await response(scope, receive, send)
