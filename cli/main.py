@@ -32,7 +32,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
+# Piped output is not cut at 80 columns: scripts read the whole table.
+out = Console(width=None if sys.stdout.isatty() else 200)
 err = Console(stderr=True, soft_wrap=True)
 
 
@@ -97,11 +98,11 @@ def pull(
 def list_models() -> None:
     """List registered models."""
     with registry() as reg:
-        rows = reg.list()
+        rows = [(row, reg.problem(row)) for row in reg.list()]
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "ID", "SIZE", "QUANT", "CONTEXT", "FAMILY", "MODIFIED"):
-        table.add_column(column)
-    for row in rows:
+    for column in ("NAME", "ID", "SIZE", "QUANT", "CONTEXT", "FAMILY", "MODIFIED", "STATUS"):
+        table.add_column(column, no_wrap=True)
+    for row, problem in rows:
         table.add_row(
             row.name,
             row.digest[:12],
@@ -110,8 +111,12 @@ def list_models() -> None:
             str(row.context_length),
             row.family,
             ago(row.modified_at),
+            "[red]broken[/]" if problem else "ok",
         )
     out.print(table)
+    for row, problem in rows:
+        if problem:
+            err.print(f"[red]{row.name} is broken:[/] {problem} (pull it again, or `myllm rm` it)", highlight=False)
 
 
 def model_facts(row: ModelRow) -> dict[str, Any]:

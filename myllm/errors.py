@@ -68,6 +68,13 @@ class IntegrityError(PullError):
     code = "digest_mismatch"
 
 
+class ModelBroken(MyLLMError):
+    """The registry row is there but its blob is missing or no longer matches its digest."""
+
+    status = 500
+    code = "model_broken"
+
+
 class ModelLoadError(MyLLMError):
     """llama.cpp refused the model; the message carries its reason."""
 

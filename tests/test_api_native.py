@@ -40,7 +40,7 @@ def test_models(server: str) -> None:
     models = {m["name"]: m for m in httpx.get(f"{server}/api/models").json()["models"]}
     assert models["smollm2:135m"] == {
         "name": "smollm2:135m", "family": "llama", "size_mb": 94, "quantization": "Q4_1",
-        "context_size": 8192, "template": "chatml", "parameters": {}, "loaded": False,
+        "context_size": 8192, "template": "chatml", "parameters": {}, "loaded": False, "status": "ok", "problem": None,
     }
     assert models["gemma3:270m"]["template"] == "gemma"
     assert models["gemma3:270m"]["context_size"] == 32768

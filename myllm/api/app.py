@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,6 +27,15 @@ log = logging.getLogger(__name__)
 LOCAL_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
 
 
+def _check_blobs(registry: Registry) -> None:
+    """At start, verify every model's blob once (cached by size and mtime afterwards), so a
+    missing or damaged file is reported instead of served."""
+    for row in registry.list():
+        problem = registry.problem(row)
+        if problem:
+            log.warning("model %s is broken: %s", row.name, problem)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -36,10 +46,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await runtime.start()
         app.state.services = Services(settings, registry, runtime, SessionStore(registry.sessions), time.monotonic())
         app.state.ready = True
+        checker = asyncio.create_task(asyncio.to_thread(_check_blobs, registry))
         try:
             yield
         finally:
             app.state.ready = False
+            checker.cancel()
             await runtime.close()
             registry.close()
 

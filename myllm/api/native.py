@@ -66,7 +66,7 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-def model_info(row: ModelRow, loaded: bool) -> ModelInfo:
+def model_info(row: ModelRow, loaded: bool, problem: str | None) -> ModelInfo:
     return ModelInfo(
         name=row.name,
         family=row.family,
@@ -76,6 +76,8 @@ def model_info(row: ModelRow, loaded: bool) -> ModelInfo:
         template=template_name(row.template, row.family),
         parameters=row.parameters or {},
         loaded=loaded,
+        status="broken" if problem else "ok",
+        problem=problem,
     )
 
 
@@ -83,14 +85,16 @@ def model_info(row: ModelRow, loaded: bool) -> ModelInfo:
 async def list_models(request: Request) -> ModelList:
     svc = services(request)
     rows = await asyncio.to_thread(svc.registry.list)
-    return ModelList(models=[model_info(r, svc.runtime.manager.is_loaded(r.name)) for r in rows])
+    problems = await asyncio.to_thread(lambda: [svc.registry.problem(r) for r in rows])
+    return ModelList(models=[model_info(r, svc.runtime.manager.is_loaded(r.name), p) for r, p in zip(rows, problems)])
 
 
 @router.get("/api/models/{model_name}", response_model=ModelInfo, tags=["MyLLM"])
 async def get_model(model_name: str, request: Request) -> ModelInfo:
     svc = services(request)
     row = await svc.runtime.model(model_name)
-    return model_info(row, svc.runtime.manager.is_loaded(row.name))
+    problem = await asyncio.to_thread(svc.registry.problem, row)
+    return model_info(row, svc.runtime.manager.is_loaded(row.name), problem)
 
 
 @router.post("/api/models/{model_name}/load", response_model=StatusMessage, tags=["MyLLM"])

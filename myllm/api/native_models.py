@@ -97,6 +97,8 @@ class ModelInfo(BaseModel):
     template: str
     parameters: dict[str, Any]
     loaded: bool
+    status: Literal["ok", "broken"] = Field(description="extension: 'broken' when the blob is missing or damaged")
+    problem: str | None = Field(None, description="extension: what is wrong with a broken model")
 
 
 class ModelList(BaseModel):

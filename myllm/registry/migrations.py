@@ -73,10 +73,22 @@ def _0003_model_messages(op: Operations) -> None:
         batch.add_column(sa.Column("messages", sa.JSON))
 
 
+def _0004_blob_checks(op: Operations) -> None:
+    op.create_table(
+        "blob_checks",
+        sa.Column("digest", sa.String(64), primary_key=True),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.Column("mtime_ns", sa.BigInteger, nullable=False),
+        sa.Column("ok", sa.Boolean, nullable=False),
+        sa.Column("checked_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
     ("0003_model_messages", _0003_model_messages),
+    ("0004_blob_checks", _0004_blob_checks),
 ]
 
 _migrations_table = sa.Table(

@@ -11,11 +11,11 @@ from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from myllm.errors import InvalidModelName, ModelExists, ModelNotFound
-from myllm.registry.blobs import BlobStore, Staged
+from myllm.registry.blobs import BlobStore, Staged, sha256_file
 from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
-from myllm.registry.schema import ModelRow, utcnow
+from myllm.registry.schema import BlobCheckRow, ModelRow, utcnow
 from myllm.settings import Settings
 
 
@@ -59,6 +59,28 @@ class Registry:
     def count(self) -> int:
         with self.sessions() as db:
             return int(db.scalar(select(func.count()).select_from(ModelRow)) or 0)
+
+    def problem(self, row: ModelRow) -> str | None:
+        """What is wrong with a model's blob (missing, wrong size, digest mismatch), or None.
+        The sha256 is recomputed only when the file's size or mtime changed since the last
+        check, so this is cheap after the first call."""
+        path = self.blobs.path(row.digest)
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            return f"blob {path.name} is missing"
+        if stat.st_size != row.size:
+            return f"blob {path.name} is {stat.st_size} bytes, expected {row.size}"
+        with self.sessions() as db:
+            check = db.get(BlobCheckRow, row.digest)
+        if check is None or (check.size, check.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+            ok = sha256_file(path) == row.digest
+            with self.sessions.begin() as db:
+                db.merge(BlobCheckRow(digest=row.digest, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ok=ok,
+                                      checked_at=utcnow()))
+        else:
+            ok = check.ok
+        return None if ok else f"blob {path.name} no longer matches its sha256 digest"
 
     def _info_for_digest(self, digest: str) -> dict[str, Any] | None:
         """Metadata of a blob we already know, so a second name skips re-reading the file."""
@@ -119,6 +141,8 @@ class Registry:
             for column, value in info.items():
                 setattr(row, column, value)
             row.modified_at = utcnow()
+            stat = self.blobs.path(digest).stat()  # just hashed on the way in: record it as checked
+            db.merge(BlobCheckRow(digest=digest, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ok=True, checked_at=utcnow()))
         return row, replaced
 
     def copy(self, src: str, dst: str) -> ModelRow:

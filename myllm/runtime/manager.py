@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from myllm.errors import ModelNotLoaded, OutOfMemory, ShuttingDown
+from myllm.errors import ModelBroken, ModelNotLoaded, OutOfMemory, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.durations import parse_duration
@@ -224,6 +224,9 @@ class ModelManager:
         return sum(i.estimate.total for i in self._instances.values())
 
     async def _load(self, spec: LoadSpec, row: ModelRow) -> Instance:
+        problem = await asyncio.to_thread(self.registry.problem, row)
+        if problem:
+            raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
         need = estimate(row, spec.n_ctx, spec.embedding)
         if need.total > self.budget:
             raise OutOfMemory(
