@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -30,6 +31,8 @@ class FakeHub:
         self.requests: list[tuple[str, str, dict[str, str]]] = []
         self.cut_after: int | None = None
         """While set, a file GET stops sending at this byte offset and drops the connection."""
+        self.chunk_delay = 0.0
+        """Seconds to pause after each 256 KiB sent: a slow link, for interrupting pulls."""
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -114,7 +117,12 @@ class FakeHub:
                 if self.command == "HEAD":
                     return
                 end = len(data) if hub.cut_after is None else max(start, hub.cut_after)
-                self.wfile.write(data[start:end])
+                if hub.chunk_delay:
+                    for offset in range(start, end, 256 * 1024):
+                        self.wfile.write(data[offset : min(end, offset + 256 * 1024)])
+                        time.sleep(hub.chunk_delay)
+                else:
+                    self.wfile.write(data[start:end])
                 if end < len(data):
                     self.wfile.flush()
                     self.close_connection = True
