@@ -10,6 +10,7 @@ from contextlib import contextmanager
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from myllm.api.app import create_app
 from myllm.settings import Settings
@@ -21,10 +22,16 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+LAST_APP: FastAPI | None = None
+"""The app of the most recent `running_server`, for tests that look inside the runtime."""
+
+
 @contextmanager
 def running_server(settings: Settings) -> Iterator[str]:
+    global LAST_APP
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning", lifespan="on")
+    LAST_APP = create_app(settings)
+    config = uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -7,7 +7,7 @@ from myllm.runtime.memory import parse_memory
 
 @pytest.mark.parametrize(
     ("text", "seconds"),
-    [("5m", 300), ("30s", 30), ("1h30m", 5400), ("250ms", 0.25), ("0", 0), (-1, -1), ("-1", -1), ("-5m", -300), (12, 12)],
+    [("5m", 300), ("30s", 30), ("1h30m", 5400), ("250ms", 0.25), ("0", 0), (-1, -1), ("-1", -1), ("-5m", -300), (12, 12), (1e300, -1), ("99999h", -1)],
 )
 def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds

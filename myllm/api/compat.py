@@ -184,7 +184,8 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     )
 
 
-@router.post("/stream")
+@router.post("/stream", responses={200: {"content": {"text/event-stream": {"schema": sse.EVENT_SCHEMA}},
+                                         "description": "Server-Sent Events"}})
 async def stream(body: GenerateRequest, request: Request) -> Response:
     """The `/generate` request answered as Server-Sent Events: each event's data is the text as
     it is generated; an event named `done` ends the stream (`error` if it failed)."""

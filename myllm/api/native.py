@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
+from pydantic import BaseModel
 from fastapi.responses import JSONResponse, Response
 
 from myllm import __version__
@@ -58,7 +59,12 @@ async def root(request: Request) -> ServerInfo:
     return ServerInfo(name="MyLLM", version=__version__, status="running", models_available=count)
 
 
-@router.get("/health", tags=["MyLLM"])
+class Health(BaseModel):
+    status: str
+    timestamp: str
+
+
+@router.get("/health", tags=["MyLLM"], response_model=Health, responses={503: {"model": Health}})
 async def health(request: Request) -> JSONResponse:
     """200 once the daemon serves requests; 503 while it starts or shuts down."""
     ready = getattr(request.app.state, "ready", False)
@@ -165,7 +171,7 @@ def _history_messages(stored: list[StoredMessage], new: list[Message]) -> list[d
     return system + earlier + [m for m in fresh if m["role"] != "system"]
 
 
-@router.post("/api/chat", response_model=ChatResponse, tags=["MyLLM"])
+@router.post("/api/chat", response_model=ChatResponse, tags=["MyLLM"], responses=sse.STREAM_DOC)
 async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     """Chat with history: a `session_id` continues (or starts) a stored session; without one a
     new session is started. When the conversation outgrows the context, the oldest turns
@@ -197,7 +203,8 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
 
 
-@router.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["MyLLM"])
+@router.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["MyLLM"],
+             responses=sse.STREAM_DOC)
 async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
     """Stateless unless a `session_id` is given, in which case earlier prompt/response pairs
     of that session come first and this pair is stored."""

@@ -160,7 +160,7 @@ def _chat_logprob(event: TokenEvent) -> dict[str, Any]:
 # -- chat ------------------------------------------------------------------------------
 
 
-@router.post("/chat/completions", response_model=ChatCompletion)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=sse.STREAM_DOC)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
     svc = services(request)
     options = _options(body, body.max_completion_tokens or body.max_tokens)
@@ -246,7 +246,7 @@ def _legacy_logprobs(events: list[TokenEvent], offset: int) -> dict[str, Any]:
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top, "text_offset": offsets}
 
 
-@router.post("/completions", response_model=Completion)
+@router.post("/completions", response_model=Completion, responses=sse.STREAM_DOC)
 async def completions(body: CompletionRequest, request: Request) -> Response | Completion:
     svc = services(request)
     if body.suffix:

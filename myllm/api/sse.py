@@ -23,3 +23,15 @@ def event(name: str, payload: str) -> str:
 
 def response(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+EVENT_SCHEMA = {
+    "type": "object",
+    "properties": {"event": {"type": "string"}, "data": {"type": "string"}},
+    "required": ["data"],
+    "description": "one Server-Sent Event; `data` holds the API's JSON chunk (or text)",
+}
+STREAM_DOC: dict[int | str, dict] = {
+    200: {"content": {"text/event-stream": {"schema": EVENT_SCHEMA}},
+          "description": "JSON, or Server-Sent Events when the request asks to stream"}
+}

@@ -11,8 +11,17 @@ _PART = re.compile(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)")
 _SCALE = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
+FOREVER = 10 * 365 * 24 * 3600.0
+"""Durations of ten years or more mean "forever" (returned as -1), like a negative one."""
+
+
 def parse_duration(value: str | int | float, field: str = "keep_alive") -> float:
     """Seconds; a negative result means "forever"."""
+    seconds = _seconds(value, field)
+    return -1.0 if seconds >= FOREVER else seconds
+
+
+def _seconds(value: str | int | float, field: str) -> float:
     if isinstance(value, bool):
         raise InvalidOptions(f"invalid {field}: {value!r}", field=field)
     if isinstance(value, int | float):

@@ -10,13 +10,14 @@ import random
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-from myllm.errors import InvalidOptions, ModelLoadError, OutOfMemory, PromptTooLong
+from myllm.errors import InvalidOptions, ModelLoadError, ModelNotLoaded, OutOfMemory, PromptTooLong
 from myllm.registry.schema import ModelRow
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.textstream import TextAssembler
@@ -130,26 +131,49 @@ class LlamaEngine:
                 raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {exc}") from exc
             raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {exc}") from exc
         self._lib = llama_cpp
+        self._n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
+        self._users = 0
+        self._closed = False
+        self._poisoned = False
+        self._guard = threading.Condition()
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         self.bos_text = self._piece(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
 
     @property
     def n_ctx(self) -> int:
-        return min(int(self.llm.n_ctx()), len(self.llm.input_ids))
+        return self._n_ctx
 
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
+
+    @contextmanager
+    def _in_use(self) -> Iterator[None]:
+        """Every call into llama.cpp runs inside this, so `close()` never frees the model
+        under a thread still using it (a request cancelled mid-tokenize leaves its thread
+        running)."""
+        with self._guard:
+            if self._closed:
+                raise ModelNotLoaded(f"model '{self.spec.name}' was unloaded")
+            self._users += 1
+        try:
+            yield
+        finally:
+            with self._guard:
+                self._users -= 1
+                self._guard.notify_all()
 
     def tokenize(self, text: str) -> list[int]:
         """Special tokens in the text are parsed (chat templates write them as text); a BOS is
         added when the model wants one and the text does not already start with it."""
         add_bos = not (self.bos_text and text.startswith(self.bos_text))
-        return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+        with self._in_use():
+            return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a piece of text on its own (no BOS), e.g. one stored message."""
-        return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+        with self._in_use():
+            return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def _cached_prefix(self, tokens: list[int]) -> int:
         """How many leading tokens are already in the KV cache; the last prompt token is
@@ -169,6 +193,10 @@ class LlamaEngine:
     def generate(self, req: GenerationRequest) -> Iterator[Event]:
         """Yields `TokenEvent`s, then one `DoneEvent`. Stops within one token of
         `req.cancel` being set."""
+        with self._in_use():
+            yield from self._generate(req)
+
+    def _generate(self, req: GenerationRequest) -> Iterator[Event]:
         tokens, opts = req.tokens, req.options
         if not tokens:
             raise InvalidOptions("the prompt is empty", field="prompt")
@@ -261,20 +289,38 @@ class LlamaEngine:
         bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
         if bad is not None:
             raise InvalidOptions(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})", field="input")
-        return self.llm.detokenize(tokens).decode("utf-8", "replace")
+        with self._in_use():
+            return self.llm.detokenize(tokens).decode("utf-8", "replace")
 
     def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
         """One mean-pooled, L2-normalised vector per input (a text or token ids), all in one call."""
         if not self.spec.embedding:
             raise ModelLoadError(f"'{self.spec.name}' was not loaded for embeddings")
         texts = [i if isinstance(i, str) else self.detokenize(i) for i in inputs]
+        with self._in_use():
+            return self._embed(texts)
+
+    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         limit = int(self.llm.n_batch)
-        for text in texts:
+        for i, text in enumerate(texts):
             n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n == 0:  # nothing to pool over: llama.cpp would fail the whole batch
+                raise InvalidOptions(f"input[{i}] is empty", field="input")
             if n > limit:
                 raise PromptTooLong(n, limit)
-        vectors, count = self.llm.embed(texts, normalize=True, truncate=False, return_count=True)
+        try:
+            vectors, count = self.llm.embed(texts, normalize=True, truncate=False, return_count=True)
+        except RuntimeError as exc:
+            # llama-cpp-python leaves its batch unusable after a failed decode; freeing it
+            # later aborts the process, so this instance is retired without freeing it.
+            self._poisoned = True
+            raise ModelLoadError(f"llama.cpp failed to embed with '{self.spec.name}': {exc}") from exc
         return [list(map(float, v)) for v in vectors], int(count)
 
     def close(self) -> None:
-        self.llm.close()
+        """Free the model once no thread is using it; later calls raise `ModelNotLoaded`."""
+        with self._guard:
+            self._closed = True
+            self._guard.wait_for(lambda: self._users == 0)
+        if not self._poisoned:
+            self.llm.close()

@@ -43,6 +43,8 @@ class Instance:
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float | None = None
     """Monotonic deadline while idle; None while leased or kept forever."""
+    retired: bool = False
+    """Unloaded while a request still held it: the engine closes when the last lease goes."""
 
     @property
     def idle(self) -> bool:
@@ -125,15 +127,22 @@ class ModelManager:
             self._reaper = asyncio.create_task(self._reap_forever(), name="myllm-keepalive")
 
     async def close(self) -> None:
+        """Stop everything: running requests end with `ShuttingDown`, then every engine is
+        closed (each once its last request has let go of it, within a few seconds)."""
         self._closing = True
+        self.abort_all(ShuttingDown("the server is shutting down"))
         if self._reaper:
             self._reaper.cancel()
             try:
                 await self._reaper
             except asyncio.CancelledError:
                 pass
-        for inst in list(self._instances.values()):
+        instances = list(self._instances.values())
+        for inst in instances:
             await self._unload(inst)
+        deadline = time.monotonic() + 10
+        while any(i.leases for i in instances) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
 
     def abort_all(self, error: BaseException) -> None:
         """Stop every running and queued request now; their streams raise `error`."""
@@ -189,6 +198,10 @@ class ModelManager:
     def _release(self, inst: Instance, keep_alive: float | None) -> None:
         inst.leases -= 1
         inst.last_used = time.monotonic()
+        if inst.retired:
+            if inst.leases == 0:
+                asyncio.get_running_loop().create_task(self._close_engine(inst))
+            return
         if keep_alive is not None:
             inst.keep_alive = keep_alive
         if inst.leases == 0:
@@ -306,13 +319,20 @@ class ModelManager:
         if self._instances.get(inst.spec) is not inst:
             return
         del self._instances[inst.spec]
-        name = inst.spec.name
         await asyncio.to_thread(inst.worker.close)
-        await asyncio.to_thread(inst.engine.close)
-        release_freed_memory()
-        log.info("unloaded %s", name)
+        if inst.leases:
+            # A request still holds it (e.g. tokenizing in a thread): closing the engine under
+            # it would crash llama.cpp, so the last lease closes it.
+            inst.retired = True
+        else:
+            await self._close_engine(inst)
         async with self._changed:
             self._changed.notify_all()
+
+    async def _close_engine(self, inst: Instance) -> None:
+        await asyncio.to_thread(inst.engine.close)
+        release_freed_memory()
+        log.info("unloaded %s", inst.spec.name)
 
     # -- explicit control ------------------------------------------------------------
 

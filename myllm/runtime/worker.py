@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
@@ -124,10 +125,11 @@ class ModelWorker:
             final: Any = _END
             try:
                 if not job.cancel.is_set():
-                    for event in job.fn(self.engine, job.cancel):
-                        if job.abort_error is not None:
-                            break
-                        job.push(event)
+                    with closing(job.fn(self.engine, job.cancel)) as events:  # type: ignore[type-var]
+                        for event in events:
+                            if job.abort_error is not None:
+                                break
+                            job.push(event)
             except BaseException as exc:  # delivered to the caller, who maps it to an API error
                 if not isinstance(exc, Exception):
                     log.exception("worker job failed")
