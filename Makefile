@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test default-model system-deps clean
+.PHONY: install serve test bench default-model system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ system-deps:
 
 test: install system-deps
 	$(BIN)/python -m pytest -q
+
+# Side-by-side with llama.cpp's llama-server (built from the vendored llama.cpp, cached in .bench-cache/).
+bench: install
+	$(BIN)/pip install --quiet matplotlib
+	$(BIN)/python bench/compare.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache

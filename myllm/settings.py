@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     load_timeout: str = Field(
         default="5m", description="How long a load may wait for memory held by busy models."
     )
+    num_parallel: int = Field(
+        default=4, ge=1, le=64,
+        description="Requests one loaded model generates at once (continuous batching in one llama.cpp "
+        "context; each gets num_ctx tokens of KV). 1 turns batching off.",
+    )
+    kv_cache: str = Field(
+        default="128MiB",
+        description="RAM per loaded model for saved conversation KV states, so a returning session "
+        "evaluates only its new tokens; 0 turns it off.",
+    )
     max_queue: int = Field(
         default=64, ge=1, description="Requests that may wait per model; past it the API answers 503."
     )

@@ -18,7 +18,7 @@ from tests.conftest import register_broken_model
 
 
 def make_runtime(registry: Registry, **overrides: object) -> Runtime:
-    settings = Settings(num_threads=2, num_ctx=1024, **overrides)  # type: ignore[arg-type]
+    settings = Settings(num_threads=2, num_ctx=1024, kv_cache="0", num_parallel=1, **overrides)  # type: ignore[arg-type]
     return Runtime(registry, settings)
 
 
@@ -91,8 +91,8 @@ async def test_budget_holding_one_model_alternates(shared_registry: Registry) ->
     budget = max(smol, gemma) + 16 * MiB
     assert smol + gemma > budget
     margin = 64 * MiB  # Python objects and library state beside the models
-    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024), ModelManager(
-        shared_registry, Settings(num_threads=2, num_ctx=1024), budget=budget))
+    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="0", num_parallel=1), ModelManager(
+        shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="0", num_parallel=1), budget=budget))
     baseline = rss()
     peaks = []
     for i in range(6):
@@ -108,8 +108,8 @@ async def test_budget_holding_one_model_alternates(shared_registry: Registry) ->
 
 
 async def test_larger_than_budget_fails_at_once(shared_registry: Registry) -> None:
-    rt = Runtime(shared_registry, Settings(num_ctx=1024),
-                 ModelManager(shared_registry, Settings(num_ctx=1024), budget=100 * MiB))
+    rt = Runtime(shared_registry, Settings(num_ctx=1024, kv_cache="0", num_parallel=1),
+                 ModelManager(shared_registry, Settings(num_ctx=1024, kv_cache="0", num_parallel=1), budget=100 * MiB))
     with pytest.raises(OutOfMemory) as info:
         await rt.generate("gemma3:270m", "Hi")
     assert "more than the whole memory budget of 100 MiB" in str(info.value)
@@ -120,7 +120,7 @@ async def test_larger_than_budget_fails_at_once(shared_registry: Registry) -> No
 async def test_busy_model_is_never_evicted_and_load_waits(shared_registry: Registry) -> None:
     smol = estimate(shared_registry.get("smollm2:135m"), 1024).total
     gemma = estimate(shared_registry.get("gemma3:270m"), 1024).total
-    settings = Settings(num_threads=2, num_ctx=1024, load_timeout="1s")
+    settings = Settings(num_threads=2, num_ctx=1024, load_timeout="1s", kv_cache="0", num_parallel=1)
     rt = Runtime(shared_registry, settings, ModelManager(shared_registry, settings, budget=max(smol, gemma) + MiB))
     busy = await rt.generate("smollm2:135m", "Count to one hundred:", {"temperature": 0, "max_tokens": 400})
     await busy.__anext__()

@@ -23,7 +23,7 @@ class FakeEngine:
     fail_next_with_oom = 0
     created: list[str] = []
 
-    def __init__(self, spec: LoadSpec, n_threads: int | None) -> None:
+    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int = 0) -> None:
         if FakeEngine.fail_next_with_oom:
             FakeEngine.fail_next_with_oom -= 1
             raise OutOfMemory(f"fake allocation failure for {spec.name}")
@@ -52,11 +52,12 @@ def fake_registry(registry: Registry, tmp_path: Path) -> Registry:
     for name in ("a:1", "b:1", "c:1"):
         add_fake_row(registry, name, 100, tmp_path)
     add_fake_row(registry, "big:1", 250, tmp_path)
+    registry.problem = lambda row: None  # type: ignore[method-assign]  # fake rows have no blobs to check
     return registry
 
 
 def manager(registry: Registry, budget_mib: int, max_loaded: int = 3) -> ModelManager:
-    settings = Settings(num_ctx=512, max_loaded_models=max_loaded)
+    settings = Settings(num_ctx=512, max_loaded_models=max_loaded, kv_cache="0")
     return ModelManager(registry, settings, engine_factory=FakeEngine, budget=budget_mib * MiB)  # type: ignore[arg-type]
 
 

@@ -153,6 +153,26 @@ async def test_prefix_reuse_evaluates_only_new_tokens(runtime: Runtime) -> None:
     assert b.prompt_eval_tokens < b.prompt_tokens // 4
 
 
+async def test_returning_conversation_restores_its_kv_state(shared_registry: Registry) -> None:
+    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="64MiB"))
+    greedy = {"temperature": 0, "max_tokens": 8}
+    a1 = "Conversation A is about the history of Rome and its emperors. " * 6
+    b1 = "Conversation B is about the biology of deep sea fish and corals. " * 6
+    first = await (await rt.generate("smollm2:135m", a1, greedy, raw=True)).collect()
+    await (await rt.generate("smollm2:135m", b1, greedy, raw=True)).collect()  # B takes the context over
+    a2 = a1 + first.text + " Tell me more."
+    again = await (await rt.generate("smollm2:135m", a2, greedy, raw=True)).collect()
+    print(f"returning conversation: {again.prompt_tokens} prompt tokens, {again.prompt_eval_tokens} evaluated")
+    assert again.prompt_eval_tokens <= again.prompt_tokens - first.prompt_tokens
+    without = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="0"))
+    await (await without.generate("smollm2:135m", a1, greedy, raw=True)).collect()
+    await (await without.generate("smollm2:135m", b1, greedy, raw=True)).collect()
+    cold = await (await without.generate("smollm2:135m", a2, greedy, raw=True)).collect()
+    assert cold.prompt_eval_tokens > 10 * again.prompt_eval_tokens, "without the cache the prompt is evaluated again"
+    await rt.close()
+    await without.close()
+
+
 async def test_embeddings(runtime: Runtime) -> None:
     result = await runtime.embed(
         "smollm2:135m", ["The cat sat on the mat.", "A cat was sitting on a mat.", "Quarterly tax filing deadlines"]
@@ -214,7 +234,7 @@ async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
         seen += 1
         if seen == 5:
             break
-    at_cancel = engine.llm.n_tokens
+    at_cancel = engine.decoded
     await stream.aclose()
     worker = stream._lease.worker
     for _ in range(200):
@@ -222,7 +242,7 @@ async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
             break
         await asyncio.sleep(0.01)
     assert not worker.busy
-    extra = engine.llm.n_tokens - at_cancel
+    extra = engine.decoded - at_cancel
     print(f"tokens evaluated after cancel: {extra}")
     assert extra <= 1
     done = await (await runtime.generate("gemma3:270m", "Hello", {"max_tokens": 2})).collect()
@@ -230,7 +250,7 @@ async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
 
 
 async def test_queue_is_fifo_and_bounded(shared_registry: Registry) -> None:
-    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, max_queue=2))
+    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, max_queue=2, num_parallel=1))
     await rt.start()
     try:
         running = await rt.generate("smollm2:135m", "Count:", {"temperature": 0, "max_tokens": 60})
@@ -249,3 +269,24 @@ async def test_queue_is_fifo_and_bounded(shared_registry: Registry) -> None:
         assert order == [0, 1, 2]
     finally:
         await rt.close()
+
+
+async def test_batched_requests_match_their_solo_answers(shared_registry: Registry) -> None:
+    """Continuous batching: requests join and leave one decode loop, each sampled from its own
+    row of logits. Greedy answers follow their solo answers (batched float sums may break a
+    near-tie later on, so the first characters are compared: any mix-up of sequences shows at once)."""
+    prompts = ["The capital of France is", "List three colors:", "def add(a, b):", "Once upon a time"]
+    greedy = {"temperature": 0, "max_tokens": 16, "repeat_penalty": 1.0}
+    solo_rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, num_parallel=1, kv_cache="0"))
+    solo = [(await (await solo_rt.generate("smollm2:135m", p, greedy, raw=True)).collect()).text for p in prompts]
+    await solo_rt.close()
+    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, num_parallel=3, kv_cache="0", max_queue=1))
+    streams = [await rt.generate("smollm2:135m", p, {**greedy, "max_tokens": 16 + 4 * i}, raw=True)
+               for i, p in enumerate(prompts)]  # 3 run at once, the 4th waits for a free slot
+    with pytest.raises(Overloaded):
+        await rt.generate("smollm2:135m", "one too many", greedy, raw=True)
+    batched = await asyncio.gather(*(s.collect() for s in streams))
+    await rt.close()
+    for i, (alone, together) in enumerate(zip(solo, batched)):
+        assert together.text[:15] == alone[:15], (i, alone, together.text)
+        assert together.completion_tokens == 16 + 4 * i

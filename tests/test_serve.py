@@ -81,7 +81,7 @@ def test_graceful_shutdown(daemon: Daemon, private_home: Path) -> None:
 
     def long_stream() -> None:
         with httpx.stream("POST", f"{daemon.url}/api/chat", json={
-                "model": "gemma3:270m", "stream": True, "options": {"max_tokens": 5000, "temperature": 0.8},
+                "model": "gemma3:270m", "stream": True, "options": {"max_tokens": 3000, "temperature": 0.8},
                 "messages": [{"role": "user", "content": "Tell an endless story."}]}, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -93,7 +93,9 @@ def test_graceful_shutdown(daemon: Daemon, private_home: Path) -> None:
 
     streamer = threading.Thread(target=long_stream)
     streamer.start()
+    deadline = time.monotonic() + 60
     while not events:
+        assert time.monotonic() < deadline and streamer.is_alive(), "the long stream never started"
         time.sleep(0.05)
     httpx.post(f"{daemon.url}/api/models/smollm2:135m/load", timeout=60)
     shorty = threading.Thread(target=short_request)

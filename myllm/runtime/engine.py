@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +19,7 @@ import psutil
 
 from myllm.errors import InvalidOptions, ModelLoadError, ModelNotLoaded, OutOfMemory, PromptTooLong
 from myllm.registry.schema import ModelRow
+from myllm.runtime.kvcache import KVCache, common_prefix
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.textstream import TextAssembler
 
@@ -38,17 +39,22 @@ class LoadSpec:
     name: str
     path: Path
     n_ctx: int
+    """Context per sequence."""
     n_gpu_layers: int = 0
     embedding: bool = False
+    n_parallel: int = 1
+    """Sequences generated at once (continuous batching when > 1)."""
 
     @classmethod
-    def for_model(cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False) -> LoadSpec:
+    def for_model(
+        cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False, n_parallel: int = 1
+    ) -> LoadSpec:
         """llama.cpp pads the context to a multiple of 256; asking for exactly that keeps its
         size and llama-cpp-python's token buffer the same."""
         ctx = -(-num_ctx // CTX_PAD) * CTX_PAD
         if row.context_length:
             ctx = min(ctx, row.context_length)
-        return cls(row.name, Path(row.blob_path), ctx, n_gpu_layers, embedding)
+        return cls(row.name, Path(row.blob_path), ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)
 
 
 @dataclass(frozen=True)
@@ -103,11 +109,27 @@ class GenerationRequest:
     """GBNF the output must follow (see runtime/grammar.py)."""
 
 
+def log_probabilities(
+    logits: np.ndarray, token: int, k: int, piece: Callable[[int], str]
+) -> tuple[float, tuple[Candidate, ...] | None]:
+    """The chosen token's log-probability and the top k candidates of one row of logits:
+    log-softmax, then argpartition (no full sort of the vocabulary)."""
+    peak = logits.max()
+    log_z = peak + np.log(np.exp(logits - peak).sum())
+    chosen = float(logits[token] - log_z)
+    if k == 0:
+        return chosen, None
+    idx = np.argpartition(-logits, k - 1)[:k]
+    idx = idx[np.argsort(-logits[idx])]
+    return chosen, tuple(Candidate(int(i), piece(int(i)), float(logits[i] - log_z)) for i in idx)
+
+
 class LlamaEngine:
-    def __init__(self, spec: LoadSpec, n_threads: int | None = None) -> None:
+    def __init__(self, spec: LoadSpec, n_threads: int | None = None, kv_cache_bytes: int = 0) -> None:
         import llama_cpp
 
         self.spec = spec
+        self.kv_cache = KVCache(kv_cache_bytes)
         if not spec.path.is_file():
             raise ModelLoadError(f"model file for '{spec.name}' is missing: {spec.path}")
         extra: dict[str, object] = {}
@@ -132,6 +154,8 @@ class LlamaEngine:
             raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {exc}") from exc
         self._lib = llama_cpp
         self._n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
+        self.decoded = 0
+        """Tokens generated so far (for measuring cancellation)."""
         self._users = 0
         self._closed = False
         self._poisoned = False
@@ -176,14 +200,16 @@ class LlamaEngine:
             return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def _cached_prefix(self, tokens: list[int]) -> int:
-        """How many leading tokens are already in the KV cache; the last prompt token is
-        always re-evaluated, because sampling needs its logits."""
-        cached = self.llm.input_ids[: self.llm.n_tokens]
-        n = 0
-        for a, b in zip(cached, tokens):
-            if a != b:
-                break
-            n += 1
+        """How many leading tokens are already in the context's KV; the last prompt token is
+        always re-evaluated, because sampling needs its logits. A saved state that shares a
+        longer prefix (a conversation coming back) is restored first."""
+        n = common_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens)
+        state, m = self.kv_cache.best(tokens)
+        if state is not None and m > n + self.kv_cache.min_tokens and self.kv_cache.restore(self._lib, self.llm.ctx, state, 0):
+            self.llm.input_ids[: len(state.tokens)] = state.tokens
+            self.llm.n_tokens = len(state.tokens)
+            self.llm._requires_eval = True  # no live logits for the restored tokens
+            n = m
         return min(n, len(tokens) - 1)
 
     def check_fits(self, n_prompt: int) -> None:
@@ -239,6 +265,7 @@ class LlamaEngine:
                     finish = "stop"
                     break
                 count += 1
+                self.decoded += 1
                 logprob, top = self._probabilities(token, req.logprobs)
                 raw = self.llm.detokenize([token], special=True)
                 piece = raw.decode("utf-8", "replace") if logprob is not None else None
@@ -253,6 +280,7 @@ class LlamaEngine:
                     break
         finally:
             stream.close()
+        self.kv_cache.save(self._lib, self.llm.ctx, self.llm.input_ids[: self.llm.n_tokens].tolist(), 0)
         if tail := assembler.finish():
             yield TokenEvent(tail, -1)
         done_at = time.perf_counter()
@@ -268,21 +296,13 @@ class LlamaEngine:
         )
 
     def _probabilities(self, token: int, k: int | None) -> tuple[float | None, tuple[Candidate, ...] | None]:
-        """From the last position's logits only (one row): log-softmax, then argpartition for
-        the top k. `logits_all` would compute every row and slow decode several-fold."""
+        """From the last position's logits only (one row). `logits_all` would compute every
+        row and slow decode several-fold."""
         if k is None:
             return None, None
         ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
         logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
-        peak = logits.max()
-        log_z = peak + np.log(np.exp(logits - peak).sum())
-        chosen = float(logits[token] - log_z)
-        if k == 0:
-            return chosen, None
-        idx = np.argpartition(-logits, k - 1)[:k]
-        idx = idx[np.argsort(-logits[idx])]
-        top = tuple(Candidate(int(i), self._piece(int(i)), float(logits[i] - log_z)) for i in idx)
-        return chosen, top
+        return log_probabilities(logits, token, k, self._piece)
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""

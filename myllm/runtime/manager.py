@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -20,21 +21,24 @@ from myllm.errors import ModelBroken, ModelNotLoaded, OutOfMemory, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.durations import parse_duration
+from myllm.runtime.batching import BatchEngine
 from myllm.runtime.engine import LlamaEngine, LoadSpec
 from myllm.runtime.memory import MiB, MemoryEstimate, estimate, parse_memory, release_freed_memory, rss
 from myllm.runtime.worker import ModelWorker
 from myllm.settings import Settings
 
 log = logging.getLogger(__name__)
-EngineFactory = Callable[[LoadSpec, int | None], LlamaEngine]
+EngineFactory = Callable[[LoadSpec, int | None, int], LlamaEngine]
+"""(spec, threads, KV-cache bytes) -> engine."""
 
 
 @dataclass
 class Instance:
     spec: LoadSpec
     row: ModelRow
-    engine: LlamaEngine
-    worker: ModelWorker
+    engine: Any
+    """A LlamaEngine, or a BatchEngine (which is then also the worker)."""
+    worker: Any
     estimate: MemoryEstimate
     rss_before: int
     rss_after: int
@@ -80,11 +84,11 @@ class Lease:
         self._released = False
 
     @property
-    def engine(self) -> LlamaEngine:
+    def engine(self) -> Any:
         return self.instance.engine
 
     @property
-    def worker(self) -> ModelWorker:
+    def worker(self) -> Any:
         return self.instance.worker
 
     @property
@@ -102,7 +106,7 @@ class ModelManager:
         self,
         registry: Registry,
         settings: Settings,
-        engine_factory: EngineFactory = LlamaEngine,
+        engine_factory: EngineFactory | None = None,
         budget: int | None = None,
     ) -> None:
         self.registry = registry
@@ -110,6 +114,7 @@ class ModelManager:
         self.budget = budget if budget is not None else parse_memory(settings.max_memory)
         self.default_keep_alive = parse_duration(settings.keep_alive)
         self.load_timeout = parse_duration(settings.load_timeout, "load_timeout")
+        self.kv_cache_bytes = parse_memory(settings.kv_cache)
         self._factory = engine_factory
         self._instances: dict[LoadSpec, Instance] = {}
         self._loading: dict[LoadSpec, asyncio.Future[Instance]] = {}
@@ -171,7 +176,8 @@ class ModelManager:
 
     def spec_for(self, row: ModelRow, num_ctx: int | None = None, embedding: bool = False) -> LoadSpec:
         wanted = num_ctx or int((row.parameters or {}).get("num_ctx") or self.settings.num_ctx)
-        return LoadSpec.for_model(row, wanted, embedding=embedding)
+        parallel = 1 if self._factory is not None else self.settings.num_parallel
+        return LoadSpec.for_model(row, wanted, embedding=embedding, n_parallel=parallel)
 
     async def acquire(
         self,
@@ -240,12 +246,12 @@ class ModelManager:
         problem = await asyncio.to_thread(self.registry.problem, row)
         if problem:
             raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
-        need = estimate(row, spec.n_ctx, spec.embedding)
+        need = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, 0 if spec.embedding else self.kv_cache_bytes)
         if need.total > self.budget:
             raise OutOfMemory(
                 f"model '{spec.name}' needs about {need.total // MiB} MiB (weights {need.weights // MiB}, "
-                f"KV cache {need.kv_cache // MiB}, compute {need.compute // MiB}) with a {spec.n_ctx}-token "
-                f"context, more than the whole memory budget of {self.budget // MiB} MiB",
+                f"KV cache {need.kv_cache // MiB}, compute {need.compute // MiB}) with {spec.n_parallel} x "
+                f"{spec.n_ctx}-token context, more than the whole memory budget of {self.budget // MiB} MiB",
                 needed=need.total,
                 budget=self.budget,
             )
@@ -263,9 +269,8 @@ class ModelManager:
 
     async def _create(self, spec: LoadSpec, row: ModelRow, need: MemoryEstimate) -> Instance:
         before = rss()
-        engine = await asyncio.to_thread(self._factory, spec, self.settings.num_threads)
+        engine, worker = await asyncio.to_thread(self._make_engine, spec)
         after = rss()
-        worker = ModelWorker(engine, spec.name, self.settings.max_queue)
         inst = Instance(spec, row, engine, worker, need, before, after, self.default_keep_alive)
         self._instances[spec] = inst
         self.load_count += 1
@@ -274,6 +279,20 @@ class ModelManager:
             spec.name, spec.n_ctx, need.total // MiB, (after - before) // MiB,
         )
         return inst
+
+    def _make_engine(self, spec: LoadSpec) -> tuple[Any, Any]:
+        """A batching engine (its own scheduler) for generation with several sequences; a plain
+        engine with a FIFO worker thread for one sequence, embeddings, or a test's factory."""
+        kv_bytes = 0 if spec.embedding else self.kv_cache_bytes
+        threads = self.settings.num_threads
+        if self._factory is not None:
+            engine = self._factory(spec, threads, kv_bytes)
+        elif spec.n_parallel > 1:
+            batched = BatchEngine(spec, threads, kv_bytes, spec.n_parallel, self.settings.max_queue)
+            return batched, batched
+        else:
+            engine = LlamaEngine(spec, threads, kv_bytes)
+        return engine, ModelWorker(engine, spec.name, self.settings.max_queue)
 
     def _fits(self, need: MemoryEstimate) -> bool:
         return (

@@ -5,7 +5,8 @@ estimate = weights + KV cache + compute buffers, where
   KV      = layers x KV heads x (key size + value size) x 2 bytes (f16) x context,
   compute = 16 MiB + 160 bytes x vocabulary (logits and graph scratch; fitted to llama.cpp's
             CPU buffers for SmolLM2 and Gemma 3 at 512-8192 context, within a few MiB),
-  embedding contexts add 32 MiB + 4 bytes x embedding size x context for pooled outputs.
+  embedding contexts add 32 MiB + 4 bytes x embedding size x context for pooled outputs,
+  and a generation instance adds its saved-conversation KV cache (MYLLM_KV_CACHE) in full.
 Measured RSS growth is recorded for every load (see `ModelManager.loaded()`), so the estimate
 can be checked against reality, not trusted.
 """
@@ -56,7 +57,7 @@ class MemoryEstimate:
         return self.weights + self.kv_cache + self.compute
 
 
-def estimate(row: ModelRow, n_ctx: int, embedding: bool = False) -> MemoryEstimate:
+def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
     d = row.details or {}
     layers = int(d.get("block_count") or 0)
     heads = int(d.get("attention.head_count") or 1)
@@ -68,7 +69,7 @@ def estimate(row: ModelRow, n_ctx: int, embedding: bool = False) -> MemoryEstima
     compute = 16 * MiB + 160 * int(row.vocab_size or 0)
     if embedding:
         compute += 32 * MiB + 4 * n_embd * n_ctx
-    return MemoryEstimate(int(row.size), kv, compute)
+    return MemoryEstimate(int(row.size), kv + kv_cache, compute)
 
 
 def release_freed_memory() -> None:

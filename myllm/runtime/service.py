@@ -255,10 +255,7 @@ class Runtime:
                 raise InvalidOptions("the prompt is empty", field="prompt")
             engine.check_fits(len(tokens))
 
-            def job(eng: LlamaEngine, cancel: threading.Event) -> Iterator[Event]:
-                return eng.generate(GenerationRequest(tokens, opts, stop, logprobs, cancel, grammar))
-
-            events = lease.worker.submit(job)
+            events = lease.worker.submit_generation(GenerationRequest(tokens, opts, stop, logprobs, grammar=grammar))
         except BaseException:
             lease.release()
             raise

@@ -10,6 +10,7 @@ this interface and run several sequences per step.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -34,12 +35,14 @@ class _Failure:
 
 @dataclass
 class Job(Generic[T]):
-    fn: JobFn[T]
+    fn: JobFn[T] | None
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     cancel: threading.Event = field(default_factory=threading.Event)
     abort_error: BaseException | None = None
     """Set when the job is stopped by the server (unload, shutdown), not by its caller."""
+    payload: Any = None
+    """What a scheduler that takes requests rather than functions works from."""
 
     def push(self, item: Any) -> None:
         try:
@@ -116,6 +119,10 @@ class ModelWorker:
         self._jobs.put(job)
         return JobStream(job)
 
+    def submit_generation(self, req: Any) -> JobStream[Any]:
+        """A generation request as a job: the engine generates it alone (no batching)."""
+        return self.submit(lambda engine, cancel: engine.generate(dataclasses.replace(req, cancel=cancel)))
+
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
             with self._lock:
@@ -125,6 +132,7 @@ class ModelWorker:
             final: Any = _END
             try:
                 if not job.cancel.is_set():
+                    assert job.fn is not None
                     with closing(job.fn(self.engine, job.cancel)) as events:  # type: ignore[type-var]
                         for event in events:
                             if job.abort_error is not None:
