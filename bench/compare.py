@@ -37,6 +37,11 @@ CHAT_TURNS = [
 ]
 
 
+# A new connection per request for both servers: llama-server closes idle keep-alive
+# connections on its own schedule, which races a client that reuses them.
+NO_KEEPALIVE = httpx.Limits(max_keepalive_connections=0)
+
+
 def free_port() -> int:
     import socket
 
@@ -110,7 +115,7 @@ async def stream_completion(http: httpx.AsyncClient, model: str, max_tokens: int
 
 
 async def single_stream(url: str, model: str, runs: int, extra: dict[str, Any] | None = None) -> dict[str, float]:
-    async with httpx.AsyncClient(base_url=url, timeout=300) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=NO_KEEPALIVE) as http:
         await stream_completion(http, model, 8, extra or {})  # warm-up
         results = [await stream_completion(http, model, 128, extra or {}) for _ in range(runs)]
     return {"decode_tps": statistics.median(r["decode"] for r in results),
@@ -118,7 +123,7 @@ async def single_stream(url: str, model: str, runs: int, extra: dict[str, Any] |
 
 
 async def aggregate(url: str, model: str, clients: int) -> float:
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=NO_KEEPALIVE) as http:
         started = time.perf_counter()
         results = await asyncio.gather(*(stream_completion(http, model, 96, {}) for _ in range(clients)))
         wall = max(r["end"] for r in results) - started
@@ -129,7 +134,7 @@ async def chat_turns(url: str, model: str, sessions: int) -> list[float]:
     """TTFT (ms) of each turn, averaged over `sessions` conversations taken in turn."""
     histories: list[list[dict[str, str]]] = [[] for _ in range(sessions)]
     per_turn: list[list[float]] = [[] for _ in CHAT_TURNS]
-    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=NO_KEEPALIVE) as http:
         for t, text in enumerate(CHAT_TURNS):
             for s in range(sessions):
                 histories[s].append({"role": "user", "content": f"[{s}] {text}"})
@@ -154,7 +159,7 @@ async def chat_turns(url: str, model: str, sessions: int) -> list[float]:
 def measure(server: Server, model: str, args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     out["single"] = asyncio.run(single_stream(server.url, model, args.runs))
-    probs_extra = {"logprobs": 5} if server.name == "myllm" else {"n_probs": 5}
+    probs_extra = {"logprobs": 5}  # both servers take the OpenAI completions field
     out["probabilities"] = asyncio.run(single_stream(server.url, model, args.runs, probs_extra))
     out["aggregate"] = {str(n): asyncio.run(aggregate(server.url, model, n)) for n in (1, 2, 4, 8)}
     out["chat_1_session_ms"] = asyncio.run(chat_turns(server.url, model, 1))

@@ -84,26 +84,17 @@ def test_not_gguf_error(tmp_path: Path) -> None:
 
 def test_serve_starts_the_daemon(models_home: Path) -> None:
     import signal
-    import time
 
     import httpx
 
-    from tests.server import free_port
+    from tests.server import free_port, wait_until_healthy
 
     port = free_port()
     env = dict(os.environ, MYLLM_HOME=str(models_home))
     proc = subprocess.Popen([MYLLM, "serve", "--port", str(port), "--log-level", "warning"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.stderr else ""
-            time.sleep(0.1)
+        wait_until_healthy(f"http://127.0.0.1:{port}", lambda: proc.poll() is None)
         names = {m["name"] for m in httpx.get(f"http://127.0.0.1:{port}/api/models").json()["models"]}
         assert {"smollm2:135m", "gemma3:270m"} <= names
     finally:

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import free_port
+from tests.server import free_port, wait_until_healthy
 
 MYLLM = str(Path(sys.executable).parent / "myllm")
 
@@ -31,15 +31,7 @@ class Daemon:
         )
         self.output: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None and time.monotonic() < deadline, "".join(self.output)
-            time.sleep(0.1)
+        wait_until_healthy(self.url, lambda: self.proc.poll() is None)
 
     def _read(self) -> None:
         assert self.proc.stdout is not None

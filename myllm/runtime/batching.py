@@ -358,9 +358,10 @@ class BatchEngine:
             slot.pending = [token]
 
     def _logits(self, index: int) -> np.ndarray:
-        """This slot's row of logits only (a copy: sampling may reuse the buffer)."""
+        """This slot's row of logits only: a view, valid until the next decode (sampling
+        copies the row into its own candidates, leaving it as it is)."""
         ptr = self._lib.llama_get_logits_ith(self.ctx.ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def _score(
         self, logits: np.ndarray | None, token: int, k: int | None

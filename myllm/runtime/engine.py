@@ -114,14 +114,14 @@ def log_probabilities(
 ) -> tuple[float, tuple[Candidate, ...] | None]:
     """The chosen token's log-probability and the top k candidates of one row of logits:
     log-softmax, then argpartition (no full sort of the vocabulary)."""
-    peak = logits.max()
-    log_z = peak + np.log(np.exp(logits - peak).sum())
-    chosen = float(logits[token] - log_z)
+    peak = float(logits.max())
+    log_z = peak + float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    chosen = float(logits[token]) - log_z
     if k == 0:
         return chosen, None
     idx = np.argpartition(-logits, k - 1)[:k]
     idx = idx[np.argsort(-logits[idx])]
-    return chosen, tuple(Candidate(int(i), piece(int(i)), float(logits[i] - log_z)) for i in idx)
+    return chosen, tuple(Candidate(int(i), piece(int(i)), float(logits[i]) - log_z) for i in idx)
 
 
 class LlamaEngine:
@@ -301,7 +301,7 @@ class LlamaEngine:
         if k is None:
             return None, None
         ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
-        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).astype(np.float64)
+        logits = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))  # a view: valid until the next decode
         return log_probabilities(logits, token, k, self._piece)
 
     def detokenize(self, tokens: list[int]) -> str:
