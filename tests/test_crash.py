@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import pytest
 
 from myllm.registry.store import Registry
 from myllm.settings import Settings
