@@ -66,6 +66,11 @@ class _Slot:
     last_used: float = 0.0
 
 
+def _deliver(items: list[tuple[Job[Any], Any]]) -> None:
+    for job, item in items:
+        job.events.put_nowait(item)
+
+
 class BatchEngine:
     def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, n_parallel: int, max_queue: int) -> None:
         import llama_cpp
@@ -110,6 +115,7 @@ class BatchEngine:
         self._slots = [_Slot(seq=i) for i in range(n_parallel)]
         self._queue: queue.Queue[Job[Any] | None] = queue.Queue()
         self._waiting: list[Job[Any]] = []
+        self._outbox: list[tuple[Job[Any], Any]] = []
         self._lock = threading.Lock()
         self._closed = False
         self._tokenizing = 0
@@ -228,6 +234,7 @@ class BatchEngine:
             except queue.Empty:
                 pass
             if self._closed and not any(s.job is not None for s in self._slots):
+                self._flush()
                 for job in self._waiting:
                     job.push(_Failure(job.abort_error or ShuttingDown("the model was unloaded")))
                 self._waiting.clear()
@@ -240,6 +247,26 @@ class BatchEngine:
                 for slot in self._slots:
                     if slot.job is not None:
                         self._finish(slot, None, ModelLoadError(f"llama.cpp failed while generating: {exc}"))
+            self._flush()
+
+    def _post(self, job: Job[Any], item: Any) -> None:
+        """Queue an event for its caller; `_flush` hands a whole step's events to the event
+        loop in one wake-up instead of one per token per sequence."""
+        self._outbox.append((job, item))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job[Any], Any]]] = {}
+        for job, item in items:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                for job, _ in batch:
+                    job.cancel.set()
 
     def _admit(self) -> None:
         while self._waiting:
@@ -349,7 +376,7 @@ class BatchEngine:
         raw = self._bytes(token)
         piece = raw.decode("utf-8", "replace") if logprob is not None else None
         text = assembler.feed(raw)
-        job.push(TokenEvent(text, token, logprob, top, piece))
+        self._post(job, TokenEvent(text, token, logprob, top, piece))
         if assembler.stopped:
             self._finish(slot, "stop")
         elif slot.count >= slot.limit:
@@ -375,17 +402,17 @@ class BatchEngine:
         assert job is not None and assembler is not None
         if error is None and job.abort_error is None:
             if reason != "cancelled" and (tail := assembler.finish()):
-                job.push(TokenEvent(tail, -1))
+                self._post(job, TokenEvent(tail, -1))
             done_at = time.perf_counter()
             first = slot.first_at or done_at
-            job.push(DoneEvent(
+            self._post(job, DoneEvent(
                 finish_reason=reason or "stop", text=assembler.text, prompt_tokens=slot.prompt_tokens,
                 prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
                 prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
             ))
-            job.push(_END)
+            self._post(job, _END)
         else:
-            job.push(_Failure(job.abort_error or error or ShuttingDown("stopped")))
+            self._post(job, _Failure(job.abort_error or error or ShuttingDown("stopped")))
         # The KV holds exactly `cached` (the last sampled token was never decoded): keep it in the
         # slot, and a copy in the cache for when another conversation takes this slot.
         slot.pending = []
