@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from myllm.errors import ModelLoadError, ModelNotLoaded, OutOfMemory, Overloaded, PromptTooLong, ShuttingDown
+from myllm.errors import ModelLoadError, OutOfMemory, Overloaded, PromptTooLong, ShuttingDown
 from myllm.runtime.engine import (
     Candidate,
     DoneEvent,
@@ -35,6 +35,7 @@ from myllm.runtime.engine import (
     default_threads,
     log_probabilities,
 )
+from myllm.runtime.guard import UseGuard
 from myllm.runtime.kvcache import KVCache, common_prefix
 from myllm.runtime.textstream import TextAssembler
 from myllm.runtime.worker import _END, Job, JobStream, _Failure
@@ -118,8 +119,7 @@ class BatchEngine:
         self._outbox: list[tuple[Job[Any], Any]] = []
         self._lock = threading.Lock()
         self._closed = False
-        self._tokenizing = 0
-        self._guard = threading.Condition()
+        self._guard = UseGuard(spec.name)
         self._thread = threading.Thread(target=self._run, name=f"batch-{spec.name}", daemon=True)
         self._thread.start()
 
@@ -140,16 +140,8 @@ class BatchEngine:
         return self._bytes(token).decode("utf-8", "replace")
 
     def _tokenize(self, text: str, add_bos: bool) -> list[int]:
-        with self._guard:
-            if self._closed:
-                raise ModelNotLoaded(f"model '{self.spec.name}' was unloaded")
-            self._tokenizing += 1
-        try:
+        with self._guard.use():
             return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
-        finally:
-            with self._guard:
-                self._tokenizing -= 1
-                self._guard.notify_all()
 
     def tokenize(self, text: str) -> list[int]:
         return self._tokenize(text, add_bos=not (self.bos_text and text.startswith(self.bos_text)))
@@ -210,8 +202,7 @@ class BatchEngine:
             self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
-        with self._guard:
-            self._guard.wait_for(lambda: self._tokenizing == 0)
+        self._guard.close()
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):

@@ -10,15 +10,15 @@ import random
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import psutil
 
-from myllm.errors import InvalidOptions, ModelLoadError, ModelNotLoaded, OutOfMemory, PromptTooLong
+from myllm.errors import InvalidOptions, ModelLoadError, OutOfMemory, PromptTooLong
 from myllm.registry.schema import ModelRow
+from myllm.runtime.guard import UseGuard
 from myllm.runtime.kvcache import KVCache, common_prefix
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.textstream import TextAssembler
@@ -156,10 +156,8 @@ class LlamaEngine:
         self._n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
         self.decoded = 0
         """Tokens generated so far (for measuring cancellation)."""
-        self._users = 0
-        self._closed = False
         self._poisoned = False
-        self._guard = threading.Condition()
+        self._guard = UseGuard(spec.name)
         self._vocab = self.llm._model.vocab
         self.n_vocab = self.llm.n_vocab()
         self.bos_text = self._piece(self.llm.token_bos()) if self.llm.token_bos() >= 0 else ""
@@ -171,32 +169,16 @@ class LlamaEngine:
     def _piece(self, token: int) -> str:
         return self.llm.detokenize([token], special=True).decode("utf-8", "replace")
 
-    @contextmanager
-    def _in_use(self) -> Iterator[None]:
-        """Every call into llama.cpp runs inside this, so `close()` never frees the model
-        under a thread still using it (a request cancelled mid-tokenize leaves its thread
-        running)."""
-        with self._guard:
-            if self._closed:
-                raise ModelNotLoaded(f"model '{self.spec.name}' was unloaded")
-            self._users += 1
-        try:
-            yield
-        finally:
-            with self._guard:
-                self._users -= 1
-                self._guard.notify_all()
-
     def tokenize(self, text: str) -> list[int]:
         """Special tokens in the text are parsed (chat templates write them as text); a BOS is
         added when the model wants one and the text does not already start with it."""
         add_bos = not (self.bos_text and text.startswith(self.bos_text))
-        with self._in_use():
+        with self._guard.use():
             return list(self.llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a piece of text on its own (no BOS), e.g. one stored message."""
-        with self._in_use():
+        with self._guard.use():
             return len(self.llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
 
     def _cached_prefix(self, tokens: list[int]) -> int:
@@ -219,7 +201,7 @@ class LlamaEngine:
     def generate(self, req: GenerationRequest) -> Iterator[Event]:
         """Yields `TokenEvent`s, then one `DoneEvent`. Stops within one token of
         `req.cancel` being set."""
-        with self._in_use():
+        with self._guard.use():
             yield from self._generate(req)
 
     def _generate(self, req: GenerationRequest) -> Iterator[Event]:
@@ -309,7 +291,7 @@ class LlamaEngine:
         bad = next((t for t in tokens if not 0 <= t < self.n_vocab), None)
         if bad is not None:
             raise InvalidOptions(f"token id {bad} is outside the vocabulary (0..{self.n_vocab - 1})", field="input")
-        with self._in_use():
+        with self._guard.use():
             return self.llm.detokenize(tokens).decode("utf-8", "replace")
 
     def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
@@ -317,7 +299,7 @@ class LlamaEngine:
         if not self.spec.embedding:
             raise ModelLoadError(f"'{self.spec.name}' was not loaded for embeddings")
         texts = [i if isinstance(i, str) else self.detokenize(i) for i in inputs]
-        with self._in_use():
+        with self._guard.use():
             return self._embed(texts)
 
     def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
@@ -339,8 +321,6 @@ class LlamaEngine:
 
     def close(self) -> None:
         """Free the model once no thread is using it; later calls raise `ModelNotLoaded`."""
-        with self._guard:
-            self._closed = True
-            self._guard.wait_for(lambda: self._users == 0)
+        self._guard.close()
         if not self._poisoned:
             self.llm.close()
