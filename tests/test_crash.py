@@ -71,11 +71,13 @@ def chat(url: str, sid: str, text: str, **options: object) -> httpx.Response:
 def test_kill_during_streamed_chat(private_home: Path) -> None:
     daemon = Daemon(private_home)
     sid = "crash-stream"
-    assert chat(daemon.url, sid, "First turn").status_code == 200
+    assert chat(daemon.url, sid, "First turn", temperature=0).status_code == 200
     events = []
     with httpx.stream("POST", f"{daemon.url}/api/chat", json={
-            "model": "smollm2:135m", "session_id": sid, "stream": True, "options": {"max_tokens": 3000},
-            "messages": [{"role": "user", "content": "Second turn, never finished"}]}, timeout=60) as r:
+            "model": "smollm2:135m", "session_id": sid, "stream": True,
+            "options": {"max_tokens": 3000, "temperature": 0},  # greedy: the same long answer every run
+            "messages": [{"role": "user", "content": "Second turn, never finished: write a 2000-word essay on rivers."}]},
+            timeout=60) as r:
         lines = r.iter_lines()
         for line in lines:
             if line.startswith("data: "):
@@ -84,6 +86,7 @@ def test_kill_during_streamed_chat(private_home: Path) -> None:
                 daemon.proc.send_signal(signal.SIGKILL)
                 daemon.proc.wait()
                 break
+    assert not any(e["done"] for e in events), f"the second turn was still being generated when killed: {events}"
     daemon = Daemon(private_home)
     try:
         stored = httpx.get(f"{daemon.url}/api/sessions/{sid}").json()["messages"]
