@@ -274,8 +274,9 @@ async def test_queue_is_fifo_and_bounded(shared_registry: Registry) -> None:
 async def test_batched_requests_match_their_solo_answers(shared_registry: Registry) -> None:
     """Continuous batching: requests join and leave one decode loop, each sampled from its own
     row of logits. At temperature 0 each answer inside a batch of 4 follows its solo answer for
-    at least 16 tokens (batched float sums may break a near-tie later on); a 5th request waits
-    for a free slot and joins when one leaves."""
+    at least 16 tokens (batched float sums may break a near-tie later on), and so does the
+    single-sequence engine (MYLLM_NUM_PARALLEL=1); a 5th request waits for a free slot and joins
+    when one leaves."""
     prompts = ["The capital of France is", "List three colors:", "def add(a, b):", "Once upon a time", "Water boils at"]
     greedy = {"temperature": 0, "max_tokens": 16, "repeat_penalty": 1.0}
 
@@ -283,6 +284,11 @@ async def test_batched_requests_match_their_solo_answers(shared_registry: Regist
         async with stream:
             return [e.token_id async for e in stream if isinstance(e, TokenEvent) and e.token_id >= 0]
 
+    one = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, num_parallel=1, kv_cache="0"))
+    try:
+        unbatched = [await token_ids(await one.generate("smollm2:135m", p, greedy, raw=True)) for p in prompts]
+    finally:
+        await one.close()
     rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, num_parallel=4, kv_cache="0", max_queue=1))
     try:
         solo = [await token_ids(await rt.generate("smollm2:135m", p, greedy, raw=True)) for p in prompts]
@@ -295,4 +301,4 @@ async def test_batched_requests_match_their_solo_answers(shared_registry: Regist
         await rt.close()
     for i, (alone, together) in enumerate(zip(solo, batched)):
         assert len(alone) == 16 and len(together) == 16 + 4 * i, (i, alone, together)
-        assert together[:16] == alone, (i, alone, together)
+        assert together[:16] == alone == unbatched[i], (i, alone, together, unbatched[i])
