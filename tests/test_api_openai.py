@@ -76,6 +76,29 @@ def test_streaming_chat(client: OpenAI) -> None:
     assert len(content) > 10 and all(c.object == "chat.completion.chunk" for c in chunks)
 
 
+def test_cached_tokens_and_timings_show_a_returning_conversation(client: OpenAI) -> None:
+    """The second turn reuses the first turn's KV: usage.prompt_tokens_details.cached_tokens
+    (OpenAI's field) counts those tokens, and `timings` (llama-server's extension) says how
+    many were evaluated and how long that took."""
+    messages = [{"role": "user", "content": "Name a fruit that is red."}]
+    first = client.chat.completions.create(model="gemma3:270m", messages=messages, max_tokens=12, temperature=0)
+    assert first.usage and first.usage.prompt_tokens_details
+    messages += [{"role": "assistant", "content": first.choices[0].message.content or ""},
+                 {"role": "user", "content": "And one that is yellow?"}]
+    chunks = list(client.chat.completions.create(model="gemma3:270m", messages=messages, max_tokens=12, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True}))
+    usage = chunks[-1].usage
+    assert usage and usage.prompt_tokens_details and usage.prompt_tokens_details.cached_tokens is not None
+    cached = usage.prompt_tokens_details.cached_tokens
+    assert cached >= first.usage.prompt_tokens, (cached, first.usage.prompt_tokens)
+    timings = next(c for c in chunks if c.choices and c.choices[0].finish_reason).model_extra["timings"]  # type: ignore[index]
+    assert timings["cache_n"] == cached and timings["prompt_n"] == usage.prompt_tokens - cached
+    assert timings["predicted_n"] == usage.completion_tokens and timings["prompt_ms"] > 0
+    whole = client.completions.create(model="gemma3:270m", prompt=["Red fruit:", "Yellow fruit:"], max_tokens=3,
+                                      temperature=0)
+    assert whole.model_extra["timings"]["predicted_n"] == whole.usage.completion_tokens == 6  # type: ignore[index,union-attr]
+
+
 async def test_async_client(aclient: AsyncOpenAI) -> None:
     r = await aclient.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=5, temperature=0)

@@ -33,7 +33,9 @@ from myllm.api.openai_models import (
     ErrorObject,
     ModelListObject,
     ModelObject,
+    PromptTokensDetails,
     ResponseFormat,
+    Timings,
     UsageObject,
     _Sampling,
 )
@@ -139,9 +141,19 @@ def _message(msg: ChatMessage, index: int) -> dict[str, str]:
     return {"role": role, "content": msg.content or ""}
 
 
-def _usage(done: DoneEvent) -> UsageObject:
-    return UsageObject(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens,
-                       total_tokens=done.prompt_tokens + done.completion_tokens)
+def _usage(dones: list[DoneEvent]) -> UsageObject:
+    prompt, completion = sum(d.prompt_tokens for d in dones), sum(d.completion_tokens for d in dones)
+    cached = sum(d.prompt_tokens - d.prompt_eval_tokens for d in dones)
+    return UsageObject(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
+                       prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+
+
+def _timings(dones: list[DoneEvent]) -> Timings:
+    return Timings(
+        cache_n=sum(d.prompt_tokens - d.prompt_eval_tokens for d in dones),
+        prompt_n=sum(d.prompt_eval_tokens for d in dones), prompt_ms=sum(d.prompt_ms for d in dones),
+        predicted_n=sum(d.completion_tokens for d in dones), predicted_ms=sum(d.generation_ms for d in dones),
+    )
 
 
 def _finish(done: DoneEvent) -> str:
@@ -190,7 +202,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     done = stream.done
     assert done is not None
     return ChatCompletion(
-        id=cid, created=created, model=stream.model, usage=_usage(done),
+        id=cid, created=created, model=stream.model, usage=_usage([done]), timings=_timings([done]),
         choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=_finish(done),
                             logprobs={"content": entries} if logprobs is not None else None)],
     )
@@ -199,7 +211,8 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
 async def _chat_chunks(
     stream: GenerationStream, cid: str, created: int, include_usage: bool, with_logprobs: bool
 ) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list[dict[str, Any]] | None = None) -> str:
+    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list[dict[str, Any]] | None = None,
+              timings: Timings | None = None) -> str:
         body: dict[str, Any] = {
             "id": cid, "object": "chat.completion.chunk", "created": created, "model": stream.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
@@ -207,6 +220,8 @@ async def _chat_chunks(
         }
         if include_usage:
             body["usage"] = None
+        if timings is not None:  # on the last chunk, as llama-server does
+            body["timings"] = timings.model_dump()
         return sse.data(body)
 
     try:
@@ -220,10 +235,10 @@ async def _chat_chunks(
                     yield chunk({"content": event.text}, logprobs=pending)
                     pending = []
             elif event.finish_reason != "cancelled":
-                yield chunk({}, _finish(event), logprobs=pending or None)
+                yield chunk({}, _finish(event), logprobs=pending or None, timings=_timings([event]))
                 if include_usage:
                     yield sse.data({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                    "model": stream.model, "choices": [], "usage": _usage(event).model_dump()})
+                                    "model": stream.model, "choices": [], "usage": _usage([event]).model_dump()})
     except Exception as exc:
         yield _error_event(exc)
     finally:
@@ -259,8 +274,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise InvalidOptions("prompt must not be empty", field="prompt")
-    model = body.model or svc.settings.default_model
-    await svc.runtime.model(model)  # a 404 before anything starts
+    model = await svc.runtime.model(body.model or svc.settings.default_model)  # a 404 before anything starts
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def start(prompt: str) -> GenerationStream:
@@ -272,8 +286,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         usage = bool(body.stream_options and body.stream_options.include_usage)
         return sse.response(_completion_chunks(first, prompts, start, body.echo, cid, created, usage))
     choices: list[CompletionChoice] = []
-    prompt_tokens = completion_tokens = 0
-    name = model
+    dones: list[DoneEvent] = []
+    name = model.name
     for index, prompt in enumerate(prompts):
         stream = await start(prompt)
         events: list[TokenEvent] = []
@@ -282,28 +296,28 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         done = stream.done
         assert done is not None
         name = stream.model
-        prompt_tokens += done.prompt_tokens
-        completion_tokens += done.completion_tokens
+        dones.append(done)
         choices.append(CompletionChoice(
             index=index, text=(prompt if body.echo else "") + done.text, finish_reason=_finish(done),
             logprobs=_legacy_logprobs(events, 0) if body.logprobs is not None else None,
         ))
-    return Completion(id=cid, created=created, model=name, choices=choices,
-                      usage=UsageObject(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                                        total_tokens=prompt_tokens + completion_tokens))
+    return Completion(id=cid, created=created, model=name, choices=choices, usage=_usage(dones), timings=_timings(dones))
 
 
 async def _completion_chunks(
     first: GenerationStream, prompts: list[str], start: Any, echo: bool, cid: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish: str | None, model: str, logprobs: dict[str, Any] | None = None) -> str:
+    def chunk(index: int, text: str, finish: str | None, model: str, logprobs: dict[str, Any] | None = None,
+              timings: Timings | None = None) -> str:
         body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
                                 "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
         if include_usage:
             body["usage"] = None
+        if timings is not None:
+            body["timings"] = timings.model_dump()
         return sse.data(body)
 
-    totals = [0, 0]
+    dones: list[DoneEvent] = []
     stream: GenerationStream | None = first
     try:
         for index, prompt in enumerate(prompts):
@@ -318,15 +332,13 @@ async def _completion_chunks(
                         offset += len(event.text)
                         yield chunk(index, event.text, None, stream.model, lp)
                 elif event.finish_reason != "cancelled":
-                    totals[0] += event.prompt_tokens
-                    totals[1] += event.completion_tokens
-                    yield chunk(index, "", _finish(event), stream.model)
+                    dones.append(event)
+                    yield chunk(index, "", _finish(event), stream.model, timings=_timings([event]))
             await stream.aclose()
             stream = None
         if include_usage:
             yield sse.data({"id": cid, "object": "text_completion", "created": created, "model": first.model,
-                            "choices": [], "usage": {"prompt_tokens": totals[0], "completion_tokens": totals[1],
-                                                     "total_tokens": sum(totals)}})
+                            "choices": [], "usage": _usage(dones).model_dump()})
     except Exception as exc:
         yield _error_event(exc)
     finally:

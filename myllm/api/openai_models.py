@@ -99,10 +99,27 @@ class ModelListObject(BaseModel):
     data: list[ModelObject]
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
+    """Prompt tokens whose KV was reused (a returning conversation's earlier turns)."""
+
+
 class UsageObject(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
+
+
+class Timings(BaseModel):
+    """Extension, in llama-server's names: where a request's time went, as the server saw it."""
+
+    cache_n: int
+    prompt_n: int
+    """Prompt tokens evaluated (the rest came from the KV cache)."""
+    prompt_ms: float
+    predicted_n: int
+    predicted_ms: float
 
 
 class AssistantMessage(BaseModel):
@@ -124,6 +141,7 @@ class ChatCompletion(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: UsageObject
+    timings: Timings | None = None
 
 
 class CompletionChoice(BaseModel):
@@ -140,6 +158,7 @@ class Completion(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: UsageObject
+    timings: Timings | None = None
 
 
 class EmbeddingObject(BaseModel):

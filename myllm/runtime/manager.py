@@ -181,17 +181,18 @@ class ModelManager:
 
     async def acquire(
         self,
-        name: str,
+        model: str | ModelRow,
         keep_alive: str | float | None = None,
         num_ctx: int | None = None,
         embedding: bool = False,
     ) -> Lease:
-        """A lease on a loaded instance of `name`, loading it first if needed. Concurrent
-        acquires of the same unloaded model share one load."""
+        """A lease on a loaded instance of `model` (a name, or the row a caller has already
+        looked up), loading it first if needed. Concurrent acquires of the same unloaded model
+        share one load."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         ka = None if keep_alive is None else parse_duration(keep_alive)
-        row = await asyncio.to_thread(self.registry.get, name)
+        row = model if isinstance(model, ModelRow) else await asyncio.to_thread(self.registry.get, model)
         spec = self.spec_for(row, num_ctx, embedding)
         inst = self._instances.get(spec)
         if inst is None:

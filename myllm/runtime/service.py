@@ -164,8 +164,10 @@ class Runtime:
     async def close(self) -> None:
         await self.manager.close()
 
-    async def model(self, name: str) -> ModelRow:
-        return await asyncio.to_thread(self.registry.get, name)
+    async def model(self, name: str | ModelRow) -> ModelRow:
+        """The registry row of `name` (a row passes through: callers that looked it up
+        already, to answer 404 early, need not look it up twice)."""
+        return name if isinstance(name, ModelRow) else await asyncio.to_thread(self.registry.get, name)
 
     def options_for(self, row: ModelRow, options: dict[str, Any] | None) -> GenerationOptions:
         """The model's stored defaults (Modelfile PARAMETERs), overridden by the request's."""
@@ -173,7 +175,7 @@ class Runtime:
 
     async def chat(
         self,
-        model: str,
+        model: str | ModelRow,
         messages: list[dict[str, Any]],
         options: dict[str, Any] | None = None,
         keep_alive: str | float | None = None,
@@ -194,7 +196,7 @@ class Runtime:
 
     async def generate(
         self,
-        model: str,
+        model: str | ModelRow,
         prompt: str,
         options: dict[str, Any] | None = None,
         system: str | None = None,
@@ -240,7 +242,7 @@ class Runtime:
     ) -> GenerationStream:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")
-        lease = await self.manager.acquire(row.name, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+        lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx)
         try:
             engine = lease.engine
             if opts.max_tokens is not None and opts.max_tokens > engine.n_ctx:
@@ -249,8 +251,11 @@ class Runtime:
                     field="max_tokens",
                 )
             reserve = min(opts.max_tokens or 256, engine.n_ctx // 4)
-            tokens, stop = await asyncio.to_thread(prompt.tokens, engine, reserve)
-            counts = await asyncio.to_thread(lambda: [engine.count_tokens(t) for t in count or []])
+            def tokenize() -> tuple[list[int], tuple[str, ...], list[int]]:
+                tokens, stop = prompt.tokens(engine, reserve)
+                return tokens, stop, [engine.count_tokens(t) for t in count or []]
+
+            tokens, stop, counts = await asyncio.to_thread(tokenize)
             if not tokens:
                 raise InvalidOptions("the prompt is empty", field="prompt")
             engine.check_fits(len(tokens))
