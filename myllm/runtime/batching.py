@@ -37,6 +37,7 @@ from myllm.runtime.engine import (
 )
 from myllm.runtime.guard import UseGuard
 from myllm.runtime.kvcache import KVCache, common_prefix
+from myllm.runtime.sampling import GreedySampler
 from myllm.runtime.textstream import TextAssembler
 from myllm.runtime.worker import _END, Job, JobStream, _Failure
 
@@ -301,6 +302,8 @@ class BatchEngine:
         from llama_cpp import _internals as internals
 
         o = req.options
+        if o.temperature == 0 and not req.grammar:
+            return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         sampler = internals.LlamaSampler()
         sampler.add_penalties(self.n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         if req.grammar:
@@ -357,8 +360,12 @@ class BatchEngine:
         assert req is not None and job is not None and assembler is not None and slot.batch_index is not None
         if slot.first_at is None:
             slot.first_at = time.perf_counter()
-        logits = self._logits(slot.batch_index) if req.logprobs is not None else None
-        token = slot.sampler.sample(self.ctx, slot.batch_index)  # llama_sampler_sample also accepts it
+        greedy = isinstance(slot.sampler, GreedySampler)
+        logits = self._logits(slot.batch_index) if req.logprobs is not None or greedy else None
+        if greedy:
+            token = slot.sampler.sample(logits)
+        else:
+            token = slot.sampler.sample(self.ctx, slot.batch_index)  # llama_sampler_sample also accepts it
         logprob, top = self._score(logits, token, req.logprobs)
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
