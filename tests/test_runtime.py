@@ -153,24 +153,37 @@ async def test_prefix_reuse_evaluates_only_new_tokens(runtime: Runtime) -> None:
     assert b.prompt_eval_tokens < b.prompt_tokens // 4
 
 
-async def test_returning_conversation_restores_its_kv_state(shared_registry: Registry) -> None:
-    rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="64MiB"))
+@pytest.mark.parametrize("parallel", [1, 2])
+async def test_returning_conversation_restores_its_kv_state(shared_registry: Registry, parallel: int) -> None:
+    """More conversations than sequences: the one whose sequence another took over comes back
+    and evaluates only its new tokens, its KV having waited in the RAM cache. A conversation
+    that keeps its sequence is never copied out."""
     greedy = {"temperature": 0, "max_tokens": 8}
-    a1 = "Conversation A is about the history of Rome and its emperors. " * 6
-    b1 = "Conversation B is about the biology of deep sea fish and corals. " * 6
-    first = await (await rt.generate("smollm2:135m", a1, greedy, raw=True)).collect()
-    await (await rt.generate("smollm2:135m", b1, greedy, raw=True)).collect()  # B takes the context over
-    a2 = a1 + first.text + " Tell me more."
-    again = await (await rt.generate("smollm2:135m", a2, greedy, raw=True)).collect()
-    print(f"returning conversation: {again.prompt_tokens} prompt tokens, {again.prompt_eval_tokens} evaluated")
-    assert again.prompt_eval_tokens <= again.prompt_tokens - first.prompt_tokens
-    without = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="0"))
-    await (await without.generate("smollm2:135m", a1, greedy, raw=True)).collect()
-    await (await without.generate("smollm2:135m", b1, greedy, raw=True)).collect()
-    cold = await (await without.generate("smollm2:135m", a2, greedy, raw=True)).collect()
-    assert cold.prompt_eval_tokens > 10 * again.prompt_eval_tokens, "without the cache the prompt is evaluated again"
-    await rt.close()
-    await without.close()
+    topics = ["the history of Rome and its emperors", "the biology of deep sea fish and corals",
+              "the chemistry of baking bread at home"]
+    openings = [f"Conversation {i} is about {topic}. " * 6 for i, topic in enumerate(topics[: parallel + 1])]
+
+    async def replay(settings: Settings) -> tuple[DoneEvent, DoneEvent, int]:
+        rt = Runtime(shared_registry, settings)
+        try:
+            first = await (await rt.generate("smollm2:135m", openings[0], greedy, raw=True)).collect()
+            second_turn = openings[0] + first.text + " Go on."
+            kept = await (await rt.generate("smollm2:135m", second_turn, greedy, raw=True)).collect()
+            (instance,) = rt.manager._instances.values()
+            copies_while_kept = len(instance.engine.kv_cache)
+            for other in openings[1:]:  # the others take the sequences over, the first one last
+                await (await rt.generate("smollm2:135m", other, greedy, raw=True)).collect()
+            back = await (await rt.generate("smollm2:135m", second_turn + kept.text + " More.", greedy, raw=True)).collect()
+            return kept, back, copies_while_kept
+        finally:
+            await rt.close()
+
+    kept, back, copies = await replay(Settings(num_threads=2, num_ctx=1024, num_parallel=parallel, kv_cache="64MiB"))
+    print(f"returning conversation: {back.prompt_tokens} prompt tokens, {back.prompt_eval_tokens} evaluated")
+    assert copies == 0 and kept.prompt_eval_tokens < 10
+    assert back.prompt_eval_tokens <= back.prompt_tokens - kept.prompt_tokens
+    _, cold, _ = await replay(Settings(num_threads=2, num_ctx=1024, num_parallel=parallel, kv_cache="0"))
+    assert cold.prompt_eval_tokens > 10 * back.prompt_eval_tokens, "without the cache the prompt is evaluated again"
 
 
 async def test_embeddings(runtime: Runtime) -> None:

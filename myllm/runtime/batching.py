@@ -6,8 +6,8 @@ batch the next prompt chunk or the last sampled token of every active slot, deco
 samples each slot from its own row of logits with its own sampler chain. Requests join and leave
 between steps. A finished slot keeps its KV, so a request whose prompt extends what a free slot
 holds (the next turn of a chat) evaluates only the new tokens; with more conversations than
-slots, their KV states wait in the engine's bounded RAM cache (runtime/kvcache.py) and are
-copied back into a slot when the conversation returns.
+slots, a slot's KV is copied out to the engine's bounded RAM cache (runtime/kvcache.py) when
+another conversation takes the slot, and copied back in when its conversation returns.
 
 The engine is also its own worker: `submit_generation()` returns the same async event stream as
 `ModelWorker` does, so callers do not know whether a model is batched.
@@ -278,6 +278,8 @@ class BatchEngine:
         tokens = req.tokens
         slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
         keep = common_prefix(slot.cached, tokens)
+        if keep < len(slot.cached):  # this request overwrites another conversation's KV: keep a copy
+            self.kv_cache.save(self._lib, self.ctx.ctx, slot.cached, slot.seq)
         state, cached = self.kv_cache.best(tokens)
         if state is not None and cached > keep + self.kv_cache.min_tokens:
             if self.kv_cache.restore(self._lib, self.ctx.ctx, state, slot.seq):
@@ -411,9 +413,8 @@ class BatchEngine:
             self._post(job, _END)
         else:
             self._post(job, _Failure(job.abort_error or error or ShuttingDown("stopped")))
-        # The KV holds exactly `cached` (the last sampled token was never decoded): keep it in the
-        # slot, and a copy in the cache for when another conversation takes this slot.
+        # The KV holds exactly `cached` (the last sampled token was never decoded): the slot keeps
+        # it for the conversation's next turn, and `_start` copies it out if another takes the slot.
         slot.pending = []
-        self.kv_cache.save(self._lib, self.ctx.ctx, slot.cached, slot.seq)
         slot.job = slot.req = slot.sampler = slot.assembler = None
         slot.last_used = time.monotonic()

@@ -201,8 +201,12 @@ class LlamaEngine:
     def _cached_prefix(self, tokens: list[int]) -> int:
         """How many leading tokens are already in the context's KV; the last prompt token is
         always re-evaluated, because sampling needs its logits. A saved state that shares a
-        longer prefix (a conversation coming back) is restored first."""
-        n = common_prefix(self.llm.input_ids[: self.llm.n_tokens].tolist(), tokens)
+        longer prefix (a conversation coming back) is restored first, and what the context held
+        is saved before this prompt overwrites it."""
+        held = self.llm.input_ids[: self.llm.n_tokens].tolist()
+        n = common_prefix(held, tokens)
+        if n < len(held):
+            self.kv_cache.save(self._lib, self.llm.ctx, held, 0)
         state, m = self.kv_cache.best(tokens)
         if state is not None and m > n + self.kv_cache.min_tokens and self.kv_cache.restore(self._lib, self.llm.ctx, state, 0):
             self.llm.input_ids[: len(state.tokens)] = state.tokens
@@ -279,7 +283,6 @@ class LlamaEngine:
                     break
         finally:
             stream.close()
-        self.kv_cache.save(self._lib, self.llm.ctx, self.llm.input_ids[: self.llm.n_tokens].tolist(), 0)
         if tail := assembler.finish():
             yield TokenEvent(tail, -1)
         done_at = time.perf_counter()

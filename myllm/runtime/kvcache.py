@@ -1,11 +1,13 @@
 """A bounded RAM cache of KV states, so a conversation that comes back after others used the
 model evaluates only its new tokens.
 
-A llama.cpp sequence holds one conversation's KV at a time. After each generation the sequence's
-KV (llama.cpp's per-sequence state, about 20 KiB per token for the test models) is copied out
-with the tokens it stands for; before the next generation, when a cached state shares a longer
-prefix with the new prompt than the context itself does, it is copied back in. Least recently
-used states go first when the byte budget is exceeded.
+A llama.cpp sequence holds one conversation's KV at a time. When a request is about to
+overwrite a sequence's KV (another conversation takes the sequence), that KV (llama.cpp's
+per-sequence state, about 20 KiB per token for the test models) is first copied out with the
+tokens it stands for; when a later prompt shares a longer prefix with a cached state than with
+the sequence itself, the state moves back in. So the cache holds only conversations that no
+sequence holds, and a conversation that keeps its sequence costs no copies. Least recently used
+states go first when the byte budget is exceeded.
 """
 
 from __future__ import annotations
@@ -73,12 +75,14 @@ class KVCache:
             self.bytes -= len(evicted.data)
 
     def restore(self, lib: Any, ctx: Any, state: KVState, seq: int) -> bool:
-        """Replace sequence `seq`'s KV in `ctx` with `state`; False if llama.cpp refused it."""
+        """Replace sequence `seq`'s KV in `ctx` with `state`, which leaves the cache (the
+        sequence holds it now, and it is saved again if the sequence is taken over); False if
+        llama.cpp refused it."""
         lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), seq, -1, -1)
         buffer = (ctypes.c_uint8 * len(state.data)).from_buffer_copy(state.data)
         if lib.llama_state_seq_set_data(ctx, buffer, len(state.data), seq) == 0:
             lib.llama_memory_seq_rm(lib.llama_get_memory(ctx), seq, -1, -1)
             return False
-        self._states.move_to_end(state.tokens)
+        self.bytes -= len(self._states.pop(state.tokens).data)
         self.hits += 1
         return True
