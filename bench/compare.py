@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import shutil
 import statistics
@@ -176,7 +177,8 @@ def alternate(servers: dict[str, tuple[Server, str]], rounds: int, fn: Any) -> d
 
 
 def median(values: list[float]) -> float:
-    return statistics.median(v for v in values if v == v)  # NaN (a figure a server does not report) left out
+    known = [v for v in values if not math.isnan(v)]  # NaN: a figure the server does not report
+    return statistics.median(known) if known else math.nan
 
 
 def measure(servers: dict[str, tuple[Server, str]], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
@@ -197,7 +199,7 @@ def measure(servers: dict[str, tuple[Server, str]], args: argparse.Namespace) ->
         out[name]["probabilities"] = {k: median([s[k] for s in probs[name]]) for k in ("decode_tps", "ttft_ms")}
         out[name]["aggregate"] = {}
     for n in (1, 2, 4, 8):
-        agg = alternate(servers, args.rounds, lambda url, m: asyncio.run(aggregate(url, m, n)))
+        agg = alternate(servers, args.rounds, lambda url, m, n=n: asyncio.run(aggregate(url, m, n)))
         keep(f"aggregate_{n}", agg)
         for name in servers:
             out[name]["aggregate"][str(n)] = median(agg[name])
