@@ -56,9 +56,11 @@ class Settings(BaseSettings):
         "context; each gets num_ctx tokens of KV). 1 turns batching off.",
     )
     kv_cache: str = Field(
-        default="128MiB",
+        default="auto",
         description="RAM per loaded model for saved conversation KV states, so a returning session "
-        "evaluates only its new tokens; 0 turns it off.",
+        "evaluates only its new tokens: `auto` is as much as the model's own context KV "
+        "(num_parallel x num_ctx tokens), a size such as 512MiB sets it, 0 turns it off. "
+        "Counted in the model's memory estimate.",
     )
     max_queue: int = Field(
         default=64, ge=1, description="Requests that may wait per model; past it the API answers 503."

@@ -28,6 +28,7 @@ class FakeEngine:
             FakeEngine.fail_next_with_oom -= 1
             raise OutOfMemory(f"fake allocation failure for {spec.name}")
         self.spec = spec
+        self.kv_cache_bytes = kv_cache_bytes
         FakeEngine.created.append(spec.name)
 
     def close(self) -> None:
@@ -115,3 +116,32 @@ async def test_allocation_failure_evicts_idle_and_retries_once(fake_registry: Re
     assert [m.name for m in mgr.loaded()] == ["c:1"], "the busy model kept serving"
     held.release()
     await mgr.close()
+
+
+@pytest.mark.parametrize("setting", ["auto", "256MiB", "0"])
+async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, tmp_path: Path, setting: str) -> None:
+    """`auto` sizes a model's cache of conversation KV states like its own context KV (a fixed
+    size would hold dozens of a small model's conversations and not one of a 7B model's); the
+    cache counts in the load estimate either way."""
+    FakeEngine.fail_next_with_oom = 0
+    row = add_fake_row(registry, "gqa:1", 100, tmp_path)
+    with registry.sessions.begin() as db:
+        stored = db.get(ModelRow, row.id)
+        assert stored is not None
+        stored.details = {"block_count": 30, "attention.head_count": 9, "attention.head_count_kv": 3,
+                          "attention.key_length": 64, "attention.value_length": 64}
+    registry.problem = lambda row: None  # type: ignore[method-assign]
+    settings = Settings(num_ctx=512, kv_cache=setting)
+    mgr = ModelManager(registry, settings, engine_factory=FakeEngine, budget=4096 * MiB)  # type: ignore[arg-type]
+    lease = await mgr.acquire("gqa:1")
+    context_kv = 30 * 3 * (64 + 64) * 2 * 512
+    expected = {"auto": context_kv, "256MiB": 256 * MiB, "0": 0}[setting]
+    assert lease.engine.kv_cache_bytes == expected
+    assert lease.instance.estimate.kv_cache == context_kv + expected
+    lease.release()
+    await mgr.close()
+
+
+def test_unreadable_kv_cache_setting_is_refused(registry: Registry) -> None:
+    with pytest.raises(ValueError, match="lots"):
+        ModelManager(registry, Settings(kv_cache="lots"))

@@ -114,7 +114,8 @@ class ModelManager:
         self.budget = budget if budget is not None else parse_memory(settings.max_memory)
         self.default_keep_alive = parse_duration(settings.keep_alive)
         self.load_timeout = parse_duration(settings.load_timeout, "load_timeout")
-        self.kv_cache_bytes = parse_memory(settings.kv_cache)
+        self.kv_cache_bytes = None if settings.kv_cache.strip().lower() == "auto" else parse_memory(settings.kv_cache)
+        """RAM for saved conversation KV states per model; None: as much as the model's context KV."""
         self._factory = engine_factory
         self._instances: dict[LoadSpec, Instance] = {}
         self._loading: dict[LoadSpec, asyncio.Future[Instance]] = {}
@@ -247,7 +248,7 @@ class ModelManager:
         problem = await asyncio.to_thread(self.registry.problem, row)
         if problem:
             raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
-        need = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, 0 if spec.embedding else self.kv_cache_bytes)
+        need = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, self._saved_kv_bytes(row, spec))
         if need.total > self.budget:
             raise OutOfMemory(
                 f"model '{spec.name}' needs about {need.total // MiB} MiB (weights {need.weights // MiB}, "
@@ -270,7 +271,7 @@ class ModelManager:
 
     async def _create(self, spec: LoadSpec, row: ModelRow, need: MemoryEstimate) -> Instance:
         before = rss()
-        engine, worker = await asyncio.to_thread(self._make_engine, spec)
+        engine, worker = await asyncio.to_thread(self._make_engine, spec, self._saved_kv_bytes(row, spec))
         after = rss()
         inst = Instance(spec, row, engine, worker, need, before, after, self.default_keep_alive)
         self._instances[spec] = inst
@@ -281,10 +282,19 @@ class ModelManager:
         )
         return inst
 
-    def _make_engine(self, spec: LoadSpec) -> tuple[Any, Any]:
+    def _saved_kv_bytes(self, row: ModelRow, spec: LoadSpec) -> int:
+        """The engine's RAM cache of conversation KV states (counted in the load estimate). By
+        default as large as the context's own KV: a fixed size would hold dozens of conversations
+        of a small model and not one of a 7B model's."""
+        if spec.embedding:
+            return 0
+        if self.kv_cache_bytes is None:
+            return estimate(row, spec.n_ctx * spec.n_parallel).kv_cache
+        return self.kv_cache_bytes
+
+    def _make_engine(self, spec: LoadSpec, kv_bytes: int) -> tuple[Any, Any]:
         """A batching engine (its own scheduler) for generation with several sequences; a plain
         engine with a FIFO worker thread for one sequence, embeddings, or a test's factory."""
-        kv_bytes = 0 if spec.embedding else self.kv_cache_bytes
         threads = self.settings.num_threads
         if self._factory is not None:
             engine = self._factory(spec, threads, kv_bytes)
