@@ -73,7 +73,7 @@ def test_graceful_shutdown(daemon: Daemon, private_home: Path) -> None:
 
     def long_stream() -> None:
         with httpx.stream("POST", f"{daemon.url}/api/chat", json={
-                "model": "gemma3:270m", "stream": True, "options": {"max_tokens": 3000, "temperature": 0.8},
+                "model": "gemma3:270m", "stream": True, "options": {"max_tokens": 3000, "temperature": 0},  # greedy: loops past 3,000 tokens
                 "messages": [{"role": "user", "content": "Tell an endless story."}]}, timeout=120) as r:
             for line in r.iter_lines():
                 if line.startswith("data: "):
