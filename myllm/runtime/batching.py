@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from myllm.errors import ModelLoadError, OutOfMemory, Overloaded, PromptTooLong, ShuttingDown
+from myllm.errors import ModelLoadError, OutOfMemory, PromptTooLong, ShuttingDown
 from myllm.runtime.engine import (
     Candidate,
     DoneEvent,
@@ -39,7 +39,7 @@ from myllm.runtime.guard import UseGuard
 from myllm.runtime.kvcache import KVCache, common_prefix
 from myllm.runtime.sampling import GreedySampler
 from myllm.runtime.textstream import TextAssembler
-from myllm.runtime.worker import _END, Job, JobStream, _Failure
+from myllm.runtime.worker import _END, Job, JobStream, _Failure, check_admission
 
 log = logging.getLogger(__name__)
 N_BATCH = 512
@@ -166,12 +166,9 @@ class BatchEngine:
 
     def submit_generation(self, req: GenerationRequest) -> JobStream[Any]:
         with self._lock:
-            if self._closed:
-                raise ShuttingDown("the model is being unloaded")
             free = sum(1 for slot in self._slots if slot.job is None)
-            waiting = max(0, self.queued - free)  # not yet admitted, beyond the free slots
-            if waiting >= self.max_queue:
-                raise Overloaded(f"{waiting} requests are already waiting for this model; retry later")
+            # Waiting: not yet admitted, beyond the free slots.
+            check_admission(self._closed, max(0, self.queued - free), self.max_queue)
             job: Job[Any] = Job(None, asyncio.get_running_loop(), payload=req)
             self._queue.put(job)
         return JobStream(job)

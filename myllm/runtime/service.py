@@ -192,7 +192,8 @@ class Runtime:
         row = await self.model(model)
         opts = self.options_for(row, options)
         msgs = with_model_defaults(row, check_messages(messages))
-        return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive, logprobs, count, grammar)
+        return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive=keep_alive, logprobs=logprobs,
+                                 count=count, grammar=grammar)
 
     async def generate(
         self,
@@ -223,22 +224,25 @@ class Runtime:
             text = earlier + prompt
             if system and not raw:
                 text = f"{system}\n\n{text}"
-            return await self._start(row, _TextPrompt(text), opts, keep_alive, logprobs, count, grammar)
+            return await self._start(row, _TextPrompt(text), opts, keep_alive=keep_alive, logprobs=logprobs, count=count,
+                                     grammar=grammar)
         msgs = with_model_defaults(row, [{"role": "system", "content": system}] if system else [])
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive, logprobs, count, grammar)
+        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive=keep_alive, logprobs=logprobs,
+                                 count=count, grammar=grammar)
 
     async def _start(
         self,
         row: ModelRow,
         prompt: _Prompt,
         opts: GenerationOptions,
+        *,
         keep_alive: str | float | None,
         logprobs: int | None,
-        count: list[str] | None = None,
-        grammar: str | None = None,
+        count: list[str] | None,
+        grammar: str | None,
     ) -> GenerationStream:
         if logprobs is not None and not 0 <= logprobs <= 20:
             raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")

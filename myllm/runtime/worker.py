@@ -3,8 +3,8 @@ its events". Generation runs off the event loop, so the server keeps answering o
 requests while a model generates.
 
 A job is a function `(engine, cancel) -> iterator of events`. The worker runs one job at a
-time (a llama.cpp context serves one sequence for now); a later batching worker can keep
-this interface and run several sequences per step.
+time; the batch engine (runtime/batching.py) offers the same `submit_generation` and runs
+several sequences per step.
 """
 
 from __future__ import annotations
@@ -26,6 +26,15 @@ log = logging.getLogger(__name__)
 JobFn = Callable[[Any, threading.Event], Iterator[T]]
 
 _END = object()
+
+
+def check_admission(closed: bool, waiting: int, max_queue: int) -> None:
+    """Whether one more request may queue for a model: the same rule for the plain worker and
+    the batch engine, so both APIs answer 503 (or "unloading") alike."""
+    if closed:
+        raise ShuttingDown("the model is being unloaded")
+    if waiting >= max_queue:
+        raise Overloaded(f"{waiting} requests are already waiting for this model; retry later")
 
 
 @dataclass
@@ -110,10 +119,7 @@ class ModelWorker:
 
     def submit(self, fn: JobFn[T]) -> JobStream[T]:
         with self._lock:
-            if self._closed:
-                raise ShuttingDown("the model is being unloaded")
-            if self._waiting >= self.max_queue:
-                raise Overloaded(f"{self._waiting} requests are already waiting for this model; retry later")
+            check_admission(self._closed, self._waiting, self.max_queue)
             self._waiting += 1
         job: Job[T] = Job(fn, asyncio.get_running_loop())
         self._jobs.put(job)
