@@ -3,6 +3,7 @@ never a hang."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -59,6 +60,20 @@ def test_body_over_limit_is_413(small_server: str, path: str) -> None:
 def test_malformed_bodies(small_server: str, path: str, content: bytes) -> None:
     r = httpx.post(f"{small_server}{path}", content=content, headers={"content-type": "application/json"}, timeout=30)
     check(r, path, (400, 422))
+
+
+@pytest.mark.parametrize("path", list(SHAPES))
+@pytest.mark.parametrize("content_type", ["application/x-www-form-urlencoded", None, "text/plain"])
+def test_json_without_its_content_type_says_so(small_server: str, path: str, content_type: str | None) -> None:
+    """`curl -d '{...}'` sends form data's type: the error names the header to send, in the
+    route's own shape (the body is still not read as JSON, which keeps pages from posting here
+    without a CORS preflight)."""
+    headers = {"content-type": content_type} if content_type else {}
+    body = b'{"model": "smollm2:135m", "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}]}'
+    r = httpx.post(f"{small_server}{path}", content=body, headers=headers, timeout=30)
+    error = check(r, path, (400, 422))
+    assert "Content-Type: application/json" in json.dumps(error), error
+    assert f"(got {content_type or 'no Content-Type'})" in json.dumps(error), error
 
 
 NATIVE_CASES = [

@@ -68,13 +68,18 @@ def from_domain(exc: MyLLMError) -> ApiError:
     )
 
 
-def describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+def describe_validation(exc: RequestValidationError, content_type: str = "") -> tuple[str, str | None]:
     """One readable line for the first problem, and the field it concerns."""
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]
     field = ".".join(loc) or None
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', first.get('msg'))}", None
+    if not field and "json" not in content_type:
+        # FastAPI reads a body as JSON only when the request says so (a page cannot then post to
+        # this local daemon without a CORS preflight); `curl -d` says form data unless told.
+        sent = content_type.split(";")[0] or "no Content-Type"
+        return f"the request body must be JSON sent with 'Content-Type: application/json' (got {sent})", None
     msg = first.get("msg", "invalid value")
     return (f"invalid '{field}': {msg}" if field else f"invalid request body: {msg}"), field
 
@@ -88,7 +93,7 @@ def install(app: FastAPI, router: ErrorRouter) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> Response:
-        message, field = describe_validation(exc)
+        message, field = describe_validation(exc, request.headers.get("content-type", ""))
         return router.render(request, ApiError(400, message, "invalid_request", param=field))
 
     @app.exception_handler(StarletteHTTPException)
