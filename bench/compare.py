@@ -4,9 +4,9 @@ the other. Prints a Markdown table and writes bench/results/latest.{json,md} and
 Methodology (the same client code for both servers): both servers run for the whole benchmark
 and are measured in turn (ABBA order), each figure `--rounds` times, and medians are reported,
 so that the machine's drift falls on both alike. Raw completions through `/v1/completions` with
-streaming; time to first token (TTFT) is measured at the client; decode rate is
-(tokens - 1) / (last token time - first token time); aggregate throughput is all tokens over
-the wall time of N simultaneous clients. Chat turns go through `/v1/chat/completions`: a turn's
+streaming; time to first token (TTFT) is measured at the client, the median of 9 short requests
+a round; decode rate is (tokens - 1) / (last token time - first token time); aggregate
+throughput is all tokens over the wall time of N simultaneous clients. Chat turns go through `/v1/chat/completions`: a turn's
 prompt cost is given both as its TTFT and as the server's own `timings` (prompt milliseconds and
 tokens evaluated, which both servers report). Peak RSS is sampled from each server process.
 """
@@ -118,10 +118,16 @@ async def stream_completion(http: httpx.AsyncClient, model: str, max_tokens: int
             "end": last}
 
 
+TTFT_SAMPLES = 9
+
+
 async def single_stream(url: str, model: str, extra: dict[str, Any] | None = None) -> dict[str, float]:
+    """Decode rate from one 128-token stream; time to first token as the median of short
+    requests after it (one first token a round swung from 15 to 46 ms with the machine)."""
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=NO_KEEPALIVE) as http:
         r = await stream_completion(http, model, 128, extra or {})
-    return {"decode_tps": r["decode"], "ttft_ms": r["ttft"] * 1000}
+        firsts = [(await stream_completion(http, model, 2, extra or {}))["ttft"] for _ in range(TTFT_SAMPLES)]
+    return {"decode_tps": r["decode"], "ttft_ms": statistics.median(firsts) * 1000}
 
 
 async def aggregate(url: str, model: str, clients: int) -> float:
