@@ -6,9 +6,10 @@ and are measured in turn (ABBA order), each figure `--rounds` times, and medians
 so that the machine's drift falls on both alike. Raw completions through `/v1/completions` with
 streaming; time to first token (TTFT) is measured at the client, the median of 9 short requests
 a round; decode rate is (tokens - 1) / (last token time - first token time); aggregate
-throughput is all tokens over the wall time of N simultaneous clients. Chat turns go through `/v1/chat/completions`: a turn's
-prompt cost is given both as its TTFT and as the server's own `timings` (prompt milliseconds and
-tokens evaluated, which both servers report). Peak RSS is sampled from each server process.
+throughput is all tokens over the wall time of N simultaneous clients. Chat turns go through
+`/v1/chat/completions`: a turn's prompt cost is given both as its TTFT and as the server's own
+`timings` (prompt milliseconds and tokens evaluated, which both servers report). Peak RSS is
+sampled from each server process.
 """
 
 from __future__ import annotations
