@@ -68,7 +68,7 @@ def from_domain(exc: MyLLMError) -> ApiError:
     )
 
 
-def describe_validation(exc: RequestValidationError, content_type: str = "") -> tuple[str, str | None]:
+def describe_validation(exc: RequestValidationError, content_type: str) -> tuple[str, str | None]:
     """One readable line for the first problem, and the field it concerns."""
     first = exc.errors()[0]
     loc = [str(p) for p in first.get("loc", ()) if p != "body"]

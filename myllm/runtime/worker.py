@@ -29,8 +29,8 @@ _END = object()
 
 
 def check_admission(closed: bool, waiting: int, max_queue: int) -> None:
-    """Whether one more request may queue for a model: the same rule for the plain worker and
-    the batch engine, so both APIs answer 503 (or "unloading") alike."""
+    """Raise unless one more request may queue for a model. One rule for the plain worker and
+    the batch engine, so a caller gets the same 503 (or "unloading") from either."""
     if closed:
         raise ShuttingDown("the model is being unloaded")
     if waiting >= max_queue:
