@@ -136,3 +136,12 @@ class ModelNotLoaded(MyLLMError):
 class ShuttingDown(MyLLMError):
     status = 503
     code = "shutting_down"
+
+
+class ModelCrashed(MyLLMError):
+    """The model's runner process died (a llama.cpp abort, a signal, the OOM killer). Only that
+    model is lost: its requests fail with this error and the next request loads it afresh,
+    unless it crashed while loading, when it is refused for a while instead of crash-looping."""
+
+    status = 500
+    code = "model_crashed"

@@ -14,7 +14,7 @@ The constructor's Hugging Face-era arguments map onto llama.cpp as follows:
 
 from __future__ import annotations
 
-import threading
+import queue
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 from myllm.errors import InvalidOptions
 from myllm.pull import ensure_model
 from myllm.registry.store import Registry
-from myllm.runtime.engine import DoneEvent, GenerationRequest, LlamaEngine, LoadSpec, TokenEvent
+from myllm.runtime.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
 from myllm.runtime.options import resolve_options
 from myllm.settings import Settings
 
@@ -65,8 +66,8 @@ class OptimizedLLM:
         self.n_gpu_layers = gpu_layers(device)
         self.device = "cpu" if self.n_gpu_layers == 0 else "gpu"
         spec = LoadSpec.for_model(self.model, self.settings.num_ctx, self.n_gpu_layers)
-        self._engine: LlamaEngine | None = LlamaEngine(spec, self.settings.num_threads)
-        self._lock = threading.Lock()
+        # The daemon's engine, in this process: one sequence, no saved conversations.
+        self._engine: BatchEngine | None = BatchEngine(spec, self.settings.num_threads, kv_cache_bytes=0)
 
     def generate(
         self,
@@ -95,15 +96,27 @@ class OptimizedLLM:
         if engine is None:
             raise RuntimeError("the model was released by clear_memory(); create a new OptimizedLLM")
         tokens = engine.tokenize(prompt)
-        engine.check_fits(len(tokens))
+        events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+        def sink(items: list[tuple[EngineJob, Any]]) -> None:
+            for _, event in items:
+                events.put(event)
+
+        job = engine.submit(GenerationRequest(tokens, options), sink)  # a prompt too long fails here
 
         def run() -> Iterator[str]:
-            with self._lock:  # one llama.cpp context: one generation at a time
-                for event in engine.generate(GenerationRequest(tokens, options)):
+            try:
+                while True:
+                    event = events.get()
+                    if isinstance(event, Failed):
+                        raise event.error
+                    if isinstance(event, DoneEvent):
+                        self.last = event
+                        return
                     if isinstance(event, TokenEvent) and event.text:
                         yield event.text
-                    elif isinstance(event, DoneEvent):
-                        self.last = event
+            finally:  # a caller that stops iterating early stops the generation
+                job.cancel.set()
 
         return run()
 

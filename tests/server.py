@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import httpx
 import uvicorn
@@ -36,18 +38,28 @@ def wait_until_healthy(url: str, alive: Callable[[], bool], timeout: float = 60)
         time.sleep(0.05)
 
 
+T = TypeVar("T")
 LAST_APP: FastAPI | None = None
 """The app of the most recent `running_server`, for tests that look inside the runtime."""
+LAST_LOOP: asyncio.AbstractEventLoop | None = None
+"""Its event loop, where `in_server` runs coroutines (the runtime's objects belong to it)."""
+
+
+def in_server(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+    """Run `coro` on the most recent server's event loop and return its result."""
+    assert LAST_LOOP is not None
+    return asyncio.run_coroutine_threadsafe(coro, LAST_LOOP).result(timeout)
 
 
 @contextmanager
 def running_server(settings: Settings) -> Iterator[str]:
-    global LAST_APP
+    global LAST_APP, LAST_LOOP
     port = free_port()
     LAST_APP = create_app(settings)
     config = uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
     server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
+    loop = LAST_LOOP = asyncio.new_event_loop()
+    thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve()), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, thread.is_alive)
@@ -56,3 +68,17 @@ def running_server(settings: Settings) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(30)
+        loop.close()
+
+
+def tree_rss(proc: "psutil.Process") -> int:
+    """Resident memory of a process and all its descendants (the daemon and its runners)."""
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:  # exited meanwhile
+            pass
+    return total

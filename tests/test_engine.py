@@ -1,18 +1,36 @@
-"""The whole chain on a real model: registry row -> llama.cpp -> text."""
+"""The whole chain on a real model, in-process: registry row -> the batch engine -> text."""
+
+import queue
+from typing import Any
 
 from myllm.registry.store import Registry
-from myllm.runtime.engine import DoneEvent, GenerationRequest, LlamaEngine, LoadSpec
+from myllm.runtime.batching import BatchEngine, EngineJob
+from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec
 from myllm.runtime.options import resolve_options
+
+
+def run(engine: BatchEngine, req: GenerationRequest) -> list[Any]:
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+
+    def sink(items: list[tuple[EngineJob, Any]]) -> None:
+        for _, event in items:
+            events.put(event)
+
+    engine.submit(req, sink)
+    out = [events.get(timeout=60)]
+    while not isinstance(out[-1], DoneEvent):
+        out.append(events.get(timeout=60))
+    return out
 
 
 def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
     row = shared_registry.get("smollm2:135m")
     spec = LoadSpec.for_model(row, num_ctx=512)
-    assert spec.n_ctx == 512
-    engine = LlamaEngine(spec, n_threads=2)
+    assert spec.n_ctx == 512 and spec.n_parallel == 1
+    engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     try:
         tokens = engine.tokenize("The capital of France is")
-        events = list(engine.generate(GenerationRequest(tokens, resolve_options({"temperature": 0, "max_tokens": 8}))))
+        events = run(engine, GenerationRequest(tokens, resolve_options({"temperature": 0, "max_tokens": 8})))
     finally:
         engine.close()
     done = events[-1]
@@ -29,8 +47,8 @@ def test_context_capped_at_trained_length(shared_registry: Registry) -> None:
 def test_context_rounded_to_llama_cpp_padding(shared_registry: Registry) -> None:
     spec = LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=320)
     assert spec.n_ctx == 512
-    engine = LlamaEngine(spec, n_threads=2)
+    engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     try:
-        assert engine.n_ctx == 512 == len(engine.llm.input_ids)
+        assert engine.n_ctx == 512 == engine.ctx.n_ctx()
     finally:
         engine.close()

@@ -7,6 +7,7 @@ import statistics
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import psutil
@@ -14,7 +15,7 @@ import psutil
 from myllm.registry.store import Registry
 from myllm.runtime.memory import MiB, estimate
 from myllm.settings import Settings
-from tests.server import running_server
+from tests.server import in_server, running_server, tree_rss
 from tests.test_serve import Daemon
 
 MARGIN = 64 * MiB  # Python objects, threads and library state beside the models
@@ -29,14 +30,14 @@ def test_overload_with_budget_for_one_model(private_home: Path) -> None:
     daemon = Daemon(private_home, MYLLM_MAX_MEMORY=str(budget), MYLLM_NUM_CTX="1024", MYLLM_MAX_QUEUE="8",
                     MYLLM_LOAD_TIMEOUT="8s", MYLLM_NUM_THREADS="2", MYLLM_KV_CACHE="0")
     proc = psutil.Process(daemon.proc.pid)
-    baseline = proc.memory_info().rss
+    baseline = tree_rss(proc)
     peak = baseline
     sampling = True
 
     def sample() -> None:
         nonlocal peak
         while sampling:
-            peak = max(peak, proc.memory_info().rss)
+            peak = max(peak, tree_rss(proc))
             time.sleep(0.02)
 
     sampler = threading.Thread(target=sample)
@@ -88,33 +89,33 @@ def test_disconnects_free_the_model_and_leak_nothing(models_home: Path) -> None:
         app_state = _server_state()
         manager = app_state.services.runtime.manager
 
-        def worker_and_engine():  # type: ignore[no-untyped-def]
-            [inst] = list(manager._instances.values())
-            return inst.worker, inst.engine
+        [inst] = list(manager._instances.values())
 
-        worker, engine = worker_and_engine()
+        def stats() -> dict[str, Any]:
+            return in_server(inst.runner.stats())
+
         with httpx.stream("POST", f"{url}/api/chat", json=body, timeout=60) as r:
             lines = (line for line in r.iter_lines() if line.startswith("data: "))
             for _ in range(5):
                 next(lines)
-            tokens_at_close = engine.decoded
+            tokens_at_close = stats()["decoded"]
             closed = time.perf_counter()
-        while worker.busy:
+        while (now := stats())["busy"]:
             time.sleep(0.001)
         freed_after = time.perf_counter() - closed
-        extra = engine.decoded - tokens_at_close
+        extra = now["decoded"] - tokens_at_close
         print(f"\ndisconnect: model free {freed_after * 1000:.0f} ms after the client closed, {extra} more tokens evaluated")
         assert freed_after < 1.0
 
         threads_before = threading.active_count()
-        rss_before = psutil.Process().memory_info().rss
+        rss_before = tree_rss(psutil.Process())
         for _ in range(100):
             drop_after(2)
-        while worker.busy:
+        while stats()["busy"]:
             time.sleep(0.01)
         time.sleep(0.5)
         threads_after = threading.active_count()
-        rss_after = psutil.Process().memory_info().rss
+        rss_after = tree_rss(psutil.Process())
         print(f"100 dropped streams: threads {threads_before} -> {threads_after}, "
               f"RSS {rss_before / MiB:.0f} -> {rss_after / MiB:.0f} MiB")
         assert threads_after <= threads_before

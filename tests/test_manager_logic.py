@@ -1,6 +1,6 @@
 """Pure scheduling logic of the model manager (eviction order, the instance limit, the
-retry after a failed allocation), with a fake engine named as such. Everything that runs a
-model is tested on the real models elsewhere."""
+retry after a failed allocation, the refusal after a crashed load), with a fake runner named as
+such. Everything that runs a model is tested on the real models elsewhere."""
 
 from __future__ import annotations
 
@@ -8,30 +8,49 @@ from pathlib import Path
 
 import pytest
 
-from myllm.errors import OutOfMemory
+from myllm.errors import ModelCrashed, OutOfMemory
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.engine import LoadSpec
+from myllm.runtime import manager as manager_module
 from myllm.runtime.manager import ModelManager
 from myllm.runtime.memory import MiB, estimate
+from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
 
 
-class FakeEngine:
-    """Stands in for LlamaEngine: loads instantly, holds no memory."""
+class FakeRunner:
+    """Stands in for a runner process (`ModelRunner`): loads instantly, holds no memory, never
+    busy."""
 
     fail_next_with_oom = 0
+    crash_next = 0
     created: list[str] = []
+    busy = False
+    queued = 0
+    rss_before = rss_after = 0
 
-    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int = 0) -> None:
-        if FakeEngine.fail_next_with_oom:
-            FakeEngine.fail_next_with_oom -= 1
-            raise OutOfMemory(f"fake allocation failure for {spec.name}")
-        self.spec = spec
-        self.kv_cache_bytes = kv_cache_bytes
-        FakeEngine.created.append(spec.name)
+    def __init__(self, config: RunnerConfig) -> None:
+        self.spec = config.spec
+        self.kv_cache_bytes = config.kv_cache_bytes
+        FakeRunner.created.append(config.spec.name)
 
-    def close(self) -> None:
+    @classmethod
+    async def start(cls, config: RunnerConfig, max_queue: int) -> FakeRunner:
+        if cls.fail_next_with_oom:
+            cls.fail_next_with_oom -= 1
+            raise OutOfMemory(f"fake allocation failure for {config.spec.name}")
+        if cls.crash_next:
+            cls.crash_next -= 1
+            raise ModelCrashed(f"fake crash loading {config.spec.name}")
+        return cls(config)
+
+    def rss(self) -> int:
+        return 0
+
+    def abort(self, error: BaseException) -> None:
+        pass
+
+    async def close(self) -> None:
         pass
 
 
@@ -48,8 +67,8 @@ def add_fake_row(registry: Registry, name: str, size_mib: int, tmp_path: Path) -
 
 @pytest.fixture
 def fake_registry(registry: Registry, tmp_path: Path) -> Registry:
-    FakeEngine.created = []
-    FakeEngine.fail_next_with_oom = 0
+    FakeRunner.created = []
+    FakeRunner.fail_next_with_oom = FakeRunner.crash_next = 0
     for name in ("a:1", "b:1", "c:1"):
         add_fake_row(registry, name, 100, tmp_path)
     add_fake_row(registry, "big:1", 250, tmp_path)
@@ -59,7 +78,7 @@ def fake_registry(registry: Registry, tmp_path: Path) -> Registry:
 
 def manager(registry: Registry, budget_mib: int, max_loaded: int = 3) -> ModelManager:
     settings = Settings(num_ctx=512, max_loaded_models=max_loaded, kv_cache="0")
-    return ModelManager(registry, settings, engine_factory=FakeEngine, budget=budget_mib * MiB)  # type: ignore[arg-type]
+    return ModelManager(registry, settings, runner_factory=FakeRunner.start, budget=budget_mib * MiB)
 
 
 def per_model(registry: Registry) -> int:
@@ -105,12 +124,12 @@ async def test_allocation_failure_evicts_idle_and_retries_once(fake_registry: Re
     mgr = manager(fake_registry, budget_mib=10_000)
     await use(mgr, "a:1")
     await use(mgr, "b:1")
-    FakeEngine.fail_next_with_oom = 1
+    FakeRunner.fail_next_with_oom = 1
     await use(mgr, "c:1")
     assert [m.name for m in mgr.loaded()] == ["c:1"], "idle models were unloaded before the retry"
 
     held = await mgr.acquire("c:1")
-    FakeEngine.fail_next_with_oom = 2
+    FakeRunner.fail_next_with_oom = 2
     with pytest.raises(OutOfMemory, match="fake allocation failure"):
         await use(mgr, "a:1")
     assert [m.name for m in mgr.loaded()] == ["c:1"], "the busy model kept serving"
@@ -123,7 +142,7 @@ async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, tmp_p
     """`auto` sizes a model's cache of conversation KV states like its own context KV (a fixed
     size would hold dozens of a small model's conversations and not one of a 7B model's); the
     cache counts in the load estimate either way."""
-    FakeEngine.fail_next_with_oom = 0
+    FakeRunner.fail_next_with_oom = 0
     row = add_fake_row(registry, "gqa:1", 100, tmp_path)
     with registry.sessions.begin() as db:
         stored = db.get(ModelRow, row.id)
@@ -131,12 +150,12 @@ async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, tmp_p
         stored.details = {"block_count": 30, "attention.head_count": 9, "attention.head_count_kv": 3,
                           "attention.key_length": 64, "attention.value_length": 64}
     registry.problem = lambda row: None  # type: ignore[method-assign]
-    settings = Settings(num_ctx=512, kv_cache=setting)
-    mgr = ModelManager(registry, settings, engine_factory=FakeEngine, budget=4096 * MiB)  # type: ignore[arg-type]
+    settings = Settings(num_ctx=512, kv_cache=setting, num_parallel=2)
+    mgr = ModelManager(registry, settings, runner_factory=FakeRunner.start, budget=4096 * MiB)
     lease = await mgr.acquire("gqa:1")
-    context_kv = 30 * 3 * (64 + 64) * 2 * 512
+    context_kv = 30 * 3 * (64 + 64) * 2 * 512 * 2  # two sequences of 512 tokens
     expected = {"auto": context_kv, "256MiB": 256 * MiB, "0": 0}[setting]
-    assert lease.engine.kv_cache_bytes == expected
+    assert lease.runner.kv_cache_bytes == expected
     assert lease.instance.estimate.kv_cache == context_kv + expected
     lease.release()
     await mgr.close()
@@ -145,3 +164,30 @@ async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, tmp_p
 def test_unreadable_kv_cache_setting_is_refused(registry: Registry) -> None:
     with pytest.raises(ValueError, match="lots"):
         ModelManager(registry, Settings(kv_cache="lots"))
+
+
+async def test_a_load_that_crashes_is_refused_for_a_while(fake_registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file that crashes llama.cpp is not loaded again on every request: it is refused,
+    naming the crash, until its back-off (doubling after each further crash) has passed; other
+    models load meanwhile, and a load that succeeds clears the record."""
+    clock = [1000.0]
+    monkeypatch.setattr(manager_module.time, "monotonic", lambda: clock[0])
+    mgr = manager(fake_registry, budget_mib=10_000)
+    FakeRunner.crash_next = 1
+    with pytest.raises(ModelCrashed, match="fake crash loading a:1"):
+        await use(mgr, "a:1")
+    with pytest.raises(ModelCrashed, match=r"crashed its runner while loading 0s ago .*not trying again for 30s"):
+        await use(mgr, "a:1")
+    assert FakeRunner.created == [], "no second runner was started"
+    await use(mgr, "b:1")
+    clock[0] += 31
+    FakeRunner.crash_next = 1
+    with pytest.raises(ModelCrashed, match="fake crash"):
+        await use(mgr, "a:1")
+    clock[0] += 31
+    with pytest.raises(ModelCrashed, match="not trying again for 29s"):
+        await use(mgr, "a:1")
+    clock[0] += 30
+    await use(mgr, "a:1")
+    assert sorted(m.name for m in mgr.loaded()) == ["a:1", "b:1"]
+    await mgr.close()

@@ -170,7 +170,7 @@ async def test_returning_conversation_restores_its_kv_state(shared_registry: Reg
             second_turn = openings[0] + first.text + " Go on."
             kept = await (await rt.generate("smollm2:135m", second_turn, greedy, raw=True)).collect()
             (instance,) = rt.manager._instances.values()
-            copies_while_kept = len(instance.engine.kv_cache)
+            copies_while_kept = (await instance.runner.stats())["kv_states"]
             for other in openings[1:]:  # the others take the sequences over, the first one last
                 await (await rt.generate("smollm2:135m", other, greedy, raw=True)).collect()
             back = await (await rt.generate("smollm2:135m", second_turn + kept.text + " More.", greedy, raw=True)).collect()
@@ -241,21 +241,21 @@ async def test_generation_runs_off_the_event_loop(runtime: Runtime) -> None:
 
 async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
     stream = await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 1.0, "seed": 1, "max_tokens": 400})
-    engine = stream._lease.engine
+    runner = stream._lease.runner
     seen = 0
     async for event in stream:
         seen += 1
         if seen == 5:
             break
-    at_cancel = engine.decoded
+    at_cancel = (await runner.stats())["decoded"]
     await stream.aclose()
-    worker = stream._lease.worker
     for _ in range(200):
-        if not worker.busy:
+        stats = await runner.stats()
+        if not stats["busy"]:
             break
         await asyncio.sleep(0.01)
-    assert not worker.busy
-    extra = engine.decoded - at_cancel
+    assert not stats["busy"]
+    extra = stats["decoded"] - at_cancel
     print(f"tokens evaluated after cancel: {extra}")
     assert extra <= 1
     done = await (await runtime.generate("gemma3:270m", "Hello", {"max_tokens": 2})).collect()

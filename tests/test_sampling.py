@@ -16,7 +16,7 @@ PENALTIES = [(1.0, 0.0, 0.0), (1.1, 0.0, 0.0), (1.5, 0.3, 0.6), (0.8, -0.2, 0.0)
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path: Path) -> BatchEngine:
-    eng = BatchEngine(LoadSpec("smollm2", smollm2_path, 512, n_parallel=2), 2, 0, 2, 4)
+    eng = BatchEngine(LoadSpec("smollm2", smollm2_path, 512, n_parallel=2), 2, 0)
     yield eng
     eng.close()
 

@@ -1,5 +1,5 @@
-"""Continuous batching: several requests share one llama.cpp context, one `llama_decode` per
-step for all of them.
+"""The generation engine: continuous batching, several requests in one llama.cpp context, one
+`llama_decode` per step for all of them (`n_parallel=1` is the single-sequence case).
 
 Each active request owns a sequence id (a *slot*). Every step the scheduler thread puts into one
 batch the next prompt chunk or the last sampled token of every active slot, decodes once, then
@@ -9,29 +9,31 @@ holds (the next turn of a chat) evaluates only the new tokens; with more convers
 slots, a slot's KV is copied out to the engine's bounded RAM cache (runtime/kvcache.py) when
 another conversation takes the slot, and copied back in when its conversation returns.
 
-The engine is also its own worker: `submit_generation()` returns the same async event stream as
-`ModelWorker` does, so callers do not know whether a model is batched.
+The engine knows nothing of processes or event loops: `submit()` takes a *sink*, a function that
+receives a whole step's events at once. A runner process (runtime/runner/) writes them to its
+channel in one message per step; `OptimizedLLM` puts them on a queue it reads in-process.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from myllm.errors import ModelLoadError, OutOfMemory, PromptTooLong, ShuttingDown
+from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, PromptTooLong, ShuttingDown
 from myllm.runtime.engine import (
     Candidate,
     DoneEvent,
     GenerationRequest,
     LoadSpec,
     TokenEvent,
+    check_token_ids,
     default_threads,
     log_probabilities,
 )
@@ -39,11 +41,33 @@ from myllm.runtime.guard import UseGuard
 from myllm.runtime.kvcache import KVCache, common_prefix
 from myllm.runtime.sampling import GreedySampler
 from myllm.runtime.textstream import TextAssembler
-from myllm.runtime.worker import _END, Job, JobStream, _Failure, check_admission
 
 log = logging.getLogger(__name__)
 N_BATCH = 512
 PENALTY_WINDOW = 64
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request's last event when it failed (the error says why); a `DoneEvent` is the last
+    event of every other request, cancelled ones included."""
+
+    error: BaseException
+
+
+Sink = Callable[[list[tuple["EngineJob", Any]]], None]
+"""Receives one step's events: (job, TokenEvent | DoneEvent | Failed) pairs, in order."""
+
+
+@dataclass(eq=False)
+class EngineJob:
+    req: GenerationRequest
+    sink: Sink
+    tag: Any = None
+    """What the sink knows the request by (a runner's request id)."""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    abort_error: BaseException | None = None
+    """Set when the engine stops the request (unload, shutdown), not its caller."""
 
 
 @dataclass
@@ -51,7 +75,7 @@ class _Slot:
     seq: int
     cached: list[int] = field(default_factory=list)
     """Tokens whose KV this sequence holds."""
-    job: Job[Any] | None = None
+    job: EngineJob | None = None
     req: GenerationRequest | None = None
     pending: list[int] = field(default_factory=list)
     """Prompt tokens still to evaluate; then the one sampled token to feed back."""
@@ -68,29 +92,25 @@ class _Slot:
     last_used: float = 0.0
 
 
-def _deliver(items: list[tuple[Job[Any], Any]]) -> None:
-    for job, item in items:
-        job.events.put_nowait(item)
-
-
 class BatchEngine:
-    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, n_parallel: int, max_queue: int) -> None:
+    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, quiet: bool = True) -> None:
+        """`quiet` silences what llama.cpp prints to stdout and stderr while loading. A runner
+        keeps it: its stderr is the daemon's record of why llama.cpp aborted."""
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp._utils import suppress_stdout_stderr
 
         self.spec = spec
         self._lib = llama_cpp
-        self.n_parallel = n_parallel
-        self.max_queue = max_queue
+        n_parallel = self.n_parallel = spec.n_parallel
         self.kv_cache = KVCache(kv_cache_bytes)
         if not spec.path.is_file():
             raise ModelLoadError(f"model file for '{spec.name}' is missing: {spec.path}")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers
         try:
-            with suppress_stdout_stderr(disable=False):
-                self.model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=False)
+            with suppress_stdout_stderr(disable=not quiet):
+                self.model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=not quiet)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {exc}") from exc
         params = llama_cpp.llama_context_default_params()
@@ -101,8 +121,8 @@ class BatchEngine:
         params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
         params.swa_full = True  # keep sliding-window models' KV whole, so prefixes can be reused
         try:
-            with suppress_stdout_stderr(disable=False):
-                self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=False)
+            with suppress_stdout_stderr(disable=not quiet):
+                self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=not quiet)
         except ValueError as exc:
             self.model.close()
             raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {exc}") from exc
@@ -115,24 +135,21 @@ class BatchEngine:
         self.decoded = 0
         """Tokens decoded so far, all sequences together (for measuring cancellation)."""
         self._slots = [_Slot(seq=i) for i in range(n_parallel)]
-        self._queue: queue.Queue[Job[Any] | None] = queue.Queue()
-        self._waiting: list[Job[Any]] = []
-        self._outbox: list[tuple[Job[Any], Any]] = []
+        self._queue: queue.Queue[EngineJob | None] = queue.Queue()
+        self._waiting: list[EngineJob] = []
+        self._outbox: list[tuple[EngineJob, Any]] = []
         self._lock = threading.Lock()
         self._closed = False
         self._guard = UseGuard(spec.name)
         self._thread = threading.Thread(target=self._run, name=f"batch-{spec.name}", daemon=True)
         self._thread.start()
 
-    # -- what the service needs ---------------------------------------------------------------
+    # -- what a runner needs besides generation -----------------------------------------------
 
     @property
     def n_ctx(self) -> int:
+        """Context per sequence."""
         return self._n_ctx
-
-    @property
-    def worker(self) -> BatchEngine:
-        return self
 
     def _bytes(self, token: int) -> bytes:
         return self.model.detokenize([token], special=True)
@@ -145,33 +162,39 @@ class BatchEngine:
             return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
 
     def tokenize(self, text: str) -> list[int]:
+        """Special tokens in the text are parsed (chat templates write them as text); a BOS is
+        added when the model wants one and the text does not already start with it."""
         return self._tokenize(text, add_bos=not (self.bos_text and text.startswith(self.bos_text)))
 
     def count_tokens(self, text: str) -> int:
+        """Tokens of a piece of text on its own (no BOS), e.g. one stored message."""
         return len(self._tokenize(text, add_bos=False))
 
-    def check_fits(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx:
-            raise PromptTooLong(n_prompt, self.n_ctx)
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""
+        check_token_ids(tokens, self.n_vocab)
+        with self._guard.use():
+            return self.model.detokenize(tokens, special=False).decode("utf-8", "replace")
 
-    # -- the worker side --------------------------------------------------------------------------
-
-    @property
-    def queued(self) -> int:
-        return len(self._waiting) + self._queue.qsize()
+    # -- requests ---------------------------------------------------------------------------------
 
     @property
     def busy(self) -> bool:
-        return self.queued > 0 or any(s.job is not None for s in self._slots)
+        return bool(self._waiting) or self._queue.qsize() > 0 or any(s.job is not None for s in self._slots)
 
-    def submit_generation(self, req: GenerationRequest) -> JobStream[Any]:
+    def submit(self, req: GenerationRequest, sink: Sink, tag: Any = None) -> EngineJob:
+        """Queue a request; its events go to `sink` until its `DoneEvent` or `Failed`. Set the
+        job's `cancel` to stop it within one step (it then ends with a "cancelled" DoneEvent)."""
+        if not req.tokens:
+            raise InvalidOptions("the prompt is empty", field="prompt")
+        if len(req.tokens) >= self.n_ctx:
+            raise PromptTooLong(len(req.tokens), self.n_ctx)
+        job = EngineJob(req, sink, tag)
         with self._lock:
-            free = sum(1 for slot in self._slots if slot.job is None)
-            # Waiting: not yet admitted, beyond the free slots.
-            check_admission(self._closed, max(0, self.queued - free), self.max_queue)
-            job: Job[Any] = Job(None, asyncio.get_running_loop(), payload=req)
+            if self._closed:
+                raise ShuttingDown("the model is being unloaded")
             self._queue.put(job)
-        return JobStream(job)
+        return job
 
     def abort(self, error: BaseException) -> None:
         """Fail every running and waiting request with `error` (within one step)."""
@@ -192,7 +215,8 @@ class BatchEngine:
 
     def close(self, timeout: float | None = None) -> None:
         """Stop the scheduler (queued and running requests fail), then free llama.cpp's
-        objects once no thread is tokenizing."""
+        objects once no thread is tokenizing. A runner process does not need this (its exit
+        frees everything); in-process users do."""
         if self._closed:
             return
         self.abort(ShuttingDown("the model was unloaded"))
@@ -225,8 +249,9 @@ class BatchEngine:
             if self._closed and not any(s.job is not None for s in self._slots):
                 self._flush()
                 for job in self._waiting:
-                    job.push(_Failure(job.abort_error or ShuttingDown("the model was unloaded")))
+                    self._post(job, Failed(job.abort_error or ShuttingDown("the model was unloaded")))
                 self._waiting.clear()
+                self._flush()
                 return
             self._admit()
             try:
@@ -238,22 +263,23 @@ class BatchEngine:
                         self._finish(slot, None, ModelLoadError(f"llama.cpp failed while generating: {exc}"))
             self._flush()
 
-    def _post(self, job: Job[Any], item: Any) -> None:
-        """Queue an event for its caller; `_flush` hands a whole step's events to the event
-        loop in one wake-up instead of one per token per sequence."""
+    def _post(self, job: EngineJob, item: Any) -> None:
+        """Queue an event for its caller; `_flush` hands a whole step's events to each sink at
+        once (a runner writes one message per step, not one per token per sequence)."""
         self._outbox.append((job, item))
 
     def _flush(self) -> None:
         if not self._outbox:
             return
         items, self._outbox = self._outbox, []
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job[Any], Any]]] = {}
+        by_sink: dict[int, tuple[Sink, list[tuple[EngineJob, Any]]]] = {}
         for job, item in items:
-            by_loop.setdefault(job.loop, []).append((job, item))
-        for loop, batch in by_loop.items():
+            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, item))
+        for sink, batch in by_sink.values():
             try:
-                loop.call_soon_threadsafe(_deliver, batch)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                sink(batch)
+            except Exception:  # a sink that cannot deliver stops its own requests, not the engine
+                log.exception("could not deliver events")
                 for job, _ in batch:
                     job.cancel.set()
 
@@ -262,16 +288,26 @@ class BatchEngine:
             job = self._waiting[0]
             if job.cancel.is_set():
                 self._waiting.pop(0)
-                job.push(_Failure(job.abort_error) if job.abort_error else _END)
+                self._post(job, Failed(job.abort_error) if job.abort_error else self._cancelled(job))
                 continue
             free = [s for s in self._slots if s.job is None]
             if not free:
                 return
             self._waiting.pop(0)
-            self._start(job, free)
+            try:
+                self._start(job, free)
+            except Exception as exc:  # e.g. a grammar llama.cpp refuses: this request fails, not the loop
+                log.warning("could not start a request: %s", exc)
+                self._post(job, Failed(exc if isinstance(exc, MyLLMError) else InvalidOptions(f"could not start: {exc}")))
 
-    def _start(self, job: Job[Any], free: list[_Slot]) -> None:
-        req: GenerationRequest = job.payload
+    @staticmethod
+    def _cancelled(job: EngineJob) -> DoneEvent:
+        """The end of a request cancelled before it started."""
+        n = len(job.req.tokens)
+        return DoneEvent("cancelled", "", n, 0, 0, 0.0, 0.0)
+
+    def _start(self, job: EngineJob, free: list[_Slot]) -> None:
+        req = job.req
         tokens = req.tokens
         slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
         keep = common_prefix(slot.cached, tokens)
@@ -285,8 +321,8 @@ class BatchEngine:
         self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
-        slot.job, slot.req = job, req
         slot.sampler = self._sampler(req)
+        slot.job, slot.req = job, req
         slot.assembler = TextAssembler(tuple(req.options.stop) + req.extra_stop)
         room = self.n_ctx - len(tokens)
         slot.limit = min(req.options.max_tokens or room, room)
@@ -407,9 +443,8 @@ class BatchEngine:
                 prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
                 prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
             ))
-            self._post(job, _END)
         else:
-            self._post(job, _Failure(job.abort_error or error or ShuttingDown("stopped")))
+            self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))
         # The KV holds exactly `cached` (the last sampled token was never decoded): the slot keeps
         # it for the conversation's next turn, and `_start` copies it out if another takes the slot.
         slot.pending = []

@@ -1,10 +1,15 @@
 """Which models are loaded: leases, an LRU memory budget, keep-alive, one load at a time.
 
-A request takes a *lease* on a loaded instance (loading it if needed) and returns it when
-done. An instance with leases is never unloaded; its keep-alive timer starts when the last
+Each loaded instance is a runner process (runtime/runner/). A request takes a *lease* on a
+loaded instance (loading it if needed) and returns it when done. An instance with leases is never unloaded; its keep-alive timer starts when the last
 lease is returned. When a load would not fit the budget (or the instance limit), idle
 instances go first, least recently used first; if busy ones hold the memory the load waits
-(up to the load timeout) for them to finish.
+(up to the load timeout) for them to finish. Memory is counted per instance as the larger of
+its estimate and its runner's measured RSS.
+
+A runner that dies takes only its instance: the manager forgets it (its requests have already
+failed with `ModelCrashed`) and the next request loads a fresh one. A model whose load crashes
+its runner is refused for a while (30 s, doubling up to 10 min) instead of crash-looping.
 """
 
 from __future__ import annotations
@@ -12,47 +17,59 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from datetime import datetime, timedelta, timezone
 
-from myllm.errors import ModelBroken, ModelNotLoaded, OutOfMemory, ShuttingDown
+from myllm.errors import ModelBroken, ModelCrashed, ModelNotLoaded, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.durations import parse_duration
-from myllm.runtime.batching import BatchEngine
-from myllm.runtime.engine import LlamaEngine, LoadSpec
-from myllm.runtime.memory import MiB, MemoryEstimate, estimate, parse_memory, release_freed_memory, rss
-from myllm.runtime.worker import ModelWorker
+from myllm.runtime.engine import LoadSpec
+from myllm.runtime.memory import MiB, MemoryEstimate, estimate, parse_memory
+from myllm.runtime.runner import ModelRunner
+from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
 
 log = logging.getLogger(__name__)
-EngineFactory = Callable[[LoadSpec, int | None, int], LlamaEngine]
-"""(spec, threads, KV-cache bytes) -> engine."""
+RunnerFactory = Callable[[RunnerConfig, int], Awaitable[Any]]
+"""(what to load, queue limit) -> a started runner: `ModelRunner.start`, or a unit test's fake."""
+CRASH_BACKOFF = 30.0
+CRASH_BACKOFF_MAX = 600.0
+
+
+@dataclass
+class LoadCrash:
+    """A model whose load crashed its runner: refused until `until`."""
+
+    error: ModelCrashed
+    at: float
+    until: float
+    count: int
 
 
 @dataclass
 class Instance:
     spec: LoadSpec
     row: ModelRow
-    engine: Any
-    """A LlamaEngine, or a BatchEngine (which is then also the worker)."""
-    worker: Any
+    runner: Any
+    """A `ModelRunner` (a test's fake in unit tests of the manager's logic)."""
     estimate: MemoryEstimate
-    rss_before: int
-    rss_after: int
     keep_alive: float
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float | None = None
     """Monotonic deadline while idle; None while leased or kept forever."""
-    retired: bool = False
-    """Unloaded while a request still held it: the engine closes when the last lease goes."""
 
     @property
     def idle(self) -> bool:
-        return self.leases == 0 and not self.worker.busy
+        return self.leases == 0 and not self.runner.busy
+
+    @property
+    def charged(self) -> int:
+        """What counts against the budget: the estimate, or the runner's RSS if larger."""
+        return max(self.estimate.total, self.runner.rss())
 
 
 @dataclass(frozen=True)
@@ -64,6 +81,10 @@ class LoadedInfo:
     size_estimate: int
     rss_before: int
     rss_after: int
+    """The runner's RSS before and after loading the model."""
+    rss: int
+    """The runner's RSS now."""
+    pid: int | None
     expires_at: datetime | None
     device: str
     active: int
@@ -84,12 +105,8 @@ class Lease:
         self._released = False
 
     @property
-    def engine(self) -> Any:
-        return self.instance.engine
-
-    @property
-    def worker(self) -> Any:
-        return self.instance.worker
+    def runner(self) -> Any:
+        return self.instance.runner
 
     @property
     def row(self) -> ModelRow:
@@ -106,7 +123,7 @@ class ModelManager:
         self,
         registry: Registry,
         settings: Settings,
-        engine_factory: EngineFactory | None = None,
+        runner_factory: RunnerFactory | None = None,
         budget: int | None = None,
     ) -> None:
         self.registry = registry
@@ -116,7 +133,9 @@ class ModelManager:
         self.load_timeout = parse_duration(settings.load_timeout, "load_timeout")
         self.kv_cache_bytes = None if settings.kv_cache.strip().lower() == "auto" else parse_memory(settings.kv_cache)
         """RAM for saved conversation KV states per model; None: as much as the model's context KV."""
-        self._factory = engine_factory
+        self._factory: RunnerFactory = runner_factory or ModelRunner.start
+        self._crashes: dict[str, LoadCrash] = {}
+        """Load crashes by model digest (the file crashed llama.cpp, whatever its name)."""
         self._instances: dict[LoadSpec, Instance] = {}
         self._loading: dict[LoadSpec, asyncio.Future[Instance]] = {}
         self._load_lock = asyncio.Lock()
@@ -133,8 +152,7 @@ class ModelManager:
             self._reaper = asyncio.create_task(self._reap_forever(), name="myllm-keepalive")
 
     async def close(self) -> None:
-        """Stop everything: running requests end with `ShuttingDown`, then every engine is
-        closed (each once its last request has let go of it, within a few seconds)."""
+        """Stop everything: running requests end with `ShuttingDown`, then every runner exits."""
         self._closing = True
         self.abort_all(ShuttingDown("the server is shutting down"))
         if self._reaper:
@@ -143,17 +161,12 @@ class ModelManager:
                 await self._reaper
             except asyncio.CancelledError:
                 pass
-        instances = list(self._instances.values())
-        for inst in instances:
-            await self._unload(inst)
-        deadline = time.monotonic() + 10
-        while any(i.leases for i in instances) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await asyncio.gather(*(self._unload(inst) for inst in list(self._instances.values())))
 
     def abort_all(self, error: BaseException) -> None:
         """Stop every running and queued request now; their streams raise `error`."""
         for inst in self._instances.values():
-            inst.worker.abort(error)
+            inst.runner.abort(error)
 
     async def _reap_forever(self) -> None:
         while True:
@@ -177,8 +190,7 @@ class ModelManager:
 
     def spec_for(self, row: ModelRow, num_ctx: int | None = None, embedding: bool = False) -> LoadSpec:
         wanted = num_ctx or int((row.parameters or {}).get("num_ctx") or self.settings.num_ctx)
-        parallel = 1 if self._factory is not None else self.settings.num_parallel
-        return LoadSpec.for_model(row, wanted, embedding=embedding, n_parallel=parallel)
+        return LoadSpec.for_model(row, wanted, embedding=embedding, n_parallel=self.settings.num_parallel)
 
     async def acquire(
         self,
@@ -206,9 +218,7 @@ class ModelManager:
     def _release(self, inst: Instance, keep_alive: float | None) -> None:
         inst.leases -= 1
         inst.last_used = time.monotonic()
-        if inst.retired:
-            if inst.leases == 0:
-                asyncio.get_running_loop().create_task(self._close_engine(inst))
+        if self._instances.get(inst.spec) is not inst:  # unloaded, or its runner died
             return
         if keep_alive is not None:
             inst.keep_alive = keep_alive
@@ -242,16 +252,17 @@ class ModelManager:
         return inst
 
     def used(self) -> int:
-        return sum(i.estimate.total for i in self._instances.values())
+        return sum(i.charged for i in self._instances.values())
 
     async def _load(self, spec: LoadSpec, row: ModelRow) -> Instance:
+        self._check_crashes(row)
         problem = await asyncio.to_thread(self.registry.problem, row)
         if problem:
             raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
         need = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, self._saved_kv_bytes(row, spec))
         if need.total > self.budget:
             raise OutOfMemory(
-                f"model '{spec.name}' needs about {need.total // MiB} MiB (weights {need.weights // MiB}, "
+                f"model '{spec.name}' needs about {need.total // MiB} MiB (runner {need.process // MiB}, weights {need.weights // MiB}, "
                 f"KV cache {need.kv_cache // MiB}, compute {need.compute // MiB}) with {spec.n_parallel} x "
                 f"{spec.n_ctx}-token context, more than the whole memory budget of {self.budget // MiB} MiB",
                 needed=need.total,
@@ -269,18 +280,49 @@ class ModelManager:
                     raise
                 return await self._create(spec, row, need)
 
+    def _check_crashes(self, row: ModelRow) -> None:
+        crash = self._crashes.get(row.digest)
+        if crash is not None and time.monotonic() < crash.until:
+            now = time.monotonic()
+            raise ModelCrashed(
+                f"model '{row.name}' crashed its runner while loading {now - crash.at:.0f}s ago "
+                f"({crash.error.message}); not trying again for {crash.until - now:.0f}s"
+            )
+
     async def _create(self, spec: LoadSpec, row: ModelRow, need: MemoryEstimate) -> Instance:
-        before = rss()
-        engine, worker = await asyncio.to_thread(self._make_engine, spec, self._saved_kv_bytes(row, spec))
-        after = rss()
-        inst = Instance(spec, row, engine, worker, need, before, after, self.default_keep_alive)
+        config = RunnerConfig(spec, self.settings.num_threads, self._saved_kv_bytes(row, spec))
+        try:
+            runner = await self._factory(config, self.settings.max_queue)
+        except ModelCrashed as exc:
+            previous = self._crashes.get(row.digest)
+            count = previous.count + 1 if previous else 1
+            now = time.monotonic()
+            self._crashes[row.digest] = LoadCrash(exc, now, now + min(CRASH_BACKOFF * 2 ** (count - 1), CRASH_BACKOFF_MAX), count)
+            log.error("%s", exc.message)
+            raise
+        self._crashes.pop(row.digest, None)
+        inst = Instance(spec, row, runner, need, self.default_keep_alive)
+        runner.on_exit = self._runner_exited
         self._instances[spec] = inst
         self.load_count += 1
         log.info(
-            "loaded %s (ctx %d): estimate %d MiB, RSS +%d MiB",
-            spec.name, spec.n_ctx, need.total // MiB, (after - before) // MiB,
+            "loaded %s (ctx %d) in runner %s: estimate %d MiB, runner RSS %d MiB",
+            spec.name, spec.n_ctx, getattr(runner, "pid", None), need.total // MiB, runner.rss() // MiB,
         )
         return inst
+
+    def _runner_exited(self, runner: Any, error: MyLLMError) -> None:
+        """A runner died on its own: forget its instance (its requests have failed already),
+        so the next request loads a fresh one."""
+        for spec, inst in list(self._instances.items()):
+            if inst.runner is runner:
+                del self._instances[spec]
+                log.warning("model %s is no longer loaded: %s", spec.name, error.message)
+        asyncio.get_running_loop().create_task(self._notify())
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
 
     def _saved_kv_bytes(self, row: ModelRow, spec: LoadSpec) -> int:
         """The engine's RAM cache of conversation KV states (counted in the load estimate). By
@@ -291,19 +333,6 @@ class ModelManager:
         if self.kv_cache_bytes is None:
             return estimate(row, spec.n_ctx * spec.n_parallel).kv_cache
         return self.kv_cache_bytes
-
-    def _make_engine(self, spec: LoadSpec, kv_bytes: int) -> tuple[Any, Any]:
-        """A batching engine (its own scheduler) for generation with several sequences; a plain
-        engine with a FIFO worker thread for one sequence, embeddings, or a test's factory."""
-        threads = self.settings.num_threads
-        if self._factory is not None:
-            engine = self._factory(spec, threads, kv_bytes)
-        elif spec.n_parallel > 1:
-            batched = BatchEngine(spec, threads, kv_bytes, spec.n_parallel, self.settings.max_queue)
-            return batched, batched
-        else:
-            engine = LlamaEngine(spec, threads, kv_bytes)
-        return engine, ModelWorker(engine, spec.name, self.settings.max_queue)
 
     def _fits(self, need: MemoryEstimate) -> bool:
         return (
@@ -349,20 +378,9 @@ class ModelManager:
         if self._instances.get(inst.spec) is not inst:
             return
         del self._instances[inst.spec]
-        await asyncio.to_thread(inst.worker.close)
-        if inst.leases:
-            # A request still holds it (e.g. tokenizing in a thread): closing the engine under
-            # it would crash llama.cpp, so the last lease closes it.
-            inst.retired = True
-        else:
-            await self._close_engine(inst)
-        async with self._changed:
-            self._changed.notify_all()
-
-    async def _close_engine(self, inst: Instance) -> None:
-        await asyncio.to_thread(inst.engine.close)
-        release_freed_memory()
+        await inst.runner.close()
         log.info("unloaded %s", inst.spec.name)
+        await self._notify()
 
     # -- explicit control ------------------------------------------------------------
 
@@ -381,7 +399,7 @@ class ModelManager:
         for inst in hits:
             inst.keep_alive = 0
             if abort and not inst.idle:
-                inst.worker.abort(ModelNotLoaded(f"model '{row.name}' was unloaded while this request ran"))
+                inst.runner.abort(ModelNotLoaded(f"model '{row.name}' was unloaded while this request ran"))
                 await self._unload(inst)
             elif inst.idle:
                 await self._unload(inst)
@@ -407,10 +425,12 @@ class ModelManager:
             context_length=inst.spec.n_ctx,
             embedding=inst.spec.embedding,
             size_estimate=inst.estimate.total,
-            rss_before=inst.rss_before,
-            rss_after=inst.rss_after,
+            rss_before=inst.runner.rss_before,
+            rss_after=inst.runner.rss_after,
+            rss=inst.runner.rss(),
+            pid=getattr(inst.runner, "pid", None),
             expires_at=expires,
             device="gpu" if inst.spec.n_gpu_layers else "cpu",
             active=inst.leases,
-            queued=inst.worker.queued,
+            queued=inst.runner.queued,
         )

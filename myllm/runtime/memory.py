@@ -1,14 +1,16 @@
 """How much memory a loaded model takes: estimated before a load, measured after it.
 
-estimate = weights + KV cache + compute buffers, where
+estimate = runner process + weights + KV cache + compute buffers, where
+  runner  = 80 MiB: the Python interpreter, numpy and llama.cpp's libraries of the model's own
+            process (measured: ~79 MiB resident before the model loads),
   weights = the GGUF file size (llama.cpp maps it whole),
   KV      = layers x KV heads x (key size + value size) x 2 bytes (f16) x context,
   compute = 16 MiB + 160 bytes x vocabulary (logits and graph scratch; fitted to llama.cpp's
             CPU buffers for SmolLM2 and Gemma 3 at 512-8192 context, within a few MiB),
   embedding contexts add 32 MiB + 4 bytes x embedding size x context for pooled outputs,
   and a generation instance adds its saved-conversation KV cache (MYLLM_KV_CACHE) in full.
-Measured RSS growth is recorded for every load (see `ModelManager.loaded()`), so the estimate
-can be checked against reality, not trusted.
+Each runner's RSS is measured too, and the manager counts whichever of the two is larger (see
+`ModelManager.used()`), so an estimate that is too low cannot overfill the budget for long.
 """
 
 from __future__ import annotations
@@ -46,15 +48,19 @@ def rss() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
+RUNNER_OVERHEAD = 80 * MiB
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     weights: int
     kv_cache: int
     compute: int
+    process: int = RUNNER_OVERHEAD
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.compute
+        return self.process + self.weights + self.kv_cache + self.compute
 
 
 def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:

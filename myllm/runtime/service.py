@@ -9,19 +9,18 @@ wrong later is raised from the stream's iteration.
 from __future__ import annotations
 
 import asyncio
-import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.engine import DoneEvent, Event, GenerationRequest, LlamaEngine, TokenEvent
+from myllm.runtime.engine import DoneEvent, Event, GenerationRequest, TokenEvent
 from myllm.runtime.manager import Lease, ModelManager
 from myllm.runtime.options import GenerationOptions, resolve_options
+from myllm.runtime.runner import ModelRunner, RequestStream
 from myllm.runtime.template import render_chat
-from myllm.runtime.worker import JobStream
 from myllm.settings import Settings
 
 ROLES = ("system", "user", "assistant")
@@ -31,7 +30,7 @@ class GenerationStream(AsyncIterator[Event]):
     """`TokenEvent`s then one `DoneEvent`. Holds the model lease until the stream ends or is
     closed; closing early cancels generation within one token."""
 
-    def __init__(self, events: JobStream[Event], lease: Lease, prompt_tokens: int) -> None:
+    def __init__(self, events: RequestStream, lease: Lease, prompt_tokens: int) -> None:
         self._events = events
         self._lease = lease
         self.model = lease.row.name
@@ -116,8 +115,8 @@ class _TextPrompt:
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def tokens(self, engine: LlamaEngine, reserve: int) -> tuple[list[int], tuple[str, ...]]:
-        return engine.tokenize(self.text), ()
+    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+        return await runner.tokenize(self.text), ()
 
 
 class _ChatPrompt:
@@ -132,20 +131,22 @@ class _ChatPrompt:
         self.dropped = 0
         self.text = ""
 
-    def _render(self, engine: LlamaEngine, msgs: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
+    async def _render(self, runner: ModelRunner, msgs: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
         details = self.row.details or {}
-        rendered = render_chat(msgs, self.row.template, self.row.family, details.get("bos_token"), details.get("eos_token"))
+        rendered = await asyncio.to_thread(
+            render_chat, msgs, self.row.template, self.row.family, details.get("bos_token"), details.get("eos_token")
+        )
         self.text = rendered.text + self.prefill
-        return engine.tokenize(self.text), rendered.stop
+        return await runner.tokenize(self.text), rendered.stop
 
-    def tokens(self, engine: LlamaEngine, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         msgs = list(self.messages)
-        tokens, stop = self._render(engine, msgs)
+        tokens, stop = await self._render(runner, msgs)
         first = 1 if msgs and msgs[0]["role"] == "system" else 0
-        while self.trim and len(tokens) + reserve > engine.n_ctx and len(msgs) - first > 1:
+        while self.trim and len(tokens) + reserve > runner.n_ctx and len(msgs) - first > 1:
             del msgs[first]
             self.dropped += 1
-            tokens, stop = self._render(engine, msgs)
+            tokens, stop = await self._render(runner, msgs)
         return tokens, stop
 
 
@@ -248,23 +249,20 @@ class Runtime:
             raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")
         lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx)
         try:
-            engine = lease.engine
-            if opts.max_tokens is not None and opts.max_tokens > engine.n_ctx:
+            runner = lease.runner
+            if opts.max_tokens is not None and opts.max_tokens > runner.n_ctx:
                 raise InvalidOptions(
-                    f"max_tokens {opts.max_tokens} is more than the model's context of {engine.n_ctx} tokens",
+                    f"max_tokens {opts.max_tokens} is more than the model's context of {runner.n_ctx} tokens",
                     field="max_tokens",
                 )
-            reserve = min(opts.max_tokens or 256, engine.n_ctx // 4)
-            def tokenize() -> tuple[list[int], tuple[str, ...], list[int]]:
-                tokens, stop = prompt.tokens(engine, reserve)
-                return tokens, stop, [engine.count_tokens(t) for t in count or []]
-
-            tokens, stop, counts = await asyncio.to_thread(tokenize)
+            reserve = min(opts.max_tokens or 256, runner.n_ctx // 4)
+            tokens, stop = await prompt.tokens(runner, reserve)
+            counts = await runner.count_tokens(count or [])
             if not tokens:
                 raise InvalidOptions("the prompt is empty", field="prompt")
-            engine.check_fits(len(tokens))
+            runner.check_fits(len(tokens))
 
-            events = lease.worker.submit_generation(GenerationRequest(tokens, opts, stop, logprobs, grammar=grammar))
+            events = runner.generate(GenerationRequest(tokens, opts, stop, logprobs, grammar=grammar))
         except BaseException:
             lease.release()
             raise
@@ -281,11 +279,7 @@ class Runtime:
             raise InvalidOptions("input must not be empty", field="input")
         lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)
         try:
-
-            def job(eng: LlamaEngine, cancel: threading.Event) -> Iterator[tuple[list[list[float]], int]]:
-                yield eng.embed(texts)
-
-            vectors, count = [item async for item in lease.worker.submit(job)][0]
+            vectors, count = await lease.runner.embed(texts)
         finally:
             lease.release()
         return Embeddings(lease.row.name, vectors, count)

@@ -1,0 +1,157 @@
+"""The runner process: one loaded model, served over the channel its parent passed it.
+
+`python -m myllm.runtime.runner NAME FD`: NAME is only there so `ps` shows which model a runner
+holds; FD is the inherited end of the socket pair. The main thread reads messages; generation
+runs on the batch engine's scheduler thread, whose sink writes one message per step; other calls
+(tokenizing, embeddings) run on a small pool so a long one never delays a cancel.
+
+The runner exits when told to, and when the channel closes (the daemon died): its memory goes
+back to the OS with it. It ignores SIGINT and SIGTERM, which a terminal or a service manager
+sends the whole process group: the daemon decides when its runners stop, after its grace period.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import psutil
+
+from myllm.errors import InvalidOptions, MyLLMError
+from myllm.runtime.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.engine import DoneEvent, EmbeddingEngine
+from myllm.runtime.runner.protocol import (
+    RunnerConfig,
+    decode_request,
+    encode_error,
+    encode_event,
+    pack,
+    unpacker,
+)
+
+
+class Channel:
+    """The runner's end of the socket: whole messages in, whole messages out (writes from any
+    thread, one at a time)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._lock = threading.Lock()
+
+    def send(self, message: list[Any]) -> None:
+        data = pack(message)
+        with self._lock:
+            self._sock.sendall(data)
+
+    def messages(self) -> Iterator[list[Any]]:
+        reader = unpacker()
+        while chunk := self._sock.recv(1 << 16):
+            reader.feed(chunk)
+            yield from reader
+
+
+class Runner:
+    def __init__(self, channel: Channel, engine: BatchEngine | EmbeddingEngine) -> None:
+        self.channel = channel
+        self.engine = engine
+        self.jobs: dict[int, EngineJob] = {}
+        self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runner-call")
+        self.embed_lock = threading.Lock()
+        self.calls: dict[str, Callable[..., Any]] = {
+            "tokenize": engine.tokenize,
+            "count": lambda texts: [engine.count_tokens(t) for t in texts],
+            "detokenize": engine.detokenize,
+            "embed": self._embed,
+            "stats": self._stats,
+        }
+
+    def _embed(self, inputs: list[str | list[int]]) -> Any:
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise InvalidOptions("this instance was loaded for generation, not embeddings")
+        with self.embed_lock:  # one llama.cpp context: one batch at a time
+            return list(self.engine.embed(inputs))
+
+    def _stats(self) -> dict[str, Any]:
+        """What tests and /api/ps read about the engine."""
+        engine = self.engine
+        stats: dict[str, Any] = {"rss": psutil.Process().memory_info().rss}
+        if isinstance(engine, BatchEngine):
+            stats.update(decoded=engine.decoded, busy=engine.busy, kv_states=len(engine.kv_cache),
+                         kv_bytes=engine.kv_cache.bytes, kv_hits=engine.kv_cache.hits)
+        return stats
+
+    def sink(self, items: list[tuple[EngineJob, Any]]) -> None:
+        """One engine step's events: one message."""
+        out = []
+        for job, event in items:
+            out.append([job.tag, encode_event(event)])
+            if isinstance(event, (DoneEvent, Failed)):
+                self.jobs.pop(job.tag, None)
+        self.channel.send(["ev", out])
+
+    def call(self, call_id: int, method: str, args: list[Any]) -> None:
+        try:
+            value = self.calls[method](*args)
+        except MyLLMError as exc:
+            self.channel.send(["err", call_id, encode_error(exc)])
+        except Exception as exc:
+            self.channel.send(["err", call_id, encode_error(exc)])
+        else:
+            self.channel.send(["ok", call_id, value])
+
+    def serve(self, messages: Iterator[list[Any]]) -> None:
+        for message in messages:
+            kind = message[0]
+            if kind == "gen":
+                _, req_id, data = message
+                try:
+                    assert isinstance(self.engine, BatchEngine)
+                    self.jobs[req_id] = self.engine.submit(decode_request(data), self.sink, req_id)
+                except Exception as exc:
+                    self.channel.send(["ev", [[req_id, encode_event(Failed(exc))]]])
+            elif kind == "cancel":
+                if (job := self.jobs.get(message[1])) is not None:
+                    job.cancel.set()
+            elif kind == "call":
+                _, call_id, method, args = message
+                self.pool.submit(self.call, call_id, method, args)
+            elif kind == "exit":
+                return
+
+
+def load(config: RunnerConfig) -> BatchEngine | EmbeddingEngine:
+    if config.spec.embedding:
+        return EmbeddingEngine(config.spec, config.n_threads)
+    return BatchEngine(config.spec, config.n_threads, config.kv_cache_bytes, quiet=False)
+
+
+def main(argv: list[str]) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    channel = Channel(socket.socket(fileno=int(argv[2])))
+    messages = channel.messages()
+    first = next(messages, None)
+    if first is None or first[0] != "load":
+        os._exit(2)
+    config = RunnerConfig.decode(first[1])
+    before = psutil.Process().memory_info().rss
+    try:
+        engine = load(config)
+    except MyLLMError as exc:
+        channel.send(["fail", encode_error(exc)])
+        os._exit(0)
+    after = psutil.Process().memory_info().rss
+    channel.send(["ready", {"n_ctx": engine.n_ctx, "n_vocab": engine.n_vocab, "rss_before": before, "rss_after": after}])
+    try:
+        Runner(channel, engine).serve(messages)
+    finally:
+        # Nothing to free by hand: the process's exit returns the model's memory to the OS, and
+        # skipping llama.cpp's destructors makes an unload immediate.
+        sys.stdout.flush()
+        os._exit(0)

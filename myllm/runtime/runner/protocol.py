@@ -1,0 +1,124 @@
+"""What crosses the channel between the daemon and a runner process, and how.
+
+The channel is a Unix stream socket carrying a stream of msgpack arrays (msgpack frames itself:
+an `Unpacker` fed with whatever bytes arrived yields whole messages). Each message is a list whose
+first item says what it is:
+
+daemon -> runner
+  ["load", config]                      first message: what to load (`RunnerConfig` as a dict)
+  ["gen", id, request]                  a generation request (`encode_request`)
+  ["cancel", id]                        stop request `id` within one step
+  ["call", id, method, args]            tokenize / count / detokenize / embed / stats: one answer
+  ["exit"]                              exit now (the OS frees the model)
+
+runner -> daemon
+  ["ready", info]                       loaded: n_ctx, n_vocab, rss_before, rss_after
+  ["fail", error]                       the load failed cleanly (`encode_error`); the runner exits
+  ["ev", [[id, event], ...]]            one engine step's events for every request in it
+  ["ok", id, value] / ["err", id, error]  the answer to a call
+
+Typed domain errors travel by class name and attributes and are raised again on the daemon's
+side as the same class, so each API maps them as if they had been raised in-process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import msgpack
+
+from myllm import errors
+from myllm.errors import ModelCrashed, MyLLMError
+from myllm.runtime.batching import Failed
+from myllm.runtime.engine import Candidate, DoneEvent, GenerationRequest, LoadSpec, TokenEvent
+from myllm.runtime.options import GenerationOptions
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    """Everything a runner needs to load its model."""
+
+    spec: LoadSpec
+    n_threads: int | None
+    kv_cache_bytes: int
+
+    def encode(self) -> dict[str, Any]:
+        spec = asdict(self.spec)
+        spec["path"] = str(self.spec.path)
+        return {"spec": spec, "n_threads": self.n_threads, "kv_cache_bytes": self.kv_cache_bytes}
+
+    @classmethod
+    def decode(cls, data: dict[str, Any]) -> RunnerConfig:
+        from pathlib import Path
+
+        spec = dict(data["spec"])
+        spec["path"] = Path(spec["path"])
+        return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"])
+
+
+def pack(message: list[Any]) -> bytes:
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def unpacker() -> msgpack.Unpacker:
+    """Reads messages back from a byte stream fed in pieces. No size limit beyond msgpack's own
+    defaults is needed: both ends are this program."""
+    return msgpack.Unpacker(raw=False, use_list=True, max_buffer_size=1 << 30)
+
+
+# -- errors --------------------------------------------------------------------------------
+
+
+def encode_error(exc: BaseException) -> list[Any]:
+    """[class name, message, attributes]; any non-domain exception travels as a crash of the
+    request (its text, for the log)."""
+    if isinstance(exc, MyLLMError):
+        attrs = {k: v for k, v in vars(exc).items() if k != "message" and isinstance(v, (str, int, float, bool, type(None)))}
+        return [type(exc).__name__, exc.message, attrs]
+    return ["ModelCrashed", f"the model's runner failed: {type(exc).__name__}: {exc}", {}]
+
+
+def decode_error(data: list[Any]) -> MyLLMError:
+    name, message, attrs = data
+    cls = getattr(errors, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, MyLLMError)):
+        cls = ModelCrashed
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    exc.message = message
+    exc.__dict__.update(attrs)
+    return exc
+
+
+# -- requests and events ---------------------------------------------------------------------
+
+
+def encode_request(req: GenerationRequest) -> list[Any]:
+    return [req.tokens, req.options.model_dump(mode="json"), list(req.extra_stop), req.logprobs, req.grammar]
+
+
+def decode_request(data: list[Any]) -> GenerationRequest:
+    tokens, options, extra_stop, logprobs, grammar = data
+    return GenerationRequest(tokens, GenerationOptions.model_validate(options), tuple(extra_stop), logprobs, grammar)
+
+
+def encode_event(event: TokenEvent | DoneEvent | Failed) -> list[Any]:
+    if isinstance(event, TokenEvent):
+        top = None if event.top is None else [[c.token_id, c.text, c.logprob] for c in event.top]
+        return ["t", event.text, event.token_id, event.logprob, top, event.piece]
+    if isinstance(event, DoneEvent):
+        return ["d", *(getattr(event, f) for f in DoneEvent.__dataclass_fields__)]
+    return ["e", encode_error(event.error)]
+
+
+def decode_event(data: list[Any]) -> TokenEvent | DoneEvent | MyLLMError:
+    """An event, or the domain error a failed request ends with."""
+    kind = data[0]
+    if kind == "t":
+        _, text, token_id, logprob, top, piece = data
+        cands = None if top is None else tuple(Candidate(i, t, lp) for i, t, lp in top)
+        return TokenEvent(text, token_id, logprob, cands, piece)
+    if kind == "d":
+        return DoneEvent(*data[1:])
+    return decode_error(data[1])
