@@ -9,7 +9,7 @@ a round; decode rate is (tokens - 1) / (last token time - first token time); agg
 throughput is all tokens over the wall time of N simultaneous clients. Chat turns go through
 `/v1/chat/completions`: a turn's prompt cost is given both as its TTFT and as the server's own
 `timings` (prompt milliseconds and tokens evaluated, which both servers report). Peak RSS is
-sampled from each server process.
+sampled over each server's process tree (myllm: the daemon and its runner processes together).
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def free_port() -> int:
 
 
 class Server:
-    """A server process with an RSS sampler."""
+    """A server process with an RSS sampler (over the process tree)."""
 
     def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int) -> None:
         self.name = name
@@ -77,10 +77,18 @@ class Server:
         threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
+        """Peak RSS of the server and all its descendants together (myllm's runner processes
+        hold the models; llama-server has none)."""
         proc = psutil.Process(self.proc.pid)
         while self._sampling:
             try:
-                self.peak_rss = max(self.peak_rss, proc.memory_info().rss)
+                total = proc.memory_info().rss
+                for child in proc.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:  # exited meanwhile
+                        pass
+                self.peak_rss = max(self.peak_rss, total)
             except psutil.Error:
                 return
             time.sleep(0.05)

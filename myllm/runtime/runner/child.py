@@ -56,7 +56,7 @@ class Channel:
             yield from reader
 
 
-class Runner:
+class RunnerLoop:
     def __init__(self, channel: Channel, engine: BatchEngine | EmbeddingEngine) -> None:
         self.channel = channel
         self.engine = engine
@@ -98,9 +98,7 @@ class Runner:
     def call(self, call_id: int, method: str, args: list[Any]) -> None:
         try:
             value = self.calls[method](*args)
-        except MyLLMError as exc:
-            self.channel.send(["err", call_id, encode_error(exc)])
-        except Exception as exc:
+        except Exception as exc:  # a domain error travels as itself, anything else as a crash of this call
             self.channel.send(["err", call_id, encode_error(exc)])
         else:
             self.channel.send(["ok", call_id, value])
@@ -149,7 +147,7 @@ def main(argv: list[str]) -> None:
     after = psutil.Process().memory_info().rss
     channel.send(["ready", {"n_ctx": engine.n_ctx, "n_vocab": engine.n_vocab, "rss_before": before, "rss_after": after}])
     try:
-        Runner(channel, engine).serve(messages)
+        RunnerLoop(channel, engine).serve(messages)
     finally:
         # Nothing to free by hand: the process's exit returns the model's memory to the OS, and
         # skipping llama.cpp's destructors makes an unload immediate.
