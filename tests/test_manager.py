@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import psutil
 import pytest
 
 from myllm.errors import ModelLoadError, OutOfMemory
 from myllm.pull import pull
 from myllm.registry.store import Registry
 from myllm.runtime.manager import ModelManager
-from myllm.runtime.memory import MiB, estimate, rss
+from myllm.runtime.memory import MiB, estimate
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 from tests.conftest import register_broken_model
+from tests.server import tree_rss
 
 
 def make_runtime(registry: Registry, **overrides: object) -> Runtime:
@@ -26,7 +28,7 @@ async def test_concurrent_acquires_share_one_load(shared_registry: Registry) -> 
     rt = make_runtime(shared_registry)
     leases = await asyncio.gather(*(rt.manager.acquire("smollm2:135m") for _ in range(4)))
     assert rt.manager.load_count == 1
-    assert len({id(lease.engine) for lease in leases}) == 1
+    assert len({id(lease.runner) for lease in leases}) == 1
     for lease in leases:
         lease.release()
     await rt.close()
@@ -93,14 +95,14 @@ async def test_budget_holding_one_model_alternates(shared_registry: Registry) ->
     margin = 64 * MiB  # Python objects and library state beside the models
     rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="0", num_parallel=1), ModelManager(
         shared_registry, Settings(num_threads=2, num_ctx=1024, kv_cache="0", num_parallel=1), budget=budget))
-    baseline = rss()
+    baseline = tree_rss(psutil.Process())  # the test process and the runners it starts
     peaks = []
     for i in range(6):
         name = ("smollm2:135m", "gemma3:270m")[i % 2]
         await (await rt.generate(name, "Hello", {"max_tokens": 3})).collect()
         loaded = rt.manager.loaded()
         assert [m.name for m in loaded] == [name], "each load evicted the other model"
-        peaks.append(rss() - baseline)
+        peaks.append(tree_rss(psutil.Process()) - baseline)
     assert rt.manager.load_count == 6
     print(f"budget {budget / MiB:.0f} MiB; RSS above baseline after each load: {[round(p / MiB) for p in peaks]} MiB")
     assert max(peaks) <= budget + margin

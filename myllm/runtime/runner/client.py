@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 from myllm.errors import ModelCrashed, MyLLMError, Overloaded, PromptTooLong, ShuttingDown
-from myllm.runtime.engine import DoneEvent, GenerationRequest, TokenEvent
+from myllm.runtime.engine import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_error,
@@ -340,6 +340,9 @@ class ModelRunner:
         return await self.call("count", texts) if texts else []
 
     async def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+        for item in inputs:  # checked here too: an id beyond 64 bits cannot even cross the channel
+            if not isinstance(item, str):
+                check_token_ids(item, self.n_vocab)
         vectors, count = await self.call("embed", inputs)
         return vectors, count
 
