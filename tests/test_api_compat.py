@@ -135,6 +135,18 @@ def test_llm_service_generate_document_example(compat: str) -> None:
     assert len(body["positions"]) == 1
 
 
+@pytest.mark.parametrize("top_k", [21, 50])
+def test_llm_service_top_k_up_to_50(compat: str, top_k: int) -> None:
+    """The document allows top_k 1-50; every generated position gets that many candidates."""
+    r = post(compat, "/generate", {"prompt": "The capital of France is", "max_tokens": 2, "top_k": top_k})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [t["rank"] for t in body["tokens"]] == list(range(1, top_k + 1))
+    assert body["positions"] and all(len(p["candidates"]) == top_k for p in body["positions"])
+    probabilities = [t["probability"] for t in body["tokens"]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
+
+
 def test_llm_service_status(compat: str) -> None:
     post(compat, "/load_model", {"model_name": "smollm2:135m"})
     s = httpx.get(f"{compat}/status").json()

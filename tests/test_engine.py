@@ -2,7 +2,7 @@
 
 from myllm.registry.store import Registry
 from myllm.runtime.engine import DoneEvent, GenerationRequest, LlamaEngine, LoadSpec
-from myllm.runtime.options import resolve_options
+from myllm.runtime.options import GenerationOptions
 
 
 def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
@@ -12,7 +12,7 @@ def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
     engine = LlamaEngine(spec, n_threads=2)
     try:
         tokens = engine.tokenize("The capital of France is")
-        events = list(engine.generate(GenerationRequest(tokens, resolve_options({"temperature": 0, "max_tokens": 8}))))
+        events = list(engine.generate(GenerationRequest(tokens, GenerationOptions(temperature=0, max_tokens=8))))
     finally:
         engine.close()
     done = events[-1]

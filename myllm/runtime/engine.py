@@ -102,11 +102,9 @@ class GenerationRequest:
     tokens: list[int]
     options: GenerationOptions
     extra_stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
-    cancel: threading.Event = field(default_factory=threading.Event)
     grammar: str | None = None
     """GBNF the output must follow (see runtime/grammar.py)."""
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 def top_k_indices(logits: np.ndarray, k: int) -> np.ndarray:
@@ -232,8 +230,6 @@ class LlamaEngine:
         self.check_fits(len(tokens))
         room = self.n_ctx - len(tokens)
         limit = min(opts.max_tokens or room, room)
-        if req.logprobs is not None and not 0 <= req.logprobs <= 20:
-            raise InvalidOptions("logprobs must be between 0 and 20", field="logprobs")
         reused = self._cached_prefix(tokens)
         self.llm.set_seed(opts.seed if opts.seed is not None else random.randrange(2**32))
         assembler = TextAssembler(tuple(opts.stop) + req.extra_stop)
@@ -269,7 +265,7 @@ class LlamaEngine:
                     break
                 count += 1
                 self.decoded += 1
-                logprob, top = self._probabilities(token, req.logprobs)
+                logprob, top = self._probabilities(token, req.options.logprobs)
                 raw = self.llm.detokenize([token], special=True)
                 piece = raw.decode("utf-8", "replace") if logprob is not None else None
                 text = assembler.feed(raw)
