@@ -283,7 +283,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def start(prompt: str) -> GenerationStream:
-        return await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=body.keep_alive)
+        stream = await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=body.keep_alive)
+        track(request, stream)
+        return stream
 
     if body.stream:
         first = await start(prompts[0])  # errors before the first byte still get a status code
