@@ -375,12 +375,22 @@ def test_open_paths_and_openai_sdk(keyed: str) -> None:
 
 
 def test_keys_file(compat_home: Path, tmp_path: Path) -> None:
+    """The file is read once, at start (as the README says): editing or deleting it later
+    changes nothing until a restart, and no request fails for want of the file."""
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nalpha\n\nbeta\n")
+
+    def status(key: str) -> int:
+        return httpx.get(f"{url}/api/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
     with running_server(Settings(home=compat_home, api_keys_file=keys)) as url:
         assert httpx.get(f"{url}/api/models").status_code == 401
-        assert httpx.get(f"{url}/api/models", headers={"Authorization": "Bearer beta"}).status_code == 200
-        assert httpx.get(f"{url}/api/models", headers={"Authorization": "Bearer # team keys"}).status_code == 401
+        assert status("beta") == 200
+        assert status("# team keys") == 401
+        keys.write_text("gamma\n")
+        assert (status("beta"), status("gamma")) == (200, 401)
+        keys.unlink()
+        assert (status("alpha"), status("gamma")) == (200, 401)
 
 
 def test_warns_without_keys_beyond_loopback(compat_home: Path) -> None:
