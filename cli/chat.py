@@ -9,18 +9,17 @@ from typing import Any
 from rich.console import Console
 
 from cli.client import Client
+from myllm.errors import InvalidOptions
+from myllm.runtime.options import ALIASES, PARAMETERS, parameter_value
 
-HELP = """Available commands:
-  /set parameter NAME VALUE   set an option (temperature, top_p, top_k, min_p, repeat_penalty, seed, stop, num_ctx, max_tokens)
+HELP = f"""Available commands:
+  /set parameter NAME VALUE   set an option ({', '.join(PARAMETERS)})
   /show info                  show the model's details
   /clear                      start a new session (forget the conversation)
   /bye                        exit
   /?                          this help
 
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D or /bye exits."""
-
-PARAMETERS = {"temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
-              "seed": int, "stop": str, "num_ctx": int, "max_tokens": int, "num_predict": int}
 
 
 def print_stream(events: Any, out: Any = sys.stdout) -> dict[str, Any] | None:
@@ -115,18 +114,17 @@ class Repl:
         return False
 
     def set_parameter(self, name: str, value: str) -> None:
-        kind = PARAMETERS.get(name)
-        if kind is None:
+        """Checked here by the daemon's own `GenerationOptions`, so a bad value is refused when
+        it is set, not on every message after; `stop` adds one more stop string."""
+        if name not in PARAMETERS:
             self.console.print(f"Unknown parameter {name!r}; one of: {', '.join(PARAMETERS)}", highlight=False)
             return
+        key = ALIASES.get(name, name)
+        given: str | list[str] = [*self.options.get("stop", []), value] if key == "stop" else value
         try:
-            parsed = kind(value)
-        except ValueError:
-            self.console.print(f"{name} needs a {kind.__name__}", highlight=False)
+            typed = parameter_value(key, given)
+        except InvalidOptions as exc:
+            self.console.print(exc.message, highlight=False, markup=False)
             return
-        key = "max_tokens" if name == "num_predict" else name
-        if key == "stop":
-            self.options.setdefault("stop", []).append(parsed)
-        else:
-            self.options[key] = parsed
+        self.options[key] = list(typed) if key == "stop" else typed
         self.console.print(f"Set parameter '{name}' to '{value}'", highlight=False)

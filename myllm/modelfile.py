@@ -1,7 +1,7 @@
 """Ollama's Modelfile format, for `myllm create`.
 
     FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
-    PARAMETER temperature 0.7    # temperature top_p top_k min_p repeat_penalty seed stop num_ctx num_predict
+    PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/options.py PARAMETERS)
     PARAMETER stop "<|im_end|>"  # stop may repeat
     TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
     SYSTEM \"\"\"...\"\"\"
@@ -14,19 +14,14 @@ of the line), "quoted", or a \"\"\"block\"\"\" over several lines. Errors name t
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
 
 from myllm.errors import InvalidOptions, MyLLMError
-from myllm.runtime.options import resolve_options
+from myllm.runtime.options import PARAMETERS, parameter_value
 
-PARAMETERS = {
-    "temperature": float, "top_p": float, "top_k": int, "min_p": float, "repeat_penalty": float,
-    "seed": int, "stop": str, "num_ctx": int, "num_predict": int,
-}
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
 
@@ -111,24 +106,20 @@ def parse(text: str) -> Modelfile:
         i += 1
     if not mf.base:
         raise ModelfileError(1, "no FROM line: name the model (or .gguf file) to build on")
-    try:
-        resolve_options(mf.parameters)
-    except InvalidOptions as exc:
-        raise ModelfileError(_line_of(lines, exc.field), exc.message) from None
     return mf
 
 
 def _parameter(mf: Modelfile, number: int, name: str, value: str) -> None:
-    kind = PARAMETERS.get(name)
-    if kind is None:
+    """Typed and range-checked by `GenerationOptions`, stored under the name the Modelfile
+    used (`num_predict` stays `num_predict`, as `myllm show` prints it back)."""
+    if name not in PARAMETERS:
         raise ModelfileError(number, f"unknown PARAMETER {name!r} (use {', '.join(PARAMETERS)})")
-    if name == "stop":
-        mf.parameters.setdefault("stop", []).append(value)
-        return
+    given: str | list[str] = [*mf.parameters.get("stop", []), value] if name == "stop" else value  # stop repeats
     try:
-        mf.parameters[name] = kind(value)
-    except ValueError:
-        raise ModelfileError(number, f"PARAMETER {name} needs a {kind.__name__} (got {value!r})") from None
+        typed = parameter_value(name, given)
+    except InvalidOptions as exc:
+        raise ModelfileError(number, exc.message) from None
+    mf.parameters[name] = list(typed) if name == "stop" else typed
 
 
 def _check_template(number: int, template: str) -> None:
@@ -139,8 +130,3 @@ def _check_template(number: int, template: str) -> None:
     except TemplateSyntaxError as exc:
         raise ModelfileError(number + (exc.lineno or 1) - 1, f"TEMPLATE is not valid Jinja2: {exc.message}") from None
 
-
-def _line_of(lines: list[str], option: str | None) -> int:
-    alias = {"max_tokens": "num_predict"}.get(option or "", option or "")
-    pattern = re.compile(rf"^\s*PARAMETER\s+{re.escape(alias)}\b", re.IGNORECASE)
-    return next((n + 1 for n, line in enumerate(lines) if pattern.match(line)), 1)

@@ -24,7 +24,7 @@ from myllm.pull import ensure_model
 from myllm.registry.store import Registry
 from myllm.runtime.batching import BatchEngine, EngineJob, Failed
 from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.options import resolve_options
+from myllm.runtime.options import GenerationOptions
 from myllm.settings import Settings
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -82,7 +82,7 @@ class OptimizedLLM:
     ) -> str | Iterator[str]:
         """The prompt followed by its continuation (as Hugging Face's `generate` + decode
         gives it); with `stream=True`, an iterator of the new text pieces."""
-        options = resolve_options({
+        options = GenerationOptions.parse({
             "max_tokens": max_length, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "repeat_penalty": repetition_penalty, "stop": stop_sequences,
         })
@@ -91,7 +91,7 @@ class OptimizedLLM:
             return pieces
         return prompt + "".join(pieces)
 
-    def _pieces(self, prompt: str, options: Any) -> Iterator[str]:
+    def _pieces(self, prompt: str, options: GenerationOptions) -> Iterator[str]:
         engine = self._engine
         if engine is None:
             raise RuntimeError("the model was released by clear_memory(); create a new OptimizedLLM")

@@ -135,6 +135,18 @@ def test_llm_service_generate_document_example(compat: str) -> None:
     assert len(body["positions"]) == 1
 
 
+@pytest.mark.parametrize("top_k", [21, 50])
+def test_llm_service_top_k_up_to_50(compat: str, top_k: int) -> None:
+    """The document allows top_k 1-50; every generated position gets that many candidates."""
+    r = post(compat, "/generate", {"prompt": "The capital of France is", "max_tokens": 2, "top_k": top_k})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [t["rank"] for t in body["tokens"]] == list(range(1, top_k + 1))
+    assert body["positions"] and all(len(p["candidates"]) == top_k for p in body["positions"])
+    probabilities = [t["probability"] for t in body["tokens"]]
+    assert probabilities == sorted(probabilities, reverse=True) and sum(probabilities) <= 1.0001
+
+
 def test_llm_service_status(compat: str) -> None:
     post(compat, "/load_model", {"model_name": "smollm2:135m"})
     s = httpx.get(f"{compat}/status").json()
@@ -363,12 +375,22 @@ def test_open_paths_and_openai_sdk(keyed: str) -> None:
 
 
 def test_keys_file(compat_home: Path, tmp_path: Path) -> None:
+    """The file is read once, at start (as the README says): editing or deleting it later
+    changes nothing until a restart, and no request fails for want of the file."""
     keys = tmp_path / "keys"
     keys.write_text("# team keys\nalpha\n\nbeta\n")
+
+    def status(key: str) -> int:
+        return httpx.get(f"{url}/api/models", headers={"Authorization": f"Bearer {key}"}).status_code
+
     with running_server(Settings(home=compat_home, api_keys_file=keys)) as url:
         assert httpx.get(f"{url}/api/models").status_code == 401
-        assert httpx.get(f"{url}/api/models", headers={"Authorization": "Bearer beta"}).status_code == 200
-        assert httpx.get(f"{url}/api/models", headers={"Authorization": "Bearer # team keys"}).status_code == 401
+        assert status("beta") == 200
+        assert status("# team keys") == 401
+        keys.write_text("gamma\n")
+        assert (status("beta"), status("gamma")) == (200, 401)
+        keys.unlink()
+        assert (status("alpha"), status("gamma")) == (200, 401)
 
 
 def test_warns_without_keys_beyond_loopback(compat_home: Path) -> None:

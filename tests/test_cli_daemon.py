@@ -107,8 +107,10 @@ def test_create_gemma_chat_from_base_model(daemon: str) -> None:
 @pytest.mark.parametrize(("text", "needle"), [
     ("PARAMETER temperature 0.5\n", "line 1: no FROM"),
     ("FROM smollm2:135m\nPARAMETR temperature 1\n", "line 2: unknown instruction 'PARAMETR'"),
-    ("FROM smollm2:135m\n\nPARAMETER temperature hot\n", "line 3: PARAMETER temperature needs a float"),
+    ("FROM smollm2:135m\n\nPARAMETER temperature hot\n", "line 3: invalid option 'temperature': Input should be a valid number"),
     ("FROM smollm2:135m\nPARAMETER warmth 1\n", "line 2: unknown PARAMETER 'warmth'"),
+    ("FROM smollm2:135m\nPARAMETER logprobs 5\n", "line 2: unknown PARAMETER 'logprobs'"),  # a request's choice only
+    ("FROM smollm2:135m\n" + 'PARAMETER stop "x"\n' * 17, "line 18: invalid option 'stop'"),
     ("FROM smollm2:135m\n# ok\nPARAMETER temperature 9\n", "line 3: invalid option 'temperature': must be <= 2.0"),
     ('FROM smollm2:135m\nSYSTEM """never\nends\n', 'line 2: unterminated """ block'),
     ('FROM smollm2:135m\nTEMPLATE """{% for m in messages %}"""\n', "line 2: TEMPLATE is not valid Jinja2"),
@@ -152,6 +154,9 @@ def test_interactive_run_in_a_terminal(daemon: str) -> None:
         child.expect(">>> ")
         child.sendline("/?")
         child.expect("multi-line")
+        child.expect(">>> ")
+        child.sendline("/set parameter temperature 9")  # refused when set, by the daemon's own options model
+        child.expect("invalid option 'temperature': must be <= 2.0")
         child.expect(">>> ")
         child.sendline("/set parameter temperature 0")
         child.expect("Set parameter 'temperature' to '0'")

@@ -6,7 +6,7 @@ from typing import Any
 from myllm.registry.store import Registry
 from myllm.runtime.batching import BatchEngine, EngineJob
 from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec
-from myllm.runtime.options import resolve_options
+from myllm.runtime.options import GenerationOptions
 
 
 def run(engine: BatchEngine, req: GenerationRequest) -> list[Any]:
@@ -30,7 +30,7 @@ def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     try:
         tokens = engine.tokenize("The capital of France is")
-        events = run(engine, GenerationRequest(tokens, resolve_options({"temperature": 0, "max_tokens": 8})))
+        events = run(engine, GenerationRequest(tokens, GenerationOptions(temperature=0, max_tokens=8)))
     finally:
         engine.close()
     done = events[-1]

@@ -15,6 +15,7 @@ from tests.server import running_server
 SHAPES = {  # a route of each API and the keys its errors carry
     "/api/chat": {"detail"},
     "/v1/chat/completions": {"error"},
+    "/v1/completions": {"error"},
     "/generate": {"status", "message", "detail", "error_code"},
     "/llama": {"error"},
 }
@@ -117,6 +118,28 @@ def test_openai_hostile_values(small_server: str, body: dict) -> None:
                                   {"prompt": "x", "temperature": -0.5}, {"prompt": "x", "model": "../../x"}])
 def test_legacy_hostile_values(small_server: str, body: dict) -> None:
     check(httpx.post(f"{small_server}/generate", json=body, timeout=30), "/generate", (400, 404, 422))
+
+
+HI = [{"role": "user", "content": "hi"}]
+OPTION_CASES = [  # beyond the cases above and each API's own tests: a misspelt or out-of-range option, per API
+    ("/api/chat", {"messages": HI, "options": {"temprature": 0.5}}, "temprature"),
+    ("/api/chat", {"messages": HI, "options": {"min_p": 1.5}}, "min_p"),
+    ("/v1/chat/completions", {"messages": HI, "top_k": -1}, "top_k"),
+    ("/v1/chat/completions", {"messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "wat"}}}}, "response_format"),
+    ("/v1/completions", {"prompt": "x", "logprobs": 6}, "logprobs"),  # the protocol's limit, not the core's 50
+    ("/v1/completions", {"prompt": "x", "frequency_penalty": 3}, "frequency_penalty"),
+    ("/generate", {"prompt": "x", "max_tokens": 1, "top_p": 1.5}, "top_p"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "field"), OPTION_CASES)
+def test_option_errors_name_the_field(small_server: str, path: str, body: dict, field: str) -> None:
+    error = check(httpx.post(f"{small_server}{path}", json={"model": "smollm2:135m", **body}, timeout=30), path, (400, 422))
+    if path.startswith("/v1/"):
+        assert error["error"]["param"] == field and error["error"]["type"] == "invalid_request_error", error
+    else:
+        assert field in error["detail"], error
 
 
 @pytest.mark.parametrize("url", ["/api/models/..%2F..%2Fetc%2Fpasswd", "/api/models/a%2Fb", "/api/models/..",

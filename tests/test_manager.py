@@ -13,6 +13,7 @@ from myllm.pull import pull
 from myllm.registry.store import Registry
 from myllm.runtime.manager import ModelManager
 from myllm.runtime.memory import MiB, estimate
+from myllm.runtime.options import GenerationOptions
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 from tests.conftest import register_broken_model
@@ -37,9 +38,9 @@ async def test_concurrent_acquires_share_one_load(shared_registry: Registry) -> 
 async def test_sampling_options_never_reload(shared_registry: Registry) -> None:
     rt = make_runtime(shared_registry)
     for opts in ({"temperature": 0}, {"temperature": 1.2, "top_k": 5}, {"top_p": 0.5, "seed": 3, "stop": ["x"]}):
-        await (await rt.generate("smollm2:135m", "Hi", {**opts, "max_tokens": 2})).collect()
+        await (await rt.generate("smollm2:135m", "Hi", GenerationOptions.parse({**opts, "max_tokens": 2}))).collect()
     assert rt.manager.load_count == 1
-    await (await rt.generate("smollm2:135m", "Hi", {"max_tokens": 2, "num_ctx": 512})).collect()
+    await (await rt.generate("smollm2:135m", "Hi", GenerationOptions(max_tokens=2, num_ctx=512))).collect()
     assert rt.manager.load_count == 2, "a different context size is a different instance"
     await rt.close()
 
@@ -48,23 +49,23 @@ async def test_keep_alive(shared_registry: Registry) -> None:
     rt = make_runtime(shared_registry, keep_alive="5m")
     await rt.start()
     try:
-        await (await rt.generate("smollm2:135m", "Hi", {"max_tokens": 1}, keep_alive=0)).collect()
+        await (await rt.generate("smollm2:135m", "Hi", GenerationOptions(max_tokens=1), keep_alive=0)).collect()
         await asyncio.sleep(0.1)
         assert rt.manager.loaded() == [], "keep_alive 0 unloads right after the request"
 
-        await (await rt.generate("smollm2:135m", "Hi", {"max_tokens": 1}, keep_alive="300ms")).collect()
+        await (await rt.generate("smollm2:135m", "Hi", GenerationOptions(max_tokens=1), keep_alive="300ms")).collect()
         [info] = rt.manager.loaded()
         assert info.expires_at is not None
         await asyncio.sleep(1.5)
         assert rt.manager.loaded() == [], "the background task unloaded the expired model"
 
-        await (await rt.generate("smollm2:135m", "Hi", {"max_tokens": 1}, keep_alive=-1)).collect()
+        await (await rt.generate("smollm2:135m", "Hi", GenerationOptions(max_tokens=1), keep_alive=-1)).collect()
         await asyncio.sleep(0.2)
         await rt.manager.reap()
         [info] = rt.manager.loaded()
         assert info.expires_at is None, "negative keep-alive keeps the model loaded"
 
-        await (await rt.generate("smollm2:135m", "Hi", {"max_tokens": 1})).collect()
+        await (await rt.generate("smollm2:135m", "Hi", GenerationOptions(max_tokens=1))).collect()
         [info] = rt.manager.loaded()
         assert info.expires_at is None, "a request without keep_alive keeps the model's current setting"
     finally:
@@ -99,7 +100,7 @@ async def test_budget_holding_one_model_alternates(shared_registry: Registry) ->
     peaks = []
     for i in range(6):
         name = ("smollm2:135m", "gemma3:270m")[i % 2]
-        await (await rt.generate(name, "Hello", {"max_tokens": 3})).collect()
+        await (await rt.generate(name, "Hello", GenerationOptions(max_tokens=3))).collect()
         loaded = rt.manager.loaded()
         assert [m.name for m in loaded] == [name], "each load evicted the other model"
         peaks.append(tree_rss(psutil.Process()) - baseline)
@@ -124,16 +125,16 @@ async def test_busy_model_is_never_evicted_and_load_waits(shared_registry: Regis
     gemma = estimate(shared_registry.get("gemma3:270m"), 1024).total
     settings = Settings(num_threads=2, num_ctx=1024, load_timeout="1s", kv_cache="0", num_parallel=1)
     rt = Runtime(shared_registry, settings, ModelManager(shared_registry, settings, budget=max(smol, gemma) + MiB))
-    busy = await rt.generate("smollm2:135m", "Count to one hundred:", {"temperature": 0, "max_tokens": 400})
+    busy = await rt.generate("smollm2:135m", "Count to one hundred:", GenerationOptions(temperature=0, max_tokens=400))
     await busy.__anext__()
     with pytest.raises(OutOfMemory) as info:
-        await rt.generate("gemma3:270m", "Hi", {"max_tokens": 1})
+        await rt.generate("gemma3:270m", "Hi", GenerationOptions(max_tokens=1))
     assert "busy (smollm2:135m)" in str(info.value) and "waited 1s" in str(info.value)
     assert [m.name for m in rt.manager.loaded()] == ["smollm2:135m"]
 
     # With time to wait, the load proceeds as soon as the busy request ends.
     rt.manager.load_timeout = 30
-    waiting = asyncio.create_task(rt.generate("gemma3:270m", "Hi", {"max_tokens": 1}))
+    waiting = asyncio.create_task(rt.generate("gemma3:270m", "Hi", GenerationOptions(max_tokens=1)))
     await asyncio.sleep(0.3)
     assert not waiting.done()
     await busy.collect()
@@ -151,6 +152,6 @@ async def test_corrupt_model_leaves_manager_as_it_was(registry: Registry, smollm
     with pytest.raises(ModelLoadError, match="llama.cpp could not load 'broken:latest'"):
         await rt.generate("broken", "Hi")
     assert [m.name for m in rt.manager.loaded()] == ["good:latest"]
-    done = await (await rt.generate("good", "Hi", {"max_tokens": 2})).collect()
+    done = await (await rt.generate("good", "Hi", GenerationOptions(max_tokens=2))).collect()
     assert done.completion_tokens == 2
     await rt.close()

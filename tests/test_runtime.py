@@ -13,10 +13,11 @@ import pytest
 from myllm.errors import InvalidOptions, ModelNotFound, Overloaded, PromptTooLong
 from myllm.registry.store import Registry
 from myllm.runtime.engine import DoneEvent, TokenEvent
+from myllm.runtime.options import GenerationOptions
 from myllm.runtime.service import GenerationStream, Runtime
 from myllm.settings import Settings
 
-GREEDY = {"temperature": 0.0, "max_tokens": 24}
+GREEDY = GenerationOptions(temperature=0.0, max_tokens=24)
 
 
 @pytest.fixture
@@ -59,12 +60,12 @@ async def test_generate_continues_plain_text_on_base_model(runtime: Runtime) -> 
 
 
 async def test_same_seed_same_text(runtime: Runtime) -> None:
-    opts = {"temperature": 1.0, "seed": 1234, "max_tokens": 30}
+    opts = GenerationOptions(temperature=1.0, seed=1234, max_tokens=30)
     texts = []
     for _ in range(2):
         stream = await runtime.generate("smollm2:135m", "Tell me a story", opts)
         texts.append((await stream.collect()).text)
-    other = await (await runtime.generate("smollm2:135m", "Tell me a story", {**opts, "seed": 99})).collect()
+    other = await (await runtime.generate("smollm2:135m", "Tell me a story", GenerationOptions(seed=99).over(opts))).collect()
     assert texts[0] == texts[1]
     assert other.text != texts[0]
 
@@ -73,7 +74,7 @@ async def test_stop_strings_never_in_output(runtime: Runtime) -> None:
     prompt = "List the days of the week: Monday, Tuesday,"
     full = (await (await runtime.generate("gemma3:270m", prompt, GREEDY)).collect()).text
     assert "Thursday" in full, full
-    stream = await runtime.generate("gemma3:270m", prompt, {**GREEDY, "stop": ["Thurs", "never-seen"]})
+    stream = await runtime.generate("gemma3:270m", prompt, GenerationOptions(stop=["Thurs", "never-seen"]).over(GREEDY))
     tokens, done = await pieces(stream)
     assert done.finish_reason == "stop"
     assert "Thurs" not in done.text
@@ -82,29 +83,9 @@ async def test_stop_strings_never_in_output(runtime: Runtime) -> None:
 
 
 async def test_max_tokens_is_length(runtime: Runtime) -> None:
-    done = await (await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 0, "max_tokens": 5})).collect()
+    done = await (await runtime.generate("gemma3:270m", "Once upon a time", GenerationOptions(temperature=0, max_tokens=5))).collect()
     assert done.completion_tokens == 5
     assert done.finish_reason == "length"
-
-
-@pytest.mark.parametrize(
-    ("options", "field"),
-    [
-        ({"temperature": 3}, "temperature"),
-        ({"top_p": 1.5}, "top_p"),
-        ({"top_k": -1}, "top_k"),
-        ({"max_tokens": 0}, "max_tokens"),
-        ({"repeat_penalty": -1}, "repeat_penalty"),
-        ({"temprature": 0.5}, "temprature"),
-        ({"stop": [""]}, "stop"),
-    ],
-)
-async def test_invalid_options_name_the_field(runtime: Runtime, options: dict[str, object], field: str) -> None:
-    with pytest.raises(InvalidOptions) as info:
-        await runtime.generate("smollm2:135m", "hi", options)
-    assert info.value.field == field
-    assert field in str(info.value)
-    assert not runtime.manager.loaded(), "validation happens before any load"
 
 
 async def test_invalid_messages(runtime: Runtime) -> None:
@@ -121,7 +102,7 @@ async def test_unknown_model(runtime: Runtime) -> None:
 
 async def test_prompt_too_long(runtime: Runtime) -> None:
     with pytest.raises(PromptTooLong) as info:
-        await runtime.generate("smollm2:135m", "word " * 400, {"num_ctx": 256})
+        await runtime.generate("smollm2:135m", "word " * 400, GenerationOptions(num_ctx=256))
     assert info.value.context_length == 256
     assert info.value.prompt_tokens > 256
     assert "256" in str(info.value) and str(info.value.prompt_tokens) in str(info.value)
@@ -130,22 +111,22 @@ async def test_prompt_too_long(runtime: Runtime) -> None:
 async def test_utf8_never_split(runtime: Runtime) -> None:
     prompt = "Emoji: 😀 😃 😄 😁 😆 😅 🤣 😂 🙂 🙃 😉 😊 😇 🥰 😍 🤩 😘 😗 ☺ 😚 😙 🥲 😋 😛 😜 🤪"
     # SmolLM2's byte-level BPE spells most emoji as several byte tokens.
-    stream = await runtime.generate("smollm2:135m", prompt, {"temperature": 0, "max_tokens": 24}, raw=True)
+    stream = await runtime.generate("smollm2:135m", prompt, GenerationOptions(temperature=0, max_tokens=24), raw=True)
     tokens, done = await pieces(stream)
     assert any(ord(c) > 0x1F000 for c in done.text), done.text
     for t in tokens:
         assert "\ufffd" not in t.text
         t.text.encode("utf-8")
     assert any(t.text == "" for t in tokens), "some tokens carried half an emoji and were held back"
-    cjk = await (await runtime.generate("gemma3:270m", "中文：你好，世界。我们", {"temperature": 0, "max_tokens": 16})).collect()
+    cjk = await (await runtime.generate("gemma3:270m", "中文：你好，世界。我们", GenerationOptions(temperature=0, max_tokens=16))).collect()
     assert "\ufffd" not in cjk.text and any("\u4e00" <= c <= "\u9fff" for c in cjk.text)
 
 
 async def test_prefix_reuse_evaluates_only_new_tokens(runtime: Runtime) -> None:
     first = "The history of the Roman Empire spans many centuries. " * 4
-    a = await (await runtime.generate("smollm2:135m", first, {"temperature": 0, "max_tokens": 4}, raw=True)).collect()
+    a = await (await runtime.generate("smollm2:135m", first, GenerationOptions(temperature=0, max_tokens=4), raw=True)).collect()
     assert a.prompt_eval_tokens == a.prompt_tokens
-    b_stream = await runtime.generate("smollm2:135m", first + "It began in Rome.", {"temperature": 0, "max_tokens": 4}, raw=True)
+    b_stream = await runtime.generate("smollm2:135m", first + "It began in Rome.", GenerationOptions(temperature=0, max_tokens=4), raw=True)
     b = await b_stream.collect()
     new_tokens = b.prompt_tokens - a.prompt_tokens
     print(f"prompt {b.prompt_tokens} tokens, evaluated {b.prompt_eval_tokens} (new: {new_tokens})")
@@ -158,7 +139,7 @@ async def test_returning_conversation_restores_its_kv_state(shared_registry: Reg
     """More conversations than sequences: the one whose sequence another took over comes back
     and evaluates only its new tokens, its KV having waited in the RAM cache. A conversation
     that keeps its sequence is never copied out."""
-    greedy = {"temperature": 0, "max_tokens": 8}
+    greedy = GenerationOptions(temperature=0, max_tokens=8)
     topics = ["the history of Rome and its emperors", "the biology of deep sea fish and corals",
               "the chemistry of baking bread at home"]
     openings = [f"Conversation {i} is about {topic}. " * 6 for i, topic in enumerate(topics[: parallel + 1])]
@@ -202,7 +183,7 @@ async def test_embeddings(runtime: Runtime) -> None:
 
 async def test_next_token_probabilities(runtime: Runtime) -> None:
     stream = await runtime.next_token_probabilities("smollm2:135m", "The capital of France is", top_k=5,
-                                                    options={"temperature": 0, "max_tokens": 4, "repeat_penalty": 1.0})
+                                                    options=GenerationOptions(temperature=0, max_tokens=4, repeat_penalty=1.0))
     tokens, _ = await pieces(stream)
     scored = [t for t in tokens if t.top]
     assert len(scored) == 4
@@ -216,13 +197,15 @@ async def test_next_token_probabilities(runtime: Runtime) -> None:
     assert "Paris" in scored[0].top[0].text or "Paris" in scored[1].top[0].text
 
 
-async def test_logprobs_out_of_range(runtime: Runtime) -> None:
-    with pytest.raises(InvalidOptions, match="logprobs"):
-        await runtime.generate("smollm2:135m", "hi", logprobs=21)
+async def test_candidates_out_of_range(runtime: Runtime) -> None:
+    with pytest.raises(InvalidOptions, match="logprobs") as info:
+        await runtime.next_token_probabilities("smollm2:135m", "hi", top_k=51)
+    assert info.value.field == "logprobs"
+    assert not runtime.manager.loaded(), "refused before any load"
 
 
 async def test_generation_runs_off_the_event_loop(runtime: Runtime) -> None:
-    stream = await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 0, "max_tokens": 150})
+    stream = await runtime.generate("gemma3:270m", "Once upon a time", GenerationOptions(temperature=0, max_tokens=150))
     ticks: list[float] = []
 
     async def ticker() -> None:
@@ -240,7 +223,7 @@ async def test_generation_runs_off_the_event_loop(runtime: Runtime) -> None:
 
 
 async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
-    stream = await runtime.generate("gemma3:270m", "Once upon a time", {"temperature": 1.0, "seed": 1, "max_tokens": 400})
+    stream = await runtime.generate("gemma3:270m", "Once upon a time", GenerationOptions(temperature=1.0, seed=1, max_tokens=400))
     runner = stream._lease.runner
     seen = 0
     async for event in stream:
@@ -258,7 +241,7 @@ async def test_cancel_stops_within_one_token(runtime: Runtime) -> None:
     extra = stats["decoded"] - at_cancel
     print(f"tokens evaluated after cancel: {extra}")
     assert extra <= 1
-    done = await (await runtime.generate("gemma3:270m", "Hello", {"max_tokens": 2})).collect()
+    done = await (await runtime.generate("gemma3:270m", "Hello", GenerationOptions(max_tokens=2))).collect()
     assert done.completion_tokens == 2, "the model is free for the next request"
 
 
@@ -266,12 +249,12 @@ async def test_queue_is_fifo_and_bounded(shared_registry: Registry) -> None:
     rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, max_queue=2, num_parallel=1))
     await rt.start()
     try:
-        running = await rt.generate("smollm2:135m", "Count:", {"temperature": 0, "max_tokens": 60})
+        running = await rt.generate("smollm2:135m", "Count:", GenerationOptions(temperature=0, max_tokens=60))
         first = await running.__anext__()
         assert isinstance(first, TokenEvent)
-        queued = [await rt.generate("smollm2:135m", f"Item {i}:", {"temperature": 0, "max_tokens": 3}) for i in range(2)]
+        queued = [await rt.generate("smollm2:135m", f"Item {i}:", GenerationOptions(temperature=0, max_tokens=3)) for i in range(2)]
         with pytest.raises(Overloaded):
-            await rt.generate("smollm2:135m", "one too many", {"max_tokens": 3})
+            await rt.generate("smollm2:135m", "one too many", GenerationOptions(max_tokens=3))
         order: list[int] = []
 
         async def drain(i: int, s: GenerationStream) -> None:
@@ -291,7 +274,7 @@ async def test_batched_requests_match_their_solo_answers(shared_registry: Regist
     single-sequence engine (MYLLM_NUM_PARALLEL=1); a 5th request waits for a free slot and joins
     when one leaves."""
     prompts = ["The capital of France is", "List three colors:", "def add(a, b):", "Once upon a time", "Water boils at"]
-    greedy = {"temperature": 0, "max_tokens": 16, "repeat_penalty": 1.0}
+    greedy = GenerationOptions(temperature=0, max_tokens=16, repeat_penalty=1.0)
 
     async def token_ids(stream: GenerationStream) -> list[int]:
         async with stream:
@@ -305,7 +288,7 @@ async def test_batched_requests_match_their_solo_answers(shared_registry: Regist
     rt = Runtime(shared_registry, Settings(num_threads=2, num_ctx=512, num_parallel=4, kv_cache="0", max_queue=1))
     try:
         solo = [await token_ids(await rt.generate("smollm2:135m", p, greedy, raw=True)) for p in prompts]
-        streams = [await rt.generate("smollm2:135m", p, {**greedy, "max_tokens": 16 + 4 * i}, raw=True)
+        streams = [await rt.generate("smollm2:135m", p, GenerationOptions(max_tokens=16 + 4 * i).over(greedy), raw=True)
                    for i, p in enumerate(prompts)]  # 4 run at once, the 5th waits for a free slot
         with pytest.raises(Overloaded):
             await rt.generate("smollm2:135m", "one too many", greedy, raw=True)

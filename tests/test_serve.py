@@ -58,9 +58,13 @@ def test_access_log_line_per_request(daemon: Daemon) -> None:
             "model": "smollm2:135m", "max_tokens": 5, "stream": True, "messages": [{"role": "user", "content": "Hi"}]},
             timeout=60) as r:
         r.read()
+    completions = httpx.post(f"{daemon.url}/v1/completions", json={
+        "model": "smollm2:135m", "prompt": ["One, two,", "A, B,"], "max_tokens": 3, "temperature": 0}, timeout=60)
     httpx.get(f"{daemon.url}/api/models/nope:1")
     assert daemon.stop() == 0
     log = "".join(daemon.output)
+    tokens = completions.json()["usage"]["completion_tokens"]  # both prompts' tokens
+    assert tokens > 3 and f"POST /v1/completions 200 model=smollm2:135m tokens={tokens} " in log
     assert "POST /api/chat 200 model=smollm2:135m tokens=7" in log
     assert "POST /v1/chat/completions 200 model=smollm2:135m tokens=5" in log
     assert "GET /api/models/nope:1 404 model=- tokens=-" in log

@@ -1,6 +1,7 @@
 """One log line per request: method, path, status, model, tokens, milliseconds. Routes that
-generate call `track(request, stream)`; the line is written when the response (streamed or
-not) has been sent, so a stream's tokens are counted."""
+generate call `track(request, stream)` for every stream they start (`/v1/completions` starts
+one per prompt); the line is written when the response (streamed or not) has been sent, so a
+stream's tokens are counted, and a request's tokens are those of all its streams."""
 
 from __future__ import annotations
 
@@ -15,7 +16,19 @@ log = logging.getLogger("myllm.access")
 
 
 def track(request: Request, stream: Any) -> None:
-    request.state.myllm_stream = stream
+    """Count `stream` (anything with `model` and, once finished, `done.completion_tokens`)
+    in this request's log line."""
+    if not hasattr(request.state, "myllm_streams"):
+        request.state.myllm_streams = []
+    request.state.myllm_streams.append(stream)
+
+
+def _model_and_tokens(streams: list[Any]) -> tuple[str, str]:
+    """The first stream's model, and the completion tokens of those that finished ("-" for none)."""
+    if not streams:
+        return "-", "-"
+    done = [s.done for s in streams if s.done is not None]
+    return streams[0].model, str(sum(d.completion_tokens for d in done)) if done else "-"
 
 
 class AccessLogMiddleware:
@@ -38,12 +51,9 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            stream = scope.get("state", {}).get("myllm_stream")
-            done = getattr(stream, "done", None)
+            model, tokens = _model_and_tokens(scope.get("state", {}).get("myllm_streams", []))
             log.info(
                 "%s %s %d model=%s tokens=%s %.0fms",
-                scope["method"], scope["path"], status or 500,
-                getattr(stream, "model", "-"),
-                done.completion_tokens if done is not None else "-",
+                scope["method"], scope["path"], status or 500, model, tokens,
                 (time.perf_counter() - started) * 1000,
             )

@@ -70,7 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     errors.install(app, error_router)
     # Added last, so it runs first: 401 answers carry CORS headers too.
     app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router)
-    app.add_middleware(ApiKeyMiddleware, keys=load_keys(settings), errors=error_router)
+    # The keys are read here, once: a request never reads the key file, so changing it takes a restart.
+    keys = load_keys(settings)
+    app.state.auth_required = bool(keys)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router)
     origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
     app.add_middleware(
         CORSMiddleware,

@@ -17,6 +17,8 @@ OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "
 
 
 def load_keys(settings: Settings) -> list[bytes]:
+    """`MYLLM_API_KEYS` and the lines of `MYLLM_API_KEYS_FILE`. Called once, when the app is
+    built: requests never touch the file, so a key added or removed there counts after a restart."""
     keys: list[str] = []
     if settings.api_keys:
         keys += settings.api_keys.get_secret_value().split(",")

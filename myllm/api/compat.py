@@ -32,8 +32,8 @@ from myllm.api.errors import ApiError
 from myllm.api.state import Services, services
 from myllm.errors import InvalidOptions, ModelNotLoaded, MyLLMError, PullError
 from myllm.pull import ensure_model
-from myllm.runtime.engine import Candidate, TokenEvent
 from myllm.runtime.manager import LoadedInfo
+from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
 router = APIRouter(tags=["DeepShiva / LLM service"], responses={c: {"model": LegacyError} for c in (400, 404, 422, 500, 503)})
@@ -109,38 +109,38 @@ def _loaded(svc: Services) -> LoadedInfo | None:
 
 
 class _Plan:
-    """Both documents' parameters resolved to one set of runtime options."""
+    """Both documents' parameters as one set of runtime options, after the LLM service's own
+    limits (max_tokens 1-100, top_k 1-50); the ranges every API shares (temperature 0-2,
+    max_length >= 1) are `GenerationOptions`' to check. `top_k` is the number of candidates
+    returned per position, not a sampling option."""
 
     def __init__(self, body: GenerateRequest) -> None:
         service = body.max_tokens is not None or body.top_k is not None
         if not body.prompt.strip():
             raise InvalidOptions("Prompt cannot be empty", field="prompt")
-        self.temperature = body.temperature if body.temperature is not None else (1.0 if service else 0.7)
-        if not 0.0 <= self.temperature <= 2.0:
-            raise InvalidOptions(f"temperature must be between 0.0 and 2.0 (got {self.temperature})", field="temperature")
-        if body.max_tokens is not None:
-            if not 1 <= body.max_tokens <= 100:
-                raise InvalidOptions(f"max_tokens must be between 1 and 100 (got {body.max_tokens})", field="max_tokens")
-            self.max_tokens = body.max_tokens
-        elif body.max_length is not None:
-            if body.max_length < 1:
-                raise InvalidOptions(f"max_length must be a positive number of tokens (got {body.max_length})", field="max_length")
-            self.max_tokens = body.max_length
-        else:
-            self.max_tokens = 1 if service else 512
+        if body.max_tokens is not None and not 1 <= body.max_tokens <= 100:
+            raise InvalidOptions(f"max_tokens must be between 1 and 100 (got {body.max_tokens})", field="max_tokens")
         self.top_k = body.top_k if body.top_k is not None else 5
         if not 1 <= self.top_k <= 50:
             raise InvalidOptions(f"top_k must be between 1 and 50 (got {self.top_k})", field="top_k")
-        self.options: dict[str, Any] = {"temperature": self.temperature, "max_tokens": self.max_tokens,
-                                        "top_p": body.top_p, "stop": body.stop}
+        max_tokens = body.max_tokens if body.max_tokens is not None else body.max_length
+        self.options = GenerationOptions.parse({
+            "temperature": body.temperature if body.temperature is not None else (1.0 if service else 0.7),
+            "max_tokens": max_tokens if max_tokens is not None else (1 if service else 512),
+            "top_p": body.top_p, "stop": body.stop,
+        })
 
 
-async def _start(svc: Services, body: GenerateRequest, plan: _Plan, logprobs: int | None) -> Any:
+async def _start(svc: Services, body: GenerateRequest, plan: _Plan, candidates: bool) -> GenerationStream:
+    """`candidates`: every generated position carries its top `plan.top_k` candidates (the LLM
+    service's `/generate`); otherwise text only (`/stream`)."""
     name = body.model or svc.legacy_model
     if body.model is None and svc.registry.find(name) is None:
         raise ModelNotLoaded("Model is not loaded. Load one with POST /load_model.")
     try:
-        return await svc.runtime.generate(name, body.prompt, plan.options, raw=True, logprobs=logprobs)
+        if candidates:
+            return await svc.runtime.next_token_probabilities(name, body.prompt, plan.top_k, plan.options)
+        return await svc.runtime.generate(name, body.prompt, plan.options, raw=True)
     except PullError as exc:
         raise ModelNotLoaded(exc.message) from exc
 
@@ -160,7 +160,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     svc = services(request)
     plan = _Plan(body)
     started = time.perf_counter()
-    stream = await _start(svc, body, plan, plan.top_k)
+    stream = await _start(svc, body, plan, candidates=True)
     track(request, stream)
     positions: list[Position] = []
     async with stream:
@@ -179,7 +179,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         metadata={
             "model_name": stream.model, "prompt_length": len(body.prompt), "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "generation_time_ms": round(elapsed),
-            "temperature_used": plan.temperature, "device": "cpu", "finish_reason": done.finish_reason,
+            "temperature_used": plan.options.temperature, "device": "cpu", "finish_reason": done.finish_reason,
         },
     )
 
@@ -191,7 +191,7 @@ async def stream(body: GenerateRequest, request: Request) -> Response:
     it is generated; an event named `done` ends the stream (`error` if it failed)."""
     svc = services(request)
     plan = _Plan(body)
-    events = await _start(svc, body, plan, None)
+    events = await _start(svc, body, plan, candidates=False)
     track(request, events)
 
     async def chunks() -> AsyncIterator[str]:

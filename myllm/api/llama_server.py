@@ -11,6 +11,7 @@ from myllm.api.compat_models import LlamaError, LlamaRequest
 from myllm.api.errors import ApiError
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
+from myllm.runtime.service import GenerationOptions
 
 PATH = "/llama"
 SYSTEM = (
@@ -37,7 +38,7 @@ async def llama(body: LlamaRequest, request: Request) -> str:
     stream = await svc.runtime.chat(
         body.model or svc.settings.default_model,
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body.prompt}],
-        {"max_tokens": body.max_length or None},
+        GenerationOptions.parse({"max_tokens": body.max_length or None}),  # 0: until the model stops
         prefill=body.pre_response or "",
     )
     track(request, stream)

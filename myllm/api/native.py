@@ -25,6 +25,7 @@ from myllm.api.native_models import (
     ErrorDetail,
     GenerateRequest,
     GenerateResponse,
+    InferenceOptions,
     Message,
     ModelInfo,
     ModelList,
@@ -42,8 +43,7 @@ from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import SessionInfo, StoredMessage, check_session_id, new_session_id
-from myllm.runtime.engine import DoneEvent, TokenEvent
-from myllm.runtime.service import GenerationStream
+from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 from myllm.runtime.template import template_name
 
 log = logging.getLogger(__name__)
@@ -131,6 +131,12 @@ async def running(request: Request) -> RunningList:
     ])
 
 
+def generation_options(options: InferenceOptions) -> GenerationOptions:
+    """The document's options as the runtime's; only what the request set counts as set, so
+    the model's stored defaults fill in the rest."""
+    return GenerationOptions.parse(options.model_dump())
+
+
 def usage_of(done: DoneEvent) -> Usage:
     return Usage(
         prompt_tokens=done.prompt_tokens,
@@ -183,7 +189,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     stream = await svc.runtime.chat(
         model,
         _history_messages(stored, body.messages),
-        body.options.as_dict(),
+        generation_options(body.options),
         keep_alive=body.keep_alive,
         trim=True,
         count=[m.content for m in body.messages],
@@ -216,7 +222,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         stored = await asyncio.to_thread(svc.sessions.history, session_id)
         history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
     stream = await svc.runtime.generate(
-        model, body.prompt, body.options.as_dict(), system=body.system, raw=body.raw,
+        model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
         keep_alive=body.keep_alive, history=history, count=[body.prompt],
     )
     track(request, stream)

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 class InferenceOptions(BaseModel):
     """The document's InferenceOptions; a few more llama.cpp options are accepted as
-    extensions. Ranges are checked by the runtime, which names the field in its error."""
+    extensions. Ranges are checked by `GenerationOptions`, which names the field in its error."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -24,9 +24,6 @@ class InferenceOptions(BaseModel):
     presence_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
     frequency_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
     num_ctx: int | None = Field(None, description="extension: context length to load the model with")
-
-    def as_dict(self) -> dict[str, Any]:
-        return self.model_dump(exclude_none=True)
 
 
 class Message(BaseModel):

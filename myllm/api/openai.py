@@ -8,7 +8,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -42,14 +42,14 @@ from myllm.api.openai_models import (
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
-from myllm.runtime.engine import DoneEvent, TokenEvent
-from myllm.runtime.grammar import json_grammar
-from myllm.runtime.service import GenerationStream
+from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
 log = logging.getLogger(__name__)
 PREFIX = "/v1"
 router = APIRouter(prefix=PREFIX, tags=["OpenAI"], responses={c: {"model": ErrorObject} for c in (400, 401, 404, 500, 503)})
 
+_PARAMS = {"format": "response_format"}
+"""The runtime's option names that this API spells differently, for `param`."""
 _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
           405: "invalid_request_error", 413: "invalid_request_error", 503: "server_error"}
 
@@ -58,8 +58,9 @@ def openai_error(err: ApiError) -> dict[str, Any]:
     code = err.code
     if err.status == 401:
         code = "invalid_api_key"
+    param = _PARAMS.get(err.param, err.param) if err.param is not None else None
     return {"error": {"message": err.message, "type": _TYPES.get(err.status, "server_error"),
-                      "param": err.param, "code": code}}
+                      "param": param, "code": code}}
 
 
 def openai_renderer(err: ApiError) -> Response:
@@ -98,7 +99,11 @@ async def get_model(model_id: str, request: Request) -> ModelObject:
 # -- shared request handling -----------------------------------------------------------
 
 
-def _options(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
+def _options(
+    body: _Sampling, max_tokens: int | None, logprobs: int | None, fmt: Literal["json"] | dict[str, Any] | None = None
+) -> GenerationOptions:
+    """The request as the runtime's options, after this API's own limits (4 stop sequences,
+    one choice, no tools); the ranges every API shares are `GenerationOptions`' to check."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and len(stop) > 4:
         raise InvalidOptions(f"stop takes at most 4 sequences (got {len(stop)})", field="stop")
@@ -108,21 +113,23 @@ def _options(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
         value = (body.model_extra or {}).get(unsupported)
         if value and value != "none":
             raise InvalidOptions(f"'{unsupported}' is not supported", field=unsupported)
-    return {
+    return GenerationOptions.parse({
         "temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
         "seed": body.seed, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
         "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
-    }
+        "logprobs": logprobs, "format": fmt,
+    })
 
 
-def _grammar(fmt: ResponseFormat | None) -> str | None:
+def _format(fmt: ResponseFormat | None) -> Literal["json"] | dict[str, Any] | None:
+    """`response_format` as the runtime's `format`: "json" for any object, else the schema."""
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
-        return json_grammar()
+        return "json"
     if fmt.json_schema is None or fmt.json_schema.schema_ is None:
         raise InvalidOptions("response_format json_schema needs json_schema.schema", field="response_format")
-    return json_grammar(fmt.json_schema.schema_)
+    return fmt.json_schema.schema_
 
 
 def _message(msg: ChatMessage, index: int) -> dict[str, str]:
@@ -175,19 +182,17 @@ def _chat_logprob(event: TokenEvent) -> dict[str, Any]:
 @router.post("/chat/completions", response_model=ChatCompletion, responses=sse.STREAM_DOC)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | ChatCompletion:
     svc = services(request)
-    options = _options(body, body.max_completion_tokens or body.max_tokens)
     if body.top_logprobs is not None and not body.logprobs:
         raise InvalidOptions("top_logprobs needs logprobs: true", field="top_logprobs")
     if body.top_logprobs is not None and not 0 <= body.top_logprobs <= 20:
         raise InvalidOptions(f"top_logprobs must be between 0 and 20 (got {body.top_logprobs})", field="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
+    options = _options(body, body.max_completion_tokens or body.max_tokens, logprobs, _format(body.response_format))
     stream = await svc.runtime.chat(
         body.model or svc.settings.default_model,
         [_message(m, i) for i, m in enumerate(body.messages)],
         options,
         keep_alive=body.keep_alive,
-        logprobs=logprobs,
-        grammar=_grammar(body.response_format),
     )
     track(request, stream)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -270,7 +275,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
         raise InvalidOptions(f"logprobs must be between 0 and 5 (got {body.logprobs})", field="logprobs")
     if body.echo and body.logprobs is not None:
         raise InvalidOptions("echo together with logprobs is not supported", field="echo")
-    options = _options(body, body.max_tokens)
+    options = _options(body, body.max_tokens, body.logprobs)
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise InvalidOptions("prompt must not be empty", field="prompt")
@@ -278,8 +283,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def start(prompt: str) -> GenerationStream:
-        return await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=body.keep_alive,
-                                          logprobs=body.logprobs)
+        stream = await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=body.keep_alive)
+        track(request, stream)
+        return stream
 
     if body.stream:
         first = await start(prompts[0])  # errors before the first byte still get a status code

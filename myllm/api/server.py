@@ -14,7 +14,6 @@ import uvicorn
 from fastapi import FastAPI
 
 from myllm.api.app import create_app
-from myllm.api.auth import load_keys
 from myllm.errors import ShuttingDown
 from myllm.settings import Settings
 
@@ -80,7 +79,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
         access_log=False,  # myllm's own access line has the model and tokens
         timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,  # a backstop after our own abort
     )
-    if not load_keys(settings) and not _loopback(bind):
+    if not app.state.auth_required and not _loopback(bind):
         # uvicorn's logger: configured by Config, so the warning shows beside its own lines.
         logging.getLogger("uvicorn.error").warning(
             "listening on %s without API keys: anyone who can reach this port can use it "

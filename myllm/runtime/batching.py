@@ -396,12 +396,12 @@ class BatchEngine:
         if slot.first_at is None:
             slot.first_at = time.perf_counter()
         greedy = isinstance(slot.sampler, GreedySampler)
-        logits = self._logits(slot.batch_index) if req.logprobs is not None or greedy else None
+        logits = self._logits(slot.batch_index) if req.options.logprobs is not None or greedy else None
         if greedy:
             token = slot.sampler.sample(logits)
         else:
             token = slot.sampler.sample(self.ctx, slot.batch_index)  # llama_sampler_sample also accepts it
-        logprob, top = self._score(logits, token, req.logprobs)
+        logprob, top = self._score(logits, token, req.options.logprobs)
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
             return

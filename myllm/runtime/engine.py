@@ -98,8 +98,6 @@ class GenerationRequest:
     tokens: list[int]
     options: GenerationOptions
     extra_stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
     grammar: str | None = None
     """GBNF the output must follow (see runtime/grammar.py)."""
 

@@ -1,17 +1,29 @@
-"""Sampling and length options, validated once for every API."""
+"""Sampling and generation options: one model for every API, the Modelfile, the REPL and
+`OptimizedLLM`, so each range is checked once, here.
+
+Adapters build a `GenerationOptions` from their own request shape (`GenerationOptions.parse`);
+the runtime lays it over the model's stored defaults (`over`) and hands it to the engines.
+API-specific protocol limits (OpenAI's `top_logprobs` <= 20, say) stay in each adapter.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from myllm.errors import InvalidOptions
 
+MAX_LOGPROBS = 50
+"""Candidates per position the core returns at most. They come from the model's whole
+distribution, so the bound only keeps responses small."""
+
 
 class GenerationOptions(BaseModel):
-    """`extra="forbid"`: a misspelt option is an error, never silently ignored."""
+    """`extra="forbid"`: a misspelt option is an error, never silently ignored. Frozen, and
+    `model_fields_set` records what the caller actually gave, which is what `over` keeps."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -27,12 +39,41 @@ class GenerationOptions(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     """None: until the model stops or the context is full."""
     num_ctx: int | None = Field(None, ge=64, le=1 << 20)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
+    format: Literal["json"] | dict[str, Any] | None = None
+    """`"json"`: the output is a JSON object; a dict: a JSON Schema the output validates against."""
+
+    @classmethod
+    def parse(cls, values: Mapping[str, Any] | None) -> GenerationOptions:
+        """Options as a caller wrote them: `None` values mean "not given" (so they do not count
+        as set), Ollama's names are accepted (`num_predict`), and a bad value raises
+        `InvalidOptions` naming the option rather than pydantic's error."""
+        given = {ALIASES.get(key, key): value for key, value in (values or {}).items() if value is not None}
+        try:
+            return cls.model_validate(given)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            field = ".".join(str(p) for p in error["loc"][:1]) or "options"
+            raise InvalidOptions(f"invalid option '{field}': {_explain(error)}", field=field) from None
+
+    def over(self, defaults: GenerationOptions) -> GenerationOptions:
+        """These options laid over `defaults` (a model's stored PARAMETERs): every field this
+        instance was given wins, the rest come from `defaults` where it sets them."""
+        values = {name: getattr(defaults, name) for name in defaults.model_fields_set}
+        values.update({name: getattr(self, name) for name in self.model_fields_set})
+        return type(self).model_validate(values)
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _json_or_schema(cls, value: Any) -> Any:
+        if value is not None and value != "json" and not isinstance(value, dict):
+            raise ValueError('must be "json" or a JSON Schema object')
+        return value
 
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_list(cls, value: Any) -> Any:
-        if value is None:
-            return ()
         if isinstance(value, str):
             return (value,)
         return value
@@ -52,24 +93,24 @@ class GenerationOptions(BaseModel):
         return value
 
 
-# Ollama's Modelfile/option names that mean the same as ours.
 ALIASES = {"num_predict": "max_tokens"}
+"""Ollama's Modelfile/option names that mean the same as ours."""
+
+REQUEST_ONLY = frozenset({"logprobs", "format"})
+"""Options that ask for a kind of response, which only a request can: a model's stored
+defaults never set them."""
+
+PARAMETERS = tuple(name for name in GenerationOptions.model_fields if name not in REQUEST_ONLY) + tuple(ALIASES)
+"""The names a model's defaults may be given under (Modelfile `PARAMETER`, the REPL's
+`/set parameter`): every option but the request-only ones, and Ollama's aliases."""
 
 
-def resolve_options(*layers: dict[str, Any] | None) -> GenerationOptions:
-    """Merge option layers (model defaults, then the request's), later ones winning;
-    `None` values in a layer mean "not given". Raises `InvalidOptions` naming the field."""
-    merged: dict[str, Any] = {}
-    for layer in layers:
-        for key, value in (layer or {}).items():
-            if value is not None:
-                merged[ALIASES.get(key, key)] = value
-    try:
-        return GenerationOptions(**merged)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        field = ".".join(str(p) for p in error["loc"]) or "options"
-        raise InvalidOptions(f"invalid option '{field}': {_explain(error)}", field=field) from None
+def parameter_value(name: str, value: str | list[str]) -> Any:
+    """The typed value of one parameter as text gives it (`PARAMETER top_k 40`), converted
+    and range-checked by `GenerationOptions`; `stop` (a string or all of them) gives a tuple.
+    Raises `InvalidOptions` naming the option. `name` must be one of `PARAMETERS`."""
+    key = ALIASES.get(name, name)
+    return getattr(GenerationOptions.parse({key: value}), key)
 
 
 def _explain(error: Any) -> str:

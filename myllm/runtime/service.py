@@ -16,9 +16,10 @@ from typing import Any
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.engine import DoneEvent, Event, GenerationRequest, TokenEvent
+from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent
+from myllm.runtime.grammar import format_grammar
 from myllm.runtime.manager import Lease, ModelManager
-from myllm.runtime.options import GenerationOptions, resolve_options
+from myllm.runtime.options import GenerationOptions
 from myllm.runtime.runner import ModelRunner, RequestStream
 from myllm.runtime.template import render_chat
 from myllm.settings import Settings
@@ -170,20 +171,20 @@ class Runtime:
         already, to answer 404 early, need not look it up twice)."""
         return name if isinstance(name, ModelRow) else await asyncio.to_thread(self.registry.get, name)
 
-    def options_for(self, row: ModelRow, options: dict[str, Any] | None) -> GenerationOptions:
-        """The model's stored defaults (Modelfile PARAMETERs), overridden by the request's."""
-        return resolve_options(row.parameters, options)
+    def options_for(self, row: ModelRow, options: GenerationOptions | None) -> GenerationOptions:
+        """The request's options over the model's stored defaults (Modelfile PARAMETERs): what
+        the request set wins, field by field."""
+        return (options or GenerationOptions()).over(GenerationOptions.parse(row.parameters))
 
     async def chat(
         self,
         model: str | ModelRow,
         messages: list[dict[str, Any]],
-        options: dict[str, Any] | None = None,
+        options: GenerationOptions | None = None,
+        *,
         keep_alive: str | float | None = None,
-        logprobs: int | None = None,
         trim: bool = False,
         count: list[str] | None = None,
-        grammar: str | None = None,
         prefill: str = "",
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
@@ -193,21 +194,19 @@ class Runtime:
         row = await self.model(model)
         opts = self.options_for(row, options)
         msgs = with_model_defaults(row, check_messages(messages))
-        return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive=keep_alive, logprobs=logprobs,
-                                 count=count, grammar=grammar)
+        return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive=keep_alive, count=count)
 
     async def generate(
         self,
         model: str | ModelRow,
         prompt: str,
-        options: dict[str, Any] | None = None,
+        options: GenerationOptions | None = None,
+        *,
         system: str | None = None,
         raw: bool = False,
         keep_alive: str | float | None = None,
-        logprobs: int | None = None,
         history: list[tuple[str, str]] | None = None,
         count: list[str] | None = None,
-        grammar: str | None = None,
     ) -> GenerationStream:
         """Completion of `prompt`. A model with a chat template gets the prompt as one user
         turn (after `system`, else the model's own system prompt) unless `raw`; a model
@@ -225,14 +224,12 @@ class Runtime:
             text = earlier + prompt
             if system and not raw:
                 text = f"{system}\n\n{text}"
-            return await self._start(row, _TextPrompt(text), opts, keep_alive=keep_alive, logprobs=logprobs, count=count,
-                                     grammar=grammar)
+            return await self._start(row, _TextPrompt(text), opts, keep_alive=keep_alive, count=count)
         msgs = with_model_defaults(row, [{"role": "system", "content": system}] if system else [])
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive=keep_alive, logprobs=logprobs,
-                                 count=count, grammar=grammar)
+        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive=keep_alive, count=count)
 
     async def _start(
         self,
@@ -241,12 +238,9 @@ class Runtime:
         opts: GenerationOptions,
         *,
         keep_alive: str | float | None,
-        logprobs: int | None,
         count: list[str] | None,
-        grammar: str | None,
     ) -> GenerationStream:
-        if logprobs is not None and not 0 <= logprobs <= 20:
-            raise InvalidOptions(f"logprobs must be between 0 and 20 (got {logprobs})", field="logprobs")
+        grammar = format_grammar(opts)  # an unsupported schema is refused before any load
         lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx)
         try:
             runner = lease.runner
@@ -262,7 +256,7 @@ class Runtime:
                 raise InvalidOptions("the prompt is empty", field="prompt")
             runner.check_fits(len(tokens))
 
-            events = runner.generate(GenerationRequest(tokens, opts, stop, logprobs, grammar=grammar))
+            events = runner.generate(GenerationRequest(tokens, opts, stop, grammar))
         except BaseException:
             lease.release()
             raise
@@ -285,10 +279,12 @@ class Runtime:
         return Embeddings(lease.row.name, vectors, count)
 
     async def next_token_probabilities(
-        self, model: str, prompt: str, top_k: int, options: dict[str, Any] | None = None, raw: bool = True
+        self, model: str, prompt: str, top_k: int, options: GenerationOptions | None = None, *, raw: bool = True
     ) -> GenerationStream:
-        """Generation where each token carries the top-k candidates of its position."""
-        return await self.generate(model, prompt, options, raw=raw, logprobs=top_k)
+        """Generation where each token carries the top-k candidates of its position: `top_k`
+        is the options' `logprobs` (checked by `GenerationOptions`), over the rest of `options`."""
+        wanted = GenerationOptions.parse({"logprobs": top_k}).over(options or GenerationOptions())
+        return await self.generate(model, prompt, wanted, raw=raw)
 
 
-__all__ = ["DoneEvent", "Embeddings", "GenerationStream", "Runtime", "TokenEvent"]
+__all__ = ["Candidate", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "Runtime", "TokenEvent"]

@@ -95,12 +95,12 @@ def decode_error(data: list[Any]) -> MyLLMError:
 
 
 def encode_request(req: GenerationRequest) -> list[Any]:
-    return [req.tokens, req.options.model_dump(mode="json"), list(req.extra_stop), req.logprobs, req.grammar]
+    return [req.tokens, req.options.model_dump(mode="json"), list(req.extra_stop), req.grammar]
 
 
 def decode_request(data: list[Any]) -> GenerationRequest:
-    tokens, options, extra_stop, logprobs, grammar = data
-    return GenerationRequest(tokens, GenerationOptions.model_validate(options), tuple(extra_stop), logprobs, grammar)
+    tokens, options, extra_stop, grammar = data
+    return GenerationRequest(tokens, GenerationOptions.model_validate(options), tuple(extra_stop), grammar)
 
 
 def encode_event(event: TokenEvent | DoneEvent | Failed) -> list[Any]:
