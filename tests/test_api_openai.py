@@ -153,6 +153,33 @@ def test_json_object_and_schema(client: OpenAI) -> None:
     assert all(c in ("red", "green", "blue") for c in data["colors"]) and len(data["colors"]) <= 3
 
 
+@pytest.mark.parametrize("schema", [{"enum": []}, {"type": "string", "pattern": "^\\d{1,3}$"}], ids=["empty-enum", "pattern-class"])
+def test_schema_llama_cpp_cannot_compile_is_a_400(client: OpenAI, schema: dict) -> None:
+    """llama.cpp answers a grammar it cannot parse with NULL, which in a sampler chain crashed
+    the process (SIGSEGV); the grammar is compiled in the runner before the stream starts, so
+    this is a 400 and the model goes on answering."""
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(
+            model="smollm2:135m", messages=[{"role": "user", "content": "A number"}], max_tokens=5,
+            response_format={"type": "json_schema", "json_schema": {"name": "n", "schema": schema}},
+        )
+    assert "could not compile the grammar" in info.value.body["message"]  # type: ignore[index]
+    ok = client.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert ok.usage is not None and ok.usage.completion_tokens > 0
+
+
+def test_schema_with_a_lone_surrogate_is_a_400(client: OpenAI, server: str) -> None:
+    """A pattern holding a lone surrogate (which JSON can carry as an escape but is no text;
+    the openai client cannot even send it) is a 400, not a dead scheduler thread."""
+    schema = {"type": "string", "pattern": "^\ud800$"}
+    body = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "A"}], "max_tokens": 3,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+    r = httpx.post(f"{server}/v1/chat/completions", content=json.dumps(body), headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"], r.text
+    ok = client.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}], max_tokens=3)
+    assert ok.usage is not None and ok.usage.completion_tokens > 0
+
+
 def test_keep_alive_extension(client: OpenAI, server: str) -> None:
     client.chat.completions.create(model="gemma3:270m", messages=[{"role": "user", "content": "Hi"}], max_tokens=1,
                                    extra_body={"keep_alive": 0})

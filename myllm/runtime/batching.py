@@ -333,7 +333,6 @@ class BatchEngine:
     def _sampler(self, req: GenerationRequest) -> Any:
         import random
 
-        from llama_cpp import LlamaGrammar
         from llama_cpp import _internals as internals
 
         o = req.options
@@ -342,7 +341,7 @@ class BatchEngine:
         sampler = internals.LlamaSampler()
         sampler.add_penalties(self.n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         if req.grammar:
-            sampler.add_grammar(self.model, LlamaGrammar.from_string(req.grammar, verbose=False))
+            self._lib.llama_sampler_chain_add(sampler.sampler, self._grammar_sampler(req.grammar))
         if o.temperature == 0:
             sampler.add_greedy()
         else:
@@ -352,6 +351,25 @@ class BatchEngine:
             sampler.add_temp(o.temperature)
             sampler.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
         return sampler
+
+    def _grammar_sampler(self, grammar: str) -> Any:
+        """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
+        parse with NULL (and a log line), and a NULL in a sampler chain crashes the process, so
+        that is a clear error here instead."""
+        try:
+            text = grammar.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidOptions("the output format contains a lone surrogate, which is not text", field="format") from exc
+        with self._guard.use():
+            pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
+        if not pointer:
+            raise InvalidOptions("llama.cpp could not compile the grammar of the requested output format", field="format")
+        return pointer
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise `InvalidOptions` unless llama.cpp can compile `grammar` (a request's format is
+        checked before its stream starts, so a bad one is a 400, not an error event)."""
+        self._lib.llama_sampler_free(self._grammar_sampler(grammar))
 
     def _step(self) -> None:
         for slot in self._slots:

@@ -18,6 +18,11 @@ def format_grammar(options: GenerationOptions) -> str | None:
     # llama.cpp's JSON grammar accepts any value; an object is what "json" promises.
     schema = {"type": "object"} if options.format == "json" else options.format
     try:
-        return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors for schemas it cannot express
         raise InvalidOptions(f"unsupported JSON schema: {exc}", field="format") from exc
+    try:
+        grammar.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidOptions("the JSON schema contains a lone surrogate, which is not text", field="format") from None
+    return grammar

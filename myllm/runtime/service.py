@@ -83,9 +83,14 @@ class Embeddings:
 
 
 def check_text(text: str, field: str) -> None:
-    """NUL characters end C strings inside llama.cpp and tokenizers; refuse them clearly."""
+    """NUL characters end C strings inside llama.cpp and tokenizers, and a lone surrogate (which
+    JSON can carry as an escape) is no text at all: refuse both clearly."""
     if "\x00" in text:
         raise InvalidOptions(f"{field} contains a NUL character", field=field)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidOptions(f"{field} contains a lone surrogate ({text[exc.start]!r}), which is not text", field=field) from None
 
 
 def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -255,6 +260,8 @@ class Runtime:
             if not tokens:
                 raise InvalidOptions("the prompt is empty", field="prompt")
             runner.check_fits(len(tokens))
+            if grammar is not None:
+                await runner.check_grammar(grammar)
 
             events = runner.generate(GenerationRequest(tokens, opts, stop, grammar))
         except BaseException:

@@ -68,8 +68,14 @@ class RunnerLoop:
             "count": lambda texts: [engine.count_tokens(t) for t in texts],
             "detokenize": engine.detokenize,
             "embed": self._embed,
+            "grammar": lambda grammar: self._generation().check_grammar(grammar),
             "stats": self._stats,
         }
+
+    def _generation(self) -> BatchEngine:
+        if not isinstance(self.engine, BatchEngine):
+            raise InvalidOptions("this instance was loaded for embeddings, not generation")
+        return self.engine
 
     def _embed(self, inputs: list[str | list[int]]) -> Any:
         if not isinstance(self.engine, EmbeddingEngine):
@@ -109,8 +115,7 @@ class RunnerLoop:
             if kind == "gen":
                 _, req_id, data = message
                 try:
-                    assert isinstance(self.engine, BatchEngine)
-                    self.jobs[req_id] = self.engine.submit(decode_request(data), self.sink, req_id)
+                    self.jobs[req_id] = self._generation().submit(decode_request(data), self.sink, req_id)
                 except Exception as exc:
                     self.channel.send(["ev", [[req_id, encode_event(Failed(exc))]]])
             elif kind == "cancel":

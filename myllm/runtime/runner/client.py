@@ -346,6 +346,11 @@ class ModelRunner:
         vectors, count = await self.call("embed", inputs)
         return vectors, count
 
+    async def check_grammar(self, grammar: str) -> None:
+        """`InvalidOptions` unless llama.cpp compiles `grammar` (in the runner, so a grammar that
+        hurts llama.cpp costs at most this model)."""
+        await self.call("grammar", grammar)
+
     async def stats(self) -> dict[str, Any]:
         return await self.call("stats")
 
