@@ -32,8 +32,7 @@ from myllm.api.errors import ApiError
 from myllm.api.state import Services, services
 from myllm.errors import InvalidOptions, ModelNotLoaded, MyLLMError, PullError
 from myllm.pull import ensure_model
-from myllm.runtime.manager import LoadedInfo
-from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, TokenEvent
+from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
 router = APIRouter(tags=["DeepShiva / LLM service"], responses={c: {"model": LegacyError} for c in (400, 404, 422, 500, 503)})
@@ -87,7 +86,7 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
     wanted = (body.model_name if body else None) or svc.settings.default_model
     row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted)
     name = row.name
-    await svc.runtime.manager.load(name, keep_alive=-1)
+    await svc.runtime.load(name, keep_alive=-1)
     svc.selected_model = name
     return StatusMessage(status="success", message=f"Model {wanted} loaded successfully")
 
@@ -102,7 +101,7 @@ async def model_status(request: Request) -> ModelStatus:
 
 def _loaded(svc: Services) -> LoadedInfo | None:
     row = svc.registry.find(svc.legacy_model)
-    return next((m for m in svc.runtime.manager.loaded() if row is not None and m.name == row.name), None)
+    return next((m for m in svc.runtime.loaded() if row is not None and m.name == row.name), None)
 
 
 # -- the shared /generate -------------------------------------------------------------------
@@ -216,7 +215,7 @@ async def status(request: Request) -> dict[str, Any]:
     svc = services(request)
     name = svc.legacy_model
     row = svc.registry.find(name)
-    loaded = svc.runtime.manager.loaded()
+    loaded = svc.runtime.loaded()
     mine = _loaded(svc)
     memory = psutil.virtual_memory()
     return {

@@ -92,7 +92,7 @@ async def list_models(request: Request) -> ModelList:
     svc = services(request)
     rows = await asyncio.to_thread(svc.registry.list)
     problems = await asyncio.to_thread(lambda: [svc.registry.problem(r) for r in rows])
-    return ModelList(models=[model_info(r, svc.runtime.manager.is_loaded(r.name), p) for r, p in zip(rows, problems)])
+    return ModelList(models=[model_info(r, svc.runtime.is_loaded(r.name), p) for r, p in zip(rows, problems)])
 
 
 @router.get("/api/models/{model_name}", response_model=ModelInfo, tags=["MyLLM"])
@@ -100,12 +100,12 @@ async def get_model(model_name: str, request: Request) -> ModelInfo:
     svc = services(request)
     row = await svc.runtime.model(model_name)
     problem = await asyncio.to_thread(svc.registry.problem, row)
-    return model_info(row, svc.runtime.manager.is_loaded(row.name), problem)
+    return model_info(row, svc.runtime.is_loaded(row.name), problem)
 
 
 @router.post("/api/models/{model_name}/load", response_model=StatusMessage, tags=["MyLLM"])
 async def load_model(model_name: str, request: Request) -> StatusMessage:
-    info = await services(request).runtime.manager.load(model_name)
+    info = await services(request).runtime.load(model_name)
     return StatusMessage(status="success", message=f"Model '{info.name}' loaded")
 
 
@@ -114,7 +114,7 @@ async def unload_model(model_name: str, request: Request) -> StatusMessage:
     """Unloads at once; requests still running on the model end with an error."""
     svc = services(request)
     row = await svc.runtime.model(model_name)
-    await svc.runtime.manager.unload(row.name, abort=True)
+    await svc.runtime.unload(row.name)
     return StatusMessage(status="success", message=f"Model '{row.name}' unloaded")
 
 
@@ -127,7 +127,7 @@ async def running(request: Request) -> RunningList:
             context_length=m.context_length, processor="100% GPU" if m.device == "gpu" else "100% CPU",
             expires_at=m.expires_at.isoformat() if m.expires_at else None, active=m.active, queued=m.queued,
         )
-        for m in services(request).runtime.manager.loaded()
+        for m in services(request).runtime.loaded()
     ])
 
 

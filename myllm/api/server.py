@@ -67,7 +67,7 @@ class _Server(uvicorn.Server):
         services = getattr(self.app.state, "services", None)
         if services is not None:
             logging.getLogger("myllm").info("grace period over: cancelling in-flight requests")
-            services.runtime.manager.abort_all(ShuttingDown("the server is shutting down"))
+            services.runtime.abort_all(ShuttingDown("the server is shutting down"))
 
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None, log_level: str = "info") -> None:

@@ -13,12 +13,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from myllm.errors import InvalidOptions
+from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent
 from myllm.runtime.grammar import format_grammar
-from myllm.runtime.manager import Lease, ModelManager
+from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.runner import ModelRunner, RequestStream
 from myllm.runtime.template import render_chat
@@ -171,6 +171,26 @@ class Runtime:
     async def close(self) -> None:
         await self.manager.close()
 
+    # -- which models are loaded (the API's load/unload/ps routes) ----------------------------
+
+    async def load(self, name: str, keep_alive: str | float | None = None) -> LoadedInfo:
+        """Load `name` now (as a request would) and report it."""
+        return await self.manager.load(name, keep_alive=keep_alive)
+
+    async def unload(self, name: str) -> int:
+        """Unload every instance of `name` at once; requests running on it end with an error."""
+        return await self.manager.unload(name, abort=True)
+
+    def loaded(self) -> list[LoadedInfo]:
+        return self.manager.loaded()
+
+    def is_loaded(self, name: str) -> bool:
+        return self.manager.is_loaded(name)
+
+    def abort_all(self, error: MyLLMError) -> None:
+        """End every running and queued request now with `error` (shutdown's grace is over)."""
+        self.manager.abort_all(error)
+
     async def model(self, name: str | ModelRow) -> ModelRow:
         """The registry row of `name` (a row passes through: callers that looked it up
         already, to answer 404 early, need not look it up twice)."""
@@ -294,4 +314,4 @@ class Runtime:
         return await self.generate(model, prompt, wanted, raw=raw)
 
 
-__all__ = ["Candidate", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "Runtime", "TokenEvent"]
+__all__ = ["Candidate", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "LoadedInfo", "Runtime", "TokenEvent"]
