@@ -14,6 +14,7 @@ from tests.server import running_server
 
 SHAPES = {  # a route of each API and the keys its errors carry
     "/api/chat": {"detail"},
+    "/api/generate": {"detail"},
     "/v1/chat/completions": {"error"},
     "/v1/completions": {"error"},
     "/generate": {"status", "message", "detail", "error_code"},
@@ -88,6 +89,8 @@ NATIVE_CASES = [
     ({"model": "a/b", "messages": [{"role": "user", "content": "hi"}]}, "invalid model name"),
     ({"messages": [{"role": "user", "content": "hi"}], "options": {"stop": ["x"] * 100}}, "stop"),
     ({"messages": [{"role": "user", "content": "hi"}], "keep_alive": "forever-ish"}, "keep_alive"),
+    ({"messages": [{"role": "user", "content": "hi"}], "keep_alive": "nan"}, "keep_alive"),
+    ({"messages": [{"role": "user", "content": "hi"}], "keep_alive": "inf"}, "keep_alive"),
 ]
 
 
@@ -101,6 +104,19 @@ def test_native_hostile_values(small_server: str, body: dict, needle: str) -> No
                                  b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "hi"}], "options": {"top_p": Infinity}}'])
 def test_nan_and_infinity(small_server: str, raw: bytes) -> None:
     check(httpx.post(f"{small_server}/api/chat", content=raw, headers={"content-type": "application/json"}, timeout=30), "/api/chat")
+
+
+@pytest.mark.parametrize(("path", "raw", "field"), [
+    ("/api/chat", b'{"model": "smollm2:135m", "messages": [{"role": "user", "content": "a\\ud800b"}]}', "messages[0].content"),
+    ("/api/generate", b'{"model": "smollm2:135m", "prompt": "\\udfff"}', "prompt"),
+    ("/api/generate", b'{"model": "smollm2:135m", "prompt": "hi", "system": "\\ud800"}', "system"),
+    ("/v1/completions", b'{"model": "smollm2:135m", "prompt": "x\\ud800"}', "prompt"),
+])
+def test_lone_surrogates_are_a_400_naming_the_field(small_server: str, path: str, raw: bytes, field: str) -> None:
+    """JSON can carry a lone surrogate as an escape; it is no text, and it used to be a 500."""
+    body = check(httpx.post(f"{small_server}{path}", content=raw, headers={"content-type": "application/json"}, timeout=30), path)
+    assert field in json.dumps(body) and "surrogate" in json.dumps(body)
+    assert httpx.get(f"{small_server}/api/ps", timeout=30).status_code == 200
 
 
 @pytest.mark.parametrize("body", [

@@ -13,7 +13,7 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["soon", "5x", "m5", "", float("nan"), True])
+@pytest.mark.parametrize("bad", ["soon", "5x", "m5", "", float("nan"), True, "nan", "NaN", "inf", "-inf", float("inf")])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(InvalidOptions, match="keep_alive"):
         parse_duration(bad)  # type: ignore[arg-type]

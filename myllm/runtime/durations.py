@@ -30,9 +30,13 @@ def _seconds(value: str | int | float, field: str) -> float:
         return float(value)
     text = value.strip().lower()
     try:
-        return float(text)
+        number = float(text)
     except ValueError:
         pass
+    else:  # float() also reads "nan" and "inf", which are no duration (a NaN deadline never passes)
+        if not math.isfinite(number):
+            raise InvalidOptions(f"invalid {field} {value!r}: use e.g. 30s, 5m, 1h, -1", field=field)
+        return number
     negative = text.startswith("-")
     body = text.lstrip("-")
     parts = _PART.findall(body)
