@@ -56,3 +56,22 @@ def test_sweep_removes_crash_leftovers(tmp_path: Path) -> None:
     leftover.write_bytes(b"half a model")
     assert store.sweep_temp() == [leftover]
     assert store.digests() == {keep}
+
+
+def test_sweep_leaves_a_live_writer_alone(tmp_path: Path) -> None:
+    """Every registry open sweeps; a pull still running in another process keeps its staged
+    file (it used to die with FileNotFoundError), which goes once that process has ended."""
+    import subprocess
+    import sys
+
+    store = BlobStore(tmp_path / "blobs")
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        staged = store.root / f".partial-{writer.pid}-0123abcd"
+        staged.write_bytes(b"a pull in progress")
+        assert store.sweep_temp() == []
+        assert staged.exists()
+    finally:
+        writer.kill()
+        writer.wait()
+    assert store.sweep_temp() == [staged]

@@ -57,8 +57,10 @@ class BlobStore:
         return self.path(digest).is_file()
 
     def temp_path(self) -> Path:
-        """A temp name in the blob folder itself, so the final rename is atomic."""
-        return self.root / f"{TEMP_PREFIX}{uuid.uuid4().hex}"
+        """A temp name in the blob folder itself, so the final rename is atomic. It carries the
+        writer's pid, so a sweep in another process (every CLI command and daemon start opens
+        the registry) leaves a pull that is still running alone."""
+        return self.root / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
 
     def stage_stream(
         self, src: BinaryIO, total: int | None = None, progress: ProgressFn | None = None
@@ -114,11 +116,28 @@ class BlobStore:
         self.path(digest).unlink(missing_ok=True)
 
     def sweep_temp(self) -> list[Path]:
-        """Remove temp files a crashed write left behind; called at start-up."""
-        swept = [p for p in self.root.glob(f"{TEMP_PREFIX}*") if p.is_file()]
+        """Remove temp files a crashed write left behind (their writer is gone); called when
+        the registry opens."""
+        swept = [p for p in self.root.glob(f"{TEMP_PREFIX}*") if p.is_file() and not _writer_alive(p.name)]
         for p in swept:
             p.unlink(missing_ok=True)
         return swept
 
     def digests(self) -> set[str]:
         return {p.name.removeprefix("sha256-") for p in self.root.iterdir() if _BLOB_RE.match(p.name)}
+
+
+def _writer_alive(name: str) -> bool:
+    """Whether the process named in a temp file's name still runs. A name without a pid (or
+    with this process's own, left by an earlier failure) counts as abandoned. A pid reused by
+    an unrelated process keeps a leftover until that process ends, which costs only disk."""
+    pid_text = name.removeprefix(TEMP_PREFIX).split("-", 1)[0]
+    if not pid_text.isdigit() or int(pid_text) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
