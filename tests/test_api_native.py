@@ -262,3 +262,38 @@ def test_long_history_drops_oldest_turns_from_prompt_only(server: str) -> None:
     detail = httpx.get(f"{server}/api/sessions/{sid}").json()
     assert detail["message_count"] == 13, "system + 6 turns: the stored history stays whole"
     assert detail["messages"][0]["role"] == "system"
+
+
+@pytest.mark.parametrize("fresh", [True, False], ids=["new-session", "existing-session"])
+def test_concurrent_turns_on_one_session_are_serialised(server: str, fresh: bool) -> None:
+    """Four turns sent at once on one session id (two of them streamed): each waits for the
+    turn before it to be stored, so none is lost (a new id used to fail one with a UNIQUE
+    constraint error) and the history alternates user, assistant (it used to read user, user,
+    assistant, assistant with sequence numbers stored twice)."""
+    import asyncio
+
+    sid = f"race-{uuid.uuid4().hex[:8]}"
+    if not fresh:
+        first = httpx.post(f"{server}/api/chat", json={"model": "smollm2:135m", "session_id": sid, "stream": False,
+                                                        "options": {"max_tokens": 3},
+                                                        "messages": [{"role": "user", "content": "Hello"}]}, timeout=60)
+        assert first.status_code == 200
+
+    async def turn(i: int, http: httpx.AsyncClient) -> int:
+        body = {"model": "smollm2:135m", "session_id": sid, "stream": i % 2 == 1, "options": {"max_tokens": 4},
+                "messages": [{"role": "user", "content": f"Message {i}"}]}
+        r = await http.post("/api/chat", json=body)
+        if body["stream"]:
+            assert '"done": true' in r.text.replace('"done":true', '"done": true') and '"error"' not in r.text, r.text
+        return r.status_code
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(base_url=server, timeout=120) as http:
+            return await asyncio.gather(*(turn(i, http) for i in range(4)))
+
+    assert asyncio.run(run()) == [200] * 4
+    messages = httpx.get(f"{server}/api/sessions/{sid}", timeout=30).json()["messages"]
+    roles = [m["role"] for m in messages]
+    assert roles == ["user", "assistant"] * (4 if fresh else 5), roles
+    sent = sorted(m["content"] for m in messages if m["role"] == "user" and m["content"].startswith("Message"))
+    assert sent == [f"Message {i}" for i in range(4)], "every turn was stored, once"

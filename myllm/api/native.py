@@ -148,9 +148,12 @@ def usage_of(done: DoneEvent) -> Usage:
 OnDone = Callable[[DoneEvent], Awaitable[None]]
 
 
-async def _events(stream: GenerationStream, on_done: OnDone, final: dict[str, Any]) -> AsyncIterator[str]:
+async def _events(
+    stream: GenerationStream, on_done: OnDone, final: dict[str, Any], release: Callable[[], None]
+) -> AsyncIterator[str]:
     """The document's SSE: a `token` event per piece, then `done` with the full text. An error
-    after the stream started becomes a last `{"error": ..., "done": true}` event."""
+    after the stream started becomes a last `{"error": ..., "done": true}` event. `release`
+    ends the session's turn once the stream is over."""
     try:
         async for event in stream:
             if isinstance(event, TokenEvent):
@@ -166,6 +169,7 @@ async def _events(stream: GenerationStream, on_done: OnDone, final: dict[str, An
         yield sse.data({"error": "internal server error", "done": True})
     finally:
         await stream.aclose()
+        release()
 
 
 def _history_messages(stored: list[StoredMessage], new: list[Message]) -> list[dict[str, str]]:
@@ -185,15 +189,20 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     svc = services(request)
     model = body.model or svc.settings.default_model
     session_id = check_session_id(body.session_id) if body.session_id else new_session_id()
-    stored = await asyncio.to_thread(svc.sessions.history, session_id) if body.session_id else []
-    stream = await svc.runtime.chat(
-        model,
-        _history_messages(stored, body.messages),
-        generation_options(body.options),
-        keep_alive=body.keep_alive,
-        trim=True,
-        count=[m.content for m in body.messages],
-    )
+    release = await svc.turns.acquire(session_id)
+    try:
+        stored = await asyncio.to_thread(svc.sessions.history, session_id) if body.session_id else []
+        stream = await svc.runtime.chat(
+            model,
+            _history_messages(stored, body.messages),
+            generation_options(body.options),
+            keep_alive=body.keep_alive,
+            trim=True,
+            count=[m.content for m in body.messages],
+        )
+    except BaseException:
+        release()
+        raise
     track(request, stream)
 
     async def save(done: DoneEvent) -> None:
@@ -202,10 +211,13 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
         await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, turn)
 
     if body.stream:
-        return sse.response(_events(stream, save, {"session_id": session_id}))
-    async with stream:
-        done = await stream.collect()
-    await save(done)
+        return sse.response(_events(stream, save, {"session_id": session_id}, release))
+    try:
+        async with stream:
+            done = await stream.collect()
+        await save(done)
+    finally:
+        release()
     return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
 
 
@@ -218,13 +230,18 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     model = body.model or svc.settings.default_model
     session_id = check_session_id(body.session_id) if body.session_id else None
     history: list[tuple[str, str]] = []
-    if session_id:
-        stored = await asyncio.to_thread(svc.sessions.history, session_id)
-        history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
-    stream = await svc.runtime.generate(
-        model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
-        keep_alive=body.keep_alive, history=history, count=[body.prompt],
-    )
+    release = await svc.turns.acquire(session_id) if session_id else (lambda: None)
+    try:
+        if session_id:
+            stored = await asyncio.to_thread(svc.sessions.history, session_id)
+            history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
+        stream = await svc.runtime.generate(
+            model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
+            keep_alive=body.keep_alive, history=history, count=[body.prompt],
+        )
+    except BaseException:
+        release()
+        raise
     track(request, stream)
 
     async def save(done: DoneEvent) -> None:
@@ -233,10 +250,13 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
             await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, turn)
 
     if body.stream:
-        return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}))
-    async with stream:
-        done = await stream.collect()
-    await save(done)
+        return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))
+    try:
+        async with stream:
+            done = await stream.collect()
+        await save(done)
+    finally:
+        release()
     return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id)
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
+from myllm.api.turns import TurnLocks
 from myllm.registry.sessions import SessionStore
 from myllm.registry.store import Registry
 from myllm.runtime.service import Runtime
@@ -20,6 +21,8 @@ class Services:
     sessions: SessionStore
     started: float
     """`time.monotonic()` at start, for uptime."""
+    turns: TurnLocks = field(default_factory=TurnLocks)
+    """Serialises turns on one stored session (see api/turns.py)."""
     selected_model: str | None = None
     """The model `POST /load_model` chose for the DeepShiva and LLM-service routes."""
 
