@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from myllm.errors import ModelNotFound, PullError, SourceNotFound
+from myllm.errors import InvalidModelName, ModelNotFound, PullError, SourceNotFound
 from myllm.pull import hub
 from myllm.pull.package import find_gguf
 from myllm.pull.progress import PullProgress, silent
@@ -64,6 +64,8 @@ def ensure_model(registry: Registry, settings: Settings, wanted: str, quant: str
     """A registered model by name, else pulled from `wanted` (a path, repo or catalog name);
     `quant` picks the quantization of a repo given without one. Anything that cannot be
     found or fetched is `ModelNotFound`."""
+    if not wanted.isprintable():  # control characters, NUL, lone surrogates: no name or path has them
+        raise InvalidModelName(f"invalid model name {wanted!r}: it holds characters that are not printable text")
     row = registry.find(wanted)
     if row is not None:
         return row

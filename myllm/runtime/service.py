@@ -298,6 +298,9 @@ class Runtime:
     ) -> Embeddings:
         if not texts:
             raise InvalidOptions("input must not be empty", field="input")
+        for i, text in enumerate(texts):
+            if isinstance(text, str):
+                check_text(text, f"input[{i}]")
         lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)
         try:
             vectors, count = await lease.runner.embed(texts)
