@@ -172,6 +172,17 @@ async def _events(
         release()
 
 
+async def _answer(stream: GenerationStream, on_done: OnDone, release: Callable[[], None]) -> DoneEvent:
+    """A whole (non-streamed) answer, stored by `on_done`; the session's turn ends either way."""
+    try:
+        async with stream:
+            done = await stream.collect()
+        await on_done(done)
+    finally:
+        release()
+    return done
+
+
 def _history_messages(stored: list[StoredMessage], new: list[Message]) -> list[dict[str, str]]:
     """Stored turns, then the new messages; a system message sent now replaces stored ones."""
     sends_system = any(m.role == "system" for m in new)
@@ -212,12 +223,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id}, release))
-    try:
-        async with stream:
-            done = await stream.collect()
-        await save(done)
-    finally:
-        release()
+    done = await _answer(stream, save, release)
     return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
 
 
@@ -251,12 +257,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))
-    try:
-        async with stream:
-            done = await stream.collect()
-        await save(done)
-    finally:
-        release()
+    done = await _answer(stream, save, release)
     return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id)
 
 
