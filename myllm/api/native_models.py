@@ -146,7 +146,7 @@ class ErrorDetail(BaseModel):
 class RunningModel(BaseModel):
     name: str
     size_mb: int = Field(description="estimated memory: weights + KV cache + compute buffers")
-    rss_growth_mb: int = Field(description="measured growth of the daemon's RSS when it loaded")
+    rss_growth_mb: int = Field(description="measured growth of the model's runner process RSS when it loaded")
     context_length: int
     processor: str
     expires_at: str | None = Field(description="when it unloads if idle; null: in use, or kept loaded")

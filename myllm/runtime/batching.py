@@ -26,13 +26,14 @@ from typing import Any
 
 import numpy as np
 
-from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, PromptTooLong, ShuttingDown
+from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.runtime.engine import (
     Candidate,
     DoneEvent,
     GenerationRequest,
     LoadSpec,
     TokenEvent,
+    check_prompt,
     check_token_ids,
     default_threads,
     log_probabilities,
@@ -185,10 +186,7 @@ class BatchEngine:
     def submit(self, req: GenerationRequest, sink: Sink, tag: Any = None) -> EngineJob:
         """Queue a request; its events go to `sink` until its `DoneEvent` or `Failed`. Set the
         job's `cancel` to stop it within one step (it then ends with a "cancelled" DoneEvent)."""
-        if not req.tokens:
-            raise InvalidOptions("the prompt is empty", field="prompt")
-        if len(req.tokens) >= self.n_ctx:
-            raise PromptTooLong(len(req.tokens), self.n_ctx)
+        check_prompt(req.tokens, self.n_ctx)
         job = EngineJob(req, sink, tag)
         with self._lock:
             if self._closed:

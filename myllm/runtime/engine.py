@@ -130,6 +130,14 @@ def log_probabilities(
     return chosen, tuple(Candidate(int(i), piece(int(i)), float(logits[i]) - log_z) for i in top_k_indices(logits, k))
 
 
+def check_prompt(tokens: list[int], n_ctx: int) -> None:
+    """A prompt must have a token and leave room for one more in a sequence's context."""
+    if not tokens:
+        raise InvalidOptions("the prompt is empty", field="prompt")
+    if len(tokens) >= n_ctx:
+        raise PromptTooLong(len(tokens), n_ctx)
+
+
 def check_token_ids(tokens: list[int], n_vocab: int) -> None:
     """Token ids a client sent must be in the vocabulary: llama.cpp aborts on any other."""
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)

@@ -16,7 +16,7 @@ from typing import Any
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent
+from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
 from myllm.runtime.grammar import format_grammar
 from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
@@ -275,11 +275,8 @@ class Runtime:
                     field="max_tokens",
                 )
             reserve = min(opts.max_tokens or 256, runner.n_ctx // 4)
-            tokens, stop = await prompt.tokens(runner, reserve)
-            counts = await runner.count_tokens(count or [])
-            if not tokens:
-                raise InvalidOptions("the prompt is empty", field="prompt")
-            runner.check_fits(len(tokens))
+            (tokens, stop), counts = await asyncio.gather(prompt.tokens(runner, reserve), runner.count_tokens(count or []))
+            check_prompt(tokens, runner.n_ctx)  # here too, so a refusal is a status code, not a stream's error
             if grammar is not None:
                 await runner.check_grammar(grammar)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from myllm.errors import ModelCrashed, MyLLMError, Overloaded, PromptTooLong, ShuttingDown
+from myllm.errors import ModelCrashed, MyLLMError, Overloaded, ShuttingDown
 from myllm.runtime.engine import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -276,20 +276,12 @@ class ModelRunner:
         self._writer.write(pack(message))
 
     @property
-    def active(self) -> int:
-        return len(self._streams)
-
-    @property
     def queued(self) -> int:
         return max(0, len(self._streams) - self.spec.n_parallel)
 
     @property
     def busy(self) -> bool:
         return bool(self._streams) or bool(self._calls)
-
-    def check_fits(self, n_prompt: int) -> None:
-        if n_prompt >= self.n_ctx:
-            raise PromptTooLong(n_prompt, self.n_ctx)
 
     def generate(self, req: GenerationRequest) -> RequestStream:
         """Admission (unloading, queue full) is decided here, so a refusal is a status code
