@@ -229,8 +229,7 @@ class ModelManager:
     async def _after_release(self, inst: Instance) -> None:
         if inst.keep_alive == 0 and inst.leases == 0:
             await self.reap()
-        async with self._changed:
-            self._changed.notify_all()
+        await self._notify()
 
     # -- loading -------------------------------------------------------------------
 
@@ -282,8 +281,8 @@ class ModelManager:
 
     def _check_crashes(self, row: ModelRow) -> None:
         crash = self._crashes.get(row.digest)
-        if crash is not None and time.monotonic() < crash.until:
-            now = time.monotonic()
+        now = time.monotonic()
+        if crash is not None and now < crash.until:
             raise ModelCrashed(
                 f"model '{row.name}' crashed its runner while loading {now - crash.at:.0f}s ago "
                 f"({crash.error.message}); not trying again for {crash.until - now:.0f}s"

@@ -17,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -25,7 +26,7 @@ import psutil
 
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.batching import BatchEngine, EngineJob, Failed
-from myllm.runtime.engine import DoneEvent, EmbeddingEngine
+from myllm.runtime.engine import EmbeddingEngine
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_request,
@@ -60,7 +61,9 @@ class RunnerLoop:
     def __init__(self, channel: Channel, engine: BatchEngine | EmbeddingEngine) -> None:
         self.channel = channel
         self.engine = engine
-        self.jobs: dict[int, EngineJob] = {}
+        self.jobs: weakref.WeakValueDictionary[int, EngineJob] = weakref.WeakValueDictionary()
+        """Requests the engine still holds, for cancels. Weak: the engine lets go of a job once
+        it has ended, which may happen before `submit` has even returned here."""
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runner-call")
         self.embed_lock = threading.Lock()
         self.calls: dict[str, Callable[..., Any]] = {
@@ -94,12 +97,7 @@ class RunnerLoop:
 
     def sink(self, items: list[tuple[EngineJob, Any]]) -> None:
         """One engine step's events: one message."""
-        out = []
-        for job, event in items:
-            out.append([job.tag, encode_event(event)])
-            if isinstance(event, (DoneEvent, Failed)):
-                self.jobs.pop(job.tag, None)
-        self.channel.send(["ev", out])
+        self.channel.send(["ev", [[job.tag, encode_event(event)] for job, event in items]])
 
     def call(self, call_id: int, method: str, args: list[Any]) -> None:
         try:
