@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from myllm.registry.store import Registry
+from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
 from tests.server import running_server
 
@@ -36,8 +36,8 @@ def fuzz_url(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
             (home / name).unlink()
             shutil.copy(models_home / name, home / name)
     registry = Registry.open(Settings(home=home))
-    registry.copy("smollm2:135m", "fuzz")
-    registry.set_overrides("fuzz", parameters={"num_predict": 8})  # bounded replies when no max_tokens is sent
+    # num_predict 8: bounded replies when no max_tokens is sent
+    registry.copy("smollm2:135m", "fuzz", Overrides(parameters={"num_predict": 8}))
     registry.close()
     with running_server(Settings(home=home, num_threads=2, num_ctx=256, default_model="fuzz", load_timeout="5s")) as url:
         yield url

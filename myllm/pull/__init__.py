@@ -22,7 +22,7 @@ from myllm.pull.sources import (
 from myllm.registry.gguf_meta import check_magic
 from myllm.registry.names import normalize
 from myllm.registry.schema import ModelRow
-from myllm.registry.store import Registry
+from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
 
 __all__ = ["CATALOG", "PullResult", "ensure_model", "pull", "parse_source"]
@@ -42,22 +42,24 @@ def pull(
     spec: str,
     name: str | None = None,
     progress: PullProgress = silent,
+    overrides: Overrides | None = None,
 ) -> PullResult:
     """Fetch `spec` into the blob store and register it under `name` (or a derived one).
 
-    Raises a `PullError` subclass with a one-line reason; leaves no row, blob or temp file
-    behind on failure.
+    `overrides` (a Modelfile's settings) are written in the row's own transaction, replacing
+    a model of that name whole (see `Registry.register`). Raises a `PullError` subclass with
+    a one-line reason; leaves no row, blob or temp file behind on failure.
     """
     source = parse_source(spec)
     target = normalize(name or default_name(source))
     if isinstance(source, CatalogEntry):
         try:
-            return _pull(registry, settings, source.hub, target, progress)
+            return _pull(registry, settings, source.hub, target, progress, overrides)
         except hub.HubUnreachable as exc:
             fallback = PackageSource(source.package)
-            result = _pull(registry, settings, fallback, target, progress)
+            result = _pull(registry, settings, fallback, target, progress, overrides)
             return PullResult(result.model, result.source, f"{exc.message}; used the package {fallback}")
-    return _pull(registry, settings, source, target, progress)
+    return _pull(registry, settings, source, target, progress, overrides)
 
 
 def ensure_model(registry: Registry, settings: Settings, wanted: str, quant: str | None = None) -> ModelRow:
@@ -79,7 +81,12 @@ def ensure_model(registry: Registry, settings: Settings, wanted: str, quant: str
 
 
 def _pull(
-    registry: Registry, settings: Settings, source: Source, name: str, progress: PullProgress
+    registry: Registry,
+    settings: Settings,
+    source: Source,
+    name: str,
+    progress: PullProgress,
+    overrides: Overrides | None,
 ) -> PullResult:
     checking = lambda: progress("checking", 0, None)  # noqa: E731
     match source:
@@ -88,7 +95,7 @@ def _pull(
                 raise SourceNotFound(f"{path}: no such file")
             check_magic(path)
             staged = registry.blobs.stage_copy(path, lambda d, t: progress("copying", d, t))
-            row = registry.register(name, staged, str(source), on_verify=checking)
+            row = registry.register(name, staged, str(source), on_verify=checking, overrides=overrides)
         case PackageSource():
             found = find_gguf(source)
             if isinstance(found, Path):
@@ -103,13 +110,13 @@ def _pull(
                     out.unlink(missing_ok=True)
                     raise PullError(f"{source}: assemble() failed: {exc}") from exc
                 staged = registry.blobs.stage_move(out, lambda d, t: progress("verifying", d, t))
-            row = registry.register(name, staged, str(source), on_verify=checking)
+            row = registry.register(name, staged, str(source), on_verify=checking, overrides=overrides)
         case HubSource():
             hub_file = hub.resolve(source)
             path = hub.download(hub_file, settings.downloads_dir, progress)
             staged = registry.blobs.stage_move(path, lambda d, t: progress("verifying", d, t))
             row = registry.register(
-                name, staged, f"hf:{hub_file.repo_id}/{hub_file.filename}", hub_file.sha256
+                name, staged, f"hf:{hub_file.repo_id}/{hub_file.filename}", hub_file.sha256, overrides=overrides
             )
         case _:
             raise PullError(f"cannot pull {source}")

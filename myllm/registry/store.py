@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import func, select
@@ -17,6 +18,27 @@ from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
 from myllm.registry.schema import BlobCheckRow, ModelRow, utcnow
 from myllm.settings import Settings
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """A model's own defaults, as a Modelfile's PARAMETER, SYSTEM, TEMPLATE, MESSAGE and
+    LICENSE lines give them, laid over what the model inherits (its base model's, or its
+    file's own): parameters merge key by key, the rest replace when not None. They travel
+    into the transaction that writes the model's row, so no name is ever seen without them."""
+
+    parameters: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    template_override: str | None = None
+    messages: list[dict[str, str]] | None = None
+    license: str | None = None
+
+    def lay_over(self, row: ModelRow) -> None:
+        row.parameters = {**row.parameters, **self.parameters}
+        for column in ("system", "template_override", "messages", "license"):
+            value = getattr(self, column)
+            if value is not None:
+                setattr(row, column, value)
 
 
 class Registry:
@@ -40,7 +62,7 @@ class Registry:
     def get(self, name: str) -> ModelRow:
         key = normalize(name)
         with self.sessions() as db:
-            row = db.scalar(select(ModelRow).where(ModelRow.name == key))
+            row = _named(db, key)
         if row is None:
             raise ModelNotFound(name)
         return row
@@ -97,9 +119,13 @@ class Registry:
         source: str,
         expected_digest: str | None = None,
         on_verify: Callable[[], None] | None = None,
+        overrides: Overrides | None = None,
     ) -> ModelRow:
         """Validate staged bytes as GGUF, commit the blob and write the row in one transaction.
 
+        Without `overrides` an existing row of that name is updated and keeps its own defaults
+        (a re-pull); with them, as `myllm create` from a file, it is replaced whole and the new
+        row is written with `overrides` laid over the file's own values, in that transaction.
         On any failure nothing is left behind: the temp file is removed and a blob this call
         added is removed again.
         """
@@ -116,21 +142,24 @@ class Registry:
             self.blobs.discard(staged)
             raise
         try:
-            row, replaced = self._upsert(key, digest, staged.size, source, info)
+            row, replaced = self._upsert(key, digest, staged.size, source, info, overrides)
         except BaseException:
-            if not blob_was_there and not self._blob_in_use(digest):
-                self.blobs.remove(digest)
+            if not blob_was_there:
+                self._drop_unused_blob(digest)
             raise
-        if replaced and replaced != digest and not self._blob_in_use(replaced):
-            self.blobs.remove(replaced)
+        if replaced and replaced != digest:
+            self._drop_unused_blob(replaced)
         return row
 
     def _upsert(
-        self, key: str, digest: str, size: int, source: str, info: dict[str, Any]
+        self, key: str, digest: str, size: int, source: str, info: dict[str, Any], overrides: Overrides | None
     ) -> tuple[ModelRow, str | None]:
         with self.sessions.begin() as db:
-            row = db.scalar(select(ModelRow).where(ModelRow.name == key))
+            row = _named(db, key)
             replaced = row.digest if row is not None else None
+            if row is not None and overrides is not None:
+                _delete(db, row)
+                row = None
             if row is None:
                 row = ModelRow(name=key, parameters={})
                 db.add(row)
@@ -140,58 +169,69 @@ class Registry:
             row.source = source
             for column, value in info.items():
                 setattr(row, column, value)
+            if overrides is not None:
+                overrides.lay_over(row)
             row.modified_at = utcnow()
             stat = self.blobs.path(digest).stat()  # just hashed on the way in: record it as checked
             db.merge(BlobCheckRow(digest=digest, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ok=True, checked_at=utcnow()))
         return row, replaced
 
-    def copy(self, src: str, dst: str) -> ModelRow:
-        """A second name for the same blob, with the same overrides."""
-        original = self.get(src)
+    def copy(self, src: str, dst: str, overrides: Overrides | None = None, *, replace: bool = False) -> ModelRow:
+        """A second name for the same blob, with the same defaults and `overrides` laid over
+        them, written in one transaction. An existing `dst` is `ModelExists`, unless `replace`:
+        then it is deleted in that same transaction, so a failure before the commit leaves it
+        intact. `src` may be `dst` itself, to change a model's defaults."""
         key = normalize(dst)
-        columns = {c.key: getattr(original, c.key) for c in ModelRow.__table__.columns}
-        columns.pop("id")
-        columns.update(name=key, created_at=utcnow(), modified_at=utcnow())
         try:
             with self.sessions.begin() as db:
-                row = ModelRow(**columns)
+                original = _named(db, normalize(src))
+                if original is None:
+                    raise ModelNotFound(src)
+                columns = {c.key: getattr(original, c.key) for c in ModelRow.__table__.columns if c.key != "id"}
+                existing = _named(db, key) if replace else None
+                if existing is not None:
+                    _delete(db, existing)
+                row = ModelRow(**{**columns, "name": key, "created_at": utcnow(), "modified_at": utcnow()})
+                if overrides is not None:
+                    overrides.lay_over(row)
                 db.add(row)
         except DBIntegrityError as exc:
             raise ModelExists(f"model '{key}' already exists") from exc
-        return row
-
-    def set_overrides(self, name: str, **overrides: Any) -> ModelRow:
-        """Store a model's own defaults (parameters, system, template_override, messages,
-        license), as `myllm create` derives them from a Modelfile."""
-        allowed = {"parameters", "system", "template_override", "messages", "license"}
-        unknown = set(overrides) - allowed
-        if unknown:
-            raise ValueError(f"not an override: {', '.join(sorted(unknown))}")
-        key = normalize(name)
-        with self.sessions.begin() as db:
-            row = db.scalar(select(ModelRow).where(ModelRow.name == key))
-            if row is None:
-                raise ModelNotFound(name)
-            for column, value in overrides.items():
-                setattr(row, column, value)
-            row.modified_at = utcnow()
+        if existing is not None and existing.digest != row.digest:
+            self._drop_unused_blob(existing.digest)
         return row
 
     def remove(self, name: str) -> ModelRow:
         """Delete a name; its blob goes only when no other name uses it."""
         key = normalize(name)
         with self.sessions.begin() as db:
-            row = db.scalar(select(ModelRow).where(ModelRow.name == key))
+            row = _named(db, key)
             if row is None:
                 raise ModelNotFound(name)
             db.delete(row)
-        if not self._blob_in_use(row.digest):
-            self.blobs.remove(row.digest)
+        self._drop_unused_blob(row.digest)
         return row
+
+    def _drop_unused_blob(self, digest: str) -> None:
+        """Remove a blob once no name points at it. Called only after the commit that let go of
+        it, so a write that dies before its commit never takes the bytes of a model that stays."""
+        if not self._blob_in_use(digest):
+            self.blobs.remove(digest)
 
     def _blob_in_use(self, digest: str) -> bool:
         with self.sessions() as db:
             return db.scalar(select(ModelRow.id).where(ModelRow.digest == digest).limit(1)) is not None
+
+
+def _named(db: Session, key: str) -> ModelRow | None:
+    return db.scalar(select(ModelRow).where(ModelRow.name == key))
+
+
+def _delete(db: Session, row: ModelRow) -> None:
+    """Delete `row` within the caller's transaction, ahead of a new row of the same name: the
+    flush sends the DELETE first (the unit of work would INSERT first and hit the unique name)."""
+    db.delete(row)
+    db.flush()
 
 
 _INFO_COLUMNS = (
