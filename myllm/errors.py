@@ -95,13 +95,16 @@ class PromptTooLong(MyLLMError):
     status = 400
     code = "prompt_too_long"
 
-    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+    def __init__(self, prompt_tokens: int, context_length: int, at_least: bool = False) -> None:
+        """`at_least`: the prompt was refused before all of it was tokenized (it has more
+        than `prompt_tokens`)."""
         super().__init__(
-            f"prompt is {prompt_tokens} tokens, which does not fit the model's context of "
-            f"{context_length} tokens"
+            f"prompt is {'more than ' if at_least else ''}{prompt_tokens} tokens, which does not fit the model's "
+            f"context of {context_length} tokens"
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
+        self.at_least = at_least
 
 
 class OutOfMemory(MyLLMError):

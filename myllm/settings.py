@@ -65,6 +65,14 @@ class Settings(BaseSettings):
     max_queue: int = Field(
         default=64, ge=1, description="Requests that may wait per model; past it the API answers 503."
     )
+    template_timeout: float = Field(
+        default=10.0, gt=0, le=3600, description="Seconds a chat template may take to render one request's "
+        "messages; past it the request gets a 400 (a template is a program: a slow one must not hold the daemon)."
+    )
+    health_interval: float = Field(
+        default=5.0, gt=0, le=3600, description="Seconds between health checks of each loaded model's runner; one "
+        "that does not answer within twice this, or whose scheduler died or stalled, is restarted."
+    )
     origins: str | None = Field(
         default=None,
         description="Comma-separated origins browsers may call from (CORS); default: localhost and "

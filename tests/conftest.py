@@ -78,18 +78,23 @@ def shared_registry(models_home: Path, monkeypatch: pytest.MonkeyPatch) -> Itera
     reg.close()
 
 
-@pytest.fixture
-def private_home(models_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A writable copy of the shared home (blobs hard-linked), made the test's MYLLM_HOME."""
+def writable_home(models_home: Path, home: Path) -> Path:
+    """A writable copy of the shared home at `home`: blobs hard-linked, the database copied."""
     import os
     import shutil
 
-    home = tmp_path / "private-home"
     shutil.copytree(models_home, home, copy_function=os.link)
     for sidecar in ("myllm.db-wal", "myllm.db-shm", "myllm.db"):
         if (home / sidecar).exists():
             (home / sidecar).unlink()
             shutil.copy(models_home / sidecar, home / sidecar)
+    return home
+
+
+@pytest.fixture
+def private_home(models_home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A writable copy of the shared home, made the test's MYLLM_HOME."""
+    home = writable_home(models_home, tmp_path / "private-home")
     monkeypatch.setenv("MYLLM_HOME", str(home))
     return home
 

@@ -168,6 +168,35 @@ def test_schema_llama_cpp_cannot_compile_is_a_400(client: OpenAI, schema: dict) 
     assert ok.usage is not None and ok.usage.completion_tokens > 0
 
 
+def _enum_schema(n: int, nested: bool) -> dict:
+    values = {"enum": [f"value-{i}" for i in range(n)]}
+    return {"type": "object", "properties": {"v": values}, "required": ["v"]} if nested else values
+
+
+@pytest.mark.parametrize(("n", "nested", "message"), [
+    (60_000, False, "more than the 65536 allowed"),  # refused before llama.cpp compiles it
+    (3_000, False, "a token on this model"),  # small enough, but its first token costs about a second
+    (3_500, True, "took more than 0.5 s for one token"),  # cheap at first; dear once the enum opens
+], ids=["too-large", "too-costly", "costly-later"])
+def test_a_grammar_that_would_stall_the_model_is_refused(client: OpenAI, n: int, nested: bool, message: str) -> None:
+    """Sampling runs on the model's one scheduler thread, so a grammar costing seconds a token
+    made every other request on the model wait (a 60,000-value enum: 137 s for 11 tokens). Too
+    large or too costly is a 400; the other client's chat, sent at the same time, answers."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(client.chat.completions.create, model="smollm2:135m", max_tokens=8,
+                            messages=[{"role": "user", "content": "Hi"}])
+        with pytest.raises(openai.BadRequestError) as info:
+            client.chat.completions.create(
+                model="smollm2:135m", messages=[{"role": "user", "content": "Pick one"}], max_tokens=12, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": _enum_schema(n, nested)}},
+            )
+        assert message in info.value.body["message"], info.value.body  # type: ignore[index]
+        answer = other.result(60)
+    assert answer.usage is not None and answer.usage.completion_tokens > 0
+
+
 def test_schema_with_a_lone_surrogate_is_a_400(client: OpenAI, server: str) -> None:
     """A pattern holding a lone surrogate (which JSON can carry as an escape but is no text;
     the openai client cannot even send it) is a 400, not a dead scheduler thread."""

@@ -3,6 +3,8 @@
 import queue
 from typing import Any
 
+import pytest
+
 from myllm.registry.store import Registry
 from myllm.runtime.batching import BatchEngine, EngineJob
 from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec
@@ -52,3 +54,31 @@ def test_context_rounded_to_llama_cpp_padding(shared_registry: Registry) -> None
         assert engine.n_ctx == 512 == engine.ctx.n_ctx()
     finally:
         engine.close()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread is killed on purpose
+def test_health_reports_a_stalled_or_dead_scheduler(shared_registry: Registry) -> None:
+    """What the runner's health check reads: a scheduler stuck inside a step shows as stalled, a
+    scheduler thread that died shows as gone (the daemon then restarts the runner)."""
+    import threading
+    import time
+
+    engine = BatchEngine(LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=512), n_threads=2, kv_cache_bytes=0)
+    try:
+        assert engine.health() == {"scheduler": True, "stalled": 0.0}  # idle is not stalled
+        release = threading.Event()
+
+        def stuck_step() -> None:  # a step that does not return until released, then one that kills the thread
+            release.wait(30)
+            raise SystemExit
+
+        engine._step = stuck_step  # type: ignore[method-assign]
+        engine.submit(GenerationRequest(engine.tokenize("Hello"), GenerationOptions(max_tokens=4)), lambda items: None)
+        time.sleep(0.5)
+        health = engine.health()
+        assert health["scheduler"] and health["stalled"] >= 0.4, health
+        release.set()
+        engine._thread.join(10)
+        assert engine.health()["scheduler"] is False
+    finally:
+        release.set()

@@ -19,6 +19,7 @@ from schemathesis.specs.openapi.checks import (
 
 from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
+from tests.conftest import writable_home
 from tests.server import running_server
 
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -26,15 +27,7 @@ CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance,
 
 @pytest.fixture(scope="module")
 def fuzz_url(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    import os
-    import shutil
-
-    home = tmp_path_factory.mktemp("fuzz") / "home"
-    shutil.copytree(models_home, home, copy_function=os.link)
-    for name in ("myllm.db", "myllm.db-wal", "myllm.db-shm"):
-        if (home / name).exists():
-            (home / name).unlink()
-            shutil.copy(models_home / name, home / name)
+    home = writable_home(models_home, tmp_path_factory.mktemp("fuzz") / "home")
     registry = Registry.open(Settings(home=home))
     # num_predict 8: bounded replies when no max_tokens is sent
     registry.copy("smollm2:135m", "fuzz", Overrides(parameters={"num_predict": 8}))

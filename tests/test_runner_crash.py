@@ -131,3 +131,32 @@ def test_runner_exits_with_the_daemon(private_home: Path) -> None:
     daemon.proc.wait(10)
     runner.wait(10)
     assert not runner.is_running()
+
+
+def test_a_runner_that_stops_answering_is_restarted(private_home: Path) -> None:
+    """A runner that no longer answers (here stopped with SIGSTOP, as one stuck holding its
+    interpreter would be) fails its health check: its requests end with an error saying so,
+    readiness reports it, and the next request gets a fresh runner."""
+    daemon = Daemon(private_home, MYLLM_HEALTH_INTERVAL="0.5")
+    try:
+        url = daemon.url
+        body = {"model": "smollm2:135m", "stream": True, "options": {"temperature": 0, "max_tokens": 900},
+                "messages": [{"role": "user", "content": "Write a long story."}]}
+        with httpx.stream("POST", f"{url}/api/chat", json=body, timeout=60) as r:
+            lines = (line for line in r.iter_lines() if line.startswith("data: "))
+            next(lines)
+            stuck = runner_of(daemon, "smollm2:135m")
+            stuck.suspend()
+            events = [json.loads(line[6:]) for line in lines]
+        assert events[-1]["done"] is True
+        assert "restarted: it did not answer its health check within 1 s" in events[-1]["error"], events[-1]
+        stuck.wait(10)
+        health = httpx.get(f"{url}/health", timeout=5)
+        assert health.status_code == 200 and health.json()["status"] == "degraded"
+        assert "smollm2:135m" in health.json()["problems"][0], health.json()
+        assert httpx.get(f"{url}/health", params={"ready": 1}, timeout=5).status_code == 503
+        again = httpx.post(f"{url}/api/chat", json={**body, "stream": False, "options": {"max_tokens": 3}}, timeout=60)
+        assert again.status_code == 200, again.text
+        assert runner_of(daemon, "smollm2:135m").pid != stuck.pid
+    finally:
+        daemon.stop()

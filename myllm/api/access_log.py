@@ -12,7 +12,11 @@ from typing import Any
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from myllm.api.disconnect import CLIENT_GONE
+
 log = logging.getLogger("myllm.access")
+CLIENT_CLOSED = 499
+"""What the line says of a request whose client left before its answer (nginx's number)."""
 
 
 def track(request: Request, stream: Any) -> None:
@@ -51,9 +55,11 @@ class AccessLogMiddleware:
         try:
             await self.app(scope, receive, sending)
         finally:
-            model, tokens = _model_and_tokens(scope.get("state", {}).get("myllm_streams", []))
+            state = scope.get("state", {})
+            model, tokens = _model_and_tokens(state.get("myllm_streams", []))
+            status = status or (CLIENT_CLOSED if state.get(CLIENT_GONE) else 500)
             log.info(
                 "%s %s %d model=%s tokens=%s %.0fms",
-                scope["method"], scope["path"], status or 500, model, tokens,
+                scope["method"], scope["path"], status, model, tokens,
                 (time.perf_counter() - started) * 1000,
             )

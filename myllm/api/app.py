@@ -16,6 +16,7 @@ from myllm import __version__
 from myllm.api import compat, errors, llama_server, native, openai
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import ApiKeyMiddleware, load_keys
+from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.state import Services
 from myllm.registry.sessions import SessionStore
@@ -82,6 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         allow_methods=["*"],
         allow_headers=["*"],
     )
+    app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(AccessLogMiddleware)
     app.include_router(native.router)
     app.include_router(openai.router)

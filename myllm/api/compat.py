@@ -218,9 +218,10 @@ async def status(request: Request) -> dict[str, Any]:
     loaded = svc.runtime.loaded()
     mine = _loaded(svc)
     memory = psutil.virtual_memory()
+    problems = svc.runtime.problems()
     return {
         "service": {
-            "status": "running", "version": __version__,
+            "status": "degraded" if problems else "running", "problems": problems, "version": __version__,
             "uptime_seconds": round(time.monotonic() - svc.started),
             "memory_usage_mb": round(psutil.Process().memory_info().rss / (1 << 20)),
         },

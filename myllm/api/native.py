@@ -61,15 +61,20 @@ async def root(request: Request) -> ServerInfo:
 
 class Health(BaseModel):
     status: str
+    """`healthy`, `degraded` (see `problems`), or `starting` (also while shutting down)."""
     timestamp: str
+    problems: list[str] = []
 
 
 @router.get("/health", tags=["MyLLM"], response_model=Health, responses={503: {"model": Health}})
-async def health(request: Request) -> JSONResponse:
-    """200 once the daemon serves requests; 503 while it starts or shuts down."""
-    ready = getattr(request.app.state, "ready", False)
-    body = {"status": "healthy" if ready else "starting", "timestamp": datetime.now(timezone.utc).isoformat()}
-    return JSONResponse(body, status_code=200 if ready else 503)
+async def health(request: Request, ready: bool = False) -> JSONResponse:
+    """Liveness: 200 once the daemon serves requests, 503 while it starts or shuts down; the
+    body says what is degraded. Readiness (`?ready=1`): 503 while anything is."""
+    serving = getattr(request.app.state, "ready", False)
+    problems = services(request).runtime.problems() if serving else []
+    status = "starting" if not serving else "degraded" if problems else "healthy"
+    body = {"status": status, "timestamp": datetime.now(timezone.utc).isoformat(), "problems": problems}
+    return JSONResponse(body, status_code=200 if serving and not (ready and problems) else 503)
 
 
 def model_info(row: ModelRow, loaded: bool, problem: str | None) -> ModelInfo:

@@ -16,6 +16,7 @@ channel in one message per step; `OptimizedLLM` puts them on a queue it reads in
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import queue
 import threading
@@ -26,13 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
+from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, PromptTooLong, ShuttingDown
 from myllm.runtime.engine import (
     Candidate,
     DoneEvent,
     GenerationRequest,
     LoadSpec,
     TokenEvent,
+    bounded_tokens,
     check_prompt,
     check_token_ids,
     default_threads,
@@ -46,6 +48,13 @@ from myllm.runtime.textstream import TextAssembler
 log = logging.getLogger(__name__)
 N_BATCH = 512
 PENALTY_WINDOW = 64
+GRAMMAR_STEP_LIMIT = 0.25
+"""Seconds a request's grammar may add to its first token (checked before it starts: a 500-value
+`enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the scheduler
+thread for every sequence in turn, so a grammar's cost is every other request's wait."""
+GRAMMAR_STEP_MAX = 0.5
+"""Seconds any later token's grammar may take (an `enum` deep in an object opens only there)
+before the request is stopped with an error."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +150,8 @@ class BatchEngine:
         self._outbox: list[tuple[EngineJob, Any]] = []
         self._lock = threading.Lock()
         self._closed = False
+        self.beat = time.monotonic()
+        """When the scheduler last went round its loop (see `health`)."""
         self._guard = UseGuard(spec.name)
         self._thread = threading.Thread(target=self._run, name=f"batch-{spec.name}", daemon=True)
         self._thread.start()
@@ -158,18 +169,53 @@ class BatchEngine:
     def _piece(self, token: int) -> str:
         return self._bytes(token).decode("utf-8", "replace")
 
-    def _tokenize(self, text: str, add_bos: bool) -> list[int]:
+    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
         with self._guard.use():
-            return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True))
+            return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def _bounded(self, text: str, add_bos: bool, special: bool, limit: int) -> list[int] | None:
+        return bounded_tokens(lambda t: self._tokenize(t, add_bos, special), text, limit)
+
+    def _bos_for(self, text: str) -> bool:
+        """A BOS is added when the model wants one and the text does not already start with it."""
+        return not (self.bos_text and text.startswith(self.bos_text))
 
     def tokenize(self, text: str) -> list[int]:
-        """Special tokens in the text are parsed (chat templates write them as text); a BOS is
-        added when the model wants one and the text does not already start with it."""
-        return self._tokenize(text, add_bos=not (self.bos_text and text.startswith(self.bos_text)))
+        """A raw prompt's tokens: special tokens in it are parsed, as a raw completion means the
+        caller wrote the model's markup itself. One that cannot fit the context is refused
+        without tokenizing all of it."""
+        tokens = self._bounded(text, self._bos_for(text), True, self.n_ctx)
+        if tokens is None:
+            raise PromptTooLong(self.n_ctx, self.n_ctx, at_least=True)
+        return tokens  # check_prompt refuses one that is just over, with its exact count
 
-    def count_tokens(self, text: str) -> int:
-        """Tokens of a piece of text on its own (no BOS), e.g. one stored message."""
-        return len(self._tokenize(text, add_bos=False))
+    def tokenize_units(self, units: list[list[tuple[str, bool]]], limit: int) -> list[list[int] | None]:
+        """Each unit's tokens (see `RenderedPrompt.units`), the last unit first, until `limit`
+        tokens are reached: earlier units are None, since they cannot fit beside the later ones
+        (a conversation far past the context costs only what fits of it). A part's flag says
+        whether special tokens in it are parsed: the template's markup yes, message text no, so
+        a message cannot forge a turn. The first unit starts with BOS when the model wants one."""
+        first = next((text for unit in units for text, _ in unit), "")
+        bos = self._tokenize("", True, False) if self._bos_for(first) else []
+        out: list[list[int] | None] = [None] * len(units)
+        left = limit
+        for i in range(len(units) - 1, -1, -1):
+            tokens: list[int] = bos if i == 0 else []
+            for text, special in units[i]:
+                part = self._bounded(text, False, special, left - len(tokens))
+                if part is None or len(part) > left - len(tokens):
+                    return out
+                tokens = tokens + part
+            out[i] = tokens
+            left -= len(tokens)
+        return out
+
+    def count_tokens(self, text: str, limit: int | None = None) -> int:
+        """Tokens of a message's text on its own (no BOS, special tokens as text), at most
+        `limit` (the context: a longer text cannot be part of a prompt anyway)."""
+        limit = self.n_ctx if limit is None else limit
+        tokens = self._bounded(text, False, False, limit)
+        return limit if tokens is None else min(len(tokens), limit)
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""
@@ -232,8 +278,15 @@ class BatchEngine:
 
     # -- the scheduler thread ----------------------------------------------------------------------
 
+    def health(self) -> dict[str, Any]:
+        """Whether the scheduler thread lives, and for how long it has been busy without going
+        round its loop (a step that never returns: 0 while idle)."""
+        stalled = time.monotonic() - self.beat if self.busy else 0.0
+        return {"scheduler": self._thread.is_alive(), "stalled": stalled}
+
     def _run(self) -> None:
         while True:
+            self.beat = time.monotonic()
             idle = not any(s.job is not None for s in self._slots) and not self._waiting
             try:
                 job = self._queue.get(timeout=None if idle and not self._closed else 0)
@@ -244,6 +297,7 @@ class BatchEngine:
                     job = self._queue.get_nowait()
             except queue.Empty:
                 pass
+            self.beat = time.monotonic()  # woken: a wait for work is not a stall
             if self._closed and not any(s.job is not None for s in self._slots):
                 self._flush()
                 for job in self._waiting:
@@ -365,9 +419,27 @@ class BatchEngine:
         return pointer
 
     def check_grammar(self, grammar: str) -> None:
-        """Raise `InvalidOptions` unless llama.cpp can compile `grammar` (a request's format is
-        checked before its stream starts, so a bad one is a 400, not an error event)."""
-        self._lib.llama_sampler_free(self._grammar_sampler(grammar))
+        """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
+        the vocabulary once stays within `GRAMMAR_STEP_LIMIT` (a request's format is checked
+        before its stream starts, so a bad one is a 400, not an error event)."""
+        from llama_cpp import _internals as internals
+
+        pointer = self._grammar_sampler(grammar)
+        try:
+            candidates = internals.LlamaTokenDataArray(n_vocab=self.n_vocab)
+            candidates.copy_logits(np.zeros(self.n_vocab, dtype=np.single))
+            started = time.perf_counter()
+            with self._guard.use():
+                self._lib.llama_sampler_apply(pointer, ctypes.byref(candidates.candidates))
+            cost = time.perf_counter() - started
+        finally:
+            self._lib.llama_sampler_free(pointer)
+        if cost > GRAMMAR_STEP_LIMIT:
+            raise InvalidOptions(
+                f"the output format's grammar costs {cost * 1000:.0f} ms a token on this model (the limit is "
+                f"{GRAMMAR_STEP_LIMIT * 1000:.0f} ms); use a smaller schema (fewer enum values or alternatives)",
+                field="format",
+            )
 
     def _step(self) -> None:
         for slot in self._slots:
@@ -413,10 +485,16 @@ class BatchEngine:
             slot.first_at = time.perf_counter()
         greedy = isinstance(slot.sampler, GreedySampler)
         logits = self._logits(slot.batch_index) if req.options.logprobs is not None or greedy else None
+        started = time.perf_counter()
         if greedy:
             token = slot.sampler.sample(logits)
         else:
             token = slot.sampler.sample(self.ctx, slot.batch_index)  # llama_sampler_sample also accepts it
+        if req.grammar and time.perf_counter() - started > GRAMMAR_STEP_MAX:
+            self._finish(slot, None, InvalidOptions(
+                f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
+                "every request on this model; use a smaller schema", field="format"))
+            return
         logprob, top = self._score(logits, token, req.options.logprobs)
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")

@@ -138,6 +138,20 @@ def check_prompt(tokens: list[int], n_ctx: int) -> None:
         raise PromptTooLong(len(tokens), n_ctx)
 
 
+CHARS_PER_TOKEN_BOUND = 16
+"""More characters per token than any real text averages (English runs at about four)."""
+
+
+def bounded_tokens(tokenize: Callable[[str], list[int]], text: str, limit: int) -> list[int] | None:
+    """The tokens of `text`, or None when it is far longer than `limit` tokens could be and
+    the head of it alone has more (a 4 MB prompt takes 30 s and ~900 MB to tokenize; its head
+    answers at once). A list longer than `limit` is over too, by that many."""
+    head = max(limit, 1) * CHARS_PER_TOKEN_BOUND
+    if len(text) > head and len(tokenize(text[:head])) > limit:
+        return None
+    return tokenize(text)
+
+
 def check_token_ids(tokens: list[int], n_vocab: int) -> None:
     """Token ids a client sent must be in the vocabulary: llama.cpp aborts on any other."""
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
@@ -203,11 +217,11 @@ class EmbeddingEngine:
     def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         limit = int(self.llm.n_batch)
         for i, text in enumerate(texts):
-            n = len(self.llm.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n == 0:  # nothing to pool over: llama.cpp would fail the whole batch
+            tokens = bounded_tokens(self.tokenize, text, limit)
+            if tokens is None or len(tokens) > limit:
+                raise PromptTooLong(limit if tokens is None else len(tokens), limit, at_least=tokens is None)
+            if not tokens:  # nothing to pool over: llama.cpp would fail the whole batch
                 raise InvalidOptions(f"input[{i}] is empty", field="input")
-            if n > limit:
-                raise PromptTooLong(n, limit)
         try:
             vectors, count = self.llm.embed(texts, normalize=True, truncate=False, return_count=True)
         except RuntimeError as exc:

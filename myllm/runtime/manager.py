@@ -15,6 +15,7 @@ its runner is refused for a while (30 s, doubling up to 10 min) instead of crash
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -37,6 +38,17 @@ RunnerFactory = Callable[[RunnerConfig, int], Awaitable[Any]]
 """(what to load, queue limit) -> a started runner: `ModelRunner.start`, or a unit test's fake."""
 CRASH_BACKOFF = 30.0
 CRASH_BACKOFF_MAX = 600.0
+STALL_LIMIT = 120.0
+"""A scheduler step running this long is stuck: a prompt chunk takes seconds, not minutes."""
+INCIDENT_MEMORY = 60.0
+"""How long a restart after a failed health check counts as a problem for readiness."""
+
+
+@dataclass(frozen=True)
+class Incident:
+    at: float
+    model: str
+    problem: str
 
 
 @dataclass
@@ -141,26 +153,31 @@ class ModelManager:
         self._load_lock = asyncio.Lock()
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
+        self._checker: asyncio.Task[None] | None = None
+        self.incidents: collections.deque[Incident] = collections.deque(maxlen=32)
+        """Runners restarted after a failed health check, the latest last."""
         self._closing = False
         self.load_count = 0
 
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background task that unloads expired idle instances."""
+        """Start the background tasks: unloading expired idle instances, checking runners."""
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever(), name="myllm-keepalive")
+            self._checker = asyncio.create_task(self._check_forever(), name="myllm-health")
 
     async def close(self) -> None:
         """Stop everything: running requests end with `ShuttingDown`, then every runner exits."""
         self._closing = True
         self.abort_all(ShuttingDown("the server is shutting down"))
-        if self._reaper:
-            self._reaper.cancel()
-            try:
-                await self._reaper
-            except asyncio.CancelledError:
-                pass
+        for task in (self._reaper, self._checker):
+            if task is not None:
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
         await asyncio.gather(*(self._unload(inst) for inst in list(self._instances.values())))
 
     def abort_all(self, error: BaseException) -> None:
@@ -185,6 +202,41 @@ class ModelManager:
         for inst in expired:
             await self._unload(inst)
         return [i.spec.name for i in expired]
+
+    # -- health ------------------------------------------------------------------------
+
+    async def _check_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.health_interval)
+            await self.check_health()
+
+    async def check_health(self) -> list[Incident]:
+        """Ask every runner at once how it is; one that is stuck, or whose scheduler died or
+        stalled, is killed (its requests fail with `ModelCrashed` saying why) and forgotten, so
+        the next request loads the model afresh. A runner that merely died is handled by its exit."""
+        instances = list(self._instances.values())
+        answers = await asyncio.gather(
+            *(inst.runner.health(2 * self.settings.health_interval, STALL_LIMIT) for inst in instances),
+            return_exceptions=True,
+        )
+        found = []
+        for inst, problem in zip(instances, answers):
+            if isinstance(problem, BaseException):
+                log.error("health check of %s failed: %r", inst.spec.name, problem)
+            elif problem:
+                log.error("model %s %s; restarting its runner", inst.spec.name, problem)
+                found.append(Incident(time.monotonic(), inst.spec.name, problem))
+                inst.runner.kill(problem)
+        self.incidents.extend(found)
+        return found
+
+    def problems(self) -> list[str]:
+        """What readiness reports: restarts after a failed health check, for a minute."""
+        now = time.monotonic()
+        return [
+            f"model '{i.model}' {i.problem}; its runner was restarted {now - i.at:.0f} s ago"
+            for i in self.incidents if now - i.at < INCIDENT_MEMORY
+        ]
 
     # -- leases --------------------------------------------------------------------
 

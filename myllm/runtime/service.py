@@ -20,11 +20,14 @@ from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest,
 from myllm.runtime.grammar import format_grammar
 from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
-from myllm.runtime.runner import ModelRunner, RequestStream
-from myllm.runtime.template import render_chat
+from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
+from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
 ROLES = ("system", "user", "assistant")
+PREPARE_WORKERS = 2
+"""Threads rendering chat templates: rendering is quick unless a template is slow, and then
+more threads would only mean more of them stuck."""
 
 
 class GenerationStream(AsyncIterator[Event]):
@@ -117,46 +120,7 @@ def with_model_defaults(row: ModelRow, messages: list[dict[str, str]]) -> list[d
     return head + list(row.messages or []) + [m for m in messages if m["role"] != "system"]
 
 
-class _TextPrompt:
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
-        return await runner.tokenize(self.text), ()
-
-
-class _ChatPrompt:
-    """Messages rendered with the model's chat template, trimmed to fit when asked to;
-    `prefill` starts the assistant's turn."""
-
-    def __init__(self, row: ModelRow, messages: list[dict[str, str]], trim: bool, prefill: str = "") -> None:
-        self.row = row
-        self.messages = messages
-        self.trim = trim
-        self.prefill = prefill
-        self.dropped = 0
-        self.text = ""
-
-    async def _render(self, runner: ModelRunner, msgs: list[dict[str, str]]) -> tuple[list[int], tuple[str, ...]]:
-        details = self.row.details or {}
-        rendered = await asyncio.to_thread(
-            render_chat, msgs, self.row.template, self.row.family, details.get("bos_token"), details.get("eos_token")
-        )
-        self.text = rendered.text + self.prefill
-        return await runner.tokenize(self.text), rendered.stop
-
-    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
-        msgs = list(self.messages)
-        tokens, stop = await self._render(runner, msgs)
-        first = 1 if msgs and msgs[0]["role"] == "system" else 0
-        while self.trim and len(tokens) + reserve > runner.n_ctx and len(msgs) - first > 1:
-            del msgs[first]
-            self.dropped += 1
-            tokens, stop = await self._render(runner, msgs)
-        return tokens, stop
-
-
-_Prompt = _TextPrompt | _ChatPrompt
+_Prompt = TextPrompt | ChatPrompt
 
 
 class Runtime:
@@ -164,11 +128,14 @@ class Runtime:
         self.registry = registry
         self.settings = settings
         self.manager = manager or ModelManager(registry, settings)
+        self.prepare = PreparePool(PREPARE_WORKERS, settings.max_queue, settings.template_timeout)
+        """Where chat templates are rendered (runtime/prompt.py)."""
 
     async def start(self) -> None:
         self.manager.start()
 
     async def close(self) -> None:
+        self.prepare.close()
         await self.manager.close()
 
     # -- which models are loaded (the API's load/unload/ps routes) ----------------------------
@@ -186,6 +153,14 @@ class Runtime:
 
     def is_loaded(self, name: str) -> bool:
         return self.manager.is_loaded(name)
+
+    def problems(self) -> list[str]:
+        """What is degraded now (readiness): runners restarted after a failed health check, a
+        full prompt-preparation queue."""
+        found = self.manager.problems()
+        if self.prepare.full:
+            found.append(f"prompt preparation is full: {self.prepare.pending} prompts are being rendered or waiting")
+        return found
 
     def abort_all(self, error: MyLLMError) -> None:
         """End every running and queued request now with `error` (shutdown's grace is over)."""
@@ -219,7 +194,7 @@ class Runtime:
         row = await self.model(model)
         opts = self.options_for(row, options)
         msgs = with_model_defaults(row, check_messages(messages))
-        return await self._start(row, _ChatPrompt(row, msgs, trim, prefill), opts, keep_alive=keep_alive, count=count)
+        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim, prefill), opts, keep_alive=keep_alive, count=count)
 
     async def generate(
         self,
@@ -249,12 +224,12 @@ class Runtime:
             text = earlier + prompt
             if system and not raw:
                 text = f"{system}\n\n{text}"
-            return await self._start(row, _TextPrompt(text), opts, keep_alive=keep_alive, count=count)
+            return await self._start(row, TextPrompt(text), opts, keep_alive=keep_alive, count=count)
         msgs = with_model_defaults(row, [{"role": "system", "content": system}] if system else [])
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, _ChatPrompt(row, msgs, trim=bool(pairs)), opts, keep_alive=keep_alive, count=count)
+        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim=bool(pairs)), opts, keep_alive=keep_alive, count=count)
 
     async def _start(
         self,
@@ -286,7 +261,7 @@ class Runtime:
             raise
         stream = GenerationStream(events, lease, len(tokens))
         stream.counts = counts
-        stream.dropped = getattr(prompt, "dropped", 0)
+        stream.dropped = prompt.dropped
         stream.prompt_text = prompt.text
         return stream
 

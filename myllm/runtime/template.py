@@ -4,6 +4,11 @@ chosen by family for models that have none, such as base models."""
 from __future__ import annotations
 
 import json
+import logging
+import re
+import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
@@ -13,6 +18,8 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from myllm.errors import InvalidOptions
+
+log = logging.getLogger(__name__)
 
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
@@ -68,23 +75,194 @@ def template_name(template: str | None, family: str) -> str:
     return next((name for marker, name in markers if marker in template), "custom")
 
 
+class Deadline:
+    """How long one rendering may run, and whether its caller still wants it. A template is a
+    program (a GGUF or a Modelfile brings it): loops over hundreds of messages can run for
+    minutes, and a thread cannot be stopped from outside, so the sandbox's hooks ask this
+    between steps and the rendering raises instead of running on."""
+
+    def __init__(self, seconds: float, cancelled: threading.Event | None = None) -> None:
+        self.seconds = seconds
+        self.ends = time.monotonic() + seconds
+        self.cancelled = cancelled or threading.Event()
+
+    def check(self) -> None:
+        if self.cancelled.is_set():
+            raise RenderCancelled()
+        if time.monotonic() > self.ends:
+            raise InvalidOptions(
+                f"the model's chat template took more than {self.seconds:g} s to render these messages",
+                field="messages",
+            )
+
+
+class RenderCancelled(Exception):
+    """The request that wanted this rendering is gone (client left, daemon stopping)."""
+
+
+_current = threading.local()
+
+
+def _check() -> None:
+    deadline: Deadline | None = getattr(_current, "deadline", None)
+    if deadline is not None:
+        deadline.check()
+
+
+class _Watched(list):  # type: ignore[type-arg]
+    """A list whose every iteration asks the deadline first: nested loops over the messages
+    are what makes a template slow, and plain iteration calls no sandbox hook."""
+
+    def __iter__(self) -> Any:
+        _check()
+        return super().__iter__()
+
+
+def _watch(value: Any) -> Any:
+    return _Watched(value) if isinstance(value, (list, range)) and not isinstance(value, _Watched) else value
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """Jinja's immutable sandbox, plus a deadline check at every call, filter, attribute and
+    item lookup, lists it hands out watched, and no string or list multiplied past a bound."""
+
+    intercepted_binops = frozenset({"*", "**"})
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805 (Jinja's signature)
+        _check()
+        return _watch(super().call(__context, __obj, *args, **kwargs))
+
+    def call_filter(self, *args: Any, **kwargs: Any) -> Any:
+        _check()
+        return _watch(super().call_filter(*args, **kwargs))
+
+    def getitem(self, obj: Any, argument: Any) -> Any:
+        _check()
+        return _watch(super().getitem(obj, argument))
+
+    def getattr(self, obj: Any, attribute: str) -> Any:
+        _check()
+        return super().getattr(obj, attribute)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check()
+        if operator == "*" and isinstance(right, int) and isinstance(left, (str, list, tuple)) and len(left) * right > MAX_OUTPUT:
+            raise InvalidOptions("the model's chat template builds a string larger than its limit", field="messages")
+        if operator == "**" and isinstance(right, int) and right > 64:
+            raise InvalidOptions("the model's chat template raises a number to a power larger than 64", field="messages")
+        return super().call_binop(context, operator, left, right)
+
+
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
 @lru_cache(maxsize=32)
 def compile_template(template: str) -> Any:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.filters["tojson"] = lambda value, indent=None: json.dumps(value, ensure_ascii=False, indent=indent)
     return env.from_string(template)
 
 
+Part = tuple[str, bool]
+"""A piece of a prompt and whether special tokens in it are parsed (the template's markup) or
+not (a message's content, tokenized as text so it cannot forge a turn)."""
+
+
 @dataclass(frozen=True)
 class RenderedPrompt:
     text: str
     stop: tuple[str, ...]
+    units: tuple[tuple[Part, ...], ...]
+    """The prompt cut after each message's content: `units[i]` ends with message i's content
+    (the markup before it included), the last unit is what follows the last message. Joined,
+    the parts are `text`. Trimming drops whole units; tokenizing counts each once."""
+    marked: bool
+    """Whether contents were found in the output (False: the template moved or rewrote them,
+    and the whole prompt is one markup part, parsed as before)."""
+
+
+MAX_OUTPUT = 16 << 20
+"""Characters a rendering may produce (a 4 MB request body renders to a little more)."""
+
+
+def _render(template: Any, messages: list[dict[str, str]], deadline: Deadline | None, **context: Any) -> str:
+    """Render chunk by chunk (each chunk is a deadline check and counts toward the output bound)."""
+    _current.deadline = deadline
+    try:
+        out: list[str] = []
+        size = 0
+        for chunk in template.generate(messages=_Watched(messages), **context):
+            size += len(chunk)
+            if size > MAX_OUTPUT:
+                raise InvalidOptions("the model's chat template produced a prompt larger than its limit", field="messages")
+            _check()
+            out.append(chunk)
+        return "".join(out)
+    except TemplateError as exc:
+        # Templates raise for conversations they do not support (e.g. roles out of order).
+        raise InvalidOptions(f"the model's chat template rejected the messages: {exc}", field="messages") from exc
+    finally:
+        _current.deadline = None
+
+
+def _mark(messages: list[dict[str, str]], nonce: str) -> list[dict[str, str]]:
+    """Each content between an opening and a closing marker no client can guess. Whitespace
+    around the content stays outside the markers, so a template that trims contents trims
+    the same characters it would without them."""
+    marked = []
+    for i, msg in enumerate(messages):
+        content = msg["content"]
+        core = content.strip()
+        if core:
+            start = content.index(core)
+            content = f"{content[:start]}\ue000{nonce}{i}\ue001{core}\ue000{nonce}{i}\ue002{content[start + len(core):]}"
+        marked.append({**msg, "content": content})
+    return marked
+
+
+def _split(text: str, nonce: str, messages: list[dict[str, str]]) -> tuple[tuple[Part, ...], ...] | None:
+    """The marked output as units (see `RenderedPrompt.units`); None unless every marker is
+    where a template that copies each content once, in order, would put it. Whitespace around
+    a content that the template kept goes back into the content's part, so the parts tokenize
+    as the whole text would."""
+    units: list[tuple[Part, ...]] = [() for _ in messages]
+    parts: list[Part] = []
+    pos, last, inside, lead = 0, -1, None, ""
+    for match in re.finditer(f"\ue000{nonce}(\\d+)([\ue001\ue002])", text):
+        index, opening = int(match.group(1)), match.group(2) == "\ue001"
+        piece = text[pos : match.start()]
+        pos = match.end()
+        if opening:
+            if inside is not None or index <= last or index >= len(messages):
+                return None
+            content = messages[index]["content"]
+            lead = content[: len(content) - len(content.lstrip())]
+            if lead and piece.endswith(lead):
+                piece = piece[: -len(lead)]
+            else:
+                lead = ""
+            if piece:
+                parts.append((piece, True))
+            inside = index
+        else:
+            if inside != index:
+                return None
+            content = messages[index]["content"]
+            trail = content[len(content.rstrip()) :]
+            if not (trail and text.startswith(trail, pos)):
+                trail = ""
+            pos += len(trail)
+            parts.append((lead + piece + trail, False))
+            units[index] = tuple(parts)
+            parts, last, inside = [], index, None
+    if inside is not None or "\ue000" + nonce in text[pos:]:
+        return None
+    if text[pos:]:
+        parts.append((text[pos:], True))
+    return (*units, tuple(parts))
 
 
 def render_chat(
@@ -94,19 +272,18 @@ def render_chat(
     bos_token: str | None,
     eos_token: str | None,
     add_generation_prompt: bool = True,
+    deadline: Deadline | None = None,
 ) -> RenderedPrompt:
     stop: tuple[str, ...] = ()
     if not template:
         fallback = fallback_for(family)
         template, stop = fallback.template, fallback.stop
-    try:
-        text = compile_template(template).render(
-            messages=messages,
-            bos_token=bos_token or "",
-            eos_token=eos_token or "",
-            add_generation_prompt=add_generation_prompt,
-        )
-    except TemplateError as exc:
-        # Templates raise for conversations they do not support (e.g. roles out of order).
-        raise InvalidOptions(f"the model's chat template rejected the messages: {exc}", field="messages") from exc
-    return RenderedPrompt(text, stop)
+    compiled = compile_template(template)
+    context = {"bos_token": bos_token or "", "eos_token": eos_token or "", "add_generation_prompt": add_generation_prompt}
+    nonce = secrets.token_hex(6)
+    units = _split(_render(compiled, _mark(messages, nonce), deadline, **context), nonce, messages)
+    if units is not None:
+        return RenderedPrompt("".join(text for unit in units for text, _ in unit), stop, units, True)
+    log.warning("the chat template does not copy message contents as they are; special tokens in them are parsed")
+    text = _render(compiled, messages, deadline, **context)
+    return RenderedPrompt(text, stop, (*(() for _ in messages), ((text, True),)), False)

@@ -68,11 +68,13 @@ class RunnerLoop:
         self.embed_lock = threading.Lock()
         self.calls: dict[str, Callable[..., Any]] = {
             "tokenize": engine.tokenize,
+            "units": lambda units, limit: self._generation().tokenize_units(units, limit),
             "count": lambda texts: [engine.count_tokens(t) for t in texts],
             "detokenize": engine.detokenize,
             "embed": self._embed,
             "grammar": lambda grammar: self._generation().check_grammar(grammar),
             "stats": self._stats,
+            "health": lambda: self.engine.health() if isinstance(self.engine, BatchEngine) else {"scheduler": True, "stalled": 0.0},
         }
 
     def _generation(self) -> BatchEngine:

@@ -107,6 +107,8 @@ class ModelRunner:
         self._ids = itertools.count(1)
         self._stderr: collections.deque[str] = collections.deque(maxlen=STDERR_LINES)
         self._closing = False
+        self._killed: str | None = None
+        """Why the daemon killed this runner (a failed health check), if it did."""
         self._exited = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.exit_error: MyLLMError | None = None
@@ -200,6 +202,9 @@ class ModelRunner:
         await self._reap()
         if self._closing:
             error: MyLLMError = ShuttingDown(f"model '{self.spec.name}' was unloaded")
+        elif self._killed:
+            error = ModelCrashed(f"the runner of model '{self.spec.name}' was restarted: it {self._killed}")
+            log.error("%s", error.message)
         else:
             error = ModelCrashed(f"the runner of model '{self.spec.name}' stopped ({self._last_words()})")
             log.error("%s", error.message)
@@ -250,6 +255,30 @@ class ModelRunner:
             return int(psutil.Process(self.pid).memory_info().rss) if self.alive and self.pid else 0
         except psutil.Error:
             return 0
+
+    async def health(self, timeout: float, stall_limit: float) -> str | None:
+        """What is wrong with this runner, or None: it did not answer within `timeout` (stopped,
+        or stuck holding its interpreter), its scheduler thread is gone, or a step of it has run
+        for more than `stall_limit` seconds."""
+        try:
+            report = await asyncio.wait_for(self.call("health"), timeout)
+        except TimeoutError:
+            return f"did not answer its health check within {timeout:g} s"
+        except MyLLMError:  # it exited meanwhile: its exit is handled on its own
+            return None
+        if not report["scheduler"]:
+            return "lost its scheduler thread"
+        if report["stalled"] > stall_limit:
+            return f"made no progress for {report['stalled']:.0f} s"
+        return None
+
+    def kill(self, reason: str) -> None:
+        """End the runner now; what runs on it fails with `ModelCrashed` naming `reason`, and its
+        exit is reported like a crash's (the manager forgets the instance)."""
+        if self.proc is None or not self.alive or self._closing:
+            return
+        self._killed = reason
+        self.proc.kill()
 
     async def close(self, timeout: float = 5.0) -> None:
         """Ask the runner to exit (what runs in it fails with `ShuttingDown`) and wait; a
@@ -327,6 +356,10 @@ class ModelRunner:
 
     async def tokenize(self, text: str) -> list[int]:
         return await self.call("tokenize", text)
+
+    async def tokenize_units(self, units: list[list[tuple[str, bool]]], limit: int) -> list[list[int] | None]:
+        """See `BatchEngine.tokenize_units`."""
+        return await self.call("units", units, limit)
 
     async def count_tokens(self, texts: list[str]) -> list[int]:
         return await self.call("count", texts) if texts else []
