@@ -82,3 +82,35 @@ def test_health_reports_a_stalled_or_dead_scheduler(shared_registry: Registry) -
         assert engine.health()["scheduler"] is False
     finally:
         release.set()
+
+
+def test_a_failure_in_one_sequence_fails_that_request_only(shared_registry: Registry) -> None:
+    """An exception while sampling one sequence ends that request with its error; the other
+    sequence in the same batch, and the scheduler, go on."""
+    from myllm.runtime.batching import Failed
+
+    spec = LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=512, n_parallel=2)
+    engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
+    sample = engine._sample
+
+    def failing(slot: Any) -> None:
+        if slot.job.tag == "bad":
+            raise ValueError("boom")
+        sample(slot)
+
+    engine._sample = failing  # type: ignore[method-assign]
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    try:
+        for tag in ("bad", "good"):
+            req = GenerationRequest(engine.tokenize("The capital of France is"), GenerationOptions(temperature=0, max_tokens=8))
+            engine.submit(req, lambda items: [events.put((job.tag, event)) for job, event in items], tag)
+        ends: dict[str, Any] = {}
+        while len(ends) < 2:
+            tag, event = events.get(timeout=60)
+            if isinstance(event, (DoneEvent, Failed)):
+                ends[tag] = event
+        assert isinstance(ends["bad"], Failed) and "boom" in str(ends["bad"].error)
+        assert isinstance(ends["good"], DoneEvent) and ends["good"].completion_tokens == 8
+        assert engine.health()["scheduler"]
+    finally:
+        engine.close()

@@ -112,3 +112,40 @@ def test_graceful_shutdown(daemon: Daemon, private_home: Path) -> None:
     assert code == 0
     wal = private_home / "myllm.db-wal"
     assert not wal.exists() or wal.stat().st_size == 0, "the database was closed cleanly"
+
+
+def test_sigterm_stops_renderings_within_the_grace(private_home: Path) -> None:
+    """Chat templates still rendering (a template that would run for minutes, with a generous
+    MYLLM_TEMPLATE_TIMEOUT) do not hold the daemon past its grace period: their renderings are
+    called off and their threads never block the exit."""
+    from myllm.registry.store import Overrides, Registry
+    from myllm.settings import Settings
+    from tests.test_starvation import MANY, SLOW_TEMPLATE
+
+    registry = Registry.open(Settings(home=private_home))
+    registry.copy("smollm2:135m", "loops", Overrides(template_override=SLOW_TEMPLATE))
+    registry.close()
+    daemon = Daemon(private_home, MYLLM_SHUTDOWN_GRACE="2", MYLLM_TEMPLATE_TIMEOUT="600")
+    warm = httpx.post(f"{daemon.url}/api/chat", json={"model": "loops", "messages": [{"role": "user", "content": "Hi"}],
+                                                      "options": {"max_tokens": 1}}, timeout=60)
+    assert warm.status_code == 200, warm.text
+    answers: list[httpx.Response | Exception] = []
+
+    def slow() -> None:
+        try:
+            answers.append(httpx.post(f"{daemon.url}/api/chat", json={"model": "loops", "messages": MANY}, timeout=60))
+        except httpx.HTTPError as exc:
+            answers.append(exc)
+
+    threads = [threading.Thread(target=slow) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(2)  # rendering by now (the model is loaded)
+    assert not answers, "still rendering"
+    signalled = time.monotonic()
+    code = daemon.stop()
+    took = time.monotonic() - signalled
+    for thread in threads:
+        thread.join(30)
+    assert code == 0 and took < 12, f"exited {code} after {took:.1f}s (grace 2 s)"
+    assert len(answers) == 4

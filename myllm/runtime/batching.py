@@ -476,7 +476,13 @@ class BatchEngine:
                 slot.cached.extend(slot.pending[: slot.in_batch])
                 slot.pending = slot.pending[slot.in_batch :]
             if slot.batch_index is not None:
-                self._sample(slot)
+                try:
+                    self._sample(slot)
+                except Exception as exc:  # one sequence's sampling failed: that request, not the batch
+                    log.exception("sampling failed")
+                    if slot.job is not None:
+                        error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"sampling failed: {exc}")
+                        self._finish(slot, None, error)
 
     def _sample(self, slot: _Slot) -> None:
         req, job, assembler = slot.req, slot.job, slot.assembler
