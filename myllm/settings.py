@@ -20,6 +20,11 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address the daemon binds to.")
     port: int = Field(default=8000, ge=1, le=65535, description="Port the daemon listens on.")
+    ollama_port: int = Field(
+        default=11434, ge=0, le=65535, description="Second port, serving Ollama's API (Ollama's own port by "
+        "default, so Ollama clients work unchanged); 0 turns it off. Taken (by a running Ollama): one log line, "
+        "and the daemon serves its main port alone."
+    )
     database_url: str | None = Field(
         default=None,
         description="SQLAlchemy URL of the registry database; default SQLite at $MYLLM_HOME/myllm.db.",

@@ -14,7 +14,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from myllm.api.app import create_app
+from myllm.api.app import create_app, create_ollama_app
+from myllm.api.server import Sibling
 from myllm.settings import Settings
 
 
@@ -52,23 +53,41 @@ def in_server(coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
 
 
 @contextmanager
-def running_server(settings: Settings) -> Iterator[str]:
+def running_servers(settings: Settings) -> Iterator[tuple[str, str]]:
+    """The daemon's app and its Ollama listener, each a real uvicorn on a free loopback port,
+    in one event loop as `myllm serve` runs them: (main URL, Ollama URL)."""
     global LAST_APP, LAST_LOOP
-    port = free_port()
+    port, ollama_port = free_port(), free_port()
+    settings = settings.model_copy(update={"ollama_port": ollama_port})
     LAST_APP = create_app(settings)
-    config = uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    server = uvicorn.Server(config)
+    servers = [
+        uvicorn.Server(uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")),
+        Sibling(uvicorn.Config(create_ollama_app(LAST_APP, settings), host="127.0.0.1", port=ollama_port,
+                               log_level="warning", lifespan="off")),
+    ]
     loop = LAST_LOOP = asyncio.new_event_loop()
-    thread = threading.Thread(target=lambda: loop.run_until_complete(server.serve()), daemon=True)
+
+    async def serve_all() -> None:
+        await asyncio.gather(*(server.serve() for server in servers))
+
+    thread = threading.Thread(target=lambda: loop.run_until_complete(serve_all()), daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
     wait_until_healthy(url, thread.is_alive)
     try:
-        yield url
+        yield url, f"http://127.0.0.1:{ollama_port}"
     finally:
-        server.should_exit = True
+        for server in servers:
+            server.should_exit = True
         thread.join(30)
         loop.close()
+
+
+@contextmanager
+def running_server(settings: Settings) -> Iterator[str]:
+    """The daemon's main listener (its Ollama listener runs too, on a free port)."""
+    with running_servers(settings) as (url, _):
+        yield url
 
 
 def tree_rss(proc: "psutil.Process") -> int:

@@ -26,7 +26,7 @@ class Daemon:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [MYLLM, "serve", "--port", str(self.port)],
-            env={**os.environ, "MYLLM_HOME": str(home), "MYLLM_NUM_THREADS": "1", **env},
+            env={**os.environ, "MYLLM_HOME": str(home), "MYLLM_NUM_THREADS": "1", "MYLLM_OLLAMA_PORT": "0", **env},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         )
         self.output: list[str] = []

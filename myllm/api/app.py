@@ -13,9 +13,9 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import compat, errors, llama_server, native, openai
+from myllm.api import compat, errors, llama_server, native, ollama, openai
 from myllm.api.access_log import AccessLogMiddleware
-from myllm.api.auth import ApiKeyMiddleware, load_keys
+from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, load_keys
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.state import Services
@@ -37,6 +37,25 @@ def _check_blobs(registry: Registry) -> None:
             log.warning("model %s is broken: %s", row.name, problem)
 
 
+def _middleware(app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: list[bytes], open_paths: frozenset[str]) -> None:
+    """What every listener applies alike: body limit, API keys, CORS, cancelling work whose
+    client left, the access log (added last, so it runs first)."""
+    errors.install(app, error_router)
+    # Added first, so it runs last: 401 answers carry CORS headers too.
+    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router, open_paths=open_paths)
+    origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_origin_regex=None if origins else LOCAL_ORIGINS,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    app.add_middleware(CancelOnDisconnectMiddleware)
+    app.add_middleware(AccessLogMiddleware)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
@@ -46,6 +65,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = Runtime(registry, settings)
         await runtime.start()
         app.state.services = Services(settings, registry, runtime, SessionStore(registry.sessions), time.monotonic())
+        for sibling in app.state.siblings:  # other listeners serve from the same services
+            sibling.state.services = app.state.services
         app.state.ready = True
         checker = asyncio.create_task(asyncio.to_thread(_check_blobs, registry))
         try:
@@ -63,30 +84,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.ready = False
+    app.state.siblings = []
     error_router = errors.ErrorRouter(default=errors.native_renderer)
     error_router.add(openai.PREFIX, openai.openai_renderer)
     for path in compat.PATHS:
         error_router.add(path, compat.legacy_renderer)
     error_router.add(llama_server.PATH, llama_server.llama_renderer)
-    errors.install(app, error_router)
-    # Added last, so it runs first: 401 answers carry CORS headers too.
-    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router)
     # The keys are read here, once: a request never reads the key file, so changing it takes a restart.
     keys = load_keys(settings)
     app.state.auth_required = bool(keys)
-    app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router)
-    origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
-    app.add_middleware(
-        CORSMiddleware,
-        allow_origins=origins,
-        allow_origin_regex=None if origins else LOCAL_ORIGINS,
-        allow_methods=["*"],
-        allow_headers=["*"],
-    )
-    app.add_middleware(CancelOnDisconnectMiddleware)
-    app.add_middleware(AccessLogMiddleware)
+    app.state.keys = keys
+    _middleware(app, settings, error_router, keys, OPEN_PATHS)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(compat.router)
     app.include_router(llama_server.router)
+    return app
+
+
+def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
+    """Ollama's API for the second listener (`MYLLM_OLLAMA_PORT`): its paths collide with the
+    native API's, so it is an app of its own, served from `main`'s services (set by `main`'s
+    lifespan; this app has none) with the same keys, origins and body limit."""
+    app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
+    main.state.siblings.append(app)
+    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, ollama.OPEN_PATHS)
+    app.include_router(ollama.router)
     return app

@@ -38,17 +38,18 @@ def key_matches(presented: bytes, keys: list[bytes]) -> bool:
 
 
 class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, keys: list[bytes], errors: ErrorRouter) -> None:
+    def __init__(self, app: ASGIApp, keys: list[bytes], errors: ErrorRouter, open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self.keys = keys
         self.errors = errors
+        self.open_paths = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (
             scope["type"] != "http"
             or not self.keys
             or scope["method"] == "OPTIONS"  # CORS preflights carry no credentials
-            or scope["path"] in OPEN_PATHS
+            or scope["path"] in self.open_paths
         ):
             await self.app(scope, receive, send)
             return

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import signal
 import socket
 import sys
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
-from myllm.api.app import create_app
+from myllm.api.app import create_app, create_ollama_app
 from myllm.errors import ShuttingDown
 from myllm.settings import Settings
 
@@ -43,16 +45,21 @@ class _Server(uvicorn.Server):
     than a cut connection), and exit 0 once the lifespan has closed the runtime and database.
     (uvicorn itself would re-raise the signal after shutting down, dying by it.)"""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, grace: float, siblings: list[uvicorn.Server]) -> None:
         super().__init__(config)
         self.app = app
         self.grace = grace
+        self.siblings = siblings
+        """Other listeners of this daemon (the Ollama port): they stop when this one does."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True
         else:
             self.should_exit = True
+        for sibling in self.siblings:
+            sibling.should_exit = True
+            sibling.force_exit = self.force_exit
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.app.state.ready = False
@@ -70,18 +77,55 @@ class _Server(uvicorn.Server):
             services.runtime.abort_all(ShuttingDown("the server is shutting down"))
 
 
+class Sibling(uvicorn.Server):
+    """A second listener in the same process and event loop; the main server owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def ollama_socket(host: str, port: int) -> socket.socket | None:
+    """The Ollama listener's socket, bound now so a port already taken (a real Ollama running)
+    costs one log line, not the daemon."""
+    family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        logging.getLogger("uvicorn.error").warning(
+            "Ollama API not served: port %d is taken (%s; is Ollama running?); serving on the main port only",
+            port, exc.strerror or exc)
+        return None
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(settings: Settings, host: str | None = None, port: int | None = None, log_level: str = "info") -> None:
     bind = host or settings.host
     _log_with_rich(log_level)
     app = create_app(settings)
-    config = uvicorn.Config(
-        app, host=bind, port=port or settings.port, log_level=log_level,
-        access_log=False,  # myllm's own access line has the model and tokens
-        timeout_graceful_shutdown=int(settings.shutdown_grace) + 5,  # a backstop after our own abort
-    )
+    common = {
+        "host": bind, "log_level": log_level,
+        "access_log": False,  # myllm's own access line has the model and tokens
+        "timeout_graceful_shutdown": int(settings.shutdown_grace) + 5,  # a backstop after our own abort
+    }
+    config = uvicorn.Config(app, port=port or settings.port, **common)
     if not app.state.auth_required and not _loopback(bind):
         # uvicorn's logger: configured by Config, so the warning shows beside its own lines.
         logging.getLogger("uvicorn.error").warning(
             "listening on %s without API keys: anyone who can reach this port can use it "
             "(set MYLLM_API_KEYS or MYLLM_API_KEYS_FILE)", bind)
-    _Server(config, app, settings.shutdown_grace).run()
+    siblings: list[tuple[uvicorn.Server, socket.socket]] = []
+    sock = ollama_socket(bind, settings.ollama_port) if settings.ollama_port else None
+    if sock is not None:
+        side = Sibling(uvicorn.Config(create_ollama_app(app, settings), port=settings.ollama_port, **common))
+        siblings.append((side, sock))
+    main = _Server(config, app, settings.shutdown_grace, [side for side, _ in siblings])
+
+    async def run_all() -> None:
+        await asyncio.gather(main.serve(), *(side.serve(sockets=[s]) for side, s in siblings))
+
+    asyncio.run(run_all())
