@@ -35,3 +35,97 @@ def test_clients_find_ollama_running(urls: tuple[str, str]) -> None:
     assert httpx.get(f"{url}/api/version").json()["version"].count(".") == 2
     missing = httpx.get(f"{url}/api/nothing")
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
+
+
+def test_chat_streamed_and_not(client: ollama.Client) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat(model="smollm2:135m", messages=messages, options={"temperature": 0, "num_predict": 12})
+    assert whole.message.role == "assistant" and whole.message.content.strip()
+    assert whole.done and whole.done_reason in ("stop", "length")
+    assert whole.eval_count and 0 < whole.eval_count <= 12 and whole.prompt_eval_count and whole.prompt_eval_count > 5
+    assert whole.total_duration and whole.eval_duration and 0 < whole.eval_duration < whole.total_duration
+    parts = list(client.chat(model="smollm2:135m", messages=messages, stream=True, options={"temperature": 0, "num_predict": 12}))
+    assert [p.done for p in parts].count(True) == 1 and parts[-1].done
+    assert "".join(p.message.content for p in parts) == whole.message.content  # greedy: the same answer
+    assert parts[-1].done_reason == whole.done_reason and parts[-1].eval_count == whole.eval_count
+
+
+def test_generate_streamed_and_not(client: ollama.Client) -> None:
+    whole = client.generate(model="smollm2:135m", prompt="Count: one, two,", raw=True, options={"temperature": 0, "num_predict": 5})
+    assert whole.response.strip() and whole.done and whole.eval_count == 5 and whole.done_reason == "length"
+    parts = list(client.generate(model="smollm2:135m", prompt="Count: one, two,", raw=True, stream=True,
+                                 options={"temperature": 0, "num_predict": 5}))
+    assert "".join(p.response for p in parts) == whole.response and parts[-1].done
+
+
+def test_format_with_a_schema_gives_output_that_validates(client: ollama.Client) -> None:
+    import json
+
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string", "maxLength": 20}},
+              "required": ["city", "country"]}
+    r = client.chat(model="smollm2:135m", messages=[{"role": "user", "content": "Name a city and its country as JSON."}],
+                    format=schema, options={"temperature": 0, "num_predict": 60})
+    data = json.loads(r.message.content)
+    assert set(data) == {"city", "country"} and all(isinstance(v, str) for v in data.values())
+
+
+def test_empty_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client, urls: tuple[str, str]) -> None:
+    def loaded_models() -> list[str]:
+        return [m["name"] for m in httpx.get(f"{urls[0]}/api/ps").json()["models"]]
+
+    loaded = client.generate(model="gemma3:270m", prompt="")
+    assert loaded.done and loaded.done_reason == "load" and loaded.response == ""
+    assert "gemma3:270m" in loaded_models()
+    unloaded = client.chat(model="gemma3:270m", messages=[], keep_alive=0)
+    assert unloaded.done_reason == "unload" and unloaded.message.content == ""
+    assert "gemma3:270m" not in loaded_models()
+
+
+def test_embed_in_batch_and_the_older_route(client: ollama.Client) -> None:
+    r = client.embed(model="smollm2:135m", input=["The cat sat.", "A dog ran.", "The cat sat."])
+    assert len(r.embeddings) == 3 and len(r.embeddings[0]) == 576 and r.embeddings[0] == r.embeddings[2]
+    assert r.prompt_eval_count and r.prompt_eval_count > 6
+    short = client.embed(model="smollm2:135m", input="The cat sat.", dimensions=64)
+    assert len(short.embeddings[0]) == 64 and abs(sum(x * x for x in short.embeddings[0]) - 1) < 1e-4
+    long = client.embed(model="smollm2:135m", input="word " * 5000)  # truncated by default, as Ollama does
+    assert len(long.embeddings[0]) == 576
+    with pytest.raises(ollama.ResponseError) as info:
+        client.embed(model="smollm2:135m", input="word " * 5000, truncate=False)
+    assert info.value.status_code == 400 and "does not fit" in info.value.error
+    old = client.embeddings(model="smollm2:135m", prompt="The cat sat.")
+    assert len(old.embedding) == 576
+
+
+def test_errors_in_ollamas_shape(client: ollama.Client, urls: tuple[str, str]) -> None:
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="nope:1", messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.status_code == 404 and info.value.error == "model 'nope:1' not found"
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}], think=True)
+    assert info.value.status_code == 400 and info.value.error == '"smollm2:135m" does not support thinking'
+    with pytest.raises(ollama.ResponseError) as info:
+        client.chat(model="smollm2:135m", messages=[{"role": "user", "content": "Hi", "images": [b"\x89PNG"]}])
+    assert info.value.status_code == 400 and "does not support images" in info.value.error
+    with pytest.raises(ollama.ResponseError) as info:
+        client.generate(model="smollm2:135m", prompt="Hi", options={"temperature": 9})
+    assert info.value.status_code == 400 and "temperature" in info.value.error
+    # Ollama's llama.cpp knobs are accepted and left to the daemon.
+    r = client.generate(model="smollm2:135m", prompt="Hi", options={"num_thread": 1, "num_gpu": 0, "num_predict": 2})
+    assert r.done
+    bad = httpx.post(f"{urls[1]}/api/chat", content=b"{", headers={"content-type": "application/json"})
+    assert bad.status_code == 400 and set(bad.json()) == {"error"}
+
+
+def test_langchain_chat_ollama_and_embeddings(urls: tuple[str, str]) -> None:
+    from langchain_ollama import ChatOllama, OllamaEmbeddings
+
+    llm = ChatOllama(model="smollm2:135m", base_url=urls[1], temperature=0, num_predict=12)
+    answer = llm.invoke("What is the capital of France?")
+    assert isinstance(answer.content, str) and answer.content.strip()
+    assert answer.usage_metadata and answer.usage_metadata["output_tokens"] > 0
+    chunks = list(llm.stream("What is the capital of France?"))
+    assert "".join(c.content for c in chunks) == answer.content
+    embedder = OllamaEmbeddings(model="smollm2:135m", base_url=urls[1])
+    vectors = embedder.embed_documents(["The cat sat.", "A dog ran."])
+    assert len(vectors) == 2 and len(vectors[0]) == 576
+    assert embedder.embed_query("The cat sat.") == vectors[0]

@@ -10,13 +10,23 @@ Model management (tags, show, ps, pull, create, blobs, copy, delete) is in
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import math
+import time
+from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from myllm.api.access_log import track
 from myllm.api.errors import ApiError
+from myllm.api.ollama_models import IGNORED_OPTIONS, ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
+from myllm.api.state import services
+from myllm.errors import InvalidOptions, MyLLMError
+from myllm.registry.schema import ModelRow
+from myllm.runtime.options import GenerationOptions
+from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 
 OLLAMA_VERSION = "0.12.0"
 """The Ollama release whose API this listener follows (clients compare it to their minimum)."""
@@ -50,3 +60,167 @@ async def root() -> PlainTextResponse:
 @router.get("/api/version")
 async def version() -> dict[str, str]:
     return {"version": OLLAMA_VERSION}
+
+
+# -- generation --------------------------------------------------------------------------------
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def _ns(ms: float) -> int:
+    return int(ms * 1_000_000)
+
+
+def generation_options(options: dict[str, Any] | None, format: str | dict[str, Any] | None) -> GenerationOptions:
+    """Ollama's options (its names, `num_predict` included) and `format` as the runtime's."""
+    given = {k: v for k, v in (options or {}).items() if k not in IGNORED_OPTIONS}
+    if format:
+        given["format"] = format
+    return GenerationOptions.parse(given)
+
+
+async def _model_row(request: Request, name: str) -> ModelRow:
+    return await services(request).runtime.model(name)
+
+
+def _check_features(row: ModelRow, think: object, images: list[str] | None) -> None:
+    """What these models cannot do is refused as Ollama refuses it, not silently dropped."""
+    if think and "think" not in (row.template or ""):
+        raise InvalidOptions(f'"{row.name}" does not support thinking', field="think")
+    if images:
+        raise InvalidOptions(f'"{row.name}" does not support images', field="images")
+
+
+def _final(done: DoneEvent, started: float, ready: float) -> dict[str, Any]:
+    """The closing object's measurements, in nanoseconds: `load_duration` is the time until the
+    model was loaded and the prompt prepared."""
+    return {
+        "done": True, "done_reason": "length" if done.finish_reason == "length" else "stop",
+        "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": int((ready - started) * 1e9),
+        "prompt_eval_count": done.prompt_tokens, "prompt_eval_duration": _ns(done.prompt_ms),
+        "eval_count": done.completion_tokens, "eval_duration": _ns(done.generation_ms),
+    }
+
+
+async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | float | None, field: str) -> dict[str, Any]:
+    """An empty prompt (or message list) loads the model; with `keep_alive: 0` it unloads it.
+    Ollama clients preload models this way."""
+    runtime = services(request).runtime
+    if keep_alive is not None and str(keep_alive).strip() in ("0", "0s", "0.0"):
+        await runtime.unload(row.name)
+        reason = "unload"
+    else:
+        await runtime.load(row.name, keep_alive=keep_alive)
+        reason = "load"
+    empty: dict[str, Any] = {"message": {"role": "assistant", "content": ""}} if field == "message" else {"response": ""}
+    return {"model": row.name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
+
+
+async def _respond(
+    request: Request, stream: GenerationStream, streaming: bool, piece: Callable[[str], dict[str, Any]], started: float
+) -> Response:
+    """NDJSON objects as tokens come (each carrying its piece of text), or one object at the end."""
+    track(request, stream)
+    ready = time.perf_counter()
+
+    async def objects() -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for event in stream:
+                if isinstance(event, TokenEvent) and event.text:
+                    yield {"model": stream.model, "created_at": _now(), **piece(event.text), "done": False}
+                elif isinstance(event, DoneEvent):
+                    yield {"model": stream.model, "created_at": _now(), **piece(""), **_final(event, started, ready)}
+        except MyLLMError as exc:  # after the first line, an error is a line of its own, as Ollama sends it
+            yield {"error": exc.message}
+        finally:
+            await stream.aclose()
+
+    if streaming:
+        return ndjson(objects())
+    async with stream:
+        done = await stream.collect()
+    return JSONResponse({"model": stream.model, "created_at": _now(), **piece(done.text), **_final(done, started, ready)})
+
+
+@router.post("/api/chat")
+async def chat(body: ChatRequest, request: Request) -> Response:
+    started = time.perf_counter()
+    row = await _model_row(request, body.model)
+    _check_features(row, body.think, [i for m in body.messages for i in (m.images or [])])
+    if not body.messages:
+        return _one(await _load_or_unload(request, row, body.keep_alive, "message"), body.stream)
+    stream = await services(request).runtime.chat(
+        row, [{"role": m.role, "content": m.content} for m in body.messages],
+        generation_options(body.options, body.format), keep_alive=body.keep_alive,
+    )
+    return await _respond(request, stream, body.stream, lambda text: {"message": {"role": "assistant", "content": text}}, started)
+
+
+@router.post("/api/generate")
+async def generate(body: GenerateRequest, request: Request) -> Response:
+    started = time.perf_counter()
+    row = await _model_row(request, body.model)
+    _check_features(row, body.think, body.images)
+    if body.template:
+        raise InvalidOptions("a per-request template is not supported (Ollama's are Go templates); "
+                             "create a model with its own TEMPLATE instead", field="template")
+    if body.suffix:
+        raise InvalidOptions(f'"{row.name}" does not support insert', field="suffix")
+    if body.context:
+        raise InvalidOptions("'context' (the deprecated token list) is not supported; send the conversation to /api/chat",
+                             field="context")
+    if not body.prompt:
+        return _one(await _load_or_unload(request, row, body.keep_alive, "response"), body.stream)
+    stream = await services(request).runtime.generate(
+        row, body.prompt, generation_options(body.options, body.format), system=body.system, raw=body.raw,
+        keep_alive=body.keep_alive,
+    )
+    return await _respond(request, stream, body.stream, lambda text: {"response": text}, started)
+
+
+def _one(obj: dict[str, Any], streaming: bool) -> Response:
+    """A single object: one NDJSON line when the client streams, plain JSON otherwise."""
+    if not streaming:
+        return JSONResponse(obj)
+
+    async def single() -> AsyncIterator[dict[str, Any]]:
+        yield obj
+
+    return ndjson(single())
+
+
+# -- embeddings --------------------------------------------------------------------------------
+
+
+@router.post("/api/embed")
+async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
+    started = time.perf_counter()
+    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    result = await services(request).runtime.embed(body.model, list(inputs), keep_alive=body.keep_alive, truncate=body.truncate)
+    vectors = result.vectors
+    if body.dimensions is not None:
+        vectors = [_shorten(v, body.dimensions) for v in vectors]
+    return {
+        "model": result.model, "embeddings": vectors, "total_duration": int((time.perf_counter() - started) * 1e9),
+        "load_duration": 0, "prompt_eval_count": result.prompt_tokens,
+    }
+
+
+def _shorten(vector: list[float], dimensions: int) -> list[float]:
+    """The first `dimensions` values, normalised again (what `dimensions` means for models trained
+    to nest their embeddings)."""
+    if dimensions > len(vector):
+        raise InvalidOptions(f"dimensions {dimensions} is more than the model's {len(vector)}", field="dimensions")
+    head = vector[:dimensions]
+    norm = math.sqrt(sum(x * x for x in head)) or 1.0
+    return [x / norm for x in head]
+
+
+@router.post("/api/embeddings")
+async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
+    if not body.prompt:
+        return {"embedding": []}
+    result = await services(request).runtime.embed(body.model, [body.prompt], keep_alive=body.keep_alive, truncate=True)
+    return {"embedding": result.vectors[0]}

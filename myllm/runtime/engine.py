@@ -208,22 +208,25 @@ class EmbeddingEngine:
         with self._guard.use():
             return self.llm.detokenize(tokens).decode("utf-8", "replace")
 
-    def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
-        """One vector per input (a text or token ids), all in one call; the token count."""
+    def embed(self, inputs: list[str | list[int]], truncate: bool = False) -> tuple[list[list[float]], int]:
+        """One vector per input (a text or token ids), all in one call; the token count. An
+        input longer than the batch is refused, or with `truncate` cut to what fits."""
         texts = [i if isinstance(i, str) else self.detokenize(i) for i in inputs]
         with self._guard.use():
-            return self._embed(texts)
+            return self._embed(texts, truncate)
 
-    def _embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed(self, texts: list[str], truncate: bool) -> tuple[list[list[float]], int]:
         limit = int(self.llm.n_batch)
         for i, text in enumerate(texts):
             tokens = bounded_tokens(self.tokenize, text, limit)
-            if tokens is None or len(tokens) > limit:
+            if tokens is None and truncate:  # far too long: what can be kept is in its head
+                texts[i] = text[: limit * CHARS_PER_TOKEN_BOUND]
+            elif tokens is None or len(tokens) > limit and not truncate:
                 raise PromptTooLong(limit if tokens is None else len(tokens), limit, at_least=tokens is None)
-            if not tokens:  # nothing to pool over: llama.cpp would fail the whole batch
+            elif not tokens:  # nothing to pool over: llama.cpp would fail the whole batch
                 raise InvalidOptions(f"input[{i}] is empty", field="input")
         try:
-            vectors, count = self.llm.embed(texts, normalize=True, truncate=False, return_count=True)
+            vectors, count = self.llm.embed(texts, normalize=True, truncate=truncate, return_count=True)
         except RuntimeError as exc:
             # llama-cpp-python leaves its batch unusable after a failed decode; freeing it
             # later aborts the process, so this instance is retired without freeing it.

@@ -266,8 +266,10 @@ class Runtime:
         return stream
 
     async def embed(
-        self, model: str, texts: list[str | list[int]], keep_alive: str | float | None = None
+        self, model: str, texts: list[str | list[int]], keep_alive: str | float | None = None, *, truncate: bool = False
     ) -> Embeddings:
+        """One vector per input. An input longer than the model's batch is refused, or with
+        `truncate` cut to its first tokens that fit."""
         if not texts:
             raise InvalidOptions("input must not be empty", field="input")
         for i, text in enumerate(texts):
@@ -275,7 +277,7 @@ class Runtime:
                 check_text(text, f"input[{i}]")
         lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)
         try:
-            vectors, count = await lease.runner.embed(texts)
+            vectors, count = await lease.runner.embed(texts, truncate)
         finally:
             lease.release()
         return Embeddings(lease.row.name, vectors, count)

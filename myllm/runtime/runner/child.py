@@ -82,11 +82,11 @@ class RunnerLoop:
             raise InvalidOptions("this instance was loaded for embeddings, not generation")
         return self.engine
 
-    def _embed(self, inputs: list[str | list[int]]) -> Any:
+    def _embed(self, inputs: list[str | list[int]], truncate: bool) -> Any:
         if not isinstance(self.engine, EmbeddingEngine):
             raise InvalidOptions("this instance was loaded for generation, not embeddings")
         with self.embed_lock:  # one llama.cpp context: one batch at a time
-            return list(self.engine.embed(inputs))
+            return list(self.engine.embed(inputs, truncate))
 
     def _stats(self) -> dict[str, Any]:
         """What tests and /api/ps read about the engine."""

@@ -364,11 +364,11 @@ class ModelRunner:
     async def count_tokens(self, texts: list[str]) -> list[int]:
         return await self.call("count", texts) if texts else []
 
-    async def embed(self, inputs: list[str | list[int]]) -> tuple[list[list[float]], int]:
+    async def embed(self, inputs: list[str | list[int]], truncate: bool = False) -> tuple[list[list[float]], int]:
         for item in inputs:  # checked here too: an id beyond 64 bits cannot even cross the channel
             if not isinstance(item, str):
                 check_token_ids(item, self.n_vocab)
-        vectors, count = await self.call("embed", inputs)
+        vectors, count = await self.call("embed", inputs, truncate)
         return vectors, count
 
     async def check_grammar(self, grammar: str) -> None:
