@@ -10,15 +10,26 @@ import httpx
 import ollama
 import pytest
 
+from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
 from tests.conftest import writable_home
 from tests.server import running_servers
+
+
+TOOL_TEMPLATE = (  # ChatML that renders tool definitions and calls, as tool-trained models' templates do
+    "{% if tools %}<|im_start|>system\nYou may call: {{ tools | tojson }}<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+    "{% if m.tool_calls %}{{ m.tool_calls | tojson }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+)
 
 
 @pytest.fixture(scope="module")
 def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(main URL, Ollama URL) of one daemon over a writable copy of the test models."""
     home = writable_home(models_home, tmp_path_factory.mktemp("ollama") / "home")
+    registry = Registry.open(Settings(home=home))
+    registry.copy("smollm2:135m", "tooly", Overrides(template_override=TOOL_TEMPLATE))
+    registry.close()
     with running_servers(Settings(home=home, num_threads=2, num_ctx=1024)) as urls:
         yield urls
 
@@ -129,3 +140,19 @@ def test_langchain_chat_ollama_and_embeddings(urls: tuple[str, str]) -> None:
     vectors = embedder.embed_documents(["The cat sat.", "A dog ran."])
     assert len(vectors) == 2 and len(vectors[0]) == 576
     assert embedder.embed_query("The cat sat.") == vectors[0]
+
+
+def test_tools_and_tool_messages_are_rendered_through_the_template(client: ollama.Client) -> None:
+    """The fields Ollama clients send for tools are accepted and reach the model's template
+    (the prompt grows by them); parsing calls out of replies is the tool-call layer's."""
+    tools = [{"type": "function", "function": {"name": "weather", "description": "The weather in a city",
+              "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+    question = {"role": "user", "content": "Weather in Paris?"}
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "weather", "arguments": {"city": "Paris"}}}]}
+    result = {"role": "tool", "content": "18 C, sunny", "tool_name": "weather"}
+    options = {"num_predict": 1}
+    plain = client.chat(model="tooly", messages=[question], options=options).prompt_eval_count or 0
+    with_tools = client.chat(model="tooly", messages=[question], tools=tools, options=options).prompt_eval_count or 0
+    with_calls = client.chat(model="tooly", messages=[question, call, result], tools=tools, options=options).prompt_eval_count or 0
+    assert plain < with_tools < with_calls
+    assert with_tools - plain > 30  # the whole definition

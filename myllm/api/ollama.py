@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 
 from myllm.api.access_log import track
 from myllm.api.errors import ApiError
-from myllm.api.ollama_models import IGNORED_OPTIONS, ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
+from myllm.api.ollama_models import IGNORED_OPTIONS, ChatMessage, ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
@@ -144,6 +144,17 @@ async def _respond(
     return JSONResponse({"model": stream.model, "created_at": _now(), **piece(done.text), **_final(done, started, ready)})
 
 
+def _message(m: ChatMessage) -> dict[str, Any]:
+    """Ollama's message as chat templates read one: tool calls in OpenAI's shape, a tool
+    result's tool under `name`."""
+    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    if m.tool_calls:
+        out["tool_calls"] = [{"type": "function", "function": call.function.model_dump()} for call in m.tool_calls]
+    if m.tool_name:
+        out["name"] = m.tool_name
+    return out
+
+
 @router.post("/api/chat")
 async def chat(body: ChatRequest, request: Request) -> Response:
     started = time.perf_counter()
@@ -152,8 +163,8 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     if not body.messages:
         return _one(await _load_or_unload(request, row, body.keep_alive, "message"), body.stream)
     stream = await services(request).runtime.chat(
-        row, [{"role": m.role, "content": m.content} for m in body.messages],
-        generation_options(body.options, body.format), keep_alive=body.keep_alive,
+        row, [_message(m) for m in body.messages], generation_options(body.options, body.format),
+        keep_alive=body.keep_alive, tools=body.tools,
     )
     return await _respond(request, stream, body.stream, lambda text: {"message": {"role": "assistant", "content": text}}, started)
 

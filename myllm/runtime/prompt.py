@@ -122,21 +122,26 @@ class ChatPrompt:
     """Messages rendered with the model's chat template, trimmed to fit when asked to;
     `prefill` starts the assistant's turn (as text, like any message)."""
 
-    def __init__(self, row: ModelRow, messages: list[dict[str, str]], pool: PreparePool, trim: bool, prefill: str = "") -> None:
+    def __init__(
+        self, row: ModelRow, messages: list[dict[str, Any]], pool: PreparePool, trim: bool, prefill: str = "",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> None:
         self.row = row
         self.messages = messages
+        self.tools = tools
         self.pool = pool
         self.trim = trim
         self.prefill = prefill
         self.dropped = 0
         self.text = ""
 
-    async def _prepare(self, runner: ModelRunner, msgs: list[dict[str, str]]) -> tuple[RenderedPrompt, list[list[int] | None]]:
+    async def _prepare(self, runner: ModelRunner, msgs: list[dict[str, Any]]) -> tuple[RenderedPrompt, list[list[int] | None]]:
         """One rendering and one tokenizing call: each unit's tokens (None for the early units
         that cannot fit beside the later ones)."""
         row, details = self.row, self.row.details or {}
         rendered = await self.pool.run(lambda deadline: render_chat(
-            msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline
+            msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline,
+            tools=self.tools,
         ))
         units = [list(unit) for unit in rendered.units]
         if self.prefill:

@@ -24,7 +24,7 @@ from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
-ROLES = ("system", "user", "assistant")
+ROLES = ("system", "user", "assistant", "tool")
 PREPARE_WORKERS = 2
 """Threads rendering chat templates: rendering is quick unless a template is slow, and then
 more threads would only mean more of them stuck."""
@@ -96,7 +96,24 @@ def check_text(text: str, field: str) -> None:
         raise InvalidOptions(f"{field} contains a lone surrogate ({text[exc.start]!r}), which is not text", field=field) from None
 
 
-def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
+def check_json_text(value: Any, field: str) -> None:
+    """Every string in a JSON value (tool definitions, a call's arguments) is text."""
+    if isinstance(value, str):
+        check_text(value, field)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            check_json_text(key, field)
+            check_json_text(item, f"{field}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            check_json_text(item, f"{field}[{i}]")
+
+
+def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """role and content, and what a tool conversation adds: an assistant message's
+    `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}], as chat templates
+    read them) and a tool message's `name`. The template renders them; parsing calls out of a
+    reply is the tool-call layer's job."""
     if not messages:
         raise InvalidOptions("messages must not be empty", field="messages")
     clean = []
@@ -107,11 +124,16 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, str]]:
         if not isinstance(content, str):
             raise InvalidOptions(f"messages[{i}].content must be a string", field="messages")
         check_text(content, f"messages[{i}].content")
-        clean.append({"role": role, "content": content})
+        message: dict[str, Any] = {"role": role, "content": content}
+        for extra in ("tool_calls", "name"):
+            if msg.get(extra):
+                check_json_text(msg[extra], f"messages[{i}].{extra}")
+                message[extra] = msg[extra]
+        clean.append(message)
     return clean
 
 
-def with_model_defaults(row: ModelRow, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+def with_model_defaults(row: ModelRow, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The model's system prompt (unless the request has one) and its seed messages
     (Modelfile MESSAGE) come before the request's own messages."""
     head = [m for m in messages if m["role"] == "system"] or (
@@ -186,15 +208,20 @@ class Runtime:
         trim: bool = False,
         count: list[str] | None = None,
         prefill: str = "",
+        tools: list[dict[str, Any]] | None = None,
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
         reply), the oldest messages after the system message drop out of the prompt.
         `count`: texts whose token counts the stream reports in `counts` (for storing them).
-        `prefill`: text the assistant's reply starts with (the stream's text continues it)."""
+        `prefill`: text the assistant's reply starts with (the stream's text continues it).
+        `tools`: function definitions the chat template renders for the model (OpenAI's shape)."""
         row = await self.model(model)
         opts = self.options_for(row, options)
         msgs = with_model_defaults(row, check_messages(messages))
-        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim, prefill), opts, keep_alive=keep_alive, count=count)
+        if tools:
+            check_json_text(tools, "tools")
+        prompt = ChatPrompt(row, msgs, self.prepare, trim, prefill, tools)
+        return await self._start(row, prompt, opts, keep_alive=keep_alive, count=count)
 
     async def generate(
         self,

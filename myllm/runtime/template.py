@@ -188,7 +188,7 @@ MAX_OUTPUT = 16 << 20
 """Characters a rendering may produce (a 4 MB request body renders to a little more)."""
 
 
-def _render(template: Any, messages: list[dict[str, str]], deadline: Deadline | None, **context: Any) -> str:
+def _render(template: Any, messages: list[dict[str, Any]], deadline: Deadline | None, **context: Any) -> str:
     """Render chunk by chunk (each chunk is a deadline check and counts toward the output bound)."""
     _current.deadline = deadline
     try:
@@ -208,7 +208,7 @@ def _render(template: Any, messages: list[dict[str, str]], deadline: Deadline | 
         _current.deadline = None
 
 
-def _mark(messages: list[dict[str, str]], nonce: str) -> list[dict[str, str]]:
+def _mark(messages: list[dict[str, Any]], nonce: str) -> list[dict[str, Any]]:
     """Each content between an opening and a closing marker no client can guess. Whitespace
     around the content stays outside the markers, so a template that trims contents trims
     the same characters it would without them."""
@@ -223,7 +223,7 @@ def _mark(messages: list[dict[str, str]], nonce: str) -> list[dict[str, str]]:
     return marked
 
 
-def _split(text: str, nonce: str, messages: list[dict[str, str]]) -> tuple[tuple[Part, ...], ...] | None:
+def _split(text: str, nonce: str, messages: list[dict[str, Any]]) -> tuple[tuple[Part, ...], ...] | None:
     """The marked output as units (see `RenderedPrompt.units`); None unless every marker is
     where a template that copies each content once, in order, would put it. Whitespace around
     a content that the template kept goes back into the content's part, so the parts tokenize
@@ -266,13 +266,14 @@ def _split(text: str, nonce: str, messages: list[dict[str, str]]) -> tuple[tuple
 
 
 def render_chat(
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     template: str | None,
     family: str,
     bos_token: str | None,
     eos_token: str | None,
     add_generation_prompt: bool = True,
     deadline: Deadline | None = None,
+    tools: list[dict[str, Any]] | None = None,
 ) -> RenderedPrompt:
     stop: tuple[str, ...] = ()
     if not template:
@@ -280,6 +281,8 @@ def render_chat(
         template, stop = fallback.template, fallback.stop
     compiled = compile_template(template)
     context = {"bos_token": bos_token or "", "eos_token": eos_token or "", "add_generation_prompt": add_generation_prompt}
+    if tools:
+        context["tools"] = tools
     nonce = secrets.token_hex(6)
     units = _split(_render(compiled, _mark(messages, nonce), deadline, **context), nonce, messages)
     if units is not None:
