@@ -7,23 +7,30 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from cli.render import ago, human_bytes
+from datetime import datetime
 from pathlib import Path
 
 from myllm import __version__
 from myllm.errors import MyLLMError
-from myllm.registry.schema import ModelRow
-from myllm.registry.store import Registry
 from myllm.settings import Settings
 
 if TYPE_CHECKING:
     from cli.client import Client
+    from cli.models import ModelStore
+
+SHOWN = (
+    "name", "digest", "size", "architecture", "family", "parameter_count", "parameter_size", "quantization",
+    "context_length", "embedding_length", "vocab_size", "license", "source", "parameters", "system", "template",
+    "created_at", "modified_at",
+)
+"""What `myllm show --json` prints, whether the daemon or the registry answered."""
 
 app = typer.Typer(
     name="myllm",
@@ -43,18 +50,18 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 
 @contextmanager
-def registry() -> Iterator[Registry]:
-    """Open the registry for one verb; a domain error becomes one clear line, no traceback."""
+def models() -> Iterator[ModelStore]:
+    """Where one registry verb acts: the running daemon, else the registry (cli/models.py); a
+    domain error or the daemon's refusal becomes one clear line, no traceback."""
+    from cli.models import DaemonError, model_store
+
     try:
-        reg = Registry.open(Settings())
+        with model_store() as store:
+            yield store
     except MyLLMError as exc:
         fail(exc.message)
-    try:
-        yield reg
-    except MyLLMError as exc:
-        fail(exc.message)
-    finally:
-        reg.close()
+    except DaemonError as exc:
+        fail(str(exc))
 
 
 def _version(value: bool) -> None:
@@ -85,61 +92,37 @@ def pull(
 ) -> None:
     """Download or copy a model into the blob store and register it."""
     from cli.progress import pull_progress
-    from myllm.pull import pull as do_pull
 
-    with registry() as reg, pull_progress(err) as progress:
-        result = do_pull(reg, Settings(), source, name=name, progress=progress)
+    with models() as store, pull_progress(err) as progress:
+        result = store.pull(source, name, progress)
     if result.note:
         err.print(f"[yellow]note:[/] {result.note}", highlight=False)
-    out.print(f"pulled [bold]{result.model.name}[/] from {result.source} (sha256 {result.model.digest[:12]})")
+    out.print(f"pulled [bold]{result.name}[/] from {result.source} (sha256 {result.digest[:12]})")
 
 
 @app.command("list")
 def list_models() -> None:
     """List registered models."""
-    with registry() as reg:
-        rows = [(row, reg.problem(row)) for row in reg.list()]
+    with models() as store:
+        rows = store.list()
     table = Table(box=None, header_style="bold")
     for column in ("NAME", "ID", "SIZE", "QUANT", "CONTEXT", "FAMILY", "MODIFIED", "STATUS"):
         table.add_column(column, no_wrap=True)
-    for row, problem in rows:
+    for m in rows:
         table.add_row(
-            row.name,
-            row.digest[:12],
-            human_bytes(row.size),
-            row.quantization,
-            str(row.context_length),
-            row.family,
-            ago(row.modified_at),
-            "[red]broken[/]" if problem else "ok",
+            m["name"],
+            m["digest"][:12],
+            human_bytes(m["size"]),
+            m["quantization"],
+            str(m["context_length"]),
+            m["family"],
+            ago(datetime.fromisoformat(m["modified_at"])),
+            "[red]broken[/]" if m["problem"] else "ok",
         )
     out.print(table)
-    for row, problem in rows:
-        if problem:
-            err.print(f"[red]{row.name} is broken:[/] {problem} (pull it again, or `myllm rm` it)", highlight=False)
-
-
-def model_facts(row: ModelRow) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "digest": row.digest,
-        "size": row.size,
-        "architecture": row.architecture,
-        "family": row.family,
-        "parameter_count": row.parameter_count,
-        "parameter_size": row.parameter_size,
-        "quantization": row.quantization,
-        "context_length": row.context_length,
-        "embedding_length": row.embedding_length,
-        "vocab_size": row.vocab_size,
-        "license": row.license,
-        "source": row.source,
-        "parameters": row.parameters,
-        "system": row.system,
-        "template": row.template,
-        "created_at": row.created_at.isoformat(),
-        "modified_at": row.modified_at.isoformat(),
-    }
+    for m in rows:
+        if m["problem"]:
+            err.print(f"[red]{m['name']} is broken:[/] {m['problem']} (pull it again, or `myllm rm` it)", highlight=False)
 
 
 @app.command()
@@ -148,11 +131,10 @@ def show(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Show a model's metadata, chat template and default parameters."""
-    with registry() as reg:
-        row = reg.get(model)
-    facts = model_facts(row)
+    with models() as store:
+        facts = store.show(model)
     if as_json:
-        sys.stdout.write(json.dumps(facts, indent=2) + "\n")
+        sys.stdout.write(json.dumps({k: facts[k] for k in SHOWN}, indent=2) + "\n")
         return
     table = Table(box=None, show_header=False)
     table.add_column(style="bold")
@@ -162,7 +144,7 @@ def show(
         "embedding_length", "vocab_size", "license", "source", "digest",
     ):
         table.add_row(key.replace("_", " "), str(facts[key]))
-    table.add_row("size", human_bytes(row.size))
+    table.add_row("size", human_bytes(facts["size"]))
     out.print(table)
     out.print("\n[bold]parameters[/]")
     out.print(json.dumps(facts["parameters"], indent=2) if facts["parameters"] else "  (none)")
@@ -174,11 +156,11 @@ def show(
 
 
 @app.command()
-def rm(models: Annotated[list[str], typer.Argument(help="Model names.")]) -> None:
+def rm(names: Annotated[list[str], typer.Argument(help="Model names.", metavar="MODELS...")]) -> None:
     """Remove models; a blob is deleted once no name uses it."""
-    with registry() as reg:
-        for model in models:
-            reg.remove(model)
+    with models() as store:
+        for model in names:
+            store.remove(model)
             out.print(f"deleted '{model}'")
 
 
@@ -200,9 +182,9 @@ def daemon(host: str | None, port: int | None) -> Iterator[Client]:
 def cp(source: Annotated[str, typer.Argument(help="Existing model.")],
        destination: Annotated[str, typer.Argument(help="New name.")]) -> None:
     """Copy a model: a second name for the same blob and settings."""
-    with registry() as reg:
-        row = reg.copy(source, destination)
-    out.print(f"copied '{source}' to '{row.name}'")
+    with models() as store:
+        copied = store.copy(source, destination)
+    out.print(f"copied '{source}' to '{copied}'")
 
 
 @app.command()
@@ -211,13 +193,11 @@ def create(
     file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path("Modelfile"),
 ) -> None:
     """Create a model from a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE)."""
-    from myllm.create import create_model
-
     if not file.is_file():
         fail(f"no Modelfile at {file}")
-    with registry() as reg:
-        row = create_model(reg, Settings(), name, file.read_text(), file.resolve().parent)
-    out.print(f"created '{row.name}' from {row.digest[:12]}")
+    with models() as store:
+        created = store.create(name, file.read_text(), file.resolve().parent)
+    out.print(f"created '{created['name']}' from {created['digest'][:12]}")
 
 
 @app.command()

@@ -60,6 +60,7 @@ def running_servers(settings: Settings) -> Iterator[tuple[str, str]]:
     port, ollama_port = free_port(), free_port()
     settings = settings.model_copy(update={"ollama_port": ollama_port})
     LAST_APP = create_app(settings)
+    LAST_APP.state.ollama_port = ollama_port
     servers = [
         uvicorn.Server(uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")),
         Sibling(uvicorn.Config(create_ollama_app(LAST_APP, settings), host="127.0.0.1", port=ollama_port,

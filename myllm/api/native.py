@@ -27,6 +27,7 @@ from myllm.api.native_models import (
     GenerateResponse,
     InferenceOptions,
     Message,
+    ModelDetail,
     ModelInfo,
     ModelList,
     RunningList,
@@ -56,7 +57,8 @@ router = APIRouter(responses=ERRORS)
 @router.get("/", response_model=ServerInfo, tags=["MyLLM"])
 async def root(request: Request) -> ServerInfo:
     count = await asyncio.to_thread(services(request).registry.count)
-    return ServerInfo(name="MyLLM", version=__version__, status="running", models_available=count)
+    ollama_port = getattr(request.app.state, "ollama_port", None)
+    return ServerInfo(name="MyLLM", version=__version__, status="running", models_available=count, ollama_port=ollama_port)
 
 
 class Health(BaseModel):
@@ -77,19 +79,14 @@ async def health(request: Request, ready: bool = False) -> JSONResponse:
     return JSONResponse(body, status_code=200 if serving and not (ready and problems) else 503)
 
 
-def model_info(row: ModelRow, loaded: bool, problem: str | None) -> ModelInfo:
-    return ModelInfo(
-        name=row.name,
-        family=row.family,
-        size_mb=round(row.size / (1 << 20)),
-        quantization=row.quantization,
-        context_size=row.context_length,
-        template=template_name(row.template, row.family),
-        parameters=row.parameters or {},
-        loaded=loaded,
-        status="broken" if problem else "ok",
-        problem=problem,
-    )
+def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, Any]:
+    """The list's fields of one model (`ModelInfo`)."""
+    return {
+        "name": row.name, "family": row.family, "size_mb": round(row.size / (1 << 20)), "quantization": row.quantization,
+        "context_size": row.context_length, "template": template_name(row.template, row.family),
+        "parameters": row.parameters or {}, "loaded": loaded, "status": "broken" if problem else "ok", "problem": problem,
+        "digest": row.digest, "size": row.size, "modified_at": row.modified_at.isoformat(),
+    }
 
 
 @router.get("/api/models", response_model=ModelList, tags=["MyLLM"])
@@ -97,15 +94,20 @@ async def list_models(request: Request) -> ModelList:
     svc = services(request)
     rows = await asyncio.to_thread(svc.registry.list)
     problems = await asyncio.to_thread(lambda: [svc.registry.problem(r) for r in rows])
-    return ModelList(models=[model_info(r, svc.runtime.is_loaded(r.name), p) for r, p in zip(rows, problems)])
+    return ModelList(models=[ModelInfo(**model_info(r, svc.runtime.is_loaded(r.name), p)) for r, p in zip(rows, problems)])
 
 
-@router.get("/api/models/{model_name}", response_model=ModelInfo, tags=["MyLLM"])
-async def get_model(model_name: str, request: Request) -> ModelInfo:
+@router.get("/api/models/{model_name}", response_model=ModelDetail, tags=["MyLLM"])
+async def get_model(model_name: str, request: Request) -> ModelDetail:
     svc = services(request)
     row = await svc.runtime.model(model_name)
     problem = await asyncio.to_thread(svc.registry.problem, row)
-    return model_info(row, svc.runtime.is_loaded(row.name), problem)
+    return ModelDetail(
+        **model_info(row, svc.runtime.is_loaded(row.name), problem),
+        architecture=row.architecture, parameter_count=row.parameter_count, parameter_size=row.parameter_size,
+        embedding_length=row.embedding_length, vocab_size=row.vocab_size, license=row.license, source=row.source,
+        system=row.system, chat_template=row.template, created_at=row.created_at.isoformat(),
+    )
 
 
 @router.post("/api/models/{model_name}/load", response_model=StatusMessage, tags=["MyLLM"])

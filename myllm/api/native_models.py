@@ -96,6 +96,25 @@ class ModelInfo(BaseModel):
     loaded: bool
     status: Literal["ok", "broken"] = Field(description="extension: 'broken' when the blob is missing or damaged")
     problem: str | None = Field(None, description="extension: what is wrong with a broken model")
+    digest: str = Field(description="extension: sha256 of the GGUF file")
+    size: int = Field(description="extension: the GGUF file's bytes")
+    modified_at: str = Field(description="extension: when the name was last written (ISO 8601)")
+
+
+class ModelDetail(ModelInfo):
+    """`GET /api/models/{name}`: the list's fields, and (extensions) everything `myllm show`
+    prints, so the CLI can show a model from a running daemon."""
+
+    architecture: str
+    parameter_count: int | None = None
+    parameter_size: str | None = None
+    embedding_length: int | None = None
+    vocab_size: int | None = None
+    license: str | None = None
+    source: str | None = None
+    system: str | None = None
+    chat_template: str | None = Field(None, description="the Jinja chat template itself (`template` is its short name)")
+    created_at: str
 
 
 class ModelList(BaseModel):
@@ -112,6 +131,7 @@ class ServerInfo(BaseModel):
     version: str
     status: str
     models_available: int
+    ollama_port: int | None = Field(None, description="extension: where this daemon serves Ollama's API (none: off)")
 
 
 class SessionSummary(BaseModel):

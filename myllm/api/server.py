@@ -121,6 +121,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
     siblings: list[tuple[uvicorn.Server, socket.socket]] = []
     sock = ollama_socket(bind, settings.ollama_port) if settings.ollama_port else None
     if sock is not None:
+        app.state.ollama_port = settings.ollama_port
         side = Sibling(uvicorn.Config(create_ollama_app(app, settings), port=settings.ollama_port, **common))
         siblings.append((side, sock))
     main = _Server(config, app, settings.shutdown_grace, [side for side, _ in siblings])
