@@ -23,7 +23,9 @@ def test_root_and_health(server: str) -> None:
     body = httpx.get(f"{server}/").json()
     count = len(httpx.get(f"{server}/api/models").json()["models"])
     assert count >= 2
+    ollama_port = body.pop("ollama_port")  # extension: where Ollama's API is served
     assert body == {"name": "MyLLM", "version": "0.1.0", "status": "running", "models_available": count}
+    assert httpx.get(f"http://127.0.0.1:{ollama_port}/").text == "Ollama is running"
     health = httpx.get(f"{server}/health")
     assert health.status_code == 200
     assert health.json()["status"] == "healthy" and "timestamp" in health.json()
@@ -38,14 +40,19 @@ def test_health_is_503_while_starting() -> None:
 
 def test_models(server: str) -> None:
     models = {m["name"]: m for m in httpx.get(f"{server}/api/models").json()["models"]}
-    assert models["smollm2:135m"] == {
+    smol = models["smollm2:135m"]
+    extensions = {key: smol.pop(key) for key in ("digest", "size", "modified_at")}
+    assert smol == {
         "name": "smollm2:135m", "family": "llama", "size_mb": 94, "quantization": "Q4_1",
         "context_size": 8192, "template": "chatml", "parameters": {}, "loaded": False, "status": "ok", "problem": None,
     }
+    assert len(extensions["digest"]) == 64 and round(extensions["size"] / (1 << 20)) == 94
     assert models["gemma3:270m"]["template"] == "gemma"
     assert models["gemma3:270m"]["context_size"] == 32768
     one = httpx.get(f"{server}/api/models/gemma3:270m").json()
     assert one["quantization"] == "Q4_K_M"
+    assert one["architecture"] == "gemma3" and one["chat_template"] is None  # what `myllm show` prints: no template in the file
+    assert "<|im_start|>" in httpx.get(f"{server}/api/models/smollm2:135m").json()["chat_template"]
     missing = httpx.get(f"{server}/api/models/nope:1")
     assert missing.status_code == 404
     assert missing.json() == {"detail": "model 'nope:1' not found"}

@@ -54,7 +54,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter(responses=ERRORS)
 
 
-@router.get("/", response_model=ServerInfo, tags=["MyLLM"])
+@router.get("/", response_model=ServerInfo, response_model_exclude_none=True, tags=["MyLLM"])
 async def root(request: Request) -> ServerInfo:
     count = await asyncio.to_thread(services(request).registry.count)
     ollama_port = getattr(request.app.state, "ollama_port", None)
