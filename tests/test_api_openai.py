@@ -253,7 +253,7 @@ def test_embeddings(client: OpenAI) -> None:
         ({"temperature": 7}, "temperature"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"top_p": -1}, "top_p"),
-        ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]}, "messages[0].role"),
+        ({"messages": [{"role": "function", "content": "x", "name": "f"}]}, "messages[0].role"),  # the deprecated form of "tool"
     ],
 )
 def test_bad_requests(client: OpenAI, kwargs: dict, param: str) -> None:

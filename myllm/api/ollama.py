@@ -131,7 +131,7 @@ async def _respond(
                 if isinstance(event, TokenEvent) and event.text:
                     yield {"model": stream.model, "created_at": _now(), **piece(event.text), "done": False}
                 elif isinstance(event, DoneEvent):
-                    yield {"model": stream.model, "created_at": _now(), **piece(""), **_final(event, started, ready)}
+                    yield {"model": stream.model, "created_at": _now(), **_calls(piece(""), stream), **_final(event, started, ready)}
         except MyLLMError as exc:  # after the first line, an error is a line of its own, as Ollama sends it
             yield {"error": exc.message}
         finally:
@@ -141,7 +141,15 @@ async def _respond(
         return ndjson(objects())
     async with stream:
         done = await stream.collect()
-    return JSONResponse({"model": stream.model, "created_at": _now(), **piece(done.text), **_final(done, started, ready)})
+    return JSONResponse({"model": stream.model, "created_at": _now(), **_calls(piece(done.text), stream), **_final(done, started, ready)})
+
+
+def _calls(fields: dict[str, Any], stream: GenerationStream) -> dict[str, Any]:
+    """The closing message carries the tool calls read from the reply, arguments as objects."""
+    if stream.tool_calls and "message" in fields:
+        calls = [{"function": {"name": c.name, "arguments": c.arguments}} for c in stream.tool_calls]
+        return {**fields, "message": {**fields["message"], "tool_calls": calls}}
+    return fields
 
 
 def _message(m: ChatMessage) -> dict[str, Any]:

@@ -4,6 +4,7 @@ objects and chunks. Errors take OpenAI's shape (see `openai_renderer`), never Fa
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import time
 import uuid
@@ -31,11 +32,13 @@ from myllm.api.openai_models import (
     EmbeddingRequest,
     EmbeddingUsage,
     ErrorObject,
+    FunctionCall,
     ModelListObject,
     ModelObject,
     PromptTokensDetails,
     ResponseFormat,
     Timings,
+    ToolCallObject,
     UsageObject,
     _Sampling,
 )
@@ -43,6 +46,7 @@ from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
+from myllm.runtime.tools import Call
 
 log = logging.getLogger(__name__)
 PREFIX = "/v1"
@@ -103,16 +107,16 @@ def _options(
     body: _Sampling, max_tokens: int | None, logprobs: int | None, fmt: Literal["json"] | dict[str, Any] | None = None
 ) -> GenerationOptions:
     """The request as the runtime's options, after this API's own limits (4 stop sequences,
-    one choice, no tools); the ranges every API shares are `GenerationOptions`' to check."""
+    one choice); the ranges every API shares are `GenerationOptions`' to check."""
     stop = [body.stop] if isinstance(body.stop, str) else body.stop
     if stop is not None and len(stop) > 4:
         raise InvalidOptions(f"stop takes at most 4 sequences (got {len(stop)})", field="stop")
     if body.n is not None and body.n != 1:
         raise InvalidOptions("n must be 1: myllm returns one choice per request; send several requests", field="n")
-    for unsupported in ("tools", "functions", "tool_choice", "function_call"):
+    for unsupported in ("functions", "function_call"):  # the deprecated forms of tools
         value = (body.model_extra or {}).get(unsupported)
         if value and value != "none":
-            raise InvalidOptions(f"'{unsupported}' is not supported", field=unsupported)
+            raise InvalidOptions(f"'{unsupported}' is not supported; send 'tools'", field=unsupported)
     return GenerationOptions.parse({
         "temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
         "seed": body.seed, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
@@ -132,11 +136,27 @@ def _format(fmt: ResponseFormat | None) -> Literal["json"] | dict[str, Any] | No
     return fmt.json_schema.schema_
 
 
-def _message(msg: ChatMessage, index: int) -> dict[str, str]:
+def _messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """The conversation as the runtime's messages. A tool result names its function, which
+    templates show, found through the call it answers (OpenAI's messages name only the call)."""
+    called: dict[str, str] = {}
+    out = []
+    for i, msg in enumerate(messages):
+        for call in msg.tool_calls or []:
+            called[call.id] = call.function.name
+        message = _message(msg, i)
+        if message["role"] == "tool" and not msg.name and msg.tool_call_id in called:
+            message["name"] = called[msg.tool_call_id]
+        out.append(message)
+    return out
+
+
+def _message(msg: ChatMessage, index: int) -> dict[str, Any]:
     role = "system" if msg.role == "developer" else msg.role
-    if role not in ("system", "user", "assistant"):
-        raise InvalidOptions(f"messages[{index}].role {msg.role!r} is not supported (system, user, assistant)",
+    if role not in ("system", "user", "assistant", "tool"):
+        raise InvalidOptions(f"messages[{index}].role {msg.role!r} is not supported (system, user, assistant, tool)",
                              field=f"messages[{index}].role")
+    content = msg.content or ""
     if isinstance(msg.content, list):
         texts = []
         for part in msg.content:
@@ -144,8 +164,30 @@ def _message(msg: ChatMessage, index: int) -> dict[str, str]:
                 raise InvalidOptions(f"messages[{index}].content: only text parts are supported (got {part.type!r})",
                                      field=f"messages[{index}].content")
             texts.append(part.text)
-        return {"role": role, "content": "".join(texts)}
-    return {"role": role, "content": msg.content or ""}
+        content = "".join(texts)
+    out: dict[str, Any] = {"role": role, "content": content}
+    if msg.tool_calls:
+        out["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
+    if role == "tool" and msg.name:
+        out["name"] = msg.name
+    return out
+
+
+def _tool_choice(body: ChatCompletionRequest) -> str:
+    choice = body.tool_choice
+    if choice is None:
+        return "auto"
+    if isinstance(choice, str):
+        return choice
+    name = choice.function.get("name")
+    if not isinstance(name, str):
+        raise InvalidOptions("tool_choice.function.name must be a string", field="tool_choice")
+    return name
+
+
+def _tool_calls(calls: list[Call]) -> list[ToolCallObject]:
+    return [ToolCallObject(id=c.id, function=FunctionCall(name=c.name, arguments=json.dumps(c.arguments, ensure_ascii=False)))
+            for c in calls]
 
 
 def _usage(dones: list[DoneEvent]) -> UsageObject:
@@ -164,7 +206,7 @@ def _timings(dones: list[DoneEvent]) -> Timings:
 
 
 def _finish(done: DoneEvent) -> str:
-    return "length" if done.finish_reason == "length" else "stop"
+    return done.finish_reason if done.finish_reason in ("length", "tool_calls") else "stop"
 
 
 def _chat_logprob(event: TokenEvent) -> dict[str, Any]:
@@ -190,9 +232,12 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     options = _options(body, body.max_completion_tokens or body.max_tokens, logprobs, _format(body.response_format))
     stream = await svc.runtime.chat(
         body.model or svc.settings.default_model,
-        [_message(m, i) for i, m in enumerate(body.messages)],
+        _messages(body.messages),
         options,
         keep_alive=body.keep_alive,
+        tools=body.tools,
+        tool_choice=_tool_choice(body),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
     )
     track(request, stream)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -208,7 +253,9 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     assert done is not None
     return ChatCompletion(
         id=cid, created=created, model=stream.model, usage=_usage([done]), timings=_timings([done]),
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text), finish_reason=_finish(done),
+        choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text or (None if stream.tool_calls else ""),
+                                                              tool_calls=_tool_calls(stream.tool_calls) or None),
+                            finish_reason=_finish(done),
                             logprobs={"content": entries} if logprobs is not None else None)],
     )
 
@@ -240,6 +287,11 @@ async def _chat_chunks(
                     yield chunk({"content": event.text}, logprobs=pending)
                     pending = []
             elif event.finish_reason != "cancelled":
+                for i, call in enumerate(_tool_calls(stream.tool_calls)):
+                    yield chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                                 "function": {"name": call.function.name, "arguments": ""}}]})
+                    for piece in _pieces(call.function.arguments):
+                        yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
                 yield chunk({}, _finish(event), logprobs=pending or None, timings=_timings([event]))
                 if include_usage:
                     yield sse.data({"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -249,6 +301,11 @@ async def _chat_chunks(
     finally:
         await stream.aclose()
     yield sse.data("[DONE]")
+
+
+def _pieces(text: str, size: int = 16) -> list[str]:
+    """A call's arguments in the pieces OpenAI streams them in."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 # -- completions ----------------------------------------------------------------------

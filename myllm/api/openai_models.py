@@ -19,10 +19,32 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str = Field(description="a JSON object, as a string")
+
+
+class ToolCallObject(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: str
     content: str | list[ContentPart] | None = None
+    tool_calls: list[ToolCallObject] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["function"] = "function"
+    function: dict[str, Any]
 
 
 class StreamOptions(BaseModel):
@@ -69,6 +91,10 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     response_format: ResponseFormat | None = None
+    tools: list[dict[str, Any]] | None = Field(None, description="function tools; calls are read from the reply")
+    tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = Field(
+        None, description="`required` and a named function are enforced by grammar")
+    parallel_tool_calls: bool | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -124,7 +150,8 @@ class Timings(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCallObject] | None = None
 
 
 class ChatChoice(BaseModel):

@@ -9,6 +9,7 @@ wrong later is raised from the stream's iteration.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -21,6 +22,7 @@ from myllm.runtime.grammar import format_grammar
 from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
+from myllm.runtime.tools import Call, CallFilter, Choice, ToolUse, check_choice, parse_tools
 from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
@@ -46,19 +48,48 @@ class GenerationStream(AsyncIterator[Event]):
         """Messages left out of the prompt to fit the context."""
         self.prompt_text = ""
         """The prompt as the model saw it (after the chat template)."""
+        self.calls: CallFilter | None = None
+        """Set when the reply may hold tool calls: text that may be one is held back."""
+        self.tool_calls: list[Call] = []
+        """The calls read from the reply, once it is done."""
+        self._content = ""
+        self._pending: DoneEvent | None = None
 
     def __aiter__(self) -> GenerationStream:
         return self
 
     async def __anext__(self) -> Event:
+        if self._pending is not None:  # the tool filter's last text went out first
+            self.done, self._pending = self._pending, None
+            return self.done
+        if self.done is not None:
+            await self.aclose()
+            raise StopAsyncIteration
         try:
             event = await self._events.__anext__()
         except BaseException:
             await self.aclose()
             raise
+        if self.calls is not None:
+            return self._filtered(event, self.calls)
         if isinstance(event, DoneEvent):
             self.done = event
         return event
+
+    def _filtered(self, event: Event, calls: CallFilter) -> Event:
+        """Text without the calls in it; the calls in `tool_calls` at the end."""
+        if isinstance(event, TokenEvent):
+            text = calls.feed(event.text)
+            self._content += text
+            return dataclasses.replace(event, text=text)
+        tail, self.tool_calls = calls.finish()
+        self._content += tail
+        done = dataclasses.replace(event, text=self._content, finish_reason="tool_calls" if self.tool_calls else event.finish_reason)
+        if not tail:
+            self.done = done
+            return done
+        self._pending = done
+        return TokenEvent(tail, -1)
 
     async def aclose(self) -> None:
         await self._events.aclose()
@@ -209,19 +240,29 @@ class Runtime:
         count: list[str] | None = None,
         prefill: str = "",
         tools: list[dict[str, Any]] | None = None,
+        tool_choice: Choice = "auto",
+        parallel_tool_calls: bool = True,
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
         reply), the oldest messages after the system message drop out of the prompt.
         `count`: texts whose token counts the stream reports in `counts` (for storing them).
         `prefill`: text the assistant's reply starts with (the stream's text continues it).
-        `tools`: function definitions the chat template renders for the model (OpenAI's shape)."""
+        `tools` (OpenAI's function tools), `tool_choice` and `parallel_tool_calls`: see
+        runtime/tools.py; the stream then holds calls back from its text and reports them in
+        `tool_calls`, its `DoneEvent` finishing with `tool_calls`."""
         row = await self.model(model)
+        check_json_text(tools or [], "tools")
+        use = ToolUse(parse_tools(tools or []), tool_choice, parallel_tool_calls)
+        check_choice(tool_choice, use.tools)
         opts = self.options_for(row, options)
-        msgs = with_model_defaults(row, check_messages(messages))
-        if tools:
-            check_json_text(tools, "tools")
-        prompt = ChatPrompt(row, msgs, self.prepare, trim, prefill, tools)
-        return await self._start(row, prompt, opts, keep_alive=keep_alive, count=count)
+        if use.active:
+            opts = opts.model_copy(update={"format": use.format(opts.format)})
+        msgs, template_tools = use.prompt(with_model_defaults(row, check_messages(messages)), row.template)
+        prompt = ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools)
+        stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count)
+        if use.active:
+            stream.calls = CallFilter(use.tools)
+        return stream
 
     async def generate(
         self,

@@ -1,0 +1,266 @@
+"""Tool calls: the tools a request offers, how they reach the prompt, the grammar that makes a
+call certain when one is required, and reading calls out of generated text.
+
+Models write calls in a few formats (`parse_calls` reads each); a model whose chat template does
+not render tools is told about them in its system turn and asked for the Hermes format. When a
+call is required (`tool_choice` `required` or a named function), generation is constrained by a
+grammar built from the tools' schemas, so the output is a call to an offered function whose
+arguments validate, whatever the model would rather have said.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from myllm.errors import InvalidOptions
+
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
+MISTRAL = "[TOOL_CALLS]"
+HERMES_OPEN = "<tool_call>"
+MARKERS = (HERMES_OPEN, MISTRAL, "<|python_tag|>")
+"""Text that starts a call in one of the formats `parse_calls` reads."""
+
+Choice = Literal["auto", "none", "required"] | str
+"""`auto`, `none`, `required`, or the name of the one function to call."""
+
+
+@dataclass(frozen=True)
+class Tool:
+    name: str
+    description: str
+    parameters: dict[str, Any]
+
+    def as_openai(self) -> dict[str, Any]:
+        """The shape Hugging Face chat templates read (`tools`)."""
+        return {"type": "function", "function": {"name": self.name, "description": self.description, "parameters": self.parameters}}
+
+
+@dataclass(frozen=True)
+class Call:
+    name: str
+    arguments: dict[str, Any]
+    id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
+
+
+def parse_tools(tools: list[Any]) -> list[Tool]:
+    """OpenAI's function tools, checked: a 400 naming the tool for anything else."""
+    parsed: list[Tool] = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" or not isinstance(fn, dict):
+            raise InvalidOptions(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", field="tools")
+        name = fn.get("name")
+        if not isinstance(name, str) or not NAME.match(name):
+            raise InvalidOptions(f"tools[{i}].function.name must be 1-64 letters, digits, '_', '.' or '-'", field="tools")
+        if any(t.name == name for t in parsed):
+            raise InvalidOptions(f"tools[{i}]: a second function named {name!r}", field="tools")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise InvalidOptions(f"tools[{i}].function.parameters must be a JSON Schema of an object", field="tools")
+        description = fn.get("description") or ""
+        if not isinstance(description, str):
+            raise InvalidOptions(f"tools[{i}].function.description must be a string", field="tools")
+        parsed.append(Tool(name, description, params))
+    return parsed
+
+
+def check_choice(choice: Choice, tools: list[Tool]) -> None:
+    if choice in ("auto", "none", "required"):
+        if choice == "required" and not tools:
+            raise InvalidOptions("tool_choice 'required' needs tools", field="tool_choice")
+        return
+    if not any(t.name == choice for t in tools):
+        raise InvalidOptions(f"tool_choice names {choice!r}, which is not one of the tools offered", field="tool_choice")
+
+
+def renders_tools(template: str | None) -> bool:
+    """Whether a chat template renders the `tools` variable itself (Hugging Face's convention)."""
+    return bool(template) and re.search(r"\btools\b", template or "") is not None
+
+
+def describe(tools: list[Tool]) -> str:
+    """What a model whose template knows no tools is told in its system turn."""
+    listing = "\n".join(json.dumps(t.as_openai()["function"], ensure_ascii=False) for t in tools)
+    return (
+        "You can call these functions:\n" + listing + "\n\nTo call one, answer with only "
+        '<tool_call>{"name": "<function name>", "arguments": {<arguments>}}</tool_call>; '
+        "otherwise answer normally."
+    )
+
+
+def call_text(name: str, arguments: dict[str, Any]) -> str:
+    """An earlier call as the fallback format writes it (so the model sees what it called)."""
+    return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
+
+
+def call_schema(tools: list[Tool], choice: Choice, parallel: bool) -> dict[str, Any]:
+    """A JSON Schema only calls of the allowed functions satisfy, arguments included: one call
+    of the named function, or of any offered one, an array of them with `parallel`."""
+    allowed = [t for t in tools if choice in ("auto", "required") or t.name == choice]
+    one = [
+        {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+         "required": ["name", "arguments"], "additionalProperties": False}
+        for t in allowed
+    ]
+    call = one[0] if len(one) == 1 else {"anyOf": one}
+    several = parallel and choice in ("auto", "required")
+    return {"type": "array", "items": call, "minItems": 1} if several else call
+
+
+def _as_call(obj: Any, names: set[str]) -> Call | None:
+    """One call in any of the shapes models write it, or None."""
+    if not isinstance(obj, dict):
+        return None
+    if "function" in obj and isinstance(obj["function"], dict):  # OpenAI's own shape, echoed
+        obj = obj["function"]
+    name = obj.get("name")
+    args = obj.get("arguments", obj.get("parameters", {}))
+    if isinstance(args, str):
+        try:
+            args = json.loads(args)
+        except ValueError:
+            return None
+    if name not in names or not isinstance(args, dict):
+        return None
+    return Call(name, args)
+
+
+def _calls(payload: str, names: set[str]) -> list[Call] | None:
+    try:
+        value = json.loads(payload)
+    except ValueError:
+        return None
+    items = value if isinstance(value, list) else [value]
+    calls = [_as_call(item, names) for item in items]
+    return None if not calls or any(c is None for c in calls) else [c for c in calls if c is not None]
+
+
+def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
+    """(content, calls) of a reply. Recognised: Hermes/Qwen `<tool_call>{...}</tool_call>` (any
+    number, text around them stays content), Mistral `[TOOL_CALLS] [...]`, Llama 3.1
+    `<|python_tag|>` or bare `{"name", "parameters"}`, and plain JSON `{"name", "arguments"}` or
+    a list of them. Whatever claims to be a call but does not parse or names a function not
+    offered is returned as text."""
+    names = {t.name for t in tools}
+    stripped = text.strip()
+    if "<tool_call>" in stripped:
+        calls = [_calls(m.group(1), names) for m in HERMES.finditer(stripped)]
+        if calls and all(c is not None for c in calls):
+            content = HERMES.sub("", stripped).strip()
+            return content, [call for group in calls if group for call in group]
+        return text, []
+    for marker in (MISTRAL, "<|python_tag|>"):
+        if stripped.startswith(marker):
+            calls_found = _calls(stripped[len(marker):].strip(), names)
+            return ("", calls_found) if calls_found else (text, [])
+    if stripped.startswith(("{", "[")):
+        calls_found = _calls(stripped, names)
+        if calls_found:
+            return "", calls_found
+    return text, []
+
+
+class CallFilter:
+    """Streams a reply's text while holding back what may be a call: text that starts like one
+    (a marker, `{` or `[`) is held to the end and parsed then; after plain text, a Hermes
+    `<tool_call>` is held from where it starts."""
+
+    def __init__(self, tools: list[Tool]) -> None:
+        self.tools = tools
+        self.held = ""
+        self.plain = False
+        """Text has been let through: only a later `<tool_call>` is held now."""
+
+    def feed(self, text: str) -> str:
+        self.held += text
+        if not self.plain:
+            start = self.held.lstrip()
+            if not start or any(m.startswith(start) or start.startswith(m) for m in (*MARKERS, "{", "[")):
+                return ""
+            self.plain = True
+        cut = self.held.find(HERMES_OPEN)
+        if cut < 0:  # keep back a tail that may be the start of the marker
+            tails = range(max(0, len(self.held) - len(HERMES_OPEN) + 1), len(self.held))
+            cut = next((i for i in tails if HERMES_OPEN.startswith(self.held[i:])), len(self.held))
+        out, self.held = self.held[:cut], self.held[cut:]
+        return out
+
+    def finish(self) -> tuple[str, list[Call]]:
+        """The rest of the content (what was held, less the calls in it), and the calls."""
+        content, calls = parse_calls(self.held, self.tools)
+        return (content, calls) if calls else (self.held, [])
+
+
+def _normal_calls(calls: list[Any]) -> list[dict[str, Any]]:
+    """A message's tool calls as templates read them: OpenAI's shape, arguments an object
+    (OpenAI clients send them as a JSON string)."""
+    out = []
+    for call in calls:
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        args = fn.get("arguments", {})
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                pass
+        entry: dict[str, Any] = {"type": "function", "function": {"name": fn.get("name", ""), "arguments": args}}
+        if isinstance(call, dict) and call.get("id"):
+            entry["id"] = call["id"]
+        out.append(entry)
+    return out
+
+
+@dataclass(frozen=True)
+class ToolUse:
+    """What a request asks of tools: the offered functions, `tool_choice`, `parallel_tool_calls`."""
+
+    tools: list[Tool]
+    choice: Choice = "auto"
+    parallel: bool = True
+
+    @property
+    def active(self) -> bool:
+        """Whether the reply may hold calls (and is read for them)."""
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        return self.active and self.choice != "auto"
+
+    def format(self, requested: Literal["json"] | dict[str, Any] | None) -> Literal["json"] | dict[str, Any] | None:
+        """The output format to enforce: a call when one is required; with `auto` and a
+        requested format, a call or text that follows the format."""
+        if not self.active:
+            return requested
+        calls = call_schema(self.tools, self.choice, self.parallel)
+        if self.forced:
+            return calls
+        if requested is None:
+            return None
+        return {"anyOf": [calls, {"type": "object"} if requested == "json" else requested]}
+
+    def prompt(self, messages: list[dict[str, Any]], template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
+        """(messages, the template's `tools`). A template that renders tools gets them and the
+        calls as they are; for one that does not, the system turn describes the tools and
+        earlier calls are written into their messages in the format it asks for."""
+        if renders_tools(template):
+            msgs = [{**m, "tool_calls": _normal_calls(m["tool_calls"])} if m.get("tool_calls") else m for m in messages]
+            return msgs, [t.as_openai() for t in self.tools] if self.active else None
+        msgs = []
+        for m in messages:
+            m = dict(m)
+            if calls := m.pop("tool_calls", None):
+                written = "".join(call_text(c["function"]["name"], c["function"]["arguments"]) for c in _normal_calls(calls))
+                m["content"] = (m["content"] + "\n" if m["content"] else "") + written
+            msgs.append(m)
+        if self.active:
+            if msgs and msgs[0]["role"] == "system":
+                msgs[0] = {**msgs[0], "content": msgs[0]["content"] + "\n\n" + describe(self.tools)}
+            else:
+                msgs.insert(0, {"role": "system", "content": describe(self.tools)})
+        return msgs, None

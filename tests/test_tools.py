@@ -1,0 +1,82 @@
+"""The tool-call reader on recorded outputs of each format models write (pure logic, no model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from myllm.errors import InvalidOptions
+from myllm.runtime.tools import CallFilter, Tool, call_schema, check_choice, parse_calls, parse_tools
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+TOOLS = [Tool("get_weather", "", WEATHER), Tool("add", "", {"type": "object", "properties": {"a": {"type": "number"}}})]
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    # Hermes / Qwen 2.5+
+    ('<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>', "", [("get_weather", {"city": "Paris"})]),
+    ('Let me check.\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>\n'
+     '<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call>', "Let me check.",
+     [("get_weather", {"city": "Paris"}), ("add", {"a": 1})]),
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": "Rome"}}', "", [("get_weather", {"city": "Rome"})]),  # unclosed at EOS
+    # Llama 3.1 (JSON with "parameters"; with or without the python tag)
+    ('{"name": "get_weather", "parameters": {"city": "Oslo"}}', "", [("get_weather", {"city": "Oslo"})]),
+    ('<|python_tag|>{"name": "add", "parameters": {"a": 2}}', "", [("add", {"a": 2})]),
+    # Mistral
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lima"}}, {"name": "add", "arguments": {"a": 3}}]', "",
+     [("get_weather", {"city": "Lima"}), ("add", {"a": 3})]),
+    # Plain JSON, one or a list; arguments as a JSON string
+    ('{"name": "add", "arguments": "{\\"a\\": 4}"}', "", [("add", {"a": 4})]),
+    ('[{"name": "add", "arguments": {"a": 5}}]', "", [("add", {"a": 5})]),
+    # Not calls: returned as text
+    ("The weather is fine.", "The weather is fine.", []),
+    ('{"city": "Paris"}', '{"city": "Paris"}', []),  # JSON, but no call
+    ('{"name": "delete_everything", "arguments": {}}', '{"name": "delete_everything", "arguments": {}}', []),  # not offered
+    ('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', []),
+    ('[TOOL_CALLS] [{"name": "get_weather"', '[TOOL_CALLS] [{"name": "get_weather"', []),  # cut short
+    ('{"name": "add", "arguments": [1, 2]}', '{"name": "add", "arguments": [1, 2]}', []),  # arguments not an object
+])
+def test_parse_calls(text: str, content: str, calls: list[tuple[str, dict]]) -> None:
+    got_content, got = parse_calls(text, TOOLS)
+    assert got_content == content
+    assert [(c.name, c.arguments) for c in got] == calls
+    assert all(c.id.startswith("call_") for c in got) and len({c.id for c in got}) == len(got)
+
+
+@pytest.mark.parametrize("pieces", [
+    ["<tool", "_call>{\"name\": \"add\", ", "\"arguments\": {\"a\": 1}}</tool_call>"],
+    ["  {\"name\"", ": \"add\", \"arguments\": {\"a\": 1}}"],
+])
+def test_filter_holds_back_what_may_be_a_call(pieces: list[str]) -> None:
+    f = CallFilter(TOOLS)
+    assert [f.feed(p) for p in pieces] == [""] * len(pieces)
+    content, calls = f.finish()
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("add", {"a": 1})]
+
+
+def test_filter_streams_text_and_catches_a_later_call() -> None:
+    f = CallFilter(TOOLS)
+    out = [f.feed(p) for p in ["Sure", ", checking", " now. <to", "ol_call>{\"name\": \"add\", \"arguments\": {}}", "</tool_call>"]]
+    assert "".join(out) == "Sure, checking now. "
+    content, calls = f.finish()
+    assert content == "" and calls[0].name == "add"
+    g = CallFilter(TOOLS)
+    assert g.feed("{not a call") == "" and g.finish() == ("{not a call", [])
+
+
+def test_bad_tools_and_choices_are_refused() -> None:
+    for bad in ([{"type": "retrieval"}], [{"type": "function", "function": {"name": "has space"}}],
+                [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+                [{"type": "function", "function": {"name": "f"}}, {"type": "function", "function": {"name": "f"}}]):
+        with pytest.raises(InvalidOptions) as info:
+            parse_tools(bad)
+        assert info.value.field == "tools"
+    with pytest.raises(InvalidOptions) as info:
+        check_choice("nope", TOOLS)
+    assert info.value.field == "tool_choice"
+
+
+def test_call_schema_allows_only_the_chosen_calls() -> None:
+    named = call_schema(TOOLS, "add", parallel=False)
+    assert named["properties"]["name"] == {"const": "add"}
+    several = call_schema(TOOLS, "required", parallel=True)
+    assert several["type"] == "array" and len(several["items"]["anyOf"]) == 2
