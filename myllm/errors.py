@@ -50,6 +50,18 @@ class InvalidModelFile(MyLLMError):
     code = "invalid_model_file"
 
 
+class InvalidDigest(MyLLMError):
+    """A blob digest that is not `sha256:` and 64 lower-case hex digits."""
+
+    status = 400
+    code = "invalid_digest"
+
+
+class BlobNotFound(MyLLMError):
+    status = 404
+    code = "blob_not_found"
+
+
 class PullError(MyLLMError):
     """A source could not be fetched: unknown repo or quant, missing path, hub failure."""
 

@@ -20,7 +20,7 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 
 from myllm.errors import InvalidOptions, MyLLMError
-from myllm.runtime.options import PARAMETERS, parameter_value
+from myllm.runtime.options import PARAMETERS, stored_parameter
 
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
@@ -116,10 +116,9 @@ def _parameter(mf: Modelfile, number: int, name: str, value: str) -> None:
         raise ModelfileError(number, f"unknown PARAMETER {name!r} (use {', '.join(PARAMETERS)})")
     given: str | list[str] = [*mf.parameters.get("stop", []), value] if name == "stop" else value  # stop repeats
     try:
-        typed = parameter_value(name, given)
+        mf.parameters[name] = stored_parameter(name, given)
     except InvalidOptions as exc:
         raise ModelfileError(number, exc.message) from None
-    mf.parameters[name] = list(typed) if name == "stop" else typed
 
 
 def _check_template(number: int, template: str) -> None:
@@ -130,3 +129,35 @@ def _check_template(number: int, template: str) -> None:
     except TemplateSyntaxError as exc:
         raise ModelfileError(number + (exc.lineno or 1) - 1, f"TEMPLATE is not valid Jinja2: {exc.message}") from None
 
+
+
+def render(mf: Modelfile) -> str:
+    """The Modelfile text that `parse` reads back as `mf`, what Ollama's `show` answers as a
+    model's `modelfile`."""
+    lines = [f"FROM {mf.base}"]
+    if mf.template:
+        lines.append(f"TEMPLATE {_long(mf.template)}")
+    if mf.system:
+        lines.append(f"SYSTEM {_long(mf.system)}")
+    for name, value in mf.parameters.items():
+        lines += [f"PARAMETER {name} {_quoted(item)}" for item in (value if isinstance(value, list) else [value])]
+    lines += [f"MESSAGE {m['role']} {_quoted(m['content'])}" for m in mf.messages]
+    if mf.license:
+        lines.append(f"LICENSE {_long(mf.license)}")
+    return "\n".join(lines) + "\n"
+
+
+def _long(text: str) -> str:
+    """A long text as `_value` reads it back: a \"\"\" block, which keeps it verbatim (a chat
+    template's `'\\n'` included), unless the block could not hold it."""
+    if '"""' in text or text.endswith('"') or text != text.strip("\n"):
+        return _quoted(text)
+    return f'"""{text}"""'
+
+
+def _quoted(value: object) -> str:
+    """A one-line value as `_value` reads it back: a string in quotes, with its quotes and
+    line breaks escaped; a number as it is."""
+    if not isinstance(value, str):
+        return str(value)
+    return '"' + value.replace('"', '\\"').replace("\n", "\\n") + '"'

@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from myllm.errors import IntegrityError
-from myllm.registry.blobs import BlobStore
+from myllm.errors import IntegrityError, InvalidDigest
+from myllm.registry.blobs import BlobStore, parse_digest
 
 
 def test_stage_and_commit(tmp_path: Path) -> None:
@@ -75,3 +75,19 @@ def test_sweep_leaves_a_live_writer_alone(tmp_path: Path) -> None:
         writer.kill()
         writer.wait()
     assert store.sweep_temp() == [staged]
+
+
+def test_parse_digest_takes_sha256_and_64_lowercase_hex_only() -> None:
+    hexdigest = hashlib.sha256(b"x").hexdigest()
+    assert parse_digest(f"sha256:{hexdigest}") == hexdigest
+    for bad in (hexdigest, f"sha256-{hexdigest}", f"sha256:{hexdigest.upper()}", f"sha256:{hexdigest[:-1]}",
+                f"sha256:{hexdigest}0", f"sha256:{hexdigest}\n", "sha256:../../etc/passwd", f"md5:{hexdigest}", ""):
+        with pytest.raises(InvalidDigest):
+            parse_digest(bad)
+
+
+def test_a_path_is_only_ever_made_from_a_hex_digest(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path / "blobs")
+    for bad in ("../../etc/passwd", "A" * 64, "a" * 63, "/" + "a" * 63):
+        with pytest.raises(InvalidDigest):
+            store.path(bad)

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 
 from myllm.errors import InvalidModelFile
-from myllm.registry.gguf_meta import quantization_name, read_gguf_info, size_label
+from myllm.registry.gguf_meta import quantization_name, read_gguf_info, read_gguf_kv, size_label
 
 
 def test_smollm2_metadata(smollm2_path: Path) -> None:
@@ -68,3 +68,27 @@ def test_quantization_names() -> None:
     assert quantization_name(15) == "Q4_K_M"
     assert quantization_name(0) == "F32"
     assert quantization_name(None) == "unknown"
+
+
+def test_kv_matches_the_gguf_reader_with_arrays_left_out(smollm2_path: Path) -> None:
+    from gguf import GGUFReader, GGUFValueType
+
+    kv = read_gguf_kv(smollm2_path)
+    fields = {k: f for k, f in GGUFReader(smollm2_path).fields.items() if not k.startswith("GGUF.")}
+    assert list(kv) == list(fields)
+    for key, fld in fields.items():
+        if fld.types[0] == GGUFValueType.ARRAY:
+            assert kv[key] is None, key
+        elif fld.types[0] == GGUFValueType.FLOAT32:
+            assert kv[key] == pytest.approx(fld.contents(), rel=1e-6), key
+        else:
+            assert kv[key] == fld.contents(), key
+    assert kv["llama.attention.layer_norm_rms_epsilon"] == 1e-05  # as written, not 9.99999974737875e-06
+
+
+def test_kv_of_a_cut_header(tmp_path: Path, smollm2_path: Path) -> None:
+    cut = tmp_path / "cut.gguf"
+    with smollm2_path.open("rb") as src:
+        cut.write_bytes(src.read(4096))  # inside the token list
+    with pytest.raises(InvalidModelFile, match="unreadable GGUF header"):
+        read_gguf_kv(cut)

@@ -11,7 +11,7 @@ from sqlalchemy import event, inspect, text
 from sqlalchemy.engine import Engine
 
 from myllm.create import create_model
-from myllm.errors import InvalidModelFile, InvalidModelName, ModelExists, ModelNotFound
+from myllm.errors import BlobNotFound, InvalidModelFile, InvalidModelName, ModelExists, ModelNotFound
 from myllm.registry.db import make_engine
 from myllm.registry.migrations import MIGRATIONS, schema_version
 from myllm.registry.names import normalize
@@ -66,6 +66,19 @@ def test_register_share_and_remove(registry: Registry, smollm2_path: Path) -> No
     assert not registry.blobs.exists(first.digest)
     with pytest.raises(ModelNotFound):
         registry.get("smol:b")
+
+
+def test_register_blob_names_a_stored_blob(registry: Registry, smollm2_path: Path) -> None:
+    digest = registry.blobs.commit(registry.blobs.stage_copy(smollm2_path))  # uploaded, not yet named
+    row = registry.register_blob("up:a", digest, "upload:smol.gguf", Overrides(system="hi", parameters={"top_k": 7}))
+    assert (row.name, row.digest, row.size, row.source) == ("up:a", digest, smollm2_path.stat().st_size, "upload:smol.gguf")
+    assert (row.family, row.system, row.parameters) == ("llama", "hi", {"top_k": 7})
+    with pytest.raises(BlobNotFound):
+        registry.register_blob("up:b", "0" * 64, "upload:x.gguf")
+    with pytest.raises(InvalidModelName):
+        registry.register_blob("Up B", digest, "upload:x.gguf")
+    registry.remove("up:a")
+    assert not registry.blobs.exists(digest), "once named, the blob goes with its last name"
 
 
 def test_invalid_file_registers_nothing(registry: Registry, tmp_path: Path) -> None:

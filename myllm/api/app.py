@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import compat, errors, llama_server, native, ollama, openai
+from myllm.api import compat, errors, llama_server, native, ollama, ollama_manage, openai
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, load_keys
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
@@ -37,12 +37,15 @@ def _check_blobs(registry: Registry) -> None:
             log.warning("model %s is broken: %s", row.name, problem)
 
 
-def _middleware(app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: list[bytes], open_paths: frozenset[str]) -> None:
+def _middleware(
+    app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: list[bytes], open_paths: frozenset[str],
+    unlimited: tuple[str, ...] = (),
+) -> None:
     """What every listener applies alike: body limit, API keys, CORS, cancelling work whose
     client left, the access log (added last, so it runs first)."""
     errors.install(app, error_router)
     # Added first, so it runs last: 401 answers carry CORS headers too.
-    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router)
+    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router, unlimited=unlimited)
     app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router, open_paths=open_paths)
     origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
     app.add_middleware(
@@ -108,6 +111,8 @@ def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     lifespan; this app has none) with the same keys, origins and body limit."""
     app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
     main.state.siblings.append(app)
-    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, ollama.OPEN_PATHS)
+    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, ollama.OPEN_PATHS,
+                ollama_manage.UNLIMITED_PATHS)
     app.include_router(ollama.router)
+    app.include_router(ollama_manage.router)
     return app

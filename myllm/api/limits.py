@@ -15,13 +15,16 @@ class _TooLarge(BaseException):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body: int, errors: ErrorRouter) -> None:
+    def __init__(self, app: ASGIApp, max_body: int, errors: ErrorRouter, unlimited: tuple[str, ...] = ()) -> None:
+        """`unlimited`: path prefixes whose routes stream their body to disk as it comes (blob
+        uploads of multi-GB model files), never holding it in memory, so no limit applies."""
         self.app = app
         self.max_body = max_body
         self.errors = errors
+        self.unlimited = unlimited
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        if scope["type"] != "http" or scope["path"].startswith(self.unlimited):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")

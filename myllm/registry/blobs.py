@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from myllm.errors import IntegrityError
+from myllm.errors import IntegrityError, InvalidDigest
 
 ProgressFn = Callable[[int, int | None], None]
 """Called with (bytes done, bytes total or None) while bytes move."""
@@ -23,6 +23,7 @@ ProgressFn = Callable[[int, int | None], None]
 CHUNK = 4 * 1024 * 1024
 TEMP_PREFIX = ".partial-"
 _BLOB_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
+_HEX_RE = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -45,12 +46,26 @@ def sha256_file(path: Path, progress: ProgressFn | None = None) -> str:
     return digest.hexdigest()
 
 
+def parse_digest(text: str) -> str:
+    """The hex of a digest as clients name a blob (`sha256:` and 64 lower-case hex digits).
+    Checked strictly, before it is part of any path: a client's digest used as a file name
+    is how path traversal gets in, so anything else (`..`, `/`, upper case, another length or
+    algorithm) is `InvalidDigest`."""
+    algorithm, _, hexdigest = text.partition(":")
+    if algorithm != "sha256" or not _HEX_RE.fullmatch(hexdigest):
+        raise InvalidDigest(f"invalid digest {text[:100]!r}: expected 'sha256:' and 64 lower-case hex digits")
+    return hexdigest
+
+
 class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
 
     def path(self, digest: str) -> Path:
+        """Where the blob of `digest` (64 lower-case hex digits, checked here too) lives."""
+        if not _HEX_RE.fullmatch(digest):
+            raise InvalidDigest(f"invalid digest {digest[:100]!r}: expected 64 lower-case hex digits")
         return self.root / f"sha256-{digest}"
 
     def exists(self, digest: str) -> bool:

@@ -1,7 +1,10 @@
-"""What a GGUF file says about itself, read with the `gguf` package's reader."""
+"""What a GGUF file says about itself: the facts the registry keeps, read with the `gguf`
+package's reader, and every metadata key for Ollama's `show`, read by walking the header."""
 
 from __future__ import annotations
 
+import mmap
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,3 +134,75 @@ def read_gguf_info(path: Path) -> GGUFInfo:
         eos_token=token_text(scalar("tokenizer.ggml.eos_token_id")),
         details=details,
     )
+
+
+# GGUF value types (gguf.GGUFValueType) to struct formats; STRING (8) and ARRAY (9) are read apart.
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
+
+
+def read_gguf_kv(path: Path) -> dict[str, Any]:
+    """Every metadata key of a GGUF file with its value, as Ollama's `show` lists them: a
+    non-empty array (the tokenizer's tokens, scores, merges) is None, an empty one [].
+
+    The header is walked here, skipping over arrays, instead of with `GGUFReader`, which
+    builds every array element (~15 s for Gemma's 262k-token vocabulary). Raises
+    `InvalidModelFile` for a header that runs past the end of the file or is not GGUF."""
+    check_magic(path)
+    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        try:
+            return _KVWalk(data).read_all()
+        except (struct.error, ValueError, KeyError, RecursionError) as exc:
+            raise InvalidModelFile(f"{path.name} has an unreadable GGUF header: {exc}") from exc
+
+
+class _KVWalk:
+    """A cursor over a GGUF header's key/value section."""
+
+    def __init__(self, data: mmap.mmap) -> None:
+        self.data = data
+        # A version with its low half zero was written by a machine of the other byte order.
+        self.order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
+        self.offset = 4 + 4 + 8  # magic, version, tensor count
+
+    def read_all(self) -> dict[str, Any]:
+        count = self._unpack("Q")
+        return {self._string(): self._value(self._unpack("I")) for _ in range(count)}
+
+    def _unpack(self, fmt: str) -> Any:
+        (value,) = struct.unpack_from(self.order + fmt, self.data, self.offset)
+        self.offset += struct.calcsize(fmt)
+        return value
+
+    def _string(self) -> str:
+        size = self._unpack("Q")
+        end = self.offset + size
+        if end > len(self.data):
+            raise ValueError(f"a string of {size} bytes at offset {self.offset} ends past the end of the file")
+        text = self.data[self.offset : end].decode("utf-8", "replace")
+        self.offset = end
+        return text
+
+    def _value(self, kind: int) -> Any:
+        if kind == _STRING:
+            return self._string()
+        if kind == _ARRAY:
+            item_kind, count = self._unpack("I"), self._unpack("Q")
+            if item_kind in (_STRING, _ARRAY):
+                for _ in range(count):
+                    self._value(item_kind)
+            else:
+                self.offset += count * struct.calcsize(_SCALAR_FORMATS[item_kind])
+            return None if count else []
+        value = self._unpack(_SCALAR_FORMATS[kind])
+        return _shortest_float32(value) if kind == _FLOAT32 else value
+
+
+def _shortest_float32(value: float) -> float:
+    """A float32 as it was written (1e-05), not as widened to a double (9.99999974737875e-06):
+    the shortest decimal that reads back as the same float32."""
+    for digits in range(1, 10):
+        short = float(f"{value:.{digits}g}")
+        if struct.unpack("<f", struct.pack("<f", short))[0] == value:
+            return short
+    return value

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
@@ -11,7 +12,7 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from myllm.errors import InvalidModelName, ModelExists, ModelNotFound
+from myllm.errors import BlobNotFound, InvalidModelName, ModelExists, ModelNotFound
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
 from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
@@ -104,11 +105,12 @@ class Registry:
             ok = check.ok
         return None if ok else f"blob {path.name} no longer matches its sha256 digest"
 
-    def _info_for_digest(self, digest: str) -> dict[str, Any] | None:
-        """Metadata of a blob we already know, so a second name skips re-reading the file."""
+    def _info(self, digest: str, path: Path) -> dict[str, Any]:
+        """The metadata columns of the blob `digest` (whose bytes are at `path`): copied from a
+        row that has them, so a second name skips re-reading the file, else read from it."""
         with self.sessions() as db:
             row = db.scalar(select(ModelRow).where(ModelRow.digest == digest).limit(1))
-        return None if row is None else _row_info(row)
+        return _row_info(row) if row is not None else _info_columns(read_gguf_info(path))
 
     # -- writing -----------------------------------------------------------------
 
@@ -134,9 +136,7 @@ class Registry:
         try:
             if on_verify:
                 on_verify()
-            info = self._info_for_digest(staged.digest)
-            if info is None:
-                info = _info_columns(read_gguf_info(staged.path))
+            info = self._info(staged.digest, staged.path)
             digest = self.blobs.commit(staged, expected_digest)
         except BaseException:
             self.blobs.discard(staged)
@@ -147,6 +147,19 @@ class Registry:
             if not blob_was_there:
                 self._drop_unused_blob(digest)
             raise
+        if replaced and replaced != digest:
+            self._drop_unused_blob(replaced)
+        return row
+
+    def register_blob(self, name: str, digest: str, source: str, overrides: Overrides | None = None) -> ModelRow:
+        """Register a blob already in the store (uploaded whole and checked against its digest
+        beforehand, as Ollama's `POST /api/blobs` does) under `name`, as `register` does with
+        staged bytes. The blob stays whatever happens: it was not added by this call."""
+        key = normalize(name)
+        path = self.blobs.path(digest)
+        if not path.is_file():
+            raise BlobNotFound(f"blob sha256:{digest} is not in the blob store")
+        row, replaced = self._upsert(key, digest, path.stat().st_size, source, self._info(digest, path), overrides)
         if replaced and replaced != digest:
             self._drop_unused_blob(replaced)
         return row

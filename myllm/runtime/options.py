@@ -105,12 +105,20 @@ PARAMETERS = tuple(name for name in GenerationOptions.model_fields if name not i
 `/set parameter`): every option but the request-only ones, and Ollama's aliases."""
 
 
-def parameter_value(name: str, value: str | list[str]) -> Any:
-    """The typed value of one parameter as text gives it (`PARAMETER top_k 40`), converted
-    and range-checked by `GenerationOptions`; `stop` (a string or all of them) gives a tuple.
-    Raises `InvalidOptions` naming the option. `name` must be one of `PARAMETERS`."""
+def parameter_value(name: str, value: Any) -> Any:
+    """The typed value of one parameter as text (`PARAMETER top_k 40`) or JSON gives it,
+    converted and range-checked by `GenerationOptions`; `stop` (a string or all of them)
+    gives a tuple. Raises `InvalidOptions` naming the option. `name` must be one of
+    `PARAMETERS`."""
     key = ALIASES.get(name, name)
     return getattr(GenerationOptions.parse({key: value}), key)
+
+
+def stored_parameter(name: str, value: Any) -> Any:
+    """`parameter_value` as a model's stored defaults keep it (JSON: `stop` as a list), for
+    a Modelfile's PARAMETER lines and Ollama's `create` alike."""
+    typed = parameter_value(name, value)
+    return list(typed) if name == "stop" else typed
 
 
 def _explain(error: Any) -> str:
