@@ -137,9 +137,9 @@ class DaemonStore:
     def pull(self, source: str, name: str | None, progress: PullProgress) -> Pulled:
         path = Path(source).expanduser()
         spec = str(path.resolve()) if path.exists() else source  # the daemon reads paths from its own cwd
-        done = self._statuses("/api/pull", {"model": spec, **({"name": name} if name else {})}, progress)
+        done = self._statuses("/api/pull", {"model": spec, **({"register_as": name} if name else {})}, progress)
         pulled = self.show(done.get("model") or name or spec)  # `model`: the name it was registered under (extension)
-        return Pulled(pulled["name"], pulled["digest"], pulled.get("source") or spec, done.get("note"))
+        return Pulled(pulled["name"], pulled["digest"], pulled.get("source") or spec)
 
     def remove(self, name: str) -> None:
         self._json(self.ollama.request("DELETE", "/api/delete", json={"model": name}))
@@ -203,8 +203,11 @@ def model_store(settings: Settings | None = None) -> Iterator[ModelStore]:
     except (httpx.HTTPError, ValueError, AttributeError):
         running = False
     if running:
-        with native, httpx.Client(base_url=f"http://{host}:{info['ollama_port']}", timeout=timeout, headers=headers) as ollama:
-            yield DaemonStore(native, ollama)
+        try:
+            with httpx.Client(base_url=f"http://{host}:{info['ollama_port']}", timeout=timeout, headers=headers) as ollama:
+                yield DaemonStore(native, ollama)
+        finally:
+            native.close()
         return
     native.close()
     registry = Registry.open(settings)

@@ -38,6 +38,15 @@ class SessionNotFound(MyLLMError):
         self.session_id = session_id
 
 
+class ResponseNotFound(MyLLMError):
+    status = 404
+    code = "not_found"
+
+    def __init__(self, response_id: str) -> None:
+        super().__init__(f"Response with id '{response_id}' not found.")
+        self.response_id = response_id
+
+
 class ModelExists(MyLLMError):
     status = 409
     code = "model_exists"

@@ -94,7 +94,7 @@ def test_show_describes_the_model_and_its_gguf(client: ollama.Client, registry: 
     assert info["tokenizer.ggml.tokens"] is None and info["tokenizer.ggml.merges"] is None
     assert "general.name" not in info and "tokenizer.chat_template" not in info
     assert list(info) == sorted(info)
-    assert shown.capabilities == ["completion", "embedding"]
+    assert shown.capabilities == ["completion", "embedding", "tools"]  # tools: described to templates that know none
     assert shown.modified_at is not None and shown.modified_at.utcoffset() is not None
 
 

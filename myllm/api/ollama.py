@@ -27,6 +27,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
+from myllm.runtime.template import thinks
 
 OLLAMA_VERSION = "0.12.0"
 """The Ollama release whose API this listener follows (clients compare it to their minimum)."""
@@ -87,7 +88,7 @@ async def _model_row(request: Request, name: str) -> ModelRow:
 
 def _check_features(row: ModelRow, think: object, images: list[str] | None) -> None:
     """What these models cannot do is refused as Ollama refuses it, not silently dropped."""
-    if think and "think" not in (row.template or ""):
+    if think and not thinks(row.template):
         raise InvalidOptions(f'"{row.name}" does not support thinking', field="think")
     if images:
         raise InvalidOptions(f'"{row.name}" does not support images', field="images")

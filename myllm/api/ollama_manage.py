@@ -28,6 +28,7 @@ from myllm.api.threaded import ProgressWork
 from myllm.errors import BlobNotFound, InvalidOptions, MyLLMError
 from myllm.modelfile import Modelfile, render
 from myllm.pull import pull
+from myllm.runtime.template import thinks
 from myllm.registry.blobs import parse_digest
 from myllm.registry.gguf_meta import read_gguf_kv
 from myllm.registry.schema import ModelRow
@@ -161,16 +162,12 @@ def _model_info(row: ModelRow, gguf: Mapping[str, Any]) -> dict[str, Any]:
 def _capabilities(row: ModelRow, gguf: Mapping[str, Any]) -> list[str]:
     """What the model can do here, in Ollama's words. Every model gives embeddings (the
     runtime mean-pools any model); one whose GGUF sets a pooling type is an embedding model,
-    which cannot complete text. `tools` and `thinking` follow the chat template, by Ollama's
-    own tests. Never `insert` or `vision`: the runtime takes no suffix and no images."""
-    found = [] if f"{row.architecture}.pooling_type" in gguf else ["completion"]
-    found.append("embedding")
-    template = row.template or ""
-    if "tools" in template or "tool_call" in template:
-        found.append("tools")
-    if "<think>" in template and "</think>" in template:
-        found.append("thinking")
-    return found
+    which cannot complete text. Every model that completes takes tools (the runtime describes
+    them to a template that does not render them, runtime/tools.py); `thinking` follows the
+    chat template. Never `insert` or `vision`: the runtime takes no suffix and no images."""
+    if f"{row.architecture}.pooling_type" in gguf:
+        return ["embedding"]
+    return ["completion", "embedding", "tools", *(["thinking"] if thinks(row.template) else [])]
 
 
 def _utc(moment: datetime) -> datetime:
@@ -206,13 +203,14 @@ async def delete(body: ModelRequest, request: Request) -> Response:
 async def pull_model(body: PullRequest, request: Request) -> Response:
     """Whatever `myllm pull` takes (a catalog name, owner/repo[:QUANT], a .gguf path on this
     machine, pkg:NAME), under the name `myllm pull` gives it."""
-    return await _respond(_pull_events(services(request), body.model), body.stream)
+    return await _respond(_pull_events(services(request), body.model, body.register_as), body.stream)
 
 
-async def _pull_events(svc: Services, spec: str) -> AsyncIterator[dict[str, Any]]:
+async def _pull_events(svc: Services, spec: str, name: str | None) -> AsyncIterator[dict[str, Any]]:
     """Ollama's pull statuses over `pull`'s stages. The source is found before any bytes
-    move, so an unknown one fails before the first object: an error status, not a line."""
-    work = ProgressWork(lambda progress: pull(svc.registry, svc.settings, spec, progress=progress))
+    move, so an unknown one fails before the first object: an error status, not a line.
+    `success` also names the model it registered (an extension the CLI reads)."""
+    work = ProgressWork(lambda progress: pull(svc.registry, svc.settings, spec, name=name, progress=progress))
     updates = work.updates()
     update = await anext(updates, None)
     yield {"status": "pulling manifest"}
@@ -225,7 +223,7 @@ async def _pull_events(svc: Services, spec: str) -> AsyncIterator[dict[str, Any]
     result = await work.result()
     if result.note:  # e.g. the hub could not be reached and a package was used
         yield {"status": result.note}
-    yield {"status": "success"}
+    yield {"status": "success", "model": result.model.name}
 
 
 def _pull_line(spec: str, stage: str, done: int, total: int | None) -> dict[str, Any]:

@@ -25,6 +25,7 @@ class CopyRequest(BaseModel):
 class PullRequest(BaseModel):
     model: ModelName
     stream: bool = True
+    register_as: str | None = Field(None, description="extension: the name to register it under (`myllm pull --name`)")
 
 
 class CreateMessage(BaseModel):

@@ -84,11 +84,25 @@ def _0004_blob_checks(op: Operations) -> None:
     )
 
 
+def _0005_responses(op: Operations) -> None:
+    op.create_table(
+        "responses",
+        sa.Column("id", sa.String(64), primary_key=True),
+        sa.Column(
+            "session_id", sa.String(128), sa.ForeignKey("sessions.id", ondelete="CASCADE"), nullable=False, index=True
+        ),
+        sa.Column("upto", sa.Integer, nullable=False),
+        sa.Column("body", sa.JSON, nullable=False),
+        sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
     ("0003_model_messages", _0003_model_messages),
     ("0004_blob_checks", _0004_blob_checks),
+    ("0005_responses", _0005_responses),
 ]
 
 _migrations_table = sa.Table(

@@ -86,6 +86,24 @@ class MessageRow(Base):
     session: Mapped[SessionRow] = relationship(back_populates="messages")
 
 
+class ResponseRow(Base):
+    """A stored OpenAI Responses API response: the session holding its conversation and how far
+    into it the response reaches (a chain of responses is one session; a response continued
+    twice forks a new one)."""
+
+    __tablename__ = "responses"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    session_id: Mapped[str] = mapped_column(
+        String(128), ForeignKey("sessions.id", ondelete="CASCADE"), index=True, nullable=False
+    )
+    upto: Mapped[int] = mapped_column(Integer, nullable=False)
+    """The `seq` of the last session message this response's conversation holds."""
+    body: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    """The response object as it was returned."""
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
 class BlobCheckRow(Base):
     """The last sha256 check of a blob, valid while its size and mtime are unchanged."""
 

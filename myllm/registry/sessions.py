@@ -7,12 +7,13 @@ import re
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from myllm.errors import InvalidOptions, SessionNotFound
-from myllm.registry.schema import MessageRow, SessionRow, utcnow
+from myllm.errors import InvalidOptions, ResponseNotFound, SessionNotFound
+from myllm.registry.schema import MessageRow, ResponseRow, SessionRow, utcnow
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
@@ -106,4 +107,80 @@ class SessionStore:
             row = db.get(SessionRow, session_id)
             if row is None:
                 raise SessionNotFound(session_id)
+            db.delete(row)
+
+
+class ResponseStore:
+    """OpenAI Responses API responses, kept on the session store's tables: a response's
+    conversation is a session's messages up to the response's `upto`. A response continued
+    again after it was continued once forks: its messages are copied into a new session, so
+    every response keeps exactly the conversation it answered."""
+
+    def __init__(self, sessions: sessionmaker[Session]) -> None:
+        self._sessions = sessions
+
+    def conversation(self, response_id: str) -> tuple[str, list[StoredMessage]]:
+        """The session of a stored response and its messages up to that response."""
+        with self._sessions() as db:
+            row = db.get(ResponseRow, response_id)
+            if row is None:
+                raise ResponseNotFound(response_id)
+            messages = db.scalars(
+                select(MessageRow).where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
+                .order_by(MessageRow.seq)
+            ).all()
+            return row.session_id, [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at) for m in messages]
+
+    def store(
+        self, body: dict[str, Any], previous: str | None, model: str, messages: list[tuple[str, str, int | None]]
+    ) -> None:
+        """Keep a response (`body`, whose `id` it is) with the messages of its turn, after its
+        `previous` response's conversation, in one transaction."""
+        now = utcnow()
+        with self._sessions.begin() as db:
+            session_id, upto = new_session_id(), 0
+            if previous is not None:
+                before = db.get(ResponseRow, previous)
+                if before is None:
+                    raise ResponseNotFound(previous)
+                last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == before.session_id))
+                if last == before.upto:  # the chain's newest response: continue its session
+                    session_id, upto = before.session_id, before.upto
+                else:
+                    self._fork(db, before, session_id, model, now)
+                    upto = before.upto
+            session = db.get(SessionRow, session_id)
+            if session is None:
+                session = SessionRow(id=session_id, kind="responses", model=model, created_at=now, updated_at=now)
+                db.add(session)
+                db.flush()
+            for offset, (role, content, tokens) in enumerate(messages, start=1):
+                db.add(MessageRow(session_id=session_id, seq=upto + offset, role=role, content=content,
+                                  tokens=tokens, model=model, created_at=now))
+            session.model, session.updated_at = model, now
+            db.add(ResponseRow(id=body["id"], session_id=session_id, upto=upto + len(messages), body=body, created_at=now))
+
+    @staticmethod
+    def _fork(db: Session, before: ResponseRow, session_id: str, model: str, now: datetime) -> None:
+        db.add(SessionRow(id=session_id, kind="responses", model=model, created_at=now, updated_at=now))
+        db.flush()
+        for m in db.scalars(
+            select(MessageRow).where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
+        ).all():
+            db.add(MessageRow(session_id=session_id, seq=m.seq, role=m.role, content=m.content, tokens=m.tokens,
+                              model=m.model, created_at=m.created_at))
+
+    def get(self, response_id: str) -> dict[str, Any]:
+        with self._sessions() as db:
+            row = db.get(ResponseRow, response_id)
+            if row is None:
+                raise ResponseNotFound(response_id)
+            return dict(row.body)
+
+    def delete(self, response_id: str) -> None:
+        """Forget a response; its session keeps the turns later responses build on."""
+        with self._sessions.begin() as db:
+            row = db.get(ResponseRow, response_id)
+            if row is None:
+                raise ResponseNotFound(response_id)
             db.delete(row)

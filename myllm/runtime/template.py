@@ -153,6 +153,12 @@ class _BoundedSandbox(ImmutableSandboxedEnvironment):
         return super().call_binop(context, operator, left, right)
 
 
+def thinks(template: str | None) -> bool:
+    """Whether a chat template has a reasoning section (`<think>`...`</think>`), as Ollama
+    decides a model can think."""
+    return bool(template) and "<think>" in (template or "") and "</think>" in (template or "")
+
+
 def _raise(message: str) -> None:
     raise TemplateError(message)
 
