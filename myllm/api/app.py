@@ -13,13 +13,13 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import compat, errors, llama_server, native, ollama, ollama_manage, openai
+from myllm.api import compat, errors, llama_server, native, ollama, ollama_manage, openai, responses
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, load_keys
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.state import Services
-from myllm.registry.sessions import SessionStore
+from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
@@ -67,7 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         registry = Registry.open(settings)
         runtime = Runtime(registry, settings)
         await runtime.start()
-        app.state.services = Services(settings, registry, runtime, SessionStore(registry.sessions), time.monotonic())
+        app.state.services = Services(
+            settings, registry, runtime, SessionStore(registry.sessions), ResponseStore(registry.sessions), time.monotonic()
+        )
         for sibling in app.state.siblings:  # other listeners serve from the same services
             sibling.state.services = app.state.services
         app.state.ready = True
@@ -100,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     _middleware(app, settings, error_router, keys, OPEN_PATHS)
     app.include_router(native.router)
     app.include_router(openai.router)
+    app.include_router(responses.router)
     app.include_router(compat.router)
     app.include_router(llama_server.router)
     return app

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from fastapi import Request
 
 from myllm.api.turns import TurnLocks
-from myllm.registry.sessions import SessionStore
+from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
@@ -19,6 +19,8 @@ class Services:
     registry: Registry
     runtime: Runtime
     sessions: SessionStore
+    responses: ResponseStore
+    """Stored OpenAI Responses (on the session tables)."""
     started: float
     """`time.monotonic()` at start, for uptime."""
     turns: TurnLocks = field(default_factory=TurnLocks)

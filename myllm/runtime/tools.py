@@ -93,7 +93,7 @@ def describe(tools: list[Tool]) -> str:
     )
 
 
-def call_text(name: str, arguments: dict[str, Any]) -> str:
+def call_text(name: str, arguments: Any) -> str:
     """An earlier call as the fallback format writes it (so the model sees what it called)."""
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
 
