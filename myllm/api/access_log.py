@@ -10,9 +10,10 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from myllm.api.disconnect import CLIENT_GONE
+from myllm.api.middleware import HttpMiddleware
 
 log = logging.getLogger("myllm.access")
 CLIENT_CLOSED = 499
@@ -35,14 +36,8 @@ def _model_and_tokens(streams: list[Any]) -> tuple[str, str]:
     return streams[0].model, str(sum(d.completion_tokens for d in done)) if done else "-"
 
 
-class AccessLogMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class AccessLogMiddleware(HttpMiddleware):
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 0
 

@@ -9,20 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
+
+from myllm.api.middleware import HttpMiddleware
 
 CLIENT_GONE = "myllm_client_gone"
 """Set in the scope's state when the route was cancelled because its client left."""
 
 
-class CancelOnDisconnectMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class CancelOnDisconnectMiddleware(HttpMiddleware):
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         body_read = asyncio.Event()
         gone = asyncio.Event()
         answered = False

@@ -7,6 +7,7 @@ from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from myllm.api.errors import ApiError, ErrorRouter
+from myllm.api.middleware import HttpMiddleware
 
 
 class _TooLarge(BaseException):
@@ -14,17 +15,17 @@ class _TooLarge(BaseException):
     lets it reach this middleware."""
 
 
-class BodyLimitMiddleware:
+class BodyLimitMiddleware(HttpMiddleware):
     def __init__(self, app: ASGIApp, max_body: int, errors: ErrorRouter, unlimited: tuple[str, ...] = ()) -> None:
         """`unlimited`: path prefixes whose routes stream their body to disk as it comes (blob
         uploads of multi-GB model files), never holding it in memory, so no limit applies."""
-        self.app = app
+        super().__init__(app)
         self.max_body = max_body
         self.errors = errors
         self.unlimited = unlimited
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"].startswith(self.unlimited):
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"].startswith(self.unlimited):
             await self.app(scope, receive, send)
             return
         declared = dict(scope["headers"]).get(b"content-length")
