@@ -78,6 +78,11 @@ class Settings(BaseSettings):
         default=5.0, gt=0, le=3600, description="Seconds between health checks of each loaded model's runner; one "
         "that does not answer within twice this, or whose scheduler died or stalled, is restarted."
     )
+    allowed_hosts: str | None = Field(
+        default=None, description="Comma-separated extra names clients may reach the daemon by (the Host header); "
+        "localhost, 127.0.0.1 and [::1] always pass, and beyond loopback the machine's own names and addresses. "
+        "`*` turns the check off, which lets any web page drive the daemon through DNS rebinding."
+    )
     origins: str | None = Field(
         default=None,
         description="Comma-separated origins browsers may call from (CORS); default: localhost and "

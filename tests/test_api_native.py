@@ -32,7 +32,7 @@ def test_root_and_health(server: str) -> None:
 
 
 def test_health_is_503_while_starting() -> None:
-    client = TestClient(create_app())  # no `with`: the lifespan has not run, as during start-up
+    client = TestClient(create_app(), base_url="http://localhost")  # no `with`: the lifespan has not run, as during start-up
     response = client.get("/health")
     assert response.status_code == 503
     assert response.json()["status"] == "starting"

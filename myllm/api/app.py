@@ -17,6 +17,7 @@ from myllm.api import compat, errors, llama_server, native, ollama, ollama_manag
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, load_keys
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
+from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.state import Services
 from myllm.registry.sessions import ResponseStore, SessionStore
@@ -42,7 +43,7 @@ def _middleware(
     unlimited: tuple[str, ...] = (),
 ) -> None:
     """What every listener applies alike: body limit, API keys, CORS, cancelling work whose
-    client left, the access log (added last, so it runs first)."""
+    client left, the Host allow-list, the access log (added last, so it runs first)."""
     errors.install(app, error_router)
     # Added first, so it runs last: 401 answers carry CORS headers too.
     app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router, unlimited=unlimited)
@@ -56,6 +57,7 @@ def _middleware(
         allow_headers=["*"],
     )
     app.add_middleware(CancelOnDisconnectMiddleware)
+    app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts(settings), errors=error_router)
     app.add_middleware(AccessLogMiddleware)
 
 
