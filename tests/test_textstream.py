@@ -22,6 +22,7 @@ def test_stop_split_across_tokens_never_emitted() -> None:
     out = feed_all(asm, [b"abc <E", b"N", b"D> more"])
     assert "".join(out) == "abc "
     assert asm.stopped and asm.text == "abc "
+    assert asm.stop_sequence == "<END>"
 
 
 def test_false_alarm_prefix_is_released() -> None:
@@ -29,12 +30,19 @@ def test_false_alarm_prefix_is_released() -> None:
     assert asm.feed(b"xST") == "x"
     assert asm.feed(b"ART") == "START"
     assert asm.finish() == ""
-    assert not asm.stopped
+    assert not asm.stopped and asm.stop_sequence is None
 
 
 def test_earliest_of_several_stops_wins() -> None:
     asm = TextAssembler(stop=("\n\n", "User:"))
     assert "".join(feed_all(asm, [b"one User: two\n\nthree"])) == "one "
+    assert asm.stop_sequence == "User:"
+
+
+def test_stops_starting_at_the_same_place_name_the_first_listed() -> None:
+    asm = TextAssembler(stop=("ab", "a"))
+    assert "".join(feed_all(asm, [b"x", b"ab"])) == "x"
+    assert asm.stop_sequence == "ab"
 
 
 def test_held_text_flushed_at_end() -> None:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import compat, errors, llama_server, native, ollama, ollama_manage, openai, responses
+from myllm.api import anthropic, compat, errors, llama_server, native, ollama, ollama_manage, openai, responses
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, load_keys
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
@@ -94,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.siblings = []
     error_router = errors.ErrorRouter(default=errors.native_renderer)
     error_router.add(openai.PREFIX, openai.openai_renderer)
+    error_router.add(anthropic.PREFIX, anthropic.anthropic_renderer)  # inside /v1: the longer prefix wins
     for path in compat.PATHS:
         error_router.add(path, compat.legacy_renderer)
     error_router.add(llama_server.PATH, llama_server.llama_renderer)
@@ -105,6 +106,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
+    app.include_router(anthropic.router)
     app.include_router(compat.router)
     app.include_router(llama_server.router)
     return app

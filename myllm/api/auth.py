@@ -1,6 +1,7 @@
-"""Bearer API keys. With keys configured every route but `/health` and the docs needs
-`Authorization: Bearer KEY`; a missing or wrong key gets 401 in the route's own error shape.
-Keys are compared in constant time and never logged."""
+"""API keys. With keys configured every route but `/health` and the docs needs
+`Authorization: Bearer KEY` or `x-api-key: KEY` (the header Anthropic's clients send); a missing
+or wrong key gets 401 in the route's own error shape. Keys are compared in constant time and
+never logged."""
 
 from __future__ import annotations
 
@@ -29,6 +30,19 @@ def load_keys(settings: Settings) -> list[bytes]:
     return [k.strip().encode() for k in keys if k.strip()]
 
 
+def presented_keys(headers: list[tuple[bytes, bytes]]) -> list[bytes]:
+    """The keys a request presents: a Bearer token and an `x-api-key` value, each if sent."""
+    found = []
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer":
+                found.append(token.strip())
+        elif name == b"x-api-key":
+            found.append(value.strip())
+    return found
+
+
 def key_matches(presented: bytes, keys: list[bytes]) -> bool:
     """Every key is compared (no early exit), each in constant time."""
     found = False
@@ -53,12 +67,10 @@ class ApiKeyMiddleware:
         ):
             await self.app(scope, receive, send)
             return
-        header = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = header.partition(b" ")
-        if scheme.lower() == b"bearer" and key_matches(token.strip(), self.keys):
+        if any(key_matches(key, self.keys) for key in presented_keys(scope["headers"])):
             await self.app(scope, receive, send)
             return
-        message = "missing or invalid API key: send 'Authorization: Bearer <key>'"
+        message = "missing or invalid API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'"
         response = self.errors.render(Request(scope), ApiError(401, message, "unauthorized"))
         response.headers["WWW-Authenticate"] = "Bearer"
         await response(scope, receive, send)

@@ -11,14 +11,23 @@ from fastapi.responses import StreamingResponse
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def _text(obj: Any) -> str:
+    """A string as it is, anything else as compact JSON."""
+    return obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
 def data(obj: Any) -> str:
-    payload = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
-    return f"data: {payload}\n\n"
+    return f"data: {_text(obj)}\n\n"
 
 
-def event(name: str, payload: str) -> str:
-    lines = "".join(f"data: {line}\n" for line in payload.split("\n"))
+def event(name: str, payload: Any) -> str:
+    lines = "".join(f"data: {line}\n" for line in _text(payload).split("\n"))
     return f"event: {name}\n{lines}\n"
+
+
+def pieces(text: str, size: int = 16) -> list[str]:
+    """A text (a tool call's JSON arguments) in the pieces a stream sends it in."""
+    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 def response(chunks: AsyncIterator[str]) -> StreamingResponse:

@@ -542,6 +542,7 @@ class BatchEngine:
                 finish_reason=reason or "stop", text=assembler.text, prompt_tokens=slot.prompt_tokens,
                 prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
                 prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
+                stop_sequence=assembler.stop_sequence,
             ))
         else:
             self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))

@@ -88,6 +88,9 @@ class DoneEvent:
     completion_tokens: int
     prompt_ms: float
     generation_ms: float
+    stop_sequence: str | None = None
+    """The stop string that ended the text when one did (a request's `stop` or the template's
+    end-of-turn text): Anthropic's API reports which of the caller's sequences it was."""
 
 
 Event = TokenEvent | DoneEvent

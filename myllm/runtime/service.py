@@ -164,6 +164,14 @@ def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return clean
 
 
+def tool_use(tools: list[dict[str, Any]] | None, choice: Choice, parallel: bool) -> ToolUse:
+    """The request's tools and choice, checked (a 400 naming the field)."""
+    check_json_text(tools or [], "tools")
+    use = ToolUse(parse_tools(tools or []), choice, parallel)
+    check_choice(choice, use.tools)
+    return use
+
+
 def with_model_defaults(row: ModelRow, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The model's system prompt (unless the request has one) and its seed messages
     (Modelfile MESSAGE) come before the request's own messages."""
@@ -251,18 +259,43 @@ class Runtime:
         runtime/tools.py; the stream then holds calls back from its text and reports them in
         `tool_calls`, its `DoneEvent` finishing with `tool_calls`."""
         row = await self.model(model)
-        check_json_text(tools or [], "tools")
-        use = ToolUse(parse_tools(tools or []), tool_choice, parallel_tool_calls)
-        check_choice(tool_choice, use.tools)
+        use = tool_use(tools, tool_choice, parallel_tool_calls)
         opts = self.options_for(row, options)
         if use.active:
             opts = opts.model_copy(update={"format": use.format(opts.format)})
-        msgs, template_tools = use.prompt(with_model_defaults(row, check_messages(messages)), row.template)
-        prompt = ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools)
+        prompt = self._chat_prompt(row, messages, use, trim, prefill)
         stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count)
         if use.active:
             stream.calls = CallFilter(use.tools)
         return stream
+
+    async def count_chat(
+        self,
+        model: str | ModelRow,
+        messages: list[dict[str, Any]],
+        *,
+        prefill: str = "",
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Choice = "auto",
+    ) -> int:
+        """The tokens of the prompt `chat` would give the model for the same arguments, without
+        generating. The tokenizer lives in the runner, so this loads the model as `chat` would
+        (the same instance: the model's own `num_ctx`). A prompt longer than the context is
+        `PromptTooLong`, as `chat` would answer."""
+        row = await self.model(model)
+        prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True), False, prefill)
+        lease = await self.manager.acquire(row, num_ctx=self.options_for(row, None).num_ctx)
+        try:
+            tokens, _ = await prompt.tokens(lease.runner, 0)
+        finally:
+            lease.release()
+        return len(tokens)
+
+    def _chat_prompt(self, row: ModelRow, messages: list[dict[str, Any]], use: ToolUse, trim: bool, prefill: str) -> ChatPrompt:
+        """The checked messages after the model's defaults, with the tools as its template
+        needs them: what `chat` renders and `count_chat` counts."""
+        msgs, template_tools = use.prompt(with_model_defaults(row, check_messages(messages)), row.template)
+        return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools)
 
     async def generate(
         self,

@@ -16,9 +16,14 @@ class TextAssembler:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stop = stop
         self._pending = ""
-        self.stopped = False
+        self.stop_sequence: str | None = None
+        """The stop string that ended the text, once one has (APIs report which)."""
         self.text = ""
         """Everything emitted so far."""
+
+    @property
+    def stopped(self) -> bool:
+        return self.stop_sequence is not None
 
     def feed(self, data: bytes) -> str:
         """Add one token's bytes; returns the text that may be sent now ("" if none)."""
@@ -36,9 +41,10 @@ class TextAssembler:
         return self._release(final=True)
 
     def _release(self, final: bool) -> str:
-        cut = self._first_stop()
-        if cut is not None:
-            out, self._pending, self.stopped = self._pending[:cut], "", True
+        hit = self._first_stop()
+        if hit is not None:
+            cut, self.stop_sequence = hit
+            out, self._pending = self._pending[:cut], ""
         elif final:
             out, self._pending = self._pending, ""
         else:
@@ -48,9 +54,11 @@ class TextAssembler:
         self.text += out
         return out
 
-    def _first_stop(self) -> int | None:
-        hits = [i for s in self._stop if (i := self._pending.find(s)) >= 0]
-        return min(hits) if hits else None
+    def _first_stop(self) -> tuple[int, str] | None:
+        """Where the earliest stop string starts in the pending text, and which it is (the
+        first listed of those starting there)."""
+        hits = [(i, s) for s in self._stop if (i := self._pending.find(s)) >= 0]
+        return min(hits, key=lambda hit: hit[0]) if hits else None
 
     def _held_back(self) -> int:
         """Length of the longest tail of pending text that is a proper prefix of a stop string."""
