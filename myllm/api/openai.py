@@ -290,7 +290,7 @@ async def _chat_chunks(
                 for i, call in enumerate(_tool_calls(stream.tool_calls)):
                     yield chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
                                                  "function": {"name": call.function.name, "arguments": ""}}]})
-                    for piece in _pieces(call.function.arguments):
+                    for piece in sse.pieces(call.function.arguments):
                         yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
                 yield chunk({}, _finish(event), logprobs=pending or None, timings=_timings([event]))
                 if include_usage:
@@ -301,11 +301,6 @@ async def _chat_chunks(
     finally:
         await stream.aclose()
     yield sse.data("[DONE]")
-
-
-def _pieces(text: str, size: int = 16) -> list[str]:
-    """A call's arguments in the pieces OpenAI streams them in."""
-    return [text[i : i + size] for i in range(0, len(text), size)]
 
 
 # -- completions ----------------------------------------------------------------------
