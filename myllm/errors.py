@@ -47,6 +47,13 @@ class ResponseNotFound(MyLLMError):
         self.response_id = response_id
 
 
+class Forbidden(MyLLMError):
+    """The caller's key may not do this (an inference key asking for an admin's action)."""
+
+    status = 403
+    code = "forbidden"
+
+
 class ModelExists(MyLLMError):
     status = 409
     code = "model_exists"

@@ -97,6 +97,18 @@ class Settings(BaseSettings):
         default=None, description="Comma-separated API keys; when set, requests need 'Authorization: Bearer KEY'."
     )
     api_keys_file: Path | None = Field(default=None, description="A file of API keys, one per line.")
+    inference_keys: SecretStr | None = Field(
+        default=None, description="Comma-separated keys that may run models (generate, chat, embed, list) but not "
+        "change the registry or others' state (pull, create, copy, delete, blob upload, unload)."
+    )
+    inference_keys_file: Path | None = Field(default=None, description="A file of inference keys, one per line.")
+    rate_limit: str | None = Field(
+        default=None, description="Requests per key (per client address while keys are off), e.g. 120/minute; past "
+        "it, 429 with Retry-After. /health is never limited."
+    )
+    max_concurrent_per_key: int = Field(
+        default=0, ge=0, description="Generations one key (or address) may run at once; past it, 429. 0: no cap."
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -47,3 +47,103 @@ def test_local_and_listed_hosts_pass(urls: tuple[str, str], host: str) -> None:
 def test_star_turns_the_check_off(models_home: Path) -> None:
     with running_servers(Settings(home=models_home, num_threads=2, allowed_hosts="*")) as (main, _):
         assert httpx.get(f"{main}/api/models", headers={"Host": "evil.example"}).status_code == 200
+
+
+ADMIN, ALICE, BOB = "admin-key", "alice-key", "bob-key"
+
+
+@pytest.fixture(scope="module")
+def keyed(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    from tests.conftest import writable_home
+
+    home = writable_home(models_home, tmp_path_factory.mktemp("keys") / "home")
+    settings = Settings(home=home, num_threads=2, num_ctx=512, api_keys=ADMIN, inference_keys=f"{ALICE},{BOB}")
+    with running_servers(settings) as urls:
+        yield urls
+
+
+def as_key(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+HI = {"model": "smollm2:135m", "messages": [{"role": "user", "content": "Hi"}], "options": {"max_tokens": 2}}
+
+
+def test_an_inference_key_runs_models_but_changes_nothing(keyed: tuple[str, str], smollm2_path: Path) -> None:
+    main, ollama = keyed
+    assert httpx.post(f"{main}/api/chat", json=HI, headers=as_key(ALICE), timeout=60).status_code == 200
+    r = httpx.post(f"{main}/v1/chat/completions", headers=as_key(ALICE), timeout=60,
+                   json={"model": "smollm2:135m", "messages": HI["messages"], "max_tokens": 2})
+    assert r.status_code == 200
+    assert httpx.post(f"{ollama}/api/chat", json={**HI, "stream": False}, headers=as_key(ALICE), timeout=60).status_code == 200
+    assert httpx.get(f"{main}/api/models", headers=as_key(ALICE)).status_code == 200
+    refused = [
+        (httpx.post(f"{main}/api/models/smollm2:135m/unload", headers=as_key(ALICE)), {"detail"}),
+        (httpx.post(f"{ollama}/api/pull", json={"model": str(smollm2_path)}, headers=as_key(ALICE)), {"error"}),
+        (httpx.post(f"{ollama}/api/copy", json={"source": "smollm2:135m", "destination": "x"}, headers=as_key(ALICE)), {"error"}),
+        (httpx.request("DELETE", f"{ollama}/api/delete", json={"model": "smollm2:135m"}, headers=as_key(ALICE)), {"error"}),
+        (httpx.post(f"{ollama}/api/generate", json={"model": "smollm2:135m", "keep_alive": 0}, headers=as_key(ALICE)), {"error"}),
+        (httpx.post(f"{main}/load_model", json={"model_name": str(smollm2_path)}, headers=as_key(ALICE)),
+         {"status", "message", "detail", "error_code"}),
+    ]
+    for r, keys in refused:
+        assert r.status_code == 403 and set(r.json()) == keys, r.text
+        assert "needs an admin key" in r.text
+    # A registered model: an inference key loads it, without switching the default for everyone.
+    before = httpx.get(f"{main}/model_status", headers=as_key(ADMIN)).json()["model_name"]
+    assert httpx.post(f"{main}/load_model", json={"model_name": "gemma3:270m"}, headers=as_key(ALICE), timeout=60).status_code == 200
+    assert httpx.get(f"{main}/model_status", headers=as_key(ADMIN)).json()["model_name"] == before
+    # The admin key may do all of it.
+    assert httpx.post(f"{ollama}/api/copy", json={"source": "smollm2:135m", "destination": "mine"}, headers=as_key(ADMIN)).status_code == 200
+    assert httpx.post(f"{main}/api/models/gemma3:270m/unload", headers=as_key(ADMIN)).status_code == 200
+    assert httpx.get(f"{main}/api/models", headers=as_key("wrong")).status_code == 401
+
+
+def test_sessions_belong_to_the_key_that_made_them(keyed: tuple[str, str]) -> None:
+    main, _ = keyed
+    made = httpx.post(f"{main}/api/chat", json=HI, headers=as_key(ALICE), timeout=60).json()["session_id"]
+    assert httpx.get(f"{main}/api/sessions/{made}", headers=as_key(ALICE)).status_code == 200
+    for r in (
+        httpx.get(f"{main}/api/sessions/{made}", headers=as_key(BOB)),
+        httpx.post(f"{main}/api/chat", json={**HI, "session_id": made}, headers=as_key(BOB), timeout=60),
+        httpx.request("DELETE", f"{main}/api/sessions/{made}", headers=as_key(BOB)),
+    ):
+        assert r.status_code == 404 and r.json() == {"detail": f"session '{made}' not found"}, r.text
+    assert made not in [s["id"] for s in httpx.get(f"{main}/api/sessions", headers=as_key(BOB)).json()["sessions"]]
+    assert made in [s["id"] for s in httpx.get(f"{main}/api/sessions", headers=as_key(ADMIN)).json()["sessions"]]
+    # The Responses API's chains likewise.
+    rid = httpx.post(f"{main}/v1/responses", json={"model": "smollm2:135m", "input": "Hi", "max_output_tokens": 2},
+                     headers=as_key(ALICE), timeout=60).json()["id"]
+    assert httpx.get(f"{main}/v1/responses/{rid}", headers=as_key(ALICE)).status_code == 200
+    assert httpx.get(f"{main}/v1/responses/{rid}", headers=as_key(BOB)).status_code == 404
+    cont = httpx.post(f"{main}/v1/responses", json={"model": "smollm2:135m", "input": "More", "previous_response_id": rid},
+                      headers=as_key(BOB), timeout=60)
+    assert cont.status_code == 404 and set(cont.json()) == {"error"}
+    assert httpx.get(f"{main}/v1/responses/{rid}", headers=as_key(ADMIN)).status_code == 200
+
+
+def test_rate_limit_per_key(models_home: Path) -> None:
+    settings = Settings(home=models_home, num_threads=2, inference_keys=f"{ALICE},{BOB}", rate_limit="3/minute")
+    with running_servers(settings) as (main, ollama):
+        for _ in range(3):
+            assert httpx.get(f"{main}/api/models", headers=as_key(ALICE)).status_code == 200
+        for url, keys in ((f"{main}/api/models", {"detail"}), (f"{main}/v1/models", {"error"}), (f"{ollama}/api/tags", {"error"})):
+            r = httpx.get(url, headers=as_key(ALICE))
+            assert r.status_code == 429 and set(r.json()) == keys, r.text
+            assert 1 <= int(r.headers["Retry-After"]) <= 20
+        assert httpx.get(f"{main}/api/models", headers=as_key(BOB)).status_code == 200  # a bucket per key
+        assert httpx.get(f"{main}/health").status_code == 200  # never limited
+
+
+def test_concurrent_generations_per_key(models_home: Path) -> None:
+    settings = Settings(home=models_home, num_threads=2, num_ctx=1024, inference_keys=f"{ALICE},{BOB}", max_concurrent_per_key=1)
+    long = {"model": "smollm2:135m", "stream": True, "options": {"max_tokens": 300, "temperature": 0},
+            "messages": [{"role": "user", "content": "Write a long story."}]}
+    with running_servers(settings) as (main, _):
+        with httpx.stream("POST", f"{main}/api/chat", json=long, headers=as_key(ALICE), timeout=60) as running:
+            lines = running.iter_lines()  # held: a dropped iterator closes the connection
+            next(lines)
+            second = httpx.post(f"{main}/api/chat", json=HI, headers=as_key(ALICE), timeout=60)
+            assert second.status_code == 429 and "MYLLM_MAX_CONCURRENT_PER_KEY" in second.json()["detail"]
+            assert httpx.post(f"{main}/api/chat", json=HI, headers=as_key(BOB), timeout=60).status_code == 200
+        assert httpx.post(f"{main}/api/chat", json=HI, headers=as_key(ALICE), timeout=60).status_code == 200

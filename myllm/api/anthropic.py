@@ -44,7 +44,8 @@ OVERLOADED = 529
 router = APIRouter(prefix=PREFIX, tags=["Anthropic"],
                    responses={c: {"model": ErrorResponse} for c in (400, 401, 404, 500, 503, OVERLOADED)})
 
-_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          429: "rate_limit_error",
           405: "invalid_request_error", 413: "request_too_large", 503: "overloaded_error", OVERLOADED: "overloaded_error"}
 
 

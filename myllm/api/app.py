@@ -15,10 +15,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from myllm import __version__
 from myllm.api import anthropic, compat, errors, llama_server, native, ollama, ollama_manage, openai, responses
 from myllm.api.access_log import AccessLogMiddleware
-from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, load_keys
+from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
+from myllm.api.ratelimit import Limits, RateLimitMiddleware
 from myllm.api.state import Services
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
@@ -39,14 +40,16 @@ def _check_blobs(registry: Registry) -> None:
 
 
 def _middleware(
-    app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: list[bytes], open_paths: frozenset[str],
-    unlimited: tuple[str, ...] = (),
+    app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: KeyRing, limits: Limits,
+    open_paths: frozenset[str], unlimited: tuple[str, ...] = (),
 ) -> None:
-    """What every listener applies alike: body limit, API keys, CORS, cancelling work whose
-    client left, the Host allow-list, the access log (added last, so it runs first)."""
+    """What every listener applies alike: body limit, rate limits, API keys, CORS, cancelling
+    work whose client left, the Host allow-list, the access log (added last, so it runs first)."""
     errors.install(app, error_router)
     # Added first, so it runs last: 401 answers carry CORS headers too.
     app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router, unlimited=unlimited)
+    # Inside the key check, which tells it who the caller is.
+    app.add_middleware(RateLimitMiddleware, limits=limits, errors=error_router)
     app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router, open_paths=open_paths)
     origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
     app.add_middleware(
@@ -99,10 +102,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         error_router.add(path, compat.legacy_renderer)
     error_router.add(llama_server.PATH, llama_server.llama_renderer)
     # The keys are read here, once: a request never reads the key file, so changing it takes a restart.
-    keys = load_keys(settings)
+    keys = KeyRing.load(settings)
     app.state.auth_required = bool(keys)
     app.state.keys = keys
-    _middleware(app, settings, error_router, keys, OPEN_PATHS)
+    app.state.limits = Limits.from_settings(settings)
+    _middleware(app, settings, error_router, keys, app.state.limits, OPEN_PATHS)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
@@ -118,7 +122,7 @@ def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     lifespan; this app has none) with the same keys, origins and body limit."""
     app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
     main.state.siblings.append(app)
-    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, ollama.OPEN_PATHS,
+    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, main.state.limits, ollama.OPEN_PATHS,
                 ollama_manage.UNLIMITED_PATHS)
     app.include_router(ollama.router)
     app.include_router(ollama_manage.router)

@@ -29,8 +29,9 @@ from myllm.api.compat_models import (
     TokenProbability,
 )
 from myllm.api.errors import ApiError
+from myllm.api.auth import caller_of
 from myllm.api.state import Services, services
-from myllm.errors import InvalidOptions, ModelNotLoaded, MyLLMError, PullError
+from myllm.errors import Forbidden, InvalidModelName, InvalidOptions, ModelNotFound, ModelNotLoaded, MyLLMError, PullError
 from myllm.pull import ensure_model
 from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
@@ -81,13 +82,23 @@ def _precision(quantization: str) -> str:
 @router.post("/load_model", response_model=StatusMessage)
 async def load_model(request: Request, body: LoadModelRequest | None = None) -> StatusMessage:
     """Load a registered model, a local .gguf file or a Hugging Face repo (pulled first), and
-    make it the model of `/generate`, `/stream` and `/model_status`. It stays loaded."""
+    make it the model of `/generate`, `/stream` and `/model_status`. It stays loaded. An
+    inference key may only load a registered model, and does not change that default for
+    everyone."""
     svc = services(request)
     wanted = (body.model_name if body else None) or svc.settings.default_model
-    row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted)
+    admin = caller_of(request.scope).admin
+    if admin:
+        row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted)
+    else:
+        try:
+            row = await svc.runtime.model(wanted)
+        except (ModelNotFound, InvalidModelName):
+            raise Forbidden("loading a model that is not registered (a path or a pull) needs an admin key") from None
     name = row.name
     await svc.runtime.load(name, keep_alive=-1)
-    svc.selected_model = name
+    if admin:
+        svc.selected_model = name
     return StatusMessage(status="success", message=f"Model {wanted} loaded successfully")
 
 

@@ -40,6 +40,7 @@ from myllm.api.native_models import (
     StatusMessage,
     Usage,
 )
+from myllm.api.auth import require_admin, viewer
 from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
@@ -119,6 +120,7 @@ async def load_model(model_name: str, request: Request) -> StatusMessage:
 @router.post("/api/models/{model_name}/unload", response_model=StatusMessage, tags=["MyLLM"])
 async def unload_model(model_name: str, request: Request) -> StatusMessage:
     """Unloads at once; requests still running on the model end with an error."""
+    require_admin(request, "unloading a model")
     svc = services(request)
     row = await svc.runtime.model(model_name)
     await svc.runtime.unload(row.name)
@@ -209,7 +211,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     session_id = check_session_id(body.session_id) if body.session_id else new_session_id()
     release = await svc.turns.acquire(session_id)
     try:
-        stored = await asyncio.to_thread(svc.sessions.history, session_id) if body.session_id else []
+        stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request)) if body.session_id else []
         stream = await svc.runtime.chat(
             model,
             _history_messages(stored, body.messages),
@@ -226,7 +228,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     async def save(done: DoneEvent) -> None:
         turn = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
         turn.append(("assistant", done.text, done.completion_tokens))
-        await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, turn)
+        await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, turn, viewer(request))
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id}, release))
@@ -246,7 +248,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     release = await svc.turns.acquire(session_id) if session_id else (lambda: None)
     try:
         if session_id:
-            stored = await asyncio.to_thread(svc.sessions.history, session_id)
+            stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request))
             history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
         stream = await svc.runtime.generate(
             model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
@@ -260,7 +262,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     async def save(done: DoneEvent) -> None:
         if session_id:
             turn = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
-            await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, turn)
+            await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, turn, viewer(request))
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))
@@ -291,13 +293,13 @@ def _summary(info: SessionInfo) -> SessionSummary:
 
 @router.get("/api/sessions", response_model=SessionList, tags=["Sessions"])
 async def list_sessions(request: Request) -> SessionList:
-    infos = await asyncio.to_thread(services(request).sessions.list)
+    infos = await asyncio.to_thread(services(request).sessions.list, viewer(request))
     return SessionList(sessions=[_summary(i) for i in infos])
 
 
 @router.get("/api/sessions/{session_id}", response_model=SessionDetail, tags=["Sessions"])
 async def get_session(session_id: str, request: Request) -> SessionDetail:
-    info, messages = await asyncio.to_thread(services(request).sessions.get, session_id)
+    info, messages = await asyncio.to_thread(services(request).sessions.get, session_id, viewer(request))
     return SessionDetail(
         **_summary(info).model_dump(),
         messages=[
@@ -309,5 +311,5 @@ async def get_session(session_id: str, request: Request) -> SessionDetail:
 
 @router.delete("/api/sessions/{session_id}", response_model=StatusMessage, tags=["Sessions"])
 async def delete_session(session_id: str, request: Request) -> StatusMessage:
-    await asyncio.to_thread(services(request).sessions.delete, session_id)
+    await asyncio.to_thread(services(request).sessions.delete, session_id, viewer(request))
     return StatusMessage(status="success", message=f"Session '{session_id}' deleted")

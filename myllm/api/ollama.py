@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from myllm.api.access_log import track
 from myllm.api.errors import ApiError
 from myllm.api.ollama_models import IGNORED_OPTIONS, ChatMessage, ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
+from myllm.api.auth import require_admin
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
@@ -110,6 +111,7 @@ async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | flo
     Ollama clients preload models this way."""
     runtime = services(request).runtime
     if keep_alive is not None and str(keep_alive).strip() in ("0", "0s", "0.0"):
+        require_admin(request, "unloading a model")
         await runtime.unload(row.name)
         reason = "unload"
     else:

@@ -23,6 +23,7 @@ from jinja2 import TemplateSyntaxError
 
 from myllm.api.ollama import ndjson
 from myllm.api.ollama_manage_models import CopyRequest, CreateRequest, ModelRequest, PullRequest
+from myllm.api.auth import require_admin
 from myllm.api.state import Services, services
 from myllm.api.threaded import ProgressWork
 from myllm.errors import BlobNotFound, InvalidOptions, MyLLMError
@@ -181,6 +182,7 @@ def _utc(moment: datetime) -> datetime:
 @router.post("/api/copy")
 async def copy(body: CopyRequest, request: Request) -> Response:
     """As in Ollama, an existing destination is replaced."""
+    require_admin(request, "copying a model")
     await asyncio.to_thread(services(request).registry.copy, body.source, body.destination, replace=True)
     return Response()
 
@@ -188,6 +190,7 @@ async def copy(body: CopyRequest, request: Request) -> Response:
 @router.delete("/api/delete")
 async def delete(body: ModelRequest, request: Request) -> Response:
     """A loaded model is unloaded first; requests still running on it end with an error."""
+    require_admin(request, "deleting a model")
     svc = services(request)
     row = await svc.runtime.model(body.model)
     if svc.runtime.is_loaded(row.name):
@@ -203,6 +206,7 @@ async def delete(body: ModelRequest, request: Request) -> Response:
 async def pull_model(body: PullRequest, request: Request) -> Response:
     """Whatever `myllm pull` takes (a catalog name, owner/repo[:QUANT], a .gguf path on this
     machine, pkg:NAME), under the name `myllm pull` gives it."""
+    require_admin(request, "pulling a model")
     return await _respond(_pull_events(services(request), body.model, body.register_as), body.stream)
 
 
@@ -243,6 +247,7 @@ async def create(body: CreateRequest, request: Request) -> Response:
     """A new model `from` a registered one, or from one uploaded GGUF blob (`files`), with the
     request's Modelfile settings; an existing model of that name is replaced. The row and
     its settings are written in one transaction (`Registry.copy` / `register_blob`)."""
+    require_admin(request, "creating a model")
     overrides = _overrides(body)
     digest = _uploaded_digest(body)
     return await _respond(_create_events(services(request), body, overrides, digest), body.stream)
@@ -339,6 +344,7 @@ async def upload_blob(digest: str, request: Request) -> Response:
     """The body streams into the blob store's staging, hashed as it comes (in a worker
     thread), and is kept only if it matches `digest` (else 400, nothing kept): 201, or 200
     when the store has the blob already. Nothing is registered until `create` names it."""
+    require_admin(request, "uploading a blob")
     hexdigest = parse_digest(digest)
     blobs = services(request).registry.blobs
     if blobs.exists(hexdigest):

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from myllm.api import sse
 from myllm.api.access_log import track
+from myllm.api.auth import viewer
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.sessions import StoredMessage
@@ -198,7 +199,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     earlier: list[dict[str, Any]] = []
     session: str | None = None
     if body.previous_response_id:
-        session, stored = await asyncio.to_thread(svc.responses.conversation, body.previous_response_id)
+        session, stored = await asyncio.to_thread(svc.responses.conversation, body.previous_response_id, viewer(request))
         earlier = _history(stored)
     release = await svc.turns.acquire(session) if session else (lambda: None)
     try:
@@ -218,7 +219,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         response = _response(body, rid, created, stream.model, "completed", _output(done.text, stream.tool_calls, msg_id), done)
         if body.store:
             await asyncio.to_thread(svc.responses.store, response, body.previous_response_id, stream.model,
-                                    _turn(new, stream.counts, done.text, stream.tool_calls, done))
+                                    _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request))
         return response
 
     if body.stream:
@@ -283,10 +284,10 @@ async def _events(body: ResponseRequest, stream: GenerationStream, rid: str, cre
 
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict[str, Any]:
-    return await asyncio.to_thread(services(request).responses.get, response_id)
+    return await asyncio.to_thread(services(request).responses.get, response_id, viewer(request))
 
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-    await asyncio.to_thread(services(request).responses.delete, response_id)
+    await asyncio.to_thread(services(request).responses.delete, response_id, viewer(request))
     return {"id": response_id, "object": "response", "deleted": True}

@@ -97,12 +97,19 @@ def _0005_responses(op: Operations) -> None:
     )
 
 
+def _0006_session_owner(op: Operations) -> None:
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(sa.Column("owner", sa.String(64)))
+        batch.create_index("ix_sessions_owner", ["owner"])
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
     ("0003_model_messages", _0003_model_messages),
     ("0004_blob_checks", _0004_blob_checks),
     ("0005_responses", _0005_responses),
+    ("0006_session_owner", _0006_session_owner),
 ]
 
 _migrations_table = sa.Table(

@@ -63,6 +63,8 @@ class SessionRow(Base):
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     kind: Mapped[str] = mapped_column(String(16), nullable=False, default="chat")
     model: Mapped[str] = mapped_column(String(255), nullable=False)
+    owner: Mapped[str | None] = mapped_column(String(64), index=True)
+    """The sha256 (hex) of the API key that made it; None: made while keys were off (admins')."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     messages: Mapped[list[MessageRow]] = relationship(

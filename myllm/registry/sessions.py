@@ -28,6 +28,23 @@ class StoredMessage:
 
 
 @dataclass(frozen=True)
+class Viewer:
+    """Who asks for a conversation: the hash of their API key, and whether it is an admin's.
+    A conversation is theirs when they made it; admins see every one. To anyone else it does
+    not exist (404, the same answer as for an id never used)."""
+
+    key_hash: str | None
+    admin: bool
+
+    def sees(self, owner: str | None) -> bool:
+        return self.admin or (owner is not None and owner == self.key_hash)
+
+
+ADMIN = Viewer(None, True)
+"""The viewer while keys are off (and the CLI's): everything."""
+
+
+@dataclass(frozen=True)
 class SessionInfo:
     id: str
     kind: str
@@ -53,23 +70,31 @@ class SessionStore:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
-    def history(self, session_id: str) -> list[StoredMessage]:
+    def _visible(self, db: Session, session_id: str, viewer: Viewer) -> SessionRow | None:
+        """The session, None when there is none; `SessionNotFound` when it is someone else's."""
+        row = db.get(SessionRow, session_id)
+        if row is not None and not viewer.sees(row.owner):
+            raise SessionNotFound(session_id)
+        return row
+
+    def history(self, session_id: str, viewer: Viewer = ADMIN) -> list[StoredMessage]:
         """The stored messages of a session, oldest first; empty for an unknown id."""
         with self._sessions() as db:
+            self._visible(db, session_id, viewer)
             rows = db.scalars(
                 select(MessageRow).where(MessageRow.session_id == session_id).order_by(MessageRow.seq)
             ).all()
             return [StoredMessage(r.role, r.content, r.tokens, r.model, r.created_at) for r in rows]
 
     def append_turn(
-        self, session_id: str, kind: str, model: str, messages: list[tuple[str, str, int | None]]
+        self, session_id: str, kind: str, model: str, messages: list[tuple[str, str, int | None]], viewer: Viewer = ADMIN
     ) -> None:
-        """Add (role, content, tokens) messages to a session, creating it if needed."""
+        """Add (role, content, tokens) messages to a session, creating it (owned by `viewer`) if needed."""
         with self._sessions.begin() as db:
-            row = db.get(SessionRow, session_id)
+            row = self._visible(db, session_id, viewer)
             now = utcnow()
             if row is None:
-                row = SessionRow(id=session_id, kind=kind, model=model, created_at=now, updated_at=now)
+                row = SessionRow(id=session_id, kind=kind, model=model, owner=viewer.key_hash, created_at=now, updated_at=now)
                 db.add(row)
                 db.flush()
             last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == session_id))
@@ -80,31 +105,34 @@ class SessionStore:
             row.model = model
             row.updated_at = now
 
-    def list(self) -> list[SessionInfo]:
+    def list(self, viewer: Viewer = ADMIN) -> list[SessionInfo]:
         with self._sessions() as db:
             counts = (
                 select(MessageRow.session_id, func.count(MessageRow.id).label("n"))
                 .group_by(MessageRow.session_id)
                 .subquery()
             )
-            rows = db.execute(
+            query = (
                 select(SessionRow, func.coalesce(counts.c.n, 0))
                 .outerjoin(counts, counts.c.session_id == SessionRow.id)
                 .order_by(SessionRow.updated_at.desc())
-            ).all()
+            )
+            if not viewer.admin:
+                query = query.where(SessionRow.owner == viewer.key_hash)
+            rows = db.execute(query).all()
             return [SessionInfo(s.id, s.kind, s.model, s.created_at, s.updated_at, int(n)) for s, n in rows]
 
-    def get(self, session_id: str) -> tuple[SessionInfo, list[StoredMessage]]:
+    def get(self, session_id: str, viewer: Viewer = ADMIN) -> tuple[SessionInfo, list[StoredMessage]]:
         with self._sessions() as db:
-            row = db.get(SessionRow, session_id)
+            row = self._visible(db, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
             info = SessionInfo(row.id, row.kind, row.model, row.created_at, row.updated_at, len(row.messages))
-        return info, self.history(session_id)
+        return info, self.history(session_id, viewer)
 
-    def delete(self, session_id: str) -> None:
+    def delete(self, session_id: str, viewer: Viewer = ADMIN) -> None:
         with self._sessions.begin() as db:
-            row = db.get(SessionRow, session_id)
+            row = self._visible(db, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
             db.delete(row)
@@ -119,12 +147,18 @@ class ResponseStore:
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
-    def conversation(self, response_id: str) -> tuple[str, list[StoredMessage]]:
+    @staticmethod
+    def _row(db: Session, response_id: str, viewer: Viewer) -> ResponseRow:
+        """The response, if it exists and its conversation is the viewer's."""
+        row = db.get(ResponseRow, response_id)
+        if row is None or not viewer.sees(db.get(SessionRow, row.session_id).owner):  # type: ignore[union-attr]
+            raise ResponseNotFound(response_id)
+        return row
+
+    def conversation(self, response_id: str, viewer: Viewer = ADMIN) -> tuple[str, list[StoredMessage]]:
         """The session of a stored response and its messages up to that response."""
         with self._sessions() as db:
-            row = db.get(ResponseRow, response_id)
-            if row is None:
-                raise ResponseNotFound(response_id)
+            row = self._row(db, response_id, viewer)
             messages = db.scalars(
                 select(MessageRow).where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
                 .order_by(MessageRow.seq)
@@ -132,26 +166,26 @@ class ResponseStore:
             return row.session_id, [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at) for m in messages]
 
     def store(
-        self, body: dict[str, Any], previous: str | None, model: str, messages: list[tuple[str, str, int | None]]
+        self, body: dict[str, Any], previous: str | None, model: str, messages: list[tuple[str, str, int | None]],
+        viewer: Viewer = ADMIN,
     ) -> None:
         """Keep a response (`body`, whose `id` it is) with the messages of its turn, after its
-        `previous` response's conversation, in one transaction."""
+        `previous` response's conversation, in one transaction; a new chain is `viewer`'s."""
         now = utcnow()
         with self._sessions.begin() as db:
             session_id, upto = new_session_id(), 0
             if previous is not None:
-                before = db.get(ResponseRow, previous)
-                if before is None:
-                    raise ResponseNotFound(previous)
+                before = self._row(db, previous, viewer)
                 last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == before.session_id))
                 if last == before.upto:  # the chain's newest response: continue its session
                     session_id, upto = before.session_id, before.upto
                 else:
-                    self._fork(db, before, session_id, model, now)
+                    self._fork(db, before, session_id, model, viewer.key_hash, now)
                     upto = before.upto
             session = db.get(SessionRow, session_id)
             if session is None:
-                session = SessionRow(id=session_id, kind="responses", model=model, created_at=now, updated_at=now)
+                session = SessionRow(id=session_id, kind="responses", model=model, owner=viewer.key_hash,
+                                     created_at=now, updated_at=now)
                 db.add(session)
                 db.flush()
             for offset, (role, content, tokens) in enumerate(messages, start=1):
@@ -161,8 +195,8 @@ class ResponseStore:
             db.add(ResponseRow(id=body["id"], session_id=session_id, upto=upto + len(messages), body=body, created_at=now))
 
     @staticmethod
-    def _fork(db: Session, before: ResponseRow, session_id: str, model: str, now: datetime) -> None:
-        db.add(SessionRow(id=session_id, kind="responses", model=model, created_at=now, updated_at=now))
+    def _fork(db: Session, before: ResponseRow, session_id: str, model: str, owner: str | None, now: datetime) -> None:
+        db.add(SessionRow(id=session_id, kind="responses", model=model, owner=owner, created_at=now, updated_at=now))
         db.flush()
         for m in db.scalars(
             select(MessageRow).where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
@@ -170,17 +204,11 @@ class ResponseStore:
             db.add(MessageRow(session_id=session_id, seq=m.seq, role=m.role, content=m.content, tokens=m.tokens,
                               model=m.model, created_at=m.created_at))
 
-    def get(self, response_id: str) -> dict[str, Any]:
+    def get(self, response_id: str, viewer: Viewer = ADMIN) -> dict[str, Any]:
         with self._sessions() as db:
-            row = db.get(ResponseRow, response_id)
-            if row is None:
-                raise ResponseNotFound(response_id)
-            return dict(row.body)
+            return dict(self._row(db, response_id, viewer).body)
 
-    def delete(self, response_id: str) -> None:
+    def delete(self, response_id: str, viewer: Viewer = ADMIN) -> None:
         """Forget a response; its session keeps the turns later responses build on."""
         with self._sessions.begin() as db:
-            row = db.get(ResponseRow, response_id)
-            if row is None:
-                raise ResponseNotFound(response_id)
-            db.delete(row)
+            db.delete(self._row(db, response_id, viewer))

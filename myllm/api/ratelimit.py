@@ -1,0 +1,114 @@
+"""Rate limits: a token bucket per caller (`MYLLM_RATE_LIMIT`, e.g. `120/minute`), and a cap on
+how many generations one caller runs at once (`MYLLM_MAX_CONCURRENT_PER_KEY`), so one client
+cannot take every slot of a model. A caller is its API key (by hash), or its address while keys
+are off. Past either, 429 with `Retry-After` in the route's own shape; `/health` is never limited."""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+import time
+from dataclasses import dataclass
+
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from myllm.api.auth import caller_of
+from myllm.api.errors import ApiError, ErrorRouter
+from myllm.api.middleware import HttpMiddleware
+from myllm.errors import InvalidOptions
+from myllm.settings import Settings
+
+PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+UNLIMITED_PATHS = frozenset({"/health", "/"})
+GENERATION_PATHS = frozenset({
+    "/api/chat", "/api/generate", "/api/embeddings", "/api/embed", "/v1/chat/completions", "/v1/completions",
+    "/v1/embeddings", "/v1/responses", "/v1/messages", "/generate", "/stream", "/llama",
+})
+"""Routes that occupy a model while they run (on either listener)."""
+MAX_CALLERS = 10_000
+"""Buckets kept; the least recently seen caller's goes first (a full bucket is what a new one gets)."""
+
+
+@dataclass(frozen=True)
+class Rate:
+    requests: int
+    period: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour)\s*", text)
+        if not match or int(match.group(1)) < 1:
+            raise InvalidOptions(f"MYLLM_RATE_LIMIT must look like 120/minute (got {text!r})", field="rate_limit")
+        return cls(int(match.group(1)), PERIODS[match.group(2)])
+
+
+class Buckets:
+    """Token buckets: `requests` at once, refilled at `requests / period` per second."""
+
+    def __init__(self, rate: Rate) -> None:
+        self.rate = rate
+        self._buckets: collections.OrderedDict[str, tuple[float, float]] = collections.OrderedDict()
+
+    def take(self, caller: str, now: float) -> float:
+        """0 when the caller may go on (a token is spent), else the seconds until it may."""
+        capacity, refill = float(self.rate.requests), self.rate.requests / self.rate.period
+        tokens, since = self._buckets.pop(caller, (capacity, now))
+        tokens = min(capacity, tokens + (now - since) * refill)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / refill
+        self._buckets[caller] = (tokens - 1 if wait == 0 else tokens, now)
+        while len(self._buckets) > MAX_CALLERS:
+            self._buckets.popitem(last=False)
+        return wait
+
+
+class Limits:
+    """The counts both listeners share: a caller's requests are one budget on either port."""
+
+    def __init__(self, rate: Rate | None, max_concurrent: int) -> None:
+        self.buckets = Buckets(rate) if rate else None
+        self.max_concurrent = max_concurrent
+        self.running: collections.Counter[str] = collections.Counter()
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Limits:
+        return cls(Rate.parse(settings.rate_limit) if settings.rate_limit else None, settings.max_concurrent_per_key)
+
+
+class RateLimitMiddleware(HttpMiddleware):
+    def __init__(self, app: ASGIApp, limits: Limits, errors: ErrorRouter) -> None:
+        super().__init__(app)
+        self.buckets = limits.buckets
+        self.max_concurrent = limits.max_concurrent
+        self.running = limits.running
+        self.errors = errors
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["path"] in UNLIMITED_PATHS or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        caller = caller_of(scope)
+        who = caller.key_hash or f"address:{(scope.get('client') or ('?', 0))[0]}"
+        if self.buckets is not None and (wait := self.buckets.take(who, time.monotonic())) > 0:
+            await self._refuse(scope, receive, send, f"rate limit reached ({self.buckets.rate.requests} requests per "
+                               f"{int(self.buckets.rate.period)} s); retry in {math.ceil(wait)} s", math.ceil(wait))
+            return
+        generating = self.max_concurrent > 0 and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+        if generating and self.running[who] >= self.max_concurrent:
+            await self._refuse(scope, receive, send, f"{self.running[who]} requests of this caller are already "
+                               "generating (MYLLM_MAX_CONCURRENT_PER_KEY); retry when one finishes", 1)
+            return
+        if generating:
+            self.running[who] += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if generating:
+                self.running[who] -= 1
+                if self.running[who] <= 0:
+                    del self.running[who]
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str, retry_after: int) -> None:
+        response = self.errors.render(Request(scope), ApiError(429, message, "rate_limited", retry_after=retry_after))
+        await response(scope, receive, send)
