@@ -135,11 +135,23 @@ class DaemonStore:
         raise DaemonError("the daemon's answer ended before it said 'success'")
 
     def pull(self, source: str, name: str | None, progress: PullProgress) -> Pulled:
-        path = Path(source).expanduser()
-        spec = str(path.resolve()) if path.exists() else source  # the daemon reads paths from its own cwd
-        done = self._statuses("/api/pull", {"model": spec, **({"register_as": name} if name else {})}, progress)
-        pulled = self.show(done.get("model") or name or spec)  # `model`: the name it was registered under (extension)
-        return Pulled(pulled["name"], pulled["digest"], pulled.get("source") or spec)
+        """A file on this machine is uploaded as a blob and named by `create` (the daemon reads
+        no client's paths unless MYLLM_MODEL_DIRS says so); anything else the daemon pulls."""
+        from myllm.pull.sources import FileSource, default_name, parse_source
+
+        parsed = parse_source(source)
+        if isinstance(parsed, FileSource) and parsed.path.expanduser().is_file():
+            path = parsed.path.expanduser()
+            progress("uploading", 0, path.stat().st_size)
+            digest = self._upload(path)
+            progress("uploading", path.stat().st_size, path.stat().st_size)
+            target = name or default_name(parsed)
+            self._statuses("/api/create", {"model": target, "files": {path.name: digest}})
+            shown = self.show(target)
+            return Pulled(shown["name"], shown["digest"], str(path))
+        done = self._statuses("/api/pull", {"model": source, **({"register_as": name} if name else {})}, progress)
+        pulled = self.show(done.get("model") or name or source)  # `model`: the name it was registered under (extension)
+        return Pulled(pulled["name"], pulled["digest"], pulled.get("source") or source)
 
     def remove(self, name: str) -> None:
         self._json(self.ollama.request("DELETE", "/api/delete", json={"model": name}))

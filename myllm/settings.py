@@ -102,6 +102,11 @@ class Settings(BaseSettings):
         "change the registry or others' state (pull, create, copy, delete, blob upload, unload)."
     )
     inference_keys_file: Path | None = Field(default=None, description="A file of inference keys, one per line.")
+    model_dirs: str | None = Field(
+        default=None, description="Folders (separated by ':') under which API clients may name local .gguf files to "
+        "load or pull (admin keys only); default: none, so clients cannot make the daemon read local paths. The "
+        "CLI's own pulls are not limited."
+    )
     rate_limit: str | None = Field(
         default=None, description="Requests per key (per client address while keys are off), e.g. 120/minute; past "
         "it, 429 with Retry-After. /health is never limited."
@@ -126,3 +131,8 @@ class Settings(BaseSettings):
     @property
     def db_url(self) -> str:
         return self.database_url or f"sqlite:///{self.home_dir / 'myllm.db'}"
+
+    @property
+    def local_model_dirs(self) -> list[Path]:
+        """`model_dirs` as folders (none when unset: API clients name no local files)."""
+        return [Path(p) for p in (self.model_dirs or "").split(":") if p.strip()]

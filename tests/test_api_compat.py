@@ -15,7 +15,7 @@ import pytest
 from myllm.pull import pull
 from myllm.registry.store import Registry
 from myllm.settings import Settings
-from tests.conftest import register_broken_model
+from tests.conftest import register_broken_model, smollm2_file
 from tests.fakehub import FakeHub
 from tests.server import running_server
 
@@ -34,7 +34,8 @@ def compat_home(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) ->
 
 @pytest.fixture(scope="module")
 def compat(compat_home: Path) -> Iterator[str]:
-    with running_server(Settings(home=compat_home, num_threads=2, num_ctx=2048)) as url:
+    models = str(smollm2_file().parent)  # where /load_model may read files from
+    with running_server(Settings(home=compat_home, num_threads=2, num_ctx=2048, model_dirs=models)) as url:
         yield url
 
 
@@ -88,7 +89,7 @@ def test_load_model_default(compat: str) -> None:
 
 @pytest.mark.parametrize(("path", "body", "status", "code"), [
     ("/load_model", {"model_name": "stabilityai/stable-code-3b"}, 404, "MODEL_NOT_FOUND"),
-    ("/load_model", {"model_name": "/no/such/model.gguf"}, 404, "MODEL_NOT_FOUND"),
+    ("/load_model", {"model_name": "/no/such/model.gguf"}, 403, "FORBIDDEN"),  # outside MYLLM_MODEL_DIRS
     ("/generate", {"prompt": "x", "max_length": -5}, 422, "INVALID_MAX_TOKENS"),
     ("/generate", {"prompt": "x", "temperature": 3.5}, 422, "INVALID_TEMPERATURE"),
     ("/stream", {"prompt": "x", "max_length": -1}, 422, "INVALID_MAX_TOKENS"),

@@ -20,7 +20,7 @@ from myllm.create import create_model
 from myllm.registry.store import Registry
 from myllm.settings import Settings
 from tests import server
-from tests.conftest import writable_home
+from tests.conftest import smollm2_file, writable_home
 from tests.server import running_servers
 
 HEX_OF_NOTHING = hashlib.sha256(b"").hexdigest()
@@ -30,7 +30,8 @@ HEX_OF_NOTHING = hashlib.sha256(b"").hexdigest()
 def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """(main URL, Ollama URL) of one daemon over a writable copy of the test models."""
     home = writable_home(models_home, tmp_path_factory.mktemp("ollama-manage") / "home")
-    with running_servers(Settings(home=home, num_threads=2, num_ctx=1024)) as urls:
+    models = str(smollm2_file().parent)  # where pulls may read local files from
+    with running_servers(Settings(home=home, num_threads=2, num_ctx=1024, model_dirs=models)) as urls:
         yield urls
 
 
@@ -54,7 +55,7 @@ def raw_status(url: str, method: str, path: str) -> int:
     """The status of a request sent byte for byte: HTTP clients remove `..` from paths."""
     parts = urlsplit(url)
     with socket.create_connection((parts.hostname, parts.port), timeout=30) as sock:
-        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
+        sock.sendall(f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode())
         return int(sock.recv(1024).split()[1])
 
 
@@ -175,7 +176,7 @@ def test_pull_without_stream_from_a_package(client: ollama.Client) -> None:
 
 
 def test_pull_of_an_unknown_source_is_an_error_status(client: ollama.Client) -> None:
-    for spec, status in (("not a source!", 400), ("pkg:no_such_package_here", 404), ("/no/such/model.gguf", 404)):
+    for spec, status in (("not a source!", 400), ("pkg:no_such_package_here", 404), ("/no/such/model.gguf", 403)):
         for stream in (False, True):
             with pytest.raises(ollama.ResponseError) as caught:
                 list(client.pull(spec, stream=True)) if stream else client.pull(spec)

@@ -147,3 +147,35 @@ def test_concurrent_generations_per_key(models_home: Path) -> None:
             assert second.status_code == 429 and "MYLLM_MAX_CONCURRENT_PER_KEY" in second.json()["detail"]
             assert httpx.post(f"{main}/api/chat", json=HI, headers=as_key(BOB), timeout=60).status_code == 200
         assert httpx.post(f"{main}/api/chat", json=HI, headers=as_key(ALICE), timeout=60).status_code == 200
+
+
+def test_local_paths_need_model_dirs_and_never_repoint_a_name(models_home: Path, tmp_path: Path, smollm2_path: Path,
+                                                              gemma3_path: Path) -> None:
+    import os
+
+    from myllm.registry.store import Overrides, Registry
+    from tests.conftest import writable_home
+
+    home = writable_home(models_home, tmp_path / "home")
+    allowed = tmp_path / "models"
+    allowed.mkdir()
+    os.link(gemma3_path, allowed / "victim.gguf")
+    registry = Registry.open(Settings(home=home))
+    made = registry.copy("smollm2:135m", "victim", Overrides(system="Made with care."))
+    registry.close()
+    blobs = sorted(p.name for p in (home / "blobs").iterdir())
+    with running_servers(Settings(home=home, num_threads=2, model_dirs=str(allowed))) as (main, ollama):
+        # Outside the folders: the same 403 whether the file exists or not, and none of its bytes.
+        answers = [httpx.post(f"{main}/load_model", json={"model_name": str(p)}, timeout=60)
+                   for p in (smollm2_path, "/etc/passwd", "/no/such/file.gguf")]
+        assert {r.status_code for r in answers} == {403} and len({r.json()["message"] for r in answers}) == 1
+        assert "MYLLM_MODEL_DIRS" in answers[0].text and "root" not in answers[1].text
+        pulled = httpx.post(f"{ollama}/api/pull", json={"model": "/etc/passwd"})
+        assert pulled.status_code == 403 and "MYLLM_MODEL_DIRS" in pulled.json()["error"]
+        # Inside: a file whose name is taken by another model is a 409, and that model is untouched.
+        for r in (httpx.post(f"{main}/load_model", json={"model_name": str(allowed / "victim.gguf")}, timeout=60),
+                  httpx.post(f"{ollama}/api/pull", json={"model": str(allowed / "victim.gguf"), "stream": False}, timeout=60)):
+            assert r.status_code == 409 and "victim:latest" in r.text and "another file" in r.text, r.text
+        victim = httpx.get(f"{main}/api/models/victim").json()
+        assert victim["digest"] == made.digest and victim["system"] == "Made with care."
+    assert sorted(p.name for p in (home / "blobs").iterdir()) == blobs, "nothing left behind"

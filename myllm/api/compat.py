@@ -89,7 +89,7 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
     wanted = (body.model_name if body else None) or svc.settings.default_model
     admin = caller_of(request.scope).admin
     if admin:
-        row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted)
+        row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted, None, svc.settings.local_model_dirs)
     else:
         try:
             row = await svc.runtime.model(wanted)

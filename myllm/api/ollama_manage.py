@@ -214,7 +214,8 @@ async def _pull_events(svc: Services, spec: str, name: str | None) -> AsyncItera
     """Ollama's pull statuses over `pull`'s stages. The source is found before any bytes
     move, so an unknown one fails before the first object: an error status, not a line.
     `success` also names the model it registered (an extension the CLI reads)."""
-    work = ProgressWork(lambda progress: pull(svc.registry, svc.settings, spec, name=name, progress=progress))
+    work = ProgressWork(lambda progress: pull(svc.registry, svc.settings, spec, name=name, progress=progress,
+                                              local_dirs=svc.settings.local_model_dirs))
     updates = work.updates()
     update = await anext(updates, None)
     yield {"status": "pulling manifest"}

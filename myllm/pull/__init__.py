@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from myllm.errors import InvalidModelName, ModelNotFound, PullError, SourceNotFound
+from myllm.errors import Forbidden, InvalidModelName, ModelNotFound, PullError, SourceNotFound
 from myllm.pull import hub
 from myllm.pull.package import find_gguf
 from myllm.pull.progress import PullProgress, silent
@@ -43,14 +43,18 @@ def pull(
     name: str | None = None,
     progress: PullProgress = silent,
     overrides: Overrides | None = None,
+    local_dirs: list[Path] | None = None,
 ) -> PullResult:
     """Fetch `spec` into the blob store and register it under `name` (or a derived one).
 
     `overrides` (a Modelfile's settings) are written in the row's own transaction, replacing
     a model of that name whole (see `Registry.register`). Raises a `PullError` subclass with
-    a one-line reason; leaves no row, blob or temp file behind on failure.
+    a one-line reason; leaves no row, blob or temp file behind on failure. `local_dirs`: where
+    a local file may be read from (see `check_local`); None (the CLI's own pulls): anywhere.
     """
     source = parse_source(spec)
+    if local_dirs is not None and isinstance(source, FileSource):
+        check_local(source.path, local_dirs)
     target = normalize(name or default_name(source))
     if isinstance(source, CatalogEntry):
         try:
@@ -62,10 +66,22 @@ def pull(
     return _pull(registry, settings, source, target, progress, overrides)
 
 
-def ensure_model(registry: Registry, settings: Settings, wanted: str, quant: str | None = None) -> ModelRow:
+def check_local(path: Path, local_dirs: list[Path]) -> None:
+    """A client of the daemon may name a file on the daemon's machine only under the folders an
+    administrator listed (`MYLLM_MODEL_DIRS`). Checked before the path is touched, and the
+    refusal is the same whether the file exists or not: a client learns nothing of other files."""
+    resolved = path.expanduser().resolve()
+    if not any(resolved.is_relative_to(folder.expanduser().resolve()) for folder in local_dirs):
+        raise Forbidden("local model files may only come from the folders in MYLLM_MODEL_DIRS"
+                        + ("" if local_dirs else " (none are set)"))
+
+
+def ensure_model(
+    registry: Registry, settings: Settings, wanted: str, quant: str | None = None, local_dirs: list[Path] | None = None
+) -> ModelRow:
     """A registered model by name, else pulled from `wanted` (a path, repo or catalog name);
     `quant` picks the quantization of a repo given without one. Anything that cannot be
-    found or fetched is `ModelNotFound`."""
+    found or fetched is `ModelNotFound`; `local_dirs` as for `pull`."""
     if not wanted.isprintable():  # control characters, NUL, lone surrogates: no name or path has them
         raise InvalidModelName(f"invalid model name {wanted!r}: it holds characters that are not printable text")
     row = registry.find(wanted)
@@ -75,7 +91,7 @@ def ensure_model(registry: Registry, settings: Settings, wanted: str, quant: str
         source = parse_source(wanted)
         if quant and isinstance(source, HubSource) and not source.quant and not source.filename:
             wanted = f"{source.repo_id}:{quant}"
-        return pull(registry, settings, wanted).model
+        return pull(registry, settings, wanted, local_dirs=local_dirs).model
     except PullError as exc:
         raise ModelNotFound(wanted, f"model '{wanted}' cannot be found or downloaded: {exc.message}") from exc
 

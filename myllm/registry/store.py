@@ -125,9 +125,11 @@ class Registry:
     ) -> ModelRow:
         """Validate staged bytes as GGUF, commit the blob and write the row in one transaction.
 
-        Without `overrides` an existing row of that name is updated and keeps its own defaults
-        (a re-pull); with them, as `myllm create` from a file, it is replaced whole and the new
-        row is written with `overrides` laid over the file's own values, in that transaction.
+        Without `overrides` (a pull) an existing row of that name must hold the same file: its
+        metadata is refreshed and it keeps its own defaults; another file is `ModelExists` (409),
+        since a pull must never re-point a name someone made, Modelfile settings and all, to other
+        weights. With `overrides`, as `myllm create` from a file, it is replaced whole and the
+        new row is written with `overrides` laid over the file's own values, in that transaction.
         On any failure nothing is left behind: the temp file is removed and a blob this call
         added is removed again.
         """
@@ -170,6 +172,11 @@ class Registry:
         with self.sessions.begin() as db:
             row = _named(db, key)
             replaced = row.digest if row is not None else None
+            if row is not None and overrides is None and row.digest != digest:
+                raise ModelExists(
+                    f"model '{key}' already exists with another file (sha256 {row.digest[:12]}); remove it first "
+                    "or pull under another name"
+                )
             if row is not None and overrides is not None:
                 _delete(db, row)
                 row = None
