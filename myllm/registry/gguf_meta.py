@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from myllm.errors import InvalidModelFile
-from myllm.registry.gguf_header import ARRAY, FLOAT32, GGUF_MAGIC, Field, Header, read_header
+from myllm.registry.gguf_check import check_gguf
+from myllm.registry.gguf_header import ARRAY, FLOAT32, Field, Header, read_header
 
 # Scalar keys worth keeping for `show` and for the runtime's memory estimate.
 _KEPT_SUFFIXES = (
@@ -69,34 +70,17 @@ def quantization_name(file_type: int | None) -> str:
         return f"type-{file_type}"
 
 
-def check_magic(path: Path) -> None:
-    """Cheap first check, so a non-GGUF file fails before the reader maps it."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise InvalidModelFile(f"cannot read {path}: {exc.strerror}") from exc
-    if head != GGUF_MAGIC:
-        raise InvalidModelFile(f"{path.name} is not a GGUF file (bad magic {head!r})")
-
-
-def read_gguf_info(path: Path) -> GGUFInfo:
-    """Raise `InvalidModelFile` for anything llama.cpp would refuse to map: bad magic,
-    unparsable header, or tensor data running past the end of the file (a truncated copy)."""
+def read_gguf_info(path: Path, shown_as: str) -> GGUFInfo:
+    """The registry's facts about a GGUF file, after `check_gguf` (which raises
+    `InvalidModelFile` naming `shown_as`) has passed it: the `gguf` package's reader is
+    never given a file that could send it past the end of the file."""
     from gguf import GGUFReader
 
-    check_magic(path)
+    check_gguf(path, shown_as)
     try:
         reader = GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on garbage
-        raise InvalidModelFile(f"{path.name} is not a readable GGUF file: {exc}") from exc
-
-    file_size = path.stat().st_size
-    for tensor in reader.tensors:
-        if int(tensor.data_offset) + int(tensor.n_bytes) > file_size:
-            raise InvalidModelFile(
-                f"{path.name} is truncated: tensor {tensor.name} ends past the end of the file"
-            )
+        raise InvalidModelFile(f"{shown_as} is not a readable GGUF file: {exc}") from exc
 
     def scalar(key: str) -> Any:
         fld = reader.fields.get(key)
@@ -108,9 +92,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             return None
         return bytes(tokens.parts[tokens.data[int(index)]]).decode("utf-8", "replace")
 
-    arch = scalar("general.architecture")
-    if not arch:
-        raise InvalidModelFile(f"{path.name} has no general.architecture")
+    arch = str(scalar("general.architecture"))
     details = {
         suffix: value
         for suffix in _KEPT_SUFFIXES
@@ -120,7 +102,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     vocab = details.get("vocab_size") or (len(tokens_field.data) if tokens_field else 0)
     param_count = sum(int(t.n_elements) for t in reader.tensors)
     return GGUFInfo(
-        architecture=str(arch),
+        architecture=arch,
         name=scalar("general.name"),
         parameter_count=param_count,
         size_label=scalar("general.size_label") or size_label(param_count),
