@@ -80,7 +80,8 @@ def _check_tensors(header: Header, file_size: int) -> None:
         except (ValueError, KeyError):
             raise HeaderError(f"tensor {name} has type {tensor.type}, which is no ggml type") from None
         if tensor.dims[0] % block:
-            raise HeaderError(f"tensor {name} has rows of {tensor.dims[0]} values, not whole {kind.name} blocks of {block}")
+            raise HeaderError(
+                f"tensor {name} has rows of {tensor.dims[0]} values, not whole {kind.name} blocks of {block}")
         if tensor.name.endswith(("norm.weight", ".bias")) and kind != gguf.GGMLQuantizationType.F32:
             raise HeaderError(f"tensor {name} is {kind.name}; llama.cpp needs norm weights and biases in F32")
         if tensor.offset % header.alignment:
@@ -121,7 +122,7 @@ def _check_hyperparameters(header: Header) -> None:
     _check_heads(hp, n_layer, n_embd)
     rope = header.fields.get(f"{arch}.rope.scaling.type")
     if rope is not None and (rope.type != STRING or hp.string("rope.scaling.type") not in ROPE_SCALING_TYPES):
-        raise HeaderError(f"{arch}.rope.scaling.type is none of {', '.join(ROPE_SCALING_TYPES)}")
+        raise HeaderError(f"{arch}.rope.scaling.type is not one of {', '.join(ROPE_SCALING_TYPES)}")
 
 
 def _check_experts(hp: _Keys, n_layer: int) -> None:
