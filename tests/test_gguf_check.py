@@ -100,6 +100,14 @@ def raw(data: bytes) -> Callable[[Path], object]:
     return lambda path: path.write_bytes(data)
 
 
+def many_strings(path: Path) -> None:
+    """An array of more strings than the walk steps over, all empty: a sparse file of 32 MiB."""
+    count = (1 << 22) + 1
+    with path.open("wb") as fh:
+        fh.write(header(0, 1) + gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", T.ARRAY, T.STRING, count))
+        fh.truncate(fh.tell() + 8 * count)
+
+
 def cut(size: Callable[[int], int]) -> Callable[[Path], object]:
     def build(path: Path) -> None:
         data = write_model(path).read_bytes()
@@ -123,6 +131,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], object], str]] = {
     "array of 2^40 items in 99 bytes": (huge_array, "'tokenizer.ggml.scores' (1099511627776 items) runs past the end"),
     "string array of 2^40 strings": (raw(header(0, 1) + gguf_string("tokenizer.ggml.tokens") + STRINGS),
                                      "declares 1099511627776 strings, more than the file holds"),
+    "4M strings in an array": (many_strings, "declares 4194305 strings, more than 4194304"),
     "huge string length": (raw(header(0, 1) + gguf_string("general.name") + HUGE_STRING + b"x" * 64),
                            "a string in 'general.name' runs past the end of the file"),
     "huge key count": (raw(header(0, 1 << 62) + b"\0" * 64), f"declares {1 << 62} keys, more than its 88 bytes"),

@@ -9,8 +9,9 @@ arrays by one step per string, so the walk is bounded by the file's size; string
 decoded only when asked for. Errors (`HeaderError`) never quote the file's bytes.
 
 The limits are llama.cpp's own (ggml/src/gguf.cpp, `gguf_init_from_file_impl`) where it has
-them, plus caps on how many keys and tensors a header may declare: each becomes a Python
-object here, and real models have under a hundred keys and a few thousand tensors.
+them, plus caps on how many keys and tensors a header may declare (each becomes a Python
+object here, and real models have under a hundred keys and a few thousand tensors) and on
+the strings in one array (each is a step of a Python loop).
 """
 
 from __future__ import annotations
@@ -29,6 +30,9 @@ MAX_STRING_BYTES = 1 << 30  # GGUF_MAX_STRING_LENGTH
 MAX_KEY_BYTES = 1024
 MAX_KEYS = 1 << 16
 MAX_TENSORS = 1 << 16
+MAX_ARRAY_STRINGS = 1 << 22
+"""Strings are stepped over one by one (~0.1 s a million here): 16 times Gemma 3's 262k-token
+vocabulary, the largest real one known, where llama.cpp allows 2^30."""
 
 # GGUF value types (gguf.GGUFValueType) to struct formats; STRING and ARRAY are read apart.
 SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
@@ -209,6 +213,8 @@ class _Walk:
         kept tight; `count` is bounded by the file's size first, at 8 bytes a string."""
         if count * 8 > self._remaining():
             raise HeaderError(f"the array {shown_name(key)} declares {count} strings, more than the file holds")
+        if count > MAX_ARRAY_STRINGS:
+            raise HeaderError(f"the array {shown_name(key)} declares {count} strings, more than {MAX_ARRAY_STRINGS}")
         data, pos, end, unpack = self.data, self.pos, len(self.data), _U64.unpack_from
         for _ in range(count):
             pos += 8 + unpack(data, pos)[0]
