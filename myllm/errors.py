@@ -60,7 +60,8 @@ class ModelExists(MyLLMError):
 
 
 class InvalidModelFile(MyLLMError):
-    """The file is not a usable GGUF (wrong magic, truncated, unreadable metadata)."""
+    """The file is not a GGUF model llama.cpp can load (wrong magic, truncated, a header or
+    hyperparameters out of llama.cpp's limits): refused before it is registered."""
 
     status = 400
     code = "invalid_model_file"

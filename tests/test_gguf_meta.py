@@ -7,7 +7,7 @@ from myllm.registry.gguf_meta import quantization_name, read_gguf_info, read_ggu
 
 
 def test_smollm2_metadata(smollm2_path: Path) -> None:
-    info = read_gguf_info(smollm2_path)
+    info = read_gguf_info(smollm2_path, "smol.gguf")
     assert info.architecture == "llama"
     assert info.context_length == 8192
     assert info.quantization == "Q4_1"
@@ -23,7 +23,7 @@ def test_smollm2_metadata(smollm2_path: Path) -> None:
 
 
 def test_gemma3_metadata(gemma3_path: Path) -> None:
-    info = read_gguf_info(gemma3_path)
+    info = read_gguf_info(gemma3_path, "gemma.gguf")
     assert info.architecture == "gemma3"
     assert info.context_length == 32768
     assert info.quantization == "Q4_K_M"
@@ -37,23 +37,24 @@ def test_gemma3_metadata(gemma3_path: Path) -> None:
 def test_not_gguf(tmp_path: Path) -> None:
     bogus = tmp_path / "x.gguf"
     bogus.write_bytes(b"PK\x03\x04 this is a zip")
-    with pytest.raises(InvalidModelFile, match="not a GGUF file"):
-        read_gguf_info(bogus)
+    with pytest.raises(InvalidModelFile, match="^zip.gguf is not a model llama.cpp can load: it is not a GGUF file"):
+        read_gguf_info(bogus, "zip.gguf")
 
 
 def test_truncated(tmp_path: Path, smollm2_path: Path) -> None:
+    """The `gguf` reader sees only files that `check_gguf` passed (tests/test_gguf_check.py)."""
     cut = tmp_path / "cut.gguf"
     with smollm2_path.open("rb") as src:
         cut.write_bytes(src.read(smollm2_path.stat().st_size // 2))
-    with pytest.raises(InvalidModelFile):
-        read_gguf_info(cut)
+    with pytest.raises(InvalidModelFile, match="ends past the end of the file"):
+        read_gguf_info(cut, "cut.gguf")
 
 
 def test_header_only(tmp_path: Path) -> None:
     stub = tmp_path / "stub.gguf"
     stub.write_bytes(b"GGUF\x03\x00\x00\x00")
-    with pytest.raises(InvalidModelFile, match="not a readable GGUF"):
-        read_gguf_info(stub)
+    with pytest.raises(InvalidModelFile, match="header runs past the end of the file"):
+        read_gguf_info(stub, "stub.gguf")
 
 
 @pytest.mark.parametrize(

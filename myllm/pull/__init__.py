@@ -19,7 +19,7 @@ from myllm.pull.sources import (
     default_name,
     parse_source,
 )
-from myllm.registry.gguf_meta import check_magic
+from myllm.registry.gguf_check import check_gguf
 from myllm.registry.names import normalize
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides, Registry
@@ -109,13 +109,13 @@ def _pull(
         case FileSource(path=path):
             if not path.is_file():
                 raise SourceNotFound(f"{path}: no such file")
-            check_magic(path)
+            check_gguf(path, str(source))  # before copying what may be gigabytes of anything
             staged = registry.blobs.stage_copy(path, lambda d, t: progress("copying", d, t))
             row = registry.register(name, staged, str(source), on_verify=checking, overrides=overrides)
         case PackageSource():
             found = find_gguf(source)
             if isinstance(found, Path):
-                check_magic(found)
+                check_gguf(found, str(source))
                 staged = registry.blobs.stage_copy(found, lambda d, t: progress("copying", d, t))
             else:
                 out = registry.blobs.temp_path().with_suffix(".gguf")

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from myllm.errors import InvalidModelFile
+from myllm.registry.gguf_check import check_gguf
+from myllm.registry.gguf_header import ARRAY, FLOAT32, Field, Header, read_header
 
-GGUF_MAGIC = b"GGUF"
 # Scalar keys worth keeping for `show` and for the runtime's memory estimate.
 _KEPT_SUFFIXES = (
     "block_count",
@@ -69,34 +70,17 @@ def quantization_name(file_type: int | None) -> str:
         return f"type-{file_type}"
 
 
-def check_magic(path: Path) -> None:
-    """Cheap first check, so a non-GGUF file fails before the reader maps it."""
-    try:
-        with path.open("rb") as fh:
-            head = fh.read(4)
-    except OSError as exc:
-        raise InvalidModelFile(f"cannot read {path}: {exc.strerror}") from exc
-    if head != GGUF_MAGIC:
-        raise InvalidModelFile(f"{path.name} is not a GGUF file (bad magic {head!r})")
-
-
-def read_gguf_info(path: Path) -> GGUFInfo:
-    """Raise `InvalidModelFile` for anything llama.cpp would refuse to map: bad magic,
-    unparsable header, or tensor data running past the end of the file (a truncated copy)."""
+def read_gguf_info(path: Path, shown_as: str) -> GGUFInfo:
+    """The registry's facts about a GGUF file, after `check_gguf` (which raises
+    `InvalidModelFile` naming `shown_as`) has passed it: the `gguf` package's reader is
+    never given a file that could send it past the end of the file."""
     from gguf import GGUFReader
 
-    check_magic(path)
+    check_gguf(path, shown_as)
     try:
         reader = GGUFReader(path, "r")
     except Exception as exc:  # the reader raises ValueError/IndexError/struct errors on garbage
-        raise InvalidModelFile(f"{path.name} is not a readable GGUF file: {exc}") from exc
-
-    file_size = path.stat().st_size
-    for tensor in reader.tensors:
-        if int(tensor.data_offset) + int(tensor.n_bytes) > file_size:
-            raise InvalidModelFile(
-                f"{path.name} is truncated: tensor {tensor.name} ends past the end of the file"
-            )
+        raise InvalidModelFile(f"{shown_as} is not a readable GGUF file: {exc}") from exc
 
     def scalar(key: str) -> Any:
         fld = reader.fields.get(key)
@@ -108,9 +92,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
             return None
         return bytes(tokens.parts[tokens.data[int(index)]]).decode("utf-8", "replace")
 
-    arch = scalar("general.architecture")
-    if not arch:
-        raise InvalidModelFile(f"{path.name} has no general.architecture")
+    arch = str(scalar("general.architecture"))
     details = {
         suffix: value
         for suffix in _KEPT_SUFFIXES
@@ -120,7 +102,7 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     vocab = details.get("vocab_size") or (len(tokens_field.data) if tokens_field else 0)
     param_count = sum(int(t.n_elements) for t in reader.tensors)
     return GGUFInfo(
-        architecture=str(arch),
+        architecture=arch,
         name=scalar("general.name"),
         parameter_count=param_count,
         size_label=scalar("general.size_label") or size_label(param_count),
@@ -136,66 +118,27 @@ def read_gguf_info(path: Path) -> GGUFInfo:
     )
 
 
-# GGUF value types (gguf.GGUFValueType) to struct formats; STRING (8) and ARRAY (9) are read apart.
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY, _FLOAT32 = 8, 9, 6
-
-
 def read_gguf_kv(path: Path) -> dict[str, Any]:
     """Every metadata key of a GGUF file with its value, as Ollama's `show` lists them: a
     non-empty array (the tokenizer's tokens, scores, merges) is None, an empty one [].
 
-    The header is walked here, skipping over arrays, instead of with `GGUFReader`, which
-    builds every array element (~15 s for Gemma's 262k-token vocabulary). Raises
-    `InvalidModelFile` for a header that runs past the end of the file or is not GGUF."""
-    check_magic(path)
-    with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        try:
-            return _KVWalk(data).read_all()
-        except (struct.error, ValueError, KeyError, RecursionError) as exc:
-            raise InvalidModelFile(f"{path.name} has an unreadable GGUF header: {exc}") from exc
+    The header is walked (`read_header`), skipping over arrays, instead of read with
+    `GGUFReader`, which builds every array element (~15 s for Gemma's 262k-token
+    vocabulary). Raises `InvalidModelFile` for a header that is not GGUF or runs past the
+    end of the file."""
+    try:
+        with path.open("rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            header = read_header(data)
+            return {key: _shown_value(header, key, fld) for key, fld in header.fields.items()}
+    except ValueError as exc:  # a HeaderError, or an empty file (which mmap refuses)
+        raise InvalidModelFile(f"{path.name} has an unreadable GGUF header: {exc}") from exc
 
 
-class _KVWalk:
-    """A cursor over a GGUF header's key/value section."""
-
-    def __init__(self, data: mmap.mmap) -> None:
-        self.data = data
-        # A version with its low half zero was written by a machine of the other byte order.
-        self.order = "<" if struct.unpack_from("<I", data, 4)[0] & 0xFFFF else ">"
-        self.offset = 4 + 4 + 8  # magic, version, tensor count
-
-    def read_all(self) -> dict[str, Any]:
-        count = self._unpack("Q")
-        return {self._string(): self._value(self._unpack("I")) for _ in range(count)}
-
-    def _unpack(self, fmt: str) -> Any:
-        (value,) = struct.unpack_from(self.order + fmt, self.data, self.offset)
-        self.offset += struct.calcsize(fmt)
-        return value
-
-    def _string(self) -> str:
-        size = self._unpack("Q")
-        end = self.offset + size
-        if end > len(self.data):
-            raise ValueError(f"a string of {size} bytes at offset {self.offset} ends past the end of the file")
-        text = self.data[self.offset : end].decode("utf-8", "replace")
-        self.offset = end
-        return text
-
-    def _value(self, kind: int) -> Any:
-        if kind == _STRING:
-            return self._string()
-        if kind == _ARRAY:
-            item_kind, count = self._unpack("I"), self._unpack("Q")
-            if item_kind in (_STRING, _ARRAY):
-                for _ in range(count):
-                    self._value(item_kind)
-            else:
-                self.offset += count * struct.calcsize(_SCALAR_FORMATS[item_kind])
-            return None if count else []
-        value = self._unpack(_SCALAR_FORMATS[kind])
-        return _shortest_float32(value) if kind == _FLOAT32 else value
+def _shown_value(header: Header, key: str, fld: Field) -> Any:
+    if fld.type == ARRAY:
+        return None if fld.count else []
+    value = header.value(key)
+    return _shortest_float32(value) if fld.type == FLOAT32 else value
 
 
 def _shortest_float32(value: float) -> float:

@@ -12,9 +12,10 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from myllm.errors import BlobNotFound, InvalidModelName, ModelExists, ModelNotFound
+from myllm.errors import BlobNotFound, InvalidModelFile, InvalidModelName, ModelExists, ModelNotFound
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
 from myllm.registry.db import make_engine, make_sessionmaker
+from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
 from myllm.registry.schema import BlobCheckRow, ModelRow, utcnow
@@ -105,12 +106,17 @@ class Registry:
             ok = check.ok
         return None if ok else f"blob {path.name} no longer matches its sha256 digest"
 
-    def _info(self, digest: str, path: Path) -> dict[str, Any]:
-        """The metadata columns of the blob `digest` (whose bytes are at `path`): copied from a
-        row that has them, so a second name skips re-reading the file, else read from it."""
+    def _info(self, digest: str, path: Path, source: str) -> dict[str, Any]:
+        """The metadata columns of the blob `digest` (whose bytes are at `path`), once
+        `check_gguf` has passed them (`InvalidModelFile` naming `source` otherwise): copied
+        from a row that has them, so a second name skips re-reading the file, else read
+        from it. The check runs either way, as that row may predate it."""
         with self.sessions() as db:
             row = db.scalar(select(ModelRow).where(ModelRow.digest == digest).limit(1))
-        return _row_info(row) if row is not None else _info_columns(read_gguf_info(path))
+        if row is None:
+            return _info_columns(read_gguf_info(path, source))
+        check_gguf(path, source)
+        return _row_info(row)
 
     # -- writing -----------------------------------------------------------------
 
@@ -123,7 +129,8 @@ class Registry:
         on_verify: Callable[[], None] | None = None,
         overrides: Overrides | None = None,
     ) -> ModelRow:
-        """Validate staged bytes as GGUF, commit the blob and write the row in one transaction.
+        """Check staged bytes as a GGUF model (`check_gguf`, errors naming `source`), commit
+        the blob and write the row in one transaction.
 
         Without `overrides` (a pull) an existing row of that name must hold the same file: its
         metadata is refreshed and it keeps its own defaults; another file is `ModelExists` (409),
@@ -138,7 +145,7 @@ class Registry:
         try:
             if on_verify:
                 on_verify()
-            info = self._info(staged.digest, staged.path)
+            info = self._info(staged.digest, staged.path, source)
             digest = self.blobs.commit(staged, expected_digest)
         except BaseException:
             self.blobs.discard(staged)
@@ -156,12 +163,18 @@ class Registry:
     def register_blob(self, name: str, digest: str, source: str, overrides: Overrides | None = None) -> ModelRow:
         """Register a blob already in the store (uploaded whole and checked against its digest
         beforehand, as Ollama's `POST /api/blobs` does) under `name`, as `register` does with
-        staged bytes. The blob stays whatever happens: it was not added by this call."""
+        staged bytes. A blob that is no usable GGUF is removed unless a model uses it: no
+        model ever could. Otherwise the blob stays whatever happens."""
         key = normalize(name)
         path = self.blobs.path(digest)
         if not path.is_file():
             raise BlobNotFound(f"blob sha256:{digest} is not in the blob store")
-        row, replaced = self._upsert(key, digest, path.stat().st_size, source, self._info(digest, path), overrides)
+        try:
+            info = self._info(digest, path, source)
+        except InvalidModelFile:
+            self._drop_unused_blob(digest)
+            raise
+        row, replaced = self._upsert(key, digest, path.stat().st_size, source, info, overrides)
         if replaced and replaced != digest:
             self._drop_unused_blob(replaced)
         return row
