@@ -179,3 +179,24 @@ def test_local_paths_need_model_dirs_and_never_repoint_a_name(models_home: Path,
         victim = httpx.get(f"{main}/api/models/victim").json()
         assert victim["digest"] == made.digest and victim["system"] == "Made with care."
     assert sorted(p.name for p in (home / "blobs").iterdir()) == blobs, "nothing left behind"
+
+
+def test_errors_carry_no_paths_under_the_home(models_home: Path, tmp_path: Path, smollm2_path: Path) -> None:
+    """A model llama.cpp refuses: the error names the model and its blob, not where MYLLM_HOME is."""
+    from myllm.registry.store import Registry
+    from tests.conftest import register_broken_model, writable_home
+
+    home = writable_home(models_home, tmp_path / "secret-home")
+    registry = Registry.open(Settings(home=home))
+    (tmp_path / "elsewhere").mkdir()
+    register_broken_model(registry, "broken", smollm2_path, tmp_path / "elsewhere")
+    registry.close()
+    with running_servers(Settings(home=home, num_threads=2)) as (main, ollama):
+        answers = [
+            httpx.post(f"{main}/api/chat", json={**HI, "model": "broken"}, timeout=60),
+            httpx.post(f"{main}/v1/chat/completions", json={"model": "broken", "messages": HI["messages"]}, timeout=60),
+            httpx.post(f"{ollama}/api/generate", json={"model": "broken", "prompt": "Hi", "stream": False}, timeout=60),
+        ]
+        for r in answers:
+            assert r.status_code >= 400 and "broken" in r.text, r.text
+            assert str(home) not in r.text and str(tmp_path) not in r.text, r.text

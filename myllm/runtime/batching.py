@@ -115,14 +115,14 @@ class BatchEngine:
         n_parallel = self.n_parallel = spec.n_parallel
         self.kv_cache = KVCache(kv_cache_bytes)
         if not spec.path.is_file():
-            raise ModelLoadError(f"model file for '{spec.name}' is missing: {spec.path}")
+            raise ModelLoadError(f"the model file of '{spec.name}' is missing (blob {spec.path.name}); pull it again")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers
         try:
             with suppress_stdout_stderr(disable=not quiet):
                 self.model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=not quiet)
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {exc}") from exc
+            raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {spec.unpathed(exc)}") from exc
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = spec.n_ctx * n_parallel
         params.n_batch = params.n_ubatch = N_BATCH
@@ -135,7 +135,7 @@ class BatchEngine:
                 self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=not quiet)
         except ValueError as exc:
             self.model.close()
-            raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {exc}") from exc
+            raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {spec.unpathed(exc)}") from exc
         self.batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
         self._vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()

@@ -41,6 +41,11 @@ class LoadSpec:
     n_parallel: int = 1
     """Sequences generated at once (continuous batching when > 1)."""
 
+    def unpathed(self, error: object) -> str:
+        """An error's text without the blob's absolute path (clients are not told where
+        MYLLM_HOME is): the blob's own name stands for it."""
+        return str(error).replace(str(self.path), self.path.name)
+
     @classmethod
     def for_model(
         cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False, n_parallel: int = 1
@@ -171,7 +176,7 @@ class EmbeddingEngine:
 
         self.spec = spec
         if not spec.path.is_file():
-            raise ModelLoadError(f"model file for '{spec.name}' is missing: {spec.path}")
+            raise ModelLoadError(f"the model file of '{spec.name}' is missing (blob {spec.path.name}); pull it again")
         batch = min(spec.n_ctx, 2048)
         try:
             self.llm = llama_cpp.Llama(
@@ -188,7 +193,7 @@ class EmbeddingEngine:
         except MemoryError as exc:
             raise OutOfMemory(f"not enough memory to load '{spec.name}'") from exc
         except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load '{spec.name}' for embeddings: {exc}") from exc
+            raise ModelLoadError(f"llama.cpp could not load '{spec.name}' for embeddings: {spec.unpathed(exc)}") from exc
         self._n_ctx = min(int(self.llm.n_ctx()), len(self.llm.input_ids))
         self.n_vocab = self.llm.n_vocab()
         self._poisoned = False

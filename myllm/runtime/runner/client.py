@@ -171,7 +171,7 @@ class ModelRunner:
     def _last_words(self) -> str:
         """How the process ended, and what llama.cpp printed last (e.g. a GGML_ASSERT)."""
         code = self.proc.returncode if self.proc else None
-        said = next((line for line in reversed(self._stderr) if line.strip()), "")
+        said = self.spec.unpathed(next((line for line in reversed(self._stderr) if line.strip()), ""))
         return describe_exit(code) + (f": {said}" if said else "")
 
     async def _reap(self) -> None:
