@@ -122,12 +122,14 @@ def _parameter(mf: Modelfile, number: int, name: str, value: str) -> None:
 
 
 def _check_template(number: int, template: str) -> None:
-    from myllm.runtime.template import compile_template
+    from myllm.runtime.template import check_template
 
     try:
-        compile_template(template)
+        check_template(template)
     except TemplateSyntaxError as exc:
         raise ModelfileError(number + (exc.lineno or 1) - 1, f"TEMPLATE is not valid Jinja2: {exc.message}") from None
+    except InvalidOptions as exc:
+        raise ModelfileError(number, exc.message) from None
 
 
 

@@ -200,3 +200,23 @@ def test_errors_carry_no_paths_under_the_home(models_home: Path, tmp_path: Path,
         for r in answers:
             assert r.status_code >= 400 and "broken" in r.text, r.text
             assert str(home) not in r.text and str(tmp_path) not in r.text, r.text
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'x' * 300000000 }}",  # grew the daemon to 5 GB, then bad_alloc
+    "{% for a in range(99999) %}{% for b in range(99999) %}{{ a }}{% endfor %}{% endfor %}",  # pinned every worker
+    "{% for m in messages %}{{ raise_exception('no') }}{% endfor %}",  # fails every conversation
+])
+def test_a_template_that_explodes_is_refused_at_registration(urls: tuple[str, str], template: str) -> None:
+    import time
+
+    from myllm.modelfile import ModelfileError, parse
+
+    started = time.monotonic()
+    with pytest.raises(ModelfileError) as info:
+        parse(f'FROM smollm2:135m\nTEMPLATE """{template}"""\n')
+    assert "chat template" in str(info.value) and time.monotonic() - started < 10
+    r = httpx.post(f"{urls[1]}/api/create", json={"model": "boom", "from": "smollm2:135m", "template": template, "stream": False},
+                   timeout=60)
+    assert r.status_code == 400 and "chat template" in r.json()["error"], r.text
+    assert httpx.get(f"{urls[1]}/api/tags").status_code == 200

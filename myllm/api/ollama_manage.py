@@ -36,7 +36,7 @@ from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides
 from myllm.runtime.manager import LoadedInfo
 from myllm.runtime.options import PARAMETERS, stored_parameter
-from myllm.runtime.template import compile_template
+from myllm.runtime.template import check_template
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -292,7 +292,7 @@ def _overrides(body: CreateRequest) -> Overrides:
             raise InvalidOptions(message, field=f"parameters.{name}")
     if body.template is not None:
         try:
-            compile_template(body.template)
+            check_template(body.template)  # a template that loops or explodes is refused here, not at a chat
         except TemplateSyntaxError as exc:
             message = f"'template' is not a valid Jinja2 chat template: {exc.message}"
             raise InvalidOptions(message, field="template") from None

@@ -296,3 +296,18 @@ def render_chat(
     log.warning("the chat template does not copy message contents as they are; special tokens in them are parsed")
     text = _render(compiled, messages, deadline, **context)
     return RenderedPrompt(text, stop, (*(() for _ in messages), ((text, True),)), False)
+
+
+CHECK_SECONDS = 2.0
+"""How long a template being registered may take to render a one-message conversation."""
+
+
+def check_template(template: str) -> None:
+    """Refuse a chat template at registration (Modelfile TEMPLATE, Ollama's create) rather than
+    at a user's first chat: it must compile (`TemplateSyntaxError`) and render a plain
+    one-message conversation within `CHECK_SECONDS` and the output bound (`InvalidOptions`)."""
+    compile_template(template)
+    try:
+        render_chat([{"role": "user", "content": "Hello"}], template, "", "", "", deadline=Deadline(CHECK_SECONDS))
+    except InvalidOptions as exc:
+        raise InvalidOptions(f"the chat template fails on a one-message conversation: {exc.message}", field="template") from None
