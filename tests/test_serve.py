@@ -149,3 +149,33 @@ def test_sigterm_stops_renderings_within_the_grace(private_home: Path) -> None:
         thread.join(30)
     assert code == 0 and took < 12, f"exited {code} after {took:.1f}s (grace 2 s)"
     assert len(answers) == 4
+
+
+def test_a_taken_ollama_port_costs_one_line(private_home: Path) -> None:
+    """A real Ollama on the port: the daemon says so once and serves its main port."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon(private_home, MYLLM_OLLAMA_PORT=str(port))
+        try:
+            assert httpx.get(f"{daemon.url}/api/models", timeout=10).status_code == 200
+            assert "ollama_port" not in httpx.get(f"{daemon.url}/").json()
+        finally:
+            assert daemon.stop() == 0
+    said = [line for line in daemon.output if f"port {port} is taken" in line]
+    assert len(said) == 1 and "Ollama" in said[0], "".join(daemon.output)
+
+
+def test_the_ollama_port_serves_ollamas_api(private_home: Path) -> None:
+    from tests.server import free_port
+
+    port = free_port()
+    daemon = Daemon(private_home, MYLLM_OLLAMA_PORT=str(port))
+    try:
+        assert httpx.get(f"http://127.0.0.1:{port}/").text == "Ollama is running"
+        assert httpx.get(f"{daemon.url}/").json()["ollama_port"] == port
+    finally:
+        assert daemon.stop() == 0

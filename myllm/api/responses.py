@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from myllm.api import sse
 from myllm.api.access_log import track
+from myllm.api.openai_models import ErrorObject
 from myllm.api.auth import viewer
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
@@ -26,7 +27,8 @@ from myllm.runtime.options import GenerationOptions
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 from myllm.runtime.tools import Call, call_text
 
-router = APIRouter(prefix="/v1", tags=["OpenAI Responses"])
+router = APIRouter(prefix="/v1", tags=["OpenAI Responses"],
+                   responses={c: {"model": ErrorObject} for c in (400, 401, 403, 404, 429, 500, 503)})
 
 
 class ResponseRequest(BaseModel):
@@ -191,7 +193,7 @@ def _arguments(text: str) -> Any:
         return text
 
 
-@router.post("/responses")
+@router.post("/responses", responses=sse.STREAM_DOC)
 async def create_response(body: ResponseRequest, request: Request) -> Response:
     svc = services(request)
     new = _items(body)
