@@ -122,7 +122,7 @@ def _parameter(mf: Modelfile, number: int, name: str, value: str) -> None:
 
 
 def _check_template(number: int, template: str) -> None:
-    from myllm.runtime.template import check_template
+    from myllm.registry.chat_templates import check_template
 
     try:
         check_template(template)

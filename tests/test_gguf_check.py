@@ -281,7 +281,7 @@ def test_a_daemon_refuses_crafted_files_and_keeps_answering(tmp_path: Path) -> N
     huge_array(hang)
     blob = write_model(tmp_path / "ctx.gguf", {"llama.context_length": (1 << 31, T.UINT32)}).read_bytes()
     digest = f"sha256:{hashlib.sha256(blob).hexdigest()}"
-    with running_servers(Settings(num_threads=1)) as (url, ollama):
+    with running_servers(Settings(num_threads=1, model_dirs=str(tmp_path))) as (url, ollama):
         r = httpx.post(f"{url}/load_model", json={"model_name": str(hang)}, timeout=30)
         assert r.status_code == 400, r.text
         assert r.json()["message"].startswith(f"file:{hang} is not a model llama.cpp can load: ")

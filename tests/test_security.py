@@ -220,3 +220,23 @@ def test_a_template_that_explodes_is_refused_at_registration(urls: tuple[str, st
                    timeout=60)
     assert r.status_code == 400 and "chat template" in r.json()["error"], r.text
     assert httpx.get(f"{urls[1]}/api/tags").status_code == 200
+
+
+def test_a_gguf_whose_own_template_explodes_is_refused_at_pull(tmp_path: Path, smollm2_path: Path) -> None:
+    from myllm.errors import InvalidModelFile
+    from myllm.pull import pull
+    from myllm.registry.store import Registry
+    from tests.hostile_gguf import rewrite_gguf
+
+    hostile = tmp_path / "exploding.gguf"
+    import gguf
+
+    rewrite_gguf(smollm2_path, hostile, keys={"tokenizer.chat_template": ("{{ 'x' * 300000000 }}", gguf.GGUFValueType.STRING)})
+    registry = Registry.open(Settings(home=tmp_path / "home"))
+    try:
+        with pytest.raises(InvalidModelFile) as info:
+            pull(registry, Settings(home=tmp_path / "home"), str(hostile))
+        assert "exploding.gguf" in str(info.value) and "chat template" in str(info.value)
+        assert registry.list() == [] and not [p for p in (tmp_path / "home" / "blobs").iterdir() if p.is_file()]
+    finally:
+        registry.close()

@@ -36,7 +36,7 @@ from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides
 from myllm.runtime.manager import LoadedInfo
 from myllm.runtime.options import PARAMETERS, stored_parameter
-from myllm.runtime.template import check_template
+from myllm.registry.chat_templates import check_template
 
 log = logging.getLogger(__name__)
 router = APIRouter()

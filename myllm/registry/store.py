@@ -7,13 +7,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jinja2 import TemplateSyntaxError
 from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from myllm.errors import BlobNotFound, InvalidModelFile, InvalidModelName, ModelExists, ModelNotFound
+from myllm.errors import (
+    BlobNotFound,
+    InvalidModelFile,
+    InvalidModelName,
+    InvalidOptions,
+    ModelExists,
+    ModelNotFound,
+)
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
+from myllm.registry.chat_templates import check_template
 from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
@@ -114,9 +123,12 @@ class Registry:
         with self.sessions() as db:
             row = db.scalar(select(ModelRow).where(ModelRow.digest == digest).limit(1))
         if row is None:
-            return _info_columns(read_gguf_info(path, source))
-        check_gguf(path, source)
-        return _row_info(row)
+            info = _info_columns(read_gguf_info(path, source))
+        else:
+            check_gguf(path, source)
+            info = _row_info(row)
+        _check_file_template(info.get("chat_template"), source)
+        return info
 
     # -- writing -----------------------------------------------------------------
 
@@ -280,6 +292,19 @@ _INFO_COLUMNS = (
     "license",
     "details",
 )
+
+
+def _check_file_template(template: str | None, source: str) -> None:
+    """A GGUF's own chat template runs at every chat: one that does not compile, or explodes on a
+    one-message conversation, refuses the file here (400) instead of failing its users later."""
+    if not template:
+        return
+    try:
+        check_template(template)
+    except TemplateSyntaxError as exc:
+        raise InvalidModelFile(f"{source}: its chat template is not valid Jinja2 ({exc.message})") from None
+    except InvalidOptions as exc:
+        raise InvalidModelFile(f"{source}: {exc.message}") from None
 
 
 def _info_columns(info: GGUFInfo) -> dict[str, Any]:

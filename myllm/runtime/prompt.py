@@ -17,7 +17,8 @@ from typing import Any, TypeVar
 from myllm.errors import Overloaded, PromptTooLong
 from myllm.registry.schema import ModelRow
 from myllm.runtime.runner import ModelRunner
-from myllm.runtime.template import Deadline, RenderedPrompt, render_chat
+from myllm.registry.chat_templates import Deadline
+from myllm.runtime.template import RenderedPrompt, render_chat
 
 T = TypeVar("T")
 _Job = tuple[Callable[[Deadline], Any], threading.Event, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
