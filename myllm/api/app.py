@@ -13,12 +13,24 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import anthropic, compat, errors, llama_server, native, ollama, ollama_manage, openai, responses
+from myllm.api import (
+    anthropic,
+    compat,
+    errors,
+    llama_server,
+    native,
+    ollama,
+    ollama_manage,
+    openai,
+    responses,
+)
+from myllm.api import metrics as metrics_api
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
+from myllm.api.metrics import Metrics, MetricsMiddleware
 from myllm.api.ratelimit import Limits, RateLimitMiddleware
 from myllm.api.state import Services
 from myllm.registry.sessions import ResponseStore, SessionStore
@@ -41,7 +53,7 @@ def _check_blobs(registry: Registry) -> None:
 
 def _middleware(
     app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: KeyRing, limits: Limits,
-    open_paths: frozenset[str], unlimited: tuple[str, ...] = (),
+    metrics: Metrics, open_paths: frozenset[str], unlimited: tuple[str, ...] = (), api: str | None = None,
 ) -> None:
     """What every listener applies alike: body limit, rate limits, API keys, CORS, cancelling
     work whose client left, the Host allow-list, the access log (added last, so it runs first)."""
@@ -61,6 +73,7 @@ def _middleware(
     )
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts(settings), errors=error_router)
+    app.add_middleware(MetricsMiddleware, metrics=metrics, api=api)
     app.add_middleware(AccessLogMiddleware)
 
 
@@ -71,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry.open(settings)
         runtime = Runtime(registry, settings)
+        runtime.manager.events = app.state.metrics
         await runtime.start()
         app.state.services = Services(
             settings, registry, runtime, SessionStore(registry.sessions), ResponseStore(registry.sessions), time.monotonic()
@@ -106,13 +120,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.auth_required = bool(keys)
     app.state.keys = keys
     app.state.limits = Limits.from_settings(settings)
-    _middleware(app, settings, error_router, keys, app.state.limits, OPEN_PATHS)
+    app.state.metrics = Metrics()
+    _middleware(app, settings, error_router, keys, app.state.limits, app.state.metrics, OPEN_PATHS)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(anthropic.router)
     app.include_router(compat.router)
     app.include_router(llama_server.router)
+    app.include_router(metrics_api.router)
     return app
 
 
@@ -122,8 +138,8 @@ def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     lifespan; this app has none) with the same keys, origins and body limit."""
     app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
     main.state.siblings.append(app)
-    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, main.state.limits, ollama.OPEN_PATHS,
-                ollama_manage.UNLIMITED_PATHS)
+    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, main.state.limits,
+                main.state.metrics, ollama.OPEN_PATHS, ollama_manage.UNLIMITED_PATHS, api="ollama")
     app.include_router(ollama.router)
     app.include_router(ollama_manage.router)
     return app

@@ -28,6 +28,7 @@ from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.durations import parse_duration
 from myllm.runtime.engine import LoadSpec
+from myllm.runtime.events import RuntimeEvents
 from myllm.runtime.memory import MiB, MemoryEstimate, estimate, parse_memory
 from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig
@@ -154,6 +155,8 @@ class ModelManager:
         self._changed = asyncio.Condition()
         self._reaper: asyncio.Task[None] | None = None
         self._checker: asyncio.Task[None] | None = None
+        self.events = RuntimeEvents()
+        """Told of loads and unloads (the daemon puts its metrics here)."""
         self.incidents: collections.deque[Incident] = collections.deque(maxlen=32)
         """Runners restarted after a failed health check, the latest last."""
         self._closing = False
@@ -200,7 +203,7 @@ class ModelManager:
         now = time.monotonic()
         expired = [i for i in self._instances.values() if i.idle and i.expires_at is not None and i.expires_at <= now]
         for inst in expired:
-            await self._unload(inst)
+            await self._unload(inst, "keep_alive")
         return [i.spec.name for i in expired]
 
     # -- health ------------------------------------------------------------------------
@@ -342,6 +345,7 @@ class ModelManager:
 
     async def _create(self, spec: LoadSpec, row: ModelRow, need: MemoryEstimate) -> Instance:
         config = RunnerConfig(spec, self.settings.num_threads, self._saved_kv_bytes(row, spec))
+        started = time.perf_counter()
         try:
             runner = await self._factory(config, self.settings.max_queue)
         except ModelCrashed as exc:
@@ -356,6 +360,7 @@ class ModelManager:
         runner.on_exit = self._runner_exited
         self._instances[spec] = inst
         self.load_count += 1
+        self.events.model_loaded(spec.name, time.perf_counter() - started)
         log.info(
             "loaded %s (ctx %d) in runner %s: estimate %d MiB, runner RSS %d MiB",
             spec.name, spec.n_ctx, getattr(runner, "pid", None), need.total // MiB, runner.rss() // MiB,
@@ -369,6 +374,7 @@ class ModelManager:
             if inst.runner is runner:
                 del self._instances[spec]
                 log.warning("model %s is no longer loaded: %s", spec.name, error.message)
+                self.events.model_unloaded(spec.name, "crash")
         asyncio.get_running_loop().create_task(self._notify())
 
     async def _notify(self) -> None:
@@ -399,7 +405,7 @@ class ModelManager:
         for inst in victims:
             if need is not None and self._fits(need):
                 break
-            await self._unload(inst)
+            await self._unload(inst, "lru")
             evicted = True
         return evicted
 
@@ -425,12 +431,13 @@ class ModelManager:
                 except TimeoutError:
                     pass
 
-    async def _unload(self, inst: Instance) -> None:
+    async def _unload(self, inst: Instance, reason: str = "unload") -> None:
         if self._instances.get(inst.spec) is not inst:
             return
         del self._instances[inst.spec]
         await inst.runner.close()
-        log.info("unloaded %s", inst.spec.name)
+        log.info("unloaded %s (%s)", inst.spec.name, reason)
+        self.events.model_unloaded(inst.spec.name, reason)
         await self._notify()
 
     # -- explicit control ------------------------------------------------------------
@@ -460,6 +467,13 @@ class ModelManager:
 
     def is_loaded(self, name: str) -> bool:
         return any(i.spec.name == name for i in self._instances.values())
+
+    async def runner_stats(self, name: str) -> dict[str, Any]:
+        """The figures `name`'s runner reports about itself (a model loaded twice: the first)."""
+        inst = next((i for i in self._instances.values() if i.spec.name == name), None)
+        if inst is None:
+            raise ModelNotLoaded(f"model '{name}' is not loaded")
+        return await asyncio.wait_for(inst.runner.stats(), timeout=5)  # type: ignore[no-any-return]
 
     def loaded(self) -> list[LoadedInfo]:
         return [self._info(i) for i in sorted(self._instances.values(), key=lambda i: i.spec.name)]

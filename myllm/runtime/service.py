@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,8 @@ class GenerationStream(AsyncIterator[Event]):
         """The calls read from the reply, once it is done."""
         self._content = ""
         self._pending: DoneEvent | None = None
+        self.on_done: Callable[[str, DoneEvent], None] = lambda model, done: None
+        """Told once of the generation's end (the runtime's events)."""
 
     def __aiter__(self) -> GenerationStream:
         return self
@@ -61,6 +63,7 @@ class GenerationStream(AsyncIterator[Event]):
     async def __anext__(self) -> Event:
         if self._pending is not None:  # the tool filter's last text went out first
             self.done, self._pending = self._pending, None
+            self.on_done(self.model, self.done)
             return self.done
         if self.done is not None:
             await self.aclose()
@@ -74,6 +77,7 @@ class GenerationStream(AsyncIterator[Event]):
             return self._filtered(event, self.calls)
         if isinstance(event, DoneEvent):
             self.done = event
+            self.on_done(self.model, event)
         return event
 
     def _filtered(self, event: Event, calls: CallFilter) -> Event:
@@ -87,6 +91,7 @@ class GenerationStream(AsyncIterator[Event]):
         done = dataclasses.replace(event, text=self._content, finish_reason="tool_calls" if self.tool_calls else event.finish_reason)
         if not tail:
             self.done = done
+            self.on_done(self.model, done)
             return done
         self._pending = done
         return TokenEvent(tail, -1)
@@ -214,6 +219,13 @@ class Runtime:
 
     def is_loaded(self, name: str) -> bool:
         return self.manager.is_loaded(name)
+
+    async def runner_stats(self, name: str) -> dict[str, Any]:
+        """A loaded model's runner's own figures (resident memory, saved KV), for metrics."""
+        return await self.manager.runner_stats(name)
+
+    def memory_budget(self) -> int:
+        return self.manager.budget
 
     def problems(self) -> list[str]:
         """What is degraded now (readiness): runners restarted after a failed health check, a
@@ -361,6 +373,7 @@ class Runtime:
             lease.release()
             raise
         stream = GenerationStream(events, lease, len(tokens))
+        stream.on_done = self.manager.events.generation_done
         stream.counts = counts
         stream.dropped = prompt.dropped
         stream.prompt_text = prompt.text
