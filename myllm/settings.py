@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -106,6 +107,10 @@ class Settings(BaseSettings):
         default=None, description="Folders (separated by ':') under which API clients may name local .gguf files to "
         "load or pull (admin keys only); default: none, so clients cannot make the daemon read local paths. The "
         "CLI's own pulls are not limited."
+    )
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="The daemon's log: `text` (lines for people) or `json` (one object per line: "
+        "time, level, message, and each request's api, route, model, status, tokens, ttft_ms, ms, key hash)."
     )
     rate_limit: str | None = Field(
         default=None, description="Requests per key (per client address while keys are off), e.g. 120/minute; past "

@@ -179,3 +179,22 @@ def test_the_ollama_port_serves_ollamas_api(private_home: Path) -> None:
         assert httpx.get(f"{daemon.url}/").json()["ollama_port"] == port
     finally:
         assert daemon.stop() == 0
+
+
+def test_json_log_lines(private_home: Path) -> None:
+    """MYLLM_LOG_FORMAT=json: each request is one JSON object with its fields, and model loads
+    are log events too."""
+    daemon = Daemon(private_home, MYLLM_LOG_FORMAT="json", MYLLM_INFERENCE_KEYS="k1")
+    reply = httpx.post(f"{daemon.url}/v1/chat/completions", headers={"Authorization": "Bearer k1"}, timeout=60,
+                       json={"model": "smollm2:135m", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}).json()
+    assert daemon.stop() == 0
+    lines = [json.loads(line) for line in daemon.output if line.startswith("{")]
+    [request] = [line for line in lines if line.get("route") == "/v1/chat/completions"]
+    assert request["api"] == "openai" and request["status"] == 200 and request["model"] == "smollm2:135m"
+    assert request["completion_tokens"] == reply["usage"]["completion_tokens"]
+    assert request["prompt_tokens"] == reply["usage"]["prompt_tokens"] and request["ttft_ms"] > 0 and request["ms"] > 0
+    import hashlib
+
+    assert request["key"] == hashlib.sha256(b"k1").hexdigest()[:8] and "k1" not in json.dumps(request["message"])
+    assert any(line["message"].startswith("loaded smollm2:135m") for line in lines)
+    assert all({"time", "level", "logger", "message"} <= set(line) for line in lines)

@@ -10,8 +10,9 @@ import time
 from typing import Any
 
 from starlette.requests import Request
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from myllm.api.auth import CALLER
 from myllm.api.disconnect import CLIENT_GONE
 from myllm.api.middleware import HttpMiddleware
 
@@ -28,15 +29,59 @@ def track(request: Request, stream: Any) -> None:
     request.state.myllm_streams.append(stream)
 
 
-def _model_and_tokens(streams: list[Any]) -> tuple[str, str]:
-    """The first stream's model, and the completion tokens of those that finished ("-" for none)."""
-    if not streams:
-        return "-", "-"
+def api_of(path: str) -> str:
+    """Which API a path of the main listener belongs to (its metrics label)."""
+    if path.startswith("/v1/messages"):
+        return "anthropic"
+    if path.startswith("/v1"):
+        return "openai"
+    if path in ("/load_model", "/generate", "/stream", "/model_status", "/status"):
+        return "compat"
+    if path.startswith("/llama"):
+        return "llama"
+    return "native"
+
+
+def request_fields(scope: Scope, api: str, status: int, started: float) -> dict[str, Any]:
+    """What one request's line says, as fields (the JSON log's keys): the route's template, the
+    first stream's model, the tokens of all its streams (`-` before any finished), the first
+    token's latency as the runner measured it, and the key as a short hash (never the key)."""
+    state = scope.get("state", {})
+    streams = state.get("myllm_streams", [])
     done = [s.done for s in streams if s.done is not None]
-    return streams[0].model, str(sum(d.completion_tokens for d in done)) if done else "-"
+    caller = state.get(CALLER)
+    tokens = {
+        "prompt_tokens": sum(d.prompt_tokens for d in done), "cached_tokens": sum(d.prompt_tokens - d.prompt_eval_tokens for d in done),
+        "completion_tokens": sum(d.completion_tokens for d in done),
+    } if done else {"prompt_tokens": None, "cached_tokens": None, "completion_tokens": None}
+    return {
+        "method": scope["method"], "path": scope["path"], "api": api,
+        "route": getattr(scope.get("route"), "path", "unmatched"), "status": status,
+        "model": streams[0].model if streams else None, **tokens,
+        "ttft_ms": round(done[0].prompt_ms, 1) if done else None,
+        "ms": round((time.perf_counter() - started) * 1000),
+        "key": caller.key_hash[:8] if caller is not None and caller.key_hash else None,
+    }
+
+
+def _text(fields: dict[str, Any]) -> str:
+    def show(value: Any) -> str:
+        return "-" if value is None else str(value)
+
+    return (f"{fields['method']} {fields['path']} {fields['status']} model={show(fields['model'])} "
+            f"tokens={show(fields['completion_tokens'])} prompt={show(fields['prompt_tokens'])} "
+            f"cached={show(fields['cached_tokens'])} ttft={show(fields['ttft_ms'])}ms key={show(fields['key'])} "
+            f"api={fields['api']} {fields['ms']}ms")
 
 
 class AccessLogMiddleware(HttpMiddleware):
+    """One line per request, when the response (streamed or not) has been sent. `api` is fixed
+    for a listener (`ollama`) or read from the path."""
+
+    def __init__(self, app: ASGIApp, api: str | None = None) -> None:
+        super().__init__(app)
+        self.api = api
+
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 0
@@ -51,10 +96,6 @@ class AccessLogMiddleware(HttpMiddleware):
             await self.app(scope, receive, sending)
         finally:
             state = scope.get("state", {})
-            model, tokens = _model_and_tokens(state.get("myllm_streams", []))
             status = status or (CLIENT_CLOSED if state.get(CLIENT_GONE) else 500)
-            log.info(
-                "%s %s %d model=%s tokens=%s %.0fms",
-                scope["method"], scope["path"], status, model, tokens,
-                (time.perf_counter() - started) * 1000,
-            )
+            fields = request_fields(scope, self.api or api_of(scope["path"]), status, started)
+            log.info("%s", _text(fields), extra={"fields": fields})

@@ -74,7 +74,7 @@ def _middleware(
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts(settings), errors=error_router)
     app.add_middleware(MetricsMiddleware, metrics=metrics, api=api)
-    app.add_middleware(AccessLogMiddleware)
+    app.add_middleware(AccessLogMiddleware, api=api)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

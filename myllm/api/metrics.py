@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from myllm.api.access_log import api_of
 from myllm.api.auth import require_admin
 from myllm.api.middleware import HttpMiddleware
 from myllm.api.state import services
@@ -99,19 +100,6 @@ class Metrics(RuntimeEvents):
         budget = GaugeMetricFamily("myllm_memory_budget_bytes", "MYLLM_MAX_MEMORY", value=runtime.memory_budget())
         self.snapshot.families = [queue, active, memory, kv_bytes, kv_hits, count, budget]
         return generate_latest(self.registry)
-
-
-def api_of(path: str) -> str:
-    """Which API a path of the main listener belongs to (its metrics label)."""
-    if path.startswith("/v1/messages"):
-        return "anthropic"
-    if path.startswith("/v1"):
-        return "openai"
-    if path in ("/load_model", "/generate", "/stream", "/model_status", "/status"):
-        return "compat"
-    if path.startswith("/llama"):
-        return "llama"
-    return "native"
 
 
 class MetricsMiddleware(HttpMiddleware):

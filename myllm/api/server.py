@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import signal
 import socket
 import sys
 from collections.abc import Iterator
+from datetime import datetime, timezone
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -20,14 +23,36 @@ from myllm.errors import ShuttingDown
 from myllm.settings import Settings
 
 
-def _log_with_rich(level: str) -> None:
-    from rich.console import Console
-    from rich.logging import RichHandler
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and a record's `fields` (a
+    request line's api, route, model, tokens, latency, key hash) as keys of their own."""
 
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(), "logger": record.name, "message": record.getMessage(),
+        }
+        line.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, ensure_ascii=False, default=str)
+
+
+def _log_setup(level: str, log_format: str) -> None:
+    """myllm's own log: Rich lines for people, or JSON lines (`MYLLM_LOG_FORMAT=json`) for a
+    log collector."""
     logger = logging.getLogger("myllm")
     if not logger.handlers:
-        console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-        logger.addHandler(RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False))
+        if log_format == "json":
+            handler: logging.Handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(JsonFormatter())
+        else:
+            from rich.console import Console
+            from rich.logging import RichHandler
+
+            console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
+            handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+        logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level.upper())
 
@@ -105,7 +130,7 @@ def ollama_socket(host: str, port: int) -> socket.socket | None:
 
 def serve(settings: Settings, host: str | None = None, port: int | None = None, log_level: str = "info") -> None:
     bind = host or settings.host
-    _log_with_rich(log_level)
+    _log_setup(log_level, settings.log_format)
     app = create_app(settings)
     common = {
         "host": bind, "log_level": log_level,
