@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -201,17 +201,38 @@ def create(
 
 
 @app.command()
-def ps(host: HostOpt = None, port: PortOpt = None) -> None:
-    """List the models the daemon has loaded."""
+def ps(
+    host: HostOpt = None,
+    port: PortOpt = None,
+    watch: Annotated[bool, typer.Option("--watch", "-w", help="Refresh every 2 seconds until Ctrl-C.")] = False,
+) -> None:
+    """List the models the daemon has loaded: slots busy, requests waiting, memory, until when."""
     with daemon(host, port) as client:
-        models = client.get("/api/ps")["models"]
+        if not watch:
+            out.print(_ps_table(client.get("/api/ps")["models"]))
+            return
+        import time
+
+        from rich.live import Live
+
+        with Live(_ps_table(client.get("/api/ps")["models"]), console=out, refresh_per_second=1) as live:
+            try:
+                while True:
+                    time.sleep(2)
+                    live.update(_ps_table(client.get("/api/ps")["models"]))
+            except KeyboardInterrupt:
+                pass
+
+
+def _ps_table(models: list[dict[str, Any]]) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "SIZE", "PROCESSOR", "CONTEXT", "UNTIL"):
+    for column in ("NAME", "SIZE", "MEMORY", "PROCESSOR", "CONTEXT", "SLOTS", "WAITING", "UNTIL"):
         table.add_column(column)
     for m in models:
         until = "in use" if m["active"] else ("forever" if m["expires_at"] is None else _until(m["expires_at"]))
-        table.add_row(m["name"], human_bytes(m["size_mb"] * 1_048_576), m["processor"], str(m["context_length"]), until)
-    out.print(table)
+        table.add_row(m["name"], human_bytes(m["size_mb"] * 1_048_576), human_bytes(m["memory_mb"] * 1_048_576),
+                      m["processor"], str(m["context_length"]), f"{m['busy']}/{m['slots']}", str(m["queued"]), until)
+    return table
 
 
 def _until(iso: str) -> str:

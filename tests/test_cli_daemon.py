@@ -51,6 +51,13 @@ def test_ps_and_stop(daemon: str) -> None:
     table = myllm("ps", "--port", port).stdout
     row = next(line for line in table.splitlines() if "smollm2:135m" in line)
     assert "100% CPU" in row and "2048" in row and "minutes from now" in row
+    assert " 0/4 " in row and " MB " in row  # no sequence busy of 4; the runner's measured memory
+    import signal
+
+    watching = subprocess.Popen([MYLLM, "ps", "--watch", "--port", port], stdout=subprocess.PIPE, text=True)
+    time.sleep(3)  # at least one refresh
+    watching.send_signal(signal.SIGINT)
+    assert watching.wait(10) == 0 and "smollm2:135m" in (watching.stdout.read() if watching.stdout else "")
     stopped = myllm("stop", "smollm2:135m", "--port", port)
     assert stopped.stdout.strip() == "Model 'smollm2:135m' unloaded"
     assert "smollm2:135m" not in myllm("ps", "--port", port).stdout

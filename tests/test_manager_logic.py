@@ -27,6 +27,7 @@ class FakeRunner:
     created: list[str] = []
     busy = False
     queued = 0
+    generating = 0
     rss_before = rss_after = 0
 
     def __init__(self, config: RunnerConfig) -> None:

@@ -85,3 +85,14 @@ def test_metrics_need_an_admin_key(models_home: Path) -> None:
         assert httpx.get(f"{main}/metrics", headers={"Authorization": "Bearer user"}).status_code == 403
         assert httpx.get(f"{main}/metrics", headers={"Authorization": "Bearer admin"}).status_code == 200
         assert httpx.get(f"{main}/metrics").status_code == 401
+
+
+def test_ps_shows_the_queue(urls: tuple[str, str]) -> None:
+    main, _ = urls
+    long = {"model": "smollm2:135m", "stream": True, "options": {"max_tokens": 400, "temperature": 0},
+            "messages": [{"role": "user", "content": "Write a long story."}]}
+    with httpx.stream("POST", f"{main}/api/chat", json=long, timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        [model] = [m for m in httpx.get(f"{main}/api/ps").json()["models"] if m["name"] == "smollm2:135m"]
+        assert model["busy"] == 1 and model["slots"] == 4 and model["queued"] == 0 and model["memory_mb"] > 50

@@ -135,6 +135,7 @@ async def running(request: Request) -> RunningList:
             name=m.name, size_mb=m.size_estimate >> 20, rss_growth_mb=max(0, m.rss_growth) >> 20,
             context_length=m.context_length, processor="100% GPU" if m.device == "gpu" else "100% CPU",
             expires_at=m.expires_at.isoformat() if m.expires_at else None, active=m.active, queued=m.queued,
+            busy=m.busy, slots=m.slots, memory_mb=m.rss >> 20,
         )
         for m in services(request).runtime.loaded()
     ])

@@ -172,6 +172,9 @@ class RunningModel(BaseModel):
     expires_at: str | None = Field(description="when it unloads if idle; null: in use, or kept loaded")
     active: int
     queued: int
+    busy: int = Field(description="extension: sequences generating now, of `slots`")
+    slots: int = Field(description="extension: sequences the model generates at once (MYLLM_NUM_PARALLEL)")
+    memory_mb: int = Field(description="extension: the model's runner process, resident memory measured now")
 
 
 class RunningList(BaseModel):

@@ -102,6 +102,9 @@ class LoadedInfo:
     device: str
     active: int
     queued: int
+    busy: int
+    """Sequences generating now, of `slots`."""
+    slots: int
 
     @property
     def rss_growth(self) -> int:
@@ -498,4 +501,6 @@ class ModelManager:
             device="gpu" if inst.spec.n_gpu_layers else "cpu",
             active=inst.leases,
             queued=inst.runner.queued,
+            busy=inst.runner.generating,
+            slots=inst.spec.n_parallel,
         )

@@ -309,6 +309,11 @@ class ModelRunner:
         return max(0, len(self._streams) - self.spec.n_parallel)
 
     @property
+    def generating(self) -> int:
+        """Sequences generating now (at most the model's slots)."""
+        return min(len(self._streams), self.spec.n_parallel)
+
+    @property
     def busy(self) -> bool:
         return bool(self._streams) or bool(self._calls)
 
