@@ -23,6 +23,7 @@ from myllm.api import (
     ollama_manage,
     openai,
     responses,
+    ui,
 )
 from myllm.api import metrics as metrics_api
 from myllm.api.access_log import AccessLogMiddleware
@@ -121,7 +122,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.keys = keys
     app.state.limits = Limits.from_settings(settings)
     app.state.metrics = Metrics()
-    _middleware(app, settings, error_router, keys, app.state.limits, app.state.metrics, OPEN_PATHS)
+    _middleware(app, settings, error_router, keys, app.state.limits, app.state.metrics, OPEN_PATHS | ui.PATHS)
     app.include_router(native.router)
     app.include_router(openai.router)
     app.include_router(responses.router)
@@ -129,6 +130,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(compat.router)
     app.include_router(llama_server.router)
     app.include_router(metrics_api.router)
+    app.include_router(ui.router)
     return app
 
 

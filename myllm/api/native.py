@@ -288,7 +288,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingResp
 def _summary(info: SessionInfo) -> SessionSummary:
     return SessionSummary(
         id=info.id, kind=info.kind, model=info.model, created=info.created_at.isoformat(),
-        updated=info.updated_at.isoformat(), message_count=info.message_count,
+        updated=info.updated_at.isoformat(), message_count=info.message_count, preview=info.preview,
     )
 
 

@@ -141,6 +141,7 @@ class SessionSummary(BaseModel):
     created: str
     updated: str
     message_count: int
+    preview: str | None = Field(None, description="extension: the start of its first user message")
 
 
 class SessionList(BaseModel):

@@ -52,6 +52,8 @@ class SessionInfo:
     created_at: datetime
     updated_at: datetime
     message_count: int
+    preview: str | None = None
+    """The start of its first user message (what a list of conversations shows)."""
 
 
 def new_session_id() -> str:
@@ -120,7 +122,16 @@ class SessionStore:
             if not viewer.admin:
                 query = query.where(SessionRow.owner == viewer.key_hash)
             rows = db.execute(query).all()
-            return [SessionInfo(s.id, s.kind, s.model, s.created_at, s.updated_at, int(n)) for s, n in rows]
+            first = (
+                select(MessageRow.session_id, func.min(MessageRow.seq).label("seq"))
+                .where(MessageRow.role == "user").group_by(MessageRow.session_id).subquery()
+            )
+            previews = dict(db.execute(
+                select(MessageRow.session_id, func.substr(MessageRow.content, 1, 100))
+                .join(first, (first.c.session_id == MessageRow.session_id) & (first.c.seq == MessageRow.seq))
+            ).all())
+            return [SessionInfo(s.id, s.kind, s.model, s.created_at, s.updated_at, int(n), previews.get(s.id))
+                    for s, n in rows]
 
     def get(self, session_id: str, viewer: Viewer = ADMIN) -> tuple[SessionInfo, list[StoredMessage]]:
         with self._sessions() as db:
