@@ -108,6 +108,10 @@ class Settings(BaseSettings):
         "load or pull (admin keys only); default: none, so clients cannot make the daemon read local paths. The "
         "CLI's own pulls are not limited."
     )
+    replica_id: str | None = Field(
+        default=None, description="This daemon's name in the X-MyLLM-Replica response header (default: host:port), for "
+        "telling replicas apart behind a load balancer."
+    )
     log_format: Literal["text", "json"] = Field(
         default="text", description="The daemon's log: `text` (lines for people) or `json` (one object per line: "
         "time, level, message, and each request's api, route, model, status, tokens, ttft_ms, ms, key hash)."

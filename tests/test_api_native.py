@@ -304,3 +304,23 @@ def test_concurrent_turns_on_one_session_are_serialised(server: str, fresh: bool
     assert roles == ["user", "assistant"] * (4 if fresh else 5), roles
     sent = sorted(m["content"] for m in messages if m["role"] == "user" and m["content"].startswith("Message"))
     assert sent == [f"Message {i}" for i in range(4)], "every turn was stored, once"
+
+
+def test_replica_and_session_headers(server: str) -> None:
+    """For a balancer: every answer names its replica; a session turn names its session, and a
+    request may name its session in the header instead of the body."""
+    first = httpx.post(f"{server}/api/chat", json={"model": "smollm2:135m", "messages": [{"role": "user", "content": "Hi"}],
+                                                   "options": GREEDY}, timeout=60)
+    session = first.json()["session_id"]
+    assert first.headers["x-myllm-session"] == session and first.headers["x-myllm-replica"]
+    assert httpx.get(f"{server}/api/models").headers["x-myllm-replica"] == first.headers["x-myllm-replica"]
+    second = httpx.post(f"{server}/api/chat", headers={"X-MyLLM-Session": session}, timeout=60,
+                        json={"model": "smollm2:135m", "messages": [{"role": "user", "content": "Again"}], "options": GREEDY})
+    assert second.json()["session_id"] == session and second.headers["x-myllm-session"] == session
+    stored = httpx.get(f"{server}/api/sessions/{session}").json()["messages"]
+    assert [m["role"] for m in stored] == ["user", "assistant", "user", "assistant"]
+    with httpx.stream("POST", f"{server}/api/chat", headers={"X-MyLLM-Session": session}, timeout=60,
+                      json={"model": "smollm2:135m", "stream": True, "messages": [{"role": "user", "content": "More"}],
+                            "options": GREEDY}) as streamed:
+        assert streamed.headers["x-myllm-session"] == session
+        streamed.read()

@@ -33,6 +33,7 @@ from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.metrics import Metrics, MetricsMiddleware
 from myllm.api.ratelimit import Limits, RateLimitMiddleware
+from myllm.api.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.state import Services
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
@@ -75,6 +76,7 @@ def _middleware(
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts(settings), errors=error_router)
     app.add_middleware(MetricsMiddleware, metrics=metrics, api=api)
+    app.add_middleware(ReplicaHeadersMiddleware, replica=replica_id(settings))
     app.add_middleware(AccessLogMiddleware, api=api)
 
 

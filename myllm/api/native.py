@@ -41,6 +41,7 @@ from myllm.api.native_models import (
     Usage,
 )
 from myllm.api.auth import require_admin, viewer
+from myllm.api.replica import answered_for, session_of
 from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
@@ -209,10 +210,12 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     after the system message are left out of the prompt; the stored history stays whole."""
     svc = services(request)
     model = body.model or svc.settings.default_model
-    session_id = check_session_id(body.session_id) if body.session_id else new_session_id()
+    named = session_of(request, body.session_id)
+    session_id = check_session_id(named) if named else new_session_id()
+    answered_for(request, session_id)
     release = await svc.turns.acquire(session_id)
     try:
-        stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request)) if body.session_id else []
+        stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request)) if named else []
         stream = await svc.runtime.chat(
             model,
             _history_messages(stored, body.messages),
@@ -244,7 +247,10 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     of that session come first and this pair is stored."""
     svc = services(request)
     model = body.model or svc.settings.default_model
-    session_id = check_session_id(body.session_id) if body.session_id else None
+    named = session_of(request, body.session_id)
+    session_id = check_session_id(named) if named else None
+    if session_id:
+        answered_for(request, session_id)
     history: list[tuple[str, str]] = []
     release = await svc.turns.acquire(session_id) if session_id else (lambda: None)
     try:
