@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -59,7 +60,7 @@ def request_fields(scope: Scope, api: str, status: int, started: float) -> dict[
         "route": getattr(scope.get("route"), "path", "unmatched"), "status": status,
         "model": streams[0].model if streams else None, **tokens,
         "ttft_ms": round(done[0].prompt_ms, 1) if done else None,
-        "ms": round((time.perf_counter() - started) * 1000),
+        "ms": round((time.perf_counter() - started) * 1000, 1),
         "key": caller.key_hash[:8] if caller is not None and caller.key_hash else None,
     }
 
@@ -76,11 +77,14 @@ def _text(fields: dict[str, Any]) -> str:
 
 class AccessLogMiddleware(HttpMiddleware):
     """One line per request, when the response (streamed or not) has been sent. `api` is fixed
-    for a listener (`ollama`) or read from the path."""
+    for a listener (`ollama`) or read from the path; `on_request` gets the same fields (the
+    metrics count requests from them)."""
 
-    def __init__(self, app: ASGIApp, api: str | None = None) -> None:
+    def __init__(self, app: ASGIApp, api: str | None = None,
+                 on_request: Callable[[dict[str, Any]], None] | None = None) -> None:
         super().__init__(app)
         self.api = api
+        self.on_request = on_request
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -99,3 +103,5 @@ class AccessLogMiddleware(HttpMiddleware):
             status = status or (CLIENT_CLOSED if state.get(CLIENT_GONE) else 500)
             fields = request_fields(scope, self.api or api_of(scope["path"]), status, started)
             log.info("%s", _text(fields), extra={"fields": fields})
+            if self.on_request is not None:
+                self.on_request(fields)

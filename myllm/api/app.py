@@ -31,7 +31,7 @@ from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
-from myllm.api.metrics import Metrics, MetricsMiddleware
+from myllm.api.metrics import Metrics
 from myllm.api.ratelimit import Limits, RateLimitMiddleware
 from myllm.api.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.state import Services
@@ -75,9 +75,8 @@ def _middleware(
     )
     app.add_middleware(CancelOnDisconnectMiddleware)
     app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts(settings), errors=error_router)
-    app.add_middleware(MetricsMiddleware, metrics=metrics, api=api)
     app.add_middleware(ReplicaHeadersMiddleware, replica=replica_id(settings))
-    app.add_middleware(AccessLogMiddleware, api=api)
+    app.add_middleware(AccessLogMiddleware, api=api, on_request=metrics.request_done)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

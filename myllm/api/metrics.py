@@ -1,12 +1,12 @@
 """Prometheus metrics (`GET /metrics`, admin keys only when keys are on), with
 `prometheus-client`. Three sources: every HTTP request on both listeners (`MetricsMiddleware`),
 the runtime's events (generations, loads, unloads: `Metrics` is the runtime's `RuntimeEvents`),
-and, at each scrape, the loaded models and their runners' own figures (queue, memory, saved KV)."""
+and, at each scrape, the loaded models and their runners' own figures (queue, memory, saved KV).
+Requests are counted from the access log's fields (`request_done`), so both always agree."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,11 +15,8 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from myllm.api.access_log import api_of
 from myllm.api.auth import require_admin
-from myllm.api.middleware import HttpMiddleware
 from myllm.api.state import services
 from myllm.runtime.engine import DoneEvent
 from myllm.runtime.events import RuntimeEvents
@@ -76,6 +73,11 @@ class Metrics(RuntimeEvents):
     def model_unloaded(self, model: str, reason: str) -> None:
         self.evictions.labels(model, reason).inc()
 
+    def request_done(self, fields: dict[str, Any]) -> None:
+        """One answered request, as its log line describes it (`AccessLogMiddleware`'s fields)."""
+        self.requests.labels(fields["api"], fields["route"], str(fields["status"])).inc()
+        self.duration.labels(fields["api"], fields["route"]).observe(fields["ms"] / 1000)
+
     # -- a scrape --------------------------------------------------------------------------
 
     async def render(self, request: Request) -> bytes:
@@ -100,34 +102,6 @@ class Metrics(RuntimeEvents):
         budget = GaugeMetricFamily("myllm_memory_budget_bytes", "MYLLM_MAX_MEMORY", value=runtime.memory_budget())
         self.snapshot.families = [queue, active, memory, kv_bytes, kv_hits, count, budget]
         return generate_latest(self.registry)
-
-
-class MetricsMiddleware(HttpMiddleware):
-    """Counts and times every request; `api` is fixed for a listener (`ollama`) or read from the path."""
-
-    def __init__(self, app: ASGIApp, metrics: Metrics, api: str | None = None) -> None:
-        super().__init__(app)
-        self.metrics = metrics
-        self.api = api
-
-    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        status = 500
-
-        async def sending(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, sending)
-        finally:
-            # The matched route's template, not the raw path: one series per route, whatever ids it carries.
-            route = getattr(scope.get("route"), "path", "unmatched")
-            api = self.api or api_of(scope["path"])
-            self.metrics.requests.labels(api, route, str(status)).inc()
-            self.metrics.duration.labels(api, route).observe(time.perf_counter() - started)
 
 
 @router.get("/metrics", response_class=Response)
