@@ -10,6 +10,7 @@ Model management (tags, show, ps, pull, create, blobs, copy, delete) is in
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import AsyncIterator, Callable
@@ -27,6 +28,7 @@ from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.runtime.options import GenerationOptions
+from myllm.runtime.durations import parse_duration
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 from myllm.runtime.template import thinks
 
@@ -36,6 +38,7 @@ OPEN_PATHS = frozenset({"/", "/api/version"})
 """What Ollama clients probe before anything else; open even with API keys, as `/health` is."""
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 
 
 def ollama_renderer(err: ApiError) -> Response:
@@ -51,6 +54,31 @@ def ndjson(objects: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
             yield json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
 
     return StreamingResponse(lines(), media_type="application/x-ndjson")
+
+
+async def answer(events: AsyncIterator[dict[str, Any]], stream: bool) -> Response:
+    """Ollama's status answer (pull, create, a load): NDJSON objects, or with `stream: false` the last one alone.
+    The first object is awaited before the answer starts, so work that fails before it gets
+    an error status; a later failure is a last `{"error": ...}` line."""
+    first = await anext(events)
+    if not stream:
+        last = first
+        async for last in events:
+            pass
+        return JSONResponse(last)
+    return ndjson(_error_as_line(first, events))
+
+
+async def _error_as_line(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
+    yield first
+    try:
+        async for obj in rest:
+            yield obj
+    except MyLLMError as exc:
+        yield {"error": exc.message}
+    except Exception:
+        log.exception("a streamed model operation failed")
+        yield {"error": "internal server error"}
 
 
 @router.get("/")
@@ -106,11 +134,11 @@ def _final(done: DoneEvent, started: float, ready: float) -> dict[str, Any]:
     }
 
 
-async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | float | None, field: str) -> dict[str, Any]:
+async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | float | None, field: str) -> AsyncIterator[dict[str, Any]]:
     """An empty prompt (or message list) loads the model; with `keep_alive: 0` it unloads it.
     Ollama clients preload models this way."""
     runtime = services(request).runtime
-    if keep_alive is not None and str(keep_alive).strip() in ("0", "0s", "0.0"):
+    if keep_alive is not None and parse_duration(keep_alive) == 0:
         require_admin(request, "unloading a model")
         await runtime.unload(row.name)
         reason = "unload"
@@ -118,7 +146,7 @@ async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | flo
         await runtime.load(row.name, keep_alive=keep_alive)
         reason = "load"
     empty: dict[str, Any] = {"message": {"role": "assistant", "content": ""}} if field == "message" else {"response": ""}
-    return {"model": row.name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
+    yield {"model": row.name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
 
 
 async def _respond(
@@ -172,7 +200,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
     row = await _model_row(request, body.model)
     _check_features(row, body.think, [i for m in body.messages for i in (m.images or [])])
     if not body.messages:
-        return _one(await _load_or_unload(request, row, body.keep_alive, "message"), body.stream)
+        return await answer(_load_or_unload(request, row, body.keep_alive, "message"), body.stream)
     stream = await services(request).runtime.chat(
         row, [_message(m) for m in body.messages], generation_options(body.options, body.format),
         keep_alive=body.keep_alive, tools=body.tools,
@@ -194,23 +222,12 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         raise InvalidOptions("'context' (the deprecated token list) is not supported; send the conversation to /api/chat",
                              field="context")
     if not body.prompt:
-        return _one(await _load_or_unload(request, row, body.keep_alive, "response"), body.stream)
+        return await answer(_load_or_unload(request, row, body.keep_alive, "response"), body.stream)
     stream = await services(request).runtime.generate(
         row, body.prompt, generation_options(body.options, body.format), system=body.system, raw=body.raw,
         keep_alive=body.keep_alive,
     )
     return await _respond(request, stream, body.stream, lambda text: {"response": text}, started)
-
-
-def _one(obj: dict[str, Any], streaming: bool) -> Response:
-    """A single object: one NDJSON line when the client streams, plain JSON otherwise."""
-    if not streaming:
-        return JSONResponse(obj)
-
-    async def single() -> AsyncIterator[dict[str, Any]]:
-        yield obj
-
-    return ndjson(single())
 
 
 # -- embeddings --------------------------------------------------------------------------------

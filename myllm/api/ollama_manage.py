@@ -18,15 +18,15 @@ from types import MappingProxyType
 from typing import Any, BinaryIO, cast
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from jinja2 import TemplateSyntaxError
 
-from myllm.api.ollama import ndjson
+from myllm.api.ollama import answer
 from myllm.api.ollama_manage_models import CopyRequest, CreateRequest, ModelRequest, PullRequest
 from myllm.api.auth import require_admin
 from myllm.api.state import Services, services
 from myllm.api.threaded import ProgressWork
-from myllm.errors import BlobNotFound, InvalidOptions, MyLLMError
+from myllm.errors import BlobNotFound, InvalidOptions
 from myllm.modelfile import Modelfile, render
 from myllm.pull import pull
 from myllm.runtime.template import thinks
@@ -207,7 +207,7 @@ async def pull_model(body: PullRequest, request: Request) -> Response:
     """Whatever `myllm pull` takes (a catalog name, owner/repo[:QUANT], a .gguf path on this
     machine, pkg:NAME), under the name `myllm pull` gives it."""
     require_admin(request, "pulling a model")
-    return await _respond(_pull_events(services(request), body.model, body.register_as), body.stream)
+    return await answer(_pull_events(services(request), body.model, body.register_as), body.stream)
 
 
 async def _pull_events(svc: Services, spec: str, name: str | None) -> AsyncIterator[dict[str, Any]]:
@@ -251,7 +251,7 @@ async def create(body: CreateRequest, request: Request) -> Response:
     require_admin(request, "creating a model")
     overrides = _overrides(body)
     digest = _uploaded_digest(body)
-    return await _respond(_create_events(services(request), body, overrides, digest), body.stream)
+    return await answer(_create_events(services(request), body, overrides, digest), body.stream)
 
 
 async def _create_events(
@@ -303,31 +303,6 @@ def _overrides(body: CreateRequest) -> Overrides:
         messages=[m.model_dump() for m in body.messages] if body.messages else None,
         license="\n".join(body.license) if isinstance(body.license, list) else body.license,
     )
-
-
-async def _respond(events: AsyncIterator[dict[str, Any]], stream: bool) -> Response:
-    """Ollama's progress answer: NDJSON objects, or with `stream: false` the last one alone.
-    The first object is awaited before the answer starts, so work that fails before it gets
-    an error status; a later failure is a last `{"error": ...}` line."""
-    first = await anext(events)
-    if not stream:
-        last = first
-        async for last in events:
-            pass
-        return JSONResponse(last)
-    return ndjson(_error_as_line(first, events))
-
-
-async def _error_as_line(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    yield first
-    try:
-        async for obj in rest:
-            yield obj
-    except MyLLMError as exc:
-        yield {"error": exc.message}
-    except Exception:
-        log.exception("a streamed model operation failed")
-        yield {"error": "internal server error"}
 
 
 # -- blobs ------------------------------------------------------------------------------------

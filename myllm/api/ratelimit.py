@@ -79,9 +79,7 @@ class Limits:
 class RateLimitMiddleware(HttpMiddleware):
     def __init__(self, app: ASGIApp, limits: Limits, errors: ErrorRouter) -> None:
         super().__init__(app)
-        self.buckets = limits.buckets
-        self.max_concurrent = limits.max_concurrent
-        self.running = limits.running
+        self.limits = limits
         self.errors = errors
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -90,24 +88,26 @@ class RateLimitMiddleware(HttpMiddleware):
             return
         caller = caller_of(scope)
         who = caller.key_hash or f"address:{(scope.get('client') or ('?', 0))[0]}"
-        if self.buckets is not None and (wait := self.buckets.take(who, time.monotonic())) > 0:
-            await self._refuse(scope, receive, send, f"rate limit reached ({self.buckets.rate.requests} requests per "
-                               f"{int(self.buckets.rate.period)} s); retry in {math.ceil(wait)} s", math.ceil(wait))
+        buckets, running = self.limits.buckets, self.limits.running
+        if buckets is not None and (wait := buckets.take(who, time.monotonic())) > 0:
+            await self._refuse(scope, receive, send, f"rate limit reached ({buckets.rate.requests} requests per "
+                               f"{int(buckets.rate.period)} s); retry in {math.ceil(wait)} s", math.ceil(wait))
             return
-        generating = self.max_concurrent > 0 and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
-        if generating and self.running[who] >= self.max_concurrent:
-            await self._refuse(scope, receive, send, f"{self.running[who]} requests of this caller are already "
+        cap = self.limits.max_concurrent
+        generating = cap > 0 and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+        if generating and running[who] >= cap:
+            await self._refuse(scope, receive, send, f"{running[who]} requests of this caller are already "
                                "generating (MYLLM_MAX_CONCURRENT_PER_KEY); retry when one finishes", 1)
             return
         if generating:
-            self.running[who] += 1
+            running[who] += 1
         try:
             await self.app(scope, receive, send)
         finally:
             if generating:
-                self.running[who] -= 1
-                if self.running[who] <= 0:
-                    del self.running[who]
+                running[who] -= 1
+                if running[who] <= 0:
+                    del running[who]
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, message: str, retry_after: int) -> None:
         response = self.errors.render(Request(scope), ApiError(429, message, "rate_limited", retry_after=retry_after))

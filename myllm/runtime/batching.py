@@ -210,12 +210,11 @@ class BatchEngine:
             left -= len(tokens)
         return out
 
-    def count_tokens(self, text: str, limit: int | None = None) -> int:
-        """Tokens of a message's text on its own (no BOS, special tokens as text), at most
-        `limit` (the context: a longer text cannot be part of a prompt anyway)."""
-        limit = self.n_ctx if limit is None else limit
-        tokens = self._bounded(text, False, False, limit)
-        return limit if tokens is None else min(len(tokens), limit)
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a message's text on its own (no BOS, special tokens as text), at most the
+        context (a longer text cannot be part of a prompt anyway)."""
+        tokens = self._bounded(text, False, False, self.n_ctx)
+        return self.n_ctx if tokens is None else min(len(tokens), self.n_ctx)
 
     def detokenize(self, tokens: list[int]) -> str:
         """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""

@@ -55,7 +55,7 @@ class PreparePool:
         deadline check."""
         cancelled = threading.Event()
         with self._lock:
-            if len(self._pending) >= self.workers + self.max_waiting:
+            if self.full:
                 raise Overloaded(f"{len(self._pending)} prompts are being prepared; try again shortly")
             self._pending.add(cancelled)
         loop = asyncio.get_running_loop()

@@ -62,9 +62,8 @@ class GenerationStream(AsyncIterator[Event]):
 
     async def __anext__(self) -> Event:
         if self._pending is not None:  # the tool filter's last text went out first
-            self.done, self._pending = self._pending, None
-            self.on_done(self.model, self.done)
-            return self.done
+            done, self._pending = self._pending, None
+            return self._finished(done)
         if self.done is not None:
             await self.aclose()
             raise StopAsyncIteration
@@ -75,10 +74,13 @@ class GenerationStream(AsyncIterator[Event]):
             raise
         if self.calls is not None:
             return self._filtered(event, self.calls)
-        if isinstance(event, DoneEvent):
-            self.done = event
-            self.on_done(self.model, event)
-        return event
+        return self._finished(event) if isinstance(event, DoneEvent) else event
+
+    def _finished(self, done: DoneEvent) -> DoneEvent:
+        """The end, kept and told (once) to `on_done`."""
+        self.done = done
+        self.on_done(self.model, done)
+        return done
 
     def _filtered(self, event: Event, calls: CallFilter) -> Event:
         """Text without the calls in it; the calls in `tool_calls` at the end."""
@@ -90,9 +92,7 @@ class GenerationStream(AsyncIterator[Event]):
         self._content += tail
         done = dataclasses.replace(event, text=self._content, finish_reason="tool_calls" if self.tool_calls else event.finish_reason)
         if not tail:
-            self.done = done
-            self.on_done(self.model, done)
-            return done
+            return self._finished(done)
         self._pending = done
         return TokenEvent(tail, -1)
 
