@@ -29,11 +29,15 @@ default-model: install
 serve: default-model
 	$(BIN)/myllm serve
 
-# Browser tests drive Debian's Chromium through Playwright (never a downloaded browser).
+# Browser tests drive Debian's Chromium through Playwright (never a downloaded browser); the
+# replica tests start a throwaway cluster of Debian's PostgreSQL (its initdb and pg_ctl).
 system-deps:
 	@command -v chromium >/dev/null 2>&1 || { \
 		echo "Installing Debian's chromium for the browser tests..."; \
 		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium >/dev/null; }
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || { \
+		echo "Installing Debian's postgresql for the replica tests..."; \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq postgresql >/dev/null; }
 	@command -v curl >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq curl >/dev/null; }
 
 test: install system-deps

@@ -38,6 +38,38 @@ class SessionNotFound(MyLLMError):
         self.session_id = session_id
 
 
+class SessionBusy(MyLLMError):
+    """Another turn on the session (on this daemon or another over the same database) ran
+    longer than a turn may wait for it (MYLLM_TURN_WAIT)."""
+
+    status = 409
+    code = "session_busy"
+
+
+class TurnLost(MyLLMError):
+    """A turn's claim on its session lapsed (its daemon could not renew it, say while the
+    database was unreachable) and another turn took the session: this turn was not stored."""
+
+    status = 409
+    code = "session_busy"
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(f"session '{session_id}' went on without this turn (its claim lapsed while another turn "
+                         "took the session); the answer was not stored: send the turn again")
+        self.session_id = session_id
+
+
+class StoreUnavailable(MyLLMError):
+    """The database did not answer (a lost connection, a server restarting): try again."""
+
+    status = 503
+    code = "database_unavailable"
+
+    def __init__(self, message: str, retry_after: int = 2) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ResponseNotFound(MyLLMError):
     status = 404
     code = "not_found"
@@ -95,6 +127,17 @@ class IntegrityError(PullError):
     """Downloaded bytes do not match the digest the source promised."""
 
     code = "digest_mismatch"
+
+
+class ModelFileMissing(ModelNotFound):
+    """The model is registered (perhaps by another daemon over the same database) but its
+    file is not on this machine: a 404 that says what to pull."""
+
+    def __init__(self, name: str, digest: str, source: str | None) -> None:
+        how = f"`myllm pull {source} --name {name}`" if source else f"`myllm pull` of the file with sha256 {digest}"
+        super().__init__(name, f"model '{name}' is registered but its file (sha256:{digest[:12]}) is not on this machine; "
+                               f"pull it here: {how}")
+        self.digest = digest
 
 
 class ModelBroken(MyLLMError):

@@ -61,11 +61,12 @@ class OptimizedLLM:
         registry = Registry.open(self.settings)
         try:
             self.model = ensure_model(registry, self.settings, self.model_name, "Q8_0" if load_in_8bit else None)
+            path = registry.blob_file(self.model)
         finally:
             registry.close()
         self.n_gpu_layers = gpu_layers(device)
         self.device = "cpu" if self.n_gpu_layers == 0 else "gpu"
-        spec = LoadSpec.for_model(self.model, self.settings.num_ctx, self.n_gpu_layers)
+        spec = LoadSpec.for_model(self.model, path, self.settings.num_ctx, self.n_gpu_layers)
         # The daemon's engine, in this process: one sequence, no saved conversations.
         self._engine: BatchEngine | None = BatchEngine(spec, self.settings.num_threads, kv_cache_bytes=0)
 

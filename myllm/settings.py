@@ -28,7 +28,8 @@ class Settings(BaseSettings):
     )
     database_url: str | None = Field(
         default=None,
-        description="SQLAlchemy URL of the registry database; default SQLite at $MYLLM_HOME/myllm.db.",
+        description="SQLAlchemy URL of the registry and sessions database; default SQLite at $MYLLM_HOME/myllm.db. "
+        "postgresql+psycopg://user:pass@host/db lets several daemons share models and sessions.",
     )
     default_model: str = Field(
         default="smollm2:135m", description="Model used when a request names none."
@@ -107,6 +108,14 @@ class Settings(BaseSettings):
         default=None, description="Folders (separated by ':') under which API clients may name local .gguf files to "
         "load or pull (admin keys only); default: none, so clients cannot make the daemon read local paths. The "
         "CLI's own pulls are not limited."
+    )
+    turn_wait: float = Field(
+        default=60.0, ge=0, le=3600, description="Seconds a turn on a stored session waits for the session's running turn "
+        "(on this daemon or another over the same database) to end; past it, 409 session_busy."
+    )
+    turn_lease: float = Field(
+        default=15.0, ge=1, le=3600, description="Seconds a running turn's claim on its session lasts unless its daemon "
+        "renews it (every third of this): a daemon that dies mid-turn holds its session no longer."
     )
     replica_id: str | None = Field(
         default=None, description="This daemon's name in the X-MyLLM-Replica response header (default: host:port), for "

@@ -116,11 +116,13 @@ def server(api_settings: Settings) -> Iterator[str]:
 
 def register_broken_model(registry: Registry, name: str, good_file: Path, tmp_path: Path) -> None:
     """A registered model whose file llama.cpp refuses (its tensor count overwritten after
-    registration), for testing load failures."""
+    registration, and the row pointed at the damaged bytes' own digest, so the registry's own
+    checks pass), for testing load failures."""
     import shutil
 
     from sqlalchemy import update
 
+    from myllm.registry.blobs import sha256_file
     from myllm.registry.schema import ModelRow
 
     row = pull(registry, Settings(), str(good_file), name=name).model
@@ -129,5 +131,7 @@ def register_broken_model(registry: Registry, name: str, good_file: Path, tmp_pa
     with broken.open("r+b") as fh:
         fh.seek(8)
         fh.write(b"\xff" * 8)
+    digest = sha256_file(broken)
+    shutil.move(broken, registry.blobs.path(digest))
     with registry.sessions.begin() as db:
-        db.execute(update(ModelRow).where(ModelRow.id == row.id).values(blob_path=str(broken)))
+        db.execute(update(ModelRow).where(ModelRow.id == row.id).values(digest=digest))

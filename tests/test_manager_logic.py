@@ -4,7 +4,7 @@ such. Everything that runs a model is tested on the real models elsewhere."""
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
 
 import pytest
 
@@ -55,9 +55,9 @@ class FakeRunner:
         pass
 
 
-def add_fake_row(registry: Registry, name: str, size_mib: int, tmp_path: Path) -> ModelRow:
+def add_fake_row(registry: Registry, name: str, size_mib: int) -> ModelRow:
     row = ModelRow(
-        name=name, digest=name.replace(":", "") * 2, blob_path=str(tmp_path / name), size=size_mib * MiB,
+        name=name, digest=hashlib.sha256(name.encode()).hexdigest(), size=size_mib * MiB,
         architecture="llama", family="llama", parameter_count=1, parameter_size="1M", quantization="Q4_0",
         context_length=512, vocab_size=0, parameters={}, details={"block_count": 0},
     )
@@ -67,12 +67,12 @@ def add_fake_row(registry: Registry, name: str, size_mib: int, tmp_path: Path) -
 
 
 @pytest.fixture
-def fake_registry(registry: Registry, tmp_path: Path) -> Registry:
+def fake_registry(registry: Registry) -> Registry:
     FakeRunner.created = []
     FakeRunner.fail_next_with_oom = FakeRunner.crash_next = 0
     for name in ("a:1", "b:1", "c:1"):
-        add_fake_row(registry, name, 100, tmp_path)
-    add_fake_row(registry, "big:1", 250, tmp_path)
+        add_fake_row(registry, name, 100)
+    add_fake_row(registry, "big:1", 250)
     registry.problem = lambda row: None  # type: ignore[method-assign]  # fake rows have no blobs to check
     return registry
 
@@ -139,12 +139,12 @@ async def test_allocation_failure_evicts_idle_and_retries_once(fake_registry: Re
 
 
 @pytest.mark.parametrize("setting", ["auto", "256MiB", "0"])
-async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, tmp_path: Path, setting: str) -> None:
+async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, setting: str) -> None:
     """`auto` sizes a model's cache of conversation KV states like its own context KV (a fixed
     size would hold dozens of a small model's conversations and not one of a 7B model's); the
     cache counts in the load estimate either way."""
     FakeRunner.fail_next_with_oom = 0
-    row = add_fake_row(registry, "gqa:1", 100, tmp_path)
+    row = add_fake_row(registry, "gqa:1", 100)
     with registry.sessions.begin() as db:
         stored = db.get(ModelRow, row.id)
         assert stored is not None

@@ -35,6 +35,7 @@ from myllm.api.metrics import Metrics
 from myllm.api.ratelimit import Limits, RateLimitMiddleware
 from myllm.api.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.state import Services
+from myllm.api.turns import TurnLocks
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.runtime.service import Runtime
@@ -88,18 +89,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = Runtime(registry, settings)
         runtime.manager.events = app.state.metrics
         await runtime.start()
+        sessions = SessionStore(registry.sessions)
+        turns = TurnLocks(sessions, replica_id(settings), settings.turn_wait, settings.turn_lease)
         app.state.services = Services(
-            settings, registry, runtime, SessionStore(registry.sessions), ResponseStore(registry.sessions), time.monotonic()
+            settings, registry, runtime, sessions, ResponseStore(registry.sessions), time.monotonic(), turns
         )
         for sibling in app.state.siblings:  # other listeners serve from the same services
             sibling.state.services = app.state.services
         app.state.ready = True
         checker = asyncio.create_task(asyncio.to_thread(_check_blobs, registry))
+        renewer = asyncio.create_task(turns.renew_forever())
         try:
             yield
         finally:
             app.state.ready = False
             checker.cancel()
+            renewer.cancel()
             await runtime.close()
             registry.close()
 

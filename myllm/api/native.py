@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from functools import partial
 from datetime import datetime, timezone
 from typing import Any
 
@@ -45,6 +46,7 @@ from myllm.api.replica import answered_for, session_of
 from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
+from myllm.registry.db import retrying
 from myllm.registry.sessions import SessionInfo, StoredMessage, check_session_id, new_session_id
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 from myllm.runtime.template import template_name
@@ -213,7 +215,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     named = session_of(request, body.session_id)
     session_id = check_session_id(named) if named else new_session_id()
     answered_for(request, session_id)
-    release = await svc.turns.acquire(session_id)
+    turn = await svc.turns.acquire(session_id, "chat", model, viewer(request))
     try:
         stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request)) if named else []
         stream = await svc.runtime.chat(
@@ -225,18 +227,19 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
             count=[m.content for m in body.messages],
         )
     except BaseException:
-        release()
+        turn.release()
         raise
     track(request, stream)
 
     async def save(done: DoneEvent) -> None:
-        turn = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
-        turn.append(("assistant", done.text, done.completion_tokens))
-        await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, turn, viewer(request))
+        messages = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
+        messages.append(("assistant", done.text, done.completion_tokens))
+        await asyncio.to_thread(retrying, partial(svc.sessions.append_turn, session_id, "chat", stream.model, messages,
+                                                  viewer(request), turn.holder))
 
     if body.stream:
-        return sse.response(_events(stream, save, {"session_id": session_id}, release))
-    done = await _answer(stream, save, release)
+        return sse.response(_events(stream, save, {"session_id": session_id}, turn.release))
+    done = await _answer(stream, save, turn.release)
     return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
 
 
@@ -252,7 +255,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     if session_id:
         answered_for(request, session_id)
     history: list[tuple[str, str]] = []
-    release = await svc.turns.acquire(session_id) if session_id else (lambda: None)
+    turn = await svc.turns.acquire(session_id, "generate", model, viewer(request)) if session_id else None
+    release = turn.release if turn else (lambda: None)
     try:
         if session_id:
             stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request))
@@ -267,9 +271,10 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     track(request, stream)
 
     async def save(done: DoneEvent) -> None:
-        if session_id:
-            turn = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
-            await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, turn, viewer(request))
+        if session_id and turn:
+            messages = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
+            await asyncio.to_thread(retrying, partial(svc.sessions.append_turn, session_id, "generate", stream.model,
+                                                      messages, viewer(request), turn.holder))
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))

@@ -72,10 +72,12 @@ async def tags(request: Request) -> dict[str, Any]:
 async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
     """Empty fields are left out, as Ollama's JSON leaves them out; `model_info` never is (the
     official Python client requires it)."""
-    row = await services(request).runtime.model(body.model)
-    gguf = await asyncio.to_thread(_gguf_kv, row.digest, row.blob_path)
+    svc = services(request)
+    row = await svc.runtime.model(body.model)
+    path = await asyncio.to_thread(svc.registry.blob_file, row)
+    gguf = await asyncio.to_thread(_gguf_kv, row.digest, str(path))
     answer = {
-        "modelfile": _modelfile(row),
+        "modelfile": _modelfile(row, path),
         "parameters": _parameter_lines(row.parameters or {}),
         "template": row.template,
         "system": row.system,
@@ -123,11 +125,11 @@ def _running(info: LoadedInfo, row: ModelRow) -> dict[str, Any]:
     }
 
 
-def _modelfile(row: ModelRow) -> str:
+def _modelfile(row: ModelRow, path: Path) -> str:
     """What `myllm create -f` (or Ollama's `create`) takes back to make the same model."""
     header = f"# Modelfile of {row.name}\n# To build a new model on this one, replace FROM with:\n# FROM {row.name}\n\n"
     return header + render(Modelfile(
-        base=row.blob_path,
+        base=str(path),
         parameters=row.parameters or {},
         template=row.template,
         system=row.system,

@@ -10,6 +10,7 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -22,6 +23,7 @@ from myllm.api.openai_models import ErrorObject
 from myllm.api.auth import viewer
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
+from myllm.registry.db import retrying
 from myllm.registry.sessions import StoredMessage
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
@@ -203,11 +205,13 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     if body.previous_response_id:
         session, stored = await asyncio.to_thread(svc.responses.conversation, body.previous_response_id, viewer(request))
         earlier = _history(stored)
-    release = await svc.turns.acquire(session) if session else (lambda: None)
+    model = body.model or svc.settings.default_model
+    turn = await svc.turns.acquire(session, "responses", model, viewer(request)) if session else None
+    release = turn.release if turn else (lambda: None)
     try:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         stream = await svc.runtime.chat(
-            body.model or svc.settings.default_model, system + earlier + new, _options(body),
+            model, system + earlier + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
             count=[m["content"] for m in new],
         )
@@ -220,8 +224,9 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     async def finish(done: DoneEvent) -> dict[str, Any]:
         response = _response(body, rid, created, stream.model, "completed", _output(done.text, stream.tool_calls, msg_id), done)
         if body.store:
-            await asyncio.to_thread(svc.responses.store, response, body.previous_response_id, stream.model,
-                                    _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request))
+            await asyncio.to_thread(retrying, partial(
+                svc.responses.store, response, body.previous_response_id, stream.model,
+                _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request), turn and turn.holder))
         return response
 
     if body.stream:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from fastapi import Request
 
@@ -23,8 +23,8 @@ class Services:
     """Stored OpenAI Responses (on the session tables)."""
     started: float
     """`time.monotonic()` at start, for uptime."""
-    turns: TurnLocks = field(default_factory=TurnLocks)
-    """Serialises turns on one stored session (see api/turns.py)."""
+    turns: TurnLocks
+    """Serialises turns on one stored session, across daemons too (see api/turns.py)."""
     selected_model: str | None = None
     """The model `POST /load_model` chose for the DeepShiva and LLM-service routes."""
 

@@ -22,6 +22,8 @@ ProgressFn = Callable[[int, int | None], None]
 
 CHUNK = 4 * 1024 * 1024
 TEMP_PREFIX = ".partial-"
+CHECKS = ".checks"
+"""Folder of the store holding each blob's last sha256 check (see `BlobStore.checked`)."""
 _BLOB_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -70,6 +72,28 @@ class BlobStore:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
+
+    def checked(self, digest: str, size: int, mtime_ns: int) -> bool | None:
+        """The verdict of this store's last sha256 check of a blob (True: it matched its digest),
+        or None when there was none since the file last changed (its size or mtime differ). Kept
+        in the store, not the database: a database shared by several machines would hold one
+        machine's check for every machine's different file."""
+        try:
+            fields = (self.root / CHECKS / f"sha256-{digest}").read_text().split()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if len(fields) != 3 or fields[:2] != [str(size), str(mtime_ns)]:
+            return None
+        return fields[2] == "ok"
+
+    def record_check(self, digest: str, ok: bool) -> None:
+        """Remember a sha256 check of the blob as it is now (written whole or not at all)."""
+        stat = self.path(digest).stat()
+        folder = self.root / CHECKS
+        folder.mkdir(exist_ok=True)
+        tmp = folder / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        tmp.write_text(f"{stat.st_size} {stat.st_mtime_ns} {'ok' if ok else 'bad'}\n")
+        os.replace(tmp, folder / f"sha256-{digest}")
 
     def temp_path(self) -> Path:
         """A temp name in the blob folder itself, so the final rename is atomic. It carries the
@@ -129,6 +153,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
+        (self.root / CHECKS / f"sha256-{digest}").unlink(missing_ok=True)
 
     def sweep_temp(self) -> list[Path]:
         """Remove temp files a crashed write left behind (their writer is gone); called when

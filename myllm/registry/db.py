@@ -1,14 +1,31 @@
-"""Database engine set-up: any SQLAlchemy URL; SQLite gets WAL and a busy timeout."""
+"""Database engine set-up: any SQLAlchemy URL. SQLite gets WAL and a busy timeout; a server
+database (PostgreSQL, shared by several daemons) gets a pool sized for the daemon's threads,
+connections checked before use, and a lost server reported as `StoreUnavailable` (503)."""
 
 from __future__ import annotations
 
+import os
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import create_engine, event
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.engine import Engine, ExceptionContext, make_url
+from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
 from sqlalchemy.orm import sessionmaker, Session
 
+from myllm.errors import StoreUnavailable
 from myllm.registry.migrations import migrate
+
+T = TypeVar("T")
+
+POOL_SIZE = min(32, (os.cpu_count() or 1) + 4) + 2
+"""Connections kept open: one per thread of asyncio's default executor (where the daemon runs
+every database call: `min(32, cores + 4)` threads) and two for the turn-claim renewer and the
+start-up checks. Bursts from other threads (template rendering, pulls) overflow by as many again."""
+CONNECT_TIMEOUT = 5
+"""Seconds a new connection may take: past it the call is `StoreUnavailable`, not a hang."""
 
 
 def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -20,6 +37,17 @@ def _sqlite_pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def
     cur.close()
 
 
+def _unavailable(context: ExceptionContext) -> None:
+    """A database that cannot be reached, or dropped the connection, is `StoreUnavailable`
+    (the connection is discarded by the pool; the next call opens a new one). Other errors
+    (a constraint, a bug) keep their own type, and so does an interruption (a BaseException
+    such as KeyboardInterrupt, which SQLAlchemy also counts as a disconnect)."""
+    lost = context.is_disconnect or isinstance(context.sqlalchemy_exception, OperationalError)
+    if lost and isinstance(context.original_exception, Exception):
+        raise StoreUnavailable(f"the database is unavailable ({type(context.original_exception).__name__}); "
+                               "try again shortly") from context.original_exception
+
+
 def make_engine(url: str) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
@@ -28,10 +56,28 @@ def make_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
-        engine = create_engine(url, pool_pre_ping=True)
+        connect_args = {"connect_timeout": CONNECT_TIMEOUT} if parsed.get_backend_name() == "postgresql" else {}
+        engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, pool_timeout=10,
+                               connect_args=connect_args)
+    event.listen(engine, "handle_error", _unavailable)
     migrate(engine)
     return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def retrying(call: Callable[[], T], attempts: int = 5, first_wait: float = 0.2) -> T:
+    """`call()`, tried again (0.2, 0.4, 0.8, 1.6 s apart) while the database is unavailable: for
+    the writes that store a generated turn, so a database restart delays the turn rather than
+    losing it. Still unavailable after that: `StoreUnavailable`."""
+    for attempt in range(attempts - 1):
+        try:
+            return call()
+        except (StoreUnavailable, PoolTimeout):
+            time.sleep(first_wait * 2**attempt)
+    try:
+        return call()
+    except PoolTimeout:
+        raise StoreUnavailable("every database connection is busy; try again shortly") from None

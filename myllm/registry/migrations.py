@@ -103,6 +103,21 @@ def _0006_session_owner(op: Operations) -> None:
         batch.create_index("ix_sessions_owner", ["owner"])
 
 
+def _0007_replicas(op: Operations) -> None:
+    """Several daemons over one database: where a blob lies, and whether it was checked, are
+    each machine's own facts (the path follows from the digest, the check is kept beside the
+    blob), and a turn's claim on its session is shared. A message's place in its session is
+    unique, so two writers can never interleave one session."""
+    with op.batch_alter_table("models") as batch:
+        batch.drop_column("blob_path")
+    op.drop_table("blob_checks")
+    with op.batch_alter_table("sessions") as batch:
+        batch.add_column(sa.Column("turn_holder", sa.String(64)))
+        batch.add_column(sa.Column("turn_until", sa.Float))
+    with op.batch_alter_table("session_messages") as batch:
+        batch.create_unique_constraint("uq_session_messages_seq", ["session_id", "seq"])
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
@@ -110,6 +125,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0004_blob_checks", _0004_blob_checks),
     ("0005_responses", _0005_responses),
     ("0006_session_owner", _0006_session_owner),
+    ("0007_replicas", _0007_replicas),
 ]
 
 _migrations_table = sa.Table(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, DateTime, ForeignKey, Integer, String, Text
+from sqlalchemy import JSON, BigInteger, DateTime, Float, ForeignKey, Integer, String, Text, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -25,7 +25,8 @@ class ModelRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(255), unique=True, nullable=False)
     digest: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
-    blob_path: Mapped[str] = mapped_column(Text, nullable=False)
+    """The blob's sha256: its file is `BlobStore.path(digest)` on each machine (a database
+    shared by several daemons holds no machine's paths)."""
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
     architecture: Mapped[str] = mapped_column(String(64), nullable=False)
     family: Mapped[str] = mapped_column(String(64), nullable=False)
@@ -65,6 +66,11 @@ class SessionRow(Base):
     model: Mapped[str] = mapped_column(String(255), nullable=False)
     owner: Mapped[str | None] = mapped_column(String(64), index=True)
     """The sha256 (hex) of the API key that made it; None: made while keys were off (admins')."""
+    turn_holder: Mapped[str | None] = mapped_column(String(64))
+    """The daemon running a turn on this session now (its `SessionStore` holder token), if any."""
+    turn_until: Mapped[float | None] = mapped_column(Float)
+    """When that claim lapses (Unix time) unless its daemon renews it: a daemon that died mid-turn
+    holds the session no longer than this."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
     messages: Mapped[list[MessageRow]] = relationship(
@@ -74,6 +80,7 @@ class SessionRow(Base):
 
 class MessageRow(Base):
     __tablename__ = "session_messages"
+    __table_args__ = (UniqueConstraint("session_id", "seq", name="uq_session_messages_seq"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     session_id: Mapped[str] = mapped_column(
@@ -104,18 +111,6 @@ class ResponseRow(Base):
     body: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     """The response object as it was returned."""
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
-
-
-class BlobCheckRow(Base):
-    """The last sha256 check of a blob, valid while its size and mtime are unchanged."""
-
-    __tablename__ = "blob_checks"
-
-    digest: Mapped[str] = mapped_column(String(64), primary_key=True)
-    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    mtime_ns: Mapped[int] = mapped_column(BigInteger, nullable=False)
-    ok: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    checked_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
 class MigrationRow(Base):

@@ -4,15 +4,17 @@ written in one transaction, so a crash never leaves half a turn."""
 from __future__ import annotations
 
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from myllm.errors import InvalidOptions, ResponseNotFound, SessionNotFound
+from myllm.errors import InvalidOptions, ResponseNotFound, SessionNotFound, TurnLost
 from myllm.registry.schema import MessageRow, ResponseRow, SessionRow, utcnow
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -88,13 +90,59 @@ class SessionStore:
             ).all()
             return [StoredMessage(r.role, r.content, r.tokens, r.model, r.created_at) for r in rows]
 
+    def claim(self, session_id: str, kind: str, model: str, holder: str, lease: float, viewer: Viewer = ADMIN) -> str | None:
+        """Claim the session's next turn for `holder` (one turn's token) until `lease` seconds
+        from now, creating the session (owned by `viewer`) if it is new. Returns None when
+        claimed, else the holder of the running turn, whose claim has not lapsed. Every daemon
+        over the database claims here, so two turns never run on one session at once."""
+        now = time.time()
+        try:
+            with self._sessions.begin() as db:
+                row = self._visible(db, session_id, viewer)
+                if row is None:
+                    db.add(SessionRow(id=session_id, kind=kind, model=model, owner=viewer.key_hash, created_at=utcnow(),
+                                      updated_at=utcnow(), turn_holder=holder, turn_until=now + lease))
+                    return None
+                claimed = db.execute(
+                    update(SessionRow)
+                    .where(SessionRow.id == session_id,
+                           or_(SessionRow.turn_holder.is_(None), SessionRow.turn_until < now))
+                    .values(turn_holder=holder, turn_until=now + lease)
+                ).rowcount
+                return None if claimed else (row.turn_holder or "another turn")
+        except IntegrityError:  # created by another daemon's claim at the same moment
+            return "another turn"
+
+    def renew(self, holders: list[str], lease: float) -> None:
+        """Extend the running turns' claims (a daemon renews its own while they run)."""
+        if holders:
+            with self._sessions.begin() as db:
+                db.execute(update(SessionRow).where(SessionRow.turn_holder.in_(holders))
+                           .values(turn_until=time.time() + lease))
+
+    def release(self, session_id: str, holder: str) -> None:
+        """End a turn that stored nothing (it failed, or its client left): the claim is freed,
+        and a session its claim created, still without messages, is removed again."""
+        with self._sessions.begin() as db:
+            db.execute(update(SessionRow).where(SessionRow.id == session_id, SessionRow.turn_holder == holder)
+                       .values(turn_holder=None, turn_until=None))
+            db.execute(delete(SessionRow).where(
+                SessionRow.id == session_id, SessionRow.turn_holder.is_(None),
+                ~exists().where(MessageRow.session_id == session_id)))
+
     def append_turn(
-        self, session_id: str, kind: str, model: str, messages: list[tuple[str, str, int | None]], viewer: Viewer = ADMIN
+        self, session_id: str, kind: str, model: str, messages: list[tuple[str, str, int | None]], viewer: Viewer = ADMIN,
+        holder: str | None = None,
     ) -> None:
-        """Add (role, content, tokens) messages to a session, creating it (owned by `viewer`) if needed."""
+        """Add (role, content, tokens) messages to a session, creating it (owned by `viewer`) if
+        needed. With `holder` (the turn's claim, see `claim`) the claim is checked and ended in
+        the same transaction: a turn whose claim lapsed while another turn took the session is
+        `TurnLost`, never interleaved with that turn."""
         with self._sessions.begin() as db:
             row = self._visible(db, session_id, viewer)
             now = utcnow()
+            if holder is not None and not _end_claim(db, session_id, holder):
+                raise TurnLost(session_id)
             if row is None:
                 row = SessionRow(id=session_id, kind=kind, model=model, owner=viewer.key_hash, created_at=now, updated_at=now)
                 db.add(row)
@@ -149,6 +197,16 @@ class SessionStore:
             db.delete(row)
 
 
+def _end_claim(db: Session, session_id: str, holder: str) -> bool:
+    """End `holder`'s claim on a session inside the caller's transaction; False when it no
+    longer has one. On PostgreSQL the update locks the row until the commit, so a daemon that
+    claims next sees this turn's messages."""
+    return bool(db.execute(
+        update(SessionRow).where(SessionRow.id == session_id, SessionRow.turn_holder == holder)
+        .values(turn_holder=None, turn_until=None)
+    ).rowcount)
+
+
 class ResponseStore:
     """OpenAI Responses API responses, kept on the session store's tables: a response's
     conversation is a session's messages up to the response's `upto`. A response continued
@@ -178,15 +236,19 @@ class ResponseStore:
 
     def store(
         self, body: dict[str, Any], previous: str | None, model: str, messages: list[tuple[str, str, int | None]],
-        viewer: Viewer = ADMIN,
+        viewer: Viewer = ADMIN, holder: str | None = None,
     ) -> None:
         """Keep a response (`body`, whose `id` it is) with the messages of its turn, after its
-        `previous` response's conversation, in one transaction; a new chain is `viewer`'s."""
+        `previous` response's conversation, in one transaction; a new chain is `viewer`'s.
+        `holder`: the turn's claim on the previous response's session, checked and ended here
+        as `SessionStore.append_turn` does."""
         now = utcnow()
         with self._sessions.begin() as db:
             session_id, upto = new_session_id(), 0
             if previous is not None:
                 before = self._row(db, previous, viewer)
+                if holder is not None and not _end_claim(db, before.session_id, holder):
+                    raise TurnLost(before.session_id)
                 last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == before.session_id))
                 if last == before.upto:  # the chain's newest response: continue its session
                     session_id, upto = before.session_id, before.upto

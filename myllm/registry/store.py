@@ -18,7 +18,9 @@ from myllm.errors import (
     InvalidModelFile,
     InvalidModelName,
     InvalidOptions,
+    ModelBroken,
     ModelExists,
+    ModelFileMissing,
     ModelNotFound,
 )
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
@@ -27,7 +29,7 @@ from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
-from myllm.registry.schema import BlobCheckRow, ModelRow, utcnow
+from myllm.registry.schema import ModelRow, utcnow
 from myllm.settings import Settings
 
 
@@ -104,16 +106,21 @@ class Registry:
             return f"blob {path.name} is missing"
         if stat.st_size != row.size:
             return f"blob {path.name} is {stat.st_size} bytes, expected {row.size}"
-        with self.sessions() as db:
-            check = db.get(BlobCheckRow, row.digest)
-        if check is None or (check.size, check.mtime_ns) != (stat.st_size, stat.st_mtime_ns):
+        ok = self.blobs.checked(row.digest, stat.st_size, stat.st_mtime_ns)
+        if ok is None:
             ok = sha256_file(path) == row.digest
-            with self.sessions.begin() as db:
-                db.merge(BlobCheckRow(digest=row.digest, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ok=ok,
-                                      checked_at=utcnow()))
-        else:
-            ok = check.ok
+            self.blobs.record_check(row.digest, ok)
         return None if ok else f"blob {path.name} no longer matches its sha256 digest"
+
+    def blob_file(self, row: ModelRow) -> Path:
+        """The model's file on this machine, checked as `problem` checks it: `ModelFileMissing`
+        (404, naming what to pull) when this machine has none, `ModelBroken` when it is damaged."""
+        problem = self.problem(row)
+        if problem is None:
+            return self.blobs.path(row.digest)
+        if not self.blobs.exists(row.digest):
+            raise ModelFileMissing(row.name, row.digest, row.source)
+        raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
 
     def _info(self, digest: str, path: Path, source: str) -> dict[str, Any]:
         """The metadata columns of the blob `digest` (whose bytes are at `path`), once
@@ -209,7 +216,6 @@ class Registry:
                 row = ModelRow(name=key, parameters={})
                 db.add(row)
             row.digest = digest
-            row.blob_path = str(self.blobs.path(digest))
             row.size = size
             row.source = source
             for column, value in info.items():
@@ -217,8 +223,7 @@ class Registry:
             if overrides is not None:
                 overrides.lay_over(row)
             row.modified_at = utcnow()
-            stat = self.blobs.path(digest).stat()  # just hashed on the way in: record it as checked
-            db.merge(BlobCheckRow(digest=digest, size=stat.st_size, mtime_ns=stat.st_mtime_ns, ok=True, checked_at=utcnow()))
+        self.blobs.record_check(digest, True)  # just hashed on the way in
         return row, replaced
 
     def copy(self, src: str, dst: str, overrides: Overrides | None = None, *, replace: bool = False) -> ModelRow:

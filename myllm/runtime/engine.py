@@ -48,14 +48,15 @@ class LoadSpec:
 
     @classmethod
     def for_model(
-        cls, row: ModelRow, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False, n_parallel: int = 1
+        cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
+        n_parallel: int = 1,
     ) -> LoadSpec:
-        """llama.cpp pads the context to a multiple of 256; asking for exactly that keeps its
+        """`path`: the model's blob on this machine. llama.cpp pads the context to a multiple of 256; asking for exactly that keeps its
         size and llama-cpp-python's token buffer the same."""
         ctx = -(-num_ctx // CTX_PAD) * CTX_PAD
         if row.context_length:
             ctx = min(ctx, row.context_length)
-        return cls(row.name, Path(row.blob_path), ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)
+        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)
 
 
 @dataclass(frozen=True)

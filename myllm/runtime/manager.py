@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 from datetime import datetime, timedelta, timezone
 
-from myllm.errors import ModelBroken, ModelCrashed, ModelNotLoaded, MyLLMError, OutOfMemory, ShuttingDown
+from myllm.errors import ModelCrashed, ModelNotLoaded, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.durations import parse_duration
@@ -248,7 +248,8 @@ class ModelManager:
 
     def spec_for(self, row: ModelRow, num_ctx: int | None = None, embedding: bool = False) -> LoadSpec:
         wanted = num_ctx or int((row.parameters or {}).get("num_ctx") or self.settings.num_ctx)
-        return LoadSpec.for_model(row, wanted, embedding=embedding, n_parallel=self.settings.num_parallel)
+        return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, embedding=embedding,
+                                  n_parallel=self.settings.num_parallel)
 
     async def acquire(
         self,
@@ -313,9 +314,7 @@ class ModelManager:
 
     async def _load(self, spec: LoadSpec, row: ModelRow) -> Instance:
         self._check_crashes(row)
-        problem = await asyncio.to_thread(self.registry.problem, row)
-        if problem:
-            raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
+        await asyncio.to_thread(self.registry.blob_file, row)
         need = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, self._saved_kv_bytes(row, spec))
         if need.total > self.budget:
             raise OutOfMemory(
