@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
+import psutil
 import uvicorn
 from fastapi import FastAPI
 
@@ -91,10 +97,8 @@ def running_server(settings: Settings) -> Iterator[str]:
         yield url
 
 
-def tree_rss(proc: "psutil.Process") -> int:
+def tree_rss(proc: psutil.Process) -> int:
     """Resident memory of a process and all its descendants (the daemon and its runners)."""
-    import psutil
-
     total = 0
     for p in [proc, *proc.children(recursive=True)]:
         try:
@@ -102,3 +106,31 @@ def tree_rss(proc: "psutil.Process") -> int:
         except psutil.Error:  # exited meanwhile
             pass
     return total
+
+
+MYLLM = str(Path(sys.executable).parent / "myllm")
+
+
+class Daemon:
+    """`myllm serve` as a process of its own (for tests that signal or kill it), its output kept."""
+
+    def __init__(self, home: Path, **env: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [MYLLM, "serve", "--port", str(self.port)],
+            env={**os.environ, "MYLLM_HOME": str(home), "MYLLM_NUM_THREADS": "1", "MYLLM_OLLAMA_PORT": "0", **env},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )
+        self.output: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        wait_until_healthy(self.url, lambda: self.proc.poll() is None)
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)

@@ -26,6 +26,7 @@ def assert_nothing_left(registry: Registry) -> None:
         ("hf.co/owner/repo", HubSource("owner/repo")),
         ("./model.gguf", FileSource(Path("model.gguf"))),
         ("/abs/model.gguf", FileSource(Path("/abs/model.gguf"))),
+        ("file:/abs/model.gguf", FileSource(Path("/abs/model.gguf"))),  # a source as the registry records it
     ],
 )
 def test_parse_source(text: str, expected: object) -> None:

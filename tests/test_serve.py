@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,33 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server import free_port, wait_until_healthy
-
-MYLLM = str(Path(sys.executable).parent / "myllm")
-
-
-class Daemon:
-    def __init__(self, home: Path, **env: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen(
-            [MYLLM, "serve", "--port", str(self.port)],
-            env={**os.environ, "MYLLM_HOME": str(home), "MYLLM_NUM_THREADS": "1", "MYLLM_OLLAMA_PORT": "0", **env},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )
-        self.output: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        wait_until_healthy(self.url, lambda: self.proc.poll() is None)
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.output.append(line)
-
-    def stop(self) -> int:
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(60)
-
+from tests.server import Daemon
 
 @pytest.fixture
 def daemon(private_home: Path) -> Iterator[Daemon]:

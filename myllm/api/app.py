@@ -36,6 +36,7 @@ from myllm.api.ratelimit import Limits, RateLimitMiddleware
 from myllm.api.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.state import Services
 from myllm.api.turns import TurnLocks
+from myllm.registry.choices import Choices
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.runtime.service import Runtime
@@ -92,7 +93,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         sessions = SessionStore(registry.sessions)
         turns = TurnLocks(sessions, replica_id(settings), settings.turn_wait, settings.turn_lease)
         app.state.services = Services(
-            settings, registry, runtime, sessions, ResponseStore(registry.sessions), time.monotonic(), turns
+            settings, registry, runtime, sessions, ResponseStore(registry.sessions), time.monotonic(), turns,
+            Choices(registry.sessions),
         )
         for sibling in app.state.siblings:  # other listeners serve from the same services
             sibling.state.services = app.state.services

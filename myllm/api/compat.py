@@ -33,6 +33,7 @@ from myllm.api.auth import caller_of
 from myllm.api.state import Services, services
 from myllm.errors import Forbidden, InvalidModelName, InvalidOptions, ModelNotFound, ModelNotLoaded, MyLLMError, PullError
 from myllm.pull import ensure_model
+from myllm.registry.choices import SERVICE_MODEL
 from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
@@ -98,20 +99,22 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
     name = row.name
     await svc.runtime.load(name, keep_alive=-1)
     if admin:
-        svc.selected_model = name
+        await asyncio.to_thread(svc.choices.put, SERVICE_MODEL, name)
     return StatusMessage(status="success", message=f"Model {wanted} loaded successfully")
 
 
 @router.get("/model_status", response_model=ModelStatus)
 async def model_status(request: Request) -> ModelStatus:
     svc = services(request)
-    mine = _loaded(svc)
-    return ModelStatus(status="success", model_loaded=mine is not None, model_name=svc.legacy_model,
+    name = await svc.legacy_model()
+    mine = await _loaded(svc, name)
+    return ModelStatus(status="success", model_loaded=mine is not None, model_name=name,
                        device=mine.device if mine else "cpu")
 
 
-def _loaded(svc: Services) -> LoadedInfo | None:
-    row = svc.registry.find(svc.legacy_model)
+async def _loaded(svc: Services, name: str) -> LoadedInfo | None:
+    """The loaded instance of model `name`, if any."""
+    row = await asyncio.to_thread(svc.registry.find, name)
     return next((m for m in svc.runtime.loaded() if row is not None and m.name == row.name), None)
 
 
@@ -144,8 +147,8 @@ class _Plan:
 async def _start(svc: Services, body: GenerateRequest, plan: _Plan, candidates: bool) -> GenerationStream:
     """`candidates`: every generated position carries its top `plan.top_k` candidates (the LLM
     service's `/generate`); otherwise text only (`/stream`)."""
-    name = body.model or svc.legacy_model
-    if body.model is None and svc.registry.find(name) is None:
+    name = body.model or await svc.legacy_model()
+    if body.model is None and await asyncio.to_thread(svc.registry.find, name) is None:
         raise ModelNotLoaded("Model is not loaded. Load one with POST /load_model.")
     try:
         if candidates:
@@ -224,10 +227,10 @@ async def stream(body: GenerateRequest, request: Request) -> Response:
 @router.get("/status")
 async def status(request: Request) -> dict[str, Any]:
     svc = services(request)
-    name = svc.legacy_model
-    row = svc.registry.find(name)
+    name = await svc.legacy_model()
+    row = await asyncio.to_thread(svc.registry.find, name)
     loaded = svc.runtime.loaded()
-    mine = _loaded(svc)
+    mine = await _loaded(svc, name)
     memory = psutil.virtual_memory()
     problems = svc.runtime.problems()
     return {

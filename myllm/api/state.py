@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from myllm.api.turns import TurnLocks
+from myllm.registry.choices import SERVICE_MODEL, Choices
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.runtime.service import Runtime
@@ -25,12 +27,13 @@ class Services:
     """`time.monotonic()` at start, for uptime."""
     turns: TurnLocks
     """Serialises turns on one stored session, across daemons too (see api/turns.py)."""
-    selected_model: str | None = None
-    """The model `POST /load_model` chose for the DeepShiva and LLM-service routes."""
+    choices: Choices
+    """Run-time choices shared by every daemon over the database."""
 
-    @property
-    def legacy_model(self) -> str:
-        return self.selected_model or self.settings.default_model
+    async def legacy_model(self) -> str:
+        """The model `POST /load_model` chose for the DeepShiva and LLM-service routes (on
+        whichever daemon it was asked), else the default."""
+        return await asyncio.to_thread(self.choices.get, SERVICE_MODEL) or self.settings.default_model
 
 
 def services(request: Request) -> Services:

@@ -83,6 +83,8 @@ def parse_source(text: str) -> Source:
         return PackageSource(package)
     if text in CATALOG:
         return CATALOG[text]
+    if text.startswith("file:"):  # how the registry records a local source (so it can be pulled again)
+        return FileSource(Path(text[5:]).expanduser())
     looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().exists()
     if looks_local or (text.endswith(".gguf") and text.count("/") < 2):
         return FileSource(Path(text).expanduser())

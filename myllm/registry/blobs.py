@@ -22,8 +22,7 @@ ProgressFn = Callable[[int, int | None], None]
 
 CHUNK = 4 * 1024 * 1024
 TEMP_PREFIX = ".partial-"
-CHECKS = ".checks"
-"""Folder of the store holding each blob's last sha256 check (see `BlobStore.checked`)."""
+
 _BLOB_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -63,6 +62,8 @@ class BlobStore:
     def __init__(self, root: Path) -> None:
         self.root = root
         self.root.mkdir(parents=True, exist_ok=True)
+        self.checks = root.with_name(f"{root.name}-checks")
+        """Beside the store: each blob's last sha256 check (see `checked`)."""
 
     def path(self, digest: str) -> Path:
         """Where the blob of `digest` (64 lower-case hex digits, checked here too) lives."""
@@ -79,7 +80,7 @@ class BlobStore:
         in the store, not the database: a database shared by several machines would hold one
         machine's check for every machine's different file."""
         try:
-            fields = (self.root / CHECKS / f"sha256-{digest}").read_text().split()
+            fields = (self.checks / f"sha256-{digest}").read_text().split()
         except (FileNotFoundError, NotADirectoryError):
             return None
         if len(fields) != 3 or fields[:2] != [str(size), str(mtime_ns)]:
@@ -89,11 +90,10 @@ class BlobStore:
     def record_check(self, digest: str, ok: bool) -> None:
         """Remember a sha256 check of the blob as it is now (written whole or not at all)."""
         stat = self.path(digest).stat()
-        folder = self.root / CHECKS
-        folder.mkdir(exist_ok=True)
-        tmp = folder / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
+        self.checks.mkdir(exist_ok=True)
+        tmp = self.checks / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         tmp.write_text(f"{stat.st_size} {stat.st_mtime_ns} {'ok' if ok else 'bad'}\n")
-        os.replace(tmp, folder / f"sha256-{digest}")
+        os.replace(tmp, self.checks / f"sha256-{digest}")
 
     def temp_path(self) -> Path:
         """A temp name in the blob folder itself, so the final rename is atomic. It carries the
@@ -153,7 +153,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
-        (self.root / CHECKS / f"sha256-{digest}").unlink(missing_ok=True)
+        (self.checks / f"sha256-{digest}").unlink(missing_ok=True)
 
     def sweep_temp(self) -> list[Path]:
         """Remove temp files a crashed write left behind (their writer is gone); called when

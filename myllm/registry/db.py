@@ -4,6 +4,7 @@ connections checked before use, and a lost server reported as `StoreUnavailable`
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from myllm.errors import StoreUnavailable
 from myllm.registry.migrations import migrate
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 POOL_SIZE = min(32, (os.cpu_count() or 1) + 4) + 2
 """Connections kept open: one per thread of asyncio's default executor (where the daemon runs
@@ -75,7 +77,8 @@ def retrying(call: Callable[[], T], attempts: int = 5, first_wait: float = 0.2) 
     for attempt in range(attempts - 1):
         try:
             return call()
-        except (StoreUnavailable, PoolTimeout):
+        except (StoreUnavailable, PoolTimeout) as exc:
+            log.warning("storing a turn: %s; trying again in %.1f s", exc, first_wait * 2**attempt)
             time.sleep(first_wait * 2**attempt)
     try:
         return call()

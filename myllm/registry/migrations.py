@@ -116,6 +116,12 @@ def _0007_replicas(op: Operations) -> None:
         batch.add_column(sa.Column("turn_until", sa.Float))
     with op.batch_alter_table("session_messages") as batch:
         batch.create_unique_constraint("uq_session_messages_seq", ["session_id", "seq"])
+    op.create_table(
+        "choices",
+        sa.Column("key", sa.String(64), primary_key=True),
+        sa.Column("value", sa.Text, nullable=False),
+        sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    )
 
 
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [

@@ -113,6 +113,16 @@ class ResponseRow(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
 
 
+class ChoiceRow(Base):
+    """A run-time choice every daemon over this database follows (see registry/choices.py)."""
+
+    __tablename__ = "choices"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
 class MigrationRow(Base):
     """Named schema steps already applied to this database."""
 
