@@ -9,7 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test bench default-model system-deps clean
+.PHONY: install serve test bench bench-replicas default-model system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ test: install system-deps
 bench: install
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/compare.py
+
+# Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
+bench-replicas: install system-deps
+	@command -v nginx >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq nginx >/dev/null; }
+	$(BIN)/python bench/replicas.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .cache
