@@ -58,8 +58,13 @@ def test_api_and_cli_report_broken(registry: Registry, settings: Settings, smoll
         assert {models[n]["status"] for n in ("gone:latest", "short:latest", "flipped:latest")} == {"broken"}
         r = httpx.post(f"{url}/api/chat", json={"model": "flipped", "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
         assert r.status_code == 500 and "is broken" in r.json()["detail"] and "pull it again" in r.json()["detail"]
-        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "gone", "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "short", "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
         assert r.status_code == 500 and r.json()["error"]["code"] == "model_broken"
+        # A file that is not there at all is a model this machine has not pulled (with a shared
+        # database, another machine may have): 404, saying what to pull.
+        r = httpx.post(f"{url}/v1/chat/completions", json={"model": "gone", "messages": [{"role": "user", "content": "hi"}]}, timeout=60)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert "is not on this machine; pull it here: `myllm pull file:" in r.json()["error"]["message"]
         ok = httpx.post(f"{url}/api/chat", json={"model": "fine", "messages": [{"role": "user", "content": "hi"}],
                                                   "options": {"max_tokens": 2}}, timeout=60)
         assert ok.status_code == 200

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -253,3 +254,30 @@ def test_the_shared_database_is_the_only_shared_state(pair: tuple[Daemon, Daemon
     assert r.status_code == 200, r.text
     status = httpx.get(f"{b.url}/model_status", timeout=30).json()
     assert status["model_name"] == MODEL
+
+
+def test_a_turn_whose_claim_lapsed_is_not_stored(database: str, tmp_path: Path) -> None:
+    """A daemon that could not renew its claim (the database away longer than the lease) finds,
+    when it stores its turn, that another turn took the session: `TurnLost`, nothing written."""
+    from myllm.errors import TurnLost
+    from myllm.registry.db import make_sessionmaker
+    from myllm.registry.sessions import SessionStore
+
+    engine = make_engine(database)
+    store = SessionStore(make_sessionmaker(engine))
+    assert store.claim("s", "chat", MODEL, "first@a", lease=0.05) is None
+    assert store.claim("s", "chat", MODEL, "second@b", lease=60) == "first@a", "a live claim is kept"
+    time.sleep(0.1)
+    assert store.claim("s", "chat", MODEL, "second@b", lease=60) is None, "a lapsed claim is taken over"
+    with pytest.raises(TurnLost):
+        store.append_turn("s", "chat", MODEL, [("user", "late", 1), ("assistant", "lost", 1)], holder="first@a")
+    store.append_turn("s", "chat", MODEL, [("user", "on time", 1), ("assistant", "kept", 1)], holder="second@b")
+    assert [m.content for m in store.history("s")] == ["on time", "kept"]
+    assert store.claim("s", "chat", MODEL, "third@a", lease=60) is None, "storing the turn ended its claim"
+    store.release("s", "third@a")
+    assert store.claim("s", "chat", MODEL, "fourth@b", lease=60) is None, "a released claim is free"
+    # A first turn that fails leaves no empty session behind.
+    assert store.claim("new", "chat", MODEL, "fifth@a", lease=60) is None
+    store.release("new", "fifth@a")
+    assert [info.id for info in store.list()] == ["s"]
+    engine.dispose()
