@@ -10,7 +10,7 @@ import pytest
 
 from myllm.registry.gguf_meta import read_gguf_info
 from myllm.registry.schema import ModelRow
-from myllm.runtime.memory import COMPUTE_BASE, MiB, Footprint, Split, estimate, footprint, parse_memory
+from myllm.runtime.memory import COMPUTE_BASE, MiB, Footprint, Split, estimate, footprint, parse_memory, processor
 from myllm.runtime.planner import Budgets, Resident, layers_for, plan_load
 from tests.conftest import smollm2_file
 
@@ -58,6 +58,17 @@ def test_split_puts_the_output_layer_first_then_the_last_layers() -> None:
     full = fp.split(11)
     assert full.ram == (80 + 50) * MiB + COMPUTE_BASE, "the input embeddings always stay on the CPU"
     assert fp.split(99) == full and fp.split(-1) == cpu
+
+
+def test_processor_column_splits_what_offloading_moves() -> None:
+    """Ollama's PROCESSOR column: what stays put however many layers move (the runner, the
+    input embeddings, the GPU's own overhead) is not counted."""
+    fp = model()
+    assert processor(fp, 0) == "100% CPU" and processor(fp, 11) == "100% GPU" and processor(fp, 50) == "100% GPU"
+    # 6 layers: the output (60 MiB + 30 of compute buffers) and 5 layers with their KV (5 x 120)
+    # on the GPU, 690 MiB; the other 5 layers with theirs on the CPU, 600 MiB: 47% of 1290.
+    assert processor(fp, 6) == "47%/53% CPU/GPU"
+    assert processor(fp, 1).startswith("9")
 
 
 def test_a_tied_output_is_free_on_the_cpu_and_copied_to_a_gpu() -> None:

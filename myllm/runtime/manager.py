@@ -36,7 +36,7 @@ from myllm.runtime.devices import NO_GPU, Devices, probe
 from myllm.runtime.durations import parse_duration
 from myllm.runtime.engine import LoadSpec
 from myllm.runtime.events import RuntimeEvents
-from myllm.runtime.memory import MiB, Footprint, MemoryEstimate, Split, estimate, footprint, parse_memory
+from myllm.runtime.memory import MiB, Footprint, MemoryEstimate, Split, estimate, footprint, parse_memory, processor
 from myllm.runtime.planner import Budgets, Plan, Resident, plan_load
 from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig
@@ -83,15 +83,13 @@ class Instance:
     runner: Any
     """A `ModelRunner` (a test's fake in unit tests of the manager's logic)."""
     estimate: MemoryEstimate
-    keep_alive: float
-    gpu_layers: int = 0
+    footprint: Footprint
+    """Its memory by part, as the planner split it."""
+    gpu_layers: int
     """Layers llama.cpp put on the GPU (the planner's choice)."""
-    split: Split = Split(0, 0)
-    """The estimate split between RAM and GPU memory for those layers."""
-    layers: int = 1
-    """The model's offloadable layers (repeating and output), of which `gpu_layers` are on the GPU."""
-    ram_floor: int = 0
-    """RAM the instance needs with every layer offloaded (`LoadedInfo.ram_floor`)."""
+    split: Split
+    """`footprint` split between RAM and GPU memory for those layers."""
+    keep_alive: float
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
     expires_at: float | None = None
@@ -130,9 +128,8 @@ class LoadedInfo:
     """The model's offloadable layers (its repeating layers and the output layer)."""
     size_vram: int
     """The estimate's GPU share (of `size_estimate`)."""
-    ram_floor: int
-    """The estimate's RAM that no offload moves (the runner, the input embeddings, the saved
-    KV cache): `processor` splits the rest."""
+    processor: str
+    """Ollama's PROCESSOR column: "100% CPU", "100% GPU", "48%/52% CPU/GPU" (`memory.processor`)."""
     vram_used: int
     """GPU memory measured: the device's free memory before the load less after it."""
     active: int
@@ -145,18 +142,6 @@ class LoadedInfo:
     def rss_growth(self) -> int:
         return self.rss_after - self.rss_before
 
-    @property
-    def processor(self) -> str:
-        """Ollama's PROCESSOR column: where the model computes, by the memory of what can be
-        offloaded (layers, their KV cache, compute buffers): "100% CPU", "100% GPU" or
-        "48%/52% CPU/GPU"."""
-        cpu_part = max(0, self.size_estimate - self.size_vram - self.ram_floor)
-        if self.size_vram <= 0:
-            return "100% CPU"
-        if cpu_part == 0:
-            return "100% GPU"
-        cpu = min(99, max(1, round(100 * cpu_part / (cpu_part + self.size_vram))))
-        return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 
 class Lease:
@@ -499,8 +484,7 @@ class ModelManager:
         started = time.perf_counter()
         runner = await self._factory(config, self.settings.max_queue)
         self._crashes.pop(row.digest, None)
-        inst = Instance(spec, row, runner, whole, self.default_keep_alive, plan.gpu_layers, plan.need, fp.max_gpu_layers,
-                        fp.split(fp.max_gpu_layers).ram)
+        inst = Instance(spec, row, runner, whole, fp, plan.gpu_layers, plan.need, self.default_keep_alive)
         runner.on_exit = self._runner_exited
         runner.on_out_of_memory = self._out_of_memory
         self._instances[spec] = inst
@@ -663,9 +647,9 @@ class ModelManager:
             expires_at=expires,
             device=self.gpu.kind if inst.gpu_layers else "cpu",
             gpu_layers=inst.gpu_layers,
-            layers=inst.layers,
+            layers=inst.footprint.max_gpu_layers,
             size_vram=inst.split.vram,
-            ram_floor=inst.ram_floor,
+            processor=processor(inst.footprint, inst.gpu_layers),
             vram_used=inst.runner.vram_used,
             active=inst.leases,
             queued=inst.runner.queued,

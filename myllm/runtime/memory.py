@@ -157,6 +157,22 @@ class Footprint:
         return Split(ram, vram)
 
 
+def processor(fp: Footprint, gpu_layers: int) -> str:
+    """Ollama's PROCESSOR column for `fp` with `gpu_layers` offloaded: "100% CPU", "100% GPU",
+    or "48%/52% CPU/GPU", the share of what offloading moves (layers, their KV cache, the output
+    layer's compute buffers) in each memory; what stays put either way (the runner, the input
+    embeddings, the saved KV cache, the GPU's own overhead) does not count."""
+    k = max(0, min(gpu_layers, fp.max_gpu_layers))
+    if k == 0:
+        return "100% CPU"
+    if k == fp.max_gpu_layers:
+        return "100% GPU"
+    split, full = fp.split(k), fp.split(fp.max_gpu_layers)
+    cpu_part, gpu_part = split.ram - full.ram, split.vram - fp.gpu_overhead
+    cpu = min(99, max(1, round(100 * cpu_part / max(cpu_part + gpu_part, 1))))
+    return f"{cpu}%/{100 - cpu}% CPU/GPU"
+
+
 def footprint(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> Footprint:
     """`row`'s footprint with `n_ctx` tokens of context (all sequences together). Weights come
     from the file's tensor sizes when the registry recorded them (`details["tensor_bytes"]`),
