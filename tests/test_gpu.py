@@ -35,6 +35,8 @@ from myllm.settings import Settings
 from tests.server import running_servers
 
 MYLLM = str(Path(sys.executable).parent / "myllm")
+cpu_build = pytest.mark.skipif(llama_devices().available, reason="this llama.cpp was built for a GPU, and has one")
+"""What only a CPU build shows (on a GPU build, bench/gpu/ is the check)."""
 
 
 # -- a fake GPU, a fake runner --------------------------------------------------------------------
@@ -241,6 +243,7 @@ async def test_no_gpu_means_no_layers_whatever_num_gpu_says(fake_models: Registr
 # -- detection ----------------------------------------------------------------------------------
 
 
+@cpu_build
 async def test_this_cpu_build_has_no_gpu() -> None:
     assert llama_devices() == NO_GPU
     assert await probe() == NO_GPU, "asked in a process of its own, as the daemon asks"
@@ -281,6 +284,7 @@ def daemon(models_home: Path) -> Iterator[tuple[str, str]]:
         yield urls
 
 
+@cpu_build
 def test_the_cpu_build_reports_no_gpu_everywhere(daemon: tuple[str, str]) -> None:
     main, ollama_url = daemon
     generated = httpx.post(f"{main}/generate", json={"prompt": "Hello", "max_tokens": 2}, timeout=120).json()
@@ -305,6 +309,7 @@ def test_the_cpu_build_reports_no_gpu_everywhere(daemon: tuple[str, str]) -> Non
     assert "100% CPU" in row
 
 
+@cpu_build
 def test_num_gpu_per_request_is_its_own_instance(daemon: tuple[str, str]) -> None:
     """`num_gpu: 0` asks for another load key than the default (-1, as many as fit), so the
     daemon loads a second instance, on the CPU like the first."""
