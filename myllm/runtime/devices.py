@@ -144,7 +144,7 @@ async def probe(timeout: float = 60.0) -> Devices:
         )
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)
-        except TimeoutError:
+        except BaseException:  # a timeout, or the daemon stopping meanwhile: the probe goes too
             proc.kill()
             await proc.wait()
             raise

@@ -227,7 +227,7 @@ class ModelManager:
         """Stop everything: running requests end with `ShuttingDown`, then every runner exits."""
         self._closing = True
         self.abort_all(ShuttingDown("the server is shutting down"))
-        for task in (self._reaper, self._checker):
+        for task in (self._reaper, self._checker, self._devices):
             if task is not None:
                 task.cancel()
                 try:
