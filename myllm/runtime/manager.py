@@ -143,7 +143,6 @@ class LoadedInfo:
         return self.rss_after - self.rss_before
 
 
-
 class Lease:
     """The right to use one loaded instance for one request. Release exactly once."""
 
