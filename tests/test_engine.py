@@ -1,10 +1,12 @@
 """The whole chain on a real model, in-process: registry row -> the batch engine -> text."""
 
 import queue
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.batching import BatchEngine, EngineJob
 from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec
@@ -25,9 +27,15 @@ def run(engine: BatchEngine, req: GenerationRequest) -> list[Any]:
     return out
 
 
+def smollm2(registry: Registry) -> tuple[ModelRow, Path]:
+    """The test model's row and its file, as `LoadSpec.for_model` takes them."""
+    row = registry.get("smollm2:135m")
+    return row, registry.blobs.path(row.digest)
+
+
 def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
     row = shared_registry.get("smollm2:135m")
-    spec = LoadSpec.for_model(row, num_ctx=512)
+    spec = LoadSpec.for_model(row, shared_registry.blobs.path(row.digest), num_ctx=512)
     assert spec.n_ctx == 512 and spec.n_parallel == 1
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     try:
@@ -43,11 +51,11 @@ def test_generate_from_registered_smollm2(shared_registry: Registry) -> None:
 
 
 def test_context_capped_at_trained_length(shared_registry: Registry) -> None:
-    assert LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=100_000).n_ctx == 8192
+    assert LoadSpec.for_model(*smollm2(shared_registry), num_ctx=100_000).n_ctx == 8192
 
 
 def test_context_rounded_to_llama_cpp_padding(shared_registry: Registry) -> None:
-    spec = LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=320)
+    spec = LoadSpec.for_model(*smollm2(shared_registry), num_ctx=320)
     assert spec.n_ctx == 512
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     try:
@@ -63,7 +71,7 @@ def test_health_reports_a_stalled_or_dead_scheduler(shared_registry: Registry) -
     import threading
     import time
 
-    engine = BatchEngine(LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=512), n_threads=2, kv_cache_bytes=0)
+    engine = BatchEngine(LoadSpec.for_model(*smollm2(shared_registry), num_ctx=512), n_threads=2, kv_cache_bytes=0)
     try:
         assert engine.health() == {"scheduler": True, "stalled": 0.0}  # idle is not stalled
         release = threading.Event()
@@ -89,7 +97,7 @@ def test_a_failure_in_one_sequence_fails_that_request_only(shared_registry: Regi
     sequence in the same batch, and the scheduler, go on."""
     from myllm.runtime.batching import Failed
 
-    spec = LoadSpec.for_model(shared_registry.get("smollm2:135m"), num_ctx=512, n_parallel=2)
+    spec = LoadSpec.for_model(*smollm2(shared_registry), num_ctx=512, n_parallel=2)
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     sample = engine._sample
 

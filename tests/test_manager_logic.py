@@ -28,7 +28,7 @@ class FakeRunner:
     busy = False
     queued = 0
     generating = 0
-    rss_before = rss_after = 0
+    rss_before = rss_after = vram_used = 0
 
     def __init__(self, config: RunnerConfig) -> None:
         self.spec = config.spec

@@ -192,7 +192,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
         metadata={
             "model_name": stream.model, "prompt_length": len(body.prompt), "prompt_tokens": done.prompt_tokens,
             "completion_tokens": done.completion_tokens, "generation_time_ms": round(elapsed),
-            "temperature_used": plan.options.temperature, "device": "cpu", "finish_reason": done.finish_reason,
+            "temperature_used": plan.options.temperature, "device": stream.device, "finish_reason": done.finish_reason,
         },
     )
 
@@ -233,6 +233,7 @@ async def status(request: Request) -> dict[str, Any]:
     mine = await _loaded(svc, name)
     memory = psutil.virtual_memory()
     problems = svc.runtime.problems()
+    gpu = await svc.runtime.devices()
     return {
         "service": {
             "status": "degraded" if problems else "running", "problems": problems, "version": __version__,
@@ -246,7 +247,9 @@ async def status(request: Request) -> dict[str, Any]:
             "vocab_size": row.vocab_size if row else None,
         },
         "system": {
-            "gpu_available": False, "gpu_name": None, "gpu_memory_total_mb": None, "gpu_memory_used_mb": None,
+            "gpu_available": gpu.available, "gpu_name": gpu.name,
+            "gpu_memory_total_mb": gpu.total >> 20 if gpu.available else None,
+            "gpu_memory_used_mb": svc.runtime.gpu_memory_used() >> 20 if gpu.available else None,
             "cpu_cores": psutil.cpu_count(logical=False) or os.cpu_count(), "system_memory_gb": round(memory.total / (1 << 30)),
             "platform": platform.platform(),
         },

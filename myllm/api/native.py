@@ -136,7 +136,8 @@ async def running(request: Request) -> RunningList:
     return RunningList(models=[
         RunningModel(
             name=m.name, size_mb=m.size_estimate >> 20, rss_growth_mb=max(0, m.rss_growth) >> 20,
-            context_length=m.context_length, processor="100% GPU" if m.device == "gpu" else "100% CPU",
+            context_length=m.context_length, processor=m.processor, size_vram_mb=m.size_vram >> 20,
+            vram_used_mb=m.vram_used >> 20, gpu_layers=m.gpu_layers, layers=m.layers,
             expires_at=m.expires_at.isoformat() if m.expires_at else None, active=m.active, queued=m.queued,
             busy=m.busy, slots=m.slots, memory_mb=m.rss >> 20,
         )

@@ -24,6 +24,7 @@ class InferenceOptions(BaseModel):
     presence_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
     frequency_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
     num_ctx: int | None = Field(None, description="extension: context length to load the model with")
+    num_gpu: int | None = Field(None, description="extension: layers to load on the GPU (-1 as many as fit, 0 none)")
 
 
 class Message(BaseModel):
@@ -166,10 +167,15 @@ class ErrorDetail(BaseModel):
 
 class RunningModel(BaseModel):
     name: str
-    size_mb: int = Field(description="estimated memory: weights + KV cache + compute buffers")
+    size_mb: int = Field(description="estimated memory, RAM and GPU together: weights + KV cache + compute buffers")
     rss_growth_mb: int = Field(description="measured growth of the model's runner process RSS when it loaded")
     context_length: int
-    processor: str
+    processor: str = Field(description='where it computes, by memory: "100% CPU", "100% GPU", "48%/52% CPU/GPU"')
+    size_vram_mb: int = Field(description="extension: the estimate's GPU share (of size_mb)")
+    vram_used_mb: int = Field(description="extension: GPU memory measured: the device's free memory before the load "
+                              "less after it")
+    gpu_layers: int = Field(description="extension: layers on the GPU, of `layers`")
+    layers: int = Field(description="extension: the model's offloadable layers (repeating layers and the output layer)")
     expires_at: str | None = Field(description="when it unloads if idle; null: in use, or kept loaded")
     active: int
     queued: int

@@ -112,12 +112,13 @@ def _details(row: ModelRow) -> dict[str, Any]:
 
 
 def _running(info: LoadedInfo, row: ModelRow) -> dict[str, Any]:
-    """A loaded model; `size` is the memory it is charged with (weights, KV cache, buffers)."""
+    """A loaded model; `size` is its estimated memory (weights, KV cache, buffers), `size_vram`
+    the part of it on the GPU (Ollama's CLI prints the split as its PROCESSOR column)."""
     return {
         "name": info.name,
         "model": info.name,
         "size": info.size_estimate,
-        "size_vram": info.size_estimate if info.device == "gpu" else 0,
+        "size_vram": info.size_vram,
         "digest": info.digest,
         "details": _details(row),
         "expires_at": info.expires_at or FOREVER,

@@ -13,11 +13,12 @@ from pydantic import BaseModel, Field
 
 IGNORED_OPTIONS = frozenset({
     "num_keep", "typical_p", "repeat_last_n", "mirostat", "mirostat_tau", "mirostat_eta", "penalize_newline",
-    "numa", "num_batch", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_thread", "low_vram", "f16_kv",
+    "numa", "num_batch", "main_gpu", "use_mmap", "use_mlock", "num_thread", "low_vram", "f16_kv",
     "vocab_only", "logits_all", "embedding_only", "tfs_z", "rope_frequency_base", "rope_frequency_scale",
 })
-"""Ollama options about how llama.cpp runs (threads, GPU layers, batch size, mmap) or samplers
-llama.cpp dropped: the daemon decides those (`MYLLM_*`), so a client sending them is not refused."""
+"""Ollama options about how llama.cpp runs (threads, batch size, mmap, which GPU) or samplers
+llama.cpp dropped: the daemon decides those (`MYLLM_*`), so a client sending them is not refused.
+`num_gpu` (layers on the GPU) and `num_ctx` are real options (`GenerationOptions`)."""
 
 KeepAlive = str | float | None
 

@@ -4,6 +4,7 @@ package's reader, and every metadata key for Ollama's `show`, read by walking th
 from __future__ import annotations
 
 import mmap
+import re
 import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -98,6 +99,8 @@ def read_gguf_info(path: Path, shown_as: str) -> GGUFInfo:
         for suffix in _KEPT_SUFFIXES
         if (value := scalar(f"{arch}.{suffix}")) is not None
     }
+    if (split := tensor_bytes(reader.tensors, int(details.get("block_count") or 0))) is not None:
+        details["tensor_bytes"] = split
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
     vocab = details.get("vocab_size") or (len(tokens_field.data) if tokens_field else 0)
     param_count = sum(int(t.n_elements) for t in reader.tensors)
@@ -116,6 +119,35 @@ def read_gguf_info(path: Path, shown_as: str) -> GGUFInfo:
         eos_token=token_text(scalar("tokenizer.ggml.eos_token_id")),
         details=details,
     )
+
+
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def tensor_bytes(tensors: Any, n_layers: int) -> dict[str, Any] | None:
+    """The weights' bytes as llama.cpp places them by layer, for splitting a model between the
+    CPU and a GPU (runtime/memory.py): `input` (the token embeddings, always on the CPU),
+    `layers` (each repeating layer's `blk.N.*` tensors), `output` (the other tensors: the
+    output norm and matrix) and `tied` (no output matrix of its own: llama.cpp uses the
+    embeddings, and copies them to a GPU that runs the output layer, so `output` counts them).
+    None for a file whose tensors do not follow that naming."""
+    layers = [0] * n_layers
+    embed = output = 0
+    has_output = False
+    for t in tensors:
+        size = int(t.n_bytes)
+        if t.name == "token_embd.weight":
+            embed += size
+        elif (m := _LAYER.match(t.name)) is not None:
+            if int(m.group(1)) >= n_layers:
+                return None
+            layers[int(m.group(1))] += size
+        else:
+            output += size
+            has_output = has_output or t.name == "output.weight"
+    if not embed or not n_layers:
+        return None
+    return {"input": embed, "layers": layers, "output": output + (0 if has_output else embed), "tied": not has_output}
 
 
 def read_gguf_kv(path: Path) -> dict[str, Any]:

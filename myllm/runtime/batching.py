@@ -12,6 +12,14 @@ another conversation takes the slot, and copied back in when its conversation re
 The engine knows nothing of processes or event loops: `submit()` takes a *sink*, a function that
 receives a whole step's events at once. A runner process (runtime/runner/) writes them to its
 channel in one message per step; `OptimizedLLM` puts them on a queue it reads in-process.
+
+With layers on a GPU the weights, the KV cache and the compute buffers live in device memory,
+which this process must never read or write by pointer. What the engine touches is host memory
+that llama.cpp owns and keeps coherent: the `llama_batch` arrays (malloc'd, read by llama.cpp
+before `llama_decode` returns), the logits rows (`_logits`: llama.cpp copies them from the
+device into its host output buffer at every decode, and `llama_get_logits_ith` waits for that
+copy before returning a pointer into it), and KV states (`kvcache.py`: llama.cpp copies them
+between the device and a buffer of ours inside `llama_state_seq_get_data`/`_set_data`).
 """
 
 from __future__ import annotations
@@ -55,6 +63,16 @@ thread for every sequence in turn, so a grammar's cost is every other request's 
 GRAMMAR_STEP_MAX = 0.5
 """Seconds any later token's grammar may take (an `enum` deep in an object opens only there)
 before the request is stopped with an error."""
+
+
+def decode_error(status: int) -> MyLLMError:
+    """The error of a `llama_decode` that returned `status`: -2 is llama.cpp failing to allocate
+    the step's compute buffers (out of memory, on the GPU or in RAM), which the daemon answers
+    in each API's out-of-memory shape and, with layers on a GPU, by loading the model again
+    with fewer of them; anything else is a failed generation."""
+    if status == -2:
+        return OutOfMemory("llama.cpp ran out of memory while generating (it could not allocate its compute buffers)")
+    return ModelLoadError(f"llama.cpp failed while generating (llama_decode returned {status})")
 
 
 @dataclass(frozen=True)
@@ -105,28 +123,93 @@ class _Slot:
 class BatchEngine:
     def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, quiet: bool = True) -> None:
         """`quiet` silences what llama.cpp prints to stdout and stderr while loading. A runner
-        keeps it: its stderr is the daemon's record of why llama.cpp aborted."""
+        keeps it: its stderr is the daemon's record of why llama.cpp aborted.
+
+        The model and its context are made, used for every decode and freed by one thread, the
+        scheduler's, as llama-server and llama-cpp-python's `Llama` do (tokenizing, which reads
+        only the vocabulary, runs on callers' threads there too). A GPU backend keeps state per
+        thread (CUDA's current device and context): an H100 run of an earlier version, which
+        loaded on one thread and decoded on another, died with SIGSEGV on its first request
+        with every layer offloaded, while both of those ran. That this was the cause is a
+        hypothesis no GPU has confirmed yet; the same code with every layer on a device whose
+        memory is in another process (ggml's RPC backend) generates exactly as on the CPU."""
+        if not spec.path.is_file():
+            raise ModelLoadError(f"the model file of '{spec.name}' is missing (blob {spec.path.name}); pull it again")
+        self.spec = spec
+        self.n_parallel = spec.n_parallel
+        self.kv_cache = KVCache(kv_cache_bytes)
+        self._n_ctx = spec.n_ctx
+        self.decoded = 0
+        """Tokens decoded so far, all sequences together (for measuring cancellation)."""
+        self._slots = [_Slot(seq=i) for i in range(spec.n_parallel)]
+        self._queue: queue.Queue[EngineJob | None] = queue.Queue()
+        self._waiting: list[EngineJob] = []
+        self._outbox: list[tuple[EngineJob, Any]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.beat = time.monotonic()
+        """When the scheduler last went round its loop (see `health`)."""
+        self._guard = UseGuard(spec.name)
+        loaded = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._main, args=(n_threads, quiet, loaded, failed),
+                                        name=f"batch-{spec.name}", daemon=True)
+        self._thread.start()
+        loaded.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+
+    def _main(self, n_threads: int | None, quiet: bool, loaded: threading.Event, failed: list[BaseException]) -> None:
+        """The scheduler thread: load, serve until closed, free."""
+        try:
+            self._load(n_threads, quiet)
+        except BaseException as exc:  # the constructor raises it
+            failed.append(exc)
+            return
+        finally:
+            loaded.set()
+        try:
+            self._run()
+        finally:
+            if self._closed:  # close(): free once no thread is tokenizing
+                self._guard.close()
+                from llama_cpp._utils import suppress_stdout_stderr
+
+                with suppress_stdout_stderr(disable=False):
+                    self.batch.close()
+                    self.ctx.close()
+                    self.model.close()
+
+    def _load(self, n_threads: int | None, quiet: bool) -> None:
         import llama_cpp
         from llama_cpp import _internals as internals
         from llama_cpp._utils import suppress_stdout_stderr
 
-        self.spec = spec
+        spec = self.spec
         self._lib = llama_cpp
-        n_parallel = self.n_parallel = spec.n_parallel
-        self.kv_cache = KVCache(kv_cache_bytes)
-        if not spec.path.is_file():
-            raise ModelLoadError(f"the model file of '{spec.name}' is missing (blob {spec.path.name}); pull it again")
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers
+        if spec.n_gpu_layers == 0:
+            # No layer on a GPU means no GPU at all: an empty device list (just its NULL end),
+            # else llama.cpp still makes a GPU backend for the context, which holds a CUDA
+            # context and runs large CPU-weight products there ("op offload"), GPU memory the
+            # budget does not count. The array must outlive the model: kept on the engine.
+            self._no_devices = (ctypes.c_void_p * 1)()
+            model_params.devices = ctypes.addressof(self._no_devices)
         try:
             with suppress_stdout_stderr(disable=not quiet):
                 self.model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=not quiet)
         except (ValueError, RuntimeError, OSError) as exc:
             raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {spec.unpathed(exc)}") from exc
         params = llama_cpp.llama_context_default_params()
-        params.n_ctx = spec.n_ctx * n_parallel
+        params.n_ctx = spec.n_ctx * spec.n_parallel
         params.n_batch = params.n_ubatch = N_BATCH
-        params.n_seq_max = n_parallel
+        params.n_seq_max = spec.n_parallel
+        # At most one row of logits per sequence per step: llama.cpp's default (one per batch
+        # token) reserves compute buffers for 512 rows of the vocabulary, 96 MiB for SmolLM2's
+        # and 512 MiB for Gemma 3's, GPU memory when the output layer is offloaded.
+        params.n_outputs_max = spec.n_parallel
         params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
         params.swa_full = True  # keep sliding-window models' KV whole, so prefixes can be reused
@@ -141,20 +224,6 @@ class BatchEngine:
         self.n_vocab = self.model.n_vocab()
         bos = self.model.token_bos()
         self.bos_text = self._piece(bos) if bos >= 0 else ""
-        self._n_ctx = spec.n_ctx
-        self.decoded = 0
-        """Tokens decoded so far, all sequences together (for measuring cancellation)."""
-        self._slots = [_Slot(seq=i) for i in range(n_parallel)]
-        self._queue: queue.Queue[EngineJob | None] = queue.Queue()
-        self._waiting: list[EngineJob] = []
-        self._outbox: list[tuple[EngineJob, Any]] = []
-        self._lock = threading.Lock()
-        self._closed = False
-        self.beat = time.monotonic()
-        """When the scheduler last went round its loop (see `health`)."""
-        self._guard = UseGuard(spec.name)
-        self._thread = threading.Thread(target=self._run, name=f"batch-{spec.name}", daemon=True)
-        self._thread.start()
 
     # -- what a runner needs besides generation -----------------------------------------------
 
@@ -257,9 +326,9 @@ class BatchEngine:
         self._queue.put(None)  # wake the scheduler
 
     def close(self, timeout: float | None = None) -> None:
-        """Stop the scheduler (queued and running requests fail), then free llama.cpp's
-        objects once no thread is tokenizing. A runner process does not need this (its exit
-        frees everything); in-process users do."""
+        """Stop the scheduler (queued and running requests fail); its thread then frees
+        llama.cpp's objects once no thread is tokenizing. A runner process does not need this
+        (its exit frees everything); in-process users do."""
         if self._closed:
             return
         self.abort(ShuttingDown("the model was unloaded"))
@@ -267,13 +336,6 @@ class BatchEngine:
             self._closed = True
         self._queue.put(None)
         self._thread.join(timeout)
-        self._guard.close()
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        with suppress_stdout_stderr(disable=False):
-            self.batch.close()
-            self.ctx.close()
-            self.model.close()
 
     # -- the scheduler thread ----------------------------------------------------------------------
 
@@ -309,9 +371,10 @@ class BatchEngine:
                 self._step()
             except Exception as exc:  # a failed decode fails the requests in it, not the daemon
                 log.exception("batch step failed")
+                error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"llama.cpp failed while generating: {exc}")
                 for slot in self._slots:
                     if slot.job is not None:
-                        self._finish(slot, None, ModelLoadError(f"llama.cpp failed while generating: {exc}"))
+                        self._finish(slot, None, error)
             self._flush()
 
     def _post(self, job: EngineJob, item: Any) -> None:
@@ -468,7 +531,9 @@ class BatchEngine:
                 slot.batch_index = batch.n_tokens - 1
         if batch.n_tokens == 0:
             return
-        self.ctx.decode(self.batch)
+        status = self._lib.llama_decode(self.ctx.ctx, batch)
+        if status != 0:
+            raise decode_error(status)
         self.decoded += batch.n_tokens
         for slot in active:
             if slot.in_batch:
@@ -517,8 +582,12 @@ class BatchEngine:
             slot.pending = [token]
 
     def _logits(self, index: int) -> np.ndarray:
-        """This slot's row of logits only: a view, valid until the next decode (sampling
-        copies the row into its own candidates, leaving it as it is)."""
+        """This slot's row of logits only: a view into llama.cpp's host output buffer, valid
+        until the next decode, which may reallocate that buffer (so it is used within this
+        step and never kept; sampling copies the row into its own candidates). It is host
+        memory with any backend: `llama_get_logits_ith` first waits for the device's copy into
+        it. `index` must be a batch position whose `logits` flag was set, or llama.cpp answers
+        NULL, which numpy refuses (ValueError) rather than reading."""
         ptr = self._lib.llama_get_logits_ith(self.ctx.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 

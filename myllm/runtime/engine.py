@@ -37,6 +37,8 @@ class LoadSpec:
     n_ctx: int
     """Context per sequence."""
     n_gpu_layers: int = 0
+    """Layers llama.cpp puts on the GPU (negative: all of them, llama.cpp's convention). In the
+    manager's load key it is what was asked for; the runner gets the planner's number."""
     embedding: bool = False
     n_parallel: int = 1
     """Sequences generated at once (continuous batching when > 1)."""
@@ -185,6 +187,10 @@ class EmbeddingEngine:
                 n_ctx=spec.n_ctx,
                 n_threads=n_threads or default_threads(),
                 n_gpu_layers=spec.n_gpu_layers,
+                # No layer on the GPU: no product of CPU weights sent there either. (`Llama` takes
+                # no device list, so unlike the batch engine this context may still hold a GPU's
+                # backend on a GPU build.)
+                op_offload=spec.n_gpu_layers != 0,
                 embedding=True,
                 pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN,
                 n_batch=batch,

@@ -1,21 +1,27 @@
-"""Which models are loaded: leases, an LRU memory budget, keep-alive, one load at a time.
+"""Which models are loaded: leases, two LRU memory budgets (RAM and GPU memory), keep-alive,
+one load at a time.
 
 Each loaded instance is a runner process (runtime/runner/). A request takes a *lease* on a
 loaded instance (loading it if needed) and returns it when done. An instance with leases is never unloaded; its keep-alive timer starts when the last
-lease is returned. When a load would not fit the budget (or the instance limit), idle
-instances go first, least recently used first; if busy ones hold the memory the load waits
-(up to the load timeout) for them to finish. Memory is counted per instance as the larger of
-its estimate and its runner's measured RSS.
+lease is returned. Before a load the planner (runtime/planner.py) decides how many of the
+model's layers go to the GPU (as many as fit, at most what `num_gpu` allows) and which idle
+instances must leave for it, least recently used first, in whichever budget is short; if busy
+ones hold the memory the load waits (up to the load timeout) for them to finish. Memory is
+counted per instance as the larger of its estimate and what was measured: its runner's RSS,
+and the GPU memory its load took.
 
 A runner that dies takes only its instance: the manager forgets it (its requests have already
 failed with `ModelCrashed`) and the next request loads a fresh one. A model whose load crashes
-its runner is refused for a while (30 s, doubling up to 10 min) instead of crash-looping.
+its runner is refused for a while (30 s, doubling up to 10 min) instead of crash-looping. With
+layers on the GPU, a load that fails or crashes, a runner that crashes, or one that reports
+llama.cpp out of memory while generating is retried with half the layers (for the next 10 min).
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -23,13 +29,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from datetime import datetime, timedelta, timezone
 
-from myllm.errors import ModelCrashed, ModelNotLoaded, MyLLMError, OutOfMemory, ShuttingDown
+from myllm.errors import ModelCrashed, ModelLoadError, ModelNotLoaded, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
+from myllm.runtime.devices import NO_GPU, Devices, probe
 from myllm.runtime.durations import parse_duration
 from myllm.runtime.engine import LoadSpec
 from myllm.runtime.events import RuntimeEvents
-from myllm.runtime.memory import MiB, MemoryEstimate, estimate, parse_memory
+from myllm.runtime.memory import MiB, Footprint, MemoryEstimate, Split, estimate, footprint, parse_memory, processor
+from myllm.runtime.planner import Budgets, Plan, Resident, plan_load
 from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
@@ -37,6 +45,11 @@ from myllm.settings import Settings
 log = logging.getLogger(__name__)
 RunnerFactory = Callable[[RunnerConfig, int], Awaitable[Any]]
 """(what to load, queue limit) -> a started runner: `ModelRunner.start`, or a unit test's fake."""
+DeviceProbe = Callable[[], Awaitable[Devices]]
+"""-> the GPUs llama.cpp can use: `devices.probe`, or a unit test's fake device."""
+GPU_RETRY_MEMORY = 600.0
+"""How long a model keeps the smaller layer count it was retried with after running out of GPU
+memory (another program may have held that memory for a while)."""
 CRASH_BACKOFF = 30.0
 CRASH_BACKOFF_MAX = 600.0
 STALL_LIMIT = 120.0
@@ -65,10 +78,17 @@ class LoadCrash:
 @dataclass
 class Instance:
     spec: LoadSpec
+    """The load key: `n_gpu_layers` is what was asked for (-1: as many as fit)."""
     row: ModelRow
     runner: Any
     """A `ModelRunner` (a test's fake in unit tests of the manager's logic)."""
     estimate: MemoryEstimate
+    footprint: Footprint
+    """Its memory by part, as the planner split it."""
+    gpu_layers: int
+    """Layers llama.cpp put on the GPU (the planner's choice)."""
+    split: Split
+    """`footprint` split between RAM and GPU memory for those layers."""
     keep_alive: float
     leases: int = 0
     last_used: float = field(default_factory=time.monotonic)
@@ -80,9 +100,10 @@ class Instance:
         return self.leases == 0 and not self.runner.busy
 
     @property
-    def charged(self) -> int:
-        """What counts against the budget: the estimate, or the runner's RSS if larger."""
-        return max(self.estimate.total, self.runner.rss())
+    def charged(self) -> Split:
+        """What counts against the budgets: the estimate, or what was measured if larger (the
+        runner's RSS now; the GPU memory its load took)."""
+        return Split(max(self.split.ram, self.runner.rss()), max(self.split.vram, self.runner.vram_used))
 
 
 @dataclass(frozen=True)
@@ -100,6 +121,17 @@ class LoadedInfo:
     pid: int | None
     expires_at: datetime | None
     device: str
+    """Where the model computes: "cpu", or the GPU's kind ("cuda", "mps") when layers are there."""
+    gpu_layers: int
+    """Layers on the GPU, of `layers`."""
+    layers: int
+    """The model's offloadable layers (its repeating layers and the output layer)."""
+    size_vram: int
+    """The estimate's GPU share (of `size_estimate`)."""
+    processor: str
+    """Ollama's PROCESSOR column: "100% CPU", "100% GPU", "48%/52% CPU/GPU" (`memory.processor`)."""
+    vram_used: int
+    """GPU memory measured: the device's free memory before the load less after it."""
     active: int
     queued: int
     busy: int
@@ -128,6 +160,11 @@ class Lease:
     def row(self) -> ModelRow:
         return self.instance.row
 
+    @property
+    def device(self) -> str:
+        """Where the model computes: "cpu", or the GPU's kind ("cuda") when layers are there."""
+        return self._manager.gpu.kind if self.instance.gpu_layers else "cpu"
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -141,10 +178,20 @@ class ModelManager:
         settings: Settings,
         runner_factory: RunnerFactory | None = None,
         budget: int | None = None,
+        devices: DeviceProbe | None = None,
     ) -> None:
         self.registry = registry
         self.settings = settings
         self.budget = budget if budget is not None else parse_memory(settings.max_memory)
+        """The RAM budget."""
+        self._probe: DeviceProbe = devices or probe
+        self._devices: asyncio.Task[Devices] | None = None
+        self.gpu: Devices = NO_GPU
+        """The GPUs llama.cpp can use, as found at start (`devices()`)."""
+        self.vram_budget = 0
+        """The GPU memory budget (0 without a GPU), set once the GPUs are known."""
+        self._layer_caps: dict[str, tuple[int, float]] = {}
+        """Models retried with fewer layers after running out of GPU memory: digest -> (layers, until)."""
         self.default_keep_alive = parse_duration(settings.keep_alive)
         self.load_timeout = parse_duration(settings.load_timeout, "load_timeout")
         self.kv_cache_bytes = None if settings.kv_cache.strip().lower() == "auto" else parse_memory(settings.kv_cache)
@@ -168,7 +215,9 @@ class ModelManager:
     # -- lifecycle -----------------------------------------------------------------
 
     def start(self) -> None:
-        """Start the background tasks: unloading expired idle instances, checking runners."""
+        """Start the background tasks: unloading expired idle instances, checking runners; and
+        ask which GPUs there are (their free memory now sets the default GPU budget)."""
+        self._devices_task()
         if self._reaper is None:
             self._reaper = asyncio.create_task(self._reap_forever(), name="myllm-keepalive")
             self._checker = asyncio.create_task(self._check_forever(), name="myllm-health")
@@ -177,7 +226,7 @@ class ModelManager:
         """Stop everything: running requests end with `ShuttingDown`, then every runner exits."""
         self._closing = True
         self.abort_all(ShuttingDown("the server is shutting down"))
-        for task in (self._reaper, self._checker):
+        for task in (self._reaper, self._checker, self._devices):
             if task is not None:
                 task.cancel()
                 try:
@@ -190,6 +239,33 @@ class ModelManager:
         """Stop every running and queued request now; their streams raise `error`."""
         for inst in self._instances.values():
             inst.runner.abort(error)
+
+    def _devices_task(self) -> asyncio.Task[Devices]:
+        if self._devices is None:
+            self._devices = asyncio.create_task(self._find_devices(), name="myllm-devices")
+        return self._devices
+
+    async def _find_devices(self) -> Devices:
+        found = await self._probe()
+        self.gpu = found
+        if found.available:
+            self.vram_budget = parse_memory(self.settings.max_gpu_memory, available=found.free)
+            log.info("GPU: %s, %d MiB free of %d MiB; GPU memory budget %d MiB", found.name, found.free // MiB,
+                     found.total // MiB, self.vram_budget // MiB)
+        return found
+
+    async def devices(self) -> Devices:
+        """The GPUs llama.cpp can use, asked once (at start, or at the first load)."""
+        return await asyncio.shield(self._devices_task())
+
+    def vram_used(self) -> int:
+        """GPU memory charged to loaded instances."""
+        return sum(i.charged.vram for i in self._instances.values())
+
+    def gpu_memory_used(self) -> int:
+        """GPU memory in use: what was not free when the daemon asked at start (other programs,
+        the desktop), plus what its loaded models hold."""
+        return self.gpu.total - self.gpu.free + self.vram_used() if self.gpu.available else 0
 
     async def _reap_forever(self) -> None:
         while True:
@@ -246,9 +322,18 @@ class ModelManager:
 
     # -- leases --------------------------------------------------------------------
 
-    def spec_for(self, row: ModelRow, num_ctx: int | None = None, embedding: bool = False) -> LoadSpec:
-        wanted = num_ctx or int((row.parameters or {}).get("num_ctx") or self.settings.num_ctx)
-        return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, embedding=embedding,
+    def spec_for(
+        self, row: ModelRow, num_ctx: int | None = None, embedding: bool = False, num_gpu: int | None = None
+    ) -> LoadSpec:
+        """The load key. Its `n_gpu_layers` is what is asked for (the request's `num_gpu`, else
+        the model's, else `MYLLM_NUM_GPU`; -1: as many as fit), not what the planner gives, so
+        requests asking alike share an instance whatever fitted when it loaded."""
+        params = row.parameters or {}
+        wanted = num_ctx or int(params.get("num_ctx") or self.settings.num_ctx)
+        layers = num_gpu if num_gpu is not None else params.get("num_gpu")
+        layers = int(layers if layers is not None else self.settings.num_gpu)
+        return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, -1 if layers < 0 else layers,
+                                  embedding=embedding,
                                   n_parallel=self.settings.num_parallel)
 
     async def acquire(
@@ -257,6 +342,7 @@ class ModelManager:
         keep_alive: str | float | None = None,
         num_ctx: int | None = None,
         embedding: bool = False,
+        num_gpu: int | None = None,
     ) -> Lease:
         """A lease on a loaded instance of `model` (a name, or the row a caller has already
         looked up), loading it first if needed. Concurrent acquires of the same unloaded model
@@ -265,7 +351,7 @@ class ModelManager:
             raise ShuttingDown("the server is shutting down")
         ka = None if keep_alive is None else parse_duration(keep_alive)
         row = model if isinstance(model, ModelRow) else await asyncio.to_thread(self.registry.get, model)
-        spec = self.spec_for(row, num_ctx, embedding)
+        spec = self.spec_for(row, num_ctx, embedding, num_gpu)
         inst = self._instances.get(spec)
         if inst is None:
             inst = await self._load_shared(spec, row)
@@ -310,31 +396,54 @@ class ModelManager:
         return inst
 
     def used(self) -> int:
-        return sum(i.charged for i in self._instances.values())
+        """RAM charged to loaded instances."""
+        return sum(i.charged.ram for i in self._instances.values())
 
     async def _load(self, spec: LoadSpec, row: ModelRow) -> Instance:
         self._check_crashes(row)
         await asyncio.to_thread(self.registry.blob_file, row)
-        need = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, self._saved_kv_bytes(row, spec))
-        if need.total > self.budget:
-            raise OutOfMemory(
-                f"model '{spec.name}' needs about {need.total // MiB} MiB (runner {need.process // MiB}, weights {need.weights // MiB}, "
-                f"KV cache {need.kv_cache // MiB}, compute {need.compute // MiB}) with {spec.n_parallel} x "
-                f"{spec.n_ctx}-token context, more than the whole memory budget of {self.budget // MiB} MiB",
-                needed=need.total,
-                budget=self.budget,
-            )
+        await self.devices()
+        saved_kv = self._saved_kv_bytes(row, spec)
+        fp = footprint(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
+        whole = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
+        wanted = self._wanted_layers(spec, row)
+        alone = plan_load(fp, wanted, self._budgets(), [])
+        if not alone.fits:
+            raise self._too_large(spec, whole, alone)
         async with self._load_lock:
             if (inst := self._instances.get(spec)) is not None:
                 return inst
-            await self._wait_for_room(spec, need)
-            try:
-                return await self._create(spec, row, need)
-            except OutOfMemory:
-                # The estimate said it fits but llama.cpp could not allocate: free what is idle, retry once.
-                if not await self._evict_idle(need=None):
+            evicted_all = False
+            while True:
+                plan = await self._make_room(spec, fp, wanted)
+                try:
+                    return await self._create(spec, row, whole, fp, plan)
+                except (OutOfMemory, ModelLoadError, ModelCrashed) as exc:
+                    if plan.gpu_layers > 0:  # perhaps the GPU's memory: fewer layers, until none
+                        wanted = self._fewer_layers(row, plan.gpu_layers, exc.message)
+                        continue
+                    if isinstance(exc, OutOfMemory) and not evicted_all:
+                        # The estimate said it fits but llama.cpp could not allocate: free what is idle, retry once.
+                        evicted_all = True
+                        if await self._evict_idle():
+                            continue
+                    if isinstance(exc, ModelCrashed):
+                        self._record_crash(row, exc)
                     raise
-                return await self._create(spec, row, need)
+
+    def _too_large(self, spec: LoadSpec, whole: MemoryEstimate, plan: Plan[LoadSpec]) -> OutOfMemory:
+        need = plan.need.ram
+        if plan.gpu_layers:
+            parts = f"of RAM with {plan.gpu_layers} layers on the GPU"
+        else:
+            parts = (f"(runner {whole.process // MiB}, weights {whole.weights // MiB}, KV cache {whole.kv_cache // MiB}, "
+                     f"compute {whole.compute // MiB})")
+        return OutOfMemory(
+            f"model '{spec.name}' needs about {need // MiB} MiB {parts} with {spec.n_parallel} x {spec.n_ctx}-token "
+            f"context, more than the whole memory budget of {self.budget // MiB} MiB",
+            needed=need,
+            budget=self.budget,
+        )
 
     def _check_crashes(self, row: ModelRow) -> None:
         crash = self._crashes.get(row.digest)
@@ -345,39 +454,71 @@ class ModelManager:
                 f"({crash.error.message}); not trying again for {crash.until - now:.0f}s"
             )
 
-    async def _create(self, spec: LoadSpec, row: ModelRow, need: MemoryEstimate) -> Instance:
-        config = RunnerConfig(spec, self.settings.num_threads, self._saved_kv_bytes(row, spec))
+    def _record_crash(self, row: ModelRow, exc: ModelCrashed) -> None:
+        previous = self._crashes.get(row.digest)
+        count = previous.count + 1 if previous else 1
+        now = time.monotonic()
+        self._crashes[row.digest] = LoadCrash(exc, now, now + min(CRASH_BACKOFF * 2 ** (count - 1), CRASH_BACKOFF_MAX), count)
+        log.error("%s", exc.message)
+
+    def _wanted_layers(self, spec: LoadSpec, row: ModelRow) -> int:
+        """The most layers this load may put on the GPU: what the spec asks for, unless the model
+        ran out of GPU memory lately with more."""
+        cap = self._layer_caps.get(row.digest)
+        if cap is None or cap[1] <= time.monotonic():
+            return spec.n_gpu_layers
+        return cap[0] if spec.n_gpu_layers < 0 else min(spec.n_gpu_layers, cap[0])
+
+    def _fewer_layers(self, row: ModelRow, layers: int, why: str) -> int:
+        """Half of `layers` (the next try's most), remembered for `GPU_RETRY_MEMORY` seconds."""
+        fewer = layers // 2
+        self._layer_caps[row.digest] = (fewer, time.monotonic() + GPU_RETRY_MEMORY)
+        log.warning("model %s with %d layers on the GPU: %s; trying again with %d", row.name, layers, why, fewer)
+        return fewer
+
+    async def _create(self, spec: LoadSpec, row: ModelRow, whole: MemoryEstimate, fp: Footprint, plan: Plan[LoadSpec]) -> Instance:
+        loaded = dataclasses.replace(spec, n_gpu_layers=plan.gpu_layers)
+        config = RunnerConfig(loaded, self.settings.num_threads, self._saved_kv_bytes(row, spec))
         started = time.perf_counter()
-        try:
-            runner = await self._factory(config, self.settings.max_queue)
-        except ModelCrashed as exc:
-            previous = self._crashes.get(row.digest)
-            count = previous.count + 1 if previous else 1
-            now = time.monotonic()
-            self._crashes[row.digest] = LoadCrash(exc, now, now + min(CRASH_BACKOFF * 2 ** (count - 1), CRASH_BACKOFF_MAX), count)
-            log.error("%s", exc.message)
-            raise
+        runner = await self._factory(config, self.settings.max_queue)
         self._crashes.pop(row.digest, None)
-        inst = Instance(spec, row, runner, need, self.default_keep_alive)
+        inst = Instance(spec, row, runner, whole, fp, plan.gpu_layers, plan.need, self.default_keep_alive)
         runner.on_exit = self._runner_exited
+        runner.on_out_of_memory = self._out_of_memory
         self._instances[spec] = inst
         self.load_count += 1
         self.events.model_loaded(spec.name, time.perf_counter() - started)
         log.info(
-            "loaded %s (ctx %d) in runner %s: estimate %d MiB, runner RSS %d MiB",
-            spec.name, spec.n_ctx, getattr(runner, "pid", None), need.total // MiB, runner.rss() // MiB,
+            "loaded %s (ctx %d, %d/%d layers on the GPU) in runner %s: estimate %d MiB RAM + %d MiB GPU; measured: "
+            "runner RSS %d MiB, GPU memory %d MiB",
+            spec.name, spec.n_ctx, plan.gpu_layers, fp.max_gpu_layers, getattr(runner, "pid", None),
+            plan.need.ram // MiB, plan.need.vram // MiB, runner.rss() // MiB, runner.vram_used // MiB,
         )
         return inst
 
     def _runner_exited(self, runner: Any, error: MyLLMError) -> None:
         """A runner died on its own: forget its instance (its requests have failed already),
-        so the next request loads a fresh one."""
+        so the next request loads a fresh one; with fewer layers on the GPU if it had any (a
+        CUDA error such as running out of memory aborts the process)."""
         for spec, inst in list(self._instances.items()):
             if inst.runner is runner:
                 del self._instances[spec]
                 log.warning("model %s is no longer loaded: %s", spec.name, error.message)
                 self.events.model_unloaded(spec.name, "crash")
+                if inst.gpu_layers:
+                    self._fewer_layers(inst.row, inst.gpu_layers, error.message)
         asyncio.get_running_loop().create_task(self._notify())
+
+    def _out_of_memory(self, runner: Any, error: MyLLMError) -> None:
+        """llama.cpp in a runner could not allocate while generating (its requests failed with
+        `OutOfMemory`). With layers on the GPU the instance goes, and the model's next load
+        has half of them; on the CPU alone the failed requests are all there is to it."""
+        inst = next((i for i in self._instances.values() if i.runner is runner), None)
+        if inst is None or not inst.gpu_layers:
+            return
+        self._fewer_layers(inst.row, inst.gpu_layers, error.message)
+        inst.runner.abort(error)
+        asyncio.get_running_loop().create_task(self._unload(inst, "out_of_memory"))
 
     async def _notify(self) -> None:
         async with self._changed:
@@ -393,38 +534,43 @@ class ModelManager:
             return estimate(row, spec.n_ctx * spec.n_parallel).kv_cache
         return self.kv_cache_bytes
 
-    def _fits(self, need: MemoryEstimate) -> bool:
-        return (
-            self.used() + need.total <= self.budget
-            and len(self._instances) < self.settings.max_loaded_models
-        )
+    def _budgets(self) -> Budgets:
+        return Budgets(self.budget, self.vram_budget if self.gpu.available else 0, self.settings.max_loaded_models)
 
-    async def _evict_idle(self, need: MemoryEstimate | None) -> bool:
-        """Unload idle instances, least recently used first, until `need` fits (or all of
-        them, when `need` is None). Returns whether anything was unloaded."""
-        victims = sorted((i for i in self._instances.values() if i.idle), key=lambda i: i.last_used)
-        evicted = False
+    def _residents(self) -> list[Resident[LoadSpec]]:
+        return [Resident(spec, inst.charged, inst.idle, inst.last_used) for spec, inst in self._instances.items()]
+
+    async def _evict_idle(self) -> bool:
+        """Unload every idle instance; returns whether there was one."""
+        victims = [i for i in self._instances.values() if i.idle]
         for inst in victims:
-            if need is not None and self._fits(need):
-                break
             await self._unload(inst, "lru")
-            evicted = True
-        return evicted
+        return bool(victims)
 
-    async def _wait_for_room(self, spec: LoadSpec, need: MemoryEstimate) -> None:
+    async def _make_room(self, spec: LoadSpec, fp: Footprint, wanted: int) -> Plan[LoadSpec]:
+        """The plan for loading `fp` now, after unloading the idle instances it names; while busy
+        instances hold what is missing, wait (up to the load timeout) for them to finish."""
         deadline = time.monotonic() + self.load_timeout
         while True:
-            await self._evict_idle(need)
-            if self._fits(need):
-                return
+            plan = plan_load(fp, wanted, self._budgets(), self._residents())
+            victims = [inst for key in plan.evict if (inst := self._instances.get(key)) is not None and inst.idle]
+            for inst in victims:
+                await self._unload(inst, "lru")
+            if victims:
+                continue  # measured again after the unloads
+            if plan.fits:
+                return plan
             left = deadline - time.monotonic()
             if left <= 0:
                 busy = ", ".join(sorted(i.spec.name for i in self._instances.values()))
+                gpu = f" and {plan.need.vram // MiB} MiB of GPU memory" if plan.need.vram else ""
                 raise OutOfMemory(
-                    f"model '{spec.name}' needs about {need.total // MiB} MiB but only "
-                    f"{max(0, self.budget - self.used()) // MiB} MiB of the {self.budget // MiB} MiB budget "
-                    f"is free and the loaded models are busy ({busy}); waited {self.load_timeout:.0f}s",
-                    needed=need.total,
+                    f"model '{spec.name}' needs about {plan.need.ram // MiB} MiB{gpu} but only "
+                    f"{max(0, self.budget - self.used()) // MiB} MiB of the {self.budget // MiB} MiB budget"
+                    + (f" and {max(0, self.vram_budget - self.vram_used()) // MiB} MiB of the {self.vram_budget // MiB} "
+                       f"MiB GPU budget" if plan.need.vram else "")
+                    + f" are free and the loaded models are busy ({busy}); waited {self.load_timeout:.0f}s",
+                    needed=plan.need.ram,
                     budget=self.budget,
                 )
             async with self._changed:
@@ -491,13 +637,18 @@ class ModelManager:
             digest=inst.row.digest,
             context_length=inst.spec.n_ctx,
             embedding=inst.spec.embedding,
-            size_estimate=inst.estimate.total,
+            size_estimate=inst.split.total,
             rss_before=inst.runner.rss_before,
             rss_after=inst.runner.rss_after,
             rss=inst.runner.rss(),
             pid=getattr(inst.runner, "pid", None),
             expires_at=expires,
-            device="gpu" if inst.spec.n_gpu_layers else "cpu",
+            device=self.gpu.kind if inst.gpu_layers else "cpu",
+            gpu_layers=inst.gpu_layers,
+            layers=inst.footprint.max_gpu_layers,
+            size_vram=inst.split.vram,
+            processor=processor(inst.footprint, inst.gpu_layers),
+            vram_used=inst.runner.vram_used,
             active=inst.leases,
             queued=inst.runner.queued,
             busy=inst.runner.generating,

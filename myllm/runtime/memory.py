@@ -11,6 +11,11 @@ estimate = runner process + weights + KV cache + compute buffers, where
   and a generation instance adds its saved-conversation KV cache (MYLLM_KV_CACHE) in full.
 Each runner's RSS is measured too, and the manager counts whichever of the two is larger (see
 `ModelManager.used()`), so an estimate that is too low cannot overfill the budget for long.
+
+With a GPU the same parts are split by the number of layers llama.cpp offloads (`Footprint`):
+`n_gpu_layers` = k puts the output layer and the last k - 1 repeating layers, with their KV
+cache, on the GPU; the input embeddings always stay on the CPU. GPU memory is measured too
+(the device's free memory before and after the runner's load).
 """
 
 from __future__ import annotations
@@ -63,19 +68,139 @@ class MemoryEstimate:
         return self.process + self.weights + self.kv_cache + self.compute
 
 
-def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
+def _kv_per_layer(row: ModelRow, n_ctx: int) -> int:
     d = row.details or {}
-    layers = int(d.get("block_count") or 0)
     heads = int(d.get("attention.head_count") or 1)
     kv_heads = int(d.get("attention.head_count_kv") or heads)
     n_embd = int(row.embedding_length or d.get("embedding_length") or 0)
     key = int(d.get("attention.key_length") or (n_embd // heads if heads else 0))
     value = int(d.get("attention.value_length") or key)
-    kv = layers * kv_heads * (key + value) * 2 * n_ctx
-    compute = 16 * MiB + 160 * int(row.vocab_size or 0)
+    return kv_heads * (key + value) * 2 * n_ctx
+
+
+def _compute(row: ModelRow, n_ctx: int, embedding: bool) -> int:
+    compute = COMPUTE_BASE + 160 * int(row.vocab_size or 0)
     if embedding:
+        n_embd = int(row.embedding_length or (row.details or {}).get("embedding_length") or 0)
         compute += 32 * MiB + 4 * n_embd * n_ctx
-    return MemoryEstimate(int(row.size), kv + kv_cache, compute)
+    return compute
+
+
+def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
+    """The whole instance's memory, wherever it lives (RAM alone on a CPU)."""
+    layers = int((row.details or {}).get("block_count") or 0)
+    return MemoryEstimate(int(row.size), layers * _kv_per_layer(row, n_ctx) + kv_cache, _compute(row, n_ctx, embedding))
+
+
+COMPUTE_BASE = 16 * MiB
+"""Graph scratch of each device that computes part of a model (the CPU always does: llama.cpp
+looks the input embeddings up there)."""
+
+GPU_OVERHEAD = 457 * MiB
+"""GPU memory a process holds before its first tensor: the CUDA context, cuBLAS's workspace and
+the kernels it loads. Ollama reserves the same per GPU (its `cudaMinimumMemory`); the measured
+figure beside each estimate (`/api/ps`) says how close it is on a given GPU."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """Bytes in RAM and in GPU memory."""
+
+    ram: int
+    vram: int
+
+    @property
+    def total(self) -> int:
+        return self.ram + self.vram
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One instance's memory by part, so it can be split by the number of layers on the GPU."""
+
+    process: int
+    input: int
+    """Input embeddings: always in RAM."""
+    layers: tuple[int, ...]
+    """Weights of each repeating layer, first to last."""
+    output: int
+    """The output layer's weights (norm and matrix) on a GPU."""
+    output_on_cpu: int
+    """The same on the CPU, where a model whose output matrix is its input embeddings (tied)
+    reads the same mapped bytes; on a GPU llama.cpp copies them there."""
+    kv_layer: int
+    """KV cache of one layer (every sequence's context)."""
+    saved_kv: int
+    """The saved-conversation KV cache: RAM."""
+    compute: int
+    """Compute buffers of the device that runs the output layer (logits and graph scratch)."""
+    gpu_overhead: int = GPU_OVERHEAD
+
+    @property
+    def max_gpu_layers(self) -> int:
+        """Every repeating layer and the output layer: llama.cpp's count of offloadable layers."""
+        return len(self.layers) + 1
+
+    def split(self, gpu_layers: int) -> Split:
+        """Where the bytes are when `gpu_layers` layers are offloaded (as llama.cpp counts them:
+        the output layer first, then repeating layers from the last one back)."""
+        k = max(0, min(gpu_layers, self.max_gpu_layers))
+        n = len(self.layers)
+        if k == 0:
+            ram = (self.process + self.input + sum(self.layers) + self.output_on_cpu + n * self.kv_layer + self.saved_kv
+                   + self.compute)
+            return Split(ram, 0)
+        cpu_layers = n - (k - 1)
+        ram = (self.process + self.input + sum(self.layers[:cpu_layers]) + cpu_layers * self.kv_layer + self.saved_kv
+               + COMPUTE_BASE)
+        vram = self.gpu_overhead + self.output + sum(self.layers[cpu_layers:]) + (k - 1) * self.kv_layer + self.compute
+        return Split(ram, vram)
+
+
+def processor(fp: Footprint, gpu_layers: int) -> str:
+    """Ollama's PROCESSOR column for `fp` with `gpu_layers` offloaded: "100% CPU", "100% GPU",
+    or "48%/52% CPU/GPU", the share of what offloading moves (layers, their KV cache, the output
+    layer's compute buffers) in each memory; what stays put either way (the runner, the input
+    embeddings, the saved KV cache, the GPU's own overhead) does not count."""
+    k = max(0, min(gpu_layers, fp.max_gpu_layers))
+    if k == 0:
+        return "100% CPU"
+    if k == fp.max_gpu_layers:
+        return "100% GPU"
+    split, full = fp.split(k), fp.split(fp.max_gpu_layers)
+    cpu_part, gpu_part = split.ram - full.ram, split.vram - fp.gpu_overhead
+    cpu = min(99, max(1, round(100 * cpu_part / max(cpu_part + gpu_part, 1))))
+    return f"{cpu}%/{100 - cpu}% CPU/GPU"
+
+
+def footprint(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> Footprint:
+    """`row`'s footprint with `n_ctx` tokens of context (all sequences together). Weights come
+    from the file's tensor sizes when the registry recorded them (`details["tensor_bytes"]`),
+    else from the file size: the embeddings' share from the vocabulary and embedding sizes at
+    the file's average bytes per parameter, the rest evenly over the layers, and a GPU's copy of
+    the output matrix taken to be as large as the embeddings (the safe side). Either way the
+    whole file counts on the CPU (the header, the tokenizer with it, in `input`), so with no
+    layer offloaded the RAM is `estimate()`'s total."""
+    d = row.details or {}
+    size = int(row.size)
+    n_layers = int(d.get("block_count") or 0)
+    tensors = d.get("tensor_bytes")
+    if tensors and len(tensors.get("layers", ())) == n_layers:
+        layers = tuple(int(b) for b in tensors["layers"])
+        embed, output = int(tensors["input"]), int(tensors["output"])
+        output_on_cpu = output - embed if tensors["tied"] else output
+        embed += max(0, size - embed - sum(layers) - output_on_cpu)
+    else:
+        n_embd = int(row.embedding_length or d.get("embedding_length") or 0)
+        per_param = size / max(int(row.parameter_count or 0), 1)
+        embed = min(size, int(int(row.vocab_size or 0) * n_embd * per_param))
+        output, output_on_cpu = embed, 0
+        rest = size - embed
+        layers = tuple(rest // n_layers + (1 if i < rest % n_layers else 0) for i in range(n_layers))
+        if not n_layers:
+            embed = size
+    return Footprint(RUNNER_OVERHEAD, embed, layers, output, output_on_cpu, _kv_per_layer(row, n_ctx), kv_cache,
+                     _compute(row, n_ctx, embedding))
 
 
 def release_freed_memory() -> None:

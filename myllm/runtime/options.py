@@ -39,6 +39,9 @@ class GenerationOptions(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     """None: until the model stops or the context is full."""
     num_ctx: int | None = Field(None, ge=64, le=1 << 20)
+    num_gpu: int | None = Field(None, ge=-1, le=1024)
+    """Layers on the GPU (Ollama's option): -1 as many as fit, 0 none, N at most N. Like
+    `num_ctx` it changes how the model is loaded, so it is part of the instance's load key."""
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
     format: Literal["json"] | dict[str, Any] | None = None

@@ -17,6 +17,7 @@ from typing import Any
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
+from myllm.runtime.devices import Devices
 from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
 from myllm.runtime.grammar import format_grammar
 from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
@@ -40,6 +41,8 @@ class GenerationStream(AsyncIterator[Event]):
         self._events = events
         self._lease = lease
         self.model = lease.row.name
+        self.device = lease.device
+        """Where the model computes ("cpu", "cuda")."""
         self.prompt_tokens = prompt_tokens
         self.done: DoneEvent | None = None
         self.counts: list[int] = []
@@ -227,6 +230,13 @@ class Runtime:
     def memory_budget(self) -> int:
         return self.manager.budget
 
+    async def devices(self) -> Devices:
+        """The GPUs llama.cpp can use (none on a CPU build), as found at start."""
+        return await self.manager.devices()
+
+    def gpu_memory_used(self) -> int:
+        return self.manager.gpu_memory_used()
+
     def problems(self) -> list[str]:
         """What is degraded now (readiness): runners restarted after a failed health check, a
         full prompt-preparation queue."""
@@ -296,7 +306,8 @@ class Runtime:
         `PromptTooLong`, as `chat` would answer."""
         row = await self.model(model)
         prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True), False, prefill)
-        lease = await self.manager.acquire(row, num_ctx=self.options_for(row, None).num_ctx)
+        defaults = self.options_for(row, None)
+        lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu)
         try:
             tokens, _ = await prompt.tokens(lease.runner, 0)
         finally:
@@ -354,7 +365,7 @@ class Runtime:
         count: list[str] | None,
     ) -> GenerationStream:
         grammar = format_grammar(opts)  # an unsupported schema is refused before any load
-        lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx)
+        lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx, num_gpu=opts.num_gpu)
         try:
             runner = lease.runner
             if opts.max_tokens is not None and opts.max_tokens > runner.n_ctx:
@@ -405,4 +416,5 @@ class Runtime:
         return await self.generate(model, prompt, wanted, raw=raw)
 
 
-__all__ = ["Candidate", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "LoadedInfo", "Runtime", "TokenEvent"]
+__all__ = ["Candidate", "Devices", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "LoadedInfo", "Runtime",
+           "TokenEvent"]

@@ -12,6 +12,7 @@ sends the whole process group: the daemon decides when its runners stop, after i
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
@@ -26,6 +27,7 @@ import psutil
 
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.devices import llama_devices
 from myllm.runtime.engine import EmbeddingEngine
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -134,7 +136,16 @@ def load(config: RunnerConfig) -> BatchEngine | EmbeddingEngine:
     return BatchEngine(config.spec, config.n_threads, config.kv_cache_bytes, quiet=False)
 
 
+def gpu_free(config: RunnerConfig) -> int:
+    """The GPUs' free memory now, when this load offloads (0 otherwise: a CPU-only runner never
+    touches a GPU, and asking would make it hold a CUDA context)."""
+    return llama_devices().free if config.spec.n_gpu_layers else 0
+
+
 def main(argv: list[str]) -> None:
+    # A fatal signal (a segfault inside llama.cpp) prints every thread's Python traceback to
+    # stderr, which the daemon logs when the runner dies.
+    faulthandler.enable()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     channel = Channel(socket.socket(fileno=int(argv[2])))
@@ -144,13 +155,16 @@ def main(argv: list[str]) -> None:
         os._exit(2)
     config = RunnerConfig.decode(first[1])
     before = psutil.Process().memory_info().rss
+    gpu_before = gpu_free(config)
     try:
         engine = load(config)
     except MyLLMError as exc:
         channel.send(["fail", encode_error(exc)])
         os._exit(0)
     after = psutil.Process().memory_info().rss
-    channel.send(["ready", {"n_ctx": engine.n_ctx, "n_vocab": engine.n_vocab, "rss_before": before, "rss_after": after}])
+    vram_used = max(0, gpu_before - gpu_free(config))
+    channel.send(["ready", {"n_ctx": engine.n_ctx, "n_vocab": engine.n_vocab, "rss_before": before, "rss_after": after,
+                            "vram_used": vram_used}])
     try:
         RunnerLoop(channel, engine).serve(messages)
     finally:

@@ -23,7 +23,7 @@ from typing import Any
 
 import psutil
 
-from myllm.errors import ModelCrashed, MyLLMError, Overloaded, ShuttingDown
+from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory, Overloaded, ShuttingDown
 from myllm.runtime.engine import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -35,8 +35,12 @@ from myllm.runtime.runner.protocol import (
 )
 
 log = logging.getLogger(__name__)
-STDERR_LINES = 20
-"""llama.cpp's last lines kept from a runner's stderr, for the error when it dies."""
+STDERR_LINES = 200
+"""The last lines kept from a runner's stderr, for the error and the log when it dies: llama.cpp's
+last words (a GGML_ASSERT), and the Python traceback of every thread that `faulthandler` writes
+when the process gets a fatal signal (a segfault)."""
+FATAL = "Fatal Python error:"
+"""How `faulthandler`'s report begins."""
 
 
 def describe_exit(code: int | None) -> str:
@@ -100,7 +104,12 @@ class ModelRunner:
         self.n_vocab = 0
         self.rss_before = 0
         self.rss_after = 0
+        self.vram_used = 0
+        """GPU memory the load took: the device's free memory before it less after it (0 on the CPU)."""
         self.on_exit: Callable[[ModelRunner, MyLLMError], None] | None = None
+        self.on_out_of_memory: Callable[[ModelRunner, MyLLMError], None] | None = None
+        """Told (once) when a request fails because llama.cpp ran out of memory while generating."""
+        self._out_of_memory = False
         self._writer: asyncio.StreamWriter | None = None
         self._streams: dict[int, RequestStream] = {}
         self._calls: dict[int, asyncio.Future[Any]] = {}
@@ -144,6 +153,7 @@ class ModelRunner:
             info = first[1]
             self.n_ctx, self.n_vocab = info["n_ctx"], info["n_vocab"]
             self.rss_before, self.rss_after = info["rss_before"], info["rss_after"]
+            self.vram_used = info["vram_used"]
             await asyncio.sleep(0)  # let the stderr reader catch up, then forget the load's chatter:
             self._stderr.clear()  # what a crash later leaves there is the runner's last words
             self._tasks.append(asyncio.create_task(self._read(messages), name=f"runner-{self.spec.name}"))
@@ -169,9 +179,16 @@ class ModelRunner:
                 log.debug("runner %s: %s", self.spec.name, line)
 
     def _last_words(self) -> str:
-        """How the process ended, and what llama.cpp printed last (e.g. a GGML_ASSERT)."""
+        """How the process ended, and what llama.cpp printed last (e.g. a GGML_ASSERT): the last
+        line before `faulthandler`'s report when there is one, else the report's first line."""
         code = self.proc.returncode if self.proc else None
-        said = self.spec.unpathed(next((line for line in reversed(self._stderr) if line.strip()), ""))
+        lines = [line for line in self._stderr if line.strip()]
+        fatal = next((i for i in range(len(lines) - 1, -1, -1) if lines[i].startswith(FATAL)), None)
+        if fatal is not None:
+            said = lines[fatal - 1] if fatal > 0 else lines[fatal]
+        else:
+            said = lines[-1] if lines else ""
+        said = self.spec.unpathed(said)
         return describe_exit(code) + (f": {said}" if said else "")
 
     async def _reap(self) -> None:
@@ -207,7 +224,7 @@ class ModelRunner:
             log.error("%s", error.message)
         else:
             error = ModelCrashed(f"the runner of model '{self.spec.name}' stopped ({self._last_words()})")
-            log.error("%s", error.message)
+            log.error("%s; its last output:\n%s", error.message, "\n".join(self._stderr))
         self.exit_error = error
         self._fail_all(error)
         if not self._closing and self.on_exit is not None:
@@ -224,6 +241,9 @@ class ModelRunner:
                 if not isinstance(event, TokenEvent):
                     del self._streams[req_id]
                 stream._put(event)
+                if isinstance(event, OutOfMemory) and not self._out_of_memory and self.on_out_of_memory is not None:
+                    self._out_of_memory = True
+                    self.on_out_of_memory(self, event)
         elif kind in ("ok", "err"):
             fut = self._calls.pop(message[1], None)
             if fut is not None and not fut.done():

@@ -12,7 +12,7 @@ daemon -> runner
   ["exit"]                              exit now (the OS frees the model)
 
 runner -> daemon
-  ["ready", info]                       loaded: n_ctx, n_vocab, rss_before, rss_after
+  ["ready", info]                       loaded: n_ctx, n_vocab, rss_before, rss_after, vram_used
   ["fail", error]                       the load failed cleanly (`encode_error`); the runner exits
   ["ev", [[id, event], ...]]            one engine step's events for every request in it
   ["ok", id, value] / ["err", id, error]  the answer to a call
