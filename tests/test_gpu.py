@@ -33,6 +33,7 @@ from myllm.runtime.planner import Budgets, plan_load
 from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
+from tests.test_manager_logic import FakeRunner as FakeCpuRunner
 from tests.server import running_servers
 
 MYLLM = str(Path(sys.executable).parent / "myllm")
@@ -48,22 +49,17 @@ def fake_gpu(free_mib: int, total_mib: int = 80_000) -> Devices:
     return Devices(True, (Gpu("CUDA0", "Fake GPU 80GB", total_mib * MiB, free_mib * MiB),))
 
 
-class FakeRunner:
+class FakeRunner(FakeCpuRunner):
     """Stands in for a runner process: loads instantly; fails a load with more GPU layers than
     `max_layers` as llama.cpp out of GPU memory would; reports the GPU memory its plan said."""
 
     max_layers = 10_000
     crash_above: int | None = None
     loads: list[int] = []
-    busy = False
-    queued = generating = 0
-    rss_before = rss_after = 0
 
     def __init__(self, config: RunnerConfig) -> None:
-        self.spec = config.spec
-        self.vram_used = 0
+        super().__init__(config)
         self.on_exit = self.on_out_of_memory = None
-        self.closed = False
 
     @classmethod
     async def start(cls, config: RunnerConfig, max_queue: int) -> FakeRunner:
@@ -74,15 +70,6 @@ class FakeRunner:
         if layers > cls.max_layers:
             raise OutOfMemory(f"fake: cudaMalloc failed with {layers} layers")
         return cls(config)
-
-    def rss(self) -> int:
-        return 0
-
-    def abort(self, error: BaseException) -> None:
-        pass
-
-    async def close(self) -> None:
-        self.closed = True
 
 
 @pytest.fixture

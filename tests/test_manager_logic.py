@@ -33,6 +33,7 @@ class FakeRunner:
     def __init__(self, config: RunnerConfig) -> None:
         self.spec = config.spec
         self.kv_cache_bytes = config.kv_cache_bytes
+        self.closed = False
         FakeRunner.created.append(config.spec.name)
 
     @classmethod
@@ -52,7 +53,7 @@ class FakeRunner:
         pass
 
     async def close(self) -> None:
-        pass
+        self.closed = True
 
 
 def add_fake_row(registry: Registry, name: str, size_mib: int) -> ModelRow:

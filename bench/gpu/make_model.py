@@ -26,6 +26,8 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 
+from make_meta import field_value  # beside this script, which runs from its own folder
+
 KIT = Path(__file__).resolve().parents[2] / ".gpu"
 STD = 0.02
 CHUNK = 1 << 22  # values generated at a time (16 MiB of float32)
@@ -44,19 +46,6 @@ FILE_TYPES = {
     GGMLQuantizationType.F16: LlamaFileType.MOSTLY_F16,
     GGMLQuantizationType.BF16: LlamaFileType.MOSTLY_BF16,
 }
-
-
-def field_value(field):
-    """(value, vtype, sub_type) of a reader field, strings kept as raw bytes."""
-    vtype = GGUFValueType(field.types[0])
-    if vtype == GGUFValueType.ARRAY:
-        sub = GGUFValueType(field.types[-1])
-        if sub == GGUFValueType.STRING:
-            return [bytes(field.parts[i]) for i in field.data], vtype, sub
-        return field.contents(), vtype, sub
-    if vtype == GGUFValueType.STRING:
-        return bytes(field.parts[-1]), vtype, None
-    return field.contents(), vtype, None
 
 
 def llama_tensors(n_embd: int, n_layer: int, n_head: int, n_head_kv: int, n_ff: int, n_vocab: int,
