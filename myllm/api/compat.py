@@ -34,6 +34,7 @@ from myllm.api.state import Services, services
 from myllm.errors import Forbidden, InvalidModelName, InvalidOptions, ModelNotFound, ModelNotLoaded, MyLLMError, PullError
 from myllm.pull import ensure_model
 from myllm.registry.choices import SERVICE_MODEL
+from myllm.registry.schema import ModelRow
 from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
@@ -107,14 +108,13 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
 async def model_status(request: Request) -> ModelStatus:
     svc = services(request)
     name = await svc.legacy_model()
-    mine = await _loaded(svc, name)
+    mine = _loaded(svc, await asyncio.to_thread(svc.registry.find, name))
     return ModelStatus(status="success", model_loaded=mine is not None, model_name=name,
                        device=mine.device if mine else "cpu")
 
 
-async def _loaded(svc: Services, name: str) -> LoadedInfo | None:
-    """The loaded instance of model `name`, if any."""
-    row = await asyncio.to_thread(svc.registry.find, name)
+def _loaded(svc: Services, row: ModelRow | None) -> LoadedInfo | None:
+    """The loaded instance of the model of `row` (None: not registered), if any."""
     return next((m for m in svc.runtime.loaded() if row is not None and m.name == row.name), None)
 
 
@@ -230,7 +230,7 @@ async def status(request: Request) -> dict[str, Any]:
     name = await svc.legacy_model()
     row = await asyncio.to_thread(svc.registry.find, name)
     loaded = svc.runtime.loaded()
-    mine = await _loaded(svc, name)
+    mine = _loaded(svc, row)
     memory = psutil.virtual_memory()
     problems = svc.runtime.problems()
     gpu = await svc.runtime.devices()

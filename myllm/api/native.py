@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from functools import partial
 from datetime import datetime, timezone
 from typing import Any
 
@@ -46,7 +45,6 @@ from myllm.api.replica import answered_for, session_of
 from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
-from myllm.registry.db import retrying
 from myllm.registry.sessions import SessionInfo, StoredMessage, check_session_id, new_session_id
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 from myllm.runtime.template import template_name
@@ -235,8 +233,8 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     async def save(done: DoneEvent) -> None:
         messages = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
         messages.append(("assistant", done.text, done.completion_tokens))
-        await asyncio.to_thread(retrying, partial(svc.sessions.append_turn, session_id, "chat", stream.model, messages,
-                                                  viewer(request), turn.holder))
+        await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, messages, viewer(request),
+                                turn.holder)
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id}, turn.release))
@@ -274,8 +272,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     async def save(done: DoneEvent) -> None:
         if session_id and turn:
             messages = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
-            await asyncio.to_thread(retrying, partial(svc.sessions.append_turn, session_id, "generate", stream.model,
-                                                      messages, viewer(request), turn.holder))
+            await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, messages,
+                                    viewer(request), turn.holder)
 
     if body.stream:
         return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))

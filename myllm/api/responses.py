@@ -10,7 +10,6 @@ import json
 import secrets
 import time
 from collections.abc import AsyncIterator
-from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,7 +22,6 @@ from myllm.api.openai_models import ErrorObject
 from myllm.api.auth import viewer
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
-from myllm.registry.db import retrying
 from myllm.registry.sessions import StoredMessage
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
@@ -224,9 +222,9 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     async def finish(done: DoneEvent) -> dict[str, Any]:
         response = _response(body, rid, created, stream.model, "completed", _output(done.text, stream.tool_calls, msg_id), done)
         if body.store:
-            await asyncio.to_thread(retrying, partial(
-                svc.responses.store, response, body.previous_response_id, stream.model,
-                _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request), turn and turn.holder))
+            await asyncio.to_thread(svc.responses.store, response, body.previous_response_id, stream.model,
+                                    _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request),
+                                    turn and turn.holder)
         return response
 
     if body.stream:

@@ -22,7 +22,6 @@ ProgressFn = Callable[[int, int | None], None]
 
 CHUNK = 4 * 1024 * 1024
 TEMP_PREFIX = ".partial-"
-
 _BLOB_RE = re.compile(r"^sha256-[0-9a-f]{64}$")
 _HEX_RE = re.compile(r"[0-9a-f]{64}")
 
@@ -77,10 +76,10 @@ class BlobStore:
     def checked(self, digest: str, size: int, mtime_ns: int) -> bool | None:
         """The verdict of this store's last sha256 check of a blob (True: it matched its digest),
         or None when there was none since the file last changed (its size or mtime differ). Kept
-        in the store, not the database: a database shared by several machines would hold one
-        machine's check for every machine's different file."""
+        beside the store, not in the database: a database shared by several machines would hold
+        one machine's check for every machine's different file."""
         try:
-            fields = (self.checks / f"sha256-{digest}").read_text().split()
+            fields = self._check_record(digest).read_text().split()
         except (FileNotFoundError, NotADirectoryError):
             return None
         if len(fields) != 3 or fields[:2] != [str(size), str(mtime_ns)]:
@@ -93,7 +92,10 @@ class BlobStore:
         self.checks.mkdir(exist_ok=True)
         tmp = self.checks / f"{TEMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex}"
         tmp.write_text(f"{stat.st_size} {stat.st_mtime_ns} {'ok' if ok else 'bad'}\n")
-        os.replace(tmp, self.checks / f"sha256-{digest}")
+        os.replace(tmp, self._check_record(digest))
+
+    def _check_record(self, digest: str) -> Path:
+        return self.checks / self.path(digest).name
 
     def temp_path(self) -> Path:
         """A temp name in the blob folder itself, so the final rename is atomic. It carries the
@@ -153,7 +155,7 @@ class BlobStore:
 
     def remove(self, digest: str) -> None:
         self.path(digest).unlink(missing_ok=True)
-        (self.checks / f"sha256-{digest}").unlink(missing_ok=True)
+        self._check_record(digest).unlink(missing_ok=True)
 
     def sweep_temp(self) -> list[Path]:
         """Remove temp files a crashed write left behind (their writer is gone); called when

@@ -4,12 +4,13 @@ connections checked before use, and a lost server reported as `StoreUnavailable`
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
@@ -20,12 +21,15 @@ from myllm.errors import StoreUnavailable
 from myllm.registry.migrations import migrate
 
 T = TypeVar("T")
+P = ParamSpec("P")
 log = logging.getLogger(__name__)
 
 POOL_SIZE = min(32, (os.cpu_count() or 1) + 4) + 2
 """Connections kept open: one per thread of asyncio's default executor (where the daemon runs
 every database call: `min(32, cores + 4)` threads) and two for the turn-claim renewer and the
 start-up checks. Bursts from other threads (template rendering, pulls) overflow by as many again."""
+RETRIES, FIRST_RETRY = 5, 0.2
+"""How often `retried` tries a write, and its first pause (doubling after each try)."""
 CONNECT_TIMEOUT = 5
 """Seconds a new connection may take: past it the call is `StoreUnavailable`, not a hang."""
 
@@ -70,17 +74,22 @@ def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def retrying(call: Callable[[], T], attempts: int = 5, first_wait: float = 0.2) -> T:
-    """`call()`, tried again (0.2, 0.4, 0.8, 1.6 s apart) while the database is unavailable: for
+def retried(write: Callable[P, T]) -> Callable[P, T]:
+    """`write`, tried again (0.2, 0.4, 0.8, 1.6 s apart) while the database is unavailable: for
     the writes that store a generated turn, so a database restart delays the turn rather than
     losing it. Still unavailable after that: `StoreUnavailable`."""
-    for attempt in range(attempts - 1):
+
+    @functools.wraps(write)
+    def retrying(*args: P.args, **kwargs: P.kwargs) -> T:
+        for attempt in range(RETRIES - 1):
+            try:
+                return write(*args, **kwargs)
+            except (StoreUnavailable, PoolTimeout) as exc:
+                log.warning("storing a turn: %s; trying again in %.1f s", exc, FIRST_RETRY * 2**attempt)
+                time.sleep(FIRST_RETRY * 2**attempt)
         try:
-            return call()
-        except (StoreUnavailable, PoolTimeout) as exc:
-            log.warning("storing a turn: %s; trying again in %.1f s", exc, first_wait * 2**attempt)
-            time.sleep(first_wait * 2**attempt)
-    try:
-        return call()
-    except PoolTimeout:
-        raise StoreUnavailable("every database connection is busy; try again shortly") from None
+            return write(*args, **kwargs)
+        except PoolTimeout:
+            raise StoreUnavailable("every database connection is busy; try again shortly") from None
+
+    return retrying

@@ -15,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from myllm.errors import InvalidOptions, ResponseNotFound, SessionNotFound, TurnLost
+from myllm.registry.db import retried
 from myllm.registry.schema import MessageRow, ResponseRow, SessionRow, utcnow
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
@@ -124,12 +125,12 @@ class SessionStore:
         """End a turn that stored nothing (it failed, or its client left): the claim is freed,
         and a session its claim created, still without messages, is removed again."""
         with self._sessions.begin() as db:
-            db.execute(update(SessionRow).where(SessionRow.id == session_id, SessionRow.turn_holder == holder)
-                       .values(turn_holder=None, turn_until=None))
+            _end_claim(db, session_id, holder)
             db.execute(delete(SessionRow).where(
                 SessionRow.id == session_id, SessionRow.turn_holder.is_(None),
                 ~exists().where(MessageRow.session_id == session_id)))
 
+    @retried
     def append_turn(
         self, session_id: str, kind: str, model: str, messages: list[tuple[str, str, int | None]], viewer: Viewer = ADMIN,
         holder: str | None = None,
@@ -234,6 +235,7 @@ class ResponseStore:
             ).all()
             return row.session_id, [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at) for m in messages]
 
+    @retried
     def store(
         self, body: dict[str, Any], previous: str | None, model: str, messages: list[tuple[str, str, int | None]],
         viewer: Viewer = ADMIN, holder: str | None = None,
