@@ -62,7 +62,8 @@ def test_an_answer_streams_in_and_the_session_comes_back(url: str, page: Page, t
     sessions = page.get_by_role("navigation", name="Sessions")
     sessions.get_by_role("button", name="Tell me about the sea.").first.click()
     expect(page.locator("article[data-role=user]")).to_have_text(["Tell me about the sea."])
-    expect(page.locator("article[data-role=assistant] .body")).to_have_text([final])
+    # `final` is innerText (paragraphs apart by blank lines); to_have_text reads textContent unless told.
+    expect(page.locator("article[data-role=assistant] .body")).to_have_text([final], use_inner_text=True)
 
 
 def test_stop_stops_the_answer(url: str, page: Page) -> None:
