@@ -44,7 +44,7 @@ class Hostile:
     def chat(self, secret: str = BOB, timeout: float = PROBE_TIMEOUT) -> httpx.Response:
         """One token of chat: what a bystander asks while an attack runs."""
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
-                "options": {"num_predict": 1}}
+                "options": {"max_tokens": 1}}
         return httpx.post(f"{self.url}/api/chat", json=body, headers=key(secret), timeout=timeout)
 
     def rss(self) -> int:
@@ -64,7 +64,8 @@ def hostile_daemon(models_home: Path, home: Path, **env: str) -> Iterator[Hostil
     daemon = Daemon(writable_home(models_home, home), **settings)
     try:
         hostile = Hostile(daemon, daemon.url, f"http://127.0.0.1:{ollama_port}", home)
-        assert hostile.chat(timeout=120).status_code == 200  # the bystander's model is loaded before any case
+        first = hostile.chat(timeout=120)  # the bystander's model is loaded before any case
+        assert first.status_code == 200, first.text
         yield hostile
     finally:
         if daemon.proc.poll() is None:

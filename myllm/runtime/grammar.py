@@ -11,7 +11,7 @@ import json
 
 from myllm.errors import InvalidOptions
 from myllm.runtime.options import GenerationOptions
-from myllm.runtime.schema_size import SchemaLimits, check_schema
+from myllm.runtime.schema_size import SchemaLimits, check_schema, described
 
 
 def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str = "format") -> str | None:
@@ -29,15 +29,15 @@ def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str 
     try:
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors for schemas it cannot express
-        raise InvalidOptions(f"unsupported JSON schema in '{field}': {str(exc)[:300]}", field=field) from exc
+        raise InvalidOptions(f"unsupported {described(field)}: {str(exc)[:300]}", field=field) from exc
     if len(grammar) > limits.grammar:
         raise InvalidOptions(
-            f"the JSON schema's grammar is {len(grammar)} characters, more than the {limits.grammar} allowed "
+            f"the grammar of {described(field)} is {len(grammar)} characters, more than the {limits.grammar} allowed "
             "(MYLLM_MAX_GRAMMAR); use a smaller schema (fewer enum values or alternatives)",
             field=field,
         )
     try:
         grammar.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidOptions(f"the JSON schema in '{field}' contains a lone surrogate, which is not text", field=field) from None
+        raise InvalidOptions(f"{described(field)} contains a lone surrogate, which is not text", field=field) from None
     return grammar

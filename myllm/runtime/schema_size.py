@@ -59,15 +59,21 @@ def check_schema(schema: Any, limits: SchemaLimits, field: str) -> None:
     try:
         estimate.visit(schema, 0, 0)
     except _Unsupported as exc:
-        raise InvalidOptions(f"unsupported JSON schema in '{field}': {exc}", field=field) from None
+        raise InvalidOptions(f"unsupported {described(field)}: {exc}", field=field) from None
     except _TooLarge:
         where = f" (at {estimate.cause})" if estimate.cause else ""
         raise InvalidOptions(
-            f"the JSON schema in '{field}' would become a grammar of more than {limits.grammar} characters{where}, "
+            f"{described(field)} would become a grammar of more than {limits.grammar} characters{where}, "
             f"more than MYLLM_MAX_GRAMMAR allows; use smaller repetition counts (minLength, maxLength, minItems, "
             f"maxItems, {{m,n}} in patterns) or fewer enum values, properties or alternatives",
             field=field,
         ) from None
+
+
+def described(field: str) -> str:
+    """What a schema is called in errors: the output's, or the one a required tool call makes
+    of the tools' parameters (the API's own name for the field goes with the error)."""
+    return "the JSON schema of the tools' parameters" if field == "tools" else "the JSON schema"
 
 
 def _check_shape(schema: Any, limits: SchemaLimits, field: str) -> None:
@@ -79,11 +85,11 @@ def _check_shape(schema: Any, limits: SchemaLimits, field: str) -> None:
         nodes += 1
         if nodes > limits.nodes:
             raise InvalidOptions(
-                f"the JSON schema in '{field}' has more than {limits.nodes} values (MYLLM_MAX_SCHEMA_NODES)", field=field
+                f"{described(field)} has more than {limits.nodes} values (MYLLM_MAX_SCHEMA_NODES)", field=field
             )
         if depth > limits.depth:
             raise InvalidOptions(
-                f"the JSON schema in '{field}' nests deeper than {limits.depth} levels (MYLLM_MAX_SCHEMA_DEPTH)", field=field
+                f"{described(field)} nests deeper than {limits.depth} levels (MYLLM_MAX_SCHEMA_DEPTH)", field=field
             )
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
