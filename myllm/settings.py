@@ -143,6 +143,30 @@ class Settings(BaseSettings):
     max_concurrent_per_key: int = Field(
         default=0, ge=0, description="Generations one key (or address) may run at once; past it, 429. 0: no cap."
     )
+    # Input bounds (issue 27)
+    max_messages: int = Field(
+        default=2048, ge=1, le=1_000_000, description="Messages one chat request may send (every chat route, tool "
+        "results included); past it, 400. OpenAI's own limit, so a client that works there works here. A stored "
+        "session or response chain longer than this keeps its newest messages in the prompt."
+    )
+    max_embed_inputs: int = Field(
+        default=2048, ge=1, le=1_000_000, description="Inputs one embedding request may send (every embedding route); "
+        "past it, 400. OpenAI's own limit; the inputs are embedded in small slices, so other requests go on between them."
+    )
+    max_grammar: int = Field(
+        default=65536, ge=1024, le=16 * 1024 * 1024, description="Characters of grammar a request's JSON schema (`format`, "
+        "`response_format`, `text.format`, a required tool call) may become; past it, 400. Measured before the "
+        "schema is converted (repetition counts such as minLength or minItems, pattern quantifiers, enum values, "
+        "properties), and conversion runs off the event loop. Sampling costs time per token in proportion to it."
+    )
+    max_schema_depth: int = Field(
+        default=64, ge=4, le=512, description="Levels a request's JSON schema may nest (JSON objects and arrays, and "
+        "$ref hops while it is converted); past it, 400."
+    )
+    max_schema_nodes: int = Field(
+        default=65536, ge=16, le=10_000_000, description="JSON values (objects, arrays, strings, numbers) a request's "
+        "JSON schema may hold; past it, 400."
+    )
 
     @property
     def home_dir(self) -> Path:

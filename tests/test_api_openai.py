@@ -174,7 +174,7 @@ def _enum_schema(n: int, nested: bool) -> dict:
 
 
 @pytest.mark.parametrize(("n", "nested", "message"), [
-    (60_000, False, "more than the 65536 allowed"),  # refused before llama.cpp compiles it
+    (60_000, False, "more than 65536 characters"),  # refused before llama.cpp converts it
     (3_000, False, "a token on this model"),  # small enough, but its first token costs about a second
     (3_500, True, "took more than 0.5 s for one token"),  # cheap at first; dear once the enum opens
 ], ids=["too-large", "too-costly", "costly-later"])

@@ -45,7 +45,7 @@ from myllm.api.replica import answered_for, session_of
 from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
-from myllm.registry.sessions import SessionInfo, StoredMessage, check_session_id, new_session_id
+from myllm.registry.sessions import SessionInfo, check_session_id, new_session_id
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 from myllm.runtime.template import template_name
 
@@ -195,10 +195,10 @@ async def _answer(stream: GenerationStream, on_done: OnDone, release: Callable[[
     return done
 
 
-def _history_messages(stored: list[StoredMessage], new: list[Message]) -> list[dict[str, str]]:
+def _history_messages(stored: list[dict[str, Any]], new: list[Message]) -> list[dict[str, Any]]:
     """Stored turns, then the new messages; a system message sent now replaces stored ones."""
     sends_system = any(m.role == "system" for m in new)
-    earlier = [{"role": m.role, "content": m.content} for m in stored if not (sends_system and m.role == "system")]
+    earlier = [m for m in stored if not (sends_system and m["role"] == "system")]
     fresh = [m.model_dump() for m in new]
     system = [m for m in fresh if m["role"] == "system"]
     return system + earlier + [m for m in fresh if m["role"] != "system"]
@@ -217,9 +217,10 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     turn = await svc.turns.acquire(session_id, "chat", model, viewer(request))
     try:
         stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request)) if named else []
+        earlier = [{"role": m.role, "content": m.content} for m in stored]
         stream = await svc.runtime.chat(
             model,
-            _history_messages(stored, body.messages),
+            _history_messages(svc.runtime.recent(earlier, len(body.messages)), body.messages),
             generation_options(body.options),
             keep_alive=body.keep_alive,
             trim=True,

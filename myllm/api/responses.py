@@ -209,7 +209,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     try:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         stream = await svc.runtime.chat(
-            model, system + earlier + new, _options(body),
+            model, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
             count=[m["content"] for m in new],
         )

@@ -1,5 +1,9 @@
 """Constrained output: JSON (any object, or one that matches a JSON Schema) as a llama.cpp
-GBNF grammar, so sampling can only produce text that parses."""
+GBNF grammar, so sampling can only produce text that parses.
+
+A schema is measured before it is converted (`runtime/schema_size.py`: the converter writes
+repetitions out in full and can loop forever on some patterns), and `format_grammar` is called
+off the event loop (`Runtime.prepare`), so even a schema that passes every bound never holds it."""
 
 from __future__ import annotations
 
@@ -7,33 +11,33 @@ import json
 
 from myllm.errors import InvalidOptions
 from myllm.runtime.options import GenerationOptions
-
-MAX_GRAMMAR = 64 * 1024
-"""Characters of GBNF a request's format may become. Sampling with a grammar costs time on every
-token in proportion to its open alternatives; a larger one is refused before it is compiled
-(the runner then measures what a smaller one costs: `BatchEngine.check_grammar`)."""
+from myllm.runtime.schema_size import SchemaLimits, check_schema, described
 
 
-def format_grammar(options: GenerationOptions) -> str | None:
-    """The GBNF for `options.format`: None when the output is free text."""
+def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str = "format") -> str | None:
+    """The GBNF for `options.format`: None when the output is free text. `limits.grammar`
+    characters at most (sampling with a grammar costs time on every token in proportion to its
+    open alternatives; the runner then measures what an accepted one costs:
+    `BatchEngine.check_grammar`). `field` names what the schema came from in errors."""
     if options.format is None:
         return None
     from llama_cpp import llama_grammar
 
     # llama.cpp's JSON grammar accepts any value; an object is what "json" promises.
     schema = {"type": "object"} if options.format == "json" else options.format
+    check_schema(schema, limits, field)
     try:
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors for schemas it cannot express
-        raise InvalidOptions(f"unsupported JSON schema: {exc}", field="format") from exc
-    if len(grammar) > MAX_GRAMMAR:
+        raise InvalidOptions(f"unsupported {described(field)}: {str(exc)[:300]}", field=field) from exc
+    if len(grammar) > limits.grammar:
         raise InvalidOptions(
-            f"the JSON schema's grammar is {len(grammar)} characters, more than the {MAX_GRAMMAR} allowed; "
-            "use a smaller schema (fewer enum values or alternatives)",
-            field="format",
+            f"the grammar of {described(field)} is {len(grammar)} characters, more than the {limits.grammar} allowed "
+            "(MYLLM_MAX_GRAMMAR); use a smaller schema (fewer enum values or alternatives)",
+            field=field,
         )
     try:
         grammar.encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidOptions("the JSON schema contains a lone surrogate, which is not text", field="format") from None
+        raise InvalidOptions(f"{described(field)} contains a lone surrogate, which is not text", field=field) from None
     return grammar

@@ -23,14 +23,19 @@ from myllm.runtime.grammar import format_grammar
 from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
+from myllm.runtime.schema_size import SchemaLimits
 from myllm.runtime.tools import Call, CallFilter, Choice, ToolUse, check_choice, parse_tools
 from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
 ROLES = ("system", "user", "assistant", "tool")
 PREPARE_WORKERS = 2
-"""Threads rendering chat templates: rendering is quick unless a template is slow, and then
-more threads would only mean more of them stuck."""
+"""Threads rendering chat templates and converting JSON schemas: quick unless a template is slow,
+and then more threads would only mean more of them stuck."""
+EMBED_SLICE = 32
+"""Inputs sent to the runner in one call. An embedding request is embedded slice by slice, so a
+long one never holds the model (nor the daemon's loop, decoding one huge answer) for long: other
+requests' slices and calls go in between."""
 
 
 class GenerationStream(AsyncIterator[Event]):
@@ -148,13 +153,17 @@ def check_json_text(value: Any, field: str) -> None:
             check_json_text(item, f"{field}[{i}]")
 
 
-def check_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def check_messages(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
     """role and content, and what a tool conversation adds: an assistant message's
     `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}], as chat templates
     read them) and a tool message's `name`. The template renders them; parsing calls out of a
-    reply is the tool-call layer's job."""
+    reply is the tool-call layer's job. At most `limit` messages (MYLLM_MAX_MESSAGES): each one
+    is rendered, tokenized, counted and stored, so their number is what a request costs."""
     if not messages:
         raise InvalidOptions("messages must not be empty", field="messages")
+    if len(messages) > limit:
+        raise InvalidOptions(f"{len(messages)} messages, more than the {limit} a request may send (MYLLM_MAX_MESSAGES)",
+                             field="messages")
     clean = []
     for i, msg in enumerate(messages):
         role, content = msg.get("role"), msg.get("content")
@@ -198,7 +207,8 @@ class Runtime:
         self.settings = settings
         self.manager = manager or ModelManager(registry, settings)
         self.prepare = PreparePool(PREPARE_WORKERS, settings.max_queue, settings.template_timeout)
-        """Where chat templates are rendered (runtime/prompt.py)."""
+        """Where chat templates are rendered and JSON schemas become grammars (runtime/prompt.py)."""
+        self.schema_limits = SchemaLimits(settings.max_grammar, settings.max_schema_depth, settings.max_schema_nodes)
 
     async def start(self) -> None:
         self.manager.start()
@@ -286,7 +296,8 @@ class Runtime:
         if use.active:
             opts = opts.model_copy(update={"format": use.format(opts.format)})
         prompt = self._chat_prompt(row, messages, use, trim, prefill)
-        stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count)
+        stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count,
+                                   schema_field="tools" if use.forced else "format")
         if use.active:
             stream.calls = CallFilter(use.tools)
         return stream
@@ -314,10 +325,23 @@ class Runtime:
             lease.release()
         return len(tokens)
 
+    def recent(self, earlier: list[dict[str, Any]], sent: int) -> list[dict[str, Any]]:
+        """A stored conversation's `earlier` messages that fit beside `sent` new ones within
+        MYLLM_MAX_MESSAGES: its first message if it is the system message, and the newest
+        others. A long session or response chain goes on, its oldest turns left out of the
+        prompt (as trimming to the context leaves them out), while a request that itself sends
+        too many is refused by `chat`."""
+        room = max(self.settings.max_messages - sent, 0)
+        if len(earlier) <= room:
+            return earlier
+        head = earlier[:1] if room and earlier[0]["role"] == "system" else []
+        return head + earlier[len(earlier) - (room - len(head)):]
+
     def _chat_prompt(self, row: ModelRow, messages: list[dict[str, Any]], use: ToolUse, trim: bool, prefill: str) -> ChatPrompt:
         """The checked messages after the model's defaults, with the tools as its template
         needs them: what `chat` renders and `count_chat` counts."""
-        msgs, template_tools = use.prompt(with_model_defaults(row, check_messages(messages)), row.template)
+        msgs, template_tools = use.prompt(with_model_defaults(row, check_messages(messages, self.settings.max_messages)),
+                                          row.template)
         return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools)
 
     async def generate(
@@ -343,6 +367,8 @@ class Runtime:
         opts = self.options_for(row, options)
         system = system if system is not None else row.system
         pairs = history or []
+        keep = max(self.settings.max_messages - 2, 0) // 2  # pairs beside the system message and the prompt
+        pairs = pairs[len(pairs) - keep:] if len(pairs) > keep else pairs
         if raw or not row.template:
             earlier = "".join(p + r for p, r in pairs)
             text = earlier + prompt
@@ -363,8 +389,12 @@ class Runtime:
         *,
         keep_alive: str | float | None,
         count: list[str] | None,
+        schema_field: str = "format",
     ) -> GenerationStream:
-        grammar = format_grammar(opts)  # an unsupported schema is refused before any load
+        """`schema_field`: where the output's JSON schema, if any, came from (for errors)."""
+        grammar = None
+        if opts.format is not None:  # measured and converted off the loop, refused before any load
+            grammar = await self.prepare.run(lambda deadline: format_grammar(opts, self.schema_limits, schema_field))
         lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx, num_gpu=opts.num_gpu)
         try:
             runner = lease.runner
@@ -397,12 +427,21 @@ class Runtime:
         `truncate` cut to its first tokens that fit."""
         if not texts:
             raise InvalidOptions("input must not be empty", field="input")
+        limit = self.settings.max_embed_inputs
+        if len(texts) > limit:
+            raise InvalidOptions(f"{len(texts)} inputs, more than the {limit} a request may send (MYLLM_MAX_EMBED_INPUTS)",
+                                 field="input")
         for i, text in enumerate(texts):
             if isinstance(text, str):
                 check_text(text, f"input[{i}]")
         lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)
+        vectors: list[list[float]] = []
+        count = 0
         try:
-            vectors, count = await lease.runner.embed(texts, truncate)
+            for start in range(0, len(texts), EMBED_SLICE):
+                some, n = await lease.runner.embed(texts[start:start + EMBED_SLICE], truncate)
+                vectors += some
+                count += n
         finally:
             lease.release()
         return Embeddings(lease.row.name, vectors, count)

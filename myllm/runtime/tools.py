@@ -19,9 +19,9 @@ from typing import Any, Literal
 from myllm.errors import InvalidOptions
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.DOTALL)
 MISTRAL = "[TOOL_CALLS]"
 HERMES_OPEN = "<tool_call>"
+HERMES_CLOSE = "</tool_call>"
 MARKERS = (HERMES_OPEN, MISTRAL, "<|python_tag|>")
 """Text that starts a call in one of the formats `parse_calls` reads."""
 
@@ -140,6 +140,24 @@ def _calls(payload: str, names: set[str]) -> list[Call] | None:
     return None if not calls or any(c is None for c in calls) else [c for c in calls if c is not None]
 
 
+def _hermes_blocks(text: str) -> tuple[list[str], str]:
+    """The payloads of the `<tool_call>...</tool_call>` blocks in `text` (the last one may be
+    unclosed), stripped, and the text around them. By `str.find`, one pass: a regular expression
+    with a lazy body between whitespace runs backtracks quadratically on long runs of spaces, and
+    a client can make a model write those."""
+    payloads: list[str] = []
+    rest: list[str] = []
+    at = 0
+    while (start := text.find(HERMES_OPEN, at)) >= 0:
+        rest.append(text[at:start])
+        body = start + len(HERMES_OPEN)
+        close = text.find(HERMES_CLOSE, body)
+        payloads.append(text[body: len(text) if close < 0 else close].strip())
+        at = len(text) if close < 0 else close + len(HERMES_CLOSE)
+    rest.append(text[at:])
+    return payloads, "".join(rest)
+
+
 def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
     """(content, calls) of a reply. Recognised: Hermes/Qwen `<tool_call>{...}</tool_call>` (any
     number, text around them stays content), Mistral `[TOOL_CALLS] [...]`, Llama 3.1
@@ -148,11 +166,11 @@ def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
     offered is returned as text."""
     names = {t.name for t in tools}
     stripped = text.strip()
-    if "<tool_call>" in stripped:
-        calls = [_calls(m.group(1), names) for m in HERMES.finditer(stripped)]
+    if HERMES_OPEN in stripped:
+        payloads, around = _hermes_blocks(stripped)
+        calls = [_calls(payload, names) for payload in payloads]
         if calls and all(c is not None for c in calls):
-            content = HERMES.sub("", stripped).strip()
-            return content, [call for group in calls if group for call in group]
+            return around.strip(), [call for group in calls if group for call in group]
         return text, []
     for marker in (MISTRAL, "<|python_tag|>"):
         if stripped.startswith(marker):
