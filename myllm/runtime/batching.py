@@ -42,6 +42,7 @@ from myllm.runtime.engine import (
     GenerationRequest,
     LoadSpec,
     TokenEvent,
+    avoid_broken_weight_buffers,
     bounded_tokens,
     check_prompt,
     check_token_ids,
@@ -188,6 +189,7 @@ class BatchEngine:
 
         spec = self.spec
         self._lib = llama_cpp
+        avoid_broken_weight_buffers()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers
         if spec.n_gpu_layers == 0:

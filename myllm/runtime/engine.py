@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import psutil
@@ -21,10 +22,59 @@ from myllm.runtime.options import GenerationOptions
 
 
 CTX_PAD = 256
+"""llama.cpp pads a context to a multiple of this."""
+
+
+def context_size(num_ctx: int) -> int:
+    """The context a model is loaded with for `num_ctx`: rounded up to the next of 256, 512,
+    768, 1024, 1536, 2048, 3072, 4096, 6144... (a power of two, or one and a half times one,
+    each a multiple of llama.cpp's padding). Requests asking for nearby sizes share one
+    instance, so a key cycling `num_ctx` one padding step at a time cannot load a runner per
+    value (two sizes per doubling remain), at the cost of at most half again the KV asked for."""
+    if num_ctx <= CTX_PAD:
+        return CTX_PAD
+    power = 1 << (num_ctx - 1).bit_length()
+    between = power * 3 // 4
+    return between if num_ctx <= between and between % CTX_PAD == 0 else power
 
 
 def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
+
+
+def _cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (Sapphire Rapids and later), from the kernel's flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " amx_int8" in line for line in f)
+    except OSError:  # not Linux: no such file, and no AMX build of ggml to worry about
+        return False
+
+
+def avoid_broken_weight_buffers() -> None:
+    """Make llama.cpp keep weights in plain CPU buffers on CPUs with AMX.
+
+    A llama.cpp built for the machine it runs on (the default, -march=native) puts quantized
+    weights in its AMX buffer type on such CPUs, and the vendored llama.cpp's AMX matrix product
+    segfaults on any prompt of more than a few tokens (`ggml_backend_amx_mul_mat`, seen with
+    llama-cpp-python 0.3.36's own `Llama` too). `use_extra_bufts = False` (llama-server's
+    `--no-repack`) avoids it. `Llama` builds its parameters from llama.cpp's defaults, so the
+    defaults themselves are changed, once per process, for every engine.
+    """
+    import llama_cpp
+    import llama_cpp.llama_cpp as lib
+
+    if getattr(lib.llama_model_default_params, "myllm_plain_buffers", False) or not _cpu_has_amx():
+        return
+    original = lib.llama_model_default_params
+
+    def plain_buffers() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    plain_buffers.myllm_plain_buffers = True  # type: ignore[attr-defined]
+    lib.llama_model_default_params = llama_cpp.llama_model_default_params = plain_buffers
 
 
 @dataclass(frozen=True)
@@ -53,9 +103,9 @@ class LoadSpec:
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1,
     ) -> LoadSpec:
-        """`path`: the model's blob on this machine. llama.cpp pads the context to a multiple of 256; asking for exactly that keeps its
-        size and llama-cpp-python's token buffer the same."""
-        ctx = -(-num_ctx // CTX_PAD) * CTX_PAD
+        """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
+        padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
+        ctx = context_size(num_ctx)
         if row.context_length:
             ctx = min(ctx, row.context_length)
         return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)
@@ -177,6 +227,7 @@ class EmbeddingEngine:
     def __init__(self, spec: LoadSpec, n_threads: int | None = None) -> None:
         import llama_cpp
 
+        avoid_broken_weight_buffers()
         self.spec = spec
         if not spec.path.is_file():
             raise ModelLoadError(f"the model file of '{spec.name}' is missing (blob {spec.path.name}); pull it again")
