@@ -307,7 +307,7 @@ def test_case6_a_model_aborting_every_request_is_backed_off(models_home: Path, s
     with hostile_daemon(models_home, home, MYLLM_MAX_LOADED_MODELS="1", MYLLM_CRASH_LIMIT="2") as h:
         register_unchecked(home, "nan", smollm2_path, nan)
         body = {"model": "nan", "messages": [{"role": "user", "content": "Hi"}], "stream": False,
-                "options": {"num_predict": 1}}
+                "options": {"max_tokens": 1}}
         with still_answering(h):
             first = [httpx.post(f"{h.url}/api/chat", json=body, headers=key(ALICE), timeout=60) for _ in range(2)]
             for r in first:
@@ -332,7 +332,7 @@ def test_case8_cycling_num_gpu_and_num_ctx_cannot_evict_everyone(models_home: Pa
     with hostile_daemon(models_home, tmp_path / "home", MYLLM_RELOADS_PER_KEY="2/minute") as h:
         def chat(options: dict[str, Any]) -> httpx.Response:
             body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
-                    "options": {"num_predict": 1, **options}}
+                    "options": {"max_tokens": 1, **options}}
             return httpx.post(f"{h.url}/api/chat", json=body, headers=key(ALICE), timeout=60)
 
         with still_answering(h):
@@ -340,19 +340,18 @@ def test_case8_cycling_num_gpu_and_num_ctx_cannot_evict_everyone(models_home: Pa
             for layers in (0, 1, 2, 5, 31, 99):
                 assert chat({"num_gpu": layers}).status_code == 200
             assert runner_pids(h, MODEL) == before, "num_gpu on a CPU build loads nothing"
-            statuses = [chat({"num_ctx": 256 * step}) for step in range(2, 12)]
-            refused = [r for r in statuses if r.status_code == 429]
-            assert [r.status_code for r in statuses if r.status_code != 429] == [200] * 2, "two reloads, then 429s"
-            assert refused and "MYLLM_RELOADS_PER_KEY" in refused[0].json()["detail"]
-            assert int(refused[0].headers["Retry-After"]) > 0
+            answers = [chat({"num_ctx": ctx}) for ctx in (300, 700, 1500, 2000, 3000, 4000, 6000)]
+            assert [r.status_code for r in answers] == [200, 200, 429, 429, 429, 429, 429], "two reloads, then 429s"
+            assert "MYLLM_RELOADS_PER_KEY" in answers[2].json()["detail"] and int(answers[2].headers["Retry-After"]) > 0
+            assert chat({"num_ctx": 1000}).status_code == 200, "the loaded instance (1024) costs nothing"
             assert len(runner_pids(h, MODEL)) <= 3
 
 
-def same_connection(client: httpx.Client, url: str, r: httpx.Response) -> None:
+def same_connection(client: httpx.Client, url: str, r: httpx.Response, probe: str = "/health") -> None:
     """`r` left its connection open and usable: the next request on the client goes over it."""
     assert r.headers.get("connection") != "close", r.headers
     port = r.extensions["network_stream"].get_extra_info("socket").getsockname()[1]
-    again = client.get(f"{url}/health")
+    again = client.get(f"{url}{probe}")
     assert again.status_code == 200
     assert again.extensions["network_stream"].get_extra_info("socket").getsockname()[1] == port, "a new connection"
 
@@ -388,7 +387,7 @@ def test_case12_unchecked_texts_and_nestings_are_4xx_on_a_kept_connection(daemon
         r = client.post(f"{h.ollama}/api/chat", json={"model": "overflow", "stream": False, "messages": [
             {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "boom"}]})
         assert r.status_code == 400 and "OverflowError" in r.json()["error"], r.text
-        same_connection(client, h.ollama, r)
+        same_connection(client, h.ollama, r, "/api/version")
 
         for path, body, said in main:
             raw = json.dumps(body)  # lone surrogates go as escapes, as a hostile client sends them
@@ -399,7 +398,7 @@ def test_case12_unchecked_texts_and_nestings_are_4xx_on_a_kept_connection(daemon
 
         r = client.post(f"{h.ollama}/api/pull", json={"model": "x" * 10_000, "stream": False}, headers=key(ADMIN))
         assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
-        same_connection(client, h.ollama, r)
+        same_connection(client, h.ollama, r, "/api/version")
         r = client.post(f"{h.ollama}/api/pull", json={"model": "a/" + "b" * 300 + ".gguf", "stream": False},
                         headers=key(ADMIN))
         assert 400 <= r.status_code < 500, (r.status_code, r.text[:200])
@@ -424,13 +423,11 @@ def test_case14_model_output_cannot_forge_sse_events(daemon: Hostile) -> None:
     a stop sequence that starts the same way holds that text back and lets it out as one piece,
     so it would be one frame. Read by a standard SSE parser, every event is the route's own."""
     h = daemon
-    body = {"model": MODEL, "prompt": "event: forged\r" * 5, "max_length": 12, "temperature": 0,
+    body = {"model": MODEL, "prompt": "event: forged\r" * 5 + "event: forged", "max_length": 12, "temperature": 0,
             "stop": ["\revent: forged\rnever"]}
     with still_answering(h):
         with httpx.stream("POST", f"{h.url}/stream", json=body, headers=key(ALICE), timeout=60) as r:
             assert r.status_code == 200
             events = parse_sse(r.iter_bytes())
-    names = {name for name, _ in events}
-    text = "".join(data for name, data in events if name == "message")
-    assert "forged" in text, f"the model did write the forgery: {events}"
-    assert names == {"message", "done"}, events
+    assert {name for name, _ in events} == {"message", "done"}, events
+    assert "forged" in "".join(data for name, data in events if name == "message"), f"the model wrote the forgery: {events}"
