@@ -203,6 +203,18 @@ class Overloaded(MyLLMError):
         self.retry_after = retry_after
 
 
+class TooManyReloads(MyLLMError):
+    """A key has caused too many loads that evict others or duplicate a loaded model
+    (MYLLM_RELOADS_PER_KEY); retry later, or use the loaded instance's options."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ModelNotLoaded(MyLLMError):
     status = 503
     code = "model_not_loaded"
@@ -216,7 +228,13 @@ class ShuttingDown(MyLLMError):
 class ModelCrashed(MyLLMError):
     """The model's runner process died (a llama.cpp abort, a signal, the OOM killer). Only that
     model is lost: its requests fail with this error and the next request loads it afresh,
-    unless it crashed while loading, when it is refused for a while instead of crash-looping."""
+    unless it crashed while loading or keeps crashing (MYLLM_CRASH_LIMIT), when it is refused for
+    a while instead of crash-looping."""
 
     status = 500
     code = "model_crashed"
+
+    def __init__(self, message: str, retry_after: int | None = None) -> None:
+        """`retry_after`: the seconds left of the model's crash back-off, when it is refused for one."""
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -167,6 +167,27 @@ class Settings(BaseSettings):
         default=65536, ge=16, le=10_000_000, description="JSON values (objects, arrays, strings, numbers) a request's "
         "JSON schema may hold; past it, 400."
     )
+    # Runners and reloads (issue 27)
+    crash_limit: int = Field(
+        default=3, ge=1, le=100, description="Runner crashes of one model (while loading or serving) within "
+        "MYLLM_CRASH_WINDOW after which the model is refused (500 model_crashed with Retry-After, nothing loaded or "
+        "evicted) for 30 s, doubling with each further crash up to 10 min. A crash while loading is refused at once."
+    )
+    crash_window: float = Field(
+        default=600.0, gt=0, le=86400, description="Seconds over which a model's runner crashes are counted "
+        "(MYLLM_CRASH_LIMIT); a model quiet for this long starts afresh."
+    )
+    reloads_per_key: str | None = Field(
+        default="6/minute", description="Loads an inference key may cause that evict another instance or add a "
+        "second instance of a model already loaded with other options (e.g. cycling num_ctx), as N/second, "
+        "N/minute or N/hour; past it, 429 with Retry-After. Admin keys and requests that reuse a loaded instance "
+        "are not counted. Empty: no limit."
+    )
+    max_json_depth: int = Field(
+        default=64, ge=8, le=512, description="Deepest nesting of arrays and objects in a request body, and in the "
+        "JSON text of tool-call arguments it carries; deeper, 400 (a deep value used to reach Python's recursion "
+        "limit: a 500)."
+    )
 
     @property
     def home_dir(self) -> Path:

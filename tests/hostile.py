@@ -44,7 +44,7 @@ class Hostile:
     def chat(self, secret: str = BOB, timeout: float = PROBE_TIMEOUT) -> httpx.Response:
         """One token of chat: what a bystander asks while an attack runs."""
         body = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": False,
-                "options": {"max_tokens": 1}}
+                "options": {"max_tokens": 1}}  # the native API's name (Ollama's is num_predict)
         return httpx.post(f"{self.url}/api/chat", json=body, headers=key(secret), timeout=timeout)
 
     def rss(self) -> int:

@@ -298,15 +298,16 @@ def test_the_cpu_build_reports_no_gpu_everywhere(daemon: tuple[str, str]) -> Non
 
 
 @cpu_build
-def test_num_gpu_per_request_is_its_own_instance(daemon: tuple[str, str]) -> None:
-    """`num_gpu: 0` asks for another load key than the default (-1, as many as fit), so the
-    daemon loads a second instance, on the CPU like the first."""
+def test_num_gpu_on_a_cpu_build_is_the_same_instance(daemon: tuple[str, str]) -> None:
+    """Without a GPU every `num_gpu` loads the same (nothing goes to a GPU), so `num_gpu: 0` and
+    the default (-1, as many as fit) share one instance: a key cycling num_gpu loads nothing
+    (issue 27, case 8)."""
     main, ollama_url = daemon
     for url, body in ((f"{main}/api/generate", {"options": {"num_gpu": 0, "max_tokens": 1}}),
                       (f"{ollama_url}/api/generate", {"options": {"num_gpu": 0, "num_predict": 1}, "stream": False})):
         assert httpx.post(url, json={"model": "smollm2:135m", "prompt": "Hi", **body}, timeout=120).status_code == 200
     loaded = [m for m in httpx.get(f"{main}/api/ps").json()["models"] if m["name"] == "smollm2:135m"]
-    assert len(loaded) == 2 and all(m["gpu_layers"] == 0 and m["processor"] == "100% CPU" for m in loaded)
+    assert len(loaded) == 1 and all(m["gpu_layers"] == 0 and m["processor"] == "100% CPU" for m in loaded)
 
 
 # -- a runner's segfault leaves a Python traceback in the log ----------------------------------------

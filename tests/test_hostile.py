@@ -117,7 +117,7 @@ def test_nan_and_infinity(small_server: str, raw: bytes) -> None:
     ("/api/generate", b'{"model": "smollm2:135m", "prompt": "hi", "system": "\\ud800"}', "system"),
     ("/v1/completions", b'{"model": "smollm2:135m", "prompt": "x\\ud800"}', "prompt"),
     ("/v1/embeddings", b'{"model": "smollm2:135m", "input": ["ok", "\\ud800"]}', "input[1]"),
-    ("/load_model", b'{"model_name": "\\ud800"}', "model name"),
+    ("/load_model", b'{"model_name": "\\ud800"}', "model_name"),  # checked where the body enters: named as sent
 ])
 def test_lone_surrogates_are_a_400_naming_the_field(small_server: str, path: str, raw: bytes, field: str) -> None:
     """JSON can carry a lone surrogate as an escape; it is no text, and it used to be a 500."""

@@ -31,6 +31,7 @@ from myllm.api.anthropic_models import (
     ToolUseBlock,
     Usage,
 )
+from myllm.api.auth import reloading_key
 from myllm.api.errors import ApiError, from_domain
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError, Overloaded
@@ -196,7 +197,8 @@ async def create_message(body: MessagesRequest, request: Request) -> Response | 
     messages, prefill = _messages(body.system, body.messages)
     choice, parallel = _tool_choice(body.tool_choice)
     stream = await services(request).runtime.chat(body.model, messages, _options(body), prefill=prefill,
-                                                  tools=_tools(body), tool_choice=choice, parallel_tool_calls=parallel)
+                                                  tools=_tools(body), tool_choice=choice, parallel_tool_calls=parallel,
+                                                  caller=reloading_key(request))
     track(request, stream)
     message_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
@@ -262,5 +264,5 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount
     messages, prefill = _messages(body.system, body.messages)
     choice, _ = _tool_choice(body.tool_choice)
     count = await services(request).runtime.count_chat(body.model, messages, prefill=prefill, tools=_tools(body),
-                                                       tool_choice=choice)
+                                                       tool_choice=choice, caller=reloading_key(request))
     return TokenCount(input_tokens=count)

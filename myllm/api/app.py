@@ -9,7 +9,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
@@ -28,6 +28,7 @@ from myllm.api import (
 from myllm.api import metrics as metrics_api
 from myllm.api.access_log import AccessLogMiddleware
 from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
+from myllm.api.bodies import checked_json_body
 from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
@@ -115,6 +116,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version=__version__,
         description="A local LLM daemon: the MyLLM native API and the other documented APIs on one port.",
         lifespan=lifespan,
+        dependencies=[Depends(checked_json_body)],
     )
     app.state.ready = False
     app.state.siblings = []
@@ -146,7 +148,8 @@ def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     """Ollama's API for the second listener (`MYLLM_OLLAMA_PORT`): its paths collide with the
     native API's, so it is an app of its own, served from `main`'s services (set by `main`'s
     lifespan; this app has none) with the same keys, origins and body limit."""
-    app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None)
+    app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
+                  dependencies=[Depends(checked_json_body)])
     main.state.siblings.append(app)
     _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, main.state.limits,
                 main.state.metrics, ollama.OPEN_PATHS, ollama_manage.UNLIMITED_PATHS, api="ollama")

@@ -108,6 +108,13 @@ def caller_of(scope: Scope) -> Caller:
     return scope.get("state", {}).get(CALLER, NO_KEYS)  # type: ignore[no-any-return]
 
 
+def reloading_key(request: Request) -> str | None:
+    """Whose loads count against MYLLM_RELOADS_PER_KEY: an inference key's hash. None (not
+    limited) for admin keys, who may unload any model anyway, and while keys are off."""
+    caller = caller_of(request.scope)
+    return None if caller.admin else caller.key_hash
+
+
 def viewer(request: Request) -> Viewer:
     return caller_of(request.scope).viewer
 

@@ -29,7 +29,7 @@ from myllm.api.compat_models import (
     TokenProbability,
 )
 from myllm.api.errors import ApiError
-from myllm.api.auth import caller_of
+from myllm.api.auth import caller_of, reloading_key
 from myllm.api.state import Services, services
 from myllm.errors import Forbidden, InvalidModelName, InvalidOptions, ModelNotFound, ModelNotLoaded, MyLLMError, PullError
 from myllm.pull import ensure_model
@@ -98,7 +98,7 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
         except (ModelNotFound, InvalidModelName):
             raise Forbidden("loading a model that is not registered (a path or a pull) needs an admin key") from None
     name = row.name
-    await svc.runtime.load(name, keep_alive=-1)
+    await svc.runtime.load(name, keep_alive=-1, caller=reloading_key(request))
     if admin:
         await asyncio.to_thread(svc.choices.put, SERVICE_MODEL, name)
     return StatusMessage(status="success", message=f"Model {wanted} loaded successfully")
@@ -144,7 +144,7 @@ class _Plan:
         })
 
 
-async def _start(svc: Services, body: GenerateRequest, plan: _Plan, candidates: bool) -> GenerationStream:
+async def _start(svc: Services, body: GenerateRequest, plan: _Plan, candidates: bool, caller: str | None) -> GenerationStream:
     """`candidates`: every generated position carries its top `plan.top_k` candidates (the LLM
     service's `/generate`); otherwise text only (`/stream`)."""
     name = body.model or await svc.legacy_model()
@@ -152,8 +152,8 @@ async def _start(svc: Services, body: GenerateRequest, plan: _Plan, candidates: 
         raise ModelNotLoaded("Model is not loaded. Load one with POST /load_model.")
     try:
         if candidates:
-            return await svc.runtime.next_token_probabilities(name, body.prompt, plan.top_k, plan.options)
-        return await svc.runtime.generate(name, body.prompt, plan.options, raw=True)
+            return await svc.runtime.next_token_probabilities(name, body.prompt, plan.top_k, plan.options, caller=caller)
+        return await svc.runtime.generate(name, body.prompt, plan.options, raw=True, caller=caller)
     except PullError as exc:
         raise ModelNotLoaded(exc.message) from exc
 
@@ -173,7 +173,7 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     svc = services(request)
     plan = _Plan(body)
     started = time.perf_counter()
-    stream = await _start(svc, body, plan, candidates=True)
+    stream = await _start(svc, body, plan, candidates=True, caller=reloading_key(request))
     track(request, stream)
     positions: list[Position] = []
     async with stream:
@@ -204,7 +204,7 @@ async def stream(body: GenerateRequest, request: Request) -> Response:
     it is generated; an event named `done` ends the stream (`error` if it failed)."""
     svc = services(request)
     plan = _Plan(body)
-    events = await _start(svc, body, plan, candidates=False)
+    events = await _start(svc, body, plan, candidates=False, caller=reloading_key(request))
     track(request, events)
 
     async def chunks() -> AsyncIterator[str]:

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from myllm.api.access_log import track
+from myllm.api.auth import reloading_key
 from myllm.api.compat_models import LlamaError, LlamaRequest
 from myllm.api.errors import ApiError
 from myllm.api.state import services
@@ -40,6 +41,7 @@ async def llama(body: LlamaRequest, request: Request) -> str:
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": body.prompt}],
         GenerationOptions.parse({"max_tokens": body.max_length or None}),  # 0: until the model stops
         prefill=body.pre_response or "",
+        caller=reloading_key(request),
     )
     track(request, stream)
     async with stream:

@@ -40,7 +40,7 @@ from myllm.api.native_models import (
     StatusMessage,
     Usage,
 )
-from myllm.api.auth import require_admin, viewer
+from myllm.api.auth import reloading_key, require_admin, viewer
 from myllm.api.replica import answered_for, session_of
 from myllm.api.state import services
 from myllm.errors import MyLLMError
@@ -114,7 +114,7 @@ async def get_model(model_name: str, request: Request) -> ModelDetail:
 
 @router.post("/api/models/{model_name}/load", response_model=StatusMessage, tags=["MyLLM"])
 async def load_model(model_name: str, request: Request) -> StatusMessage:
-    info = await services(request).runtime.load(model_name)
+    info = await services(request).runtime.load(model_name, caller=reloading_key(request))
     return StatusMessage(status="success", message=f"Model '{info.name}' loaded")
 
 
@@ -225,6 +225,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
             keep_alive=body.keep_alive,
             trim=True,
             count=[m.content for m in body.messages],
+            caller=reloading_key(request),
         )
     except BaseException:
         turn.release()
@@ -263,7 +264,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
             history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
         stream = await svc.runtime.generate(
             model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
-            keep_alive=body.keep_alive, history=history, count=[body.prompt],
+            keep_alive=body.keep_alive, history=history, count=[body.prompt], caller=reloading_key(request),
         )
     except BaseException:
         release()
@@ -290,7 +291,7 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingResp
     svc = services(request)
     model = body.model or svc.settings.default_model
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await svc.runtime.embed(model, texts, keep_alive=body.keep_alive)
+    result = await svc.runtime.embed(model, texts, keep_alive=body.keep_alive, caller=reloading_key(request))
     if isinstance(body.input, str):
         return EmbeddingResponse(embedding=result.vectors[0], model=result.model)
     return EmbeddingsResponse(embeddings=result.vectors, model=result.model)

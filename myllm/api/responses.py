@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from myllm.api import sse
 from myllm.api.access_log import track
 from myllm.api.openai_models import ErrorObject
-from myllm.api.auth import viewer
+from myllm.api.auth import reloading_key, viewer
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.sessions import StoredMessage
@@ -211,7 +211,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         stream = await svc.runtime.chat(
             model, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
-            count=[m["content"] for m in new],
+            count=[m["content"] for m in new], caller=reloading_key(request),
         )
     except BaseException:
         release()

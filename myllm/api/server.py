@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import json
 import logging
+import re
 import signal
 import socket
 import sys
@@ -38,6 +39,36 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, ensure_ascii=False, default=str)
 
 
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters that end a line or drive a terminal (ANSI escapes start with ESC, 0x1b)."""
+
+
+def escape_controls(text: str) -> str:
+    """`text` with its control characters written as escapes (`\\n`, `\\x1b`)."""
+    return _CONTROLS.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), text)
+
+
+class EscapeControls(logging.Filter):
+    """For the text log: what a line interpolates (a request's path, a model's name, a runner's
+    last words, anything a client or a model file controls) cannot start a forged line with a
+    newline nor rewrite the terminal with ANSI escapes. The format strings, which are the
+    code's own, keep their newlines. (The JSON log needs none of this: json escapes them.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(self._escaped(arg) for arg in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {key: self._escaped(arg) for key, arg in record.args.items()}
+        return True
+
+    @staticmethod
+    def _escaped(arg: object) -> object:
+        if isinstance(arg, (int, float, bool)) or arg is None:
+            return arg
+        text = str(arg)
+        return escape_controls(text) if _CONTROLS.search(text) else arg
+
+
 def _log_setup(level: str, log_format: str) -> None:
     """myllm's own log: Rich lines for people, or JSON lines (`MYLLM_LOG_FORMAT=json`) for a
     log collector."""
@@ -52,6 +83,7 @@ def _log_setup(level: str, log_format: str) -> None:
 
             console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
             handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+            handler.addFilter(EscapeControls())
         logger.addHandler(handler)
         logger.propagate = False
     logger.setLevel(level.upper())

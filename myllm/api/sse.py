@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,13 +17,23 @@ def _text(obj: Any) -> str:
     return obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
+"""Every line terminator the SSE spec knows (CRLF, a lone CR, LF): a text split on "\\n" alone
+keeps its bare CRs, which a standard parser reads as line ends, so model output could forge
+`event:` and `data:` lines."""
+
+
+def _data_lines(obj: Any) -> str:
+    """`data:` lines carrying `obj` (a parser joins them back with "\\n")."""
+    return "".join(f"data: {line}\n" for line in LINE_BREAK.split(_text(obj)))
+
+
 def data(obj: Any) -> str:
-    return f"data: {_text(obj)}\n\n"
+    return f"{_data_lines(obj)}\n"
 
 
 def event(name: str, payload: Any) -> str:
-    lines = "".join(f"data: {line}\n" for line in _text(payload).split("\n"))
-    return f"event: {name}\n{lines}\n"
+    return f"event: {name}\n{_data_lines(payload)}\n"
 
 
 def pieces(text: str, size: int = 16) -> list[str]:

@@ -72,6 +72,19 @@ _HUB_RE = re.compile(rf"^(?:hf:|hf\.co/|huggingface\.co/)?({_REPO_PART}/{_REPO_P
 _HUB_FILE_RE = re.compile(rf"^(?:hf:|hf\.co/|huggingface\.co/)?({_REPO_PART}/{_REPO_PART})/(.+\.gguf)$")
 
 
+MAX_SOURCE = 4096
+"""PATH_MAX: no path, repo or catalog name is longer."""
+
+
+def _exists(text: str) -> bool:
+    """Whether `text` names a file here; a name the OS cannot even look up (a part longer than
+    NAME_MAX, 255 bytes) names none."""
+    try:
+        return Path(text).expanduser().exists()
+    except (OSError, RuntimeError):  # ENAMETOOLONG; RuntimeError: `~user` of no user
+        return False
+
+
 def parse_source(text: str) -> Source:
     text = text.strip()
     if not text:
@@ -85,7 +98,9 @@ def parse_source(text: str) -> Source:
         return CATALOG[text]
     if text.startswith("file:"):  # how the registry records a local source (so it can be pulled again)
         return FileSource(Path(text[5:]).expanduser())
-    looks_local = text.startswith(("/", "./", "../", "~")) or Path(text).expanduser().exists()
+    if len(text) > MAX_SOURCE:
+        raise PullError(f"a source of {len(text)} characters is longer than any path or name ({MAX_SOURCE})")
+    looks_local = text.startswith(("/", "./", "../", "~")) or _exists(text)
     if looks_local or (text.endswith(".gguf") and text.count("/") < 2):
         return FileSource(Path(text).expanduser())
     if m := _HUB_FILE_RE.match(text):

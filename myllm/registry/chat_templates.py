@@ -132,6 +132,12 @@ def render(template: Any, messages: list[dict[str, Any]], deadline: Deadline | N
     except TemplateError as exc:
         # Templates raise for conversations they do not support (e.g. roles out of order).
         raise InvalidOptions(f"the model's chat template rejected the messages: {exc}", field="messages") from exc
+    except (InvalidOptions, RenderCancelled):
+        raise
+    except Exception as exc:  # noqa: BLE001 (a template is a program: any error of its own is the request's 400)
+        # OverflowError (`range(10**20)`), TypeError, ZeroDivisionError, RecursionError, MemoryError...
+        raise InvalidOptions(f"the model's chat template failed on the messages ({type(exc).__name__}: "
+                             f"{str(exc)[:200]})", field="messages") from exc
     finally:
         _current.deadline = None
 

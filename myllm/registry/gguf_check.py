@@ -14,6 +14,7 @@ named below are in its source); architecture-specific asserts (`load_arch_hparam
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 from contextlib import nullcontext
@@ -21,7 +22,7 @@ from math import prod
 from pathlib import Path
 
 from myllm.errors import InvalidModelFile
-from myllm.registry.gguf_header import ARRAY, STRING, UINT32, Header, HeaderError, read_header, shown_name
+from myllm.registry.gguf_header import ARRAY, FLOAT32, STRING, UINT32, Header, HeaderError, read_header, shown_name
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS, src/llama-hparams.h
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS, src/llama-hparams.h
@@ -30,6 +31,20 @@ MAX_CONTEXT = 1 << 24
 turns negative), but above the largest real one: Llama 4 Scout's 10M tokens."""
 ROPE_SCALING_TYPES = ("none", "linear", "yarn", "longrope")  # LLAMA_ROPE_SCALING_TYPES, src/llama-model.cpp
 _INT_ARRAY_TYPES = (UINT32, 5, 7)  # uint32, int32, bool: what `get_arr` reads into a uint32 array
+_FLOAT_TYPES = (FLOAT32, 12)  # float32, float64
+MAX_FLOAT_ARRAY = 4096
+"""Float hyperparameter arrays hold one value per layer (at most 512); llama.cpp's `get_arr`
+throws (a clean load failure, no abort) on a longer one, so a longer one is not read here."""
+SIGNED_FLOATS = {
+    "activation_sparsity_scale": "Gemma 3n: -inf is the normal quantile of a layer without sparsity",
+    "rope.scaling.yarn_ext_factor": "a negative value asks llama.cpp to derive it",
+    "xielu.alpha_n": "Apertus' xIELU activation parameters",
+    "xielu.alpha_p": "Apertus' xIELU activation parameters",
+    "xielu.beta": "Apertus' xIELU activation parameters",
+    "xielu.eps": "Apertus' xIELU activation: -1e-6",
+}
+"""Float hyperparameters whose real values may be negative or infinite (by key without the
+architecture's prefix); every other must be a finite number of at least 0."""
 
 
 def _architectures() -> frozenset[str]:
@@ -53,6 +68,7 @@ def check_gguf(path: Path, shown_as: str) -> None:
                 header = read_header(data)
                 _check_tensors(header, size)
                 _check_hyperparameters(header)
+                _check_floats(header)
     except OSError as exc:
         raise InvalidModelFile(f"cannot read {shown}: {exc.strerror}") from exc
     except HeaderError as exc:
@@ -161,6 +177,26 @@ def _check_heads(hp: _Keys, n_layer: int, n_embd: int) -> None:
     for n_head, n_head_kv in zip(heads, heads_kv, strict=True):
         if n_head and not (0 < n_head_kv <= n_head and n_head % n_head_kv == 0):
             raise HeaderError(f"{hp.arch}.attention.head_count_kv {n_head_kv} is not a divisor of head_count {n_head}")
+
+
+def _check_floats(header: Header) -> None:
+    """Every float hyperparameter (any key but the `general.*` metadata and the `tokenizer.*`
+    vocabulary, a number or an array of them) must be a number, and finite and at least 0
+    unless `SIGNED_FLOATS` names it: epsilons, rope bases and scales, softcapping and the other
+    scales are read by ggml's operations at run time, where a NaN or negative epsilon fails
+    `GGML_ASSERT(eps >= 0.0f)` on every request, after the model has loaded fine."""
+    arch = str(header.value("general.architecture", max_string_bytes=64))
+    for key, field in header.fields.items():
+        kind = field.item_type if field.type == ARRAY else field.type
+        if kind not in _FLOAT_TYPES or key.startswith(("general.", "tokenizer.")):
+            continue
+        if field.type == ARRAY and field.count > MAX_FLOAT_ARRAY:
+            continue
+        values = header.numbers(key) if field.type == ARRAY else [header.value(key)]
+        signed = key.removeprefix(f"{arch}.") in SIGNED_FLOATS
+        for value in values:
+            if math.isnan(value) or not signed and (math.isinf(value) or value < 0):
+                raise HeaderError(f"{shown_name(key)} is {value:g}; a hyperparameter must be a finite number, at least 0")
 
 
 class _Keys:

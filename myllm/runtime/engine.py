@@ -22,6 +22,20 @@ from myllm.runtime.options import GenerationOptions
 
 
 CTX_PAD = 256
+"""llama.cpp pads a context to a multiple of this."""
+
+
+def context_size(num_ctx: int) -> int:
+    """The context a model is loaded with for `num_ctx`: rounded up to the next of 256, 512,
+    768, 1024, 1536, 2048, 3072, 4096, 6144... (a power of two, or one and a half times one,
+    each a multiple of llama.cpp's padding). Requests asking for nearby sizes share one
+    instance, so a key cycling `num_ctx` one padding step at a time cannot load a runner per
+    value (two sizes per doubling remain), at the cost of at most half again the KV asked for."""
+    if num_ctx <= CTX_PAD:
+        return CTX_PAD
+    power = 1 << (num_ctx - 1).bit_length()
+    between = power * 3 // 4
+    return between if num_ctx <= between and between % CTX_PAD == 0 else power
 
 
 def default_threads() -> int:
@@ -89,9 +103,9 @@ class LoadSpec:
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1,
     ) -> LoadSpec:
-        """`path`: the model's blob on this machine. llama.cpp pads the context to a multiple of 256; asking for exactly that keeps its
-        size and llama-cpp-python's token buffer the same."""
-        ctx = -(-num_ctx // CTX_PAD) * CTX_PAD
+        """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
+        padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
+        ctx = context_size(num_ctx)
         if row.context_length:
             ctx = min(ctx, row.context_length)
         return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)

@@ -11,8 +11,11 @@ counted per instance as the larger of its estimate and what was measured: its ru
 and the GPU memory its load took.
 
 A runner that dies takes only its instance: the manager forgets it (its requests have already
-failed with `ModelCrashed`) and the next request loads a fresh one. A model whose load crashes
-its runner is refused for a while (30 s, doubling up to 10 min) instead of crash-looping. With
+failed with `ModelCrashed`) and the next request loads a fresh one. A model whose runner crashes
+again and again (`MYLLM_CRASH_LIMIT` times within `MYLLM_CRASH_WINDOW`, while serving: a file
+whose hyperparameters abort llama.cpp on every request), or once while loading, is refused for a
+while (30 s, doubling up to 10 min) instead of crash-looping, loading nothing and evicting
+nothing. With
 layers on the GPU, a load that fails or crashes, a runner that crashes, or one that reports
 llama.cpp out of memory while generating is retried with half the layers (for the next 10 min).
 """
@@ -23,6 +26,7 @@ import asyncio
 import collections
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -38,6 +42,7 @@ from myllm.runtime.engine import LoadSpec
 from myllm.runtime.events import RuntimeEvents
 from myllm.runtime.memory import MiB, Footprint, MemoryEstimate, Split, estimate, footprint, parse_memory, processor
 from myllm.runtime.planner import Budgets, Plan, Resident, plan_load
+from myllm.runtime.reloads import Rate, ReloadLimit
 from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
@@ -66,13 +71,18 @@ class Incident:
 
 
 @dataclass
-class LoadCrash:
-    """A model whose load crashed its runner: refused until `until`."""
+class Crashes:
+    """A model's recent runner crashes: refused until `until` once they are too many."""
 
-    error: ModelCrashed
-    at: float
-    until: float
-    count: int
+    times: collections.deque[float] = field(default_factory=collections.deque)
+    """When its runner crashed, within the crash window."""
+    error: ModelCrashed | None = None
+    """The last crash."""
+    at_load: bool = False
+    """Whether the last crash came while loading."""
+    backoffs: int = 0
+    """Back-offs since the model was last quiet for a window: each twice as long as the one before."""
+    until: float = 0.0
 
 
 @dataclass
@@ -197,8 +207,11 @@ class ModelManager:
         self.kv_cache_bytes = None if settings.kv_cache.strip().lower() == "auto" else parse_memory(settings.kv_cache)
         """RAM for saved conversation KV states per model; None: as much as the model's context KV."""
         self._factory: RunnerFactory = runner_factory or ModelRunner.start
-        self._crashes: dict[str, LoadCrash] = {}
-        """Load crashes by model digest (the file crashed llama.cpp, whatever its name)."""
+        rate = (settings.reloads_per_key or "").strip()
+        self.reloads = ReloadLimit(Rate.parse(rate, "MYLLM_RELOADS_PER_KEY")) if rate else None
+        """Costly loads per key (`MYLLM_RELOADS_PER_KEY`); None: unlimited."""
+        self._crashes: dict[str, Crashes] = {}
+        """Runner crashes by model digest (the file crashed llama.cpp, whatever its name)."""
         self._instances: dict[LoadSpec, Instance] = {}
         self._loading: dict[LoadSpec, asyncio.Future[Instance]] = {}
         self._load_lock = asyncio.Lock()
@@ -327,12 +340,20 @@ class ModelManager:
     ) -> LoadSpec:
         """The load key. Its `n_gpu_layers` is what is asked for (the request's `num_gpu`, else
         the model's, else `MYLLM_NUM_GPU`; -1: as many as fit), not what the planner gives, so
-        requests asking alike share an instance whatever fitted when it loaded."""
+        requests asking alike share an instance whatever fitted when it loaded. Only values that
+        change the load make another key: without a GPU (once the devices are known) every
+        `num_gpu` is 0, one of at least the model's offloadable layers is -1 (all of them, as
+        fit), and the context is rounded to `context_size`'s steps (in `LoadSpec.for_model`)."""
         params = row.parameters or {}
         wanted = num_ctx or int(params.get("num_ctx") or self.settings.num_ctx)
         layers = num_gpu if num_gpu is not None else params.get("num_gpu")
         layers = int(layers if layers is not None else self.settings.num_gpu)
-        return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, -1 if layers < 0 else layers,
+        offloadable = int((row.details or {}).get("block_count") or 0) + 1
+        if self._devices is not None and self._devices.done() and not self.gpu.available:
+            layers = 0
+        elif layers < 0 or (offloadable > 1 and layers >= offloadable):
+            layers = -1
+        return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, layers,
                                   embedding=embedding,
                                   n_parallel=self.settings.num_parallel)
 
@@ -343,18 +364,21 @@ class ModelManager:
         num_ctx: int | None = None,
         embedding: bool = False,
         num_gpu: int | None = None,
+        caller: str | None = None,
     ) -> Lease:
         """A lease on a loaded instance of `model` (a name, or the row a caller has already
         looked up), loading it first if needed. Concurrent acquires of the same unloaded model
-        share one load."""
+        share one load. `caller`: the key whose loads count against `MYLLM_RELOADS_PER_KEY`
+        (None: not limited)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         ka = None if keep_alive is None else parse_duration(keep_alive)
         row = model if isinstance(model, ModelRow) else await asyncio.to_thread(self.registry.get, model)
+        await self.devices()  # whether there is a GPU decides what the load key holds
         spec = self.spec_for(row, num_ctx, embedding, num_gpu)
         inst = self._instances.get(spec)
         if inst is None:
-            inst = await self._load_shared(spec, row)
+            inst = await self._load_shared(spec, row, caller)
         inst.leases += 1
         inst.expires_at = None
         inst.last_used = time.monotonic()
@@ -378,14 +402,14 @@ class ModelManager:
 
     # -- loading -------------------------------------------------------------------
 
-    async def _load_shared(self, spec: LoadSpec, row: ModelRow) -> Instance:
+    async def _load_shared(self, spec: LoadSpec, row: ModelRow, caller: str | None) -> Instance:
         pending = self._loading.get(spec)
         if pending is not None:
             return await asyncio.shield(pending)
         fut: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self._loading[spec] = fut
         try:
-            inst = await self._load(spec, row)
+            inst = await self._load(spec, row, caller)
         except BaseException as exc:
             fut.set_exception(exc)
             fut.exception()  # retrieved here; waiters re-raise it themselves
@@ -399,7 +423,7 @@ class ModelManager:
         """RAM charged to loaded instances."""
         return sum(i.charged.ram for i in self._instances.values())
 
-    async def _load(self, spec: LoadSpec, row: ModelRow) -> Instance:
+    async def _load(self, spec: LoadSpec, row: ModelRow, caller: str | None = None) -> Instance:
         self._check_crashes(row)
         await asyncio.to_thread(self.registry.blob_file, row)
         await self.devices()
@@ -413,6 +437,8 @@ class ModelManager:
         async with self._load_lock:
             if (inst := self._instances.get(spec)) is not None:
                 return inst
+            if caller is not None and self.reloads is not None and self._costs_others(spec, fp, wanted):
+                self.reloads.take(caller, spec.name, time.monotonic())
             evicted_all = False
             while True:
                 plan = await self._make_room(spec, fp, wanted)
@@ -428,8 +454,14 @@ class ModelManager:
                         if await self._evict_idle():
                             continue
                     if isinstance(exc, ModelCrashed):
-                        self._record_crash(row, exc)
+                        self._record_crash(row, exc, at_load=True)
                     raise
+
+    def _costs_others(self, spec: LoadSpec, fp: Footprint, wanted: int) -> bool:
+        """Whether loading `spec` now would evict an instance (or wait for a busy one's room), or
+        add a second instance of a model already loaded with other options."""
+        plan = plan_load(fp, wanted, self._budgets(), self._residents())
+        return bool(plan.evict) or not plan.fits or any(i.spec.name == spec.name for i in self._instances.values())
 
     def _too_large(self, spec: LoadSpec, whole: MemoryEstimate, plan: Plan[LoadSpec]) -> OutOfMemory:
         need = plan.need.ram
@@ -446,20 +478,40 @@ class ModelManager:
         )
 
     def _check_crashes(self, row: ModelRow) -> None:
-        crash = self._crashes.get(row.digest)
+        """Refuse a model in its crash back-off, saying why and until when (`Retry-After`)."""
+        crashes = self._crashes.get(row.digest)
         now = time.monotonic()
-        if crash is not None and now < crash.until:
-            raise ModelCrashed(
-                f"model '{row.name}' crashed its runner while loading {now - crash.at:.0f}s ago "
-                f"({crash.error.message}); not trying again for {crash.until - now:.0f}s"
-            )
+        if crashes is None or now >= crashes.until or crashes.error is None:
+            return
+        left = math.ceil(crashes.until - now)
+        until = (datetime.now(timezone.utc) + timedelta(seconds=left)).strftime("%H:%M:%S UTC")
+        if crashes.at_load:
+            why = f"crashed its runner while loading {now - crashes.times[-1]:.0f}s ago"
+        else:
+            why = (f"crashed its runner {len(crashes.times)} times in the last {now - crashes.times[0]:.0f}s "
+                   f"(MYLLM_CRASH_LIMIT is {self.settings.crash_limit})")
+        raise ModelCrashed(f"model '{row.name}' {why} ({crashes.error.message}); not trying again for {left}s "
+                           f"(until {until})", retry_after=left)
 
-    def _record_crash(self, row: ModelRow, exc: ModelCrashed) -> None:
-        previous = self._crashes.get(row.digest)
-        count = previous.count + 1 if previous else 1
+    def _record_crash(self, row: ModelRow, exc: ModelCrashed, at_load: bool) -> None:
+        """Count a crash of `row`'s runner; a crash while loading, or the `crash_limit`th within
+        the window, starts a back-off twice as long as the last one (the model was not quiet
+        for a whole window since)."""
         now = time.monotonic()
-        self._crashes[row.digest] = LoadCrash(exc, now, now + min(CRASH_BACKOFF * 2 ** (count - 1), CRASH_BACKOFF_MAX), count)
-        log.error("%s", exc.message)
+        crashes = self._crashes.setdefault(row.digest, Crashes())
+        window = self.settings.crash_window
+        while crashes.times and crashes.times[0] <= now - window:
+            crashes.times.popleft()
+        if not crashes.times and crashes.until <= now - window:
+            crashes.backoffs = 0
+        crashes.times.append(now)
+        crashes.error, crashes.at_load = exc, at_load
+        if at_load or len(crashes.times) >= self.settings.crash_limit:
+            crashes.backoffs += 1
+            crashes.until = now + min(CRASH_BACKOFF * 2 ** (crashes.backoffs - 1), CRASH_BACKOFF_MAX)
+            log.error("%s; model %s refused for %.0fs", exc.message, row.name, crashes.until - now)
+        else:
+            log.error("%s", exc.message)
 
     def _wanted_layers(self, spec: LoadSpec, row: ModelRow) -> int:
         """The most layers this load may put on the GPU: what the spec asks for, unless the model
@@ -481,7 +533,6 @@ class ModelManager:
         config = RunnerConfig(loaded, self.settings.num_threads, self._saved_kv_bytes(row, spec))
         started = time.perf_counter()
         runner = await self._factory(config, self.settings.max_queue)
-        self._crashes.pop(row.digest, None)
         inst = Instance(spec, row, runner, whole, fp, plan.gpu_layers, plan.need, self.default_keep_alive)
         runner.on_exit = self._runner_exited
         runner.on_out_of_memory = self._out_of_memory
@@ -505,6 +556,8 @@ class ModelManager:
                 del self._instances[spec]
                 log.warning("model %s is no longer loaded: %s", spec.name, error.message)
                 self.events.model_unloaded(spec.name, "crash")
+                if isinstance(error, ModelCrashed):
+                    self._record_crash(inst.row, error, at_load=False)
                 if inst.gpu_layers:
                     self._fewer_layers(inst.row, inst.gpu_layers, error.message)
         asyncio.get_running_loop().create_task(self._notify())

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -24,7 +25,7 @@ from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.schema_size import SchemaLimits
-from myllm.runtime.tools import Call, CallFilter, Choice, ToolUse, check_choice, parse_tools
+from myllm.runtime.tools import Call, CallFilter, Choice, ToolUse, check_choice, json_depth, parse_tools
 from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
@@ -153,12 +154,27 @@ def check_json_text(value: Any, field: str) -> None:
             check_json_text(item, f"{field}[{i}]")
 
 
-def check_messages(messages: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+def check_json_depth(text: str, max_depth: int, field: str) -> None:
+    """`InvalidOptions` when `text` is JSON nesting deeper than `max_depth`; text that is not
+    JSON passes (it is used as text)."""
+    try:
+        depth = json_depth(json.loads(text))
+    except RecursionError:  # deeper than the parser's own stack
+        depth = max_depth + 1
+    except ValueError:
+        return
+    if depth > max_depth:
+        raise InvalidOptions(f"{field} nests deeper than {max_depth} levels (MYLLM_MAX_JSON_DEPTH)", field=field)
+
+
+def check_messages(messages: list[dict[str, Any]], limit: int, max_depth: int) -> list[dict[str, Any]]:
     """role and content, and what a tool conversation adds: an assistant message's
     `tool_calls` ([{"type": "function", "function": {"name", "arguments"}}], as chat templates
     read them) and a tool message's `name`. The template renders them; parsing calls out of a
-    reply is the tool-call layer's job. At most `limit` messages (MYLLM_MAX_MESSAGES): each one
-    is rendered, tokenized, counted and stored, so their number is what a request costs."""
+    reply is the tool-call layer's job. Arguments sent as JSON text (OpenAI's way) nest at most
+    `max_depth` deep once parsed, as the request body itself must (the template renders them
+    with recursive code). At most `limit` messages (MYLLM_MAX_MESSAGES): each one is rendered,
+    tokenized, counted and stored, so their number is what a request costs."""
     if not messages:
         raise InvalidOptions("messages must not be empty", field="messages")
     if len(messages) > limit:
@@ -177,6 +193,10 @@ def check_messages(messages: list[dict[str, Any]], limit: int) -> list[dict[str,
             if msg.get(extra):
                 check_json_text(msg[extra], f"messages[{i}].{extra}")
                 message[extra] = msg[extra]
+        for j, call in enumerate(message.get("tool_calls") or []):
+            fn = call.get("function", call) if isinstance(call, dict) else None
+            if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
+                check_json_depth(fn["arguments"], max_depth, f"messages[{i}].tool_calls[{j}].function.arguments")
         clean.append(message)
     return clean
 
@@ -219,9 +239,10 @@ class Runtime:
 
     # -- which models are loaded (the API's load/unload/ps routes) ----------------------------
 
-    async def load(self, name: str, keep_alive: str | float | None = None) -> LoadedInfo:
-        """Load `name` now (as a request would) and report it."""
-        return await self.manager.load(name, keep_alive=keep_alive)
+    async def load(self, name: str, keep_alive: str | float | None = None, *, caller: str | None = None) -> LoadedInfo:
+        """Load `name` now (as a request would) and report it. `caller`, here and on every call
+        that may load a model: the key whose loads count against MYLLM_RELOADS_PER_KEY (None: not limited)."""
+        return await self.manager.load(name, keep_alive=keep_alive, caller=caller)
 
     async def unload(self, name: str) -> int:
         """Unload every instance of `name` at once; requests running on it end with an error."""
@@ -282,6 +303,7 @@ class Runtime:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Choice = "auto",
         parallel_tool_calls: bool = True,
+        caller: str | None = None,
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
         reply), the oldest messages after the system message drop out of the prompt.
@@ -296,7 +318,7 @@ class Runtime:
         if use.active:
             opts = opts.model_copy(update={"format": use.format(opts.format)})
         prompt = self._chat_prompt(row, messages, use, trim, prefill)
-        stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count,
+        stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count, caller=caller,
                                    schema_field="tools" if use.forced else "format")
         if use.active:
             stream.calls = CallFilter(use.tools)
@@ -310,6 +332,7 @@ class Runtime:
         prefill: str = "",
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Choice = "auto",
+        caller: str | None = None,
     ) -> int:
         """The tokens of the prompt `chat` would give the model for the same arguments, without
         generating. The tokenizer lives in the runner, so this loads the model as `chat` would
@@ -318,7 +341,7 @@ class Runtime:
         row = await self.model(model)
         prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True), False, prefill)
         defaults = self.options_for(row, None)
-        lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu)
+        lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu, caller=caller)
         try:
             tokens, _ = await prompt.tokens(lease.runner, 0)
         finally:
@@ -340,8 +363,9 @@ class Runtime:
     def _chat_prompt(self, row: ModelRow, messages: list[dict[str, Any]], use: ToolUse, trim: bool, prefill: str) -> ChatPrompt:
         """The checked messages after the model's defaults, with the tools as its template
         needs them: what `chat` renders and `count_chat` counts."""
-        msgs, template_tools = use.prompt(with_model_defaults(row, check_messages(messages, self.settings.max_messages)),
-                                          row.template)
+        msgs, template_tools = use.prompt(
+            with_model_defaults(row, check_messages(messages, self.settings.max_messages, self.settings.max_json_depth)),
+            row.template)
         return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools)
 
     async def generate(
@@ -355,6 +379,7 @@ class Runtime:
         keep_alive: str | float | None = None,
         history: list[tuple[str, str]] | None = None,
         count: list[str] | None = None,
+        caller: str | None = None,
     ) -> GenerationStream:
         """Completion of `prompt`. A model with a chat template gets the prompt as one user
         turn (after `system`, else the model's own system prompt) unless `raw`; a model
@@ -374,12 +399,13 @@ class Runtime:
             text = earlier + prompt
             if system and not raw:
                 text = f"{system}\n\n{text}"
-            return await self._start(row, TextPrompt(text), opts, keep_alive=keep_alive, count=count)
+            return await self._start(row, TextPrompt(text), opts, keep_alive=keep_alive, count=count, caller=caller)
         msgs = with_model_defaults(row, [{"role": "system", "content": system}] if system else [])
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim=bool(pairs)), opts, keep_alive=keep_alive, count=count)
+        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim=bool(pairs)), opts, keep_alive=keep_alive,
+                                 count=count, caller=caller)
 
     async def _start(
         self,
@@ -390,12 +416,14 @@ class Runtime:
         keep_alive: str | float | None,
         count: list[str] | None,
         schema_field: str = "format",
+        caller: str | None,
     ) -> GenerationStream:
         """`schema_field`: where the output's JSON schema, if any, came from (for errors)."""
         grammar = None
         if opts.format is not None:  # measured and converted off the loop, refused before any load
             grammar = await self.prepare.run(lambda deadline: format_grammar(opts, self.schema_limits, schema_field))
-        lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx, num_gpu=opts.num_gpu)
+        lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx, num_gpu=opts.num_gpu,
+                                           caller=caller)
         try:
             runner = lease.runner
             if opts.max_tokens is not None and opts.max_tokens > runner.n_ctx:
@@ -421,7 +449,8 @@ class Runtime:
         return stream
 
     async def embed(
-        self, model: str, texts: list[str | list[int]], keep_alive: str | float | None = None, *, truncate: bool = False
+        self, model: str, texts: list[str | list[int]], keep_alive: str | float | None = None, *, truncate: bool = False,
+        caller: str | None = None,
     ) -> Embeddings:
         """One vector per input. An input longer than the model's batch is refused, or with
         `truncate` cut to its first tokens that fit."""
@@ -434,7 +463,7 @@ class Runtime:
         for i, text in enumerate(texts):
             if isinstance(text, str):
                 check_text(text, f"input[{i}]")
-        lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True)
+        lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True, caller=caller)
         vectors: list[list[float]] = []
         count = 0
         try:
@@ -447,12 +476,13 @@ class Runtime:
         return Embeddings(lease.row.name, vectors, count)
 
     async def next_token_probabilities(
-        self, model: str, prompt: str, top_k: int, options: GenerationOptions | None = None, *, raw: bool = True
+        self, model: str, prompt: str, top_k: int, options: GenerationOptions | None = None, *, raw: bool = True,
+        caller: str | None = None,
     ) -> GenerationStream:
         """Generation where each token carries the top-k candidates of its position: `top_k`
         is the options' `logprobs` (checked by `GenerationOptions`), over the rest of `options`."""
         wanted = GenerationOptions.parse({"logprobs": top_k}).over(options or GenerationOptions())
-        return await self.generate(model, prompt, wanted, raw=raw)
+        return await self.generate(model, prompt, wanted, raw=raw, caller=caller)
 
 
 __all__ = ["Candidate", "Devices", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "LoadedInfo", "Runtime",

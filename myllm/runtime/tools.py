@@ -47,6 +47,20 @@ class Call:
     id: str = field(default_factory=lambda: "call_" + secrets.token_hex(12))
 
 
+def json_depth(value: Any) -> int:
+    """How deep arrays and objects nest in a parsed JSON value (a scalar is 0), walked without
+    recursion, so no depth reaches Python's recursion limit here."""
+    deepest = 0
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is not None:
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in children)
+    return deepest
+
+
 def parse_tools(tools: list[Any]) -> list[Tool]:
     """OpenAI's function tools, checked: a 400 naming the tool for anything else."""
     parsed: list[Tool] = []

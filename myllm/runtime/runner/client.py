@@ -15,6 +15,7 @@ import collections
 import itertools
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -41,6 +42,15 @@ last words (a GGML_ASSERT), and the Python traceback of every thread that `fault
 when the process gets a fatal signal (a segfault)."""
 FATAL = "Fatal Python error:"
 """How `faulthandler`'s report begins."""
+_DIRECTORIES = re.compile(r"(?<![\w.~:/-])(?:/[^\s/:'\"()]+)+/(?=[^\s/:'\"()])")
+"""The folders of an absolute path (what precedes its last part): llama.cpp's `GGML_ASSERT`
+line names its source file as the build saw it (`/tmp/pip-install-…/vendor/llama.cpp/…`)."""
+
+
+def without_paths(text: str) -> str:
+    """`text` with every absolute path cut to its last part (a blob's `sha256-…`, a source
+    file's `ggml.c:1234`): clients are told neither where MYLLM_HOME is nor how llama.cpp was built."""
+    return _DIRECTORIES.sub("", text)
 
 
 def describe_exit(code: int | None) -> str:
@@ -188,7 +198,7 @@ class ModelRunner:
             said = lines[fatal - 1] if fatal > 0 else lines[fatal]
         else:
             said = lines[-1] if lines else ""
-        said = self.spec.unpathed(said)
+        said = without_paths(said)
         return describe_exit(code) + (f": {said}" if said else "")
 
     async def _reap(self) -> None:
@@ -224,7 +234,8 @@ class ModelRunner:
             log.error("%s", error.message)
         else:
             error = ModelCrashed(f"the runner of model '{self.spec.name}' stopped ({self._last_words()})")
-            log.error("%s; its last output:\n%s", error.message, "\n".join(self._stderr))
+            lines = list(self._stderr)  # one argument a line: the text log escapes what each holds, not the breaks
+            log.error("%s; its last output:" + "\n%s" * len(lines), error.message, *lines)
         self.exit_error = error
         self._fail_all(error)
         if not self._closing and self.on_exit is not None:
