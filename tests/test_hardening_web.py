@@ -21,6 +21,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
+from sqlalchemy.orm import sessionmaker
 
 from myllm.registry.db import make_engine
 from myllm.registry.migrations import MIGRATIONS, migrate
@@ -32,7 +33,7 @@ from tests.server import running_servers
 
 NATIVE, OLLAMA, OPENAI = {"detail"}, {"error"}, {"error"}
 LEGACY = {"status", "message", "detail", "error_code"}
-HI = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": False, "options": {"num_predict": 1}}
+HI = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "stream": False, "options": {"max_tokens": 1}}
 
 
 @pytest.fixture(scope="module")
@@ -174,13 +175,14 @@ def keep_alive_unloads(h: Hostile) -> float:
 
 def test_an_inference_key_cannot_unload_through_keep_alive(keyed: Hostile) -> None:
     h = keyed
-    one = {"num_predict": 1}
+    one, ollama_one = {"max_tokens": 1}, {"num_predict": 1}
     requests = [
         (f"{h.url}/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": 0, "stream": False, "options": one}),
         (f"{h.url}/api/chat", {**HI, "keep_alive": 0}),
         (f"{h.url}/api/embeddings", {"model": MODEL, "input": "x", "keep_alive": 0}),
-        (f"{h.ollama}/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": 0, "stream": False, "options": one}),
-        (f"{h.ollama}/api/chat", {**HI, "keep_alive": "0s"}),
+        (f"{h.ollama}/api/generate", {"model": MODEL, "prompt": "x", "keep_alive": 0, "stream": False,
+                                      "options": ollama_one}),
+        (f"{h.ollama}/api/chat", {**HI, "options": ollama_one, "keep_alive": "0s"}),
         (f"{h.ollama}/api/embed", {"model": MODEL, "input": "x", "keep_alive": 0}),
         (f"{h.url}/v1/chat/completions", {"model": MODEL, "messages": HI["messages"], "max_tokens": 1, "keep_alive": 0}),
         (f"{h.url}/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1, "keep_alive": 0}),
@@ -260,10 +262,10 @@ def test_two_keys_same_session_id_are_two_sessions(keyed: Hostile) -> None:
         assert history(h, ALICE, "s1") == ["Alice speaking"] and history(h, BOB, "s1") == ["Bob speaking"]
         # Squatting first changes nothing either, for generate sessions too.
         r = httpx.post(f"{h.url}/api/generate", json={"model": MODEL, "prompt": "Bob first", "session_id": "g1",
-                                                    "stream": False, "options": {"num_predict": 1}}, headers=key(BOB), timeout=60)
+                                                    "stream": False, "options": {"max_tokens": 1}}, headers=key(BOB), timeout=60)
         assert r.status_code == 200
         r = httpx.post(f"{h.url}/api/generate", json={"model": MODEL, "prompt": "Alice next", "session_id": "g1",
-                                                    "stream": False, "options": {"num_predict": 1}}, headers=key(ALICE), timeout=60)
+                                                    "stream": False, "options": {"max_tokens": 1}}, headers=key(ALICE), timeout=60)
         assert r.status_code == 200 and history(h, ALICE, "g1") == ["Alice next"]
         # Each key lists its own ids as it named them; an admin sees both, each by an id it can open.
         for secret in (ALICE, BOB):
@@ -319,7 +321,7 @@ def test_sessions_made_before_are_moved_into_their_keys_scope(database: str) -> 
     engine.dispose()
     engine = make_engine(database)  # applies the rest
     assert migrate(engine) == []
-    sessions = sa.orm.sessionmaker(engine)
+    sessions = sessionmaker(engine)
     alice, admin = Viewer(owner, False), Viewer(None, True)
     store, responses = SessionStore(sessions), ResponseStore(sessions)
     assert [m.content for m in store.history("s1", alice)] == ["in s1"]
@@ -351,3 +353,44 @@ def test_no_answer_holds_a_path_of_the_daemons_machine(keyed: Hostile, smollm2_p
     for text in answers:
         for secret in (str(h.home), "/blobs/", str(smollm2_path.parent), str(gemma3_path.parent)):
             assert secret not in text, (secret, text[:300])
+
+
+# -- the pure rules ---------------------------------------------------------------------------
+
+
+def test_origin_rule() -> None:
+    from myllm.api.origins import Origins, refusal
+
+    local, listed = Origins(()), Origins(("https://app.example",))
+    page = {b"host": b"127.0.0.1:8000"}
+    assert refusal("GET", {**page, b"origin": EVIL.encode()}, local) is None  # reads are CORS's business
+    assert refusal("POST", page, local) is None  # curl, the Ollama and OpenAI clients
+    assert refusal("POST", {**page, b"sec-fetch-site": b"none"}, local) is None
+    assert refusal("POST", {**page, b"origin": b"http://127.0.0.1:8000"}, listed) is None  # the daemon's own page
+    assert refusal("POST", {**page, b"origin": b"http://localhost:3000"}, local) is None
+    assert refusal("POST", {**page, b"origin": b"http://localhost:3000"}, listed) is not None
+    assert refusal("PUT", {**page, b"origin": b"https://app.example"}, listed) is None
+    for bad in (EVIL.encode(), b"null", b"http://127.0.0.1.evil.example", b"http://127.0.0.1:8001"):
+        assert refusal("DELETE", {**page, b"origin": bad}, listed) is not None
+    assert refusal("POST", {**page, b"sec-fetch-site": b"cross-site"}, local) is not None
+    assert refusal("POST", {**page, b"origin": EVIL.encode()}, Origins(("*",))) is None
+
+
+def test_inside_judges_by_the_text_first(tmp_path: Path) -> None:
+    from myllm.pull.sources import inside
+
+    allowed = tmp_path / "allowed"
+    (allowed / "sub").mkdir(parents=True)
+    (tmp_path / "outside").mkdir()
+    (allowed / "link").symlink_to(tmp_path / "outside")
+    assert inside(allowed / "sub" / "m.gguf", [allowed]) and inside(allowed / "missing.gguf", [allowed])
+    assert not inside(allowed / ".." / "outside" / "m.gguf", [allowed])
+    assert not inside(allowed / "link" / "m.gguf", [allowed])  # a link out of the folder
+    assert not inside(Path("/etc/passwd"), [allowed]) and not inside(Path("relative.gguf"), [])
+
+
+def test_keep_alive_lengthens_only() -> None:
+    from myllm.runtime.manager import outlasts
+
+    assert outlasts(600, 300) and outlasts(-1, 300)
+    assert not outlasts(0, 300) and not outlasts(1, 300) and not outlasts(600, -1) and not outlasts(-1, -1)
