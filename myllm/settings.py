@@ -188,6 +188,18 @@ class Settings(BaseSettings):
         "JSON text of tool-call arguments it carries; deeper, 400 (a deep value used to reach Python's recursion "
         "limit: a 500)."
     )
+    # Web and keys (issue 27)
+    trusted_proxies: str | None = Field(
+        default=None, description="Comma-separated addresses or networks (CIDR) of reverse proxies whose "
+        "X-Forwarded-For and X-Forwarded-Proto headers are believed (the client's address is then the one they "
+        "name, for rate limits and the log); default: none, so those headers are ignored and no client can pose as "
+        "another address."
+    )
+    auth_failures: str | None = Field(
+        default="10/minute", description="Requests with a wrong API key one client address may send, e.g. 10/minute; "
+        "past it, every request from that address gets 429 with Retry-After until its budget refills, a right key's "
+        "too (so a guesser learns nothing). Clients behind one address share it. Empty: no limit."
+    )
 
     @property
     def home_dir(self) -> Path:

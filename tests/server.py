@@ -21,7 +21,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from myllm.api.app import create_app, create_ollama_app
-from myllm.api.server import Sibling
+from myllm.api.server import Sibling, proxy_options
 from myllm.settings import Settings
 
 
@@ -68,9 +68,10 @@ def running_servers(settings: Settings) -> Iterator[tuple[str, str]]:
     LAST_APP = create_app(settings)
     LAST_APP.state.ollama_port = ollama_port
     servers = [
-        uvicorn.Server(uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on")),
+        uvicorn.Server(uvicorn.Config(LAST_APP, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+                                      **proxy_options(settings))),
         Sibling(uvicorn.Config(create_ollama_app(LAST_APP, settings), host="127.0.0.1", port=ollama_port,
-                               log_level="warning", lifespan="off")),
+                               log_level="warning", lifespan="off", **proxy_options(settings))),
     ]
     loop = LAST_LOOP = asyncio.new_event_loop()
 

@@ -105,12 +105,15 @@ def test_sessions_belong_to_the_key_that_made_them(keyed: tuple[str, str]) -> No
     assert httpx.get(f"{main}/api/sessions/{made}", headers=as_key(ALICE)).status_code == 200
     for r in (
         httpx.get(f"{main}/api/sessions/{made}", headers=as_key(BOB)),
-        httpx.post(f"{main}/api/chat", json={**HI, "session_id": made}, headers=as_key(BOB), timeout=60),
         httpx.request("DELETE", f"{main}/api/sessions/{made}", headers=as_key(BOB)),
     ):
         assert r.status_code == 404 and r.json() == {"detail": f"session '{made}' not found"}, r.text
     assert made not in [s["id"] for s in httpx.get(f"{main}/api/sessions", headers=as_key(BOB)).json()["sessions"]]
-    assert made in [s["id"] for s in httpx.get(f"{main}/api/sessions", headers=as_key(ADMIN)).json()["sessions"]]
+    # Bob's chat on that id is a session of his own (ids are scoped by key: tests/test_hardening_web.py).
+    assert httpx.post(f"{main}/api/chat", json={**HI, "session_id": made}, headers=as_key(BOB), timeout=60).status_code == 200
+    assert len(httpx.get(f"{main}/api/sessions/{made}", headers=as_key(ALICE)).json()["messages"]) == 2
+    admin_ids = [s["id"] for s in httpx.get(f"{main}/api/sessions", headers=as_key(ADMIN)).json()["sessions"]]
+    assert len([i for i in admin_ids if i.startswith(f"{made}@")]) == 2
     # The Responses API's chains likewise.
     rid = httpx.post(f"{main}/v1/responses", json={"model": "smollm2:135m", "input": "Hi", "max_output_tokens": 2},
                      headers=as_key(ALICE), timeout=60).json()["id"]

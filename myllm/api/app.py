@@ -33,7 +33,8 @@ from myllm.api.disconnect import CancelOnDisconnectMiddleware
 from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.limits import BodyLimitMiddleware
 from myllm.api.metrics import Metrics
-from myllm.api.ratelimit import Limits, RateLimitMiddleware
+from myllm.api.origins import OriginGuardMiddleware, Origins
+from myllm.api.ratelimit import AuthFailureMiddleware, Limits, RateLimitMiddleware
 from myllm.api.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.state import Services
 from myllm.api.turns import TurnLocks
@@ -44,7 +45,6 @@ from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 
 log = logging.getLogger(__name__)
-LOCAL_ORIGINS = r"^https?://(localhost|127\.0\.0\.1|\[::1\])(:\d+)?$"
 
 
 def _check_blobs(registry: Registry) -> None:
@@ -60,19 +60,22 @@ def _middleware(
     app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: KeyRing, limits: Limits,
     metrics: Metrics, open_paths: frozenset[str], unlimited: tuple[str, ...] = (), api: str | None = None,
 ) -> None:
-    """What every listener applies alike: body limit, rate limits, API keys, CORS, cancelling
-    work whose client left, the Host allow-list, the access log (added last, so it runs first)."""
+    """What every listener applies alike: body limit, rate limits, API keys, pages of other
+    origins kept from changing anything, CORS, cancelling work whose client left, the Host
+    allow-list, the access log (added last, so it runs first)."""
     errors.install(app, error_router)
     # Added first, so it runs last: 401 answers carry CORS headers too.
     app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router, unlimited=unlimited)
     # Inside the key check, which tells it who the caller is.
     app.add_middleware(RateLimitMiddleware, limits=limits, errors=error_router)
     app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router, open_paths=open_paths)
-    origins = [o.strip() for o in (settings.origins or "").split(",") if o.strip()]
+    app.add_middleware(AuthFailureMiddleware, limits=limits, errors=error_router)  # before the key is looked at
+    origins = Origins.from_settings(settings)
+    app.add_middleware(OriginGuardMiddleware, origins=origins, errors=error_router)
     app.add_middleware(
         CORSMiddleware,
-        allow_origins=origins,
-        allow_origin_regex=None if origins else LOCAL_ORIGINS,
+        allow_origins=list(origins.listed),
+        allow_origin_regex=origins.pattern,
         allow_methods=["*"],
         allow_headers=["*"],
     )

@@ -27,6 +27,7 @@ from myllm.api.errors import ApiError, ErrorRouter
 from myllm.api.middleware import HttpMiddleware
 from myllm.errors import Forbidden
 from myllm.registry.sessions import Viewer
+from myllm.runtime.manager import ExtendOnly, KeepAlive
 from myllm.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
@@ -117,6 +118,12 @@ def reloading_key(request: Request) -> str | None:
 
 def viewer(request: Request) -> Viewer:
     return caller_of(request.scope).viewer
+
+
+def keep_alive_of(request: Request, value: str | float | None) -> KeepAlive:
+    """A request's `keep_alive` as the runtime takes it: an admin's as given, an inference key's
+    only to lengthen the model's stay (a shared model is not unloaded or cut short by one user)."""
+    return value if value is None or caller_of(request.scope).admin else ExtendOnly(value)
 
 
 def require_admin(request: Request, what: str) -> None:

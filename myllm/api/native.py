@@ -40,7 +40,7 @@ from myllm.api.native_models import (
     StatusMessage,
     Usage,
 )
-from myllm.api.auth import reloading_key, require_admin, viewer
+from myllm.api.auth import keep_alive_of, reloading_key, require_admin, viewer
 from myllm.api.replica import answered_for, session_of
 from myllm.api.state import services
 from myllm.errors import MyLLMError
@@ -107,7 +107,7 @@ async def get_model(model_name: str, request: Request) -> ModelDetail:
     return ModelDetail(
         **model_info(row, svc.runtime.is_loaded(row.name), problem),
         architecture=row.architecture, parameter_count=row.parameter_count, parameter_size=row.parameter_size,
-        embedding_length=row.embedding_length, vocab_size=row.vocab_size, license=row.license, source=row.source,
+        embedding_length=row.embedding_length, vocab_size=row.vocab_size, license=row.license, source=row.shown_source,
         system=row.system, chat_template=row.template, created_at=row.created_at.isoformat(),
     )
 
@@ -212,7 +212,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     svc = services(request)
     model = body.model or svc.settings.default_model
     named = session_of(request, body.session_id)
-    session_id = check_session_id(named) if named else new_session_id()
+    session_id = check_session_id(named, viewer(request)) if named else new_session_id()
     answered_for(request, session_id)
     turn = await svc.turns.acquire(session_id, "chat", model, viewer(request))
     try:
@@ -222,7 +222,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
             model,
             _history_messages(svc.runtime.recent(earlier, len(body.messages)), body.messages),
             generation_options(body.options),
-            keep_alive=body.keep_alive,
+            keep_alive=keep_alive_of(request, body.keep_alive),
             trim=True,
             count=[m.content for m in body.messages],
             caller=reloading_key(request),
@@ -252,7 +252,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     svc = services(request)
     model = body.model or svc.settings.default_model
     named = session_of(request, body.session_id)
-    session_id = check_session_id(named) if named else None
+    session_id = check_session_id(named, viewer(request)) if named else None
     if session_id:
         answered_for(request, session_id)
     history: list[tuple[str, str]] = []
@@ -264,7 +264,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
             history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
         stream = await svc.runtime.generate(
             model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
-            keep_alive=body.keep_alive, history=history, count=[body.prompt], caller=reloading_key(request),
+            keep_alive=keep_alive_of(request, body.keep_alive), history=history, count=[body.prompt],
+            caller=reloading_key(request),
         )
     except BaseException:
         release()
@@ -291,7 +292,8 @@ async def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingResp
     svc = services(request)
     model = body.model or svc.settings.default_model
     texts = [body.input] if isinstance(body.input, str) else body.input
-    result = await svc.runtime.embed(model, texts, keep_alive=body.keep_alive, caller=reloading_key(request))
+    result = await svc.runtime.embed(model, texts, keep_alive=keep_alive_of(request, body.keep_alive),
+                                     caller=reloading_key(request))
     if isinstance(body.input, str):
         return EmbeddingResponse(embedding=result.vectors[0], model=result.model)
     return EmbeddingsResponse(embeddings=result.vectors, model=result.model)

@@ -23,7 +23,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from myllm.api.access_log import track
 from myllm.api.errors import ApiError
 from myllm.api.ollama_models import IGNORED_OPTIONS, ChatMessage, ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
-from myllm.api.auth import reloading_key, require_admin
+from myllm.api.auth import keep_alive_of, reloading_key, require_admin
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
@@ -143,7 +143,7 @@ async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | flo
         await runtime.unload(row.name)
         reason = "unload"
     else:
-        await runtime.load(row.name, keep_alive=keep_alive, caller=reloading_key(request))
+        await runtime.load(row.name, keep_alive=keep_alive_of(request, keep_alive), caller=reloading_key(request))
         reason = "load"
     empty: dict[str, Any] = {"message": {"role": "assistant", "content": ""}} if field == "message" else {"response": ""}
     yield {"model": row.name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
@@ -203,7 +203,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         return await answer(_load_or_unload(request, row, body.keep_alive, "message"), body.stream)
     stream = await services(request).runtime.chat(
         row, [_message(m) for m in body.messages], generation_options(body.options, body.format),
-        keep_alive=body.keep_alive, tools=body.tools, caller=reloading_key(request),
+        keep_alive=keep_alive_of(request, body.keep_alive), tools=body.tools, caller=reloading_key(request),
     )
     return await _respond(request, stream, body.stream, lambda text: {"message": {"role": "assistant", "content": text}}, started)
 
@@ -225,7 +225,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         return await answer(_load_or_unload(request, row, body.keep_alive, "response"), body.stream)
     stream = await services(request).runtime.generate(
         row, body.prompt, generation_options(body.options, body.format), system=body.system, raw=body.raw,
-        keep_alive=body.keep_alive, caller=reloading_key(request),
+        keep_alive=keep_alive_of(request, body.keep_alive), caller=reloading_key(request),
     )
     return await _respond(request, stream, body.stream, lambda text: {"response": text}, started)
 
@@ -237,8 +237,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
     started = time.perf_counter()
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
-    result = await services(request).runtime.embed(body.model, list(inputs), keep_alive=body.keep_alive, truncate=body.truncate,
-                                                     caller=reloading_key(request))
+    result = await services(request).runtime.embed(body.model, list(inputs), keep_alive=keep_alive_of(request, body.keep_alive),
+                                                   truncate=body.truncate, caller=reloading_key(request))
     vectors = result.vectors
     if body.dimensions is not None:
         vectors = [_shorten(v, body.dimensions) for v in vectors]
@@ -262,6 +262,6 @@ def _shorten(vector: list[float], dimensions: int) -> list[float]:
 async def embeddings(body: EmbeddingsRequest, request: Request) -> dict[str, Any]:
     if not body.prompt:
         return {"embedding": []}
-    result = await services(request).runtime.embed(body.model, [body.prompt], keep_alive=body.keep_alive, truncate=True,
-                                                     caller=reloading_key(request))
+    result = await services(request).runtime.embed(body.model, [body.prompt], keep_alive=keep_alive_of(request, body.keep_alive),
+                                                   truncate=True, caller=reloading_key(request))
     return {"embedding": result.vectors[0]}

@@ -77,7 +77,7 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
     path = await asyncio.to_thread(svc.registry.blob_file, row)
     gguf = await asyncio.to_thread(_gguf_kv, row.digest, str(path))
     answer = {
-        "modelfile": _modelfile(row, path),
+        "modelfile": _modelfile(row),
         "parameters": _parameter_lines(row.parameters or {}),
         "template": row.template,
         "system": row.system,
@@ -126,11 +126,12 @@ def _running(info: LoadedInfo, row: ModelRow) -> dict[str, Any]:
     }
 
 
-def _modelfile(row: ModelRow, path: Path) -> str:
-    """What `myllm create -f` (or Ollama's `create`) takes back to make the same model."""
-    header = f"# Modelfile of {row.name}\n# To build a new model on this one, replace FROM with:\n# FROM {row.name}\n\n"
-    return header + render(Modelfile(
-        base=str(path),
+def _modelfile(row: ModelRow) -> str:
+    """What `myllm create -f` (or Ollama's `create`) takes back to make the same model. Ollama
+    puts its blob's path in FROM; here it is the model's name (which `create` builds on just
+    the same), so no answer says where the daemon keeps its files."""
+    return f"# Modelfile of {row.name}\n\n" + render(Modelfile(
+        base=row.name,
         parameters=row.parameters or {},
         template=row.template,
         system=row.system,

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 
 from myllm.api import sse
 from myllm.api.access_log import track
-from myllm.api.auth import reloading_key
+from myllm.api.auth import keep_alive_of, reloading_key
 from myllm.api.errors import ApiError
 from myllm.api.openai_models import (
     AssistantMessage,
@@ -235,7 +235,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         body.model or svc.settings.default_model,
         _messages(body.messages),
         options,
-        keep_alive=body.keep_alive,
+        keep_alive=keep_alive_of(request, body.keep_alive),
         tools=body.tools,
         tool_choice=_tool_choice(body),
         parallel_tool_calls=body.parallel_tool_calls is not False,
@@ -337,7 +337,8 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def start(prompt: str) -> GenerationStream:
-        stream = await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=body.keep_alive,
+        stream = await svc.runtime.generate(model, prompt, options, raw=True,
+                                            keep_alive=keep_alive_of(request, body.keep_alive),
                                             caller=reloading_key(request))
         track(request, stream)
         return stream
@@ -421,7 +422,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
         inputs = [list(raw)]  # type: ignore[arg-type]
     else:
         inputs = list(raw)  # type: ignore[arg-type]
-    result = await svc.runtime.embed(body.model or svc.settings.default_model, inputs, keep_alive=body.keep_alive,
+    result = await svc.runtime.embed(body.model or svc.settings.default_model, inputs,
+                                     keep_alive=keep_alive_of(request, body.keep_alive),
                                      caller=reloading_key(request))
     if body.dimensions is not None and body.dimensions != len(result.vectors[0]):
         raise InvalidOptions(f"this model's embeddings have {len(result.vectors[0])} dimensions", field="dimensions")

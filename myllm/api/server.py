@@ -96,6 +96,14 @@ def _loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def proxy_options(settings: Settings) -> dict[str, Any]:
+    """uvicorn's handling of X-Forwarded-For/-Proto: believed only from `MYLLM_TRUSTED_PROXIES`.
+    (uvicorn's own default believes them from 127.0.0.1, so any local client could pose as any
+    address and slip past the per-address rate limits.)"""
+    trusted = [p.strip() for p in (settings.trusted_proxies or "").split(",") if p.strip()]
+    return {"proxy_headers": bool(trusted), "forwarded_allow_ips": trusted or None}
+
+
 class _Server(uvicorn.Server):
     """Graceful shutdown: on SIGTERM/Ctrl-C stop accepting, let in-flight requests run for
     `grace` seconds, then abort them so each stream ends with its API's error event (rather
@@ -168,6 +176,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
         "host": bind, "log_level": log_level,
         "access_log": False,  # myllm's own access line has the model and tokens
         "timeout_graceful_shutdown": int(settings.shutdown_grace) + 5,  # a backstop after our own abort
+        **proxy_options(settings),
     }
     config = uvicorn.Config(app, port=port or settings.port, **common)
     if not app.state.auth_required and not _loopback(bind):

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from myllm.errors import SessionBusy, StoreUnavailable
-from myllm.registry.sessions import ADMIN, SessionStore, Viewer
+from myllm.registry.sessions import ADMIN, SessionStore, Viewer, resolve
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,9 @@ class Turn:
 
     session_id: str
     holder: str
+    viewer: Viewer
+    key: str
+    """Where the session is kept (`resolve`): two keys' sessions of one id are two lines."""
     _locks: TurnLocks
     _lock: asyncio.Lock
     _done: bool = field(default=False)
@@ -56,16 +59,17 @@ class TurnLocks:
     async def acquire(self, session_id: str, kind: str, model: str, viewer: Viewer = ADMIN) -> Turn:
         """Wait for the session's turn and claim it (creating the session if it is new)."""
         deadline = time.monotonic() + self.wait
-        lock = self._locks.setdefault(session_id, asyncio.Lock())
-        self._users[session_id] = self._users.get(session_id, 0) + 1
+        key = resolve(session_id, viewer)
+        lock = self._locks.setdefault(key, asyncio.Lock())
+        self._users[key] = self._users.get(key, 0) + 1
         try:
             await asyncio.wait_for(lock.acquire(), self.wait)
         except BaseException as exc:
-            self._drop(session_id)
+            self._drop(key)
             if isinstance(exc, TimeoutError):
                 raise self._busy(session_id, "a turn on this daemon") from None
             raise
-        turn = Turn(session_id, f"{uuid.uuid4().hex[:16]}@{self.replica}"[:64], self, lock)
+        turn = Turn(session_id, f"{uuid.uuid4().hex[:16]}@{self.replica}"[:64], viewer, key, self, lock)
         try:
             pause = POLL[0]
             while (other := await asyncio.to_thread(self.store.claim, session_id, kind, model, turn.holder,
@@ -96,20 +100,20 @@ class TurnLocks:
 
     def _release(self, turn: Turn) -> None:
         try:
-            self.store.release(turn.session_id, turn.holder)
+            self.store.release(turn.session_id, turn.holder, turn.viewer)
         except StoreUnavailable:
             log.warning("could not free the claim on session %s (the database is unavailable); it lapses in %g s",
                         turn.session_id, self.lease)
 
     def _unlock(self, turn: Turn) -> None:
         turn._lock.release()
-        self._drop(turn.session_id)
+        self._drop(turn.key)
 
-    def _drop(self, session_id: str) -> None:
-        self._users[session_id] -= 1
-        if not self._users[session_id]:
-            del self._users[session_id]
-            del self._locks[session_id]
+    def _drop(self, key: str) -> None:
+        self._users[key] -= 1
+        if not self._users[key]:
+            del self._users[key]
+            del self._locks[key]
 
     async def renew_forever(self) -> None:
         """Renew the running turns' claims every third of their lease, so that only a daemon that

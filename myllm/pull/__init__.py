@@ -17,6 +17,7 @@ from myllm.pull.sources import (
     PackageSource,
     Source,
     default_name,
+    inside,
     parse_source,
 )
 from myllm.registry.gguf_check import check_gguf
@@ -52,7 +53,7 @@ def pull(
     a one-line reason; leaves no row, blob or temp file behind on failure. `local_dirs`: where
     a local file may be read from (see `check_local`); None (the CLI's own pulls): anywhere.
     """
-    source = parse_source(spec)
+    source = parse_source(spec, local_dirs)
     if local_dirs is not None and isinstance(source, FileSource):
         check_local(source.path, local_dirs)
     target = normalize(name or default_name(source))
@@ -70,8 +71,7 @@ def check_local(path: Path, local_dirs: list[Path]) -> None:
     """A client of the daemon may name a file on the daemon's machine only under the folders an
     administrator listed (`MYLLM_MODEL_DIRS`). Checked before the path is touched, and the
     refusal is the same whether the file exists or not: a client learns nothing of other files."""
-    resolved = path.expanduser().resolve()
-    if not any(resolved.is_relative_to(folder.expanduser().resolve()) for folder in local_dirs):
+    if not inside(path, local_dirs):
         raise Forbidden("local model files may only come from the folders in MYLLM_MODEL_DIRS"
                         + ("" if local_dirs else " (none are set)"))
 
@@ -88,7 +88,7 @@ def ensure_model(
     if row is not None:
         return row
     try:
-        source = parse_source(wanted)
+        source = parse_source(wanted, local_dirs)
         if quant and isinstance(source, HubSource) and not source.quant and not source.filename:
             wanted = f"{source.repo_id}:{quant}"
         return pull(registry, settings, wanted, local_dirs=local_dirs).model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,16 +77,38 @@ MAX_SOURCE = 4096
 """PATH_MAX: no path, repo or catalog name is longer."""
 
 
-def _exists(text: str) -> bool:
-    """Whether `text` names a file here; a name the OS cannot even look up (a part longer than
+def _exists(path: Path) -> bool:
+    """Whether `path` names a file here; a name the OS cannot even look up (a part longer than
     NAME_MAX, 255 bytes) names none."""
     try:
-        return Path(text).expanduser().exists()
-    except (OSError, RuntimeError):  # ENAMETOOLONG; RuntimeError: `~user` of no user
+        return path.exists()
+    except OSError:  # ENAMETOOLONG
         return False
 
 
-def parse_source(text: str) -> Source:
+def _path(text: str) -> Path:
+    """`text` as a path, `~` expanded (`~user` of no such user stays as written)."""
+    try:
+        return Path(text).expanduser()
+    except RuntimeError:
+        return Path(text)
+
+
+def inside(path: Path, folders: list[Path]) -> bool:
+    """Whether `path` lies under one of `folders`: judged first by its text alone (`..` and all),
+    so nothing outside them is touched, then with links followed."""
+    lexical = Path(os.path.abspath(path))
+    homes = [Path(os.path.abspath(_path(str(f)))) for f in folders]
+    if not any(lexical.is_relative_to(f) for f in homes):
+        return False
+    resolved = path.resolve()
+    return any(resolved.is_relative_to(f.resolve()) for f in homes)
+
+
+def parse_source(text: str, local_dirs: list[Path] | None = None) -> Source:
+    """`local_dirs`: the folders an API client may name files in (None: the CLI, anywhere).
+    Whether a text that could be a hub repo is a file is asked of the file system only inside
+    them, so a client cannot learn which paths exist elsewhere."""
     text = text.strip()
     if not text:
         raise PullError("empty source: give a catalog name, owner/repo[:QUANT], a .gguf path or pkg:NAME")
@@ -97,12 +120,14 @@ def parse_source(text: str) -> Source:
     if text in CATALOG:
         return CATALOG[text]
     if text.startswith("file:"):  # how the registry records a local source (so it can be pulled again)
-        return FileSource(Path(text[5:]).expanduser())
+        return FileSource(_path(text[5:]))
     if len(text) > MAX_SOURCE:
         raise PullError(f"a source of {len(text)} characters is longer than any path or name ({MAX_SOURCE})")
-    looks_local = text.startswith(("/", "./", "../", "~")) or _exists(text)
+    path = _path(text)
+    looks_local = text.startswith(("/", "./", "../", "~")) or (
+        (local_dirs is None or inside(path, local_dirs)) and _exists(path))
     if looks_local or (text.endswith(".gguf") and text.count("/") < 2):
-        return FileSource(Path(text).expanduser())
+        return FileSource(path)
     if m := _HUB_FILE_RE.match(text):
         if ".." in m.group(2).split("/"):
             raise PullError(f"invalid file path in {text!r}")

@@ -124,6 +124,24 @@ def _0007_replicas(op: Operations) -> None:
     )
 
 
+def _0008_session_scopes(op: Operations) -> None:
+    """A session a key made is kept under that key's scope (`id@` and 16 hex digits of the key's
+    hash: `registry/sessions.py` `stored_id`), so two keys' ids never meet. Sessions made
+    before are moved there, their messages and responses with them (ids over 111 characters,
+    which the scoped form cannot hold, stay where they are). No schema change."""
+    cols = ("id", "kind", "model", "owner", "created_at", "updated_at", "turn_holder", "turn_until")
+    sessions = sa.table("sessions", *(sa.column(c, sa.String) for c in cols))
+    scoped = sessions.c.id + "@" + sa.func.substr(sessions.c.owner, 1, 16)
+    movable = sa.and_(sessions.c.owner.is_not(None), ~sessions.c.id.contains("@"), sa.func.length(sessions.c.id) <= 111)
+    op.execute(sa.insert(sessions).from_select(cols, sa.select(scoped, *(sessions.c[c] for c in cols[1:])).where(movable)))
+    for name in ("session_messages", "responses"):
+        child = sa.table(name, sa.column("session_id", sa.String))
+        old = sa.select(sessions.c.id).where(movable)
+        new = sa.select(scoped).where(sessions.c.id == child.c.session_id).scalar_subquery()
+        op.execute(sa.update(child).where(child.c.session_id.in_(old)).values(session_id=new))
+    op.execute(sa.delete(sessions).where(movable))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
@@ -132,6 +150,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0005_responses", _0005_responses),
     ("0006_session_owner", _0006_session_owner),
     ("0007_replicas", _0007_replicas),
+    ("0008_session_scopes", _0008_session_scopes),
 ]
 
 _migrations_table = sa.Table(

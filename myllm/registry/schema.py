@@ -55,6 +55,14 @@ class ModelRow(Base):
         """The chat template in force: the registry's override, else the file's own."""
         return self.template_override or self.chat_template
 
+    @property
+    def shown_source(self) -> str | None:
+        """`source` as answers give it: a local file by its name alone (`file:model.gguf`), since
+        where it lay on the machine that pulled it is no client's business."""
+        if self.source and self.source.startswith("file:"):
+            return "file:" + self.source[5:].replace("\\", "/").rsplit("/", 1)[-1]
+        return self.source
+
 
 class SessionRow(Base):
     """A conversation kept across requests (and restarts): chat or generate history."""

@@ -18,7 +18,12 @@ from myllm.errors import InvalidOptions, ResponseNotFound, SessionNotFound, Turn
 from myllm.registry.db import retried
 from myllm.registry.schema import MessageRow, ResponseRow, SessionRow, utcnow
 
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+OWNER_TAG = 16
+"""Hex digits of the owner's key hash that scope a stored session id (`stored_id`)."""
+MAX_ID = 128 - 1 - OWNER_TAG
+"""The longest session id a client may choose: its scoped form fits the 128-character column."""
+_ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_ID - 1}}}$")
+_TAG_RE = re.compile(rf"^(?:[0-9a-f]{{{OWNER_TAG}}})?$")
 
 
 @dataclass(frozen=True)
@@ -63,31 +68,77 @@ def new_session_id() -> str:
     return str(uuid.uuid4())
 
 
-def check_session_id(session_id: str) -> str:
-    if not _ID_RE.fullmatch(session_id):
+def check_session_id(session_id: str, viewer: Viewer | None = None) -> str:
+    """A client's session id as given, if well formed (400 otherwise); with `viewer`, an admin's
+    scoped id (see `resolve`) passes too."""
+    if viewer is not None:
+        resolve(session_id, viewer)
+    elif not _ID_RE.fullmatch(session_id):
         raise InvalidOptions(
-            "session_id must be 1-128 characters of letters, digits, '.', '_', ':' or '-'", field="session_id"
+            f"session_id must be 1-{MAX_ID} characters of letters, digits, '.', '_', ':' or '-'", field="session_id"
         )
     return session_id
 
 
+def stored_id(session_id: str, owner: str | None) -> str:
+    """Where a client's session id is kept: scoped to its owner's key (`id@tag`), so two keys'
+    "s1" are two sessions and neither can take or probe the other's. Sessions made while keys
+    are off (no owner) keep the id as given."""
+    return session_id if owner is None else f"{session_id}@{owner[:OWNER_TAG]}"
+
+
+def resolve(session_id: str, viewer: Viewer) -> str:
+    """The stored id of the session `session_id` names for `viewer`: one of its own, or, for an
+    admin, anyone's by the scoped id the admin's list shows (`id@tag`; `id@` for one made while
+    keys were off). A client's id is checked here (400 when malformed)."""
+    name, at, tag = session_id.partition("@")
+    if at and viewer.admin and _ID_RE.fullmatch(name) and _TAG_RE.fullmatch(tag):
+        return name if not tag else session_id
+    return stored_id(check_session_id(session_id), viewer.key_hash)
+
+
+def shown_id(stored: str, owner: str | None, viewer: Viewer) -> str:
+    """A stored session's id as `viewer` names it (the inverse of `resolve`)."""
+    name = stored.rpartition("@")[0] if owner is not None and "@" in stored else stored
+    if owner == viewer.key_hash:
+        return name
+    return f"{name}@{owner[:OWNER_TAG] if owner else ''}"
+
+
 class SessionStore:
+    """Every method takes a session id as its caller names it and the `Viewer` asking; where it
+    is kept is `resolve`'s business."""
+
     def __init__(self, sessions: sessionmaker[Session]) -> None:
         self._sessions = sessions
 
-    def _visible(self, db: Session, session_id: str, viewer: Viewer) -> SessionRow | None:
-        """The session, None when there is none; `SessionNotFound` when it is someone else's."""
-        row = db.get(SessionRow, session_id)
+    @staticmethod
+    def _visible(db: Session, key: str, session_id: str, viewer: Viewer) -> SessionRow | None:
+        """The session stored as `key`, None when there is none; `SessionNotFound` when it is
+        someone else's (a guard: `resolve` scopes a client's ids to its own key)."""
+        row = db.get(SessionRow, key)
         if row is not None and not viewer.sees(row.owner):
             raise SessionNotFound(session_id)
         return row
 
+    @staticmethod
+    def _new(db: Session, key: str, session_id: str, kind: str, model: str, viewer: Viewer, **claim: Any) -> SessionRow:
+        """A new session of `viewer`'s. Only in its own scope: an admin naming another key's
+        session that does not exist gets `SessionNotFound`, not a session filed under that key."""
+        if key != stored_id(key.partition("@")[0], viewer.key_hash):
+            raise SessionNotFound(session_id)
+        row = SessionRow(id=key, kind=kind, model=model, owner=viewer.key_hash, created_at=utcnow(), updated_at=utcnow(),
+                         **claim)
+        db.add(row)
+        return row
+
     def history(self, session_id: str, viewer: Viewer = ADMIN) -> list[StoredMessage]:
         """The stored messages of a session, oldest first; empty for an unknown id."""
+        key = resolve(session_id, viewer)
         with self._sessions() as db:
-            self._visible(db, session_id, viewer)
+            self._visible(db, key, session_id, viewer)
             rows = db.scalars(
-                select(MessageRow).where(MessageRow.session_id == session_id).order_by(MessageRow.seq)
+                select(MessageRow).where(MessageRow.session_id == key).order_by(MessageRow.seq)
             ).all()
             return [StoredMessage(r.role, r.content, r.tokens, r.model, r.created_at) for r in rows]
 
@@ -96,17 +147,17 @@ class SessionStore:
         from now, creating the session (owned by `viewer`) if it is new. Returns None when
         claimed, else the holder of the running turn, whose claim has not lapsed. Every daemon
         over the database claims here, so two turns never run on one session at once."""
+        key = resolve(session_id, viewer)
         now = time.time()
         try:
             with self._sessions.begin() as db:
-                row = self._visible(db, session_id, viewer)
+                row = self._visible(db, key, session_id, viewer)
                 if row is None:
-                    db.add(SessionRow(id=session_id, kind=kind, model=model, owner=viewer.key_hash, created_at=utcnow(),
-                                      updated_at=utcnow(), turn_holder=holder, turn_until=now + lease))
+                    self._new(db, key, session_id, kind, model, viewer, turn_holder=holder, turn_until=now + lease)
                     return None
                 claimed = db.execute(
                     update(SessionRow)
-                    .where(SessionRow.id == session_id,
+                    .where(SessionRow.id == key,
                            or_(SessionRow.turn_holder.is_(None), SessionRow.turn_until < now))
                     .values(turn_holder=holder, turn_until=now + lease)
                 ).rowcount
@@ -121,14 +172,15 @@ class SessionStore:
                 db.execute(update(SessionRow).where(SessionRow.turn_holder.in_(holders))
                            .values(turn_until=time.time() + lease))
 
-    def release(self, session_id: str, holder: str) -> None:
+    def release(self, session_id: str, holder: str, viewer: Viewer = ADMIN) -> None:
         """End a turn that stored nothing (it failed, or its client left): the claim is freed,
         and a session its claim created, still without messages, is removed again."""
+        key = resolve(session_id, viewer)
         with self._sessions.begin() as db:
-            _end_claim(db, session_id, holder)
+            _end_claim(db, key, holder)
             db.execute(delete(SessionRow).where(
-                SessionRow.id == session_id, SessionRow.turn_holder.is_(None),
-                ~exists().where(MessageRow.session_id == session_id)))
+                SessionRow.id == key, SessionRow.turn_holder.is_(None),
+                ~exists().where(MessageRow.session_id == key)))
 
     @retried
     def append_turn(
@@ -139,19 +191,19 @@ class SessionStore:
         needed. With `holder` (the turn's claim, see `claim`) the claim is checked and ended in
         the same transaction: a turn whose claim lapsed while another turn took the session is
         `TurnLost`, never interleaved with that turn."""
+        key = resolve(session_id, viewer)
         with self._sessions.begin() as db:
-            row = self._visible(db, session_id, viewer)
+            row = self._visible(db, key, session_id, viewer)
             now = utcnow()
-            if holder is not None and not _end_claim(db, session_id, holder):
+            if holder is not None and not _end_claim(db, key, holder):
                 raise TurnLost(session_id)
             if row is None:
-                row = SessionRow(id=session_id, kind=kind, model=model, owner=viewer.key_hash, created_at=now, updated_at=now)
-                db.add(row)
+                row = self._new(db, key, session_id, kind, model, viewer)
                 db.flush()
-            last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == session_id))
+            last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == key))
             seq = (last or 0) + 1
             for offset, (role, content, tokens) in enumerate(messages):
-                db.add(MessageRow(session_id=session_id, seq=seq + offset, role=role, content=content,
+                db.add(MessageRow(session_id=key, seq=seq + offset, role=role, content=content,
                                   tokens=tokens, model=model, created_at=now))
             row.model = model
             row.updated_at = now
@@ -179,20 +231,23 @@ class SessionStore:
                 select(MessageRow.session_id, func.substr(MessageRow.content, 1, 100))
                 .join(first, (first.c.session_id == MessageRow.session_id) & (first.c.seq == MessageRow.seq))
             ).all())
-            return [SessionInfo(s.id, s.kind, s.model, s.created_at, s.updated_at, int(n), previews.get(s.id))
+            return [SessionInfo(shown_id(s.id, s.owner, viewer), s.kind, s.model, s.created_at, s.updated_at, int(n),
+                                previews.get(s.id))
                     for s, n in rows]
 
     def get(self, session_id: str, viewer: Viewer = ADMIN) -> tuple[SessionInfo, list[StoredMessage]]:
+        key = resolve(session_id, viewer)
         with self._sessions() as db:
-            row = self._visible(db, session_id, viewer)
+            row = self._visible(db, key, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
-            info = SessionInfo(row.id, row.kind, row.model, row.created_at, row.updated_at, len(row.messages))
+            info = SessionInfo(session_id, row.kind, row.model, row.created_at, row.updated_at, len(row.messages))
         return info, self.history(session_id, viewer)
 
     def delete(self, session_id: str, viewer: Viewer = ADMIN) -> None:
+        key = resolve(session_id, viewer)
         with self._sessions.begin() as db:
-            row = self._visible(db, session_id, viewer)
+            row = self._visible(db, key, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
             db.delete(row)
@@ -226,14 +281,17 @@ class ResponseStore:
         return row
 
     def conversation(self, response_id: str, viewer: Viewer = ADMIN) -> tuple[str, list[StoredMessage]]:
-        """The session of a stored response and its messages up to that response."""
+        """The session of a stored response (its id as `viewer` names it) and its messages up to
+        that response."""
         with self._sessions() as db:
             row = self._row(db, response_id, viewer)
             messages = db.scalars(
                 select(MessageRow).where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
                 .order_by(MessageRow.seq)
             ).all()
-            return row.session_id, [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at) for m in messages]
+            owner = db.get(SessionRow, row.session_id).owner  # type: ignore[union-attr]
+            return (shown_id(row.session_id, owner, viewer),
+                    [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at) for m in messages])
 
     @retried
     def store(
@@ -246,7 +304,7 @@ class ResponseStore:
         as `SessionStore.append_turn` does."""
         now = utcnow()
         with self._sessions.begin() as db:
-            session_id, upto = new_session_id(), 0
+            session_id, upto = stored_id(new_session_id(), viewer.key_hash), 0
             if previous is not None:
                 before = self._row(db, previous, viewer)
                 if holder is not None and not _end_claim(db, before.session_id, holder):

@@ -119,7 +119,7 @@ class Registry:
         if problem is None:
             return self.blobs.path(row.digest)
         if not self.blobs.exists(row.digest):
-            raise ModelFileMissing(row.name, row.digest, row.source)
+            raise ModelFileMissing(row.name, row.digest, row.shown_source)
         raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
 
     def _info(self, digest: str, path: Path, source: str) -> dict[str, Any]:

@@ -70,6 +70,24 @@ class Incident:
     problem: str
 
 
+@dataclass(frozen=True)
+class ExtendOnly:
+    """A keep-alive that may lengthen how long a model stays loaded but never shorten it: an
+    inference key's, since the model is shared (its `keep_alive: 0` would unload it under other
+    users' requests). Ollama's clients send `keep_alive` routinely, so it is ignored, not refused."""
+
+    value: str | float
+
+
+KeepAlive = str | float | ExtendOnly | None
+"""A request's keep-alive: a duration (see `parse_duration`), one that may only lengthen, or None."""
+
+
+def outlasts(new: float, current: float) -> bool:
+    """Whether keep-alive `new` keeps a model loaded longer than `current` (negative: for good)."""
+    return current >= 0 and (new < 0 or new > current)
+
+
 @dataclass
 class Crashes:
     """A model's recent runner crashes: refused until `until` once they are too many."""
@@ -156,10 +174,12 @@ class LoadedInfo:
 class Lease:
     """The right to use one loaded instance for one request. Release exactly once."""
 
-    def __init__(self, manager: ModelManager, instance: Instance, keep_alive: float | None) -> None:
+    def __init__(self, manager: ModelManager, instance: Instance, keep_alive: float | None,
+                 extend_only: bool = False) -> None:
         self._manager = manager
         self.instance = instance
         self.keep_alive = keep_alive
+        self.extend_only = extend_only
         self._released = False
 
     @property
@@ -178,7 +198,7 @@ class Lease:
     def release(self) -> None:
         if not self._released:
             self._released = True
-            self._manager._release(self.instance, self.keep_alive)
+            self._manager._release(self.instance, self.keep_alive, self.extend_only)
 
 
 class ModelManager:
@@ -360,7 +380,7 @@ class ModelManager:
     async def acquire(
         self,
         model: str | ModelRow,
-        keep_alive: str | float | None = None,
+        keep_alive: KeepAlive = None,
         num_ctx: int | None = None,
         embedding: bool = False,
         num_gpu: int | None = None,
@@ -372,7 +392,9 @@ class ModelManager:
         (None: not limited)."""
         if self._closing:
             raise ShuttingDown("the server is shutting down")
-        ka = None if keep_alive is None else parse_duration(keep_alive)
+        extend_only = isinstance(keep_alive, ExtendOnly)
+        given = keep_alive.value if isinstance(keep_alive, ExtendOnly) else keep_alive
+        ka = None if given is None else parse_duration(given)
         row = model if isinstance(model, ModelRow) else await asyncio.to_thread(self.registry.get, model)
         await self.devices()  # whether there is a GPU decides what the load key holds
         spec = self.spec_for(row, num_ctx, embedding, num_gpu)
@@ -382,14 +404,14 @@ class ModelManager:
         inst.leases += 1
         inst.expires_at = None
         inst.last_used = time.monotonic()
-        return Lease(self, inst, ka)
+        return Lease(self, inst, ka, extend_only)
 
-    def _release(self, inst: Instance, keep_alive: float | None) -> None:
+    def _release(self, inst: Instance, keep_alive: float | None, extend_only: bool = False) -> None:
         inst.leases -= 1
         inst.last_used = time.monotonic()
         if self._instances.get(inst.spec) is not inst:  # unloaded, or its runner died
             return
-        if keep_alive is not None:
+        if keep_alive is not None and (not extend_only or outlasts(keep_alive, inst.keep_alive)):
             inst.keep_alive = keep_alive
         if inst.leases == 0:
             inst.expires_at = None if inst.keep_alive < 0 else inst.last_used + inst.keep_alive
@@ -643,7 +665,7 @@ class ModelManager:
 
     # -- explicit control ------------------------------------------------------------
 
-    async def load(self, name: str, keep_alive: str | float | None = None) -> LoadedInfo:
+    async def load(self, name: str, keep_alive: KeepAlive = None) -> LoadedInfo:
         lease = await self.acquire(name, keep_alive=keep_alive)
         info = self._info(lease.instance)
         lease.release()

@@ -21,7 +21,7 @@ from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
 from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
 from myllm.runtime.grammar import format_grammar
-from myllm.runtime.manager import Lease, LoadedInfo, ModelManager
+from myllm.runtime.manager import KeepAlive, Lease, LoadedInfo, ModelManager
 from myllm.runtime.options import GenerationOptions
 from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.schema_size import SchemaLimits
@@ -239,7 +239,7 @@ class Runtime:
 
     # -- which models are loaded (the API's load/unload/ps routes) ----------------------------
 
-    async def load(self, name: str, keep_alive: str | float | None = None, *, caller: str | None = None) -> LoadedInfo:
+    async def load(self, name: str, keep_alive: KeepAlive = None, *, caller: str | None = None) -> LoadedInfo:
         """Load `name` now (as a request would) and report it. `caller`, here and on every call
         that may load a model: the key whose loads count against MYLLM_RELOADS_PER_KEY (None: not limited)."""
         return await self.manager.load(name, keep_alive=keep_alive, caller=caller)
@@ -296,7 +296,7 @@ class Runtime:
         messages: list[dict[str, Any]],
         options: GenerationOptions | None = None,
         *,
-        keep_alive: str | float | None = None,
+        keep_alive: KeepAlive = None,
         trim: bool = False,
         count: list[str] | None = None,
         prefill: str = "",
@@ -376,7 +376,7 @@ class Runtime:
         *,
         system: str | None = None,
         raw: bool = False,
-        keep_alive: str | float | None = None,
+        keep_alive: KeepAlive = None,
         history: list[tuple[str, str]] | None = None,
         count: list[str] | None = None,
         caller: str | None = None,
@@ -413,7 +413,7 @@ class Runtime:
         prompt: _Prompt,
         opts: GenerationOptions,
         *,
-        keep_alive: str | float | None,
+        keep_alive: KeepAlive,
         count: list[str] | None,
         schema_field: str = "format",
         caller: str | None,
@@ -449,7 +449,7 @@ class Runtime:
         return stream
 
     async def embed(
-        self, model: str, texts: list[str | list[int]], keep_alive: str | float | None = None, *, truncate: bool = False,
+        self, model: str, texts: list[str | list[int]], keep_alive: KeepAlive = None, *, truncate: bool = False,
         caller: str | None = None,
     ) -> Embeddings:
         """One vector per input. An input longer than the model's batch is refused, or with
