@@ -31,8 +31,10 @@ EMBED_BOUND = 256
 
 @pytest.fixture(scope="module")
 def h(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hostile]:
+    # Bodies may nest deeper than schemas here, so the 200-deep schema meets the schema's own bound
+    # (the body's, MYLLM_MAX_JSON_DEPTH, is the runner cases' test).
     with hostile_daemon(models_home, tmp_path_factory.mktemp("input") / "home",
-                        MYLLM_MAX_EMBED_INPUTS=str(EMBED_BOUND)) as hostile:
+                        MYLLM_MAX_EMBED_INPUTS=str(EMBED_BOUND), MYLLM_MAX_JSON_DEPTH="512") as hostile:
         yield hostile
 
 
