@@ -665,8 +665,8 @@ class ModelManager:
 
     # -- explicit control ------------------------------------------------------------
 
-    async def load(self, name: str, keep_alive: KeepAlive = None) -> LoadedInfo:
-        lease = await self.acquire(name, keep_alive=keep_alive)
+    async def load(self, name: str, keep_alive: KeepAlive = None, caller: str | None = None) -> LoadedInfo:
+        lease = await self.acquire(name, keep_alive=keep_alive, caller=caller)
         info = self._info(lease.instance)
         lease.release()
         return info
