@@ -239,6 +239,7 @@ class ModelCrashed(MyLLMError):
         super().__init__(message)
         self.retry_after = retry_after
 
+
 # -- uploads (issue 27) ---------------------------------------------------------------------
 
 
