@@ -107,15 +107,15 @@ class Pool:
     def _work(self) -> None:
         while (job := self._jobs.get()) is not None:
             call, done = job
+            result: Any = None
+            error: BaseException | None = None
             try:
-                result: Any = call()
+                result = call()
             except BaseException as exc:  # noqa: BLE001 (handed to the caller, whatever it is)
-                done(None, exc)
-            else:
-                done(result, None)
-            finally:
-                with self._lock:
-                    self._pending -= 1
+                error = exc
+            with self._lock:  # before the caller hears: its place is free when it does
+                self._pending -= 1
+            done(result, error)
 
 
 def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:

@@ -34,7 +34,7 @@ from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides
 from myllm.runtime.manager import LoadedInfo
 from myllm.runtime.options import PARAMETERS, stored_parameter
-from myllm.registry.chat_templates import check_template
+from myllm.registry.chat_templates import Deadline, check_template
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -252,9 +252,12 @@ async def create(body: CreateRequest, request: Request) -> Response:
     request's Modelfile settings; an existing model of that name is replaced. The row and
     its settings are written in one transaction (`Registry.copy` / `register_blob`)."""
     require_admin(request, "creating a model")
+    svc = services(request)
     overrides = _overrides(body)
     digest = _uploaded_digest(body)
-    return await answer(_create_events(services(request), body, overrides, digest), body.stream)
+    if body.template is not None:  # a template that loops or explodes is refused here, not at a chat
+        await svc.runtime.prepare.run(lambda deadline: _check_template(body.template or "", deadline))
+    return await answer(_create_events(svc, body, overrides, digest), body.stream)
 
 
 async def _create_events(
@@ -285,6 +288,16 @@ def _uploaded_digest(body: CreateRequest) -> str | None:
     return parse_digest(next(iter(body.files.values())))
 
 
+def _check_template(template: str, deadline: Deadline) -> None:
+    """`check_template` on the prompt pool (it renders the template several times: not on the
+    event loop), stopped when the client leaves."""
+    try:
+        check_template(template, deadline.cancelled)
+    except TemplateSyntaxError as exc:
+        message = f"'template' is not a valid Jinja2 chat template: {exc.message}"
+        raise InvalidOptions(message, field="template") from None
+
+
 def _overrides(body: CreateRequest) -> Overrides:
     """The request's Modelfile settings as the registry keeps them, checked as `myllm create`
     checks a Modelfile's lines."""
@@ -293,12 +306,6 @@ def _overrides(body: CreateRequest) -> Overrides:
         if name not in PARAMETERS:
             message = f"unknown parameter {name!r} (use {', '.join(PARAMETERS)})"
             raise InvalidOptions(message, field=f"parameters.{name}")
-    if body.template is not None:
-        try:
-            check_template(body.template)  # a template that loops or explodes is refused here, not at a chat
-        except TemplateSyntaxError as exc:
-            message = f"'template' is not a valid Jinja2 chat template: {exc.message}"
-            raise InvalidOptions(message, field="template") from None
     return Overrides(
         parameters={name: stored_parameter(name, value) for name, value in given.items()},
         system=body.system,

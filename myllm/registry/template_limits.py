@@ -143,7 +143,7 @@ def _int(value: Any) -> int:
 def _width(text: str) -> int:
     """A width or precision written in a format spec (too many digits to be sensible: refused)."""
     if len(text) > 9:
-        raise _refuse("formats with a width larger than its limit")
+        raise _refuse("formats with a width larger than its limit (9 digits)")
     return int(text)
 
 
@@ -185,14 +185,14 @@ def estimate_binop(operator: str, left: Any, right: Any) -> None:
     if operator == "*":
         if isinstance(left, int) and isinstance(right, int):
             if left.bit_length() + right.bit_length() > MAX_INT_BITS:
-                raise _refuse(f"multiplies integers past {MAX_INT_BITS} bits")
+                raise _refuse(f"multiplies integers past its limit ({MAX_INT_BITS} bits)")
             return
         for seq, times in ((left, right), (right, left)):
             if isinstance(seq, (str, bytes, list, tuple)) and isinstance(times, int):
                 check((1 if isinstance(seq, (str, bytes)) else ITEM) * len(seq) * max(times, 0), "repeats a value")
     elif operator == "**":
         if isinstance(left, int) and isinstance(right, int) and right > 0 and max(left.bit_length(), 1) * right > MAX_INT_BITS:
-            raise _refuse(f"raises a number past {MAX_INT_BITS} bits")
+            raise _refuse(f"raises a number past its limit ({MAX_INT_BITS} bits)")
     elif operator == "+":
         if isinstance(left, (str, bytes)) and isinstance(right, (str, bytes)):
             check(len(left) + len(right), "concatenates a string")
@@ -290,7 +290,7 @@ def estimate_items_join(separator: Any, items: list[Any]) -> int:
 def _tojson(a: dict[str, Any]) -> int:
     indent = a.get("indent")
     if indent is not None and not 0 <= _int(indent) <= 16:
-        raise _refuse("indents JSON by more than 16")
+        raise _refuse("indents JSON by more than its limit (16)")
     chars, items, depth = shape(a["value"])
     return 6 * chars + items * (1 + _int(indent) * depth)
 
