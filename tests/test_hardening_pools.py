@@ -297,13 +297,13 @@ def test_uploads_are_bounded_in_size_and_swept_when_no_model_uses_them(uploads_d
         files[name] = tmp_path / name
         files[name].write_bytes(os.urandom(size))
     with still_answering(h):
+        with pytest.raises(ollama.ResponseError) as large:
+            client.create_blob(files["huge"])
+        assert large.value.status_code == 413
         uploaded = [client.create_blob(files["a"]), client.create_blob(files["b"])]
         with pytest.raises(ollama.ResponseError) as full:  # 3 MiB no model uses are stored
             client.create_blob(files["c"])
         assert full.value.status_code == 507
-        with pytest.raises(ollama.ResponseError) as large:
-            client.create_blob(files["huge"])
-        assert large.value.status_code == 413
         for _ in range(60):  # swept after MYLLM_BLOB_TTL (6 s), checked every 3 s
             if not any(client._client.head(f"/api/blobs/{d}").status_code == 200 for d in uploaded):
                 break

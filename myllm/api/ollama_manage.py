@@ -333,5 +333,6 @@ async def upload_blob(digest: str, request: Request) -> Response:
     507). Nothing is registered until `create` names it."""
     require_admin(request, "uploading a blob")
     hexdigest = parse_digest(digest)
-    created = await services(request).uploads.receive(hexdigest, request.stream())
+    length = request.headers.get("content-length")
+    created = await services(request).uploads.receive(hexdigest, request.stream(), int(length) if length else None)
     return Response(status_code=201 if created else 200)

@@ -40,10 +40,13 @@ class Uploads:
         self.receiving = 0
         """Bytes the uploads in progress have received."""
 
-    async def receive(self, digest: str, body: AsyncIterator[bytes]) -> bool:
+    async def receive(self, digest: str, body: AsyncIterator[bytes], length: int | None = None) -> bool:
         """Store `body` as the blob `digest` (hex, already checked) if it hashes to it, else
         `IntegrityError` and nothing kept. True when it was stored now, False when the store had
-        it (the body is read whole either way: the client sends it)."""
+        it (the body is read whole either way: the client sends it). A `length` the client
+        announced is checked against the size bound before anything is read."""
+        if length is not None and length > self.max_size:
+            raise self._too_large()
         if self.active >= self.slots:
             raise TooManyUploads(f"{self.active} uploads are in progress (MYLLM_MAX_UPLOADS); try again shortly")
         self.active += 1
@@ -54,6 +57,8 @@ class Uploads:
                     pass
                 return False
             unused = sum(stat.st_size for stat in (await pool.run(self.registry.unused_blobs)).values())
+            if length is not None and unused + self.receiving + length > self.max_staged:
+                raise self._full()
             staging = await pool.run(blobs.open_staging)
             try:
                 await self._write(body, staging, unused)
@@ -76,8 +81,7 @@ class Uploads:
                 received += len(chunk)
                 self.receiving += len(chunk)
                 if unused + self.receiving > self.max_staged:
-                    raise StagingFull(f"uploads no model uses would pass {self.max_staged} bytes "
-                                      "(MYLLM_MAX_STAGED_UPLOADS); create models from the uploaded blobs first")
+                    raise self._full()
                 pending.append(chunk)
                 buffered += len(chunk)
                 if buffered >= CHUNK:
@@ -101,8 +105,15 @@ class Uploads:
                 return
             size += len(chunk)
             if size > self.max_size:
-                raise UploadTooLarge(f"the upload is larger than {self.max_size} bytes (MYLLM_MAX_UPLOAD_SIZE)")
+                raise self._too_large()
             yield chunk
+
+    def _too_large(self) -> UploadTooLarge:
+        return UploadTooLarge(f"the upload is larger than {self.max_size} bytes (MYLLM_MAX_UPLOAD_SIZE)")
+
+    def _full(self) -> StagingFull:
+        return StagingFull(f"uploads no model uses would pass {self.max_staged} bytes (MYLLM_MAX_STAGED_UPLOADS); "
+                           "create models from the uploaded blobs first")
 
     async def sweep_forever(self) -> None:
         """Remove blobs no model uses once they are `ttl` seconds old, checking every half TTL
