@@ -238,3 +238,38 @@ class ModelCrashed(MyLLMError):
         """`retry_after`: the seconds left of the model's crash back-off, when it is refused for one."""
         super().__init__(message)
         self.retry_after = retry_after
+
+
+# -- uploads (issue 27) ---------------------------------------------------------------------
+
+
+class TooManyUploads(MyLLMError):
+    """Every upload slot (MYLLM_MAX_UPLOADS) is taken; retry later."""
+
+    status = 429
+    code = "too_many_uploads"
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class UploadTooLarge(MyLLMError):
+    """An upload passed MYLLM_MAX_UPLOAD_SIZE; what it had sent is removed."""
+
+    status = 413
+    code = "upload_too_large"
+
+
+class StagingFull(MyLLMError):
+    """Uploads no model uses (being received or stored) would pass MYLLM_MAX_STAGED_UPLOADS."""
+
+    status = 507
+    code = "insufficient_storage"
+
+
+class UploadStalled(MyLLMError):
+    """An upload sent nothing for MYLLM_UPLOAD_IDLE_TIMEOUT seconds; what it had sent is removed."""
+
+    status = 408
+    code = "upload_timeout"

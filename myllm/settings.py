@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import ByteSize, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -199,6 +199,42 @@ class Settings(BaseSettings):
         default="10/minute", description="Requests with a wrong API key one client address may send, e.g. 10/minute; "
         "past it, every request from that address gets 429 with Retry-After until its budget refills, a right key's "
         "too (so a guesser learns nothing). Clients behind one address share it. Empty: no limit."
+    )
+
+    # Pools and uploads (issue 27)
+    db_threads: int = Field(
+        default=8, ge=1, le=256, description="Threads that run database calls (registry, sessions) off the event loop. "
+        "A PostgreSQL pool keeps a connection for each of these, blob and pull threads."
+    )
+    blob_threads: int = Field(
+        default=4, ge=1, le=256, description="Threads for blob I/O (hashing and reading model files, writing uploads, "
+        "registering an uploaded blob), apart from the database's, so slow disks never hold up database calls."
+    )
+    max_pulls: int = Field(
+        default=2, ge=1, le=64, description="Pulls (`/api/pull`, `/load_model`) that download at once; more wait in line."
+    )
+    pool_queue: int = Field(
+        default=256, ge=1, description="Calls that may wait for each pool's threads (database, blobs, pulls); past it, 503."
+    )
+    max_uploads: int = Field(
+        default=4, ge=1, le=1024, description="Blob uploads (`POST /api/blobs`) received at once; past it, 429 with "
+        "Retry-After."
+    )
+    upload_idle_timeout: float = Field(
+        default=60.0, gt=0, le=3600, description="Seconds an upload may go without sending a byte; past it, it is "
+        "dropped (408) and its staged bytes removed."
+    )
+    max_upload_size: ByteSize = Field(
+        default=ByteSize(64 << 30), ge=1, description="Largest blob upload, e.g. 64GiB; past it, 413 and its staged "
+        "bytes removed."
+    )
+    max_staged_uploads: ByteSize = Field(
+        default=ByteSize(128 << 30), ge=1, description="Bytes of uploads no model uses, being received or stored "
+        "(uploaded but not yet created); an upload that would pass it gets 507."
+    )
+    blob_ttl: float = Field(
+        default=3600.0, gt=0, description="Seconds an uploaded blob that no model uses is kept for the `create` that "
+        "names it; then it is removed. Blobs a model uses are never removed."
     )
 
     @property

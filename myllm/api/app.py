@@ -41,6 +41,7 @@ from myllm.api.turns import TurnLocks
 from myllm.registry.choices import Choices
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
+from myllm.registry.uploads import Uploads
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 
@@ -95,22 +96,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime.manager.events = app.state.metrics
         await runtime.start()
         sessions = SessionStore(registry.sessions)
-        turns = TurnLocks(sessions, replica_id(settings), settings.turn_wait, settings.turn_lease)
+        turns = TurnLocks(sessions, replica_id(settings), settings.turn_wait, settings.turn_lease, registry.pools.db)
+        uploads = Uploads(registry, settings)
         app.state.services = Services(
             settings, registry, runtime, sessions, ResponseStore(registry.sessions), time.monotonic(), turns,
-            Choices(registry.sessions),
+            Choices(registry.sessions), uploads,
         )
         for sibling in app.state.siblings:  # other listeners serve from the same services
             sibling.state.services = app.state.services
         app.state.ready = True
-        checker = asyncio.create_task(asyncio.to_thread(_check_blobs, registry))
+        checker = asyncio.create_task(registry.pools.blobs.run(_check_blobs, registry))
         renewer = asyncio.create_task(turns.renew_forever())
+        sweeper = asyncio.create_task(uploads.sweep_forever())
         try:
             yield
         finally:
             app.state.ready = False
             checker.cancel()
             renewer.cancel()
+            sweeper.cancel()
             await runtime.close()
             registry.close()
 

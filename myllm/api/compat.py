@@ -4,7 +4,6 @@ both shapes' keys: `{"status": "error", "message", "detail", "error_code"}`."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import platform
 import time
@@ -91,7 +90,7 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
     wanted = (body.model_name if body else None) or svc.settings.default_model
     admin = caller_of(request.scope).admin
     if admin:
-        row = await asyncio.to_thread(ensure_model, svc.registry, svc.settings, wanted, None, svc.settings.local_model_dirs)
+        row = await svc.pools.pulls.run(ensure_model, svc.registry, svc.settings, wanted, None, svc.settings.local_model_dirs)
     else:
         try:
             row = await svc.runtime.model(wanted)
@@ -100,7 +99,7 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
     name = row.name
     await svc.runtime.load(name, keep_alive=-1, caller=reloading_key(request))
     if admin:
-        await asyncio.to_thread(svc.choices.put, SERVICE_MODEL, name)
+        await svc.pools.db.run(svc.choices.put, SERVICE_MODEL, name)
     return StatusMessage(status="success", message=f"Model {wanted} loaded successfully")
 
 
@@ -108,7 +107,7 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
 async def model_status(request: Request) -> ModelStatus:
     svc = services(request)
     name = await svc.legacy_model()
-    mine = _loaded(svc, await asyncio.to_thread(svc.registry.find, name))
+    mine = _loaded(svc, await svc.pools.db.run(svc.registry.find, name))
     return ModelStatus(status="success", model_loaded=mine is not None, model_name=name,
                        device=mine.device if mine else "cpu")
 
@@ -148,7 +147,7 @@ async def _start(svc: Services, body: GenerateRequest, plan: _Plan, candidates: 
     """`candidates`: every generated position carries its top `plan.top_k` candidates (the LLM
     service's `/generate`); otherwise text only (`/stream`)."""
     name = body.model or await svc.legacy_model()
-    if body.model is None and await asyncio.to_thread(svc.registry.find, name) is None:
+    if body.model is None and await svc.pools.db.run(svc.registry.find, name) is None:
         raise ModelNotLoaded("Model is not loaded. Load one with POST /load_model.")
     try:
         if candidates:
@@ -228,7 +227,7 @@ async def stream(body: GenerateRequest, request: Request) -> Response:
 async def status(request: Request) -> dict[str, Any]:
     svc = services(request)
     name = await svc.legacy_model()
-    row = await asyncio.to_thread(svc.registry.find, name)
+    row = await svc.pools.db.run(svc.registry.find, name)
     loaded = svc.runtime.loaded()
     mine = _loaded(svc, row)
     memory = psutil.virtual_memory()

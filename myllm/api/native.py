@@ -3,7 +3,6 @@ the document's JSON and Server-Sent Events."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
@@ -58,7 +57,8 @@ router = APIRouter(responses=ERRORS)
 
 @router.get("/", response_model=ServerInfo, response_model_exclude_none=True, tags=["MyLLM"])
 async def root(request: Request) -> ServerInfo:
-    count = await asyncio.to_thread(services(request).registry.count)
+    svc = services(request)
+    count = await svc.pools.db.run(svc.registry.count)
     ollama_port = getattr(request.app.state, "ollama_port", None)
     return ServerInfo(name="MyLLM", version=__version__, status="running", models_available=count, ollama_port=ollama_port)
 
@@ -94,8 +94,8 @@ def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, An
 @router.get("/api/models", response_model=ModelList, tags=["MyLLM"])
 async def list_models(request: Request) -> ModelList:
     svc = services(request)
-    rows = await asyncio.to_thread(svc.registry.list)
-    problems = await asyncio.to_thread(lambda: [svc.registry.problem(r) for r in rows])
+    rows = await svc.pools.db.run(svc.registry.list)
+    problems = await svc.pools.blobs.run(lambda: [svc.registry.problem(r) for r in rows])
     return ModelList(models=[ModelInfo(**model_info(r, svc.runtime.is_loaded(r.name), p)) for r, p in zip(rows, problems)])
 
 
@@ -103,7 +103,7 @@ async def list_models(request: Request) -> ModelList:
 async def get_model(model_name: str, request: Request) -> ModelDetail:
     svc = services(request)
     row = await svc.runtime.model(model_name)
-    problem = await asyncio.to_thread(svc.registry.problem, row)
+    problem = await svc.pools.blobs.run(svc.registry.problem, row)
     return ModelDetail(
         **model_info(row, svc.runtime.is_loaded(row.name), problem),
         architecture=row.architecture, parameter_count=row.parameter_count, parameter_size=row.parameter_size,
@@ -216,7 +216,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     answered_for(request, session_id)
     turn = await svc.turns.acquire(session_id, "chat", model, viewer(request))
     try:
-        stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request)) if named else []
+        stored = await svc.pools.db.run(svc.sessions.history, session_id, viewer(request)) if named else []
         earlier = [{"role": m.role, "content": m.content} for m in stored]
         stream = await svc.runtime.chat(
             model,
@@ -235,7 +235,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     async def save(done: DoneEvent) -> None:
         messages = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
         messages.append(("assistant", done.text, done.completion_tokens))
-        await asyncio.to_thread(svc.sessions.append_turn, session_id, "chat", stream.model, messages, viewer(request),
+        await svc.pools.db.run(svc.sessions.append_turn, session_id, "chat", stream.model, messages, viewer(request),
                                 turn.holder)
 
     if body.stream:
@@ -260,7 +260,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     release = turn.release if turn else (lambda: None)
     try:
         if session_id:
-            stored = await asyncio.to_thread(svc.sessions.history, session_id, viewer(request))
+            stored = await svc.pools.db.run(svc.sessions.history, session_id, viewer(request))
             history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
         stream = await svc.runtime.generate(
             model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
@@ -275,7 +275,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     async def save(done: DoneEvent) -> None:
         if session_id and turn:
             messages = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
-            await asyncio.to_thread(svc.sessions.append_turn, session_id, "generate", stream.model, messages,
+            await svc.pools.db.run(svc.sessions.append_turn, session_id, "generate", stream.model, messages,
                                     viewer(request), turn.holder)
 
     if body.stream:
@@ -308,13 +308,15 @@ def _summary(info: SessionInfo) -> SessionSummary:
 
 @router.get("/api/sessions", response_model=SessionList, tags=["Sessions"])
 async def list_sessions(request: Request) -> SessionList:
-    infos = await asyncio.to_thread(services(request).sessions.list, viewer(request))
+    svc = services(request)
+    infos = await svc.pools.db.run(svc.sessions.list, viewer(request))
     return SessionList(sessions=[_summary(i) for i in infos])
 
 
 @router.get("/api/sessions/{session_id}", response_model=SessionDetail, tags=["Sessions"])
 async def get_session(session_id: str, request: Request) -> SessionDetail:
-    info, messages = await asyncio.to_thread(services(request).sessions.get, session_id, viewer(request))
+    svc = services(request)
+    info, messages = await svc.pools.db.run(svc.sessions.get, session_id, viewer(request))
     return SessionDetail(
         **_summary(info).model_dump(),
         messages=[
@@ -326,5 +328,6 @@ async def get_session(session_id: str, request: Request) -> SessionDetail:
 
 @router.delete("/api/sessions/{session_id}", response_model=StatusMessage, tags=["Sessions"])
 async def delete_session(session_id: str, request: Request) -> StatusMessage:
-    await asyncio.to_thread(services(request).sessions.delete, session_id, viewer(request))
+    svc = services(request)
+    await svc.pools.db.run(svc.sessions.delete, session_id, viewer(request))
     return StatusMessage(status="success", message=f"Session '{session_id}' deleted")

@@ -6,8 +6,6 @@ runtime and `pull` and back to Ollama's shapes. Errors are `{"error": "..."}` wi
 
 from __future__ import annotations
 
-import asyncio
-import io
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -15,7 +13,7 @@ from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -36,7 +34,7 @@ from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides
 from myllm.runtime.manager import LoadedInfo
 from myllm.runtime.options import PARAMETERS, stored_parameter
-from myllm.registry.chat_templates import check_template
+from myllm.registry.chat_templates import Deadline, check_template
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -60,7 +58,7 @@ _STAGE_STATUS = {
 
 @router.get("/api/tags")
 async def tags(request: Request) -> dict[str, Any]:
-    rows = await asyncio.to_thread(services(request).registry.list)
+    rows = await services(request).pools.db.run(services(request).registry.list)
     return {"models": [
         {"name": r.name, "model": r.name, "modified_at": _utc(r.modified_at), "size": r.size, "digest": r.digest,
          "details": _details(r)}
@@ -74,8 +72,8 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
     official Python client requires it)."""
     svc = services(request)
     row = await svc.runtime.model(body.model)
-    path = await asyncio.to_thread(svc.registry.blob_file, row)
-    gguf = await asyncio.to_thread(_gguf_kv, row.digest, str(path))
+    path = await svc.pools.blobs.run(svc.registry.blob_file, row)
+    gguf = await svc.pools.blobs.run(_gguf_kv, row.digest, str(path))
     answer = {
         "modelfile": _modelfile(row),
         "parameters": _parameter_lines(row.parameters or {}),
@@ -95,7 +93,7 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
 async def ps(request: Request) -> dict[str, Any]:
     svc = services(request)
     loaded = svc.runtime.loaded()
-    rows = {r.name: r for r in await asyncio.to_thread(svc.registry.list)} if loaded else {}
+    rows = {r.name: r for r in await svc.pools.db.run(svc.registry.list)} if loaded else {}
     return {"models": [_running(m, rows[m.name]) for m in loaded if m.name in rows]}
 
 
@@ -187,7 +185,8 @@ def _utc(moment: datetime) -> datetime:
 async def copy(body: CopyRequest, request: Request) -> Response:
     """As in Ollama, an existing destination is replaced."""
     require_admin(request, "copying a model")
-    await asyncio.to_thread(services(request).registry.copy, body.source, body.destination, replace=True)
+    svc = services(request)
+    await svc.pools.blobs.run(svc.registry.copy, body.source, body.destination, replace=True)
     return Response()
 
 
@@ -199,7 +198,7 @@ async def delete(body: ModelRequest, request: Request) -> Response:
     row = await svc.runtime.model(body.model)
     if svc.runtime.is_loaded(row.name):
         await svc.runtime.unload(row.name)
-    await asyncio.to_thread(svc.registry.remove, row.name)
+    await svc.pools.blobs.run(svc.registry.remove, row.name)
     return Response()
 
 
@@ -219,7 +218,7 @@ async def _pull_events(svc: Services, spec: str, name: str | None) -> AsyncItera
     move, so an unknown one fails before the first object: an error status, not a line.
     `success` also names the model it registered (an extension the CLI reads)."""
     work = ProgressWork(lambda progress: pull(svc.registry, svc.settings, spec, name=name, progress=progress,
-                                              local_dirs=svc.settings.local_model_dirs))
+                                              local_dirs=svc.settings.local_model_dirs), svc.pools.pulls)
     updates = work.updates()
     update = await anext(updates, None)
     yield {"status": "pulling manifest"}
@@ -253,19 +252,22 @@ async def create(body: CreateRequest, request: Request) -> Response:
     request's Modelfile settings; an existing model of that name is replaced. The row and
     its settings are written in one transaction (`Registry.copy` / `register_blob`)."""
     require_admin(request, "creating a model")
+    svc = services(request)
     overrides = _overrides(body)
     digest = _uploaded_digest(body)
-    return await answer(_create_events(services(request), body, overrides, digest), body.stream)
+    if body.template is not None:  # a template that loops or explodes is refused here, not at a chat
+        await svc.runtime.prepare.run(lambda deadline: _check_template(body.template or "", deadline))
+    return await answer(_create_events(svc, body, overrides, digest), body.stream)
 
 
 async def _create_events(
     svc: Services, body: CreateRequest, overrides: Overrides, digest: str | None
 ) -> AsyncIterator[dict[str, Any]]:
     if digest is None:
-        row = await asyncio.to_thread(svc.registry.copy, str(body.from_), body.model, overrides, replace=True)
+        row = await svc.pools.blobs.run(svc.registry.copy, str(body.from_), body.model, overrides, replace=True)
     else:
         source = f"upload:{next(iter(body.files or {}))}"
-        row = await asyncio.to_thread(svc.registry.register_blob, body.model, digest, source, overrides)
+        row = await svc.pools.blobs.run(svc.registry.register_blob, body.model, digest, source, overrides)
     yield {"status": f"using existing layer sha256:{row.digest}"}
     yield {"status": "writing manifest"}
     yield {"status": "success"}
@@ -286,6 +288,16 @@ def _uploaded_digest(body: CreateRequest) -> str | None:
     return parse_digest(next(iter(body.files.values())))
 
 
+def _check_template(template: str, deadline: Deadline) -> None:
+    """`check_template` on the prompt pool (it renders the template several times: not on the
+    event loop), stopped when the client leaves."""
+    try:
+        check_template(template, deadline.cancelled)
+    except TemplateSyntaxError as exc:
+        message = f"'template' is not a valid Jinja2 chat template: {exc.message}"
+        raise InvalidOptions(message, field="template") from None
+
+
 def _overrides(body: CreateRequest) -> Overrides:
     """The request's Modelfile settings as the registry keeps them, checked as `myllm create`
     checks a Modelfile's lines."""
@@ -294,12 +306,6 @@ def _overrides(body: CreateRequest) -> Overrides:
         if name not in PARAMETERS:
             message = f"unknown parameter {name!r} (use {', '.join(PARAMETERS)})"
             raise InvalidOptions(message, field=f"parameters.{name}")
-    if body.template is not None:
-        try:
-            check_template(body.template)  # a template that loops or explodes is refused here, not at a chat
-        except TemplateSyntaxError as exc:
-            message = f"'template' is not a valid Jinja2 chat template: {exc.message}"
-            raise InvalidOptions(message, field="template") from None
     return Overrides(
         parameters={name: stored_parameter(name, value) for name, value in given.items()},
         system=body.system,
@@ -314,50 +320,19 @@ def _overrides(body: CreateRequest) -> Overrides:
 
 @router.head("/api/blobs/{digest:path}")
 async def blob_exists(digest: str, request: Request) -> Response:
-    if not services(request).registry.blobs.exists(parse_digest(digest)):
+    registry = services(request).registry
+    if not await registry.pools.blobs.run(registry.blobs.exists, parse_digest(digest)):
         raise BlobNotFound(f"blob {digest} not found")
     return Response()
 
 
 @router.post("/api/blobs/{digest:path}")
 async def upload_blob(digest: str, request: Request) -> Response:
-    """The body streams into the blob store's staging, hashed as it comes (in a worker
-    thread), and is kept only if it matches `digest` (else 400, nothing kept): 201, or 200
-    when the store has the blob already. Nothing is registered until `create` names it."""
+    """The body is kept only if it hashes to `digest` (else 400, nothing kept): 201, or 200
+    when the store has the blob already; bounded as `registry/uploads.py` says (429, 408, 413,
+    507). Nothing is registered until `create` names it."""
     require_admin(request, "uploading a blob")
     hexdigest = parse_digest(digest)
-    blobs = services(request).registry.blobs
-    if blobs.exists(hexdigest):
-        async for _ in request.stream():  # the client sends it whole either way
-            pass
-        return Response()
-    body = _BlockingBody(request, asyncio.get_running_loop())
-    staged = await asyncio.to_thread(blobs.stage_stream, cast(BinaryIO, body))
-    blobs.commit(staged, hexdigest)
-    return Response(status_code=201)
-
-
-class _BlockingBody(io.RawIOBase):
-    """A request's body as a blocking file, for `BlobStore.stage_stream` in a worker thread:
-    a read waits for the next chunk the event loop receives."""
-
-    def __init__(self, request: Request, loop: asyncio.AbstractEventLoop) -> None:
-        self._chunks = request.stream()
-        self._loop = loop
-        self._pending = b""
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        while not self._pending:
-            chunk = asyncio.run_coroutine_threadsafe(self._next(), self._loop).result()
-            if chunk is None:
-                return b""
-            self._pending = chunk
-        count = len(self._pending) if size < 0 else size
-        out, self._pending = self._pending[:count], self._pending[count:]
-        return out
-
-    async def _next(self) -> bytes | None:
-        return await anext(self._chunks, None)
+    length = request.headers.get("content-length")
+    created = await services(request).uploads.receive(hexdigest, request.stream(), int(length) if length else None)
+    return Response(status_code=201 if created else 200)

@@ -92,7 +92,8 @@ def model_object(row: ModelRow) -> ModelObject:
 async def list_models(request: Request) -> ModelListObject:
     import asyncio
 
-    rows = await asyncio.to_thread(services(request).registry.list)
+    svc = services(request)
+    rows = await svc.pools.db.run(svc.registry.list)
     return ModelListObject(data=[model_object(r) for r in rows])
 
 

@@ -5,7 +5,6 @@ Errors are rendered by the `/v1` renderer (OpenAI's shape)."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import secrets
 import time
@@ -201,7 +200,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     earlier: list[dict[str, Any]] = []
     session: str | None = None
     if body.previous_response_id:
-        session, stored = await asyncio.to_thread(svc.responses.conversation, body.previous_response_id, viewer(request))
+        session, stored = await svc.pools.db.run(svc.responses.conversation, body.previous_response_id, viewer(request))
         earlier = _history(stored)
     model = body.model or svc.settings.default_model
     turn = await svc.turns.acquire(session, "responses", model, viewer(request)) if session else None
@@ -222,7 +221,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     async def finish(done: DoneEvent) -> dict[str, Any]:
         response = _response(body, rid, created, stream.model, "completed", _output(done.text, stream.tool_calls, msg_id), done)
         if body.store:
-            await asyncio.to_thread(svc.responses.store, response, body.previous_response_id, stream.model,
+            await svc.pools.db.run(svc.responses.store, response, body.previous_response_id, stream.model,
                                     _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request),
                                     turn and turn.holder)
         return response
@@ -289,10 +288,12 @@ async def _events(body: ResponseRequest, stream: GenerationStream, rid: str, cre
 
 @router.get("/responses/{response_id}")
 async def get_response(response_id: str, request: Request) -> dict[str, Any]:
-    return await asyncio.to_thread(services(request).responses.get, response_id, viewer(request))
+    svc = services(request)
+    return await svc.pools.db.run(svc.responses.get, response_id, viewer(request))
 
 
 @router.delete("/responses/{response_id}")
 async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
-    await asyncio.to_thread(services(request).responses.delete, response_id, viewer(request))
+    svc = services(request)
+    await svc.pools.db.run(svc.responses.delete, response_id, viewer(request))
     return {"id": response_id, "object": "response", "deleted": True}

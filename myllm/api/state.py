@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
 
 from myllm.api.turns import TurnLocks
+from myllm.pools import Pools
 from myllm.registry.choices import SERVICE_MODEL, Choices
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
+from myllm.registry.uploads import Uploads
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 
@@ -29,11 +30,18 @@ class Services:
     """Serialises turns on one stored session, across daemons too (see api/turns.py)."""
     choices: Choices
     """Run-time choices shared by every daemon over the database."""
+    uploads: Uploads
+    """Blob uploads in progress, their bounds and the sweep of unused blobs."""
+
+    @property
+    def pools(self) -> Pools:
+        """Where routes run blocking calls: `pools.db` for the database, `pools.blobs` for files."""
+        return self.registry.pools
 
     async def legacy_model(self) -> str:
         """The model `POST /load_model` chose for the DeepShiva and LLM-service routes (on
         whichever daemon it was asked), else the default."""
-        return await asyncio.to_thread(self.choices.get, SERVICE_MODEL) or self.settings.default_model
+        return await self.pools.db.run(self.choices.get, SERVICE_MODEL) or self.settings.default_model
 
 
 def services(request: Request) -> Services:

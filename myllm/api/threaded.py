@@ -1,4 +1,4 @@
-"""Blocking work that reports progress (a pull) run in a worker thread, its progress handed to
+"""Blocking work that reports progress (a pull) run on a pool thread, its progress handed to
 the event loop as it comes, so a route can stream it without blocking the loop."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Generic, TypeVar
 
+from myllm.pools import Pool
 from myllm.pull.progress import PullProgress
 
 T = TypeVar("T")
@@ -15,18 +16,18 @@ Update = tuple[str, int, int | None]
 
 
 class ProgressWork(Generic[T]):
-    """`work(progress)` started in a thread at once. It runs to its end even when nobody
+    """`work(progress)` started on `pool` at once (in line behind the pool's other work). It runs to its end even when nobody
     listens any more (a client that left): a thread cannot be stopped midway, and the pull
     functions clean up only when they end."""
 
-    def __init__(self, work: Callable[[PullProgress], T]) -> None:
+    def __init__(self, work: Callable[[PullProgress], T], pool: Pool) -> None:
         loop = asyncio.get_running_loop()
         self._updates: asyncio.Queue[Update | None] = asyncio.Queue()
 
         def progress(stage: str, done: int, total: int | None) -> None:
             loop.call_soon_threadsafe(self._updates.put_nowait, (stage, done, total))
 
-        self._task = asyncio.ensure_future(asyncio.to_thread(work, progress))
+        self._task = asyncio.ensure_future(pool.run(work, progress))
         # Scheduled after every update the thread sent, so the queue ends after them.
         self._task.add_done_callback(lambda task: self._updates.put_nowait(None))
 

@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from myllm.errors import SessionBusy, StoreUnavailable
+from myllm.pools import Pool
 from myllm.registry.sessions import ADMIN, SessionStore, Viewer, resolve
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,10 @@ class Turn:
 
 
 class TurnLocks:
-    def __init__(self, store: SessionStore, replica: str, wait: float, lease: float) -> None:
+    def __init__(self, store: SessionStore, replica: str, wait: float, lease: float, pool: Pool) -> None:
         self.store = store
+        self.pool = pool
+        """Where the session store's calls run (the database pool)."""
         self.replica = replica
         self.wait = wait
         self.lease = lease
@@ -54,7 +57,6 @@ class TurnLocks:
         self._users: dict[str, int] = {}
         self._running: dict[str, Turn] = {}
         """Claims held now, by holder: renewed until their turn ends."""
-        self._tasks: set[asyncio.Task[None]] = set()
 
     async def acquire(self, session_id: str, kind: str, model: str, viewer: Viewer = ADMIN) -> Turn:
         """Wait for the session's turn and claim it (creating the session if it is new)."""
@@ -72,8 +74,8 @@ class TurnLocks:
         turn = Turn(session_id, f"{uuid.uuid4().hex[:16]}@{self.replica}"[:64], viewer, key, self, lock)
         try:
             pause = POLL[0]
-            while (other := await asyncio.to_thread(self.store.claim, session_id, kind, model, turn.holder,
-                                                    self.lease, viewer)) is not None:
+            while (other := await self.pool.run(self.store.claim, session_id, kind, model, turn.holder,
+                                                 self.lease, viewer)) is not None:
                 if time.monotonic() + pause > deadline:
                     raise self._busy(session_id, f"a turn on {other.partition('@')[2] or 'another daemon'}")
                 await asyncio.sleep(pause)
@@ -94,9 +96,7 @@ class TurnLocks:
         free, and a claim left behind by a failure here lapses on its own), then its place in line."""
         self._running.pop(turn.holder, None)
         self._unlock(turn)
-        task = asyncio.get_running_loop().create_task(asyncio.to_thread(self._release, turn))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self.pool.submit(self._release, turn)
 
     def _release(self, turn: Turn) -> None:
         try:
@@ -123,7 +123,7 @@ class TurnLocks:
             holders = list(self._running)
             if holders:
                 try:
-                    await asyncio.to_thread(self.store.renew, holders, self.lease)
+                    await self.pool.run(self.store.renew, holders, self.lease)
                 except StoreUnavailable:  # try again next round: the claims last two more
                     log.warning("could not renew %d turn claims (the database is unavailable)", len(holders))
 

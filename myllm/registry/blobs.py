@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import threading
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -124,6 +125,10 @@ class BlobStore:
             raise
         return Staged(tmp, digest.hexdigest(), done)
 
+    def open_staging(self) -> StagingFile:
+        """A staged file written piece by piece (an upload arriving in chunks)."""
+        return StagingFile(self.temp_path())
+
     def stage_copy(self, src: Path, progress: ProgressFn | None = None) -> Staged:
         with src.open("rb") as fh:
             return self.stage_stream(fh, src.stat().st_size, progress)
@@ -148,7 +153,13 @@ class BlobStore:
             self.discard(staged)
         else:
             os.replace(staged.path, target)
+            self.touch(staged.digest)
         return staged.digest
+
+    def touch(self, digest: str) -> None:
+        """Mark a blob as just stored: the sweep of blobs no model uses (`Registry.sweep_unused_blobs`)
+        counts a blob's age from its mtime, so a blob being committed or registered is young."""
+        os.utime(self.path(digest))
 
     def discard(self, staged: Staged) -> None:
         staged.path.unlink(missing_ok=True)
@@ -167,6 +178,45 @@ class BlobStore:
 
     def digests(self) -> set[str]:
         return {p.name.removeprefix("sha256-") for p in self.root.iterdir() if _BLOB_RE.match(p.name)}
+
+
+class StagingFile:
+    """Bytes staged in pieces, hashed as they come: `write` each piece (on a worker thread),
+    then `finish` (flushed to disk) or `discard`. `discard` may come from another thread while a
+    `write` runs (its upload was cancelled): the lock lets that write end first, and a write after
+    a discard fails instead of recreating the file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = 0
+        self._digest = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._file: BinaryIO | None = path.open("wb")
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._file is None:
+                raise ValueError("the staged file was discarded")
+            self._file.write(data)
+            self._digest.update(data)
+            self.size += len(data)
+
+    def finish(self) -> Staged:
+        with self._lock:
+            if self._file is None:
+                raise ValueError("the staged file was discarded")
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+        return Staged(self.path, self._digest.hexdigest(), self.size)
+
+    def discard(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+        self.path.unlink(missing_ok=True)
 
 
 def _writer_alive(name: str) -> bool:

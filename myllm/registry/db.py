@@ -1,12 +1,11 @@
 """Database engine set-up: any SQLAlchemy URL. SQLite gets WAL and a busy timeout; a server
-database (PostgreSQL, shared by several daemons) gets a pool sized for the daemon's threads,
-connections checked before use, and a lost server reported as `StoreUnavailable` (503)."""
+database (PostgreSQL, shared by several daemons) gets a pool sized for the threads that call it
+(`myllm/pools.py`), connections checked before use, and a lost server reported as `StoreUnavailable` (503)."""
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,10 +23,10 @@ T = TypeVar("T")
 P = ParamSpec("P")
 log = logging.getLogger(__name__)
 
-POOL_SIZE = min(32, (os.cpu_count() or 1) + 4) + 2
-"""Connections kept open: one per thread of asyncio's default executor (where the daemon runs
-every database call: `min(32, cores + 4)` threads) and two for the turn-claim renewer and the
-start-up checks. Bursts from other threads (template rendering, pulls) overflow by as many again."""
+SPARE_CONNECTIONS = 2
+"""Connections beyond the pools' threads (`Pools.connections`, every thread that runs database
+calls): for start-up checks and the CLI's own calls. Bursts from other threads overflow by as
+many again as the pool keeps."""
 RETRIES, FIRST_RETRY = 5, 0.2
 """How often `retried` tries a write, and its first pause (doubling after each try)."""
 CONNECT_TIMEOUT = 5
@@ -54,7 +53,9 @@ def _unavailable(context: ExceptionContext) -> None:
                                "try again shortly") from context.original_exception
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, threads: int = 8) -> Engine:
+    """The engine for `url`; a server database keeps a connection for each of `threads` (the
+    threads that may call it at once) and `SPARE_CONNECTIONS`."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
@@ -63,7 +64,8 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
     else:
         connect_args = {"connect_timeout": CONNECT_TIMEOUT} if parsed.get_backend_name() == "postgresql" else {}
-        engine = create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE, pool_timeout=10,
+        size = threads + SPARE_CONNECTIONS
+        engine = create_engine(url, pool_pre_ping=True, pool_size=size, max_overflow=size, pool_timeout=10,
                                connect_args=connect_args)
     event.listen(engine, "handle_error", _unavailable)
     migrate(engine)

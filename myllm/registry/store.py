@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +32,7 @@ from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
 from myllm.registry.schema import ModelRow, utcnow
+from myllm.pools import Pools
 from myllm.settings import Settings
 
 
@@ -55,19 +58,25 @@ class Overrides:
 
 
 class Registry:
-    def __init__(self, engine: Engine, blobs: BlobStore) -> None:
+    def __init__(self, engine: Engine, blobs: BlobStore, pools: Pools | None = None) -> None:
         self.engine = engine
         self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
         self.blobs = blobs
+        self.pools = pools or Pools.from_settings(Settings())
+        """Where async callers run this registry's blocking calls (myllm/pools.py): database
+        calls on `pools.db`, blob I/O on `pools.blobs`; the methods themselves are blocking."""
 
     @classmethod
     def open(cls, settings: Settings) -> Registry:
-        """Open (and migrate) the database and sweep temp files a crash left behind."""
-        registry = cls(make_engine(settings.db_url), BlobStore(settings.blobs_dir))
+        """Open (and migrate) the database and sweep temp files a crash left behind. A server
+        database keeps a connection for every pool thread that may call it."""
+        pools = Pools.from_settings(settings)
+        registry = cls(make_engine(settings.db_url, pools.connections), BlobStore(settings.blobs_dir), pools)
         registry.blobs.sweep_temp()
         return registry
 
     def close(self) -> None:
+        self.pools.close()
         self.engine.dispose()
 
     # -- reading -----------------------------------------------------------------
@@ -188,6 +197,7 @@ class Registry:
         path = self.blobs.path(digest)
         if not path.is_file():
             raise BlobNotFound(f"blob sha256:{digest} is not in the blob store")
+        self.blobs.touch(digest)  # young again: the sweep of unused blobs leaves it while it is registered
         try:
             info = self._info(digest, path, source)
         except InvalidModelFile:
@@ -261,6 +271,41 @@ class Registry:
             db.delete(row)
         self._drop_unused_blob(row.digest)
         return row
+
+    def unused_blobs(self) -> dict[str, os.stat_result]:
+        """The blobs in this machine's store that no model uses (uploads not yet created, what a
+        crash between a commit and its row left), with their stat."""
+        stored = self.blobs.digests()
+        if not stored:
+            return {}
+        with self.sessions() as db:
+            used = set(db.scalars(select(ModelRow.digest).distinct()))
+        found = {}
+        for digest in stored - used:
+            try:
+                found[digest] = self.blobs.path(digest).stat()
+            except FileNotFoundError:
+                continue
+        return found
+
+    def sweep_unused_blobs(self, max_age: float) -> list[str]:
+        """Remove the blobs no model uses that were stored (or last registered from) more than
+        `max_age` seconds ago; a blob a model uses is never removed (each is checked once more
+        just before, as a create may have named it meanwhile)."""
+        cutoff = time.time() - max_age
+        swept = []
+        for digest, stat in self.unused_blobs().items():
+            if stat.st_mtime < cutoff and not self._blob_in_use(digest) and not self._young(digest, cutoff):
+                self.blobs.remove(digest)
+                swept.append(digest)
+        return swept
+
+    def _young(self, digest: str, cutoff: float) -> bool:
+        """Whether the blob was touched (`BlobStore.touch`: a create started on it) since `cutoff`."""
+        try:
+            return self.blobs.path(digest).stat().st_mtime >= cutoff
+        except FileNotFoundError:
+            return True  # gone already: nothing to remove
 
     def _drop_unused_blob(self, digest: str) -> None:
         """Remove a blob once no name points at it. Called only after the commit that let go of

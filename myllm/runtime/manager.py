@@ -395,7 +395,7 @@ class ModelManager:
         extend_only = isinstance(keep_alive, ExtendOnly)
         given = keep_alive.value if isinstance(keep_alive, ExtendOnly) else keep_alive
         ka = None if given is None else parse_duration(given)
-        row = model if isinstance(model, ModelRow) else await asyncio.to_thread(self.registry.get, model)
+        row = model if isinstance(model, ModelRow) else await self.registry.pools.db.run(self.registry.get, model)
         await self.devices()  # whether there is a GPU decides what the load key holds
         spec = self.spec_for(row, num_ctx, embedding, num_gpu)
         inst = self._instances.get(spec)
@@ -447,7 +447,7 @@ class ModelManager:
 
     async def _load(self, spec: LoadSpec, row: ModelRow, caller: str | None = None) -> Instance:
         self._check_crashes(row)
-        await asyncio.to_thread(self.registry.blob_file, row)
+        await self.registry.pools.blobs.run(self.registry.blob_file, row)
         await self.devices()
         saved_kv = self._saved_kv_bytes(row, spec)
         fp = footprint(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
@@ -675,7 +675,7 @@ class ModelManager:
         """Unload every instance of `name`. Idle ones go now; busy ones as soon as their
         requests finish, or at once with `abort`, their requests failing with
         `ModelNotLoaded`. Returns how many instances were affected."""
-        row = await asyncio.to_thread(self.registry.get, name)
+        row = await self.registry.pools.db.run(self.registry.get, name)
         hits = [i for i in self._instances.values() if i.spec.name == row.name]
         for inst in hits:
             inst.keep_alive = 0
