@@ -201,9 +201,9 @@ async def test_reloads_per_key_are_limited(fakes: Registry) -> None:
 
 
 def test_rate_setting_is_checked() -> None:
-    assert Rate.parse("6/minute", "MYLLM_RELOADS_PER_KEY") == Rate(6, 60.0)
+    assert Rate.parse("6/minute", "reloads_per_key") == Rate(6, 60.0)
     with pytest.raises(InvalidOptions, match="MYLLM_RELOADS_PER_KEY must look like"):
-        Rate.parse("often", "MYLLM_RELOADS_PER_KEY")
+        Rate.parse("often", "reloads_per_key")
     limit = ReloadLimit(Rate(1, 10.0))
     limit.take("k", "m", 0.0)
     with pytest.raises(TooManyReloads):

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import collections
 import math
-import re
 import time
-from dataclasses import dataclass
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -21,10 +19,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from myllm.api.auth import caller_of, presented_keys
 from myllm.api.errors import ApiError, ErrorRouter
 from myllm.api.middleware import HttpMiddleware
-from myllm.errors import InvalidOptions
+from myllm.runtime.reloads import Rate
 from myllm.settings import Settings
 
-PERIODS = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
 UNLIMITED_PATHS = frozenset({"/health", "/"})
 GENERATION_PATHS = frozenset({
     "/api/chat", "/api/generate", "/api/embeddings", "/api/embed", "/v1/chat/completions", "/v1/completions",
@@ -33,19 +30,6 @@ GENERATION_PATHS = frozenset({
 """Routes that occupy a model while they run (on either listener)."""
 MAX_CALLERS = 10_000
 """Buckets kept; the least recently seen caller's goes first (a full bucket is what a new one gets)."""
-
-
-@dataclass(frozen=True)
-class Rate:
-    requests: int
-    period: float
-
-    @classmethod
-    def parse(cls, text: str, field: str = "rate_limit") -> Rate:
-        match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour)\s*", text)
-        if not match or int(match.group(1)) < 1:
-            raise InvalidOptions(f"MYLLM_{field.upper()} must look like 120/minute (got {text!r})", field=field)
-        return cls(int(match.group(1)), PERIODS[match.group(2)])
 
 
 class Buckets:
@@ -87,7 +71,7 @@ class Limits:
     @classmethod
     def from_settings(cls, settings: Settings) -> Limits:
         failures = settings.auth_failures
-        return cls(Rate.parse(settings.rate_limit) if settings.rate_limit else None, settings.max_concurrent_per_key,
+        return cls(Rate.parse(settings.rate_limit, "rate_limit") if settings.rate_limit else None, settings.max_concurrent_per_key,
                    Rate.parse(failures, "auth_failures") if failures and failures.strip() else None)
 
 

@@ -228,7 +228,7 @@ class ModelManager:
         """RAM for saved conversation KV states per model; None: as much as the model's context KV."""
         self._factory: RunnerFactory = runner_factory or ModelRunner.start
         rate = (settings.reloads_per_key or "").strip()
-        self.reloads = ReloadLimit(Rate.parse(rate, "MYLLM_RELOADS_PER_KEY")) if rate else None
+        self.reloads = ReloadLimit(Rate.parse(rate, "reloads_per_key")) if rate else None
         """Costly loads per key (`MYLLM_RELOADS_PER_KEY`); None: unlimited."""
         self._crashes: dict[str, Crashes] = {}
         """Runner crashes by model digest (the file crashed llama.cpp, whatever its name)."""

@@ -19,19 +19,22 @@ MAX_KEYS = 10_000
 
 @dataclass(frozen=True)
 class Rate:
-    count: int
+    """A setting such as `120/minute` (the rate limit, wrong keys per address, reloads per key)."""
+
+    requests: int
     period: float
 
     @classmethod
-    def parse(cls, text: str, setting: str) -> Rate:
+    def parse(cls, text: str, field: str) -> Rate:
+        """`field`: the setting's name without its prefix (`rate_limit`), for the error."""
         match = re.fullmatch(r"\s*(\d+)\s*/\s*(second|minute|hour)\s*", text)
         if not match or int(match.group(1)) < 1:
-            raise InvalidOptions(f"{setting} must look like 6/minute (got {text!r})", field=setting)
+            raise InvalidOptions(f"MYLLM_{field.upper()} must look like 120/minute (got {text!r})", field=field)
         return cls(int(match.group(1)), PERIODS[match.group(2)])
 
 
 class ReloadLimit:
-    """A sliding window per key: at most `rate.count` costly loads in any `rate.period` seconds."""
+    """A sliding window per key: at most `rate.requests` costly loads in any `rate.period` seconds."""
 
     def __init__(self, rate: Rate) -> None:
         self.rate = rate
@@ -46,7 +49,7 @@ class ReloadLimit:
         self._loads[key] = times
         while len(self._loads) > MAX_KEYS:
             self._loads.popitem(last=False)
-        if len(times) >= self.rate.count:
+        if len(times) >= self.rate.requests:
             wait = max(1, math.ceil(times[0] + self.rate.period - now))
             raise TooManyReloads(
                 f"loading model '{model}' with these options would evict a loaded model or load it a second time, and "
