@@ -62,7 +62,7 @@ class Pool:
 
         def done(result: Any, error: BaseException | None) -> None:
             try:
-                loop.call_soon_threadsafe(_settle, future, result, error)
+                loop.call_soon_threadsafe(settle, future, result, error)
             except RuntimeError:  # the loop is closed: nobody waits any more
                 pass
 
@@ -118,7 +118,8 @@ class Pool:
             done(result, error)
 
 
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+def settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Hand a worker thread's outcome to the future its caller awaits (on the loop's thread)."""
     if future.done():  # the caller left
         return
     if error is not None:

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from myllm.errors import Overloaded, PromptTooLong
+from myllm.pools import settle
 from myllm.registry.schema import ModelRow
 from myllm.runtime.runner import ModelRunner
 from myllm.registry.chat_templates import Deadline
@@ -81,21 +82,12 @@ class PreparePool:
             try:
                 result: Any = fn(Deadline(self.timeout, cancelled))
             except BaseException as exc:  # noqa: BLE001 (handed to the caller, whatever it is)
-                loop.call_soon_threadsafe(_settle, future, None, exc)
+                loop.call_soon_threadsafe(settle, future, None, exc)
             else:
-                loop.call_soon_threadsafe(_settle, future, result, None)
+                loop.call_soon_threadsafe(settle, future, result, None)
             finally:
                 with self._lock:
                     self._pending.discard(cancelled)
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    if future.done():  # the caller left
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
 
 
 def _joined(units: list[list[int] | None], n_ctx: int) -> list[int]:
