@@ -209,6 +209,15 @@ def test_too_many_messages_is_a_quick_400_on_every_chat_route(h: Hostile) -> Non
     assert r.status_code == 200, r.text[:300]  # under the bound: served (trimmed to the context)
 
 
+def test_too_many_prompts_in_one_completions_request_is_a_400(h: Hostile) -> None:
+    """A list of prompts on `/v1/completions` is that many generations, one after another: at
+    most MYLLM_MAX_QUEUE (64) of them."""
+    with still_answering(h):
+        refused(lambda: oai(h).completions.create(model=MODEL, prompt=["x"] * 65, max_tokens=1),
+                openai.BadRequestError, "MYLLM_MAX_QUEUE", param="prompt")
+    assert len(oai(h).completions.create(model=MODEL, prompt=["x"] * 2, max_tokens=1).choices) == 2
+
+
 def test_a_long_stored_conversation_keeps_its_system_message_and_newest_turns() -> None:
     runtime: Any = SimpleNamespace(settings=Settings(max_messages=5))
     earlier = [{"role": "system", "content": "s"}] + [{"role": "user", "content": str(i)} for i in range(10)]

@@ -23,9 +23,10 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.orm import sessionmaker
 
+from myllm.errors import InvalidOptions
 from myllm.registry.db import make_engine
 from myllm.registry.migrations import MIGRATIONS, migrate
-from myllm.registry.sessions import ResponseStore, SessionStore, Viewer
+from myllm.registry.sessions import ResponseStore, SessionStore, Viewer, resolve
 from myllm.settings import Settings
 from tests.conftest import CLOSED_PORT_URL
 from tests.hostile import ADMIN, ALICE, BOB, MODEL, Hostile, hostile_daemon, key, still_answering
@@ -245,6 +246,16 @@ def history(h: Hostile, secret: str, session: str) -> list[str]:
     r = httpx.get(f"{h.url}/api/sessions/{session}", headers=key(secret))
     assert r.status_code == 200, r.text
     return [m["content"] for m in r.json()["messages"] if m["role"] == "user"]
+
+
+def test_ids_are_scoped_by_key_and_kept_whole_with_keys_off() -> None:
+    """A key's id is scoped (`id@tag`, so at most 111 characters of its own); with keys off an
+    id is kept as given, all 128 characters the column holds, as before ids were scoped."""
+    alice = Viewer("ab" * 32, False)
+    assert resolve("s1", alice) == "s1@" + "ab" * 8
+    assert resolve("s" * 128, Viewer(None, True)) == "s" * 128
+    with pytest.raises(InvalidOptions):
+        resolve("s" * 112, alice)
 
 
 def test_two_keys_same_session_id_are_two_sessions(keyed: Hostile) -> None:

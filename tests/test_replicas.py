@@ -200,7 +200,8 @@ def test_a_model_registered_elsewhere_is_404_until_pulled_here(
     assert MODEL in [m["name"] for m in listed["models"]], "the registry is shared"
     r = turn(b, None, "Hi")
     assert r.status_code == 404
-    assert f"pull it here: `myllm pull file:{smollm2_path} --name {MODEL}`" in r.json()["detail"]
+    # the source by its file name: no answer holds a path of a daemon's machine
+    assert f"pull it here: `myllm pull file:{smollm2_path.name} --name {MODEL}`" in r.json()["detail"]
     home_with_model(tmp_path / "b", database, smollm2_path)  # the same pull on b's machine: same name, same digest
     assert turn(b, None, "Hi").status_code == 200
 

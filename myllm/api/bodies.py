@@ -33,33 +33,52 @@ def _problem(text: str) -> str | None:
     return None
 
 
-def _shown(path: str) -> str:
-    return path if len(path) <= MAX_SHOWN_PATH else path[:MAX_SHOWN_PATH] + "…"
+Where = tuple["Where", str | int] | None
+"""A value's place in the body as a link to its parent's place and its key or index: made in
+constant time per value, spelled out (`messages[0].content`) only for an error. Building each
+path's text up front cost a copy of every long key per array item: a 24 KB body took 40 MB."""
+
+
+def _spelled(where: Where) -> str:
+    steps: list[str | int] = []
+    while where is not None:
+        where, step = where
+        steps.append(step)
+    text = ""
+    for step in reversed(steps):
+        text += f"[{step}]" if isinstance(step, int) else (f".{step}" if text else step)
+        if len(text) > MAX_SHOWN_PATH:
+            return text[:MAX_SHOWN_PATH] + "…"
+    return text
+
+
+def _refuse(message: str, where: Where) -> InvalidOptions:
+    path = _spelled(where)
+    return InvalidOptions(message.format(path or "the body"), field=path or None)
 
 
 def check_json_body(value: Any, max_depth: int) -> None:
     """`InvalidOptions` naming the first field (`messages[0].content`, `options.stop[1]`) whose
     string is not text, or where the nesting goes deeper than `max_depth`. Walked without
     recursion: the depth is what is being checked."""
-    stack: list[tuple[Any, str, int]] = [(value, "", 0)]
+    stack: list[tuple[Any, Where, int]] = [(value, None, 0)]
     while stack:
-        item, path, depth = stack.pop()
+        item, where, depth = stack.pop()
         if isinstance(item, str):
             if (problem := _problem(item)) is not None:
-                raise InvalidOptions(f"{_shown(path or 'the body')} contains {problem}", field=path or None)
+                raise _refuse(f"{{}} contains {problem}", where)
             continue
         if not isinstance(item, (dict, list)):
             continue
         if depth >= max_depth:
-            raise InvalidOptions(f"{_shown(path or 'the body')} nests arrays and objects deeper than {max_depth} levels "
-                                 "(MYLLM_MAX_JSON_DEPTH)", field=path or None)
+            raise _refuse(f"{{}} nests arrays and objects deeper than {max_depth} levels (MYLLM_MAX_JSON_DEPTH)", where)
         if isinstance(item, dict):
             for key, child in item.items():
                 if (problem := _problem(key)) is not None:
-                    raise InvalidOptions(f"a key in {_shown(path or 'the body')} contains {problem}", field=path or None)
-                stack.append((child, f"{path}.{key}" if path else key, depth + 1))
+                    raise _refuse(f"a key in {{}} contains {problem}", where)
+                stack.append((child, (where, key), depth + 1))
         else:
-            stack.extend((child, f"{path}[{i}]", depth + 1) for i, child in enumerate(item))
+            stack.extend((child, (where, i), depth + 1) for i, child in enumerate(item))
 
 
 async def checked_json_body(request: Request) -> None:

@@ -89,13 +89,12 @@ async def load_model(request: Request, body: LoadModelRequest | None = None) -> 
     svc = services(request)
     wanted = (body.model_name if body else None) or svc.settings.default_model
     admin = caller_of(request.scope).admin
-    if admin:
-        row = await svc.pools.pulls.run(ensure_model, svc.registry, svc.settings, wanted, None, svc.settings.local_model_dirs)
-    else:
-        try:
-            row = await svc.runtime.model(wanted)
-        except (ModelNotFound, InvalidModelName):
+    try:  # a registered model is looked up on the database's pool, never in line behind pulls
+        row = await svc.runtime.model(wanted)
+    except (ModelNotFound, InvalidModelName):
+        if not admin:
             raise Forbidden("loading a model that is not registered (a path or a pull) needs an admin key") from None
+        row = await svc.pools.pulls.run(ensure_model, svc.registry, svc.settings, wanted, None, svc.settings.local_model_dirs)
     name = row.name
     await svc.runtime.load(name, keep_alive=-1, caller=reloading_key(request))
     if admin:

@@ -334,6 +334,9 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
     if not prompts:
         raise InvalidOptions("prompt must not be empty", field="prompt")
+    if len(prompts) > svc.settings.max_queue:  # each prompt is a generation of its own, one after another
+        raise InvalidOptions(f"{len(prompts)} prompts, more than the {svc.settings.max_queue} requests a model takes "
+                             "waiting (MYLLM_MAX_QUEUE); send them in smaller batches", field="prompt")
     model = await svc.runtime.model(body.model or svc.settings.default_model)  # a 404 before anything starts
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 

@@ -24,6 +24,8 @@ MAX_ID = 128 - 1 - OWNER_TAG
 """The longest session id a client may choose: its scoped form fits the 128-character column."""
 _ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_ID - 1}}}$")
 _TAG_RE = re.compile(rf"^(?:[0-9a-f]{{{OWNER_TAG}}})?$")
+_UNSCOPED_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+"""A session id kept as given (keys off): the whole column is the id's, as before ids were scoped."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,8 @@ def resolve(session_id: str, viewer: Viewer) -> str:
     name, at, tag = session_id.partition("@")
     if at and viewer.admin and _ID_RE.fullmatch(name) and _TAG_RE.fullmatch(tag):
         return name if not tag else session_id
+    if viewer.key_hash is None and _UNSCOPED_RE.fullmatch(session_id):
+        return session_id
     return stored_id(check_session_id(session_id), viewer.key_hash)
 
 

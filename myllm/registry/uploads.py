@@ -17,7 +17,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
-from myllm.errors import StagingFull, TooManyUploads, UploadStalled, UploadTooLarge
+from myllm.errors import MyLLMError, StagingFull, TooManyUploads, UploadStalled, UploadTooLarge
 from myllm.registry.blobs import CHUNK, StagingFile
 from myllm.registry.store import Registry
 from myllm.settings import Settings
@@ -64,12 +64,22 @@ class Uploads:
                 await self._write(body, staging, unused)
                 staged = await pool.run(staging.finish)
                 await pool.run(blobs.commit, staged, digest)
+            except asyncio.CancelledError:
+                pool.submit(staging.discard)  # queued past the line's bound: this task is going
+                raise
             except BaseException:
-                pool.submit(staging.discard)  # queued even when this task was cancelled
+                await self._discard(staging)  # gone before the client hears why
                 raise
             return True
         finally:
             self.active -= 1
+
+    async def _discard(self, staging: StagingFile) -> None:
+        pool = self.registry.pools.blobs
+        try:
+            await pool.run(staging.discard)
+        except MyLLMError:  # the blob pool's line is full: queued past it instead
+            pool.submit(staging.discard)
 
     async def _write(self, body: AsyncIterator[bytes], staging: StagingFile, unused: int) -> None:
         """The body into `staging`, a few MiB per call on the blob pool (while one is written,

@@ -25,7 +25,10 @@ def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str 
 
     # llama.cpp's JSON grammar accepts any value; an object is what "json" promises.
     schema = {"type": "object"} if options.format == "json" else options.format
-    check_schema(schema, limits, field)
+    try:
+        check_schema(schema, limits, field)
+    except RecursionError:  # MYLLM_MAX_SCHEMA_DEPTH set past what Python's stack walks
+        raise InvalidOptions(f"{described(field)} nests too deeply to measure", field=field) from None
     try:
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors for schemas it cannot express

@@ -33,7 +33,15 @@ from dataclasses import dataclass, field
 from typing import Any
 from datetime import datetime, timedelta, timezone
 
-from myllm.errors import ModelCrashed, ModelLoadError, ModelNotLoaded, MyLLMError, OutOfMemory, ShuttingDown
+from myllm.errors import (
+    ModelCrashed,
+    ModelLoadError,
+    ModelNotLoaded,
+    MyLLMError,
+    OutOfMemory,
+    ShuttingDown,
+    TooManyReloads,
+)
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.devices import NO_GPU, Devices, probe
@@ -427,7 +435,10 @@ class ModelManager:
     async def _load_shared(self, spec: LoadSpec, row: ModelRow, caller: str | None) -> Instance:
         pending = self._loading.get(spec)
         if pending is not None:
-            return await asyncio.shield(pending)
+            try:
+                return await asyncio.shield(pending)
+            except TooManyReloads:  # the key that started that load was over its limit, not this caller
+                return self._instances.get(spec) or await self._load_shared(spec, row, caller)
         fut: asyncio.Future[Instance] = asyncio.get_running_loop().create_future()
         self._loading[spec] = fut
         try:
