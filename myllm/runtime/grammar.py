@@ -14,6 +14,32 @@ from myllm.runtime.options import GenerationOptions
 from myllm.runtime.schema_size import SchemaLimits, check_schema, described
 
 
+STRING_CHAR = '[^"\\\\\\x7F\\x00-\\x1F]'
+"""A character JSON allows raw inside a string: not a quote, a backslash or a control character
+(llama.cpp's own converter's rule; its escapes are the `char` rule's other alternative)."""
+_LOOSE_RULES = {
+    "char": '[^"\\\\]',
+    "dot": "[^\\x0A\\x0D]",
+}
+"""The first alternatives of llama-cpp-python's converter's rules that let a string hold what
+JSON forbids: `char` (any character but a quote or a backslash: a raw newline in a value, which
+`json.loads` and `JSON.parse` refuse; its other alternative, the escapes, stays) and `dot` (a
+pattern's `.`: any character but CR and LF, a quote too)."""
+
+
+def _json_strings(grammar: str) -> str:
+    """`grammar` with its string characters as JSON allows them. The converter writes each rule
+    on one line as `name ::= body`; only those rules' exact first alternatives are replaced."""
+    lines = grammar.split("\n")
+    for i, line in enumerate(lines):
+        name, sep, body = line.partition(" ::= ")
+        loose = _LOOSE_RULES.get(name)
+        rest = body[len(loose):] if loose is not None and body.startswith(loose) else None
+        if sep and rest is not None and (not rest or rest.startswith(" |")):
+            lines[i] = f"{name} ::= {STRING_CHAR}{rest}"
+    return "\n".join(lines)
+
+
 def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str = "format") -> str | None:
     """The GBNF for `options.format`: None when the output is free text. `limits.grammar`
     characters at most (sampling with a grammar costs time on every token in proportion to its
@@ -33,6 +59,7 @@ def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str 
         grammar = llama_grammar.json_schema_to_gbnf(json.dumps(schema))
     except Exception as exc:  # the converter raises assorted errors for schemas it cannot express
         raise InvalidOptions(f"unsupported {described(field)}: {str(exc)[:300]}", field=field) from exc
+    grammar = _json_strings(grammar)
     if len(grammar) > limits.grammar:
         raise InvalidOptions(
             f"the grammar of {described(field)} is {len(grammar)} characters, more than the {limits.grammar} allowed "
