@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -156,3 +157,21 @@ def test_tools_and_tool_messages_are_rendered_through_the_template(client: ollam
     with_calls = client.chat(model="tooly", messages=[question, call, result], tools=tools, options=options).prompt_eval_count or 0
     assert plain < with_tools < with_calls
     assert with_tools - plain > 30  # the whole definition
+
+
+def test_bodies_without_a_content_type_are_json_on_ollamas_port(urls: tuple[str, str]) -> None:
+    """Ollama reads a body sent without `Content-Type` as JSON, and litellm's `ollama/` and
+    `ollama_chat/` providers send exactly that (issue 28); the main port still asks for the
+    header, and a page of another site is still refused (a browser always sends `Origin`)."""
+    main, url = urls
+    chat = json.dumps({"model": "smollm2:135m", "messages": [{"role": "user", "content": "Hi"}], "stream": False,
+                       "options": {"num_predict": 2}}).encode()
+    r = httpx.post(f"{url}/api/chat", content=chat, timeout=120)
+    assert r.status_code == 200 and r.json()["message"]["role"] == "assistant", r.text[:300]
+    generate = json.dumps({"model": "smollm2:135m", "prompt": "Hi", "stream": False, "options": {"num_predict": 2}})
+    assert httpx.post(f"{url}/api/generate", content=generate.encode(), timeout=120).json()["done"] is True
+    assert httpx.post(f"{url}/api/show", content=b'{"model": "smollm2:135m"}', timeout=30).status_code == 200
+    assert httpx.post(f"{url}/api/chat", content=b'{"model": ', timeout=30).status_code == 400  # still parsed
+    assert httpx.post(f"{main}/api/chat", content=chat, timeout=30).status_code == 400
+    page = httpx.post(f"{url}/api/chat", content=chat, headers={"Origin": "http://evil.example"}, timeout=30)
+    assert page.status_code == 403

@@ -160,6 +160,7 @@ def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     main.state.siblings.append(app)
     _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, main.state.limits,
                 main.state.metrics, ollama.OPEN_PATHS, ollama_manage.UNLIMITED_PATHS, api="ollama")
+    app.add_middleware(ollama.JsonByDefaultMiddleware)
     app.include_router(ollama.router)
     app.include_router(ollama_manage.router)
     return app

@@ -19,9 +19,11 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from myllm.api.access_log import track
 from myllm.api.errors import ApiError
+from myllm.api.middleware import HttpMiddleware
 from myllm.api.ollama_models import IGNORED_OPTIONS, ChatMessage, ChatRequest, EmbeddingsRequest, EmbedRequest, GenerateRequest
 from myllm.api.auth import keep_alive_of, reloading_key, require_admin
 from myllm.api.state import services
@@ -36,6 +38,18 @@ OLLAMA_VERSION = "0.12.0"
 """The Ollama release whose API this listener follows (clients compare it to their minimum)."""
 OPEN_PATHS = frozenset({"/", "/api/version"})
 """What Ollama clients probe before anything else; open even with API keys, as `/health` is."""
+
+class JsonByDefaultMiddleware(HttpMiddleware):
+    """Ollama reads every request body as JSON whatever its `Content-Type`, and clients rely on
+    it: litellm's `ollama/` and `ollama_chat/` providers send none. On this port a body sent
+    without one is read as JSON. A web page gains nothing by it: a browser names its page in
+    `Origin`, which the origin guard checks on every request that changes anything."""
+
+    async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not any(name == b"content-type" for name, _ in scope["headers"]):
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        await self.app(scope, receive, send)
+
 
 router = APIRouter()
 log = logging.getLogger(__name__)
