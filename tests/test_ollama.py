@@ -9,6 +9,7 @@ from pathlib import Path
 
 import httpx
 import ollama
+import openai
 import pytest
 
 from myllm.registry.store import Overrides, Registry
@@ -175,3 +176,24 @@ def test_bodies_without_a_content_type_are_json_on_ollamas_port(urls: tuple[str,
     assert httpx.post(f"{main}/api/chat", content=chat, timeout=30).status_code == 400
     page = httpx.post(f"{url}/api/chat", content=chat, headers={"Origin": "http://evil.example"}, timeout=30)
     assert page.status_code == 403
+
+
+def test_ollamas_port_serves_the_openai_api(urls: tuple[str, str]) -> None:
+    """Clients default to `http://localhost:11434/v1` (pydantic-ai's OllamaProvider, dspy's
+    `ollama_chat/`): chat and text completions, embeddings, models and Responses there, with
+    OpenAI's error shape (issue 28)."""
+    _, url = urls
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="ollama", max_retries=0, timeout=120)
+    assert "smollm2:135m" in [m.id for m in client.models.list()]
+    chat = client.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}],
+                                          max_tokens=3)
+    assert chat.choices[0].message.role == "assistant" and chat.usage is not None
+    streamed = client.chat.completions.create(model="smollm2:135m", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=3, stream=True)
+    assert any(part.choices and part.choices[0].delta.content for part in streamed)
+    assert client.completions.create(model="smollm2:135m", prompt="Once", max_tokens=2).choices[0].text
+    assert len(client.embeddings.create(model="smollm2:135m", input=["a", "b"]).data) == 2
+    assert client.responses.create(model="smollm2:135m", input="Hi", max_output_tokens=16).output_text is not None
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="no-such-model", messages=[{"role": "user", "content": "Hi"}])
+    assert info.value.body["code"] == "model_not_found"  # type: ignore[index]

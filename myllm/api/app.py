@@ -154,13 +154,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     """Ollama's API for the second listener (`MYLLM_OLLAMA_PORT`): its paths collide with the
     native API's, so it is an app of its own, served from `main`'s services (set by `main`'s
-    lifespan; this app has none) with the same keys, origins and body limit."""
+    lifespan; this app has none) with the same keys, origins and body limit. Ollama serves its
+    OpenAI-compatible API on this port too, and clients default to `http://localhost:11434/v1`
+    (pydantic-ai's OllamaProvider, dspy's `ollama_chat/`): the same `/v1` routes as the main
+    port, chat and text completions, embeddings, models and Responses, in OpenAI's error shape."""
     app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
                   dependencies=[Depends(checked_json_body)])
     main.state.siblings.append(app)
-    _middleware(app, settings, errors.ErrorRouter(default=ollama.ollama_renderer), main.state.keys, main.state.limits,
+    error_router = errors.ErrorRouter(default=ollama.ollama_renderer)
+    error_router.add(openai.PREFIX, openai.openai_renderer)
+    _middleware(app, settings, error_router, main.state.keys, main.state.limits,
                 main.state.metrics, ollama.OPEN_PATHS, ollama_manage.UNLIMITED_PATHS, api="ollama")
     app.add_middleware(ollama.JsonByDefaultMiddleware)
     app.include_router(ollama.router)
     app.include_router(ollama_manage.router)
+    app.include_router(openai.router)
+    app.include_router(responses.router)
     return app
