@@ -41,10 +41,8 @@ class Buckets:
 
     def take(self, caller: str, now: float) -> float:
         """0 when the caller may go on (a token is spent), else the seconds until it may."""
-        capacity, refill = float(self.rate.requests), self.rate.requests / self.rate.period
-        tokens, since = self._buckets.pop(caller, (capacity, now))
-        tokens = min(capacity, tokens + (now - since) * refill)
-        wait = 0.0 if tokens >= 1 else (1 - tokens) / refill
+        tokens, wait = self._now(caller, now)
+        self._buckets.pop(caller, None)
         self._buckets[caller] = (tokens - 1 if wait == 0 else tokens, now)
         while len(self._buckets) > MAX_CALLERS:
             self._buckets.popitem(last=False)
@@ -52,10 +50,14 @@ class Buckets:
 
     def wait(self, caller: str, now: float) -> float:
         """The seconds until the caller has a token, spending none."""
+        return self._now(caller, now)[1]
+
+    def _now(self, caller: str, now: float) -> tuple[float, float]:
+        """The caller's tokens refilled up to `now`, and the seconds until it has one."""
         capacity, refill = float(self.rate.requests), self.rate.requests / self.rate.period
         tokens, since = self._buckets.get(caller, (capacity, now))
         tokens = min(capacity, tokens + (now - since) * refill)
-        return 0.0 if tokens >= 1 else (1 - tokens) / refill
+        return tokens, 0.0 if tokens >= 1 else (1 - tokens) / refill
 
 
 class Limits:
