@@ -458,8 +458,7 @@ class ModelManager:
 
     async def _load(self, spec: LoadSpec, row: ModelRow, caller: str | None = None) -> Instance:
         self._check_crashes(row)
-        await self.registry.pools.blobs.run(self.registry.blob_file, row)
-        await self.devices()
+        await self.registry.pools.blobs.run(self.registry.blob_file, row)  # the devices are known: `acquire` asked
         saved_kv = self._saved_kv_bytes(row, spec)
         fp = footprint(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
         whole = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
