@@ -107,23 +107,16 @@ class BlobStore:
     def stage_stream(
         self, src: BinaryIO, total: int | None = None, progress: ProgressFn | None = None
     ) -> Staged:
-        tmp = self.temp_path()
-        digest = hashlib.sha256()
-        done = 0
+        staging = self.open_staging()
         try:
-            with tmp.open("wb") as out:
-                while block := src.read(CHUNK):
-                    out.write(block)
-                    digest.update(block)
-                    done += len(block)
-                    if progress:
-                        progress(done, total)
-                out.flush()
-                os.fsync(out.fileno())
+            while block := src.read(CHUNK):
+                staging.write(block)
+                if progress:
+                    progress(staging.size, total)
+            return staging.finish()
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            staging.discard()
             raise
-        return Staged(tmp, digest.hexdigest(), done)
 
     def open_staging(self) -> StagingFile:
         """A staged file written piece by piece (an upload arriving in chunks)."""
