@@ -236,6 +236,11 @@ class Settings(BaseSettings):
         default=3600.0, gt=0, description="Seconds an uploaded blob that no model uses is kept for the `create` that "
         "names it; then it is removed. Blobs a model uses are never removed."
     )
+    # Clients in the wild
+    max_tool_calls: int = Field(
+        default=8, ge=1, le=128, description="Tool calls one reply may make when parallel calls are allowed and a "
+        "call is forced (the grammar's bound: a small model otherwise repeats calls until the token limit)."
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -185,6 +185,15 @@ def test_any_tool_may_give_several_valid_calls(client: anthropic.Anthropic) -> N
     assert _tool_uses(m) and m.stop_reason == "tool_use"
 
 
+def test_any_tool_cut_by_max_tokens_keeps_its_complete_calls(client: anthropic.Anthropic) -> None:
+    """`any` with parallel use allowed, cut by `max_tokens` in its third call: the two complete
+    calls are tool_use blocks, no text block holds call text, the stop reason says why."""
+    m = client.messages.create(model=SMOL, max_tokens=60, messages=ASK, tools=[WEATHER, ADD], tool_choice={"type": "any"},
+                               extra_body=GREEDY)
+    assert m.stop_reason == "max_tokens" and len(_tool_uses(m)) == 2, m
+    assert not [b for b in m.content if b.type == "text" and b.text]
+
+
 def test_a_streamed_tool_use_arrives_as_input_json_deltas(client: anthropic.Anthropic) -> None:
     with client.messages.stream(model=SMOL, max_tokens=80, messages=ASK, tools=[WEATHER],
                                 tool_choice={"type": "any", "disable_parallel_tool_use": True}, extra_body=GREEDY) as stream:

@@ -75,6 +75,26 @@ def test_parallel_calls_are_each_valid(client: OpenAI) -> None:
         _valid(call.function.name, call.function.arguments)
 
 
+def test_forced_calls_cut_by_the_token_limit_keep_the_complete_ones(client: OpenAI) -> None:
+    """Forced, parallel calls on a small model run on until the limit: the complete calls come
+    back as calls, the one it cut is dropped, and none of it is content (issue 28: all of it was
+    text, so pydantic-ai retried until it gave up). At temperature 0 this model writes three
+    calls in 78 tokens; 60 cut the third."""
+    kwargs: dict[str, Any] = {"model": "smollm2:135m", "messages": ASK, "tools": [WEATHER, ADD],
+                              "tool_choice": "required", "max_tokens": 60, "temperature": 0}
+    r = client.chat.completions.create(**kwargs)
+    choice = r.choices[0]
+    assert choice.finish_reason == "length" and not choice.message.content, choice
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 2, calls
+    for call in calls:
+        _valid(call.function.name, call.function.arguments)
+    chunks = list(client.chat.completions.create(**kwargs, stream=True))
+    assert not any(c.choices[0].delta.content for c in chunks if c.choices)
+    streamed = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or []]
+    assert {d.index for d in streamed} == {0, 1} and chunks[-1].choices[0].finish_reason == "length"
+
+
 def test_none_gives_text(client: OpenAI) -> None:
     r = client.chat.completions.create(model="smollm2:135m", messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=20)
     assert r.choices[0].message.tool_calls is None and r.choices[0].message.content

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from myllm.errors import InvalidOptions
-from myllm.runtime.tools import CallFilter, Tool, call_schema, check_choice, parse_calls, parse_tools
+from myllm.runtime.tools import CallFilter, Tool, call_schema, check_choice, may_be_call, parse_calls, parse_cut_calls, parse_tools
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [Tool("get_weather", "", WEATHER), Tool("add", "", {"type": "object", "properties": {"a": {"type": "number"}}})]
@@ -34,6 +34,7 @@ TOOLS = [Tool("get_weather", "", WEATHER), Tool("add", "", {"type": "object", "p
     ('<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', '<tool_call>{"name": "get_weather", "arguments": {"city": </tool_call>', []),
     ('[TOOL_CALLS] [{"name": "get_weather"', '[TOOL_CALLS] [{"name": "get_weather"', []),  # cut short
     ('{"name": "add", "arguments": [1, 2]}', '{"name": "add", "arguments": [1, 2]}', []),  # arguments not an object
+    ('{"name": "add", "arguments": {}, "answer": 1}', '{"name": "add", "arguments": {}, "answer": 1}', []),  # not a call's keys
 ])
 def test_parse_calls(text: str, content: str, calls: list[tuple[str, dict]]) -> None:
     got_content, got = parse_calls(text, TOOLS)
@@ -60,7 +61,68 @@ def test_filter_streams_text_and_catches_a_later_call() -> None:
     content, calls = f.finish()
     assert content == "" and calls[0].name == "add"
     g = CallFilter(TOOLS)
-    assert g.feed("{not a call") == "" and g.finish() == ("{not a call", [])
+    assert g.feed("{not a call") == "{not a call" and g.finish() == ("", [])
+
+
+@pytest.mark.parametrize(("pieces", "released"), [
+    (['{"answer"', ': 42, "why": "because"}'], 1),  # a key no call has
+    (["[1", "] See the paper."], 0),  # a citation, not an array of calls
+    (["[", "{", '"name": "get_weather"}, 3'], 2),  # an element that is not a call
+    (['{"name": "ad', 'x"'], 1),  # "ad" may be "add"; "adx" names no offered function
+    (['{"name": "add", "arguments": {}}', " Done."], 1),  # text after a complete value
+    (["{Hello}"], 0),  # not JSON
+])
+def test_the_hold_back_ends_once_the_text_cannot_be_a_call(pieces: list[str], released: int) -> None:
+    """Text that starts like JSON is let through at the first piece after which it cannot be
+    calls, so a stream does not stay silent to the end (issue 28)."""
+    f = CallFilter(TOOLS)
+    out = [f.feed(p) for p in pieces]
+    assert out[:released] == [""] * released
+    assert "".join(out) == "".join(pieces) and f.finish() == ("", [])
+
+
+@pytest.mark.parametrize("text", [
+    "{", "[", ' [ {"na', '{"name": "get_w', '{"name": "get_weather", "arguments": {"city": "Pa\\',
+    '[{"name": "add", "arguments": {"a": 1}}, {"function": {"name": "ad', '{"type": "function", "id": "1", "function": {',
+])
+def test_what_may_still_be_a_call_is_held(text: str) -> None:
+    assert may_be_call(text, TOOLS)
+    f = CallFilter(TOOLS)
+    assert f.feed(text) == ""
+
+
+def test_a_forced_reply_is_never_content() -> None:
+    f = CallFilter(TOOLS, forced=True)
+    assert f.feed('[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "argu') == ""
+    content, calls = f.finish(cut_off=True)
+    assert content == "" and [(c.name, c.arguments) for c in calls] == [("add", {"a": 1})]
+    g = CallFilter(TOOLS, forced=True)
+    g.feed('{"name": "get_weather", "arguments": {"city": "Par')
+    assert g.finish(cut_off=True) == ("", [])
+
+
+@pytest.mark.parametrize(("text", "content", "calls"), [
+    ('[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}, {"name": "add", "argu', "",
+     [("add", {"a": 1}), ("add", {"a": 2})]),
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lima"}}, {"na', "", [("get_weather", {"city": "Lima"})]),
+    ('Checking.<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call><tool_call>{"name": "add", "argum', "Checking.",
+     [("add", {"a": 1})]),
+    ('{"name": "add", "arguments": {"a": 1', "", []),  # the one call was cut: nothing complete
+])
+def test_a_cut_off_reply_keeps_its_complete_calls(text: str, content: str, calls: list[tuple[str, dict]]) -> None:
+    """The token limit cut these replies in their last call: the calls before it are whole
+    (issue 28: they came back as text)."""
+    got = parse_cut_calls(text, TOOLS)
+    assert got is not None and got[0] == content and [(c.name, c.arguments) for c in got[1]] == calls
+    f = CallFilter(TOOLS)
+    streamed = f.feed(text)
+    left, found = f.finish(cut_off=True)
+    assert (streamed + left, [(c.name, c.arguments) for c in found]) == ((content, calls) if calls else (text, []))
+
+
+@pytest.mark.parametrize("text", ["The weather is", '{"answer": "it is', '[1, 2', '[{"name": "add", "arguments": {}}, 7'])
+def test_a_cut_off_reply_that_is_not_calls_is_content(text: str) -> None:
+    assert parse_cut_calls(text, TOOLS) is None
 
 
 def test_bad_tools_and_choices_are_refused() -> None:
@@ -76,7 +138,10 @@ def test_bad_tools_and_choices_are_refused() -> None:
 
 
 def test_call_schema_allows_only_the_chosen_calls() -> None:
-    named = call_schema(TOOLS, "add", parallel=False)
+    named = call_schema(TOOLS, "add", parallel=False, most=8)
     assert named["properties"]["name"] == {"const": "add"}
-    several = call_schema(TOOLS, "required", parallel=True)
+    several = call_schema(TOOLS, "required", parallel=True, most=8)
     assert several["type"] == "array" and len(several["items"]["anyOf"]) == 2
+    assert several["minItems"] == 1 and several["maxItems"] == 8
+    assert call_schema(TOOLS, "required", parallel=False, most=8)["anyOf"] == several["items"]["anyOf"]  # one call
+    assert "anyOf" in call_schema(TOOLS, "required", parallel=True, most=1)  # a bound of one is one call

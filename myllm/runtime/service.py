@@ -97,9 +97,12 @@ class GenerationStream(AsyncIterator[Event]):
             text = calls.feed(event.text)
             self._content += text
             return dataclasses.replace(event, text=text)
-        tail, self.tool_calls = calls.finish()
+        cut_off = event.finish_reason == "length"
+        tail, self.tool_calls = calls.finish(cut_off)
         self._content += tail
-        done = dataclasses.replace(event, text=self._content, finish_reason="tool_calls" if self.tool_calls else event.finish_reason)
+        # A reply the limit cut off says so ("length"), its complete calls beside it.
+        reason = "tool_calls" if self.tool_calls and not cut_off else event.finish_reason
+        done = dataclasses.replace(event, text=self._content, finish_reason=reason)
         if not tail:
             return self._finished(done)
         self._pending = done
@@ -201,10 +204,11 @@ def check_messages(messages: list[dict[str, Any]], limit: int, max_depth: int) -
     return clean
 
 
-def tool_use(tools: list[dict[str, Any]] | None, choice: Choice, parallel: bool) -> ToolUse:
-    """The request's tools and choice, checked (a 400 naming the field)."""
+def tool_use(tools: list[dict[str, Any]] | None, choice: Choice, parallel: bool, most: int) -> ToolUse:
+    """The request's tools and choice, checked (a 400 naming the field); `most` calls a reply
+    may make when `parallel`."""
     check_json_text(tools or [], "tools")
-    use = ToolUse(parse_tools(tools or []), choice, parallel)
+    use = ToolUse(parse_tools(tools or []), choice, parallel, most)
     check_choice(choice, use.tools)
     return use
 
@@ -313,7 +317,7 @@ class Runtime:
         runtime/tools.py; the stream then holds calls back from its text and reports them in
         `tool_calls`, its `DoneEvent` finishing with `tool_calls`."""
         row = await self.model(model)
-        use = tool_use(tools, tool_choice, parallel_tool_calls)
+        use = tool_use(tools, tool_choice, parallel_tool_calls, self.settings.max_tool_calls)
         opts = self.options_for(row, options)
         if use.active:
             opts = opts.model_copy(update={"format": use.format(opts.format)})
@@ -321,7 +325,7 @@ class Runtime:
         stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count, caller=caller,
                                    schema_field="tools" if use.forced else "format")
         if use.active:
-            stream.calls = CallFilter(use.tools)
+            stream.calls = CallFilter(use.tools, use.forced)
         return stream
 
     async def count_chat(
@@ -339,7 +343,7 @@ class Runtime:
         (the same instance: the model's own `num_ctx`). A prompt longer than the context is
         `PromptTooLong`, as `chat` would answer."""
         row = await self.model(model)
-        prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True), False, prefill)
+        prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True, self.settings.max_tool_calls), False, prefill)
         defaults = self.options_for(row, None)
         lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu, caller=caller)
         try:

@@ -5,7 +5,9 @@ Models write calls in a few formats (`parse_calls` reads each); a model whose ch
 not render tools is told about them in its system turn and asked for the Hermes format. When a
 call is required (`tool_choice` `required` or a named function), generation is constrained by a
 grammar built from the tools' schemas, so the output is a call to an offered function whose
-arguments validate, whatever the model would rather have said.
+arguments validate, whatever the model would rather have said; the grammar bounds how many calls
+(a small model otherwise repeats calls until the token limit), and a reply the limit cut off still
+yields the calls it completed.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import re
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Literal
+
+import jiter
 
 from myllm.errors import InvalidOptions
 
@@ -27,6 +31,10 @@ MARKERS = (HERMES_OPEN, MISTRAL, "<|python_tag|>")
 
 Choice = Literal["auto", "none", "required"] | str
 """`auto`, `none`, `required`, or the name of the one function to call."""
+CALL_KEYS = frozenset({"name", "arguments", "parameters", "function", "type", "id"})
+"""The keys a call object may have in the formats models write (and OpenAI's own shape, echoed
+back): an object with any other key is an answer, not a call."""
+_DECODER = json.JSONDecoder()
 
 
 @dataclass(frozen=True)
@@ -112,9 +120,10 @@ def call_text(name: str, arguments: Any) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
 
 
-def call_schema(tools: list[Tool], choice: Choice, parallel: bool) -> dict[str, Any]:
+def call_schema(tools: list[Tool], choice: Choice, parallel: bool, most: int) -> dict[str, Any]:
     """A JSON Schema only calls of the allowed functions satisfy, arguments included: one call
-    of the named function, or of any offered one, an array of them with `parallel`."""
+    of the named function, or of any offered one, an array of 1 to `most` of them with
+    `parallel`."""
     allowed = [t for t in tools if choice in ("auto", "required") or t.name == choice]
     one = [
         {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
@@ -122,13 +131,13 @@ def call_schema(tools: list[Tool], choice: Choice, parallel: bool) -> dict[str, 
         for t in allowed
     ]
     call = one[0] if len(one) == 1 else {"anyOf": one}
-    several = parallel and choice in ("auto", "required")
-    return {"type": "array", "items": call, "minItems": 1} if several else call
+    several = parallel and choice in ("auto", "required") and most > 1
+    return {"type": "array", "items": call, "minItems": 1, "maxItems": most} if several else call
 
 
 def _as_call(obj: Any, names: set[str]) -> Call | None:
     """One call in any of the shapes models write it, or None."""
-    if not isinstance(obj, dict):
+    if not isinstance(obj, dict) or not obj.keys() <= CALL_KEYS:
         return None
     if "function" in obj and isinstance(obj["function"], dict):  # OpenAI's own shape, echoed
         obj = obj["function"]
@@ -142,6 +151,58 @@ def _as_call(obj: Any, names: set[str]) -> Call | None:
     if name not in names or not isinstance(args, dict):
         return None
     return Call(name, args)
+
+
+def _may_become_call(obj: Any, names: set[str]) -> bool:
+    """Whether `obj`, a value read from the start of a reply (its last string perhaps cut
+    short), can still grow into a call `_as_call` reads."""
+    if not isinstance(obj, dict) or not obj.keys() <= CALL_KEYS:
+        return False
+    if isinstance(obj.get("function"), dict):
+        obj = obj["function"]
+    name = obj.get("name")
+    args = obj.get("arguments", obj.get("parameters"))
+    return ((name is None or isinstance(name, str) and any(n.startswith(name) for n in names))
+            and (args is None or isinstance(args, (dict, str))))
+
+
+def may_be_call(text: str, tools: list[Tool]) -> bool:
+    """Whether `text`, the start of a reply that begins with `{` or `[`, can still be the start
+    of JSON calls: it must read as the beginning of one JSON value (read leniently to its cut
+    end by jiter) whose objects have only a call's keys, naming an offered function so far; and
+    nothing may follow a value already complete."""
+    stripped = text.strip()
+    try:
+        value = jiter.from_json(stripped.encode(), partial_mode="trailing-strings")
+    except ValueError:
+        return False
+    try:
+        _, end = _DECODER.raw_decode(stripped)
+    except ValueError:
+        end = len(stripped)
+    names = {t.name for t in tools}
+    items = value if isinstance(value, list) else [value]
+    return end == len(stripped) and all(_may_become_call(item, names) for item in items)
+
+
+def _leading_calls(payload: str, names: set[str]) -> list[Call]:
+    """The complete calls at the start of `payload`, a JSON call or array of calls (as
+    `may_be_call` found it) the token limit cut off: the elements decoded before the cut, an
+    unfinished one dropped."""
+    is_array = payload.startswith("[")
+    at, calls = int(is_array), []
+    while True:
+        at = len(payload) - len(payload[at:].lstrip())
+        try:
+            item, at = _DECODER.raw_decode(payload, at)
+        except ValueError:
+            return calls
+        if (call := _as_call(item, names)) is not None:
+            calls.append(call)
+        rest = payload[at:].lstrip()
+        if not is_array or not rest.startswith(","):
+            return calls
+        at = len(payload) - len(rest) + 1
 
 
 def _calls(payload: str, names: set[str]) -> list[Call] | None:
@@ -197,22 +258,51 @@ def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
     return text, []
 
 
-class CallFilter:
-    """Streams a reply's text while holding back what may be a call: text that starts like one
-    (a marker, `{` or `[`) is held to the end and parsed then; after plain text, a Hermes
-    `<tool_call>` is held from where it starts."""
+def parse_cut_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]] | None:
+    """(content, calls) of a reply the token limit cut off in the middle of its calls: the
+    calls it completed (a call cut short is dropped, as its arguments are not whole) and the
+    text around them; None when the text does not start like calls (then it is content)."""
+    names = {t.name for t in tools}
+    stripped = text.strip()
+    if HERMES_OPEN in stripped:
+        payloads, around = _hermes_blocks(stripped)
+        if not stripped.rstrip().endswith(HERMES_CLOSE):  # the last block is the one cut short
+            payloads = payloads[:-1]
+        calls = [_calls(payload, names) for payload in payloads]
+        if all(c is not None for c in calls):
+            return around.strip(), [call for group in calls if group for call in group]
+        return None
+    for marker in (MISTRAL, "<|python_tag|>"):
+        if stripped.startswith(marker):
+            stripped = stripped[len(marker):].strip()
+            break
+    if not stripped.startswith(("{", "[")) or not may_be_call(stripped, tools):
+        return None
+    return "", _leading_calls(stripped, names)
 
-    def __init__(self, tools: list[Tool]) -> None:
+
+class CallFilter:
+    """Streams a reply's text while holding back what may be a call: text that starts with a
+    marker is held to the end and parsed then; text that starts with `{` or `[` only while it
+    can still be JSON calls (`may_be_call`); after plain text, a Hermes `<tool_call>` is held
+    from where it starts. A reply forced to be calls is all held: none of it is content."""
+
+    def __init__(self, tools: list[Tool], forced: bool = False) -> None:
         self.tools = tools
+        self.forced = forced
         self.held = ""
         self.plain = False
         """Text has been let through: only a later `<tool_call>` is held now."""
 
     def feed(self, text: str) -> str:
         self.held += text
+        if self.forced:
+            return ""
         if not self.plain:
             start = self.held.lstrip()
-            if not start or any(m.startswith(start) or start.startswith(m) for m in (*MARKERS, "{", "[")):
+            if not start or any(m.startswith(start) or start.startswith(m) for m in MARKERS):
+                return ""
+            if start.startswith(("{", "[")) and may_be_call(start, self.tools):
                 return ""
             self.plain = True
         cut = self.held.find(HERMES_OPEN)
@@ -222,10 +312,16 @@ class CallFilter:
         out, self.held = self.held[:cut], self.held[cut:]
         return out
 
-    def finish(self) -> tuple[str, list[Call]]:
-        """The rest of the content (what was held, less the calls in it), and the calls."""
+    def finish(self, cut_off: bool = False) -> tuple[str, list[Call]]:
+        """The rest of the content (what was held, less the calls in it), and the calls. When
+        the token limit `cut_off` the reply, the calls it completed; a forced reply's text is
+        never content, even when no call in it was completed."""
         content, calls = parse_calls(self.held, self.tools)
-        return (content, calls) if calls else (self.held, [])
+        if calls:
+            return content, calls
+        if cut_off and (partial := parse_cut_calls(self.held, self.tools)) is not None and (partial[1] or self.forced):
+            return partial
+        return ("", []) if self.forced else (self.held, [])
 
 
 def _normal_calls(calls: list[Any]) -> list[dict[str, Any]]:
@@ -254,6 +350,8 @@ class ToolUse:
     tools: list[Tool]
     choice: Choice = "auto"
     parallel: bool = True
+    most: int = 8
+    """Calls one reply may make when `parallel` (MYLLM_MAX_TOOL_CALLS)."""
 
     @property
     def active(self) -> bool:
@@ -269,7 +367,7 @@ class ToolUse:
         requested format, a call or text that follows the format."""
         if not self.active:
             return requested
-        calls = call_schema(self.tools, self.choice, self.parallel)
+        calls = call_schema(self.tools, self.choice, self.parallel, self.most)
         if self.forced:
             return calls
         if requested is None:
