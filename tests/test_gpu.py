@@ -27,7 +27,7 @@ from myllm.registry.store import Registry
 from myllm.runtime.devices import NO_GPU, Devices, Gpu, llama_devices, probe
 from myllm.runtime.engine import LoadSpec
 from myllm.runtime.manager import ModelManager
-from myllm.runtime.memory import MiB, footprint, parse_memory, processor
+from myllm.runtime.memory import MiB, footprint, movable, parse_memory, processor
 from myllm.runtime.options import GenerationOptions, parameter_value
 from myllm.runtime.planner import Budgets, plan_load
 from myllm.runtime.runner import ModelRunner
@@ -129,7 +129,7 @@ async def test_a_model_too_big_for_the_fake_gpu_gets_fewer_layers(fake_models: R
     expected = plan_load(fp, -1, Budgets(20_000 * MiB, parse_memory("90%", available=1_000 * MiB), 3), []).gpu_layers
     [info] = mgr.loaded()
     assert 0 < expected < 11 and FakeRunner.loads == [expected] and info.gpu_layers == expected
-    assert info.processor == processor(fp, expected) and info.processor.endswith("% CPU/GPU")
+    assert info.processor == processor(movable(fp, expected)) and info.processor.endswith("% CPU/GPU")
     await mgr.close()
 
 

@@ -4,7 +4,9 @@ such. Everything that runs a model is tested on the real models elsewhere."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -12,8 +14,8 @@ from myllm.errors import ModelCrashed, OutOfMemory
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime import manager as manager_module
-from myllm.runtime.manager import ModelManager
-from myllm.runtime.memory import MiB, estimate
+from myllm.runtime.manager import LoadedInfo, ModelManager
+from myllm.runtime.memory import MiB, Split, estimate
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
 
@@ -193,3 +195,27 @@ async def test_a_load_that_crashes_is_refused_for_a_while(fake_registry: Registr
     await use(mgr, "a:1")
     assert sorted(m.name for m in mgr.loaded()) == ["a:1", "b:1"]
     await mgr.close()
+
+
+def test_instances_of_one_model_are_one_row_adding_up_what_they_hold() -> None:
+    """`per_model`: rows in order, one per name; memory, layers and slots add up, the largest
+    context, the latest expiry, a GPU's device if any instance has layers there, and the
+    PROCESSOR share over all the bytes offloading moved."""
+    at = datetime(2030, 1, 1, tzinfo=timezone.utc)
+    chat = LoadedInfo(name="m:1", digest="d", context_length=2048, embedding=False, size_estimate=300 * MiB, rss_before=10,
+                      rss_after=110, rss=120, pid=7, expires_at=at, device="cuda", gpu_layers=31, layers=31,
+                      size_vram=250 * MiB, offload=Split(0, 200 * MiB), vram_used=260 * MiB, active=1, queued=2, busy=1,
+                      slots=4)
+    embed = dataclasses.replace(chat, context_length=512, embedding=True, size_estimate=100 * MiB, rss_before=20, rss_after=70,
+                                rss=80, pid=8, expires_at=at + timedelta(minutes=5), device="cpu", gpu_layers=0,
+                                size_vram=0, offload=Split(200 * MiB, 0), vram_used=0, active=0, queued=0, busy=0, slots=1)
+    other = dataclasses.replace(chat, name="n:1", pid=9)
+    mine, theirs = manager_module.per_model([chat, embed, other])
+    assert theirs == other, "a model loaded once is its instance's row"
+    assert mine == LoadedInfo(name="m:1", digest="d", context_length=2048, embedding=False, size_estimate=400 * MiB,
+                              rss_before=30, rss_after=180, rss=200, pid=None, expires_at=at + timedelta(minutes=5),
+                              device="cuda", gpu_layers=31, layers=62, size_vram=250 * MiB, offload=Split(200 * MiB, 200 * MiB),
+                              vram_used=260 * MiB, active=1, queued=2, busy=1, slots=5)
+    assert mine.processor == "50%/50% CPU/GPU" and mine.rss_growth == 150
+    [kept] = manager_module.per_model([chat, dataclasses.replace(embed, expires_at=None)])
+    assert kept.expires_at is None, "an instance kept for good keeps the model loaded for good"

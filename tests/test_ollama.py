@@ -14,6 +14,7 @@ import pytest
 
 from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
+import tests.server
 from tests.conftest import writable_home
 from tests.server import running_servers
 
@@ -92,6 +93,33 @@ def test_empty_prompt_loads_and_keep_alive_zero_unloads(client: ollama.Client, u
     unloaded = client.chat(model="gemma3:270m", messages=[], keep_alive=0)
     assert unloaded.done_reason == "unload" and unloaded.message.content == ""
     assert "gemma3:270m" not in loaded_models()
+
+
+def test_ps_lists_a_model_once_however_many_instances_it_has(client: ollama.Client, urls: tuple[str, str]) -> None:
+    """Its chat instance, a second one with a larger context and its embedding instance: one
+    row on both ports (as Ollama lists models), adding up their memory and slots, the largest
+    context, and the latest expiry (the embedding instance is kept for good)."""
+    main, _ = urls
+    client.generate(model="gemma3:270m", prompt="", keep_alive="10m")
+    client.generate(model="gemma3:270m", prompt="Hi", options={"num_ctx": 2048, "num_predict": 1}, keep_alive="10m")
+    client.embed(model="gemma3:270m", input="The cat sat.", keep_alive=-1)
+    assert tests.server.LAST_APP is not None
+    instances = [m for m in tests.server.LAST_APP.state.services.runtime.loaded() if m.name == "gemma3:270m"]
+    assert sorted((m.embedding, m.context_length) for m in instances) == [(False, 1024), (False, 2048), (True, 1024)]
+    try:
+        [gemma] = [m for m in client.ps().models if m.model == "gemma3:270m"]
+        assert gemma.size == sum(m.size_estimate for m in instances) and gemma.size_vram == 0
+        assert gemma.context_length == 2048
+        assert gemma.expires_at is not None and gemma.expires_at.year > 2200, "kept for good, as its embedding instance is"
+        [native] = [m for m in httpx.get(f"{main}/api/ps").json()["models"] if m["name"] == "gemma3:270m"]
+        assert native["size_mb"] == sum(m.size_estimate for m in instances) >> 20 and native["context_length"] == 2048
+        assert native["slots"] == sum(m.slots for m in instances) and native["expires_at"] is None
+        assert native["processor"] == "100% CPU" and native["layers"] == sum(m.layers for m in instances)
+        scrape = httpx.get(f"{main}/metrics").text.splitlines()
+        assert len([line for line in scrape if line.startswith('myllm_model_memory_bytes{model="gemma3:270m"}')]) == 1
+    finally:
+        httpx.post(f"{main}/api/models/gemma3:270m/unload", timeout=60)
+    assert "gemma3:270m" not in [m.model for m in client.ps().models]
 
 
 def test_embed_in_batch_and_the_older_route(client: ollama.Client) -> None:

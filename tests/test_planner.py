@@ -10,7 +10,7 @@ import pytest
 
 from myllm.registry.gguf_meta import read_gguf_info
 from myllm.registry.schema import ModelRow
-from myllm.runtime.memory import COMPUTE_BASE, MiB, Footprint, Split, estimate, footprint, parse_memory, processor
+from myllm.runtime.memory import COMPUTE_BASE, MiB, Footprint, Split, estimate, footprint, movable, parse_memory, processor
 from myllm.runtime.planner import Budgets, Resident, layers_for, plan_load
 from tests.conftest import smollm2_file
 
@@ -64,11 +64,16 @@ def test_processor_column_splits_what_offloading_moves() -> None:
     """Ollama's PROCESSOR column: what stays put however many layers move (the runner, the
     input embeddings, the GPU's own overhead) is not counted."""
     fp = model()
-    assert processor(fp, 0) == "100% CPU" and processor(fp, 11) == "100% GPU" and processor(fp, 50) == "100% GPU"
+    def column(gpu_layers: int) -> str:
+        return processor(movable(fp, gpu_layers))
+
+    assert column(0) == "100% CPU" and column(11) == "100% GPU" and column(50) == "100% GPU"
     # 6 layers: the output (60 MiB + 30 of compute buffers) and 5 layers with their KV (5 x 120)
     # on the GPU, 690 MiB; the other 5 layers with theirs on the CPU, 600 MiB: 47% of 1290.
-    assert processor(fp, 6) == "47%/53% CPU/GPU"
-    assert processor(fp, 1).startswith("9")
+    assert column(6) == "47%/53% CPU/GPU"
+    assert column(1).startswith("9")
+    # A model loaded twice, once on the CPU (1274 MiB moved there) and once on the GPU (1290 MiB).
+    assert processor(Split(movable(fp, 0).ram, movable(fp, 11).vram)) == "50%/50% CPU/GPU"
 
 
 def test_a_tied_output_is_free_on_the_cpu_and_copied_to_a_gpu() -> None:

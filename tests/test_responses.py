@@ -70,11 +70,40 @@ def test_streaming_events(client: OpenAI) -> None:
                                           temperature=0, stream=True))
     kinds = [e.type for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done", "response.completed"]
+    assert kinds[-4:-1] == ["response.output_text.done", "response.content_part.done", "response.output_item.done"]
+    assert kinds[-1] == f"response.{events[-1].response.status}", "response.completed, or .incomplete if cut"
     assert [e.sequence_number for e in events] == list(range(len(events)))
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text and events[-1].response.output_text == text
     assert client.responses.retrieve(events[-1].response.id).output_text == text
+
+
+LONG = "Write a long story about a lighthouse keeper."
+
+
+def test_a_reply_cut_by_the_limit_is_incomplete_and_so_is_its_message(client: OpenAI) -> None:
+    r = client.responses.create(model="smollm2:135m", input=LONG, max_output_tokens=5, temperature=0)
+    assert r.status == "incomplete" and r.incomplete_details and r.incomplete_details.reason == "max_output_tokens"
+    [message] = r.output
+    assert message.type == "message" and message.status == "incomplete" and r.output_text
+    again = client.responses.retrieve(r.id)
+    assert again.status == "incomplete" and [i.status for i in again.output] == ["incomplete"]
+    whole = client.responses.create(model="smollm2:135m", input="Say hi.", max_output_tokens=200, temperature=0)
+    assert whole.status == "completed" and [i.status for i in whole.output] == ["completed"]
+
+
+def test_a_streamed_reply_cut_by_the_limit_ends_with_response_incomplete(client: OpenAI) -> None:
+    events = list(client.responses.create(model="smollm2:135m", input=LONG, max_output_tokens=5, temperature=0,
+                                          stream=True))
+    assert events[-1].type == "response.incomplete"
+    final = events[-1].response
+    assert final.status == "incomplete" and final.incomplete_details and final.incomplete_details.reason == "max_output_tokens"
+    [done] = [e.item for e in events if e.type == "response.output_item.done"]
+    assert done.type == "message" and done.status == "incomplete"
+    [added] = [e.item for e in events if e.type == "response.output_item.added"]
+    assert added.status == "in_progress"
+    assert [i.status for i in final.output] == ["incomplete"]
+    assert [i.status for i in client.responses.retrieve(final.id).output] == ["incomplete"]
 
 
 def test_a_function_call_and_its_output(client: OpenAI) -> None:

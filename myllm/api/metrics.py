@@ -20,6 +20,7 @@ from myllm.api.auth import require_admin
 from myllm.api.state import services
 from myllm.runtime.engine import DoneEvent
 from myllm.runtime.events import RuntimeEvents
+from myllm.runtime.manager import per_model
 
 router = APIRouter(tags=["Operations"])
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -84,14 +85,15 @@ class Metrics(RuntimeEvents):
         """The text format, with the loaded models' figures as of now (each runner asked at once)."""
         runtime = services(request).runtime
         loaded = runtime.loaded()
-        stats = await asyncio.gather(*(runtime.runner_stats(m.name) for m in loaded), return_exceptions=True)
+        models = per_model(loaded)  # one sample per model label, however many instances it has
+        stats = await asyncio.gather(*(runtime.runner_stats(m.name) for m in models), return_exceptions=True)
         queue = GaugeMetricFamily("myllm_queue_depth", "Requests waiting for a slot", labels=["model"])
         active = GaugeMetricFamily("myllm_active_requests", "Requests holding the model", labels=["model"])
-        memory = GaugeMetricFamily("myllm_model_memory_bytes", "A loaded model's runner, resident memory measured",
+        memory = GaugeMetricFamily("myllm_model_memory_bytes", "A loaded model's runners (one per instance), resident memory measured",
                                    labels=["model"])
         kv_bytes = GaugeMetricFamily("myllm_kv_cache_bytes", "Saved conversation KV held in RAM", labels=["model"])
         kv_hits = CounterMetricFamily("myllm_kv_cache_hits", "Turns that reused a saved conversation KV", labels=["model"])
-        for info, figures in zip(loaded, stats):
+        for info, figures in zip(models, stats):
             queue.add_metric([info.name], info.queued)
             active.add_metric([info.name], info.active)
             memory.add_metric([info.name], info.rss)

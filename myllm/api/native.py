@@ -45,6 +45,7 @@ from myllm.api.state import services
 from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import SessionInfo, check_session_id, new_session_id
+from myllm.runtime.manager import per_model
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 from myllm.runtime.template import template_name
 
@@ -130,7 +131,8 @@ async def unload_model(model_name: str, request: Request) -> StatusMessage:
 
 @router.get("/api/ps", response_model=RunningList, tags=["MyLLM"])
 async def running(request: Request) -> RunningList:
-    """Extension (Ollama's `ps`): the loaded models."""
+    """Extension (Ollama's `ps`): the loaded models, one row per model however many instances
+    it has (`per_model`)."""
     return RunningList(models=[
         RunningModel(
             name=m.name, size_mb=m.size_estimate >> 20, rss_growth_mb=max(0, m.rss_growth) >> 20,
@@ -139,7 +141,7 @@ async def running(request: Request) -> RunningList:
             expires_at=m.expires_at.isoformat() if m.expires_at else None, active=m.active, queued=m.queued,
             busy=m.busy, slots=m.slots, memory_mb=m.rss >> 20,
         )
-        for m in services(request).runtime.loaded()
+        for m in per_model(services(request).runtime.loaded())
     ])
 
 

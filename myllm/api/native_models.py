@@ -181,7 +181,7 @@ class RunningModel(BaseModel):
     queued: int
     busy: int = Field(description="extension: sequences generating now, of `slots`")
     slots: int = Field(description="extension: sequences the model generates at once (MYLLM_NUM_PARALLEL)")
-    memory_mb: int = Field(description="extension: the model's runner process, resident memory measured now")
+    memory_mb: int = Field(description="extension: the model's runner processes (one per instance), resident memory measured now")
 
 
 class RunningList(BaseModel):

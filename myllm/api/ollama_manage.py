@@ -32,7 +32,7 @@ from myllm.registry.blobs import parse_digest
 from myllm.registry.gguf_meta import read_gguf_kv
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides
-from myllm.runtime.manager import LoadedInfo
+from myllm.runtime.manager import LoadedInfo, per_model
 from myllm.runtime.options import PARAMETERS, stored_parameter
 from myllm.registry.chat_templates import Deadline, check_template
 
@@ -91,8 +91,9 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
+    """One row per model, as Ollama lists them, however many instances it has (`per_model`)."""
     svc = services(request)
-    loaded = svc.runtime.loaded()
+    loaded = per_model(svc.runtime.loaded())
     rows = {r.name: r for r in await svc.pools.db.run(svc.registry.list)} if loaded else {}
     return {"models": [_running(m, rows[m.name]) for m in loaded if m.name in rows]}
 

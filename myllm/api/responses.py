@@ -140,10 +140,19 @@ def _history(stored: list[StoredMessage]) -> list[dict[str, Any]]:
     return [{"role": m.role, "content": m.content} for m in stored]
 
 
-def _output(text: str, calls: list[Call], msg_id: str) -> list[dict[str, Any]]:
+def _status(done: DoneEvent) -> str:
+    """The finished response's status: `incomplete` when the token limit cut the reply."""
+    return "incomplete" if done.finish_reason == "length" else "completed"
+
+
+def _output(text: str, calls: list[Call], msg_id: str, status: str) -> list[dict[str, Any]]:
+    """The reply as output items, the message first, each with its own status: the item being
+    written when the limit cut the reply (the message, when it is last) is `incomplete` like
+    the response; calls are always whole (the runtime returns only complete calls), and a
+    message followed by calls was finished before them, so those are `completed`."""
     items: list[dict[str, Any]] = []
     if text or not calls:
-        items.append({"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
+        items.append({"type": "message", "id": msg_id, "status": status if not calls else "completed", "role": "assistant",
                       "content": [{"type": "output_text", "text": text, "annotations": []}]})
     for call in calls:
         items.append({"type": "function_call", "id": _new_id("fc"), "call_id": call.id, "name": call.name,
@@ -159,10 +168,10 @@ def _response(body: ResponseRequest, rid: str, created: int, model: str, status:
                  "total_tokens": done.prompt_tokens + done.completion_tokens,
                  "input_tokens_details": {"cached_tokens": done.prompt_tokens - done.prompt_eval_tokens},
                  "output_tokens_details": {"reasoning_tokens": 0}}
-    incomplete = {"reason": "max_output_tokens"} if done is not None and done.finish_reason == "length" else None
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return {
         "id": rid, "object": "response", "created_at": created, "model": model,
-        "status": "incomplete" if incomplete else status, "incomplete_details": incomplete, "error": None,
+        "status": status, "incomplete_details": incomplete, "error": None,
         "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "metadata": body.metadata or {},
         "output": output, "parallel_tool_calls": body.parallel_tool_calls is not False,
         "previous_response_id": body.previous_response_id, "store": body.store,
@@ -219,7 +228,9 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     rid, created, msg_id = _new_id("resp"), int(time.time()), _new_id("msg")
 
     async def finish(done: DoneEvent) -> dict[str, Any]:
-        response = _response(body, rid, created, stream.model, "completed", _output(done.text, stream.tool_calls, msg_id), done)
+        status = _status(done)
+        response = _response(body, rid, created, stream.model, status, _output(done.text, stream.tool_calls, msg_id, status),
+                             done)
         if body.store:
             await svc.pools.db.run(svc.responses.store, response, body.previous_response_id, stream.model,
                                     _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request),
@@ -238,7 +249,10 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
 
 async def _events(body: ResponseRequest, stream: GenerationStream, rid: str, created: int, msg_id: str,
                   finish: Any, release: Any) -> AsyncIterator[str]:
-    """The SDK's event sequence, each with its `sequence_number`."""
+    """The SDK's event sequence, each with its `sequence_number`. The last is named after the
+    response's status, as OpenAI's are: `response.completed`, or `response.incomplete` when
+    the token limit cut the reply (the SDK's `stream()` helper then has no final response, as
+    with OpenAI; iterating `create(stream=True)` sees the event)."""
     seq = 0
 
     def event(kind: str, **fields: Any) -> str:
@@ -278,7 +292,7 @@ async def _events(body: ResponseRequest, stream: GenerationStream, rid: str, cre
                         yield event("response.function_call_arguments.delta", item_id=out["id"], output_index=index, delta=out["arguments"])
                         yield event("response.function_call_arguments.done", item_id=out["id"], output_index=index, arguments=out["arguments"])
                     yield event("response.output_item.done", output_index=index, item=out)
-                yield event("response.completed", response=response)
+                yield event(f"response.{response['status']}", response=response)  # response.completed or .incomplete
     except MyLLMError as exc:
         yield event("error", code=exc.code, message=exc.message, param=None)
     finally:

@@ -48,7 +48,17 @@ from myllm.runtime.devices import NO_GPU, Devices, probe
 from myllm.runtime.durations import parse_duration
 from myllm.runtime.engine import LoadSpec
 from myllm.runtime.events import RuntimeEvents
-from myllm.runtime.memory import MiB, Footprint, MemoryEstimate, Split, estimate, footprint, parse_memory, processor
+from myllm.runtime.memory import (
+    MiB,
+    Footprint,
+    MemoryEstimate,
+    Split,
+    estimate,
+    footprint,
+    movable,
+    parse_memory,
+    processor,
+)
 from myllm.runtime.planner import Budgets, Plan, Resident, plan_load
 from myllm.runtime.reloads import Rate, ReloadLimit
 from myllm.runtime.runner import ModelRunner
@@ -164,8 +174,8 @@ class LoadedInfo:
     """The model's offloadable layers (its repeating layers and the output layer)."""
     size_vram: int
     """The estimate's GPU share (of `size_estimate`)."""
-    processor: str
-    """Ollama's PROCESSOR column: "100% CPU", "100% GPU", "48%/52% CPU/GPU" (`memory.processor`)."""
+    offload: Split
+    """What offloading moves (`memory.movable`) and where it is: `processor` is its share."""
     vram_used: int
     """GPU memory measured: the device's free memory before the load less after it."""
     active: int
@@ -177,6 +187,54 @@ class LoadedInfo:
     @property
     def rss_growth(self) -> int:
         return self.rss_after - self.rss_before
+
+    @property
+    def processor(self) -> str:
+        """Ollama's PROCESSOR column: "100% CPU", "100% GPU", "48%/52% CPU/GPU" (`memory.processor`)."""
+        return processor(self.offload)
+
+
+def per_model(loaded: list[LoadedInfo]) -> list[LoadedInfo]:
+    """`loaded` (instances) as one row per model name, in their order, as Ollama's `ps` lists
+    models. A model loaded more than once (its chat and embedding instances, or two context
+    sizes or `num_gpu`s) is one row that adds up what its instances hold and do side by side:
+    memory (`size_estimate`, `size_vram`, `vram_used`, RSS before, after and now), layers
+    (`gpu_layers` of `layers`), bytes offloading moved (so `processor` is their share over
+    all of them), and work (`active`, `queued`, `busy` of `slots`). `context_length` is the
+    largest; `expires_at` the latest, since the model leaves memory with its last instance
+    (None, kept for good, outlasts any date); `device` a GPU's when any instance uses one;
+    `embedding` only when every instance is one; `pid` None, as no one process runs them all."""
+    groups: dict[str, list[LoadedInfo]] = {}
+    for info in loaded:
+        groups.setdefault(info.name, []).append(info)
+    return [infos[0] if len(infos) == 1 else _combined(infos) for infos in groups.values()]
+
+
+def _combined(infos: list[LoadedInfo]) -> LoadedInfo:
+    expiries = [i.expires_at for i in infos]
+    gpu = next((i.device for i in infos if i.device != "cpu"), "cpu")
+    return LoadedInfo(
+        name=infos[0].name,
+        digest=infos[0].digest,
+        context_length=max(i.context_length for i in infos),
+        embedding=all(i.embedding for i in infos),
+        size_estimate=sum(i.size_estimate for i in infos),
+        rss_before=sum(i.rss_before for i in infos),
+        rss_after=sum(i.rss_after for i in infos),
+        rss=sum(i.rss for i in infos),
+        pid=None,
+        expires_at=None if None in expiries else max(e for e in expiries if e is not None),
+        device=gpu,
+        gpu_layers=sum(i.gpu_layers for i in infos),
+        layers=sum(i.layers for i in infos),
+        size_vram=sum(i.size_vram for i in infos),
+        offload=Split(sum(i.offload.ram for i in infos), sum(i.offload.vram for i in infos)),
+        vram_used=sum(i.vram_used for i in infos),
+        active=sum(i.active for i in infos),
+        queued=sum(i.queued for i in infos),
+        busy=sum(i.busy for i in infos),
+        slots=sum(i.slots for i in infos),
+    )
 
 
 class Lease:
@@ -702,11 +760,16 @@ class ModelManager:
         return any(i.spec.name == name for i in self._instances.values())
 
     async def runner_stats(self, name: str) -> dict[str, Any]:
-        """The figures `name`'s runner reports about itself (a model loaded twice: the first)."""
-        inst = next((i for i in self._instances.values() if i.spec.name == name), None)
-        if inst is None:
+        """The figures `name`'s runners report about themselves, each summed over the model's
+        instances as `per_model` sums theirs (all are counts and bytes)."""
+        runners = [i.runner for i in self._instances.values() if i.spec.name == name]
+        if not runners:
             raise ModelNotLoaded(f"model '{name}' is not loaded")
-        return await asyncio.wait_for(inst.runner.stats(), timeout=5)  # type: ignore[no-any-return]
+        total: dict[str, Any] = {}
+        for figures in await asyncio.wait_for(asyncio.gather(*(r.stats() for r in runners)), timeout=5):
+            for key, value in figures.items():
+                total[key] = total.get(key, 0) + value
+        return total
 
     def loaded(self) -> list[LoadedInfo]:
         return [self._info(i) for i in sorted(self._instances.values(), key=lambda i: i.spec.name)]
@@ -732,7 +795,7 @@ class ModelManager:
             gpu_layers=inst.gpu_layers,
             layers=inst.footprint.max_gpu_layers,
             size_vram=inst.split.vram,
-            processor=processor(inst.footprint, inst.gpu_layers),
+            offload=movable(inst.footprint, inst.gpu_layers),
             vram_used=inst.runner.vram_used,
             active=inst.leases,
             queued=inst.runner.queued,

@@ -157,19 +157,27 @@ class Footprint:
         return Split(ram, vram)
 
 
-def processor(fp: Footprint, gpu_layers: int) -> str:
-    """Ollama's PROCESSOR column for `fp` with `gpu_layers` offloaded: "100% CPU", "100% GPU",
-    or "48%/52% CPU/GPU", the share of what offloading moves (layers, their KV cache, the output
-    layer's compute buffers) in each memory; what stays put either way (the runner, the input
+def movable(fp: Footprint, gpu_layers: int) -> Split:
+    """What offloading moves (layers, their KV cache, the output layer's compute buffers) and
+    where it is with `gpu_layers` offloaded; what stays put either way (the runner, the input
     embeddings, the saved KV cache, the GPU's own overhead) does not count."""
     k = max(0, min(gpu_layers, fp.max_gpu_layers))
+    full = fp.split(fp.max_gpu_layers)
     if k == 0:
+        return Split(fp.split(0).ram - full.ram, 0)
+    split = fp.split(k)
+    return Split(split.ram - full.ram, split.vram - fp.gpu_overhead)
+
+
+def processor(moved: Split) -> str:
+    """Ollama's PROCESSOR column for what offloading moves (`movable`: one instance's, or
+    the sum over a model's instances): "100% CPU", "100% GPU", or "48%/52% CPU/GPU", its share
+    in each memory."""
+    if moved.vram == 0:
         return "100% CPU"
-    if k == fp.max_gpu_layers:
+    if moved.ram == 0:
         return "100% GPU"
-    split, full = fp.split(k), fp.split(fp.max_gpu_layers)
-    cpu_part, gpu_part = split.ram - full.ram, split.vram - fp.gpu_overhead
-    cpu = min(99, max(1, round(100 * cpu_part / max(cpu_part + gpu_part, 1))))
+    cpu = min(99, max(1, round(100 * moved.ram / moved.total)))
     return f"{cpu}%/{100 - cpu}% CPU/GPU"
 
 
