@@ -35,6 +35,7 @@ from myllm.pull import ensure_model
 from myllm.registry.choices import SERVICE_MODEL
 from myllm.registry.schema import ModelRow
 from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
+from myllm.runtime.manager import per_model
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
 router = APIRouter(tags=["DeepShiva / LLM service"], responses={c: {"model": LegacyError} for c in (400, 404, 422, 500, 503)})
@@ -112,8 +113,9 @@ async def model_status(request: Request) -> ModelStatus:
 
 
 def _loaded(svc: Services, row: ModelRow | None) -> LoadedInfo | None:
-    """The loaded instance of the model of `row` (None: not registered), if any."""
-    return next((m for m in svc.runtime.loaded() if row is not None and m.name == row.name), None)
+    """The model of `row` as loaded (None: not registered or not loaded), its instances as one
+    (`per_model`: a GPU device if any instance has one, the largest context)."""
+    return next((m for m in per_model(svc.runtime.loaded()) if row is not None and m.name == row.name), None)
 
 
 # -- the shared /generate -------------------------------------------------------------------
