@@ -34,8 +34,8 @@ from myllm.errors import Forbidden, InvalidModelName, InvalidOptions, ModelNotFo
 from myllm.pull import ensure_model
 from myllm.registry.choices import SERVICE_MODEL
 from myllm.registry.schema import ModelRow
-from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 from myllm.runtime.manager import per_model
+from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
 router = APIRouter(tags=["DeepShiva / LLM service"], responses={c: {"model": LegacyError} for c in (400, 404, 422, 500, 503)})
