@@ -42,7 +42,7 @@ class Capital(BaseModel):
 @pytest.fixture(scope="module")
 def ollama_url(models_home: Path) -> Iterator[str]:
     """The Ollama listener of one daemon over the shared test models."""
-    with running_servers(Settings(home=models_home, num_threads=2, num_ctx=2048)) as (_, url):
+    with running_servers(Settings(home=models_home, num_threads=1, num_ctx=2048)) as (_, url):
         yield url
 
 
