@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from myllm.errors import InvalidOptions
-from myllm.runtime.tools import CallFilter, Tool, call_schema, check_choice, may_be_call, parse_calls, parse_cut_calls, parse_tools
+from myllm.runtime.tools import CallFilter, Tool, ToolUse, call_schema, embed, check_choice, may_be_call, parse_calls, parse_cut_calls, parse_tools
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [Tool("get_weather", "", WEATHER), Tool("add", "", {"type": "object", "properties": {"a": {"type": "number"}}})]
@@ -145,3 +147,35 @@ def test_call_schema_allows_only_the_chosen_calls() -> None:
     assert several["minItems"] == 1 and several["maxItems"] == 8
     assert call_schema(TOOLS, "required", parallel=False, most=8)["anyOf"] == several["items"]["anyOf"]  # one call
     assert "anyOf" in call_schema(TOOLS, "required", parallel=True, most=1)  # a bound of one is one call
+
+
+NESTED = {"$defs": {"Capital": {"type": "object", "properties": {"city": {"type": "string"}, "kind": {"$ref": "#/$defs/Kind"}},
+                                "required": ["city", "kind"]},
+                    "Kind": {"enum": ["capital", "town"]}},
+          "type": "object", "properties": {"go": {"$ref": "#/$defs/Capital"}, "back": {"$ref": "#/$defs/Capital"}},
+          "required": ["go", "back"]}
+
+
+def test_embedded_schemas_keep_their_references_and_order() -> None:
+    """A schema placed in a larger one has its local `$ref`s rebased where it now sits (pydantic
+    writes nested models as `#/$defs/...`; issue 28: forced calls to such a tool were a 400)."""
+    defs: dict = {}
+    assert embed(NESTED, "tool-0", defs) == {"$ref": "#/$defs/tool-0"}
+    placed = defs["tool-0"]
+    assert placed["properties"]["go"] == {"$ref": "#/$defs/tool-0/$defs/Capital"}
+    assert placed["$defs"]["Capital"]["properties"]["kind"] == {"$ref": "#/$defs/tool-0/$defs/Kind"}
+    assert list(placed["properties"]) == ["go", "back"]  # the order a grammar writes the keys in
+    assert NESTED["properties"]["go"] == {"$ref": "#/$defs/Capital"}  # the tool's own schema untouched
+
+
+@pytest.mark.parametrize(("choice", "parallel", "requested"), [
+    ("required", True, None), ("required", False, None), ("trip", True, None), ("auto", True, NESTED), ("auto", True, "json"),
+])
+def test_calls_to_tools_with_definitions_compile(choice: str, parallel: bool, requested: object) -> None:
+    """Every schema `ToolUse.format` builds from tools (and a requested format) with `$defs`
+    resolves: llama.cpp's converter refuses a `$ref` it cannot find."""
+    from llama_cpp import llama_grammar
+
+    use = ToolUse([Tool("trip", "", NESTED), *TOOLS], choice, parallel, 8)
+    grammar = llama_grammar.json_schema_to_gbnf(json.dumps(use.format(requested)))  # type: ignore[arg-type]
+    assert "capital" in grammar and "root ::=" in grammar

@@ -120,19 +120,49 @@ def call_text(name: str, arguments: Any) -> str:
     return "<tool_call>" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "</tool_call>"
 
 
+def embed(schema: Any, key: str, defs: dict[str, Any]) -> dict[str, Any]:
+    """A reference to `schema` once it is part of a larger schema: it is placed in that
+    schema's root `$defs` under `key`, its own local references (`#/$defs/X`, `#`) rebased onto
+    where it now sits, since `#` means the root of the whole document. Without this, a tool's
+    parameters or a requested format that uses `$defs` (pydantic's nested models, enums,
+    lists of models) fail to resolve once combined."""
+    base = f"#/$defs/{key}"
+    root: dict[str, Any] = {}
+    stack: list[tuple[Any, dict[str, Any] | list[Any], str | int]] = [(schema, root, "value")]
+    while stack:  # a copy walked without recursion (no depth reaches Python's limit here)
+        item, parent, slot = stack.pop()
+        if isinstance(item, dict):
+            copy: dict[str, Any] | list[Any] = dict.fromkeys(item)  # in order: keys order a grammar's properties
+            for k, v in item.items():
+                if k == "$ref" and isinstance(v, str) and v.startswith("#"):
+                    copy[k] = base + v[1:]
+                else:
+                    stack.append((v, copy, k))
+        elif isinstance(item, list):
+            copy = [None] * len(item)
+            stack.extend((v, copy, i) for i, v in enumerate(item))
+        else:
+            copy = item
+        parent[slot] = copy  # type: ignore[index]
+    defs[key] = root["value"]
+    return {"$ref": base}
+
+
 def call_schema(tools: list[Tool], choice: Choice, parallel: bool, most: int) -> dict[str, Any]:
     """A JSON Schema only calls of the allowed functions satisfy, arguments included: one call
     of the named function, or of any offered one, an array of 1 to `most` of them with
-    `parallel`."""
+    `parallel`. Each tool's parameters sit in the root `$defs` (`embed`)."""
     allowed = [t for t in tools if choice in ("auto", "required") or t.name == choice]
+    defs: dict[str, Any] = {}
     one = [
-        {"type": "object", "properties": {"name": {"const": t.name}, "arguments": t.parameters},
+        {"type": "object", "properties": {"name": {"const": t.name}, "arguments": embed(t.parameters, f"tool-{i}", defs)},
          "required": ["name", "arguments"], "additionalProperties": False}
-        for t in allowed
+        for i, t in enumerate(allowed)
     ]
     call = one[0] if len(one) == 1 else {"anyOf": one}
     several = parallel and choice in ("auto", "required") and most > 1
-    return {"type": "array", "items": call, "minItems": 1, "maxItems": most} if several else call
+    schema = {"type": "array", "items": call, "minItems": 1, "maxItems": most} if several else dict(call)
+    return {**schema, "$defs": defs}
 
 
 def _as_call(obj: Any, names: set[str]) -> Call | None:
@@ -372,7 +402,9 @@ class ToolUse:
             return calls
         if requested is None:
             return None
-        return {"anyOf": [calls, {"type": "object"} if requested == "json" else requested]}
+        defs = calls.pop("$defs")
+        answer = embed({"type": "object"} if requested == "json" else requested, "format", defs)
+        return {"anyOf": [calls, answer], "$defs": defs}
 
     def prompt(self, messages: list[dict[str, Any]], template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
         """(messages, the template's `tools`). A template that renders tools gets them and the
