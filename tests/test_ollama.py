@@ -155,6 +155,9 @@ def test_errors_in_ollamas_shape(client: ollama.Client, urls: tuple[str, str]) -
     assert r.done
     bad = httpx.post(f"{urls[1]}/api/chat", content=b"{", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and set(bad.json()) == {"error"}
+    with pytest.raises(ollama.ResponseError) as info:  # no registry to push to (README: what differs)
+        client.push("smollm2:135m")
+    assert info.value.status_code == 404
 
 
 def test_langchain_chat_ollama_and_embeddings(urls: tuple[str, str]) -> None:
