@@ -51,7 +51,7 @@ from myllm.runtime.engine import (
 )
 from myllm.runtime.guard import UseGuard
 from myllm.runtime.kvcache import KVCache, common_prefix
-from myllm.runtime.sampling import GreedySampler
+from myllm.runtime.sampling import Candidates, ChainSampler, GreedySampler
 from myllm.runtime.textstream import TextAssembler
 
 log = logging.getLogger(__name__)
@@ -108,7 +108,8 @@ class _Slot:
     req: GenerationRequest | None = None
     pending: list[int] = field(default_factory=list)
     """Prompt tokens still to evaluate; then the one sampled token to feed back."""
-    sampler: Any = None
+    sampler: GreedySampler | ChainSampler | None = None
+    """Its own: a `ChainSampler` holds llama.cpp samplers, freed when the request ends."""
     assembler: TextAssembler | None = None
     limit: int = 0
     count: int = 0
@@ -224,6 +225,7 @@ class BatchEngine:
         self.batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
         self._vocab = self.model.vocab
         self.n_vocab = self.model.n_vocab()
+        self._candidates = Candidates(llama_cpp, self.n_vocab)
         bos = self.model.token_bos()
         self.bos_text = self._piece(bos) if bos >= 0 else ""
 
@@ -446,7 +448,7 @@ class BatchEngine:
         slot.prompt_tokens, slot.prompt_eval = len(tokens), len(slot.pending)
         slot.started, slot.first_at = time.perf_counter(), None
 
-    def _sampler(self, req: GenerationRequest) -> Any:
+    def _sampler(self, req: GenerationRequest) -> GreedySampler | ChainSampler:
         import random
 
         from llama_cpp import _internals as internals
@@ -454,19 +456,18 @@ class BatchEngine:
         o = req.options
         if o.temperature == 0 and not req.grammar:
             return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
-        sampler = internals.LlamaSampler()
-        sampler.add_penalties(self.n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
-        if req.grammar:
-            self._lib.llama_sampler_chain_add(sampler.sampler, self._grammar_sampler(req.grammar))
+        grammar = self._grammar_sampler(req.grammar) if req.grammar else None  # first: it may fail
+        chain = internals.LlamaSampler()
+        chain.add_penalties(self.n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         if o.temperature == 0:
-            sampler.add_greedy()
+            chain.add_greedy()
         else:
-            sampler.add_top_k(o.top_k)
-            sampler.add_top_p(o.top_p, 1)
-            sampler.add_min_p(o.min_p, 1)
-            sampler.add_temp(o.temperature)
-            sampler.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
-        return sampler
+            chain.add_top_k(o.top_k)
+            chain.add_top_p(o.top_p, 1)
+            chain.add_min_p(o.min_p, 1)
+            chain.add_temp(o.temperature)
+            chain.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
+        return ChainSampler(self._lib, self._candidates, chain, grammar)
 
     def _grammar_sampler(self, grammar: str) -> Any:
         """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
@@ -485,16 +486,17 @@ class BatchEngine:
     def check_grammar(self, grammar: str) -> None:
         """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
         the vocabulary once stays within `GRAMMAR_STEP_LIMIT` (a request's format is checked
-        before its stream starts, so a bad one is a 400, not an error event)."""
-        from llama_cpp import _internals as internals
-
+        before its stream starts, so a bad one is a 400, not an error event). The whole
+        vocabulary is what a token costs when the grammar rejects the chain's first pick (see
+        `ChainSampler`), and the first token of a format is often such a token. Runs on the
+        caller's thread: its candidates are its own, not the scheduler's."""
         pointer = self._grammar_sampler(grammar)
         try:
-            candidates = internals.LlamaTokenDataArray(n_vocab=self.n_vocab)
-            candidates.copy_logits(np.zeros(self.n_vocab, dtype=np.single))
+            candidates = Candidates(self._lib, self.n_vocab)  # kept: it owns the array's memory
+            array = candidates.fill(np.zeros(self.n_vocab, dtype=np.single))
             started = time.perf_counter()
             with self._guard.use():
-                self._lib.llama_sampler_apply(pointer, ctypes.byref(candidates.candidates))
+                self._lib.llama_sampler_apply(pointer, array)
             cost = time.perf_counter() - started
         finally:
             self._lib.llama_sampler_free(pointer)
@@ -555,13 +557,10 @@ class BatchEngine:
         assert req is not None and job is not None and assembler is not None and slot.batch_index is not None
         if slot.first_at is None:
             slot.first_at = time.perf_counter()
-        greedy = isinstance(slot.sampler, GreedySampler)
-        logits = self._logits(slot.batch_index) if req.options.logprobs is not None or greedy else None
+        assert slot.sampler is not None
+        logits = self._logits(slot.batch_index)
         started = time.perf_counter()
-        if greedy:
-            token = slot.sampler.sample(logits)
-        else:
-            token = slot.sampler.sample(self.ctx, slot.batch_index)  # llama_sampler_sample also accepts it
+        token = slot.sampler.sample(logits)  # also accepted into the sampler's state
         if req.grammar and time.perf_counter() - started > GRAMMAR_STEP_MAX:
             self._finish(slot, None, InvalidOptions(
                 f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
@@ -594,9 +593,9 @@ class BatchEngine:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def _score(
-        self, logits: np.ndarray | None, token: int, k: int | None
+        self, logits: np.ndarray, token: int, k: int | None
     ) -> tuple[float | None, tuple[Candidate, ...] | None]:
-        if logits is None or k is None:
+        if k is None:
             return None, None
         return log_probabilities(logits, token, k, self._piece)
 
@@ -619,5 +618,7 @@ class BatchEngine:
         # The KV holds exactly `cached` (the last sampled token was never decoded): the slot keeps
         # it for the conversation's next turn, and `_start` copies it out if another takes the slot.
         slot.pending = []
+        if isinstance(slot.sampler, ChainSampler):
+            slot.sampler.close()
         slot.job = slot.req = slot.sampler = slot.assembler = None
         slot.last_used = time.monotonic()
