@@ -58,11 +58,13 @@ log = logging.getLogger(__name__)
 N_BATCH = 512
 PENALTY_WINDOW = 64
 GRAMMAR_STEP_LIMIT = 0.25
-"""Seconds a request's grammar may add to its first token (checked before it starts: a 500-value
-`enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the scheduler
-thread for every sequence in turn, so a grammar's cost is every other request's wait."""
+"""CPU seconds a request's grammar may add to its first token (checked before it starts: a
+500-value `enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the
+scheduler thread for every sequence in turn, so a grammar's cost is every other request's wait.
+Measured as the sampling thread's CPU time: wall time grows with the machine's load, and under
+load made the same schema a 400 one time in a few."""
 GRAMMAR_STEP_MAX = 0.5
-"""Seconds any later token's grammar may take (an `enum` deep in an object opens only there)
+"""CPU seconds any later token's grammar may take (an `enum` deep in an object opens only there)
 before the request is stopped with an error."""
 
 
@@ -494,10 +496,10 @@ class BatchEngine:
         try:
             candidates = Candidates(self._lib, self.n_vocab)  # kept: it owns the array's memory
             array = candidates.fill(np.zeros(self.n_vocab, dtype=np.single))
-            started = time.perf_counter()
+            started = time.thread_time()  # CPU time: a busy machine must not make a grammar cost more
             with self._guard.use():
                 self._lib.llama_sampler_apply(pointer, array)
-            cost = time.perf_counter() - started
+            cost = time.thread_time() - started
         finally:
             self._lib.llama_sampler_free(pointer)
         if cost > GRAMMAR_STEP_LIMIT:
@@ -559,9 +561,9 @@ class BatchEngine:
             slot.first_at = time.perf_counter()
         assert slot.sampler is not None
         logits = self._logits(slot.batch_index)
-        started = time.perf_counter()
+        started = time.thread_time()  # this thread's CPU time, as check_grammar measures it
         token = slot.sampler.sample(logits)  # also accepted into the sampler's state
-        if req.grammar and time.perf_counter() - started > GRAMMAR_STEP_MAX:
+        if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
             self._finish(slot, None, InvalidOptions(
                 f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
                 "every request on this model; use a smaller schema", field="format"))
