@@ -8,6 +8,7 @@ off the event loop (`Runtime.prepare`), so even a schema that passes every bound
 from __future__ import annotations
 
 import json
+from typing import Any, Literal
 
 from myllm.errors import InvalidOptions
 from myllm.runtime.options import GenerationOptions
@@ -40,6 +41,12 @@ def _json_strings(grammar: str) -> str:
     return "\n".join(lines)
 
 
+def format_schema(fmt: Literal["json"] | dict[str, Any]) -> dict[str, Any]:
+    """The JSON Schema an output format stands for: `"json"` promises an object (llama.cpp's
+    JSON grammar would accept any value), a schema itself."""
+    return {"type": "object"} if fmt == "json" else fmt
+
+
 def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str = "format") -> str | None:
     """The GBNF for `options.format`: None when the output is free text. `limits.grammar`
     characters at most (sampling with a grammar costs time on every token in proportion to its
@@ -49,8 +56,7 @@ def format_grammar(options: GenerationOptions, limits: SchemaLimits, field: str 
         return None
     from llama_cpp import llama_grammar
 
-    # llama.cpp's JSON grammar accepts any value; an object is what "json" promises.
-    schema = {"type": "object"} if options.format == "json" else options.format
+    schema = format_schema(options.format)
     try:
         check_schema(schema, limits, field)
     except RecursionError:  # MYLLM_MAX_SCHEMA_DEPTH set past what Python's stack walks

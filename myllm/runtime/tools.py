@@ -21,12 +21,15 @@ from typing import Any, Literal
 import jiter
 
 from myllm.errors import InvalidOptions
+from myllm.runtime.grammar import format_schema
 
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 MISTRAL = "[TOOL_CALLS]"
 HERMES_OPEN = "<tool_call>"
 HERMES_CLOSE = "</tool_call>"
-MARKERS = (HERMES_OPEN, MISTRAL, "<|python_tag|>")
+JSON_MARKERS = (MISTRAL, "<|python_tag|>")
+"""Markers that JSON calls follow (Mistral's array, Llama 3.1's object)."""
+MARKERS = (HERMES_OPEN, *JSON_MARKERS)
 """Text that starts a call in one of the formats `parse_calls` reads."""
 
 Choice = Literal["auto", "none", "required"] | str
@@ -165,12 +168,18 @@ def call_schema(tools: list[Tool], choice: Choice, parallel: bool, most: int) ->
     return {**schema, "$defs": defs}
 
 
-def _as_call(obj: Any, names: set[str]) -> Call | None:
-    """One call in any of the shapes models write it, or None."""
+def _call_object(obj: Any) -> dict[str, Any] | None:
+    """The object holding a call's name and arguments, if `obj` has only a call's keys: `obj`
+    itself, or its `function` in OpenAI's own shape, echoed back."""
     if not isinstance(obj, dict) or not obj.keys() <= CALL_KEYS:
         return None
-    if "function" in obj and isinstance(obj["function"], dict):  # OpenAI's own shape, echoed
-        obj = obj["function"]
+    return obj["function"] if isinstance(obj.get("function"), dict) else obj
+
+
+def _as_call(obj: Any, names: set[str]) -> Call | None:
+    """One call in any of the shapes models write it, or None."""
+    if (obj := _call_object(obj)) is None:
+        return None
     name = obj.get("name")
     args = obj.get("arguments", obj.get("parameters", {}))
     if isinstance(args, str):
@@ -186,10 +195,8 @@ def _as_call(obj: Any, names: set[str]) -> Call | None:
 def _may_become_call(obj: Any, names: set[str]) -> bool:
     """Whether `obj`, a value read from the start of a reply (its last string perhaps cut
     short), can still grow into a call `_as_call` reads."""
-    if not isinstance(obj, dict) or not obj.keys() <= CALL_KEYS:
+    if (obj := _call_object(obj)) is None:
         return False
-    if isinstance(obj.get("function"), dict):
-        obj = obj["function"]
     name = obj.get("name")
     args = obj.get("arguments", obj.get("parameters"))
     return ((name is None or isinstance(name, str) and any(n.startswith(name) for n in names))
@@ -235,6 +242,12 @@ def _leading_calls(payload: str, names: set[str]) -> list[Call]:
         at = len(payload) - len(rest) + 1
 
 
+def _block_calls(payloads: list[str], names: set[str]) -> list[Call] | None:
+    """The calls of Hermes blocks' payloads, in order; None unless every payload is calls."""
+    groups = [_calls(payload, names) for payload in payloads]
+    return None if any(group is None for group in groups) else [call for group in groups if group for call in group]
+
+
 def _calls(payload: str, names: set[str]) -> list[Call] | None:
     try:
         value = json.loads(payload)
@@ -272,12 +285,10 @@ def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
     names = {t.name for t in tools}
     stripped = text.strip()
     if HERMES_OPEN in stripped:
-        payloads, around = _hermes_blocks(stripped)
-        calls = [_calls(payload, names) for payload in payloads]
-        if calls and all(c is not None for c in calls):
-            return around.strip(), [call for group in calls if group for call in group]
-        return text, []
-    for marker in (MISTRAL, "<|python_tag|>"):
+        payloads, around = _hermes_blocks(stripped)  # at least one: the text holds a marker
+        found = _block_calls(payloads, names)
+        return (around.strip(), found) if found is not None else (text, [])
+    for marker in JSON_MARKERS:
         if stripped.startswith(marker):
             calls_found = _calls(stripped[len(marker):].strip(), names)
             return ("", calls_found) if calls_found else (text, [])
@@ -296,13 +307,11 @@ def parse_cut_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]] | No
     stripped = text.strip()
     if HERMES_OPEN in stripped:
         payloads, around = _hermes_blocks(stripped)
-        if not stripped.rstrip().endswith(HERMES_CLOSE):  # the last block is the one cut short
+        if not stripped.endswith(HERMES_CLOSE):  # the last block is the one cut short
             payloads = payloads[:-1]
-        calls = [_calls(payload, names) for payload in payloads]
-        if all(c is not None for c in calls):
-            return around.strip(), [call for group in calls if group for call in group]
-        return None
-    for marker in (MISTRAL, "<|python_tag|>"):
+        found = _block_calls(payloads, names)
+        return None if found is None else (around.strip(), found)
+    for marker in JSON_MARKERS:
         if stripped.startswith(marker):
             stripped = stripped[len(marker):].strip()
             break
@@ -403,7 +412,7 @@ class ToolUse:
         if requested is None:
             return None
         defs = calls.pop("$defs")
-        answer = embed({"type": "object"} if requested == "json" else requested, "format", defs)
+        answer = embed(format_schema(requested), "format", defs)
         return {"anyOf": [calls, answer], "$defs": defs}
 
     def prompt(self, messages: list[dict[str, Any]], template: str | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None]:
