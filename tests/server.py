@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -25,10 +26,43 @@ from myllm.api.server import Sibling, proxy_options
 from myllm.settings import Settings
 
 
+def _ephemeral() -> range:
+    """The kernel's range for outgoing connections' source ports (Linux's default if unreadable)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999
+    return range(low, high + 1)
+
+
+_CHOOSER = random.Random()  # its own state: a test seeding `random` does not make ports repeat
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback port free now, chosen outside the ephemeral range: a port the kernel hands out
+    (bind to 0) can be taken as the source port of any outgoing connection (a runner's, a
+    client's) before the server binds it, which failed a CI run's server start."""
+    ephemeral = _ephemeral()
+    while True:
+        port = _CHOOSER.randrange(10000, 65536)
+        if port in ephemeral:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+
+
+def bound_socket() -> socket.socket:
+    """A listening loopback socket for an in-process uvicorn: bound here and handed over, so no
+    other process can take its port in between."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", free_port()))
+    sock.listen(128)
+    return sock
 
 
 def wait_until_healthy(url: str, alive: Callable[[], bool], timeout: float = 60) -> None:
@@ -63,7 +97,8 @@ def running_servers(settings: Settings) -> Iterator[tuple[str, str]]:
     """The daemon's app and its Ollama listener, each a real uvicorn on a free loopback port,
     in one event loop as `myllm serve` runs them: (main URL, Ollama URL)."""
     global LAST_APP, LAST_LOOP
-    port, ollama_port = free_port(), free_port()
+    sockets = [bound_socket(), bound_socket()]
+    port, ollama_port = (int(sock.getsockname()[1]) for sock in sockets)
     settings = settings.model_copy(update={"ollama_port": ollama_port})
     LAST_APP = create_app(settings)
     LAST_APP.state.ollama_port = ollama_port
@@ -76,7 +111,7 @@ def running_servers(settings: Settings) -> Iterator[tuple[str, str]]:
     loop = LAST_LOOP = asyncio.new_event_loop()
 
     async def serve_all() -> None:
-        await asyncio.gather(*(server.serve() for server in servers))
+        await asyncio.gather(*(server.serve([sock]) for server, sock in zip(servers, sockets)))
 
     thread = threading.Thread(target=lambda: loop.run_until_complete(serve_all()), daemon=True)
     thread.start()
@@ -89,6 +124,8 @@ def running_servers(settings: Settings) -> Iterator[tuple[str, str]]:
             server.should_exit = True
         thread.join(30)
         loop.close()
+        for sock in sockets:
+            sock.close()
 
 
 @contextmanager
