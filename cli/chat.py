@@ -10,7 +10,7 @@ from rich.console import Console
 
 from cli.client import Client
 from myllm.errors import InvalidOptions
-from myllm.runtime.options import ALIASES, PARAMETERS, parameter_value
+from myllm.runtime.request.options import ALIASES, PARAMETERS, parameter_value
 
 HELP = f"""Available commands:
   /set parameter NAME VALUE   set an option ({', '.join(PARAMETERS)})

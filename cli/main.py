@@ -7,6 +7,8 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
@@ -14,9 +16,6 @@ from rich.console import Console
 from rich.table import Table
 
 from cli.render import ago, human_bytes
-from datetime import datetime
-from pathlib import Path
-
 from myllm import __version__
 from myllm.errors import MyLLMError
 from myllm.settings import Settings

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 
 from rich.columns import Columns
 from rich.console import Console, RenderableType
-from rich.text import Text
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -19,6 +18,7 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+from rich.text import Text
 
 from myllm.pull.progress import PullProgress
 

@@ -1,7 +1,7 @@
 """Ollama's Modelfile format, for `myllm create`.
 
     FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
-    PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/options.py PARAMETERS)
+    PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/request/options.py PARAMETERS)
     PARAMETER stop "<|im_end|>"  # stop may repeat
     TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
     SYSTEM \"\"\"...\"\"\"
@@ -20,7 +20,7 @@ from typing import Any
 from jinja2 import TemplateSyntaxError
 
 from myllm.errors import InvalidOptions, MyLLMError
-from myllm.runtime.options import PARAMETERS, stored_parameter
+from myllm.runtime.request.options import PARAMETERS, stored_parameter
 
 ROLES = ("system", "user", "assistant")
 INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")

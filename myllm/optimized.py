@@ -22,10 +22,10 @@ from typing import Any
 from myllm.errors import InvalidOptions
 from myllm.pull import ensure_model
 from myllm.registry.store import Registry
-from myllm.runtime.batching import BatchEngine, EngineJob, Failed
-from myllm.runtime.devices import llama_devices
-from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.options import GenerationOptions
+from myllm.runtime.engine.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
+from myllm.runtime.placement.devices import llama_devices
+from myllm.runtime.request.options import GenerationOptions
 from myllm.settings import Settings
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -128,7 +128,7 @@ class OptimizedLLM:
         if self._engine is not None:
             self._engine.close()
             self._engine = None
-            from myllm.runtime.memory import release_freed_memory
+            from myllm.runtime.placement.memory import release_freed_memory
 
             release_freed_memory()
 

@@ -15,8 +15,8 @@ import jsonschema
 import pytest
 from anthropic.types import Message
 
-from myllm.api.anthropic import anthropic_error
-from myllm.api.errors import from_domain
+from myllm.api.anthropic.routes import anthropic_error
+from myllm.api.http.errors import from_domain
 from myllm.errors import OutOfMemory, Overloaded
 from myllm.settings import Settings
 from tests.server import running_server

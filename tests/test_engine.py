@@ -8,9 +8,9 @@ import pytest
 
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.batching import BatchEngine, EngineJob
-from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec
-from myllm.runtime.options import GenerationOptions
+from myllm.runtime.engine.batching import BatchEngine, EngineJob
+from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
+from myllm.runtime.request.options import GenerationOptions
 
 
 def run(engine: BatchEngine, req: GenerationRequest) -> list[Any]:
@@ -95,7 +95,7 @@ def test_health_reports_a_stalled_or_dead_scheduler(shared_registry: Registry) -
 def test_a_failure_in_one_sequence_fails_that_request_only(shared_registry: Registry) -> None:
     """An exception while sampling one sequence ends that request with its error; the other
     sequence in the same batch, and the scheduler, go on."""
-    from myllm.runtime.batching import Failed
+    from myllm.runtime.engine.batching import Failed
 
     spec = LoadSpec.for_model(*smollm2(shared_registry), num_ctx=512, n_parallel=2)
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)

@@ -18,23 +18,23 @@ from pathlib import Path
 import httpx
 import pytest
 
-from myllm.api.native_models import InferenceOptions
-from myllm.api.ollama import generation_options
+from myllm.api.native.models import InferenceOptions
+from myllm.api.ollama.inference import generation_options
 from myllm.errors import InvalidOptions, ModelCrashed, OutOfMemory
 from myllm.modelfile import parse
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.devices import NO_GPU, Devices, Gpu, llama_devices, probe
-from myllm.runtime.engine import LoadSpec
-from myllm.runtime.manager import ModelManager
-from myllm.runtime.memory import MiB, footprint, movable, parse_memory, processor
-from myllm.runtime.options import GenerationOptions, parameter_value
-from myllm.runtime.planner import Budgets, plan_load
+from myllm.runtime.engine_types import LoadSpec
+from myllm.runtime.placement.devices import NO_GPU, Devices, Gpu, llama_devices, probe
+from myllm.runtime.placement.manager import ModelManager
+from myllm.runtime.placement.memory import MiB, footprint, movable, parse_memory, processor
+from myllm.runtime.placement.planner import Budgets, plan_load
+from myllm.runtime.request.options import GenerationOptions, parameter_value
 from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
-from tests.test_manager_logic import FakeRunner as FakeCpuRunner
 from tests.server import running_servers
+from tests.test_manager_logic import FakeRunner as FakeCpuRunner
 
 MYLLM = str(Path(sys.executable).parent / "myllm")
 cpu_build = pytest.mark.skipif(llama_devices().available, reason="this llama.cpp was built for a GPU, and has one")

@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from myllm.errors import InvalidOptions
-from myllm.runtime.durations import parse_duration
-from myllm.runtime.schema_size import SchemaLimits, _Estimate, check_schema
+from myllm.runtime.request.durations import parse_duration
+from myllm.runtime.request.schema_size import SchemaLimits, _Estimate, check_schema
+from myllm.runtime.request.tools import Tool, parse_calls
 from myllm.runtime.service import Runtime
-from myllm.runtime.tools import Tool, parse_calls
 from myllm.settings import Settings
 from tests.hostile import ALICE, MODEL, Hostile, hostile_daemon, key, still_answering
 

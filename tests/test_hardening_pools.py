@@ -31,7 +31,7 @@ from myllm.registry import template_limits
 from myllm.registry.chat_templates import Deadline, check_template
 from myllm.registry.store import Registry
 from myllm.registry.uploads import Uploads
-from myllm.runtime.template import CHATML, GEMMA, render_chat
+from myllm.runtime.request.template import CHATML, GEMMA, render_chat
 from myllm.settings import Settings
 from tests.hostile import ADMIN, BOB, MODEL, Hostile, hostile_daemon, key, still_answering
 

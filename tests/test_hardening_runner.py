@@ -7,8 +7,6 @@ unit tests here."""
 
 from __future__ import annotations
 
-import asyncio
-import hashlib
 import json
 import logging
 import math
@@ -24,19 +22,19 @@ import pytest
 from gguf import GGUFValueType as T
 from openai._streaming import SSEDecoder
 
-from myllm.api import sse
-from myllm.api.bodies import check_json_body
+from myllm.api.http import sse
+from myllm.api.http.bodies import check_json_body
 from myllm.api.server import EscapeControls
 from myllm.errors import InvalidModelFile, InvalidOptions, ModelCrashed, TooManyReloads
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.store import Registry
-from myllm.runtime.devices import NO_GPU, Devices
-from myllm.runtime.engine import context_size
-from myllm.runtime.manager import ModelManager
-from myllm.runtime.reloads import Rate, ReloadLimit
+from myllm.runtime.engine_types import context_size
+from myllm.runtime.placement.devices import NO_GPU, Devices
+from myllm.runtime.placement.manager import ModelManager
+from myllm.runtime.placement.reloads import Rate, ReloadLimit
 from myllm.runtime.runner.client import without_paths
 from myllm.settings import Settings
-from tests.hostile import ADMIN, ALICE, BOB, MODEL, Hostile, hostile_daemon, key, still_answering
+from tests.hostile import ADMIN, ALICE, MODEL, Hostile, hostile_daemon, key, still_answering
 from tests.hostile_gguf import rewrite_gguf
 from tests.test_gguf_check import write_model
 from tests.test_gpu import fake_gpu
@@ -111,7 +109,7 @@ async def test_a_runner_that_keeps_crashing_on_requests_is_backed_off(fakes: Reg
     """Crashes while serving count like crashes while loading: the `crash_limit`th within the
     window refuses the model (nothing loaded) for 30 s with Retry-After, doubling after the next
     crash; a model quiet for a whole window starts afresh."""
-    from myllm.runtime import manager as manager_module
+    from myllm.runtime.placement import manager as manager_module
 
     clock = [1000.0]
     monkeypatch.setattr(manager_module.time, "monotonic", lambda: clock[0])

@@ -370,7 +370,7 @@ def test_no_answer_holds_a_path_of_the_daemons_machine(keyed: Hostile, smollm2_p
 
 
 def test_origin_rule() -> None:
-    from myllm.api.origins import Origins, refusal
+    from myllm.api.http.origins import Origins, refusal
 
     local, listed = Origins(()), Origins(("https://app.example",))
     page = {b"host": b"127.0.0.1:8000"}
@@ -401,7 +401,7 @@ def test_inside_judges_by_the_text_first(tmp_path: Path) -> None:
 
 
 def test_keep_alive_lengthens_only() -> None:
-    from myllm.runtime.manager import outlasts
+    from myllm.runtime.placement.manager import outlasts
 
     assert outlasts(600, 300) and outlasts(-1, 300)
     assert not outlasts(0, 300) and not outlasts(1, 300) and not outlasts(600, -1) and not outlasts(-1, -1)

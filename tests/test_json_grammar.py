@@ -20,12 +20,12 @@ import pydantic_core
 import pytest
 
 from myllm.registry.store import Registry
-from myllm.runtime.batching import BatchEngine, EngineJob, Failed
-from myllm.runtime.engine import DoneEvent, GenerationRequest, LoadSpec
-from myllm.runtime.grammar import format_grammar
-from myllm.runtime.options import GenerationOptions
-from myllm.runtime.schema_size import SchemaLimits
-from myllm.runtime.tools import ToolUse, parse_tools
+from myllm.runtime.engine.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
+from myllm.runtime.request.grammar import format_grammar
+from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.schema_size import SchemaLimits
+from myllm.runtime.request.tools import ToolUse, parse_tools
 
 LIMITS = SchemaLimits(grammar=65536, depth=64, nodes=65536)
 NOTE = {"type": "object", "properties": {"text": {"type": "string"}, "note": {"type": "string", "maxLength": 40}},

@@ -13,7 +13,7 @@ import httpx
 import psutil
 
 from myllm.registry.store import Registry
-from myllm.runtime.memory import MiB, estimate
+from myllm.runtime.placement.memory import MiB, estimate
 from myllm.settings import Settings
 from tests.server import in_server, running_server, tree_rss
 from tests.test_serve import Daemon

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from myllm.runtime.engine import log_probabilities, top_k_indices
+from myllm.runtime.engine.logprobs import log_probabilities, top_k_indices
 
 
 def rows() -> list[np.ndarray]:

@@ -11,9 +11,9 @@ import pytest
 from myllm.errors import ModelLoadError, OutOfMemory
 from myllm.pull import pull
 from myllm.registry.store import Registry
-from myllm.runtime.manager import ModelManager
-from myllm.runtime.memory import MiB, estimate
-from myllm.runtime.options import GenerationOptions
+from myllm.runtime.placement.manager import ModelManager
+from myllm.runtime.placement.memory import MiB, estimate
+from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 from tests.conftest import register_broken_model

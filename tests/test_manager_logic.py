@@ -13,9 +13,9 @@ import pytest
 from myllm.errors import ModelCrashed, OutOfMemory
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime import manager as manager_module
-from myllm.runtime.manager import LoadedInfo, ModelManager
-from myllm.runtime.memory import MiB, Split, estimate
+from myllm.runtime.placement import manager as manager_module
+from myllm.runtime.placement.manager import LoadedInfo, ModelManager
+from myllm.runtime.placement.memory import MiB, Split, estimate
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
 

@@ -12,12 +12,11 @@ import ollama
 import openai
 import pytest
 
+import tests.server
 from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
-import tests.server
 from tests.conftest import writable_home
 from tests.server import running_servers
-
 
 TOOL_TEMPLATE = (  # ChatML that renders tool definitions and calls, as tool-trained models' templates do
     "{% if tools %}<|im_start|>system\nYou may call: {{ tools | tojson }}<|im_end|>\n{% endif %}"

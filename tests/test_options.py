@@ -7,7 +7,7 @@ import pytest
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.options import PARAMETERS, GenerationOptions, parameter_value
+from myllm.runtime.request.options import PARAMETERS, GenerationOptions, parameter_value
 from myllm.runtime.service import Runtime
 from myllm.settings import Settings
 

@@ -1,8 +1,8 @@
 import pytest
 
 from myllm.errors import InvalidOptions
-from myllm.runtime.durations import parse_duration
-from myllm.runtime.memory import parse_memory
+from myllm.runtime.placement.memory import parse_memory
+from myllm.runtime.request.durations import parse_duration
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
-"""The two-budget planner (runtime/planner.py) and the layer split it plans with
-(runtime/memory.py), as pure logic: a fake GPU device of a given free memory, models made of
+"""The two-budget planner (runtime/placement/planner.py) and the layer split it plans with
+(runtime/placement/memory.py), as pure logic: a fake GPU device of a given free memory, models made of
 round numbers. No model runs here; test_gpu.py runs the manager with the same fake device."""
 
 from __future__ import annotations
@@ -10,8 +10,18 @@ import pytest
 
 from myllm.registry.gguf_meta import read_gguf_info
 from myllm.registry.schema import ModelRow
-from myllm.runtime.memory import COMPUTE_BASE, MiB, Footprint, Split, estimate, footprint, movable, parse_memory, processor
-from myllm.runtime.planner import Budgets, Resident, layers_for, plan_load
+from myllm.runtime.placement.memory import (
+    COMPUTE_BASE,
+    Footprint,
+    MiB,
+    Split,
+    estimate,
+    footprint,
+    movable,
+    parse_memory,
+    processor,
+)
+from myllm.runtime.placement.planner import Budgets, Resident, layers_for, plan_load
 from tests.conftest import smollm2_file
 
 

@@ -13,9 +13,9 @@ import pytest
 
 from myllm.errors import InvalidOptions, ModelNotFound, Overloaded, PromptTooLong
 from myllm.registry.store import Registry
-from myllm.runtime.engine import DoneEvent, TokenEvent
-from myllm.runtime.options import GenerationOptions
-from myllm.runtime.prompt import ChatPrompt
+from myllm.runtime.engine_types import DoneEvent, TokenEvent
+from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.prompt import ChatPrompt
 from myllm.runtime.service import GenerationStream, Runtime
 from myllm.settings import Settings
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from myllm.runtime.batching import PENALTY_WINDOW, BatchEngine
-from myllm.runtime.engine import GenerationRequest, LoadSpec
-from myllm.runtime.grammar import format_grammar
-from myllm.runtime.options import GenerationOptions
-from myllm.runtime.sampling import ChainSampler, GreedySampler
-from myllm.runtime.schema_size import SchemaLimits
+from myllm.runtime.engine.batching import PENALTY_WINDOW, BatchEngine
+from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
+from myllm.runtime.engine_types import GenerationRequest, LoadSpec
+from myllm.runtime.request.grammar import format_grammar
+from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.schema_size import SchemaLimits
 
 PENALTIES = [(1.0, 0.0, 0.0), (1.1, 0.0, 0.0), (1.5, 0.3, 0.6), (0.8, -0.2, 0.0)]
 

@@ -14,6 +14,7 @@ import pytest
 
 from tests.server import Daemon
 
+
 @pytest.fixture
 def daemon(private_home: Path) -> Iterator[Daemon]:
     d = Daemon(private_home, MYLLM_SHUTDOWN_GRACE="3")

@@ -16,11 +16,11 @@ from typing import Any
 import httpx
 import pytest
 
+import tests.server
 from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
 from tests.conftest import writable_home
 from tests.server import in_server, running_server
-import tests.server
 
 # Cubic in the number of messages, one attribute lookup per step: minutes for 200 messages.
 SLOW_TEMPLATE = (

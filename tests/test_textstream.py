@@ -1,4 +1,4 @@
-from myllm.runtime.textstream import TextAssembler
+from myllm.runtime.engine.textstream import TextAssembler
 
 
 def feed_all(asm: TextAssembler, pieces: list[bytes]) -> list[str]:

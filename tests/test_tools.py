@@ -7,7 +7,18 @@ import json
 import pytest
 
 from myllm.errors import InvalidOptions
-from myllm.runtime.tools import CallFilter, Tool, ToolUse, call_schema, embed, check_choice, may_be_call, parse_calls, parse_cut_calls, parse_tools
+from myllm.runtime.request.tools import (
+    CallFilter,
+    Tool,
+    ToolUse,
+    call_schema,
+    check_choice,
+    embed,
+    may_be_call,
+    parse_calls,
+    parse_cut_calls,
+    parse_tools,
+)
 
 WEATHER = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
 TOOLS = [Tool("get_weather", "", WEATHER), Tool("add", "", {"type": "object", "properties": {"a": {"type": "number"}}})]

@@ -25,7 +25,6 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter, LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
-
 from make_meta import field_value  # beside this script, which runs from its own folder
 
 KIT = Path(__file__).resolve().parents[2] / ".gpu"

@@ -13,32 +13,30 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import (
-    anthropic,
-    compat,
-    errors,
-    llama_server,
-    native,
-    ollama,
-    ollama_manage,
-    openai,
-    responses,
-    ui,
-)
-from myllm.api import metrics as metrics_api
-from myllm.api.access_log import AccessLogMiddleware
-from myllm.api.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
-from myllm.api.bodies import checked_json_body
-from myllm.api.disconnect import CancelOnDisconnectMiddleware
-from myllm.api.hosts import HostAllowListMiddleware, allowed_hosts
-from myllm.api.limits import BodyLimitMiddleware
-from myllm.api.metrics import Metrics
-from myllm.api.origins import OriginGuardMiddleware, Origins
-from myllm.api.ratelimit import AuthFailureMiddleware, Limits, RateLimitMiddleware
-from myllm.api.replica import ReplicaHeadersMiddleware, replica_id
+from myllm.api.anthropic import routes as anthropic
+from myllm.api.deepshiva_llm_service import routes as deepshiva
+from myllm.api.http import errors
+from myllm.api.http import metrics as metrics_api
+from myllm.api.http.access_log import AccessLogMiddleware
+from myllm.api.http.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
+from myllm.api.http.bodies import checked_json_body
+from myllm.api.http.disconnect import CancelOnDisconnectMiddleware
+from myllm.api.http.hosts import HostAllowListMiddleware, allowed_hosts
+from myllm.api.http.limits import BodyLimitMiddleware
+from myllm.api.http.metrics import Metrics
+from myllm.api.http.origins import OriginGuardMiddleware, Origins
+from myllm.api.http.ratelimit import AuthFailureMiddleware, Limits, RateLimitMiddleware
+from myllm.api.http.replica import ReplicaHeadersMiddleware, replica_id
+from myllm.api.llama_server import routes as llama_server
+from myllm.api.native import routes as native
+from myllm.api.ollama import inference as ollama
+from myllm.api.ollama import manage as ollama_manage
+from myllm.api.openai import responses
+from myllm.api.openai import routes as openai
 from myllm.api.state import Services
-from myllm.api.turns import TurnLocks
+from myllm.api.ui import routes as ui
 from myllm.registry.choices import Choices
+from myllm.registry.session_turns import TurnLocks
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.registry.uploads import Uploads
@@ -130,8 +128,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     error_router = errors.ErrorRouter(default=errors.native_renderer)
     error_router.add(openai.PREFIX, openai.openai_renderer)
     error_router.add(anthropic.PREFIX, anthropic.anthropic_renderer)  # inside /v1: the longer prefix wins
-    for path in compat.PATHS:
-        error_router.add(path, compat.legacy_renderer)
+    for path in deepshiva.PATHS:
+        error_router.add(path, deepshiva.legacy_renderer)
     error_router.add(llama_server.PATH, llama_server.llama_renderer)
     # The keys are read here, once: a request never reads the key file, so changing it takes a restart.
     keys = KeyRing.load(settings)
@@ -144,7 +142,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(responses.router)
     app.include_router(anthropic.router)
-    app.include_router(compat.router)
+    app.include_router(deepshiva.router)
     app.include_router(llama_server.router)
     app.include_router(metrics_api.router)
     app.include_router(ui.router)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from myllm.api.turns import TurnLocks
 from myllm.pools import Pools
 from myllm.registry.choices import SERVICE_MODEL, Choices
+from myllm.registry.session_turns import TurnLocks
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
 from myllm.registry.uploads import Uploads
@@ -27,7 +27,7 @@ class Services:
     started: float
     """`time.monotonic()` at start, for uptime."""
     turns: TurnLocks
-    """Serialises turns on one stored session, across daemons too (see api/turns.py)."""
+    """Serialises turns on one stored session, across daemons too (see registry/session_turns.py)."""
     choices: Choices
     """Run-time choices shared by every daemon over the database."""
     uploads: Uploads

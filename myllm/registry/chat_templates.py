@@ -1,7 +1,7 @@
 """Chat templates as programs: the Jinja sandbox they run in, bounded in time and output.
 
 A template comes from a GGUF file or a Modelfile, so it is checked before it is registered
-(`check_template`), and every rendering runs under a `Deadline` (runtime/template.py renders
+(`check_template`), and every rendering runs under a `Deadline` (runtime/request/template.py renders
 prompts with it). It lives with the registry because registering a model is where a template
 that explodes is refused.
 """
@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Iterable
 from datetime import datetime
 from functools import lru_cache
-from collections.abc import Iterable
 from typing import Any
 
 from jinja2 import TemplateError, nodes

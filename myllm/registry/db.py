@@ -13,8 +13,9 @@ from typing import ParamSpec, TypeVar
 
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
-from sqlalchemy.exc import OperationalError, TimeoutError as PoolTimeout
-from sqlalchemy.orm import sessionmaker, Session
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.orm import Session, sessionmaker
 
 from myllm.errors import StoreUnavailable
 from myllm.registry.migrations import migrate

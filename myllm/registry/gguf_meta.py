@@ -126,7 +126,7 @@ _LAYER = re.compile(r"blk\.(\d+)\.")
 
 def tensor_bytes(tensors: Any, n_layers: int) -> dict[str, Any] | None:
     """The weights' bytes as llama.cpp places them by layer, for splitting a model between the
-    CPU and a GPU (runtime/memory.py): `input` (the token embeddings, always on the CPU),
+    CPU and a GPU (runtime/placement/memory.py): `input` (the token embeddings, always on the CPU),
     `layers` (each repeating layer's `blk.N.*` tensors), `output` (the other tensors: the
     output norm and matrix) and `tied` (no output matrix of its own: llama.cpp uses the
     embeddings, and copies them to a GPU that runs the output layer, so `output` counts them).

@@ -25,6 +25,7 @@ from myllm.errors import (
     ModelFileMissing,
     ModelNotFound,
 )
+from myllm.pools import Pools
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
 from myllm.registry.chat_templates import check_template
 from myllm.registry.db import make_engine, make_sessionmaker
@@ -32,7 +33,6 @@ from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
 from myllm.registry.schema import ModelRow, utcnow
-from myllm.pools import Pools
 from myllm.settings import Settings
 
 

@@ -18,14 +18,14 @@ from typing import Any
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
-from myllm.runtime.devices import Devices
-from myllm.runtime.engine import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
-from myllm.runtime.grammar import format_grammar
-from myllm.runtime.manager import KeepAlive, Lease, LoadedInfo, ModelManager
-from myllm.runtime.options import GenerationOptions
-from myllm.runtime.prompt import ChatPrompt, PreparePool, TextPrompt
-from myllm.runtime.schema_size import SchemaLimits
-from myllm.runtime.tools import Call, CallFilter, Choice, ToolUse, check_choice, json_depth, parse_tools
+from myllm.runtime.engine_types import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
+from myllm.runtime.placement.devices import Devices
+from myllm.runtime.placement.manager import KeepAlive, Lease, LoadedInfo, ModelManager
+from myllm.runtime.request.grammar import format_grammar
+from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
+from myllm.runtime.request.schema_size import SchemaLimits
+from myllm.runtime.request.tools import Call, CallFilter, Choice, ToolUse, check_choice, json_depth, parse_tools
 from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
@@ -231,7 +231,7 @@ class Runtime:
         self.settings = settings
         self.manager = manager or ModelManager(registry, settings)
         self.prepare = PreparePool(PREPARE_WORKERS, settings.max_queue, settings.template_timeout)
-        """Where chat templates are rendered and JSON schemas become grammars (runtime/prompt.py)."""
+        """Where chat templates are rendered and JSON schemas become grammars (runtime/request/prompt.py)."""
         self.schema_limits = SchemaLimits(settings.max_grammar, settings.max_schema_depth, settings.max_schema_nodes)
 
     async def start(self) -> None:
@@ -314,7 +314,7 @@ class Runtime:
         `count`: texts whose token counts the stream reports in `counts` (for storing them).
         `prefill`: text the assistant's reply starts with (the stream's text continues it).
         `tools` (OpenAI's function tools), `tool_choice` and `parallel_tool_calls`: see
-        runtime/tools.py; the stream then holds calls back from its text and reports them in
+        runtime/request/tools.py; the stream then holds calls back from its text and reports them in
         `tool_calls`, its `DoneEvent` finishing with `tool_calls`."""
         row = await self.model(model)
         use = tool_use(tools, tool_choice, parallel_tool_calls, self.settings.max_tool_calls)

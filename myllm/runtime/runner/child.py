@@ -26,9 +26,9 @@ from typing import Any
 import psutil
 
 from myllm.errors import InvalidOptions, MyLLMError
-from myllm.runtime.batching import BatchEngine, EngineJob, Failed
-from myllm.runtime.devices import llama_devices
-from myllm.runtime.engine import EmbeddingEngine
+from myllm.runtime.engine.batching import BatchEngine, EngineJob, Failed
+from myllm.runtime.engine.embedding import EmbeddingEngine
+from myllm.runtime.placement.devices import llama_devices
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_request,

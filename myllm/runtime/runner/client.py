@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory, Overloaded, ShuttingDown
-from myllm.runtime.engine import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
+from myllm.runtime.engine_types import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_error,

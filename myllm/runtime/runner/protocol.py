@@ -30,9 +30,9 @@ import msgpack
 
 from myllm import errors
 from myllm.errors import ModelCrashed, MyLLMError
-from myllm.runtime.batching import Failed
-from myllm.runtime.engine import Candidate, DoneEvent, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.options import GenerationOptions
+from myllm.runtime.engine.batching import Failed
+from myllm.runtime.engine_types import Candidate, DoneEvent, GenerationRequest, LoadSpec, TokenEvent
+from myllm.runtime.request.options import GenerationOptions
 
 
 @dataclass(frozen=True)

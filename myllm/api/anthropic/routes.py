@@ -1,0 +1,268 @@
+"""Anthropic's Messages API (`/v1/messages`) on the main listener: a message request becomes
+one `Runtime.chat` call, its events become a `Message` or Anthropic's stream events. Errors
+take Anthropic's shape (`anthropic_renderer`), never FastAPI's 422."""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from myllm.api.anthropic.models import (
+    CountTokensRequest,
+    ErrorResponse,
+    InputMessage,
+    Message,
+    MessagesRequest,
+    NamedChoice,
+    NoneChoice,
+    StopReason,
+    TextBlock,
+    TokenCount,
+    ToolChoice,
+    ToolResultBlock,
+    ToolUseBlock,
+    Usage,
+)
+from myllm.api.http import sse
+from myllm.api.http.access_log import track
+from myllm.api.http.auth import reloading_key
+from myllm.api.http.errors import ApiError, from_domain
+from myllm.api.state import services
+from myllm.errors import InvalidOptions, MyLLMError, Overloaded
+from myllm.runtime.request.tools import Call
+from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
+
+log = logging.getLogger(__name__)
+PREFIX = "/v1/messages"
+OVERLOADED = 529
+"""Anthropic's status for a service too busy to take the request; its SDKs retry it."""
+router = APIRouter(prefix=PREFIX, tags=["Anthropic"],
+                   responses={c: {"model": ErrorResponse} for c in (400, 401, 404, 500, 503, OVERLOADED)})
+
+_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 404: "not_found_error",
+          429: "rate_limit_error",
+          405: "invalid_request_error", 413: "request_too_large", 503: "overloaded_error", OVERLOADED: "overloaded_error"}
+
+
+def anthropic_error(err: ApiError) -> tuple[int, dict[str, Any]]:
+    """The status and body Anthropic would answer: a full queue is its 529; a model that
+    does not fit memory yet, or a daemon stopping, keeps its 503."""
+    status = OVERLOADED if isinstance(err.error, Overloaded) else err.status
+    return status, {"type": "error", "error": {"type": _TYPES.get(status, "api_error"), "message": err.message}}
+
+
+def anthropic_renderer(err: ApiError) -> Response:
+    status, body = anthropic_error(err)
+    return JSONResponse(body, status_code=status)
+
+
+# -- the request, as the runtime's arguments ---------------------------------------------------
+
+
+PARAGRAPH = "\n\n"
+"""What joins a turn's text blocks: they are separate paragraphs to the reader (a document,
+then a question), and consecutive turns of one role become one."""
+
+
+def _text(content: str | list[TextBlock]) -> str:
+    return content if isinstance(content, str) else PARAGRAPH.join(block.text for block in content)
+
+
+def _messages(system: str | list[TextBlock] | None, messages: list[InputMessage]) -> tuple[list[dict[str, Any]], str]:
+    """The conversation as the runtime's messages, and the prefill: a last assistant turn
+    without tool use is the start of the reply, which continues it (as Anthropic's does)."""
+    out = [{"role": "system", "content": _text(system)}] if system else []
+    called: dict[str, str] = {}  # function names by tool_use id: a tool result names its function
+    for i, msg in enumerate(messages):
+        if isinstance(msg.content, str):
+            turns = [{"role": msg.role, "content": msg.content}]
+        elif msg.role == "assistant":
+            turns = [_assistant(msg.content, called, i)]
+        else:
+            turns = _user(msg.content, called, i)
+        for turn in turns:
+            _append(out, turn)
+    if messages and messages[-1].role == "assistant" and not out[-1].get("tool_calls"):
+        return out[:-1], out[-1]["content"]
+    return out, ""
+
+
+def _append(out: list[dict[str, Any]], turn: dict[str, Any]) -> None:
+    """Consecutive turns of one role are one turn, as Anthropic combines them (and some chat
+    templates refuse two in a row); a turn after tool calls stays apart, after them."""
+    last = out[-1] if out else None
+    if last is None or last["role"] != turn["role"] or turn["role"] not in ("user", "assistant") or last.get("tool_calls"):
+        out.append(turn)
+        return
+    out[-1] = {**turn, "content": PARAGRAPH.join(text for text in (last["content"], turn["content"]) if text)}
+
+
+def _assistant(blocks: list[Any], called: dict[str, str], index: int) -> dict[str, Any]:
+    texts, calls = [], []
+    for j, block in enumerate(blocks):
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolUseBlock):
+            called[block.id] = block.name
+            calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
+        else:
+            raise InvalidOptions(f"messages[{index}].content[{j}]: an assistant turn cannot hold a tool_result",
+                                 field=f"messages[{index}].content")
+    message: dict[str, Any] = {"role": "assistant", "content": PARAGRAPH.join(texts)}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _user(blocks: list[Any], called: dict[str, str], index: int) -> list[dict[str, Any]]:
+    """A user turn: each tool result a tool message, the text around them user messages."""
+    out: list[dict[str, Any]] = []
+    texts: list[str] = []
+    for j, block in enumerate(blocks):
+        if isinstance(block, TextBlock):
+            texts.append(block.text)
+        elif isinstance(block, ToolResultBlock):
+            if block.tool_use_id not in called:
+                raise InvalidOptions(f"messages[{index}].content[{j}].tool_use_id {block.tool_use_id!r} answers no "
+                                     "earlier tool_use", field=f"messages[{index}].content")
+            if texts:
+                out.append({"role": "user", "content": PARAGRAPH.join(texts)})
+                texts = []
+            result = _text(block.content)
+            out.append({"role": "tool", "name": called[block.tool_use_id],
+                        "content": f"Error: {result}" if block.is_error else result})
+        else:
+            raise InvalidOptions(f"messages[{index}].content[{j}]: a user turn cannot hold a tool_use",
+                                 field=f"messages[{index}].content")
+    if texts or not out:
+        out.append({"role": "user", "content": PARAGRAPH.join(texts)})
+    return out
+
+
+def _tools(body: CountTokensRequest) -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": t.name, "description": t.description or "",
+                                              "parameters": t.input_schema.model_dump()}}
+            for t in body.tools or []]
+
+
+def _tool_choice(choice: ToolChoice | None) -> tuple[str, bool]:
+    """The runtime's `tool_choice` (`any` is `required`, a tool its name) and whether calls
+    may come several at once."""
+    if choice is None:
+        return "auto", True
+    if isinstance(choice, NoneChoice):
+        return "none", True
+    name = choice.name if isinstance(choice, NamedChoice) else {"auto": "auto", "any": "required"}[choice.type]
+    return name, not choice.disable_parallel_tool_use
+
+
+def _options(body: MessagesRequest) -> GenerationOptions:
+    return GenerationOptions.parse({"max_tokens": body.max_tokens, "stop": body.stop_sequences,
+                                    "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k})
+
+
+# -- the answer ----------------------------------------------------------------------------------
+
+
+def _tool_id(call: Call) -> str:
+    """Anthropic's ids start `toolu_`; the runtime's call ids are `call_<hex>`."""
+    return "toolu_" + call.id.removeprefix("call_")
+
+
+def _stop(done: DoneEvent, stop_sequences: list[str] | None) -> tuple[StopReason, str | None]:
+    """Why the reply ended; `stop_sequence` only for the caller's own sequences (the template's
+    end-of-turn text is the end of the turn)."""
+    if done.finish_reason == "tool_calls":
+        return "tool_use", None
+    if done.finish_reason == "length":
+        return "max_tokens", None
+    if done.stop_sequence is not None and done.stop_sequence in (stop_sequences or ()):
+        return "stop_sequence", done.stop_sequence
+    return "end_turn", None
+
+
+def _usage(done: DoneEvent) -> Usage:
+    return Usage(input_tokens=done.prompt_eval_tokens, output_tokens=done.completion_tokens,
+                 cache_read_input_tokens=done.prompt_tokens - done.prompt_eval_tokens)
+
+
+@router.post("", response_model=Message, responses=sse.STREAM_DOC)
+async def create_message(body: MessagesRequest, request: Request) -> Response | Message:
+    messages, prefill = _messages(body.system, body.messages)
+    choice, parallel = _tool_choice(body.tool_choice)
+    stream = await services(request).runtime.chat(body.model, messages, _options(body), prefill=prefill,
+                                                  tools=_tools(body), tool_choice=choice, parallel_tool_calls=parallel,
+                                                  caller=reloading_key(request))
+    track(request, stream)
+    message_id = f"msg_{uuid.uuid4().hex}"
+    if body.stream:
+        return sse.response(_events(stream, message_id, body.stop_sequences))
+    async with stream:
+        done = await stream.collect()
+    content: list[TextBlock | ToolUseBlock] = [TextBlock(text=done.text)] if done.text else []
+    content += [ToolUseBlock(id=_tool_id(c), name=c.name, input=c.arguments) for c in stream.tool_calls]
+    reason, sequence = _stop(done, body.stop_sequences)
+    return Message(id=message_id, model=stream.model, content=content, stop_reason=reason, stop_sequence=sequence,
+                   usage=_usage(done))
+
+
+def _event(payload: dict[str, Any]) -> str:
+    return sse.event(payload["type"], payload)
+
+
+async def _events(stream: GenerationStream, message_id: str, stop_sequences: list[str] | None) -> AsyncIterator[str]:
+    """message_start; a text block while text comes; at the end a block per tool call (its
+    input in `input_json_delta` pieces), message_delta with the stop reason and usage,
+    message_stop. A failure after the start is an `error` event."""
+    index, text_open = 0, False
+    try:
+        yield _event({"type": "message_start", "message": {
+            "id": message_id, "type": "message", "role": "assistant", "model": stream.model, "content": [],
+            "stop_reason": None, "stop_sequence": None,
+            "usage": {"input_tokens": stream.prompt_tokens, "output_tokens": 0}}})
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                if event.text and not text_open:
+                    text_open = True
+                    yield _event({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
+                if event.text:
+                    yield _event({"type": "content_block_delta", "index": index,
+                                  "delta": {"type": "text_delta", "text": event.text}})
+            elif event.finish_reason != "cancelled":
+                if text_open:
+                    yield _event({"type": "content_block_stop", "index": index})
+                    index += 1
+                for call in stream.tool_calls:
+                    yield _event({"type": "content_block_start", "index": index, "content_block": {
+                        "type": "tool_use", "id": _tool_id(call), "name": call.name, "input": {}}})
+                    for piece in sse.pieces(json.dumps(call.arguments, ensure_ascii=False)):
+                        yield _event({"type": "content_block_delta", "index": index,
+                                      "delta": {"type": "input_json_delta", "partial_json": piece}})
+                    yield _event({"type": "content_block_stop", "index": index})
+                    index += 1
+                reason, sequence = _stop(event, stop_sequences)
+                yield _event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                              "usage": _usage(event).model_dump()})
+                yield _event({"type": "message_stop"})
+    except Exception as exc:
+        if not isinstance(exc, MyLLMError):
+            log.exception("stream failed", exc_info=exc)
+        error = from_domain(exc) if isinstance(exc, MyLLMError) else ApiError(500, "internal server error", "internal_error")
+        yield _event(anthropic_error(error)[1])
+    finally:
+        await stream.aclose()
+
+
+@router.post("/count_tokens", response_model=TokenCount)
+async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount:
+    messages, prefill = _messages(body.system, body.messages)
+    choice, _ = _tool_choice(body.tool_choice)
+    count = await services(request).runtime.count_chat(body.model, messages, prefill=prefill, tools=_tools(body),
+                                                       tool_choice=choice, caller=reloading_key(request))
+    return TokenCount(input_tokens=count)

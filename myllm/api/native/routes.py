@@ -1,0 +1,328 @@
+"""The native MyLLM API (`GET /`, `/health`, `/api/*`): requests to runtime calls, events to
+the document's JSON and Server-Sent Events."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from myllm import __version__
+from myllm.api.http import sse
+from myllm.api.http.access_log import track
+from myllm.api.http.auth import keep_alive_of, reloading_key, require_admin, viewer
+from myllm.api.http.replica import answered_for, session_of
+from myllm.api.native.models import (
+    ChatRequest,
+    ChatResponse,
+    EmbeddingResponse,
+    EmbeddingsRequest,
+    EmbeddingsResponse,
+    ErrorDetail,
+    GenerateRequest,
+    GenerateResponse,
+    Health,
+    InferenceOptions,
+    Message,
+    ModelDetail,
+    ModelInfo,
+    ModelList,
+    RunningList,
+    RunningModel,
+    ServerInfo,
+    SessionDetail,
+    SessionList,
+    SessionMessage,
+    SessionSummary,
+    StatusMessage,
+    Usage,
+)
+from myllm.api.state import services
+from myllm.errors import MyLLMError
+from myllm.registry.schema import ModelRow
+from myllm.registry.sessions import SessionInfo, check_session_id, new_session_id
+from myllm.runtime.placement.manager import per_model
+from myllm.runtime.request.template import template_name
+from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
+
+log = logging.getLogger(__name__)
+ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorDetail} for code in (400, 404, 500, 503)
+}
+router = APIRouter(responses=ERRORS)
+
+
+@router.get("/", response_model=ServerInfo, response_model_exclude_none=True, tags=["MyLLM"])
+async def root(request: Request) -> ServerInfo:
+    svc = services(request)
+    count = await svc.pools.db.run(svc.registry.count)
+    ollama_port = getattr(request.app.state, "ollama_port", None)
+    return ServerInfo(name="MyLLM", version=__version__, status="running", models_available=count, ollama_port=ollama_port)
+
+
+@router.get("/health", tags=["MyLLM"], response_model=Health, responses={503: {"model": Health}})
+async def health(request: Request, ready: bool = False) -> JSONResponse:
+    """Liveness: 200 once the daemon serves requests, 503 while it starts or shuts down; the
+    body says what is degraded. Readiness (`?ready=1`): 503 while anything is."""
+    serving = getattr(request.app.state, "ready", False)
+    problems = services(request).runtime.problems() if serving else []
+    status = "starting" if not serving else "degraded" if problems else "healthy"
+    body = {"status": status, "timestamp": datetime.now(timezone.utc).isoformat(), "problems": problems}
+    return JSONResponse(body, status_code=200 if serving and not (ready and problems) else 503)
+
+
+def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, Any]:
+    """The list's fields of one model (`ModelInfo`)."""
+    return {
+        "name": row.name, "family": row.family, "size_mb": round(row.size / (1 << 20)), "quantization": row.quantization,
+        "context_size": row.context_length, "template": template_name(row.template, row.family),
+        "parameters": row.parameters or {}, "loaded": loaded, "status": "broken" if problem else "ok", "problem": problem,
+        "digest": row.digest, "size": row.size, "modified_at": row.modified_at.isoformat(),
+    }
+
+
+@router.get("/api/models", response_model=ModelList, tags=["MyLLM"])
+async def list_models(request: Request) -> ModelList:
+    svc = services(request)
+    rows = await svc.pools.db.run(svc.registry.list)
+    problems = await svc.pools.blobs.run(lambda: [svc.registry.problem(r) for r in rows])
+    return ModelList(models=[ModelInfo(**model_info(r, svc.runtime.is_loaded(r.name), p)) for r, p in zip(rows, problems)])
+
+
+@router.get("/api/models/{model_name}", response_model=ModelDetail, tags=["MyLLM"])
+async def get_model(model_name: str, request: Request) -> ModelDetail:
+    svc = services(request)
+    row = await svc.runtime.model(model_name)
+    problem = await svc.pools.blobs.run(svc.registry.problem, row)
+    return ModelDetail(
+        **model_info(row, svc.runtime.is_loaded(row.name), problem),
+        architecture=row.architecture, parameter_count=row.parameter_count, parameter_size=row.parameter_size,
+        embedding_length=row.embedding_length, vocab_size=row.vocab_size, license=row.license, source=row.shown_source,
+        system=row.system, chat_template=row.template, created_at=row.created_at.isoformat(),
+    )
+
+
+@router.post("/api/models/{model_name}/load", response_model=StatusMessage, tags=["MyLLM"])
+async def load_model(model_name: str, request: Request) -> StatusMessage:
+    info = await services(request).runtime.load(model_name, caller=reloading_key(request))
+    return StatusMessage(status="success", message=f"Model '{info.name}' loaded")
+
+
+@router.post("/api/models/{model_name}/unload", response_model=StatusMessage, tags=["MyLLM"])
+async def unload_model(model_name: str, request: Request) -> StatusMessage:
+    """Unloads at once; requests still running on the model end with an error."""
+    require_admin(request, "unloading a model")
+    svc = services(request)
+    row = await svc.runtime.model(model_name)
+    await svc.runtime.unload(row.name)
+    return StatusMessage(status="success", message=f"Model '{row.name}' unloaded")
+
+
+@router.get("/api/ps", response_model=RunningList, tags=["MyLLM"])
+async def running(request: Request) -> RunningList:
+    """Extension (Ollama's `ps`): the loaded models, one row per model however many instances
+    it has (`per_model`)."""
+    return RunningList(models=[
+        RunningModel(
+            name=m.name, size_mb=m.size_estimate >> 20, rss_growth_mb=max(0, m.rss_growth) >> 20,
+            context_length=m.context_length, processor=m.processor, size_vram_mb=m.size_vram >> 20,
+            vram_used_mb=m.vram_used >> 20, gpu_layers=m.gpu_layers, layers=m.layers,
+            expires_at=m.expires_at.isoformat() if m.expires_at else None, active=m.active, queued=m.queued,
+            busy=m.busy, slots=m.slots, memory_mb=m.rss >> 20,
+        )
+        for m in per_model(services(request).runtime.loaded())
+    ])
+
+
+def generation_options(options: InferenceOptions) -> GenerationOptions:
+    """The document's options as the runtime's; only what the request set counts as set, so
+    the model's stored defaults fill in the rest."""
+    return GenerationOptions.parse(options.model_dump())
+
+
+def usage_of(done: DoneEvent) -> Usage:
+    return Usage(
+        prompt_tokens=done.prompt_tokens,
+        completion_tokens=done.completion_tokens,
+        total_tokens=done.prompt_tokens + done.completion_tokens,
+    )
+
+
+OnDone = Callable[[DoneEvent], Awaitable[None]]
+
+
+async def _events(
+    stream: GenerationStream, on_done: OnDone, final: dict[str, Any], release: Callable[[], None]
+) -> AsyncIterator[str]:
+    """The document's SSE: a `token` event per piece, then `done` with the full text. An error
+    after the stream started becomes a last `{"error": ..., "done": true}` event. `release`
+    ends the session's turn once the stream is over."""
+    try:
+        async for event in stream:
+            if isinstance(event, TokenEvent):
+                if event.text:
+                    yield sse.data({"token": event.text, "done": False})
+            elif event.finish_reason != "cancelled":
+                await on_done(event)
+                yield sse.data({"done": True, **final, "full_text": event.text, "usage": usage_of(event).model_dump()})
+    except MyLLMError as exc:
+        yield sse.data({"error": exc.message, "done": True})
+    except Exception:
+        log.exception("stream failed")
+        yield sse.data({"error": "internal server error", "done": True})
+    finally:
+        await stream.aclose()
+        release()
+
+
+async def _answer(stream: GenerationStream, on_done: OnDone, release: Callable[[], None]) -> DoneEvent:
+    """A whole (non-streamed) answer, stored by `on_done`; the session's turn ends either way."""
+    try:
+        async with stream:
+            done = await stream.collect()
+        await on_done(done)
+    finally:
+        release()
+    return done
+
+
+def _history_messages(stored: list[dict[str, Any]], new: list[Message]) -> list[dict[str, Any]]:
+    """Stored turns, then the new messages; a system message sent now replaces stored ones."""
+    sends_system = any(m.role == "system" for m in new)
+    earlier = [m for m in stored if not (sends_system and m["role"] == "system")]
+    fresh = [m.model_dump() for m in new]
+    system = [m for m in fresh if m["role"] == "system"]
+    return system + earlier + [m for m in fresh if m["role"] != "system"]
+
+
+@router.post("/api/chat", response_model=ChatResponse, tags=["MyLLM"], responses=sse.STREAM_DOC)
+async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
+    """Chat with history: a `session_id` continues (or starts) a stored session; without one a
+    new session is started. When the conversation outgrows the context, the oldest turns
+    after the system message are left out of the prompt; the stored history stays whole."""
+    svc = services(request)
+    model = body.model or svc.settings.default_model
+    named = session_of(request, body.session_id)
+    session_id = check_session_id(named, viewer(request)) if named else new_session_id()
+    answered_for(request, session_id)
+    turn = await svc.turns.acquire(session_id, "chat", model, viewer(request))
+    try:
+        stored = await svc.pools.db.run(svc.sessions.history, session_id, viewer(request)) if named else []
+        earlier = [{"role": m.role, "content": m.content} for m in stored]
+        stream = await svc.runtime.chat(
+            model,
+            _history_messages(svc.runtime.recent(earlier, len(body.messages)), body.messages),
+            generation_options(body.options),
+            keep_alive=keep_alive_of(request, body.keep_alive),
+            trim=True,
+            count=[m.content for m in body.messages],
+            caller=reloading_key(request),
+        )
+    except BaseException:
+        turn.release()
+        raise
+    track(request, stream)
+
+    async def save(done: DoneEvent) -> None:
+        messages = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
+        messages.append(("assistant", done.text, done.completion_tokens))
+        await svc.pools.db.run(svc.sessions.append_turn, session_id, "chat", stream.model, messages, viewer(request),
+                                turn.holder)
+
+    if body.stream:
+        return sse.response(_events(stream, save, {"session_id": session_id}, turn.release))
+    done = await _answer(stream, save, turn.release)
+    return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
+
+
+@router.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["MyLLM"],
+             responses=sse.STREAM_DOC)
+async def generate(body: GenerateRequest, request: Request) -> Response | GenerateResponse:
+    """Stateless unless a `session_id` is given, in which case earlier prompt/response pairs
+    of that session come first and this pair is stored."""
+    svc = services(request)
+    model = body.model or svc.settings.default_model
+    named = session_of(request, body.session_id)
+    session_id = check_session_id(named, viewer(request)) if named else None
+    if session_id:
+        answered_for(request, session_id)
+    history: list[tuple[str, str]] = []
+    turn = await svc.turns.acquire(session_id, "generate", model, viewer(request)) if session_id else None
+    release = turn.release if turn else (lambda: None)
+    try:
+        if session_id:
+            stored = await svc.pools.db.run(svc.sessions.history, session_id, viewer(request))
+            history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
+        stream = await svc.runtime.generate(
+            model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
+            keep_alive=keep_alive_of(request, body.keep_alive), history=history, count=[body.prompt],
+            caller=reloading_key(request),
+        )
+    except BaseException:
+        release()
+        raise
+    track(request, stream)
+
+    async def save(done: DoneEvent) -> None:
+        if session_id and turn:
+            messages = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
+            await svc.pools.db.run(svc.sessions.append_turn, session_id, "generate", stream.model, messages,
+                                    viewer(request), turn.holder)
+
+    if body.stream:
+        return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))
+    done = await _answer(stream, save, release)
+    return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id)
+
+
+@router.post(
+    "/api/embeddings", response_model=EmbeddingResponse | EmbeddingsResponse, tags=["MyLLM"]
+)
+async def embeddings(body: EmbeddingsRequest, request: Request) -> EmbeddingResponse | EmbeddingsResponse:
+    """A string gives `embedding`; a list of strings gives `embeddings`, one per string."""
+    svc = services(request)
+    model = body.model or svc.settings.default_model
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    result = await svc.runtime.embed(model, texts, keep_alive=keep_alive_of(request, body.keep_alive),
+                                     caller=reloading_key(request))
+    if isinstance(body.input, str):
+        return EmbeddingResponse(embedding=result.vectors[0], model=result.model)
+    return EmbeddingsResponse(embeddings=result.vectors, model=result.model)
+
+
+def _summary(info: SessionInfo) -> SessionSummary:
+    return SessionSummary(
+        id=info.id, kind=info.kind, model=info.model, created=info.created_at.isoformat(),
+        updated=info.updated_at.isoformat(), message_count=info.message_count, preview=info.preview,
+    )
+
+
+@router.get("/api/sessions", response_model=SessionList, tags=["Sessions"])
+async def list_sessions(request: Request) -> SessionList:
+    svc = services(request)
+    infos = await svc.pools.db.run(svc.sessions.list, viewer(request))
+    return SessionList(sessions=[_summary(i) for i in infos])
+
+
+@router.get("/api/sessions/{session_id}", response_model=SessionDetail, tags=["Sessions"])
+async def get_session(session_id: str, request: Request) -> SessionDetail:
+    svc = services(request)
+    info, messages = await svc.pools.db.run(svc.sessions.get, session_id, viewer(request))
+    return SessionDetail(
+        **_summary(info).model_dump(),
+        messages=[
+            SessionMessage(role=m.role, content=m.content, tokens=m.tokens, model=m.model, created=m.created_at.isoformat())
+            for m in messages
+        ],
+    )
+
+
+@router.delete("/api/sessions/{session_id}", response_model=StatusMessage, tags=["Sessions"])
+async def delete_session(session_id: str, request: Request) -> StatusMessage:
+    svc = services(request)
+    await svc.pools.db.run(svc.sessions.delete, session_id, viewer(request))
+    return StatusMessage(status="success", message=f"Session '{session_id}' deleted")

@@ -1,0 +1,295 @@
+"""OpenAI's Responses API (`/v1/responses`): input items to one `Runtime.chat` call, the reply
+to output items, stored responses through `ResponseStore` (a chain of responses is a session,
+so `previous_response_id` puts the earlier turns first and the runner's KV reuse applies).
+Errors are rendered by the `/v1` renderer (OpenAI's shape)."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from myllm.api.http import sse
+from myllm.api.http.access_log import track
+from myllm.api.http.auth import reloading_key, viewer
+from myllm.api.openai.models import ErrorObject
+from myllm.api.openai.responses_models import ResponseRequest
+from myllm.api.state import services
+from myllm.errors import InvalidOptions, MyLLMError
+from myllm.registry.sessions import StoredMessage
+from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.tools import Call, call_text
+from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
+
+router = APIRouter(prefix="/v1", tags=["OpenAI Responses"],
+                   responses={c: {"model": ErrorObject} for c in (400, 401, 403, 404, 429, 500, 503)})
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def _text_of(content: Any, where: str) -> str:
+    """A message's content: a string, or text parts (`input_text`, `output_text`, `text`)."""
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidOptions(f"{where}.content must be a string or a list of parts", field="input")
+    texts = []
+    for j, part in enumerate(content):
+        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
+            raise InvalidOptions(f"{where}.content[{j}]: only text parts are supported", field="input")
+        texts.append(part["text"])
+    return "".join(texts)
+
+
+def _items(body: ResponseRequest) -> list[dict[str, Any]]:
+    """The new input as the runtime's messages (OpenAI's chat shape, tool calls included)."""
+    if isinstance(body.input, str):
+        return [{"role": "user", "content": body.input}]
+    messages: list[dict[str, Any]] = []
+    called: dict[str, str] = {}
+    for i, item in enumerate(body.input):
+        kind = item.get("type", "message")
+        where = f"input[{i}]"
+        if kind == "message":
+            role = {"developer": "system"}.get(item.get("role", ""), item.get("role"))
+            if role not in ("system", "user", "assistant"):
+                raise InvalidOptions(f"{where}.role must be user, assistant, system or developer", field="input")
+            messages.append({"role": role, "content": _text_of(item.get("content"), where)})
+        elif kind == "function_call":
+            name, call_id, arguments = item.get("name"), item.get("call_id"), item.get("arguments", "{}")
+            if not isinstance(name, str) or not isinstance(call_id, str) or not isinstance(arguments, str):
+                raise InvalidOptions(f"{where}: a function_call needs name, call_id and arguments (a JSON string)", field="input")
+            called[call_id] = name
+            messages.append({"role": "assistant", "content": "", "tool_calls": [
+                {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            if not isinstance(output, str):
+                raise InvalidOptions(f"{where}.output must be a string", field="input")
+            message = {"role": "tool", "content": output}
+            if item.get("call_id") in called:
+                message["name"] = called[item["call_id"]]
+            messages.append(message)
+        else:
+            raise InvalidOptions(f"{where}.type {kind!r} is not supported (message, function_call, function_call_output)",
+                                 field="input")
+    if not messages:
+        raise InvalidOptions("input must not be empty", field="input")
+    return messages
+
+
+def _tools(body: ResponseRequest) -> tuple[list[dict[str, Any]] | None, str]:
+    """Responses' flat function tools as chat tools, and `tool_choice` as the runtime's."""
+    tools = None
+    if body.tools:
+        tools = []
+        for i, tool in enumerate(body.tools):
+            if tool.get("type") != "function":
+                raise InvalidOptions(f"tools[{i}].type {tool.get('type')!r} is not supported (function)", field="tools")
+            fn = {k: tool[k] for k in ("name", "description", "parameters") if k in tool}
+            tools.append({"type": "function", "function": fn})
+    choice = body.tool_choice
+    if choice is None:
+        return tools, "auto"
+    if isinstance(choice, str):
+        return tools, choice
+    if choice.get("type") == "function" and isinstance(choice.get("name"), str):
+        return tools, choice["name"]
+    raise InvalidOptions("tool_choice must be auto, none, required or {'type': 'function', 'name': ...}", field="tool_choice")
+
+
+def _options(body: ResponseRequest) -> GenerationOptions:
+    fmt = (body.text or {}).get("format") or {}
+    format_: Any = None
+    if fmt.get("type") == "json_schema":
+        if not isinstance(fmt.get("schema"), dict):
+            raise InvalidOptions("text.format json_schema needs a schema", field="text")
+        format_ = fmt["schema"]
+    elif fmt.get("type") == "json_object":
+        format_ = "json"
+    return GenerationOptions.parse({"max_tokens": body.max_output_tokens, "temperature": body.temperature,
+                                    "top_p": body.top_p, "format": format_})
+
+
+def _history(stored: list[StoredMessage]) -> list[dict[str, Any]]:
+    return [{"role": m.role, "content": m.content} for m in stored]
+
+
+def _status(done: DoneEvent) -> str:
+    """The finished response's status: `incomplete` when the token limit cut the reply."""
+    return "incomplete" if done.finish_reason == "length" else "completed"
+
+
+def _output(text: str, calls: list[Call], msg_id: str, status: str) -> list[dict[str, Any]]:
+    """The reply as output items, the message first, each with its own status: the item being
+    written when the limit cut the reply (the message, when it is last) is `incomplete` like
+    the response; calls are always whole (the runtime returns only complete calls), and a
+    message followed by calls was finished before them, so those are `completed`."""
+    items: list[dict[str, Any]] = []
+    if text or not calls:
+        items.append({"type": "message", "id": msg_id, "status": status if not calls else "completed", "role": "assistant",
+                      "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    for call in calls:
+        items.append({"type": "function_call", "id": _new_id("fc"), "call_id": call.id, "name": call.name,
+                      "arguments": json.dumps(call.arguments, ensure_ascii=False), "status": "completed"})
+    return items
+
+
+def _response(body: ResponseRequest, rid: str, created: int, model: str, status: str,
+              output: list[dict[str, Any]], done: DoneEvent | None) -> dict[str, Any]:
+    usage = None
+    if done is not None:
+        usage = {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
+                 "total_tokens": done.prompt_tokens + done.completion_tokens,
+                 "input_tokens_details": {"cached_tokens": done.prompt_tokens - done.prompt_eval_tokens},
+                 "output_tokens_details": {"reasoning_tokens": 0}}
+    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    return {
+        "id": rid, "object": "response", "created_at": created, "model": model,
+        "status": status, "incomplete_details": incomplete, "error": None,
+        "instructions": body.instructions, "max_output_tokens": body.max_output_tokens, "metadata": body.metadata or {},
+        "output": output, "parallel_tool_calls": body.parallel_tool_calls is not False,
+        "previous_response_id": body.previous_response_id, "store": body.store,
+        "temperature": body.temperature, "top_p": body.top_p, "text": body.text or {"format": {"type": "text"}},
+        "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "usage": usage,
+    }
+
+
+def _turn(new: list[dict[str, Any]], counts: list[int], text: str, calls: list[Call], done: DoneEvent) -> list[tuple[str, str, int | None]]:
+    """The messages a stored response adds to its session: the new input, then the reply (calls
+    written as the fallback prompt writes them, so a later turn shows them to the model)."""
+    turn: list[tuple[str, str, int | None]] = []
+    for message, n in zip(new, counts):
+        content = message["content"] + "".join(
+            call_text(c["function"]["name"], _arguments(c["function"]["arguments"])) for c in message.get("tool_calls", []))
+        turn.append((message["role"], content, n))
+    reply = text + "".join(call_text(c.name, c.arguments) for c in calls)
+    turn.append(("assistant", reply, done.completion_tokens))
+    return turn
+
+
+def _arguments(text: str) -> Any:
+    """A call's arguments as sent (a JSON string), parsed when they parse."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@router.post("/responses", responses=sse.STREAM_DOC)
+async def create_response(body: ResponseRequest, request: Request) -> Response:
+    svc = services(request)
+    new = _items(body)
+    tools, choice = _tools(body)
+    earlier: list[dict[str, Any]] = []
+    session: str | None = None
+    if body.previous_response_id:
+        session, stored = await svc.pools.db.run(svc.responses.conversation, body.previous_response_id, viewer(request))
+        earlier = _history(stored)
+    model = body.model or svc.settings.default_model
+    turn = await svc.turns.acquire(session, "responses", model, viewer(request)) if session else None
+    release = turn.release if turn else (lambda: None)
+    try:
+        system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        stream = await svc.runtime.chat(
+            model, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
+            tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
+            count=[m["content"] for m in new], caller=reloading_key(request),
+        )
+    except BaseException:
+        release()
+        raise
+    track(request, stream)
+    rid, created, msg_id = _new_id("resp"), int(time.time()), _new_id("msg")
+
+    async def finish(done: DoneEvent) -> dict[str, Any]:
+        status = _status(done)
+        response = _response(body, rid, created, stream.model, status, _output(done.text, stream.tool_calls, msg_id, status),
+                             done)
+        if body.store:
+            await svc.pools.db.run(svc.responses.store, response, body.previous_response_id, stream.model,
+                                    _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request),
+                                    turn and turn.holder)
+        return response
+
+    if body.stream:
+        return sse.response(_events(body, stream, rid, created, msg_id, finish, release))
+    try:
+        async with stream:
+            done = await stream.collect()
+        return JSONResponse(await finish(done))
+    finally:
+        release()
+
+
+async def _events(body: ResponseRequest, stream: GenerationStream, rid: str, created: int, msg_id: str,
+                  finish: Any, release: Any) -> AsyncIterator[str]:
+    """The SDK's event sequence, each with its `sequence_number`. The last is named after the
+    response's status, as OpenAI's are: `response.completed`, or `response.incomplete` when
+    the token limit cut the reply (the SDK's `stream()` helper then has no final response, as
+    with OpenAI; iterating `create(stream=True)` sees the event)."""
+    seq = 0
+
+    def event(kind: str, **fields: Any) -> str:
+        nonlocal seq
+        seq += 1
+        return sse.event(kind, json.dumps({"type": kind, "sequence_number": seq - 1, **fields}, ensure_ascii=False))
+
+    shell = _response(body, rid, created, stream.model, "in_progress", [], None)
+    text_open = False
+    text = ""
+    try:
+        yield event("response.created", response=shell)
+        yield event("response.in_progress", response=shell)
+        async for item in stream:
+            if isinstance(item, TokenEvent) and item.text:
+                if not text_open:
+                    text_open = True
+                    yield event("response.output_item.added", output_index=0, item={
+                        "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
+                    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
+                                part={"type": "output_text", "text": "", "annotations": []})
+                text += item.text
+                yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=item.text)
+            elif isinstance(item, DoneEvent):
+                response = await finish(item)
+                for index, out in enumerate(response["output"]):
+                    if out["type"] == "message":
+                        if not text_open:
+                            yield event("response.output_item.added", output_index=index, item={**out, "status": "in_progress", "content": []})
+                            yield event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
+                                        part={"type": "output_text", "text": "", "annotations": []})
+                        yield event("response.output_text.done", item_id=msg_id, output_index=index, content_index=0, text=text)
+                        yield event("response.content_part.done", item_id=msg_id, output_index=index, content_index=0,
+                                    part=out["content"][0])
+                    else:
+                        yield event("response.output_item.added", output_index=index, item={**out, "arguments": "", "status": "in_progress"})
+                        yield event("response.function_call_arguments.delta", item_id=out["id"], output_index=index, delta=out["arguments"])
+                        yield event("response.function_call_arguments.done", item_id=out["id"], output_index=index, arguments=out["arguments"])
+                    yield event("response.output_item.done", output_index=index, item=out)
+                yield event(f"response.{response['status']}", response=response)  # response.completed or .incomplete
+    except MyLLMError as exc:
+        yield event("error", code=exc.code, message=exc.message, param=None)
+    finally:
+        await stream.aclose()
+        release()
+
+
+@router.get("/responses/{response_id}")
+async def get_response(response_id: str, request: Request) -> dict[str, Any]:
+    svc = services(request)
+    return await svc.pools.db.run(svc.responses.get, response_id, viewer(request))
+
+
+@router.delete("/responses/{response_id}")
+async def delete_response(response_id: str, request: Request) -> dict[str, Any]:
+    svc = services(request)
+    await svc.pools.db.run(svc.responses.delete, response_id, viewer(request))
+    return {"id": response_id, "object": "response", "deleted": True}

@@ -1,0 +1,625 @@
+"""The generation engine: continuous batching, several requests in one llama.cpp context, one
+`llama_decode` per step for all of them (`n_parallel=1` is the single-sequence case).
+
+Each active request owns a sequence id (a *slot*). Every step the scheduler thread puts into one
+batch the next prompt chunk or the last sampled token of every active slot, decodes once, then
+samples each slot from its own row of logits with its own sampler chain. Requests join and leave
+between steps. A finished slot keeps its KV, so a request whose prompt extends what a free slot
+holds (the next turn of a chat) evaluates only the new tokens; with more conversations than
+slots, a slot's KV is copied out to the engine's bounded RAM cache (runtime/engine/kvcache.py) when
+another conversation takes the slot, and copied back in when its conversation returns.
+
+The engine knows nothing of processes or event loops: `submit()` takes a *sink*, a function that
+receives a whole step's events at once. A runner process (runtime/runner/) writes them to its
+channel in one message per step; `OptimizedLLM` puts them on a queue it reads in-process.
+
+With layers on a GPU the weights, the KV cache and the compute buffers live in device memory,
+which this process must never read or write by pointer. What the engine touches is host memory
+that llama.cpp owns and keeps coherent: the `llama_batch` arrays (malloc'd, read by llama.cpp
+before `llama_decode` returns), the logits rows (`_logits`: llama.cpp copies them from the
+device into its host output buffer at every decode, and `llama_get_logits_ith` waits for that
+copy before returning a pointer into it), and KV states (`kvcache.py`: llama.cpp copies them
+between the device and a buffer of ours inside `llama_state_seq_get_data`/`_set_data`).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, PromptTooLong, ShuttingDown
+from myllm.runtime.engine.kvcache import KVCache, common_prefix
+from myllm.runtime.engine.lifetime import UseGuard
+from myllm.runtime.engine.llama_setup import avoid_broken_weight_buffers, default_threads
+from myllm.runtime.engine.logprobs import log_probabilities
+from myllm.runtime.engine.sampling import Candidates, ChainSampler, GreedySampler
+from myllm.runtime.engine.textstream import TextAssembler
+from myllm.runtime.engine_types import (
+    Candidate,
+    DoneEvent,
+    GenerationRequest,
+    LoadSpec,
+    TokenEvent,
+    bounded_tokens,
+    check_prompt,
+    check_token_ids,
+)
+
+log = logging.getLogger(__name__)
+N_BATCH = 512
+PENALTY_WINDOW = 64
+GRAMMAR_STEP_LIMIT = 0.25
+"""CPU seconds a request's grammar may add to its first token (checked before it starts: a
+500-value `enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the
+scheduler thread for every sequence in turn, so a grammar's cost is every other request's wait.
+Measured as the sampling thread's CPU time: wall time grows with the machine's load, and under
+load made the same schema a 400 one time in a few."""
+GRAMMAR_STEP_MAX = 0.5
+"""CPU seconds any later token's grammar may take (an `enum` deep in an object opens only there)
+before the request is stopped with an error."""
+
+
+def decode_error(status: int) -> MyLLMError:
+    """The error of a `llama_decode` that returned `status`: -2 is llama.cpp failing to allocate
+    the step's compute buffers (out of memory, on the GPU or in RAM), which the daemon answers
+    in each API's out-of-memory shape and, with layers on a GPU, by loading the model again
+    with fewer of them; anything else is a failed generation."""
+    if status == -2:
+        return OutOfMemory("llama.cpp ran out of memory while generating (it could not allocate its compute buffers)")
+    return ModelLoadError(f"llama.cpp failed while generating (llama_decode returned {status})")
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A request's last event when it failed (the error says why); a `DoneEvent` is the last
+    event of every other request, cancelled ones included."""
+
+    error: BaseException
+
+
+Sink = Callable[[list[tuple["EngineJob", Any]]], None]
+"""Receives one step's events: (job, TokenEvent | DoneEvent | Failed) pairs, in order."""
+
+
+@dataclass(eq=False)
+class EngineJob:
+    req: GenerationRequest
+    sink: Sink
+    tag: Any = None
+    """What the sink knows the request by (a runner's request id)."""
+    cancel: threading.Event = field(default_factory=threading.Event)
+    abort_error: BaseException | None = None
+    """Set when the engine stops the request (unload, shutdown), not its caller."""
+
+
+@dataclass
+class _Slot:
+    seq: int
+    cached: list[int] = field(default_factory=list)
+    """Tokens whose KV this sequence holds."""
+    job: EngineJob | None = None
+    req: GenerationRequest | None = None
+    pending: list[int] = field(default_factory=list)
+    """Prompt tokens still to evaluate; then the one sampled token to feed back."""
+    sampler: GreedySampler | ChainSampler | None = None
+    """Its own: a `ChainSampler` holds llama.cpp samplers, freed when the request ends."""
+    assembler: TextAssembler | None = None
+    limit: int = 0
+    count: int = 0
+    prompt_tokens: int = 0
+    prompt_eval: int = 0
+    started: float = 0.0
+    first_at: float | None = None
+    batch_index: int | None = None
+    in_batch: int = 0
+    last_used: float = 0.0
+
+
+class BatchEngine:
+    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, quiet: bool = True) -> None:
+        """`quiet` silences what llama.cpp prints to stdout and stderr while loading. A runner
+        keeps it: its stderr is the daemon's record of why llama.cpp aborted.
+
+        The model and its context are made, used for every decode and freed by one thread, the
+        scheduler's, as llama-server and llama-cpp-python's `Llama` do (tokenizing, which reads
+        only the vocabulary, runs on callers' threads there too). A GPU backend keeps state per
+        thread (CUDA's current device and context): an H100 run of an earlier version, which
+        loaded on one thread and decoded on another, died with SIGSEGV on its first request
+        with every layer offloaded, while both of those ran. That this was the cause is a
+        hypothesis no GPU has confirmed yet; the same code with every layer on a device whose
+        memory is in another process (ggml's RPC backend) generates exactly as on the CPU."""
+        if not spec.path.is_file():
+            raise ModelLoadError(f"the model file of '{spec.name}' is missing (blob {spec.path.name}); pull it again")
+        self.spec = spec
+        self.n_parallel = spec.n_parallel
+        self.kv_cache = KVCache(kv_cache_bytes)
+        self._n_ctx = spec.n_ctx
+        self.decoded = 0
+        """Tokens decoded so far, all sequences together (for measuring cancellation)."""
+        self._slots = [_Slot(seq=i) for i in range(spec.n_parallel)]
+        self._queue: queue.Queue[EngineJob | None] = queue.Queue()
+        self._waiting: list[EngineJob] = []
+        self._outbox: list[tuple[EngineJob, Any]] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self.beat = time.monotonic()
+        """When the scheduler last went round its loop (see `health`)."""
+        self._guard = UseGuard(spec.name)
+        loaded = threading.Event()
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._main, args=(n_threads, quiet, loaded, failed),
+                                        name=f"batch-{spec.name}", daemon=True)
+        self._thread.start()
+        loaded.wait()
+        if failed:
+            self._thread.join()
+            raise failed[0]
+
+    def _main(self, n_threads: int | None, quiet: bool, loaded: threading.Event, failed: list[BaseException]) -> None:
+        """The scheduler thread: load, serve until closed, free."""
+        try:
+            self._load(n_threads, quiet)
+        except BaseException as exc:  # the constructor raises it
+            failed.append(exc)
+            return
+        finally:
+            loaded.set()
+        try:
+            self._run()
+        finally:
+            if self._closed:  # close(): free once no thread is tokenizing
+                self._guard.close()
+                from llama_cpp._utils import suppress_stdout_stderr
+
+                with suppress_stdout_stderr(disable=False):
+                    self.batch.close()
+                    self.ctx.close()
+                    self.model.close()
+
+    def _load(self, n_threads: int | None, quiet: bool) -> None:
+        import llama_cpp
+        from llama_cpp import _internals as internals
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        spec = self.spec
+        self._lib = llama_cpp
+        avoid_broken_weight_buffers()
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = spec.n_gpu_layers
+        if spec.n_gpu_layers == 0:
+            # No layer on a GPU means no GPU at all: an empty device list (just its NULL end),
+            # else llama.cpp still makes a GPU backend for the context, which holds a CUDA
+            # context and runs large CPU-weight products there ("op offload"), GPU memory the
+            # budget does not count. The array must outlive the model: kept on the engine.
+            self._no_devices = (ctypes.c_void_p * 1)()
+            model_params.devices = ctypes.addressof(self._no_devices)
+        try:
+            with suppress_stdout_stderr(disable=not quiet):
+                self.model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=not quiet)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {spec.unpathed(exc)}") from exc
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = spec.n_ctx * spec.n_parallel
+        params.n_batch = params.n_ubatch = N_BATCH
+        params.n_seq_max = spec.n_parallel
+        # At most one row of logits per sequence per step: llama.cpp's default (one per batch
+        # token) reserves compute buffers for 512 rows of the vocabulary, 96 MiB for SmolLM2's
+        # and 512 MiB for Gemma 3's, GPU memory when the output layer is offloaded.
+        params.n_outputs_max = spec.n_parallel
+        params.n_threads = params.n_threads_batch = n_threads or default_threads()
+        params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
+        params.swa_full = True  # keep sliding-window models' KV whole, so prefixes can be reused
+        try:
+            with suppress_stdout_stderr(disable=not quiet):
+                self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=not quiet)
+        except ValueError as exc:
+            self.model.close()
+            raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {spec.unpathed(exc)}") from exc
+        self.batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
+        self._vocab = self.model.vocab
+        self.n_vocab = self.model.n_vocab()
+        self._candidates = Candidates(llama_cpp, self.n_vocab)
+        bos = self.model.token_bos()
+        self.bos_text = self._piece(bos) if bos >= 0 else ""
+
+    # -- what a runner needs besides generation -----------------------------------------------
+
+    @property
+    def n_ctx(self) -> int:
+        """Context per sequence."""
+        return self._n_ctx
+
+    def _bytes(self, token: int) -> bytes:
+        return self.model.detokenize([token], special=True)
+
+    def _piece(self, token: int) -> str:
+        return self._bytes(token).decode("utf-8", "replace")
+
+    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
+        with self._guard.use():
+            return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def _bounded(self, text: str, add_bos: bool, special: bool, limit: int) -> list[int] | None:
+        return bounded_tokens(lambda t: self._tokenize(t, add_bos, special), text, limit)
+
+    def _bos_for(self, text: str) -> bool:
+        """A BOS is added when the model wants one and the text does not already start with it."""
+        return not (self.bos_text and text.startswith(self.bos_text))
+
+    def tokenize(self, text: str) -> list[int]:
+        """A raw prompt's tokens: special tokens in it are parsed, as a raw completion means the
+        caller wrote the model's markup itself. One that cannot fit the context is refused
+        without tokenizing all of it."""
+        tokens = self._bounded(text, self._bos_for(text), True, self.n_ctx)
+        if tokens is None:
+            raise PromptTooLong(self.n_ctx, self.n_ctx, at_least=True)
+        return tokens  # check_prompt refuses one that is just over, with its exact count
+
+    def tokenize_units(self, units: list[list[tuple[str, bool]]], limit: int) -> list[list[int] | None]:
+        """Each unit's tokens (see `RenderedPrompt.units`), the last unit first, until `limit`
+        tokens are reached: earlier units are None, since they cannot fit beside the later ones
+        (a conversation far past the context costs only what fits of it). A part's flag says
+        whether special tokens in it are parsed: the template's markup yes, message text no, so
+        a message cannot forge a turn. The first unit starts with BOS when the model wants one."""
+        first = next((text for unit in units for text, _ in unit), "")
+        bos = self._tokenize("", True, False) if self._bos_for(first) else []
+        out: list[list[int] | None] = [None] * len(units)
+        left = limit
+        for i in range(len(units) - 1, -1, -1):
+            tokens: list[int] = bos if i == 0 else []
+            for text, special in units[i]:
+                part = self._bounded(text, False, special, left - len(tokens))
+                if part is None or len(part) > left - len(tokens):
+                    return out
+                tokens = tokens + part
+            out[i] = tokens
+            left -= len(tokens)
+        return out
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens of a message's text on its own (no BOS, special tokens as text), at most the
+        context (a longer text cannot be part of a prompt anyway)."""
+        tokens = self._bounded(text, False, False, self.n_ctx)
+        return self.n_ctx if tokens is None else min(len(tokens), self.n_ctx)
+
+    def detokenize(self, tokens: list[int]) -> str:
+        """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""
+        check_token_ids(tokens, self.n_vocab)
+        with self._guard.use():
+            return self.model.detokenize(tokens, special=False).decode("utf-8", "replace")
+
+    # -- requests ---------------------------------------------------------------------------------
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._waiting) or self._queue.qsize() > 0 or any(s.job is not None for s in self._slots)
+
+    def submit(self, req: GenerationRequest, sink: Sink, tag: Any = None) -> EngineJob:
+        """Queue a request; its events go to `sink` until its `DoneEvent` or `Failed`. Set the
+        job's `cancel` to stop it within one step (it then ends with a "cancelled" DoneEvent)."""
+        check_prompt(req.tokens, self.n_ctx)
+        job = EngineJob(req, sink, tag)
+        with self._lock:
+            if self._closed:
+                raise ShuttingDown("the model is being unloaded")
+            self._queue.put(job)
+        return job
+
+    def abort(self, error: BaseException) -> None:
+        """Fail every running and waiting request with `error` (within one step)."""
+        with self._lock:
+            jobs = [s.job for s in self._slots if s.job is not None] + list(self._waiting)
+            while True:
+                try:
+                    extra = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if extra is not None:
+                    jobs.append(extra)
+                    self._waiting.append(extra)
+        for job in jobs:
+            job.abort_error = error
+            job.cancel.set()
+        self._queue.put(None)  # wake the scheduler
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop the scheduler (queued and running requests fail); its thread then frees
+        llama.cpp's objects once no thread is tokenizing. A runner process does not need this
+        (its exit frees everything); in-process users do."""
+        if self._closed:
+            return
+        self.abort(ShuttingDown("the model was unloaded"))
+        with self._lock:
+            self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # -- the scheduler thread ----------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        """Whether the scheduler thread lives, and for how long it has been busy without going
+        round its loop (a step that never returns: 0 while idle)."""
+        stalled = time.monotonic() - self.beat if self.busy else 0.0
+        return {"scheduler": self._thread.is_alive(), "stalled": stalled}
+
+    def _run(self) -> None:
+        while True:
+            self.beat = time.monotonic()
+            idle = not any(s.job is not None for s in self._slots) and not self._waiting
+            try:
+                job = self._queue.get(timeout=None if idle and not self._closed else 0)
+                while True:
+                    if job is not None:
+                        with self._lock:
+                            self._waiting.append(job)
+                    job = self._queue.get_nowait()
+            except queue.Empty:
+                pass
+            self.beat = time.monotonic()  # woken: a wait for work is not a stall
+            if self._closed and not any(s.job is not None for s in self._slots):
+                self._flush()
+                for job in self._waiting:
+                    self._post(job, Failed(job.abort_error or ShuttingDown("the model was unloaded")))
+                self._waiting.clear()
+                self._flush()
+                return
+            self._admit()
+            try:
+                self._step()
+            except Exception as exc:  # a failed decode fails the requests in it, not the daemon
+                log.exception("batch step failed")
+                error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"llama.cpp failed while generating: {exc}")
+                for slot in self._slots:
+                    if slot.job is not None:
+                        self._finish(slot, None, error)
+            self._flush()
+
+    def _post(self, job: EngineJob, item: Any) -> None:
+        """Queue an event for its caller; `_flush` hands a whole step's events to each sink at
+        once (a runner writes one message per step, not one per token per sequence)."""
+        self._outbox.append((job, item))
+
+    def _flush(self) -> None:
+        if not self._outbox:
+            return
+        items, self._outbox = self._outbox, []
+        by_sink: dict[int, tuple[Sink, list[tuple[EngineJob, Any]]]] = {}
+        for job, item in items:
+            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, item))
+        for sink, batch in by_sink.values():
+            try:
+                sink(batch)
+            except Exception:  # a sink that cannot deliver stops its own requests, not the engine
+                log.exception("could not deliver events")
+                for job, _ in batch:
+                    job.cancel.set()
+
+    def _admit(self) -> None:
+        while self._waiting:
+            job = self._waiting[0]
+            if job.cancel.is_set():
+                self._waiting.pop(0)
+                self._post(job, Failed(job.abort_error) if job.abort_error else self._cancelled(job))
+                continue
+            free = [s for s in self._slots if s.job is None]
+            if not free:
+                return
+            self._waiting.pop(0)
+            try:
+                self._start(job, free)
+            except Exception as exc:  # e.g. a grammar llama.cpp refuses: this request fails, not the loop
+                log.warning("could not start a request: %s", exc)
+                self._post(job, Failed(exc if isinstance(exc, MyLLMError) else InvalidOptions(f"could not start: {exc}")))
+
+    @staticmethod
+    def _cancelled(job: EngineJob) -> DoneEvent:
+        """The end of a request cancelled before it started."""
+        n = len(job.req.tokens)
+        return DoneEvent("cancelled", "", n, 0, 0, 0.0, 0.0)
+
+    def _start(self, job: EngineJob, free: list[_Slot]) -> None:
+        req = job.req
+        tokens = req.tokens
+        slot = max(free, key=lambda s: (common_prefix(s.cached, tokens), -s.last_used))
+        keep = common_prefix(slot.cached, tokens)
+        if keep < len(slot.cached):  # this request overwrites another conversation's KV: keep a copy
+            self.kv_cache.save(self._lib, self.ctx.ctx, slot.cached, slot.seq)
+        state, cached = self.kv_cache.best(tokens)
+        if state is not None and cached > keep + self.kv_cache.min_tokens:
+            if self.kv_cache.restore(self._lib, self.ctx.ctx, state, slot.seq):
+                slot.cached, keep = list(state.tokens), cached
+        keep = min(keep, len(tokens) - 1)
+        self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
+        slot.cached = list(tokens[:keep])
+        slot.pending = list(tokens[keep:])
+        slot.sampler = self._sampler(req)
+        slot.job, slot.req = job, req
+        slot.assembler = TextAssembler(tuple(req.options.stop) + req.extra_stop)
+        room = self.n_ctx - len(tokens)
+        slot.limit = min(req.options.max_tokens or room, room)
+        slot.count = 0
+        slot.prompt_tokens, slot.prompt_eval = len(tokens), len(slot.pending)
+        slot.started, slot.first_at = time.perf_counter(), None
+
+    def _sampler(self, req: GenerationRequest) -> GreedySampler | ChainSampler:
+        import random
+
+        from llama_cpp import _internals as internals
+
+        o = req.options
+        if o.temperature == 0 and not req.grammar:
+            return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
+        grammar = self._grammar_sampler(req.grammar) if req.grammar else None  # first: it may fail
+        chain = internals.LlamaSampler()
+        chain.add_penalties(self.n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
+        if o.temperature == 0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(o.top_k)
+            chain.add_top_p(o.top_p, 1)
+            chain.add_min_p(o.min_p, 1)
+            chain.add_temp(o.temperature)
+            chain.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
+        return ChainSampler(self._lib, self._candidates, chain, grammar)
+
+    def _grammar_sampler(self, grammar: str) -> Any:
+        """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
+        parse with NULL (and a log line), and a NULL in a sampler chain crashes the process, so
+        that is a clear error here instead."""
+        try:
+            text = grammar.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidOptions("the output format contains a lone surrogate, which is not text", field="format") from exc
+        with self._guard.use():
+            pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
+        if not pointer:
+            raise InvalidOptions("llama.cpp could not compile the grammar of the requested output format", field="format")
+        return pointer
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
+        the vocabulary once stays within `GRAMMAR_STEP_LIMIT` (a request's format is checked
+        before its stream starts, so a bad one is a 400, not an error event). The whole
+        vocabulary is what a token costs when the grammar rejects the chain's first pick (see
+        `ChainSampler`), and the first token of a format is often such a token. Runs on the
+        caller's thread: its candidates are its own, not the scheduler's."""
+        pointer = self._grammar_sampler(grammar)
+        try:
+            candidates = Candidates(self._lib, self.n_vocab)  # kept: it owns the array's memory
+            array = candidates.fill(np.zeros(self.n_vocab, dtype=np.single))
+            started = time.thread_time()  # CPU time: a busy machine must not make a grammar cost more
+            with self._guard.use():
+                self._lib.llama_sampler_apply(pointer, array)
+            cost = time.thread_time() - started
+        finally:
+            self._lib.llama_sampler_free(pointer)
+        if cost > GRAMMAR_STEP_LIMIT:
+            raise InvalidOptions(
+                f"the output format's grammar costs {cost * 1000:.0f} ms a token on this model (the limit is "
+                f"{GRAMMAR_STEP_LIMIT * 1000:.0f} ms); use a smaller schema (fewer enum values or alternatives)",
+                field="format",
+            )
+
+    def _step(self) -> None:
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancel.is_set():
+                self._finish(slot, "cancelled")
+        active = [s for s in self._slots if s.job is not None]
+        if not active:
+            return
+        batch = self.batch.batch
+        batch.n_tokens = 0
+        budget = N_BATCH
+        # Sampled tokens first (one each), then prompt chunks with what is left.
+        for slot in sorted(active, key=lambda s: len(s.pending) > 1):
+            take = slot.pending[: max(0, budget)]
+            slot.batch_index, slot.in_batch = None, len(take)
+            for i, token in enumerate(take):
+                j = batch.n_tokens
+                batch.token[j] = token
+                batch.pos[j] = len(slot.cached) + i
+                batch.seq_id[j][0] = slot.seq
+                batch.n_seq_id[j] = 1
+                batch.logits[j] = False
+                batch.n_tokens += 1
+            budget -= len(take)
+            if take and len(take) == len(slot.pending):
+                batch.logits[batch.n_tokens - 1] = True
+                slot.batch_index = batch.n_tokens - 1
+        if batch.n_tokens == 0:
+            return
+        status = self._lib.llama_decode(self.ctx.ctx, batch)
+        if status != 0:
+            raise decode_error(status)
+        self.decoded += batch.n_tokens
+        for slot in active:
+            if slot.in_batch:
+                slot.cached.extend(slot.pending[: slot.in_batch])
+                slot.pending = slot.pending[slot.in_batch :]
+            if slot.batch_index is not None:
+                try:
+                    self._sample(slot)
+                except Exception as exc:  # one sequence's sampling failed: that request, not the batch
+                    log.exception("sampling failed")
+                    if slot.job is not None:
+                        error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"sampling failed: {exc}")
+                        self._finish(slot, None, error)
+
+    def _sample(self, slot: _Slot) -> None:
+        req, job, assembler = slot.req, slot.job, slot.assembler
+        assert req is not None and job is not None and assembler is not None and slot.batch_index is not None
+        if slot.first_at is None:
+            slot.first_at = time.perf_counter()
+        assert slot.sampler is not None
+        logits = self._logits(slot.batch_index)
+        started = time.thread_time()  # this thread's CPU time, as check_grammar measures it
+        token = slot.sampler.sample(logits)  # also accepted into the sampler's state
+        if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
+            self._finish(slot, None, InvalidOptions(
+                f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
+                "every request on this model; use a smaller schema", field="format"))
+            return
+        logprob, top = self._score(logits, token, req.options.logprobs)
+        if self._lib.llama_vocab_is_eog(self._vocab, token):
+            self._finish(slot, "stop")
+            return
+        slot.count += 1
+        raw = self._bytes(token)
+        piece = raw.decode("utf-8", "replace") if logprob is not None else None
+        text = assembler.feed(raw)
+        self._post(job, TokenEvent(text, token, logprob, top, piece))
+        if assembler.stopped:
+            self._finish(slot, "stop")
+        elif slot.count >= slot.limit:
+            self._finish(slot, "length")
+        else:
+            slot.pending = [token]
+
+    def _logits(self, index: int) -> np.ndarray:
+        """This slot's row of logits only: a view into llama.cpp's host output buffer, valid
+        until the next decode, which may reallocate that buffer (so it is used within this
+        step and never kept; sampling copies the row into its own candidates). It is host
+        memory with any backend: `llama_get_logits_ith` first waits for the device's copy into
+        it. `index` must be a batch position whose `logits` flag was set, or llama.cpp answers
+        NULL, which numpy refuses (ValueError) rather than reading."""
+        ptr = self._lib.llama_get_logits_ith(self.ctx.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def _score(
+        self, logits: np.ndarray, token: int, k: int | None
+    ) -> tuple[float | None, tuple[Candidate, ...] | None]:
+        if k is None:
+            return None, None
+        return log_probabilities(logits, token, k, self._piece)
+
+    def _finish(self, slot: _Slot, reason: str | None, error: BaseException | None = None) -> None:
+        job, assembler = slot.job, slot.assembler
+        assert job is not None and assembler is not None
+        if error is None and job.abort_error is None:
+            if reason != "cancelled" and (tail := assembler.finish()):
+                self._post(job, TokenEvent(tail, -1))
+            done_at = time.perf_counter()
+            first = slot.first_at or done_at
+            self._post(job, DoneEvent(
+                finish_reason=reason or "stop", text=assembler.text, prompt_tokens=slot.prompt_tokens,
+                prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
+                prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
+                stop_sequence=assembler.stop_sequence,
+            ))
+        else:
+            self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))
+        # The KV holds exactly `cached` (the last sampled token was never decoded): the slot keeps
+        # it for the conversation's next turn, and `_start` copies it out if another takes the slot.
+        slot.pending = []
+        if isinstance(slot.sampler, ChainSampler):
+            slot.sampler.close()
+        slot.job = slot.req = slot.sampler = slot.assembler = None
+        slot.last_used = time.monotonic()

@@ -1,0 +1,150 @@
+"""What both sides of the runner boundary share: how a model is loaded (`LoadSpec`), what a
+request is and what it produces (events), and the checks on a prompt's tokens. Plain data and
+pure functions: the daemon imports this, never the engines (runtime/engine/) that use it.
+
+Generation runs in the batch engine (runtime/engine/batching.py), inside a runner process per loaded
+model (runtime/runner/).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from myllm.errors import InvalidOptions, PromptTooLong
+from myllm.registry.schema import ModelRow
+from myllm.runtime.request.options import GenerationOptions
+
+CTX_PAD = 256
+"""llama.cpp pads a context to a multiple of this."""
+
+
+def context_size(num_ctx: int) -> int:
+    """The context a model is loaded with for `num_ctx`: rounded up to the next of 256, 512,
+    768, 1024, 1536, 2048, 3072, 4096, 6144... (a power of two, or one and a half times one,
+    each a multiple of llama.cpp's padding). Requests asking for nearby sizes share one
+    instance, so a key cycling `num_ctx` one padding step at a time cannot load a runner per
+    value (two sizes per doubling remain), at the cost of at most half again the KV asked for."""
+    if num_ctx <= CTX_PAD:
+        return CTX_PAD
+    power = 1 << (num_ctx - 1).bit_length()
+    between = power * 3 // 4
+    return between if num_ctx <= between and between % CTX_PAD == 0 else power
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """Everything that changes how a model is loaded. Requests with the same spec share one
+    instance whatever their sampling options."""
+
+    name: str
+    path: Path
+    n_ctx: int
+    """Context per sequence."""
+    n_gpu_layers: int = 0
+    """Layers llama.cpp puts on the GPU (negative: all of them, llama.cpp's convention). In the
+    manager's load key it is what was asked for; the runner gets the planner's number."""
+    embedding: bool = False
+    n_parallel: int = 1
+    """Sequences generated at once (continuous batching when > 1)."""
+
+    def unpathed(self, error: object) -> str:
+        """An error's text without the blob's absolute path (clients are not told where
+        MYLLM_HOME is): the blob's own name stands for it."""
+        return str(error).replace(str(self.path), self.path.name)
+
+    @classmethod
+    def for_model(
+        cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
+        n_parallel: int = 1,
+    ) -> LoadSpec:
+        """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
+        padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
+        ctx = context_size(num_ctx)
+        if row.context_length:
+            ctx = min(ctx, row.context_length)
+        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token_id: int
+    text: str
+    logprob: float
+
+    @property
+    def prob(self) -> float:
+        return float(np.exp(self.logprob))
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """A piece of generated text. `text` may be "" when a token only completed part of a
+    character or may start a stop string; such tokens still carry their probabilities."""
+
+    text: str
+    token_id: int
+    logprob: float | None = None
+    top: tuple[Candidate, ...] | None = None
+    piece: str | None = None
+    """The token's own text, present when probabilities were asked for."""
+
+
+@dataclass(frozen=True)
+class DoneEvent:
+    finish_reason: str
+    """`stop` (end of turn or a stop string), `length` (max_tokens or context), `cancelled`."""
+    text: str
+    prompt_tokens: int
+    prompt_eval_tokens: int
+    """Prompt tokens actually evaluated; fewer than `prompt_tokens` when a cached prefix was reused."""
+    completion_tokens: int
+    prompt_ms: float
+    generation_ms: float
+    stop_sequence: str | None = None
+    """The stop string that ended the text when one did (a request's `stop` or the template's
+    end-of-turn text): Anthropic's API reports which of the caller's sequences it was."""
+
+
+Event = TokenEvent | DoneEvent
+
+
+@dataclass
+class GenerationRequest:
+    tokens: list[int]
+    options: GenerationOptions
+    extra_stop: tuple[str, ...] = ()
+    grammar: str | None = None
+    """GBNF the output must follow (see runtime/request/grammar.py)."""
+
+
+def check_prompt(tokens: list[int], n_ctx: int) -> None:
+    """A prompt must have a token and leave room for one more in a sequence's context."""
+    if not tokens:
+        raise InvalidOptions("the prompt is empty", field="prompt")
+    if len(tokens) >= n_ctx:
+        raise PromptTooLong(len(tokens), n_ctx)
+
+
+CHARS_PER_TOKEN_BOUND = 16
+"""More characters per token than any real text averages (English runs at about four)."""
+
+
+def bounded_tokens(tokenize: Callable[[str], list[int]], text: str, limit: int) -> list[int] | None:
+    """The tokens of `text`, or None when it is far longer than `limit` tokens could be and
+    the head of it alone has more (a 4 MB prompt takes 30 s and ~900 MB to tokenize; its head
+    answers at once). A list longer than `limit` is over too, by that many."""
+    head = max(limit, 1) * CHARS_PER_TOKEN_BOUND
+    if len(text) > head and len(tokenize(text[:head])) > limit:
+        return None
+    return tokenize(text)
+
+
+def check_token_ids(tokens: list[int], n_vocab: int) -> None:
+    """Token ids a client sent must be in the vocabulary: llama.cpp aborts on any other."""
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidOptions(f"token id {bad} is outside the vocabulary (0..{n_vocab - 1})", field="input")

@@ -1,0 +1,197 @@
+"""From a request to the prompt's tokens: chat templates rendered on a small pool of their own,
+conversations trimmed to the context in one pass, message text tokenized as text.
+
+Rendering runs Jinja templates, which are programs: it gets its own few threads (so a slow
+template never fills the thread pool every other route uses), a bounded queue (past it, 503),
+a deadline, and a cancel flag that is set when the request goes away or the daemon stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from myllm.errors import Overloaded, PromptTooLong
+from myllm.pools import settle
+from myllm.registry.chat_templates import Deadline
+from myllm.registry.schema import ModelRow
+from myllm.runtime.request.template import RenderedPrompt, render_chat
+from myllm.runtime.runner import ModelRunner
+
+T = TypeVar("T")
+_Job = tuple[Callable[[Deadline], Any], threading.Event, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+class PreparePool:
+    """A few daemon threads that render prompts. Daemon threads, because a thread cannot be
+    killed and a rendering that ignores its deadline must not hold up the daemon's exit."""
+
+    def __init__(self, workers: int, max_waiting: int, timeout: float) -> None:
+        self.workers = workers
+        self.max_waiting = max_waiting
+        self.timeout = timeout
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending: set[threading.Event] = set()
+        """The cancel flags of the jobs queued or running."""
+        self._threads = [
+            threading.Thread(target=self._work, name=f"prompt-{i}", daemon=True) for i in range(workers)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def full(self) -> bool:
+        return self.pending >= self.workers + self.max_waiting
+
+    async def run(self, fn: Callable[[Deadline], T]) -> T:
+        """`fn(deadline)` on a pool thread. Cancelling the caller cancels the work at its next
+        deadline check."""
+        cancelled = threading.Event()
+        with self._lock:
+            if self.full:
+                raise Overloaded(f"{len(self._pending)} prompts are being prepared; try again shortly")
+            self._pending.add(cancelled)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((fn, cancelled, future, loop))
+        try:
+            return await future
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+
+    def close(self) -> None:
+        """Cancel everything queued or running and let the threads end."""
+        with self._lock:
+            for flag in self._pending:
+                flag.set()
+        for _ in self._threads:
+            self._jobs.put(None)
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fn, cancelled, future, loop = job
+            try:
+                result: Any = fn(Deadline(self.timeout, cancelled))
+            except BaseException as exc:  # noqa: BLE001 (handed to the caller, whatever it is)
+                loop.call_soon_threadsafe(settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(settle, future, result, None)
+            finally:
+                with self._lock:
+                    self._pending.discard(cancelled)
+
+
+def _joined(units: list[list[int] | None], n_ctx: int) -> list[int]:
+    if any(unit is None for unit in units):
+        raise PromptTooLong(n_ctx, n_ctx, at_least=True)
+    return [token for unit in units if unit is not None for token in unit]
+
+
+def _fits(units: list[list[int] | None], budget: int) -> bool:
+    return all(unit is not None for unit in units) and sum(len(u) for u in units if u is not None) <= budget
+
+
+class TextPrompt:
+    """A raw prompt: special tokens in it are parsed (the caller wrote the model's markup)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.dropped = 0
+
+    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+        return await runner.tokenize(self.text), ()
+
+
+class ChatPrompt:
+    """Messages rendered with the model's chat template, trimmed to fit when asked to;
+    `prefill` starts the assistant's turn (as text, like any message)."""
+
+    def __init__(
+        self, row: ModelRow, messages: list[dict[str, Any]], pool: PreparePool, trim: bool, prefill: str = "",
+        tools: list[dict[str, Any]] | None = None,
+    ) -> None:
+        self.row = row
+        self.messages = messages
+        self.tools = tools
+        self.pool = pool
+        self.trim = trim
+        self.prefill = prefill
+        self.dropped = 0
+        self.text = ""
+
+    async def _prepare(self, runner: ModelRunner, msgs: list[dict[str, Any]]) -> tuple[RenderedPrompt, list[list[int] | None]]:
+        """One rendering and one tokenizing call: each unit's tokens (None for the early units
+        that cannot fit beside the later ones)."""
+        row, details = self.row, self.row.details or {}
+        rendered = await self.pool.run(lambda deadline: render_chat(
+            msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline,
+            tools=self.tools,
+        ))
+        units = [list(unit) for unit in rendered.units]
+        if self.prefill:
+            units[-1].append((self.prefill, False))
+        return rendered, await runner.tokenize_units(units, runner.n_ctx)
+
+    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+        """Rendered and tokenized once when the conversation fits. When it does not and `trim`
+        is set, the oldest messages after the system message drop out: how many is computed
+        from each message's token count (each message tokenized once), checked with one more
+        rendering, and searched by halving only when the template is irregular enough for the
+        estimate to miss."""
+        rendered, units = await self._prepare(runner, self.messages)
+        budget = runner.n_ctx - reserve
+        first = 1 if self.messages[0]["role"] == "system" else 0
+        droppable = len(self.messages) - first - 1
+        if not self.trim or droppable <= 0 or _fits(units, budget):
+            return self._done(rendered, units, runner.n_ctx)
+
+        async def attempt(k: int) -> tuple[RenderedPrompt, list[list[int] | None]]:
+            return await self._prepare(runner, self.messages[:first] + self.messages[first + k :])
+
+        k = self._estimate(units, first, droppable, budget)
+        rendered, units = await attempt(k)
+        if not _fits(units, budget) and k < droppable:
+            low, high, found = k + 1, droppable, None
+            while low <= high:
+                mid = (low + high) // 2
+                tried = await attempt(mid)
+                if _fits(tried[1], budget):
+                    found, high = (mid, tried), mid - 1
+                else:
+                    low = mid + 1
+            k, (rendered, units) = found or (droppable, await attempt(droppable))
+        self.dropped = k
+        return self._done(rendered, units, runner.n_ctx)
+
+    def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
+        self.text = rendered.text + self.prefill
+        return _joined(units, n_ctx), rendered.stop
+
+    @staticmethod
+    def _estimate(units: list[list[int] | None], first: int, droppable: int, budget: int) -> int:
+        """The fewest oldest messages (after the system message) whose units, left out, leave
+        the rest within `budget`: a unit that was not even tokenized must go."""
+        kept_head = units[:first]
+        head = sum(len(u) for u in kept_head if u is not None) if all(u is not None for u in kept_head) else None
+        # suffix[k]: tokens of the units from message first+k to the end; None if one was not tokenized.
+        suffix: list[int | None] = [0] * (droppable + 2)
+        total: int | None = 0
+        for i in range(len(units) - 1, first - 1, -1):
+            unit = units[i]
+            total = None if total is None or unit is None else total + len(unit)
+            if i - first <= droppable:
+                suffix[i - first] = total
+        for k in range(droppable + 1):
+            rest = suffix[k]
+            if head is not None and rest is not None and head + rest <= budget:
+                return k
+        return droppable

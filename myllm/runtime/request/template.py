@@ -1,0 +1,176 @@
+"""Chat prompts from a model's own Jinja2 chat template (what GGUF carries), with a fallback
+chosen by family for models that have none, such as base models."""
+
+from __future__ import annotations
+
+import logging
+import re
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from myllm.registry.chat_templates import Deadline, compile_template, render
+
+log = logging.getLogger(__name__)
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Gemma's turn format; a system message is folded into the first user turn, as Gemma's own
+# template does, since Gemma has no system role.
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\\n\\n' %}{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\\n' + (first_user_prefix if loop.first else '') + message['content'] | trim + '<end_of_turn>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<start_of_turn>model\\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Fallback:
+    name: str
+    template: str
+    stop: tuple[str, ...]
+    """End-of-turn markers: a base model's EOS token is not its turn end."""
+
+
+FALLBACKS = {
+    "gemma": Fallback("gemma", GEMMA, ("<end_of_turn>",)),
+    "chatml": Fallback("chatml", CHATML, ("<|im_end|>",)),
+}
+FAMILY_FALLBACK = {"gemma": "gemma", "gemma2": "gemma", "gemma3": "gemma", "gemma3n": "gemma"}
+
+
+def fallback_for(family: str) -> Fallback:
+    """Gemma families get Gemma turns; everything else ChatML, the most widely trained format."""
+    return FALLBACKS[FAMILY_FALLBACK.get(family, "chatml")]
+
+
+def template_name(template: str | None, family: str) -> str:
+    """A short name for a chat template, as people call them."""
+    if not template:
+        return fallback_for(family).name
+    markers = (
+        ("<|im_start|>", "chatml"),
+        ("<|start_header_id|>", "llama3"),
+        ("<start_of_turn>", "gemma"),
+        ("<｜User｜>", "deepseek"),
+        ("<<SYS>>", "llama2"),
+        ("[INST]", "mistral"),
+        ("<|end|>", "phi3"),
+        ("<|user|>", "zephyr"),
+    )
+    return next((name for marker, name in markers if marker in template), "custom")
+
+
+def thinks(template: str | None) -> bool:
+    """Whether a chat template has a reasoning section (`<think>`...`</think>`), as Ollama
+    decides a model can think."""
+    return bool(template) and "<think>" in (template or "") and "</think>" in (template or "")
+
+
+Part = tuple[str, bool]
+"""A piece of a prompt and whether special tokens in it are parsed (the template's markup) or
+not (a message's content, tokenized as text so it cannot forge a turn)."""
+
+
+@dataclass(frozen=True)
+class RenderedPrompt:
+    text: str
+    stop: tuple[str, ...]
+    units: tuple[tuple[Part, ...], ...]
+    """The prompt cut after each message's content: `units[i]` ends with message i's content
+    (the markup before it included), the last unit is what follows the last message. Joined,
+    the parts are `text`. Trimming drops whole units; tokenizing counts each once."""
+    marked: bool
+    """Whether contents were found in the output (False: the template moved or rewrote them,
+    and the whole prompt is one markup part, parsed as before)."""
+
+
+def _mark(messages: list[dict[str, Any]], nonce: str) -> list[dict[str, Any]]:
+    """Each content between an opening and a closing marker no client can guess. Whitespace
+    around the content stays outside the markers, so a template that trims contents trims
+    the same characters it would without them."""
+    marked = []
+    for i, msg in enumerate(messages):
+        content = msg["content"]
+        core = content.strip()
+        if core:
+            start = content.index(core)
+            content = f"{content[:start]}\ue000{nonce}{i}\ue001{core}\ue000{nonce}{i}\ue002{content[start + len(core):]}"
+        marked.append({**msg, "content": content})
+    return marked
+
+
+def _split(text: str, nonce: str, messages: list[dict[str, Any]]) -> tuple[tuple[Part, ...], ...] | None:
+    """The marked output as units (see `RenderedPrompt.units`); None unless every marker is
+    where a template that copies each content once, in order, would put it. Whitespace around
+    a content that the template kept goes back into the content's part, so the parts tokenize
+    as the whole text would."""
+    units: list[tuple[Part, ...]] = [() for _ in messages]
+    parts: list[Part] = []
+    pos, last, inside, lead = 0, -1, None, ""
+    for match in re.finditer(f"\ue000{nonce}(\\d+)([\ue001\ue002])", text):
+        index, opening = int(match.group(1)), match.group(2) == "\ue001"
+        piece = text[pos : match.start()]
+        pos = match.end()
+        if opening:
+            if inside is not None or index <= last or index >= len(messages):
+                return None
+            content = messages[index]["content"]
+            lead = content[: len(content) - len(content.lstrip())]
+            if lead and piece.endswith(lead):
+                piece = piece[: -len(lead)]
+            else:
+                lead = ""
+            if piece:
+                parts.append((piece, True))
+            inside = index
+        else:
+            if inside != index:
+                return None
+            content = messages[index]["content"]
+            trail = content[len(content.rstrip()) :]
+            if not (trail and text.startswith(trail, pos)):
+                trail = ""
+            pos += len(trail)
+            parts.append((lead + piece + trail, False))
+            units[index] = tuple(parts)
+            parts, last, inside = [], index, None
+    if inside is not None or "\ue000" + nonce in text[pos:]:
+        return None
+    if text[pos:]:
+        parts.append((text[pos:], True))
+    return (*units, tuple(parts))
+
+
+def render_chat(
+    messages: list[dict[str, Any]],
+    template: str | None,
+    family: str,
+    bos_token: str | None,
+    eos_token: str | None,
+    add_generation_prompt: bool = True,
+    deadline: Deadline | None = None,
+    tools: list[dict[str, Any]] | None = None,
+) -> RenderedPrompt:
+    stop: tuple[str, ...] = ()
+    if not template:
+        fallback = fallback_for(family)
+        template, stop = fallback.template, fallback.stop
+    compiled = compile_template(template)
+    context = {"bos_token": bos_token or "", "eos_token": eos_token or "", "add_generation_prompt": add_generation_prompt}
+    if tools:
+        context["tools"] = tools
+    nonce = secrets.token_hex(6)
+    units = _split(render(compiled, _mark(messages, nonce), deadline, **context), nonce, messages)
+    if units is not None:
+        return RenderedPrompt("".join(text for unit in units for text, _ in unit), stop, units, True)
+    log.warning("the chat template does not copy message contents as they are; special tokens in them are parsed")
+    text = render(compiled, messages, deadline, **context)
+    return RenderedPrompt(text, stop, (*(() for _ in messages), ((text, True),)), False)
+
