@@ -112,6 +112,15 @@ class DoneEvent:
 Event = TokenEvent | DoneEvent
 
 
+@dataclass(frozen=True)
+class Failed:
+    """A request's last event when it failed (the error says why); a `DoneEvent` is the last
+    event of every other request, cancelled ones included. Made by an engine, written to the
+    channel by its runner (runtime/runner/protocol.py), which the daemon reads as the error itself."""
+
+    error: BaseException
+
+
 @dataclass
 class GenerationRequest:
     tokens: list[int]

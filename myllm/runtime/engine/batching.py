@@ -45,6 +45,7 @@ from myllm.runtime.engine.textstream import TextAssembler
 from myllm.runtime.engine_types import (
     Candidate,
     DoneEvent,
+    Failed,
     GenerationRequest,
     LoadSpec,
     TokenEvent,
@@ -75,14 +76,6 @@ def decode_error(status: int) -> MyLLMError:
     if status == -2:
         return OutOfMemory("llama.cpp ran out of memory while generating (it could not allocate its compute buffers)")
     return ModelLoadError(f"llama.cpp failed while generating (llama_decode returned {status})")
-
-
-@dataclass(frozen=True)
-class Failed:
-    """A request's last event when it failed (the error says why); a `DoneEvent` is the last
-    event of every other request, cancelled ones included."""
-
-    error: BaseException
 
 
 Sink = Callable[[list[tuple["EngineJob", Any]]], None]

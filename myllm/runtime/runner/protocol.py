@@ -30,8 +30,7 @@ import msgpack
 
 from myllm import errors
 from myllm.errors import ModelCrashed, MyLLMError
-from myllm.runtime.engine.batching import Failed
-from myllm.runtime.engine_types import Candidate, DoneEvent, GenerationRequest, LoadSpec, TokenEvent
+from myllm.runtime.engine_types import Candidate, DoneEvent, Failed, GenerationRequest, LoadSpec, TokenEvent
 from myllm.runtime.request.options import GenerationOptions
 
 
