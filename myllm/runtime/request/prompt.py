@@ -18,8 +18,8 @@ from myllm.errors import Overloaded, PromptTooLong
 from myllm.pools import settle
 from myllm.registry.chat_templates import Deadline
 from myllm.registry.schema import ModelRow
+from myllm.runtime.instance import Tokenizer
 from myllm.runtime.request.template import RenderedPrompt, render_chat
-from myllm.runtime.runner import ModelRunner
 
 T = TypeVar("T")
 _Job = tuple[Callable[[Deadline], Any], threading.Event, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
@@ -107,7 +107,7 @@ class TextPrompt:
         self.text = text
         self.dropped = 0
 
-    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+    async def tokens(self, runner: Tokenizer, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         return await runner.tokenize(self.text), ()
 
 
@@ -128,7 +128,7 @@ class ChatPrompt:
         self.dropped = 0
         self.text = ""
 
-    async def _prepare(self, runner: ModelRunner, msgs: list[dict[str, Any]]) -> tuple[RenderedPrompt, list[list[int] | None]]:
+    async def _prepare(self, runner: Tokenizer, msgs: list[dict[str, Any]]) -> tuple[RenderedPrompt, list[list[int] | None]]:
         """One rendering and one tokenizing call: each unit's tokens (None for the early units
         that cannot fit beside the later ones)."""
         row, details = self.row, self.row.details or {}
@@ -141,7 +141,7 @@ class ChatPrompt:
             units[-1].append((self.prefill, False))
         return rendered, await runner.tokenize_units(units, runner.n_ctx)
 
-    async def tokens(self, runner: ModelRunner, reserve: int) -> tuple[list[int], tuple[str, ...]]:
+    async def tokens(self, runner: Tokenizer, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         """Rendered and tokenized once when the conversation fits. When it does not and `trim`
         is set, the oldest messages after the system message drop out: how many is computed
         from each message's token count (each message tokenized once), checked with one more

@@ -19,13 +19,14 @@ import re
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import psutil
 
 from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory, Overloaded, ShuttingDown
 from myllm.runtime.engine_types import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
+from myllm.runtime.instance import ExitHandler, RunnerStats
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_error,
@@ -102,8 +103,9 @@ class RequestStream(AsyncIterator[TokenEvent | DoneEvent]):
 
 
 class ModelRunner:
-    """A model loaded in its own process. Requests go in with `generate()`; `tokenize`,
-    `count_tokens`, `embed` and `stats` are calls with one answer."""
+    """A model loaded in its own process: the daemon's `Runner` (runtime/instance.py). Requests
+    go in with `generate()`; `tokenize`, `count_tokens`, `embed` and `stats` are calls with one
+    answer."""
 
     def __init__(self, config: RunnerConfig, max_queue: int) -> None:
         self.config = config
@@ -116,8 +118,8 @@ class ModelRunner:
         self.rss_after = 0
         self.vram_used = 0
         """GPU memory the load took: the device's free memory before it less after it (0 on the CPU)."""
-        self.on_exit: Callable[[ModelRunner, MyLLMError], None] | None = None
-        self.on_out_of_memory: Callable[[ModelRunner, MyLLMError], None] | None = None
+        self.on_exit: ExitHandler | None = None
+        self.on_out_of_memory: ExitHandler | None = None
         """Told (once) when a request fails because llama.cpp ran out of memory while generating."""
         self._out_of_memory = False
         self._writer: asyncio.StreamWriter | None = None
@@ -412,8 +414,5 @@ class ModelRunner:
         hurts llama.cpp costs at most this model)."""
         await self.call("grammar", grammar)
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> RunnerStats:
         return await self.call("stats")
-
-
-
