@@ -57,10 +57,6 @@ class FakeRunner(FakeCpuRunner):
     crash_above: int | None = None
     loads: list[int] = []
 
-    def __init__(self, config: RunnerConfig) -> None:
-        super().__init__(config)
-        self.on_exit = self.on_out_of_memory = None
-
     @classmethod
     async def start(cls, config: RunnerConfig, max_queue: int) -> FakeRunner:
         layers = config.spec.n_gpu_layers
@@ -197,7 +193,7 @@ async def test_a_crash_with_layers_on_the_gpu_retries_with_fewer(fake_models: Re
     mgr = manager(fake_models, fake_gpu(free_mib=10_000))
     await use(mgr, "m:1")
     assert FakeRunner.loads == [11, 5, 2]
-    assert mgr._crashes == {}, "not refused as a model that crashes llama.cpp"
+    assert mgr.loader.crashes.by_digest == {}, "not refused as a model that crashes llama.cpp"
     await mgr.close()
 
 

@@ -10,19 +10,22 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from myllm.errors import ModelCrashed, OutOfMemory
+from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
+from myllm.runtime.instance import ExitHandler, RunnerStats
 from myllm.runtime.placement import manager as manager_module
-from myllm.runtime.placement.manager import LoadedInfo, ModelManager
+from myllm.runtime.placement import report
+from myllm.runtime.placement.manager import ModelManager
 from myllm.runtime.placement.memory import MiB, Split, estimate
+from myllm.runtime.placement.report import LoadedInfo
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
 
 
 class FakeRunner:
-    """Stands in for a runner process (`ModelRunner`): loads instantly, holds no memory, never
-    busy."""
+    """Stands in for a runner process (a `PlacedRunner`, as `ModelRunner` is): loads instantly,
+    holds no memory, never busy, always healthy, computes nothing."""
 
     fail_next_with_oom = 0
     crash_next = 0
@@ -31,11 +34,14 @@ class FakeRunner:
     queued = 0
     generating = 0
     rss_before = rss_after = vram_used = 0
+    pid = None
 
     def __init__(self, config: RunnerConfig) -> None:
         self.spec = config.spec
         self.kv_cache_bytes = config.kv_cache_bytes
         self.closed = False
+        self.on_exit: ExitHandler | None = None
+        self.on_out_of_memory: ExitHandler | None = None
         FakeRunner.created.append(config.spec.name)
 
     @classmethod
@@ -51,8 +57,17 @@ class FakeRunner:
     def rss(self) -> int:
         return 0
 
-    def abort(self, error: BaseException) -> None:
+    async def health(self, timeout: float, stall_limit: float) -> str | None:
+        return None
+
+    async def stats(self) -> RunnerStats:
+        return {}
+
+    def abort(self, error: MyLLMError) -> None:
         pass
+
+    def kill(self, reason: str) -> None:
+        self.closed = True
 
     async def close(self) -> None:
         self.closed = True
@@ -210,12 +225,12 @@ def test_instances_of_one_model_are_one_row_adding_up_what_they_hold() -> None:
                                 rss=80, pid=8, expires_at=at + timedelta(minutes=5), device="cpu", gpu_layers=0,
                                 size_vram=0, offload=Split(200 * MiB, 0), vram_used=0, active=0, queued=0, busy=0, slots=1)
     other = dataclasses.replace(chat, name="n:1", pid=9)
-    mine, theirs = manager_module.per_model([chat, embed, other])
+    mine, theirs = report.per_model([chat, embed, other])
     assert theirs == other, "a model loaded once is its instance's row"
     assert mine == LoadedInfo(name="m:1", digest="d", context_length=2048, embedding=False, size_estimate=400 * MiB,
                               rss_before=30, rss_after=180, rss=200, pid=None, expires_at=at + timedelta(minutes=5),
                               device="cuda", gpu_layers=31, layers=62, size_vram=250 * MiB, offload=Split(200 * MiB, 200 * MiB),
                               vram_used=260 * MiB, active=1, queued=2, busy=1, slots=5)
     assert mine.processor == "50%/50% CPU/GPU" and mine.rss_growth == 150
-    [kept] = manager_module.per_model([chat, dataclasses.replace(embed, expires_at=None)])
+    [kept] = report.per_model([chat, dataclasses.replace(embed, expires_at=None)])
     assert kept.expires_at is None, "an instance kept for good keeps the model loaded for good"

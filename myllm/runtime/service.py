@@ -19,6 +19,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.engine_types import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
+from myllm.runtime.instance import EventStream, Runner, RunnerStats
 from myllm.runtime.placement.devices import Devices
 from myllm.runtime.placement.manager import KeepAlive, Lease, LoadedInfo, ModelManager
 from myllm.runtime.request.grammar import format_grammar
@@ -26,7 +27,6 @@ from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.request.schema_size import SchemaLimits
 from myllm.runtime.request.tools import Call, CallFilter, Choice, ToolUse, check_choice, json_depth, parse_tools
-from myllm.runtime.runner import RequestStream
 from myllm.settings import Settings
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -43,7 +43,7 @@ class GenerationStream(AsyncIterator[Event]):
     """`TokenEvent`s then one `DoneEvent`. Holds the model lease until the stream ends or is
     closed; closing early cancels generation within one token."""
 
-    def __init__(self, events: RequestStream, lease: Lease, prompt_tokens: int) -> None:
+    def __init__(self, events: EventStream, lease: Lease[Runner], prompt_tokens: int) -> None:
         self._events = events
         self._lease = lease
         self.model = lease.row.name
@@ -226,10 +226,10 @@ _Prompt = TextPrompt | ChatPrompt
 
 
 class Runtime:
-    def __init__(self, registry: Registry, settings: Settings, manager: ModelManager | None = None) -> None:
+    def __init__(self, registry: Registry, settings: Settings, manager: ModelManager[Runner] | None = None) -> None:
         self.registry = registry
         self.settings = settings
-        self.manager = manager or ModelManager(registry, settings)
+        self.manager: ModelManager[Runner] = manager or ModelManager(registry, settings)
         self.prepare = PreparePool(PREPARE_WORKERS, settings.max_queue, settings.template_timeout)
         """Where chat templates are rendered and JSON schemas become grammars (runtime/request/prompt.py)."""
         self.schema_limits = SchemaLimits(settings.max_grammar, settings.max_schema_depth, settings.max_schema_nodes)
@@ -258,7 +258,7 @@ class Runtime:
     def is_loaded(self, name: str) -> bool:
         return self.manager.is_loaded(name)
 
-    async def runner_stats(self, name: str) -> dict[str, Any]:
+    async def runner_stats(self, name: str) -> RunnerStats:
         """A loaded model's runner's own figures (resident memory, saved KV), for metrics."""
         return await self.manager.runner_stats(name)
 

@@ -1,6 +1,6 @@
 """Where a model about to load goes: how many of its layers on the GPU, and which idle models
 must leave first, with two budgets (RAM and GPU memory). Pure logic over numbers, so it is tested
-with a fake device; the manager (runtime/placement/manager.py) applies the plan.
+with a fake device; the manager applies the plan (runtime/placement/room.py).
 
 The rules, as Ollama's scheduler decides:
 - Layers: `wanted` is the most the request allows (-1: all of them; 0: none; the setting
