@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from myllm.runtime.engine.batching import PENALTY_WINDOW, BatchEngine
+from myllm.runtime.engine.batching import BatchEngine
+from myllm.runtime.engine.sampler_factory import PENALTY_WINDOW
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine_types import GenerationRequest, LoadSpec
 from myllm.runtime.request.grammar import format_grammar
@@ -74,9 +75,10 @@ def test_grammar_checked_after_the_chain_picks_what_grammar_first_picks(engine: 
     assert grammar is not None
     reference = internals.LlamaSampler()
     reference.add_penalties(engine.n_vocab, PENALTY_WINDOW, repeat, 0.0, 0.0)
-    engine._lib.llama_sampler_chain_add(reference.sampler, engine._grammar_sampler(grammar))
+    engine._lib.llama_sampler_chain_add(reference.sampler, engine.samplers.grammar(grammar))
     reference.add_greedy()
-    ours = engine._sampler(GenerationRequest([], GenerationOptions(temperature=0, repeat_penalty=repeat), (), grammar))
+    options = GenerationOptions(temperature=0, repeat_penalty=repeat)
+    ours = engine.samplers.for_request(GenerationRequest([], options, (), grammar))
     assert isinstance(ours, ChainSampler)
     prompt = engine.tokenize("Write the word 'echo' many times: echo echo echo")
     engine.ctx.kv_cache_seq_rm(0, 0, -1)

@@ -13,6 +13,9 @@ The engine knows nothing of processes or event loops: `submit()` takes a *sink*,
 receives a whole step's events at once. A runner process (runtime/runner/) writes them to its
 channel in one message per step; `OptimizedLLM` puts them on a queue it reads in-process.
 
+This module is the scheduler. Loading llama.cpp's model and context is `loaded_model.py`'s job,
+tokens and text `vocabulary.py`'s, and each request's sampler comes from `sampler_factory.py`.
+
 With layers on a GPU the weights, the KV cache and the compute buffers live in device memory,
 which this process must never read or write by pointer. What the engine touches is host memory
 that llama.cpp owns and keeps coherent: the `llama_batch` arrays (malloc'd, read by llama.cpp
@@ -24,7 +27,6 @@ between the device and a buffer of ours inside `llama_state_seq_get_data`/`_set_
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import queue
 import threading
@@ -35,13 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, PromptTooLong, ShuttingDown
+from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
-from myllm.runtime.engine.llama_setup import avoid_broken_weight_buffers, default_threads
+from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel
 from myllm.runtime.engine.logprobs import log_probabilities
-from myllm.runtime.engine.sampling import Candidates, ChainSampler, GreedySampler
+from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX, SamplerFactory
+from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine.textstream import TextAssembler
+from myllm.runtime.engine.vocabulary import Vocabulary
 from myllm.runtime.engine_types import (
     Candidate,
     DoneEvent,
@@ -49,23 +53,10 @@ from myllm.runtime.engine_types import (
     GenerationRequest,
     LoadSpec,
     TokenEvent,
-    bounded_tokens,
     check_prompt,
-    check_token_ids,
 )
 
 log = logging.getLogger(__name__)
-N_BATCH = 512
-PENALTY_WINDOW = 64
-GRAMMAR_STEP_LIMIT = 0.25
-"""CPU seconds a request's grammar may add to its first token (checked before it starts: a
-500-value `enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the
-scheduler thread for every sequence in turn, so a grammar's cost is every other request's wait.
-Measured as the sampling thread's CPU time: wall time grows with the machine's load, and under
-load made the same schema a 400 one time in a few."""
-GRAMMAR_STEP_MAX = 0.5
-"""CPU seconds any later token's grammar may take (an `enum` deep in an object opens only there)
-before the request is stopped with an error."""
 
 
 def decode_error(status: int) -> MyLLMError:
@@ -91,6 +82,32 @@ class EngineJob:
     cancel: threading.Event = field(default_factory=threading.Event)
     abort_error: BaseException | None = None
     """Set when the engine stops the request (unload, shutdown), not its caller."""
+
+
+class Outbox:
+    """Events queued during a step; `flush` hands each sink all of its step's events at once (a
+    runner writes one message per step, not one per token per sequence)."""
+
+    def __init__(self) -> None:
+        self._events: list[tuple[EngineJob, Any]] = []
+
+    def post(self, job: EngineJob, event: Any) -> None:
+        self._events.append((job, event))
+
+    def flush(self) -> None:
+        if not self._events:
+            return
+        events, self._events = self._events, []
+        by_sink: dict[int, tuple[Sink, list[tuple[EngineJob, Any]]]] = {}
+        for job, event in events:
+            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, event))
+        for sink, batch in by_sink.values():
+            try:
+                sink(batch)
+            except Exception:  # a sink that cannot deliver stops its own requests, not the engine
+                log.exception("could not deliver events")
+                for job, _ in batch:
+                    job.cancel.set()
 
 
 @dataclass
@@ -140,7 +157,8 @@ class BatchEngine:
         self._slots = [_Slot(seq=i) for i in range(spec.n_parallel)]
         self._queue: queue.Queue[EngineJob | None] = queue.Queue()
         self._waiting: list[EngineJob] = []
-        self._outbox: list[tuple[EngineJob, Any]] = []
+        self._outbox = Outbox()
+        self._post = self._outbox.post  # called for every token: bound once
         self._lock = threading.Lock()
         self._closed = False
         self.beat = time.monotonic()
@@ -170,58 +188,16 @@ class BatchEngine:
         finally:
             if self._closed:  # close(): free once no thread is tokenizing
                 self._guard.close()
-                from llama_cpp._utils import suppress_stdout_stderr
-
-                with suppress_stdout_stderr(disable=False):
-                    self.batch.close()
-                    self.ctx.close()
-                    self.model.close()
+                self._loaded.close()
 
     def _load(self, n_threads: int | None, quiet: bool) -> None:
-        import llama_cpp
-        from llama_cpp import _internals as internals
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        spec = self.spec
-        self._lib = llama_cpp
-        avoid_broken_weight_buffers()
-        model_params = llama_cpp.llama_model_default_params()
-        model_params.n_gpu_layers = spec.n_gpu_layers
-        if spec.n_gpu_layers == 0:
-            # No layer on a GPU means no GPU at all: an empty device list (just its NULL end),
-            # else llama.cpp still makes a GPU backend for the context, which holds a CUDA
-            # context and runs large CPU-weight products there ("op offload"), GPU memory the
-            # budget does not count. The array must outlive the model: kept on the engine.
-            self._no_devices = (ctypes.c_void_p * 1)()
-            model_params.devices = ctypes.addressof(self._no_devices)
-        try:
-            with suppress_stdout_stderr(disable=not quiet):
-                self.model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=not quiet)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise ModelLoadError(f"llama.cpp could not load '{spec.name}': {spec.unpathed(exc)}") from exc
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = spec.n_ctx * spec.n_parallel
-        params.n_batch = params.n_ubatch = N_BATCH
-        params.n_seq_max = spec.n_parallel
-        # At most one row of logits per sequence per step: llama.cpp's default (one per batch
-        # token) reserves compute buffers for 512 rows of the vocabulary, 96 MiB for SmolLM2's
-        # and 512 MiB for Gemma 3's, GPU memory when the output layer is offloaded.
-        params.n_outputs_max = spec.n_parallel
-        params.n_threads = params.n_threads_batch = n_threads or default_threads()
-        params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
-        params.swa_full = True  # keep sliding-window models' KV whole, so prefixes can be reused
-        try:
-            with suppress_stdout_stderr(disable=not quiet):
-                self.ctx = internals.LlamaContext(model=self.model, params=params, verbose=not quiet)
-        except ValueError as exc:
-            self.model.close()
-            raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {spec.unpathed(exc)}") from exc
-        self.batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        self._vocab = self.model.vocab
-        self.n_vocab = self.model.n_vocab()
-        self._candidates = Candidates(llama_cpp, self.n_vocab)
-        bos = self.model.token_bos()
-        self.bos_text = self._piece(bos) if bos >= 0 else ""
+        self._loaded = loaded = LoadedModel.load(self.spec, n_threads, quiet)
+        self.vocabulary = vocabulary = Vocabulary(loaded.model, self._guard, self.n_ctx)
+        self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard)
+        # What the step loop uses for every token, kept on the engine: one attribute each.
+        self._lib, self.ctx, self.batch = loaded.lib, loaded.ctx, loaded.batch
+        self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
+        self._token_bytes = vocabulary.token_bytes
 
     # -- what a runner needs besides generation -----------------------------------------------
 
@@ -230,64 +206,25 @@ class BatchEngine:
         """Context per sequence."""
         return self._n_ctx
 
-    def _bytes(self, token: int) -> bytes:
-        return self.model.detokenize([token], special=True)
-
-    def _piece(self, token: int) -> str:
-        return self._bytes(token).decode("utf-8", "replace")
-
-    def _tokenize(self, text: str, add_bos: bool, special: bool) -> list[int]:
-        with self._guard.use():
-            return list(self.model.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
-
-    def _bounded(self, text: str, add_bos: bool, special: bool, limit: int) -> list[int] | None:
-        return bounded_tokens(lambda t: self._tokenize(t, add_bos, special), text, limit)
-
-    def _bos_for(self, text: str) -> bool:
-        """A BOS is added when the model wants one and the text does not already start with it."""
-        return not (self.bos_text and text.startswith(self.bos_text))
-
     def tokenize(self, text: str) -> list[int]:
-        """A raw prompt's tokens: special tokens in it are parsed, as a raw completion means the
-        caller wrote the model's markup itself. One that cannot fit the context is refused
-        without tokenizing all of it."""
-        tokens = self._bounded(text, self._bos_for(text), True, self.n_ctx)
-        if tokens is None:
-            raise PromptTooLong(self.n_ctx, self.n_ctx, at_least=True)
-        return tokens  # check_prompt refuses one that is just over, with its exact count
+        """See `Vocabulary.tokenize`."""
+        return self.vocabulary.tokenize(text)
 
     def tokenize_units(self, units: list[list[tuple[str, bool]]], limit: int) -> list[list[int] | None]:
-        """Each unit's tokens (see `RenderedPrompt.units`), the last unit first, until `limit`
-        tokens are reached: earlier units are None, since they cannot fit beside the later ones
-        (a conversation far past the context costs only what fits of it). A part's flag says
-        whether special tokens in it are parsed: the template's markup yes, message text no, so
-        a message cannot forge a turn. The first unit starts with BOS when the model wants one."""
-        first = next((text for unit in units for text, _ in unit), "")
-        bos = self._tokenize("", True, False) if self._bos_for(first) else []
-        out: list[list[int] | None] = [None] * len(units)
-        left = limit
-        for i in range(len(units) - 1, -1, -1):
-            tokens: list[int] = bos if i == 0 else []
-            for text, special in units[i]:
-                part = self._bounded(text, False, special, left - len(tokens))
-                if part is None or len(part) > left - len(tokens):
-                    return out
-                tokens = tokens + part
-            out[i] = tokens
-            left -= len(tokens)
-        return out
+        """See `Vocabulary.tokenize_units`."""
+        return self.vocabulary.tokenize_units(units, limit)
 
     def count_tokens(self, text: str) -> int:
-        """Tokens of a message's text on its own (no BOS, special tokens as text), at most the
-        context (a longer text cannot be part of a prompt anyway)."""
-        tokens = self._bounded(text, False, False, self.n_ctx)
-        return self.n_ctx if tokens is None else min(len(tokens), self.n_ctx)
+        """See `Vocabulary.count_tokens`."""
+        return self.vocabulary.count_tokens(text)
 
     def detokenize(self, tokens: list[int]) -> str:
-        """Text of token ids; ids outside the vocabulary are an error (llama.cpp would abort)."""
-        check_token_ids(tokens, self.n_vocab)
-        with self._guard.use():
-            return self.model.detokenize(tokens, special=False).decode("utf-8", "replace")
+        """See `Vocabulary.detokenize`."""
+        return self.vocabulary.detokenize(tokens)
+
+    def check_grammar(self, grammar: str) -> None:
+        """See `SamplerFactory.check_grammar`."""
+        self.samplers.check_grammar(grammar)
 
     # -- requests ---------------------------------------------------------------------------------
 
@@ -358,11 +295,11 @@ class BatchEngine:
                 pass
             self.beat = time.monotonic()  # woken: a wait for work is not a stall
             if self._closed and not any(s.job is not None for s in self._slots):
-                self._flush()
+                self._outbox.flush()
                 for job in self._waiting:
                     self._post(job, Failed(job.abort_error or ShuttingDown("the model was unloaded")))
                 self._waiting.clear()
-                self._flush()
+                self._outbox.flush()
                 return
             self._admit()
             try:
@@ -373,27 +310,7 @@ class BatchEngine:
                 for slot in self._slots:
                     if slot.job is not None:
                         self._finish(slot, None, error)
-            self._flush()
-
-    def _post(self, job: EngineJob, item: Any) -> None:
-        """Queue an event for its caller; `_flush` hands a whole step's events to each sink at
-        once (a runner writes one message per step, not one per token per sequence)."""
-        self._outbox.append((job, item))
-
-    def _flush(self) -> None:
-        if not self._outbox:
-            return
-        items, self._outbox = self._outbox, []
-        by_sink: dict[int, tuple[Sink, list[tuple[EngineJob, Any]]]] = {}
-        for job, item in items:
-            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, item))
-        for sink, batch in by_sink.values():
-            try:
-                sink(batch)
-            except Exception:  # a sink that cannot deliver stops its own requests, not the engine
-                log.exception("could not deliver events")
-                for job, _ in batch:
-                    job.cancel.set()
+            self._outbox.flush()
 
     def _admit(self) -> None:
         while self._waiting:
@@ -433,7 +350,7 @@ class BatchEngine:
         self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
-        slot.sampler = self._sampler(req)
+        slot.sampler = self.samplers.for_request(req)
         slot.job, slot.req = job, req
         slot.assembler = TextAssembler(tuple(req.options.stop) + req.extra_stop)
         room = self.n_ctx - len(tokens)
@@ -441,65 +358,6 @@ class BatchEngine:
         slot.count = 0
         slot.prompt_tokens, slot.prompt_eval = len(tokens), len(slot.pending)
         slot.started, slot.first_at = time.perf_counter(), None
-
-    def _sampler(self, req: GenerationRequest) -> GreedySampler | ChainSampler:
-        import random
-
-        from llama_cpp import _internals as internals
-
-        o = req.options
-        if o.temperature == 0 and not req.grammar:
-            return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
-        grammar = self._grammar_sampler(req.grammar) if req.grammar else None  # first: it may fail
-        chain = internals.LlamaSampler()
-        chain.add_penalties(self.n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
-        if o.temperature == 0:
-            chain.add_greedy()
-        else:
-            chain.add_top_k(o.top_k)
-            chain.add_top_p(o.top_p, 1)
-            chain.add_min_p(o.min_p, 1)
-            chain.add_temp(o.temperature)
-            chain.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
-        return ChainSampler(self._lib, self._candidates, chain, grammar)
-
-    def _grammar_sampler(self, grammar: str) -> Any:
-        """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
-        parse with NULL (and a log line), and a NULL in a sampler chain crashes the process, so
-        that is a clear error here instead."""
-        try:
-            text = grammar.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            raise InvalidOptions("the output format contains a lone surrogate, which is not text", field="format") from exc
-        with self._guard.use():
-            pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
-        if not pointer:
-            raise InvalidOptions("llama.cpp could not compile the grammar of the requested output format", field="format")
-        return pointer
-
-    def check_grammar(self, grammar: str) -> None:
-        """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
-        the vocabulary once stays within `GRAMMAR_STEP_LIMIT` (a request's format is checked
-        before its stream starts, so a bad one is a 400, not an error event). The whole
-        vocabulary is what a token costs when the grammar rejects the chain's first pick (see
-        `ChainSampler`), and the first token of a format is often such a token. Runs on the
-        caller's thread: its candidates are its own, not the scheduler's."""
-        pointer = self._grammar_sampler(grammar)
-        try:
-            candidates = Candidates(self._lib, self.n_vocab)  # kept: it owns the array's memory
-            array = candidates.fill(np.zeros(self.n_vocab, dtype=np.single))
-            started = time.thread_time()  # CPU time: a busy machine must not make a grammar cost more
-            with self._guard.use():
-                self._lib.llama_sampler_apply(pointer, array)
-            cost = time.thread_time() - started
-        finally:
-            self._lib.llama_sampler_free(pointer)
-        if cost > GRAMMAR_STEP_LIMIT:
-            raise InvalidOptions(
-                f"the output format's grammar costs {cost * 1000:.0f} ms a token on this model (the limit is "
-                f"{GRAMMAR_STEP_LIMIT * 1000:.0f} ms); use a smaller schema (fewer enum values or alternatives)",
-                field="format",
-            )
 
     def _step(self) -> None:
         for slot in self._slots:
@@ -565,7 +423,7 @@ class BatchEngine:
             self._finish(slot, "stop")
             return
         slot.count += 1
-        raw = self._bytes(token)
+        raw = self._token_bytes(token)
         piece = raw.decode("utf-8", "replace") if logprob is not None else None
         text = assembler.feed(raw)
         self._post(job, TokenEvent(text, token, logprob, top, piece))
@@ -591,7 +449,7 @@ class BatchEngine:
     ) -> tuple[float | None, tuple[Candidate, ...] | None]:
         if k is None:
             return None, None
-        return log_probabilities(logits, token, k, self._piece)
+        return log_probabilities(logits, token, k, self.vocabulary.piece)
 
     def _finish(self, slot: _Slot, reason: str | None, error: BaseException | None = None) -> None:
         job, assembler = slot.job, slot.assembler

@@ -1,0 +1,101 @@
+"""Making each request's sampler (runtime/engine/sampling.py) from its options, and checking a
+format's grammar before its request starts."""
+
+from __future__ import annotations
+
+import random
+import time
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from myllm.errors import InvalidOptions
+from myllm.runtime.engine.lifetime import UseGuard
+from myllm.runtime.engine.sampling import Candidates, ChainSampler, GreedySampler
+from myllm.runtime.engine.vocabulary import Vocabulary
+from myllm.runtime.engine_types import GenerationRequest
+
+if TYPE_CHECKING:
+    from llama_cpp import llama_sampler_p
+
+PENALTY_WINDOW = 64
+GRAMMAR_STEP_LIMIT = 0.25
+"""CPU seconds a request's grammar may add to its first token (checked before it starts: a
+500-value `enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the
+scheduler thread for every sequence in turn, so a grammar's cost is every other request's wait.
+Measured as the sampling thread's CPU time: wall time grows with the machine's load, and under
+load made the same schema a 400 one time in a few."""
+GRAMMAR_STEP_MAX = 0.5
+"""CPU seconds any later token's grammar may take (an `enum` deep in an object opens only there)
+before the request is stopped with an error (by the engine, which times each token's sampling)."""
+
+
+class SamplerFactory:
+    def __init__(self, lib: ModuleType, vocabulary: Vocabulary, guard: UseGuard) -> None:
+        """`guard`: the engine's, since a grammar is compiled (and checked) on callers' threads
+        too. The candidates made here are the scheduler's: every `ChainSampler` it samples
+        with shares them."""
+        self._lib = lib
+        self._vocab = vocabulary.pointer
+        self._n_vocab = vocabulary.n_vocab
+        self._guard = guard
+        self._candidates = Candidates(lib, self._n_vocab)
+
+    def for_request(self, req: GenerationRequest) -> GreedySampler | ChainSampler:
+        """A new sampler for `req`, its own: a `ChainSampler` must be closed when the request ends."""
+        from llama_cpp import _internals as internals
+
+        o = req.options
+        if o.temperature == 0 and not req.grammar:
+            return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
+        grammar = self.grammar(req.grammar) if req.grammar else None  # first: it may fail
+        chain = internals.LlamaSampler()
+        chain.add_penalties(self._n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
+        if o.temperature == 0:
+            chain.add_greedy()
+        else:
+            chain.add_top_k(o.top_k)
+            chain.add_top_p(o.top_p, 1)
+            chain.add_min_p(o.min_p, 1)
+            chain.add_temp(o.temperature)
+            chain.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
+        return ChainSampler(self._lib, self._candidates, chain, grammar)
+
+    def grammar(self, grammar: str) -> llama_sampler_p:
+        """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
+        parse with NULL (and a log line), and a NULL in a sampler chain crashes the process, so
+        that is a clear error here instead."""
+        try:
+            text = grammar.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise InvalidOptions("the output format contains a lone surrogate, which is not text", field="format") from exc
+        with self._guard.use():
+            pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
+        if not pointer:
+            raise InvalidOptions("llama.cpp could not compile the grammar of the requested output format", field="format")
+        return pointer
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
+        the vocabulary once stays within `GRAMMAR_STEP_LIMIT` (a request's format is checked
+        before its stream starts, so a bad one is a 400, not an error event). The whole
+        vocabulary is what a token costs when the grammar rejects the chain's first pick (see
+        `ChainSampler`), and the first token of a format is often such a token. Runs on the
+        caller's thread: its candidates are its own, not the scheduler's."""
+        pointer = self.grammar(grammar)
+        try:
+            candidates = Candidates(self._lib, self._n_vocab)  # kept: it owns the array's memory
+            array = candidates.fill(np.zeros(self._n_vocab, dtype=np.single))
+            started = time.thread_time()  # CPU time: a busy machine must not make a grammar cost more
+            with self._guard.use():
+                self._lib.llama_sampler_apply(pointer, array)
+            cost = time.thread_time() - started
+        finally:
+            self._lib.llama_sampler_free(pointer)
+        if cost > GRAMMAR_STEP_LIMIT:
+            raise InvalidOptions(
+                f"the output format's grammar costs {cost * 1000:.0f} ms a token on this model (the limit is "
+                f"{GRAMMAR_STEP_LIMIT * 1000:.0f} ms); use a smaller schema (fewer enum values or alternatives)",
+                field="format",
+            )
