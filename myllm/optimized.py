@@ -22,9 +22,9 @@ from typing import Any
 from myllm.errors import InvalidOptions
 from myllm.pull import ensure_model
 from myllm.registry.store import Registry
-from myllm.runtime.engine.batching import BatchEngine, EngineJob, Failed
-from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.placement.devices import llama_devices
+from myllm.runtime.devices import llama_devices
+from myllm.runtime.engine.batching import BatchEngine, EngineJob
+from myllm.runtime.engine_types import DoneEvent, Failed, GenerationRequest, LoadSpec, TokenEvent
 from myllm.runtime.request.options import GenerationOptions
 from myllm.settings import Settings
 

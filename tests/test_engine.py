@@ -95,7 +95,7 @@ def test_health_reports_a_stalled_or_dead_scheduler(shared_registry: Registry) -
 def test_a_failure_in_one_sequence_fails_that_request_only(shared_registry: Registry) -> None:
     """An exception while sampling one sequence ends that request with its error; the other
     sequence in the same batch, and the scheduler, go on."""
-    from myllm.runtime.engine.batching import Failed
+    from myllm.runtime.engine_types import Failed
 
     spec = LoadSpec.for_model(*smollm2(shared_registry), num_ctx=512, n_parallel=2)
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)

@@ -24,8 +24,8 @@ from myllm.errors import InvalidOptions, ModelCrashed, OutOfMemory
 from myllm.modelfile import parse
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
+from myllm.runtime.devices import NO_GPU, Devices, Gpu, llama_devices, probe
 from myllm.runtime.engine_types import LoadSpec
-from myllm.runtime.placement.devices import NO_GPU, Devices, Gpu, llama_devices, probe
 from myllm.runtime.placement.manager import ModelManager
 from myllm.runtime.placement.memory import MiB, footprint, movable, parse_memory, processor
 from myllm.runtime.placement.planner import Budgets, plan_load

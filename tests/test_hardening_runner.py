@@ -28,8 +28,8 @@ from myllm.api.server import EscapeControls
 from myllm.errors import InvalidModelFile, InvalidOptions, ModelCrashed, TooManyReloads
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.store import Registry
+from myllm.runtime.devices import NO_GPU, Devices
 from myllm.runtime.engine_types import context_size
-from myllm.runtime.placement.devices import NO_GPU, Devices
 from myllm.runtime.placement.manager import ModelManager
 from myllm.runtime.placement.reloads import Rate, ReloadLimit
 from myllm.runtime.runner.client import without_paths

@@ -20,8 +20,8 @@ import pydantic_core
 import pytest
 
 from myllm.registry.store import Registry
-from myllm.runtime.engine.batching import BatchEngine, EngineJob, Failed
-from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
+from myllm.runtime.engine.batching import BatchEngine, EngineJob
+from myllm.runtime.engine_types import DoneEvent, Failed, GenerationRequest, LoadSpec
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.schema_size import SchemaLimits

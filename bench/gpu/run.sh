@@ -285,7 +285,7 @@ meta llama_cpp "$(cat "$WORK/llama_cpp_check.txt" 2>/dev/null)"
 HAVE_MYLLM=0
 if python3 -c 'import myllm.api.app, cli.main' 2>&1; then HAVE_MYLLM=1; else note "myllm does not import (see above)"; fi
 meta myllm_source "$(git -C "$REPO" rev-parse HEAD 2>/dev/null || echo unknown)$( [ -n "$(git -C "$REPO" status --porcelain -- myllm cli 2>/dev/null)" ] && echo ' (with uncommitted changes)'); .gpu prepared at $(cat "$KIT/SOURCE_COMMIT" 2>/dev/null || echo unknown)"
-python3 -m myllm.runtime.placement.devices > "$WORK/devices.json" 2>> "$OUT/myllm.log" && meta myllm_devices "$(cat "$WORK/devices.json")" \
+python3 -m myllm.runtime.devices > "$WORK/devices.json" 2>> "$OUT/myllm.log" && meta myllm_devices "$(cat "$WORK/devices.json")" \
   || note "myllm's GPU probe failed (myllm.log)"
 grep -q '"offload": true' "$WORK/devices.json" 2>/dev/null || note "myllm's probe finds no GPU: myllm would run on the CPU"
 meta servers "llama-server -ngl 99 -np 4 -c 8192 -t $THREADS; myllm serve with MYLLM_NUM_GPU=-1 (every layer that fits) MYLLM_NUM_PARALLEL=4 MYLLM_NUM_CTX=2048 MYLLM_NUM_THREADS=$THREADS, other settings default"

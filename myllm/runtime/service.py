@@ -18,9 +18,9 @@ from typing import Any
 from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
+from myllm.runtime.devices import Devices
 from myllm.runtime.engine_types import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
 from myllm.runtime.instance import EventStream, Runner, RunnerStats
-from myllm.runtime.placement.devices import Devices
 from myllm.runtime.placement.manager import KeepAlive, Lease, LoadedInfo, ModelManager
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions

@@ -12,7 +12,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from myllm.runtime.placement.devices import NO_GPU, Devices
+from myllm.runtime.devices import NO_GPU, Devices
 from myllm.runtime.placement.memory import MiB, parse_memory
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from typing import Generic, TypeVar, cast, overload
 from myllm.errors import ModelNotLoaded, MyLLMError, ShuttingDown
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
+from myllm.runtime.devices import Devices, probe
 from myllm.runtime.engine_types import LoadSpec
 from myllm.runtime.hooks import RuntimeEvents
 from myllm.runtime.instance import PlacedRunner, Runner, RunnerStats
-from myllm.runtime.placement.devices import Devices, probe
 from myllm.runtime.placement.gpu_budget import DeviceProbe, GpuBudget
 from myllm.runtime.placement.health import HealthWatch, Incident
 from myllm.runtime.placement.instances import Instances

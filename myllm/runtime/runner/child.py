@@ -26,10 +26,10 @@ from typing import Any
 import psutil
 
 from myllm.errors import InvalidOptions, MyLLMError
+from myllm.runtime.devices import llama_devices
 from myllm.runtime.engine.batching import BatchEngine, EngineJob
 from myllm.runtime.engine.embedding import EmbeddingEngine
 from myllm.runtime.engine_types import Failed
-from myllm.runtime.placement.devices import llama_devices
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_request,

@@ -8,7 +8,7 @@ everything then works as on a machine without one.
 Asking a CUDA device for its free memory creates a CUDA context in the asking process, which
 holds a few hundred MiB of GPU memory for as long as the process lives. The daemon therefore
 never asks in its own process: `probe()` runs this module in a short-lived one (`python -m
-myllm.runtime.placement.devices` prints the answer as JSON). A runner, which holds a context anyway once
+myllm.runtime.devices` prints the answer as JSON). A runner, which holds a context anyway once
 it offloads, asks in-process (`llama_devices()`) for the free memory before and after its load.
 """
 
@@ -139,7 +139,7 @@ async def probe(timeout: float = 60.0) -> Devices:
     daemon then runs as on a CPU build."""
     try:
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "myllm.runtime.placement.devices",
+            sys.executable, "-m", "myllm.runtime.devices",
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         )
         try:
