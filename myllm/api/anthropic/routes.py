@@ -5,9 +5,8 @@ take Anthropic's shape (`anthropic_renderer`), never FastAPI's 422."""
 from __future__ import annotations
 
 import json
-import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -30,15 +29,14 @@ from myllm.api.anthropic.models import (
     Usage,
 )
 from myllm.api.http import sse
-from myllm.api.http.access_log import track
 from myllm.api.http.auth import reloading_key
-from myllm.api.http.errors import ApiError, from_domain
+from myllm.api.http.errors import ApiError
+from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.state import services
-from myllm.errors import InvalidOptions, MyLLMError, Overloaded
+from myllm.errors import InvalidOptions, Overloaded
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
-log = logging.getLogger(__name__)
 PREFIX = "/v1/messages"
 OVERLOADED = 529
 """Anthropic's status for a service too busy to take the request; its SDKs retry it."""
@@ -199,12 +197,10 @@ async def create_message(body: MessagesRequest, request: Request) -> Response | 
     stream = await services(request).runtime.chat(body.model, messages, _options(body), prefill=prefill,
                                                   tools=_tools(body), tool_choice=choice, parallel_tool_calls=parallel,
                                                   caller=reloading_key(request))
-    track(request, stream)
     message_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
-        return sse.response(_events(stream, message_id, body.stop_sequences))
-    async with stream:
-        done = await stream.collect()
+        return relay(request, stream, _MessageFrames(stream, message_id, body.stop_sequences))
+    done = await collect(request, stream)
     content: list[TextBlock | ToolUseBlock] = [TextBlock(text=done.text)] if done.text else []
     content += [ToolUseBlock(id=_tool_id(c), name=c.name, input=c.arguments) for c in stream.tool_calls]
     reason, sequence = _stop(done, body.stop_sequences)
@@ -216,47 +212,50 @@ def _event(payload: dict[str, Any]) -> str:
     return sse.event(payload["type"], payload)
 
 
-async def _events(stream: GenerationStream, message_id: str, stop_sequences: list[str] | None) -> AsyncIterator[str]:
+class _MessageFrames(Frames):
     """message_start; a text block while text comes; at the end a block per tool call (its
     input in `input_json_delta` pieces), message_delta with the stop reason and usage,
     message_stop. A failure after the start is an `error` event."""
-    index, text_open = 0, False
-    try:
+
+    def __init__(self, stream: GenerationStream, message_id: str, stop_sequences: list[str] | None) -> None:
+        self.stream, self.message_id, self.stop_sequences = stream, message_id, stop_sequences
+        self.index = 0
+        """The content block being written, or the next one."""
+        self.text_open = False
+
+    def start(self, stream: GenerationStream) -> Iterator[str]:
         yield _event({"type": "message_start", "message": {
-            "id": message_id, "type": "message", "role": "assistant", "model": stream.model, "content": [],
+            "id": self.message_id, "type": "message", "role": "assistant", "model": stream.model, "content": [],
             "stop_reason": None, "stop_sequence": None,
             "usage": {"input_tokens": stream.prompt_tokens, "output_tokens": 0}}})
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                if event.text and not text_open:
-                    text_open = True
-                    yield _event({"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}})
-                if event.text:
-                    yield _event({"type": "content_block_delta", "index": index,
-                                  "delta": {"type": "text_delta", "text": event.text}})
-            elif event.finish_reason != "cancelled":
-                if text_open:
-                    yield _event({"type": "content_block_stop", "index": index})
-                    index += 1
-                for call in stream.tool_calls:
-                    yield _event({"type": "content_block_start", "index": index, "content_block": {
-                        "type": "tool_use", "id": _tool_id(call), "name": call.name, "input": {}}})
-                    for piece in sse.pieces(json.dumps(call.arguments, ensure_ascii=False)):
-                        yield _event({"type": "content_block_delta", "index": index,
-                                      "delta": {"type": "input_json_delta", "partial_json": piece}})
-                    yield _event({"type": "content_block_stop", "index": index})
-                    index += 1
-                reason, sequence = _stop(event, stop_sequences)
-                yield _event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
-                              "usage": _usage(event).model_dump()})
-                yield _event({"type": "message_stop"})
-    except Exception as exc:
-        if not isinstance(exc, MyLLMError):
-            log.exception("stream failed", exc_info=exc)
-        error = from_domain(exc) if isinstance(exc, MyLLMError) else ApiError(500, "internal server error", "internal_error")
-        yield _event(anthropic_error(error)[1])
-    finally:
-        await stream.aclose()
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if not event.text:
+            return
+        if not self.text_open:
+            self.text_open = True
+            yield _event({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}})
+        yield _event({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": event.text}})
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        if self.text_open:
+            yield _event({"type": "content_block_stop", "index": self.index})
+            self.index += 1
+        for call in self.stream.tool_calls:
+            yield _event({"type": "content_block_start", "index": self.index, "content_block": {
+                "type": "tool_use", "id": _tool_id(call), "name": call.name, "input": {}}})
+            for piece in sse.pieces(json.dumps(call.arguments, ensure_ascii=False)):
+                yield _event({"type": "content_block_delta", "index": self.index,
+                              "delta": {"type": "input_json_delta", "partial_json": piece}})
+            yield _event({"type": "content_block_stop", "index": self.index})
+            self.index += 1
+        reason, sequence = _stop(done, self.stop_sequences)
+        yield _event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence},
+                      "usage": _usage(done).model_dump()})
+        yield _event({"type": "message_stop"})
+
+    def error(self, err: ApiError) -> Iterator[str]:
+        yield _event(anthropic_error(err)[1])
 
 
 @router.post("/count_tokens", response_model=TokenCount)

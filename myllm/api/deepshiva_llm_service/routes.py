@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -26,9 +26,9 @@ from myllm.api.deepshiva_llm_service.models import (
     TokenProbability,
 )
 from myllm.api.http import sse
-from myllm.api.http.access_log import track
 from myllm.api.http.auth import caller_of, reloading_key
 from myllm.api.http.errors import ApiError
+from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.state import Services, services
 from myllm.errors import (
     Forbidden,
@@ -36,14 +36,13 @@ from myllm.errors import (
     InvalidOptions,
     ModelNotFound,
     ModelNotLoaded,
-    MyLLMError,
     PullError,
 )
 from myllm.pull import ensure_model
 from myllm.registry.choices import SERVICE_MODEL
 from myllm.registry.schema import ModelRow
 from myllm.runtime.placement.manager import per_model
-from myllm.runtime.service import Candidate, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
+from myllm.runtime.service import Candidate, DoneEvent, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")
 router = APIRouter(tags=["DeepShiva / LLM service"], responses={c: {"model": LegacyError} for c in (400, 404, 422, 500, 503)})
@@ -70,10 +69,17 @@ def legacy_code(err: ApiError) -> str:
     return "INVALID_REQUEST" if err.status in (400, 422) else err.code.upper()
 
 
+def legacy_message(err: ApiError) -> str:
+    """What the documents say of an error: a bug's text is the DeepShiva document's own."""
+    if err.status == 500 and err.error is None and legacy_code(err) == "GENERATION_FAILED":
+        return "Token generation failed due to internal error"
+    return err.message
+
+
 def legacy_renderer(err: ApiError) -> Response:
     code = legacy_code(err)
     status = 422 if code.startswith("INVALID_") and code != "INVALID_REQUEST" else err.status
-    message = "Token generation failed due to internal error" if code == "GENERATION_FAILED" and err.status == 500 and err.error is None else err.message
+    message = legacy_message(err)
     return JSONResponse({"status": "error", "message": message, "detail": message, "error_code": code}, status_code=status)
 
 
@@ -182,14 +188,13 @@ async def generate(body: GenerateRequest, request: Request) -> GenerateResponse:
     plan = _Plan(body)
     started = time.perf_counter()
     stream = await _start(svc, body, plan, candidates=True, caller=reloading_key(request))
-    track(request, stream)
     positions: list[Position] = []
-    async with stream:
-        async for event in stream:
-            if isinstance(event, TokenEvent) and event.top:
-                positions.append(Position(token=event.piece or "", candidates=_candidates(event.top)))
-    done = stream.done
-    assert done is not None
+
+    def keep(event: TokenEvent) -> None:
+        if event.top:
+            positions.append(Position(token=event.piece or "", candidates=_candidates(event.top)))
+
+    done = await collect(request, stream, keep)
     elapsed = (time.perf_counter() - started) * 1000
     return GenerateResponse(
         status="success",
@@ -213,20 +218,21 @@ async def stream(body: GenerateRequest, request: Request) -> Response:
     svc = services(request)
     plan = _Plan(body)
     events = await _start(svc, body, plan, candidates=False, caller=reloading_key(request))
-    track(request, events)
+    return relay(request, events, _StreamFrames())
 
-    async def chunks() -> AsyncIterator[str]:
-        try:
-            async for event in events:
-                if isinstance(event, TokenEvent) and event.text:
-                    yield sse.event("message", event.text)
-            yield sse.event("done", "[DONE]")
-        except MyLLMError as exc:
-            yield sse.event("error", exc.message)
-        finally:
-            await events.aclose()
 
-    return sse.response(chunks())
+class _StreamFrames(Frames):
+    """`message` events with the text, `done` at the end, `error` with the message when it failed."""
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if event.text:
+            yield sse.event("message", event.text)
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        yield sse.event("done", "[DONE]")
+
+    def error(self, err: ApiError) -> Iterator[str]:
+        yield sse.event("error", legacy_message(err))
 
 
 # -- LLM service ------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
-"""One log line per request: method, path, status, model, tokens, milliseconds. Routes that
-generate call `track(request, stream)` for every stream they start (`/v1/completions` starts
-one per prompt); the line is written when the response (streamed or not) has been sent, so a
-stream's tokens are counted, and a request's tokens are those of all its streams."""
+"""One log line per request: method, path, status, model, tokens, milliseconds. Every stream a
+route answers from is counted with `track(request, stream)`, by the relay that reads it
+(api/http/relay.py; `/v1/completions` reads one per prompt); the line is written when the
+response (streamed or not) has been sent, so a stream's tokens are counted, and a request's
+tokens are those of all its streams."""
 
 from __future__ import annotations
 

@@ -32,6 +32,8 @@ class ApiError:
 
 
 Renderer = Callable[[ApiError], Response]
+INTERNAL = ApiError(500, "internal server error", "internal_error")
+"""What a bug is answered with: its text stays in the log."""
 
 
 def native_renderer(err: ApiError) -> Response:
@@ -66,6 +68,15 @@ def from_domain(exc: MyLLMError) -> ApiError:
         retry_after=getattr(exc, "retry_after", None),
         error=exc,
     )
+
+
+def in_band(exc: Exception) -> ApiError:
+    """An error raised while an answer streams, for the API's in-band error event: a domain
+    error as itself, anything else logged with its traceback and answered as `INTERNAL`."""
+    if isinstance(exc, MyLLMError):
+        return from_domain(exc)
+    log.error("stream failed", exc_info=exc)
+    return INTERNAL
 
 
 def describe_validation(exc: RequestValidationError, content_type: str) -> tuple[str, str | None]:
@@ -104,4 +115,4 @@ def install(app: FastAPI, router: ErrorRouter) -> None:
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return router.render(request, ApiError(500, "internal server error", "internal_error"))
+        return router.render(request, INTERNAL)

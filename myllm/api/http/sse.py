@@ -1,4 +1,5 @@
-"""Server-Sent Events framing, flushed per event."""
+"""Streamed answers' framing, flushed per frame: Server-Sent Events, and NDJSON (one JSON object a
+line, Ollama's way)."""
 
 from __future__ import annotations
 
@@ -43,6 +44,15 @@ def pieces(text: str, size: int = 16) -> list[str]:
 
 def response(chunks: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(chunks, media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+def line(obj: Any) -> str:
+    """One NDJSON line: `obj` as compact JSON."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
+
+
+def ndjson(lines: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(lines, media_type="application/x-ndjson")
 
 
 EVENT_SCHEMA = {

@@ -6,9 +6,9 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from myllm.api.http.access_log import track
 from myllm.api.http.auth import reloading_key
 from myllm.api.http.errors import ApiError
+from myllm.api.http.relay import collect
 from myllm.api.llama_server.models import LlamaError, LlamaRequest
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
@@ -43,7 +43,5 @@ async def llama(body: LlamaRequest, request: Request) -> str:
         prefill=body.pre_response or "",
         caller=reloading_key(request),
     )
-    track(request, stream)
-    async with stream:
-        done = await stream.collect()
+    done = await collect(request, stream)
     return stream.prompt_text + done.text

@@ -3,8 +3,7 @@ the document's JSON and Server-Sent Events."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -13,8 +12,9 @@ from fastapi.responses import JSONResponse, Response
 
 from myllm import __version__
 from myllm.api.http import sse
-from myllm.api.http.access_log import track
 from myllm.api.http.auth import keep_alive_of, reloading_key, require_admin, viewer
+from myllm.api.http.errors import ApiError
+from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.http.replica import answered_for, session_of
 from myllm.api.native.models import (
     ChatRequest,
@@ -42,14 +42,12 @@ from myllm.api.native.models import (
     Usage,
 )
 from myllm.api.state import services
-from myllm.errors import MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import SessionInfo, check_session_id, new_session_id
 from myllm.runtime.placement.manager import per_model
 from myllm.runtime.request.template import template_name
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
-log = logging.getLogger(__name__)
 ERRORS: dict[int | str, dict[str, Any]] = {
     code: {"model": ErrorDetail} for code in (400, 404, 500, 503)
 }
@@ -155,35 +153,32 @@ def usage_of(done: DoneEvent) -> Usage:
 OnDone = Callable[[DoneEvent], Awaitable[None]]
 
 
-async def _events(
-    stream: GenerationStream, on_done: OnDone, final: dict[str, Any], release: Callable[[], None]
-) -> AsyncIterator[str]:
-    """The document's SSE: a `token` event per piece, then `done` with the full text. An error
-    after the stream started becomes a last `{"error": ..., "done": true}` event. `release`
-    ends the session's turn once the stream is over."""
-    try:
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                if event.text:
-                    yield sse.data({"token": event.text, "done": False})
-            elif event.finish_reason != "cancelled":
-                await on_done(event)
-                yield sse.data({"done": True, **final, "full_text": event.text, "usage": usage_of(event).model_dump()})
-    except MyLLMError as exc:
-        yield sse.data({"error": exc.message, "done": True})
-    except Exception:
-        log.exception("stream failed")
-        yield sse.data({"error": "internal server error", "done": True})
-    finally:
-        await stream.aclose()
-        release()
+class _Frames(Frames):
+    """The document's SSE: a `token` event per piece, then `done` with the full text (the turn
+    stored by `on_done` first). An error after the stream started is a last
+    `{"error": ..., "done": true}` event."""
+
+    def __init__(self, on_done: OnDone, final: dict[str, Any]) -> None:
+        self.on_done, self.final = on_done, final
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if event.text:
+            yield sse.data({"token": event.text, "done": False})
+
+    async def settle(self, done: DoneEvent) -> None:
+        await self.on_done(done)
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        yield sse.data({"done": True, **self.final, "full_text": done.text, "usage": usage_of(done).model_dump()})
+
+    def error(self, err: ApiError) -> Iterator[str]:
+        yield sse.data({"error": err.message, "done": True})
 
 
-async def _answer(stream: GenerationStream, on_done: OnDone, release: Callable[[], None]) -> DoneEvent:
+async def _answer(request: Request, stream: GenerationStream, on_done: OnDone, release: Callable[[], None]) -> DoneEvent:
     """A whole (non-streamed) answer, stored by `on_done`; the session's turn ends either way."""
     try:
-        async with stream:
-            done = await stream.collect()
+        done = await collect(request, stream)
         await on_done(done)
     finally:
         release()
@@ -225,7 +220,6 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     except BaseException:
         turn.release()
         raise
-    track(request, stream)
 
     async def save(done: DoneEvent) -> None:
         messages = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
@@ -234,8 +228,8 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
                                 turn.holder)
 
     if body.stream:
-        return sse.response(_events(stream, save, {"session_id": session_id}, turn.release))
-    done = await _answer(stream, save, turn.release)
+        return relay(request, stream, _Frames(save, {"session_id": session_id}), after=turn.release)
+    done = await _answer(request, stream, save, turn.release)
     return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
 
 
@@ -265,7 +259,6 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     except BaseException:
         release()
         raise
-    track(request, stream)
 
     async def save(done: DoneEvent) -> None:
         if session_id and turn:
@@ -274,8 +267,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
                                     viewer(request), turn.holder)
 
     if body.stream:
-        return sse.response(_events(stream, save, {"session_id": session_id} if session_id else {}, release))
-    done = await _answer(stream, save, release)
+        return relay(request, stream, _Frames(save, {"session_id": session_id} if session_id else {}), after=release)
+    done = await _answer(request, stream, save, release)
     return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id)
 
 

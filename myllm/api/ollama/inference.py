@@ -9,22 +9,21 @@ Model management (tags, show, ps, pull, create, blobs, copy, delete) is in
 
 from __future__ import annotations
 
-import json
-import logging
 import math
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from myllm.api.http.access_log import track
+from myllm.api.http import sse
 from myllm.api.http.auth import keep_alive_of, reloading_key, require_admin
-from myllm.api.http.errors import ApiError
+from myllm.api.http.errors import ApiError, in_band
 from myllm.api.http.middleware import HttpMiddleware
+from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.ollama.models import (
     IGNORED_OPTIONS,
     ChatMessage,
@@ -34,7 +33,7 @@ from myllm.api.ollama.models import (
     GenerateRequest,
 )
 from myllm.api.state import services
-from myllm.errors import InvalidOptions, MyLLMError
+from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.runtime.request.durations import parse_duration
 from myllm.runtime.request.options import GenerationOptions
@@ -59,22 +58,16 @@ class JsonByDefaultMiddleware(HttpMiddleware):
 
 
 router = APIRouter()
-log = logging.getLogger(__name__)
+
+
+def ollama_error(err: ApiError) -> dict[str, Any]:
+    """Ollama's error shape: `{"error": "..."}`, as an answer's body or as a streamed line."""
+    return {"error": err.message}
 
 
 def ollama_renderer(err: ApiError) -> Response:
-    """Ollama's error shape: `{"error": "..."}`; a validation problem is a 400, as Ollama answers."""
-    return JSONResponse({"error": err.message}, status_code=400 if err.status == 422 else err.status)
-
-
-def ndjson(objects: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
-    """One JSON object per line, flushed per object: Ollama's streaming format."""
-
-    async def lines() -> AsyncIterator[str]:
-        async for obj in objects:
-            yield json.dumps(obj, ensure_ascii=False, separators=(",", ":")) + "\n"
-
-    return StreamingResponse(lines(), media_type="application/x-ndjson")
+    """A validation problem is a 400, as Ollama answers."""
+    return JSONResponse(ollama_error(err), status_code=400 if err.status == 422 else err.status)
 
 
 async def answer(events: AsyncIterator[dict[str, Any]], stream: bool) -> Response:
@@ -87,19 +80,16 @@ async def answer(events: AsyncIterator[dict[str, Any]], stream: bool) -> Respons
         async for last in events:
             pass
         return JSONResponse(last)
-    return ndjson(_error_as_line(first, events))
+    return sse.ndjson(_error_as_line(first, events))
 
 
-async def _error_as_line(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[dict[str, Any]]:
-    yield first
+async def _error_as_line(first: dict[str, Any], rest: AsyncIterator[dict[str, Any]]) -> AsyncIterator[str]:
+    yield sse.line(first)
     try:
         async for obj in rest:
-            yield obj
-    except MyLLMError as exc:
-        yield {"error": exc.message}
-    except Exception:
-        log.exception("a streamed model operation failed")
-        yield {"error": "internal server error"}
+            yield sse.line(obj)
+    except Exception as exc:
+        yield sse.line(ollama_error(in_band(exc)))
 
 
 @router.get("/")
@@ -174,26 +164,32 @@ async def _respond(
     request: Request, stream: GenerationStream, streaming: bool, piece: Callable[[str], dict[str, Any]], started: float
 ) -> Response:
     """NDJSON objects as tokens come (each carrying its piece of text), or one object at the end."""
-    track(request, stream)
     ready = time.perf_counter()
-
-    async def objects() -> AsyncIterator[dict[str, Any]]:
-        try:
-            async for event in stream:
-                if isinstance(event, TokenEvent) and event.text:
-                    yield {"model": stream.model, "created_at": _now(), **piece(event.text), "done": False}
-                elif isinstance(event, DoneEvent):
-                    yield {"model": stream.model, "created_at": _now(), **_calls(piece(""), stream), **_final(event, started, ready)}
-        except MyLLMError as exc:  # after the first line, an error is a line of its own, as Ollama sends it
-            yield {"error": exc.message}
-        finally:
-            await stream.aclose()
-
     if streaming:
-        return ndjson(objects())
-    async with stream:
-        done = await stream.collect()
+        return relay(request, stream, _Lines(stream, piece, started, ready))
+    done = await collect(request, stream)
     return JSONResponse({"model": stream.model, "created_at": _now(), **_calls(piece(done.text), stream), **_final(done, started, ready)})
+
+
+class _Lines(Frames):
+    """An object per piece of text, then the closing one with the calls and measurements; after
+    the first line, an error is a line of its own, as Ollama sends it."""
+
+    ndjson = True
+
+    def __init__(self, stream: GenerationStream, piece: Callable[[str], dict[str, Any]], started: float, ready: float) -> None:
+        self.stream, self.piece, self.started, self.ready = stream, piece, started, ready
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if event.text:
+            yield sse.line({"model": self.stream.model, "created_at": _now(), **self.piece(event.text), "done": False})
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        yield sse.line({"model": self.stream.model, "created_at": _now(), **_calls(self.piece(""), self.stream),
+                        **_final(done, self.started, self.ready)})
+
+    def error(self, err: ApiError) -> Iterator[str]:
+        yield sse.line(ollama_error(err))
 
 
 def _calls(fields: dict[str, Any], stream: GenerationStream) -> dict[str, Any]:

@@ -8,19 +8,20 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from myllm.api.http import sse
-from myllm.api.http.access_log import track
 from myllm.api.http.auth import reloading_key, viewer
+from myllm.api.http.errors import ApiError
+from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.openai.models import ErrorObject
 from myllm.api.openai.responses_models import ResponseRequest
 from myllm.api.state import services
-from myllm.errors import InvalidOptions, MyLLMError
+from myllm.errors import InvalidOptions
 from myllm.registry.sessions import StoredMessage
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.tools import Call, call_text
@@ -142,14 +143,16 @@ def _output(text: str, calls: list[Call], msg_id: str, status: str) -> list[dict
     return items
 
 
+def _usage(done: DoneEvent) -> dict[str, Any]:
+    return {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
+            "total_tokens": done.prompt_tokens + done.completion_tokens,
+            "input_tokens_details": {"cached_tokens": done.prompt_tokens - done.prompt_eval_tokens},
+            "output_tokens_details": {"reasoning_tokens": 0}}
+
+
 def _response(body: ResponseRequest, rid: str, created: int, model: str, status: str,
               output: list[dict[str, Any]], done: DoneEvent | None) -> dict[str, Any]:
-    usage = None
-    if done is not None:
-        usage = {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
-                 "total_tokens": done.prompt_tokens + done.completion_tokens,
-                 "input_tokens_details": {"cached_tokens": done.prompt_tokens - done.prompt_eval_tokens},
-                 "output_tokens_details": {"reasoning_tokens": 0}}
+    usage = _usage(done) if done is not None else None
     incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
     return {
         "id": rid, "object": "response", "created_at": created, "model": model,
@@ -206,7 +209,6 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     except BaseException:
         release()
         raise
-    track(request, stream)
     rid, created, msg_id = _new_id("resp"), int(time.time()), _new_id("msg")
 
     async def finish(done: DoneEvent) -> dict[str, Any]:
@@ -220,66 +222,78 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         return response
 
     if body.stream:
-        return sse.response(_events(body, stream, rid, created, msg_id, finish, release))
+        shell = _response(body, rid, created, stream.model, "in_progress", [], None)
+        return relay(request, stream, _Events(shell, msg_id, finish), after=release)
     try:
-        async with stream:
-            done = await stream.collect()
-        return JSONResponse(await finish(done))
+        return JSONResponse(await finish(await collect(request, stream)))
     finally:
         release()
 
 
-async def _events(body: ResponseRequest, stream: GenerationStream, rid: str, created: int, msg_id: str,
-                  finish: Any, release: Any) -> AsyncIterator[str]:
+Finish = Callable[[DoneEvent], Awaitable[dict[str, Any]]]
+"""The finished response, built and stored."""
+
+
+class _Events(Frames):
     """The SDK's event sequence, each with its `sequence_number`. The last is named after the
     response's status, as OpenAI's are: `response.completed`, or `response.incomplete` when
     the token limit cut the reply (the SDK's `stream()` helper then has no final response, as
     with OpenAI; iterating `create(stream=True)` sees the event)."""
-    seq = 0
 
-    def event(kind: str, **fields: Any) -> str:
-        nonlocal seq
-        seq += 1
-        return sse.event(kind, json.dumps({"type": kind, "sequence_number": seq - 1, **fields}, ensure_ascii=False))
+    def __init__(self, shell: dict[str, Any], msg_id: str, finish: Finish) -> None:
+        self.shell, self.msg_id, self.finish = shell, msg_id, finish
+        self.seq = 0
+        self.text = ""
+        self.text_open = False
+        self.response: dict[str, Any] = {}
 
-    shell = _response(body, rid, created, stream.model, "in_progress", [], None)
-    text_open = False
-    text = ""
-    try:
-        yield event("response.created", response=shell)
-        yield event("response.in_progress", response=shell)
-        async for item in stream:
-            if isinstance(item, TokenEvent) and item.text:
-                if not text_open:
-                    text_open = True
-                    yield event("response.output_item.added", output_index=0, item={
-                        "type": "message", "id": msg_id, "status": "in_progress", "role": "assistant", "content": []})
-                    yield event("response.content_part.added", item_id=msg_id, output_index=0, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": []})
-                text += item.text
-                yield event("response.output_text.delta", item_id=msg_id, output_index=0, content_index=0, delta=item.text)
-            elif isinstance(item, DoneEvent):
-                response = await finish(item)
-                for index, out in enumerate(response["output"]):
-                    if out["type"] == "message":
-                        if not text_open:
-                            yield event("response.output_item.added", output_index=index, item={**out, "status": "in_progress", "content": []})
-                            yield event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
-                                        part={"type": "output_text", "text": "", "annotations": []})
-                        yield event("response.output_text.done", item_id=msg_id, output_index=index, content_index=0, text=text)
-                        yield event("response.content_part.done", item_id=msg_id, output_index=index, content_index=0,
-                                    part=out["content"][0])
-                    else:
-                        yield event("response.output_item.added", output_index=index, item={**out, "arguments": "", "status": "in_progress"})
-                        yield event("response.function_call_arguments.delta", item_id=out["id"], output_index=index, delta=out["arguments"])
-                        yield event("response.function_call_arguments.done", item_id=out["id"], output_index=index, arguments=out["arguments"])
-                    yield event("response.output_item.done", output_index=index, item=out)
-                yield event(f"response.{response['status']}", response=response)  # response.completed or .incomplete
-    except MyLLMError as exc:
-        yield event("error", code=exc.code, message=exc.message, param=None)
-    finally:
-        await stream.aclose()
-        release()
+    def event(self, kind: str, **fields: Any) -> str:
+        self.seq += 1
+        return sse.event(kind, json.dumps({"type": kind, "sequence_number": self.seq - 1, **fields}, ensure_ascii=False))
+
+    def start(self, stream: GenerationStream) -> Iterator[str]:
+        yield self.event("response.created", response=self.shell)
+        yield self.event("response.in_progress", response=self.shell)
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if not event.text:
+            return
+        if not self.text_open:
+            self.text_open = True
+            yield self.event("response.output_item.added", output_index=0, item={
+                "type": "message", "id": self.msg_id, "status": "in_progress", "role": "assistant", "content": []})
+            yield self.event("response.content_part.added", item_id=self.msg_id, output_index=0, content_index=0,
+                             part={"type": "output_text", "text": "", "annotations": []})
+        self.text += event.text
+        yield self.event("response.output_text.delta", item_id=self.msg_id, output_index=0, content_index=0, delta=event.text)
+
+    async def settle(self, done: DoneEvent) -> None:
+        self.response = await self.finish(done)
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        msg_id, response = self.msg_id, self.response
+        for index, out in enumerate(response["output"]):
+            if out["type"] == "message":
+                if not self.text_open:
+                    yield self.event("response.output_item.added", output_index=index,
+                                     item={**out, "status": "in_progress", "content": []})
+                    yield self.event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
+                                     part={"type": "output_text", "text": "", "annotations": []})
+                yield self.event("response.output_text.done", item_id=msg_id, output_index=index, content_index=0, text=self.text)
+                yield self.event("response.content_part.done", item_id=msg_id, output_index=index, content_index=0,
+                                 part=out["content"][0])
+            else:
+                yield self.event("response.output_item.added", output_index=index,
+                                 item={**out, "arguments": "", "status": "in_progress"})
+                yield self.event("response.function_call_arguments.delta", item_id=out["id"], output_index=index,
+                                 delta=out["arguments"])
+                yield self.event("response.function_call_arguments.done", item_id=out["id"], output_index=index,
+                                 arguments=out["arguments"])
+            yield self.event("response.output_item.done", output_index=index, item=out)
+        yield self.event(f"response.{response['status']}", response=response)  # response.completed or .incomplete
+
+    def error(self, err: ApiError) -> Iterator[str]:
+        yield self.event("error", code=err.code, message=err.message, param=None)
 
 
 @router.get("/responses/{response_id}")

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
-import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
 import numpy as np
@@ -16,9 +15,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from myllm.api.http import sse
-from myllm.api.http.access_log import track
 from myllm.api.http.auth import keep_alive_of, reloading_key
 from myllm.api.http.errors import ApiError
+from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.openai.models import (
     AssistantMessage,
     ChatChoice,
@@ -44,12 +43,11 @@ from myllm.api.openai.models import (
     _Sampling,
 )
 from myllm.api.state import services
-from myllm.errors import InvalidOptions, MyLLMError
+from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
-log = logging.getLogger(__name__)
 PREFIX = "/v1"
 router = APIRouter(prefix=PREFIX, tags=["OpenAI"], responses={c: {"model": ErrorObject} for c in (400, 401, 404, 500, 503)})
 
@@ -70,15 +68,6 @@ def openai_error(err: ApiError) -> dict[str, Any]:
 
 def openai_renderer(err: ApiError) -> Response:
     return JSONResponse(openai_error(err), status_code=err.status)
-
-
-def _error_event(exc: BaseException) -> str:
-    if isinstance(exc, MyLLMError):
-        err = ApiError(exc.status, exc.message, exc.code, getattr(exc, "field", None))
-    else:
-        log.exception("stream failed", exc_info=exc)
-        err = ApiError(500, "internal server error", "internal_error")
-    return sse.data(openai_error(err))
 
 
 # -- models ---------------------------------------------------------------------------
@@ -241,18 +230,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         parallel_tool_calls=body.parallel_tool_calls is not False,
         caller=reloading_key(request),
     )
-    track(request, stream)
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if body.stream:
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(_chat_chunks(stream, cid, created, usage, logprobs is not None))
+        return relay(request, stream, _ChatFrames(stream, cid, created, usage, logprobs is not None))
     entries: list[dict[str, Any]] = []
-    async with stream:
-        async for event in stream:
-            if isinstance(event, TokenEvent) and event.logprob is not None:
-                entries.append(_chat_logprob(event))
-    done = stream.done
-    assert done is not None
+
+    def keep(event: TokenEvent) -> None:
+        if event.logprob is not None:
+            entries.append(_chat_logprob(event))
+
+    done = await collect(request, stream, keep)
     return ChatCompletion(
         id=cid, created=created, model=stream.model, usage=_usage([done]), timings=_timings([done]),
         choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text or (None if stream.tool_calls else ""),
@@ -262,47 +250,61 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     )
 
 
-async def _chat_chunks(
-    stream: GenerationStream, cid: str, created: int, include_usage: bool, with_logprobs: bool
-) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: list[dict[str, Any]] | None = None,
+class _Chunks(Frames):
+    """What both streams end with: an error as OpenAI's error object, then `[DONE]`."""
+
+    def error(self, err: ApiError) -> Iterator[str]:
+        yield sse.data(openai_error(err))
+
+    def end(self) -> Iterator[str]:
+        yield sse.data("[DONE]")
+
+
+class _ChatFrames(_Chunks):
+    """Chat completion chunks: the role, a chunk per piece of text (with its tokens' logprobs),
+    the tool calls (their arguments in pieces), the finish reason with llama-server's
+    `timings`, with `include_usage` a chunk with the usage, then `[DONE]`."""
+
+    def __init__(self, stream: GenerationStream, cid: str, created: int, include_usage: bool, with_logprobs: bool) -> None:
+        self.stream = stream
+        self.cid, self.created = cid, created
+        self.include_usage, self.with_logprobs = include_usage, with_logprobs
+        self.pending: list[dict[str, Any]] = []
+        """Logprobs of tokens whose text has not gone out yet."""
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, logprobs: list[dict[str, Any]] | None = None,
               timings: Timings | None = None) -> str:
         body: dict[str, Any] = {
-            "id": cid, "object": "chat.completion.chunk", "created": created, "model": stream.model,
+            "id": self.cid, "object": "chat.completion.chunk", "created": self.created, "model": self.stream.model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish,
-                         "logprobs": {"content": logprobs} if with_logprobs and logprobs is not None else None}],
+                         "logprobs": {"content": logprobs} if self.with_logprobs and logprobs is not None else None}],
         }
-        if include_usage:
+        if self.include_usage:
             body["usage"] = None
         if timings is not None:  # on the last chunk, as llama-server does
             body["timings"] = timings.model_dump()
         return sse.data(body)
 
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        pending: list[dict[str, Any]] = []
-        async for event in stream:
-            if isinstance(event, TokenEvent):
-                if event.logprob is not None and event.token_id >= 0:
-                    pending.append(_chat_logprob(event))
-                if event.text:
-                    yield chunk({"content": event.text}, logprobs=pending)
-                    pending = []
-            elif event.finish_reason != "cancelled":
-                for i, call in enumerate(_tool_calls(stream.tool_calls)):
-                    yield chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
-                                                 "function": {"name": call.function.name, "arguments": ""}}]})
-                    for piece in sse.pieces(call.function.arguments):
-                        yield chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
-                yield chunk({}, _finish(event), logprobs=pending or None, timings=_timings([event]))
-                if include_usage:
-                    yield sse.data({"id": cid, "object": "chat.completion.chunk", "created": created,
-                                    "model": stream.model, "choices": [], "usage": _usage([event]).model_dump()})
-    except Exception as exc:
-        yield _error_event(exc)
-    finally:
-        await stream.aclose()
-    yield sse.data("[DONE]")
+    def start(self, stream: GenerationStream) -> Iterator[str]:
+        yield self.chunk({"role": "assistant", "content": ""})
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if event.logprob is not None and event.token_id >= 0:
+            self.pending.append(_chat_logprob(event))
+        if event.text:
+            yield self.chunk({"content": event.text}, logprobs=self.pending)
+            self.pending = []
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        for i, call in enumerate(_tool_calls(self.stream.tool_calls)):
+            yield self.chunk({"tool_calls": [{"index": i, "id": call.id, "type": "function",
+                                              "function": {"name": call.function.name, "arguments": ""}}]})
+            for piece in sse.pieces(call.function.arguments):
+                yield self.chunk({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+        yield self.chunk({}, _finish(done), logprobs=self.pending or None, timings=_timings([done]))
+        if self.include_usage:
+            yield sse.data({"id": self.cid, "object": "chat.completion.chunk", "created": self.created,
+                            "model": self.stream.model, "choices": [], "usage": _usage([done]).model_dump()})
 
 
 # -- completions ----------------------------------------------------------------------
@@ -340,26 +342,30 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
     async def start(prompt: str) -> GenerationStream:
-        stream = await svc.runtime.generate(model, prompt, options, raw=True,
-                                            keep_alive=keep_alive_of(request, body.keep_alive),
-                                            caller=reloading_key(request))
-        track(request, stream)
-        return stream
+        return await svc.runtime.generate(model, prompt, options, raw=True, keep_alive=keep_alive_of(request, body.keep_alive),
+                                          caller=reloading_key(request))
 
     if body.stream:
         first = await start(prompts[0])  # errors before the first byte still get a status code
+
+        async def rest() -> AsyncIterator[GenerationStream]:
+            for prompt in prompts[1:]:
+                yield await start(prompt)
+
         usage = bool(body.stream_options and body.stream_options.include_usage)
-        return sse.response(_completion_chunks(first, prompts, start, body.echo, cid, created, usage))
+        return relay(request, first, _CompletionFrames(prompts, body.echo, cid, created, usage), more=rest())
     choices: list[CompletionChoice] = []
     dones: list[DoneEvent] = []
     name = model.name
     for index, prompt in enumerate(prompts):
         stream = await start(prompt)
         events: list[TokenEvent] = []
-        async with stream:
-            events = [e async for e in stream if isinstance(e, TokenEvent) and e.token_id >= 0]
-        done = stream.done
-        assert done is not None
+
+        def keep(event: TokenEvent) -> None:
+            if event.token_id >= 0:
+                events.append(event)
+
+        done = await collect(request, stream, keep)
         name = stream.model
         dones.append(done)
         choices.append(CompletionChoice(
@@ -369,47 +375,49 @@ async def completions(body: CompletionRequest, request: Request) -> Response | C
     return Completion(id=cid, created=created, model=name, choices=choices, usage=_usage(dones), timings=_timings(dones))
 
 
-async def _completion_chunks(
-    first: GenerationStream, prompts: list[str], start: Any, echo: bool, cid: str, created: int, include_usage: bool
-) -> AsyncIterator[str]:
-    def chunk(index: int, text: str, finish: str | None, model: str, logprobs: dict[str, Any] | None = None,
+class _CompletionFrames(_Chunks):
+    """Text completion chunks, prompt after prompt (each prompt a stream of its own, its
+    `index`): with `echo` the prompt, a chunk per piece of text (with its logprobs), the
+    finish reason with `timings`; after the last prompt, with `include_usage`, a chunk with
+    the usage of all, then `[DONE]`."""
+
+    def __init__(self, prompts: list[str], echo: bool, cid: str, created: int, include_usage: bool) -> None:
+        self.prompts, self.echo = prompts, echo
+        self.cid, self.created, self.include_usage = cid, created, include_usage
+        self.index = -1
+        self.model = ""
+        self.offset = 0
+        """Where the next piece starts in this prompt's text (logprobs' `text_offset`)."""
+        self.dones: list[DoneEvent] = []
+
+    def chunk(self, text: str, finish: str | None, logprobs: dict[str, Any] | None = None,
               timings: Timings | None = None) -> str:
-        body: dict[str, Any] = {"id": cid, "object": "text_completion", "created": created, "model": model,
-                                "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
-        if include_usage:
+        body: dict[str, Any] = {"id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
+                                "choices": [{"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish}]}
+        if self.include_usage:
             body["usage"] = None
         if timings is not None:
             body["timings"] = timings.model_dump()
         return sse.data(body)
 
-    dones: list[DoneEvent] = []
-    stream: GenerationStream | None = first
-    try:
-        for index, prompt in enumerate(prompts):
-            stream = first if index == 0 else await start(prompt)
-            if echo:
-                yield chunk(index, prompt, None, stream.model)
-            offset = 0
-            async for event in stream:
-                if isinstance(event, TokenEvent):
-                    if event.text or event.logprob is not None:
-                        lp = _legacy_logprobs([event], offset) if event.logprob is not None and event.token_id >= 0 else None
-                        offset += len(event.text)
-                        yield chunk(index, event.text, None, stream.model, lp)
-                elif event.finish_reason != "cancelled":
-                    dones.append(event)
-                    yield chunk(index, "", _finish(event), stream.model, timings=_timings([event]))
-            await stream.aclose()
-            stream = None
-        if include_usage:
-            yield sse.data({"id": cid, "object": "text_completion", "created": created, "model": first.model,
-                            "choices": [], "usage": _usage(dones).model_dump()})
-    except Exception as exc:
-        yield _error_event(exc)
-    finally:
-        if stream is not None:
-            await stream.aclose()
-    yield sse.data("[DONE]")
+    def start(self, stream: GenerationStream) -> Iterator[str]:
+        self.index += 1
+        self.model, self.offset = stream.model, 0
+        if self.echo:
+            yield self.chunk(self.prompts[self.index], None)
+
+    def token(self, event: TokenEvent) -> Iterator[str]:
+        if event.text or event.logprob is not None:
+            lp = _legacy_logprobs([event], self.offset) if event.logprob is not None and event.token_id >= 0 else None
+            self.offset += len(event.text)
+            yield self.chunk(event.text, None, lp)
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        self.dones.append(done)
+        yield self.chunk("", _finish(done), timings=_timings([done]))
+        if self.include_usage and self.index == len(self.prompts) - 1:
+            yield sse.data({"id": self.cid, "object": "text_completion", "created": self.created, "model": self.model,
+                            "choices": [], "usage": _usage(self.dones).model_dump()})
 
 
 # -- embeddings -----------------------------------------------------------------------
