@@ -401,7 +401,7 @@ def test_inside_judges_by_the_text_first(tmp_path: Path) -> None:
 
 
 def test_keep_alive_lengthens_only() -> None:
-    from myllm.runtime.placement.manager import outlasts
+    from myllm.runtime.placement.leases import outlasts
 
     assert outlasts(600, 300) and outlasts(-1, 300)
     assert not outlasts(0, 300) and not outlasts(1, 300) and not outlasts(600, -1) and not outlasts(-1, -1)

@@ -21,7 +21,7 @@ import openai
 import pytest
 
 from myllm.errors import ShuttingDown
-from myllm.runtime.placement.manager import per_model
+from myllm.runtime.placement.report import per_model
 from myllm.runtime.service import Event, GenerationStream, TokenEvent
 from myllm.settings import Settings
 from tests import server

@@ -21,7 +21,9 @@ from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
 from myllm.runtime.engine_types import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
 from myllm.runtime.instance import EventStream, Runner, RunnerStats
-from myllm.runtime.placement.manager import KeepAlive, Lease, LoadedInfo, ModelManager
+from myllm.runtime.placement.leases import KeepAlive, Lease
+from myllm.runtime.placement.manager import ModelManager
+from myllm.runtime.placement.report import LoadedInfo
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt

@@ -41,7 +41,7 @@ from myllm.errors import (
 from myllm.pull import ensure_model
 from myllm.registry.choices import SERVICE_MODEL
 from myllm.registry.schema import ModelRow
-from myllm.runtime.placement.manager import per_model
+from myllm.runtime.placement.report import per_model
 from myllm.runtime.service import Candidate, DoneEvent, GenerationOptions, GenerationStream, LoadedInfo, TokenEvent
 
 PATHS = ("/load_model", "/generate", "/stream", "/model_status", "/status")

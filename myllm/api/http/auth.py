@@ -27,7 +27,7 @@ from myllm.api.http.errors import ApiError, ErrorRouter
 from myllm.api.http.middleware import HttpMiddleware
 from myllm.errors import Forbidden
 from myllm.registry.sessions import Viewer
-from myllm.runtime.placement.manager import ExtendOnly, KeepAlive
+from myllm.runtime.placement.leases import ExtendOnly, KeepAlive
 from myllm.settings import Settings
 
 OPEN_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})

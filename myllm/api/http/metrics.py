@@ -20,7 +20,7 @@ from myllm.api.http.auth import require_admin
 from myllm.api.state import services
 from myllm.runtime.engine_types import DoneEvent
 from myllm.runtime.hooks import RuntimeEvents
-from myllm.runtime.placement.manager import per_model
+from myllm.runtime.placement.report import per_model
 
 router = APIRouter(tags=["Operations"])
 LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)

@@ -44,7 +44,7 @@ from myllm.api.native.models import (
 from myllm.api.state import services
 from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import SessionInfo, check_session_id, new_session_id
-from myllm.runtime.placement.manager import per_model
+from myllm.runtime.placement.report import per_model
 from myllm.runtime.request.template import template_name
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 

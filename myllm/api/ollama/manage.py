@@ -32,7 +32,7 @@ from myllm.registry.chat_templates import Deadline, check_template
 from myllm.registry.gguf_meta import read_gguf_kv
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Overrides
-from myllm.runtime.placement.manager import LoadedInfo, per_model
+from myllm.runtime.placement.report import LoadedInfo, per_model
 from myllm.runtime.request.options import PARAMETERS, stored_parameter
 from myllm.runtime.request.template import thinks
 

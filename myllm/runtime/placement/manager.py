@@ -30,18 +30,16 @@ from myllm.runtime.instance import PlacedRunner, Runner, RunnerStats
 from myllm.runtime.placement.gpu_budget import DeviceProbe, GpuBudget
 from myllm.runtime.placement.health import HealthWatch, Incident
 from myllm.runtime.placement.instances import Instances
-from myllm.runtime.placement.leases import ExtendOnly, KeepAlive, Lease, Leases, outlasts, requested
+from myllm.runtime.placement.leases import KeepAlive, Lease, Leases, requested
 from myllm.runtime.placement.loading import Loader, RunnerFactory
 from myllm.runtime.placement.memory import parse_memory
 from myllm.runtime.placement.reloads import Rate, ReloadLimit
-from myllm.runtime.placement.report import LoadedInfo, describe, per_model
+from myllm.runtime.placement.report import LoadedInfo, describe
 from myllm.runtime.placement.room import Room
 from myllm.runtime.request.durations import parse_duration
 from myllm.runtime.runner import ModelRunner
 from myllm.settings import Settings
 
-__all__ = ["ExtendOnly", "KeepAlive", "Lease", "LoadedInfo", "ModelManager", "outlasts", "per_model"]
-"""The names the APIs import from here (the lease's keep-alive types, `ps` rows)."""
 R = TypeVar("R", bound=PlacedRunner)
 START_RUNNER: RunnerFactory[Runner] = ModelRunner.start
 """How the daemon starts a runner: a process of its own (runtime/runner/)."""
