@@ -13,28 +13,22 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api.anthropic import routes as anthropic
-from myllm.api.deepshiva_llm_service import routes as deepshiva
+from myllm.api import anthropic, deepshiva_llm_service, llama_server, native, ollama, openai, ui
 from myllm.api.http import errors
 from myllm.api.http import metrics as metrics_api
 from myllm.api.http.access_log import AccessLogMiddleware
 from myllm.api.http.auth import OPEN_PATHS, ApiKeyMiddleware, KeyRing
 from myllm.api.http.bodies import checked_json_body
 from myllm.api.http.disconnect import CancelOnDisconnectMiddleware
+from myllm.api.http.document import ApiDocument, joined
 from myllm.api.http.hosts import HostAllowListMiddleware, allowed_hosts
 from myllm.api.http.limits import BodyLimitMiddleware
 from myllm.api.http.metrics import Metrics
 from myllm.api.http.origins import OriginGuardMiddleware, Origins
 from myllm.api.http.ratelimit import AuthFailureMiddleware, Limits, RateLimitMiddleware
 from myllm.api.http.replica import ReplicaHeadersMiddleware, replica_id
-from myllm.api.llama_server import routes as llama_server
-from myllm.api.native import routes as native
-from myllm.api.ollama import inference as ollama
-from myllm.api.ollama import manage as ollama_manage
-from myllm.api.openai import responses
-from myllm.api.openai import routes as openai
+from myllm.api.ollama.inference import JsonByDefaultMiddleware
 from myllm.api.state import Services
-from myllm.api.ui import routes as ui
 from myllm.registry.choices import Choices
 from myllm.registry.session_turns import TurnLocks
 from myllm.registry.sessions import ResponseStore, SessionStore
@@ -55,19 +49,31 @@ def _check_blobs(registry: Registry) -> None:
             log.warning("model %s is broken: %s", row.name, problem)
 
 
-def _middleware(
-    app: FastAPI, settings: Settings, error_router: errors.ErrorRouter, keys: KeyRing, limits: Limits,
-    metrics: Metrics, open_paths: frozenset[str], unlimited: tuple[str, ...] = (), api: str | None = None,
+MAIN_LISTENER: tuple[ApiDocument, ...] = (native.API, openai.API, anthropic.API, deepshiva_llm_service.API,
+                                           llama_server.API, ui.API)
+"""The API documents on the main port (a new document: its folder, and a line here)."""
+OLLAMA_LISTENER: tuple[ApiDocument, ...] = (ollama.API, openai.API)
+"""Ollama's port: its own API, and the OpenAI-compatible one as Ollama serves it there too."""
+
+
+def _serve(
+    app: FastAPI, settings: Settings, documents: tuple[ApiDocument, ...], keys: KeyRing, limits: Limits,
+    metrics: Metrics, api: str | None = None,
 ) -> None:
-    """What every listener applies alike: body limit, rate limits, API keys, pages of other
-    origins kept from changing anything, CORS, cancelling work whose client left, the Host
-    allow-list, the access log (added last, so it runs first)."""
+    """A listener's documents, behind what every listener applies alike: body limit, rate limits,
+    API keys, pages of other origins kept from changing anything, CORS, cancelling work whose
+    client left, the Host allow-list, the access log (added last, so it runs first)."""
+    served = joined(documents)
+    error_router = errors.ErrorRouter(default=errors.native_renderer)
+    for prefix, renderer in served.errors.items():
+        error_router.add(prefix, renderer)
     errors.install(app, error_router)
     # Added first, so it runs last: 401 answers carry CORS headers too.
-    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router, unlimited=unlimited)
+    app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body, errors=error_router,
+                       unlimited=served.streamed_body_prefixes)
     # Inside the key check, which tells it who the caller is.
-    app.add_middleware(RateLimitMiddleware, limits=limits, errors=error_router)
-    app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router, open_paths=open_paths)
+    app.add_middleware(RateLimitMiddleware, limits=limits, errors=error_router, generation_paths=served.generation_paths)
+    app.add_middleware(ApiKeyMiddleware, keys=keys, errors=error_router, open_paths=OPEN_PATHS | served.open_paths)
     app.add_middleware(AuthFailureMiddleware, limits=limits, errors=error_router)  # before the key is looked at
     origins = Origins.from_settings(settings)
     app.add_middleware(OriginGuardMiddleware, origins=origins, errors=error_router)
@@ -82,6 +88,8 @@ def _middleware(
     app.add_middleware(HostAllowListMiddleware, allowed=allowed_hosts(settings), errors=error_router)
     app.add_middleware(ReplicaHeadersMiddleware, replica=replica_id(settings))
     app.add_middleware(AccessLogMiddleware, api=api, on_request=metrics.request_done)
+    for router in served.routers:
+        app.include_router(router)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -125,27 +133,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.ready = False
     app.state.siblings = []
-    error_router = errors.ErrorRouter(default=errors.native_renderer)
-    error_router.add(openai.PREFIX, openai.openai_renderer)
-    error_router.add(anthropic.PREFIX, anthropic.anthropic_renderer)  # inside /v1: the longer prefix wins
-    for path in deepshiva.PATHS:
-        error_router.add(path, deepshiva.legacy_renderer)
-    error_router.add(llama_server.PATH, llama_server.llama_renderer)
     # The keys are read here, once: a request never reads the key file, so changing it takes a restart.
     keys = KeyRing.load(settings)
     app.state.auth_required = bool(keys)
     app.state.keys = keys
     app.state.limits = Limits.from_settings(settings)
     app.state.metrics = Metrics()
-    _middleware(app, settings, error_router, keys, app.state.limits, app.state.metrics, OPEN_PATHS | ui.PATHS)
-    app.include_router(native.router)
-    app.include_router(openai.router)
-    app.include_router(responses.router)
-    app.include_router(anthropic.router)
-    app.include_router(deepshiva.router)
-    app.include_router(llama_server.router)
+    _serve(app, settings, MAIN_LISTENER, keys, app.state.limits, app.state.metrics)
     app.include_router(metrics_api.router)
-    app.include_router(ui.router)
     return app
 
 
@@ -159,13 +154,6 @@ def create_ollama_app(main: FastAPI, settings: Settings) -> FastAPI:
     app = FastAPI(title="myllm (Ollama API)", version=__version__, openapi_url=None, docs_url=None, redoc_url=None,
                   dependencies=[Depends(checked_json_body)])
     main.state.siblings.append(app)
-    error_router = errors.ErrorRouter(default=ollama.ollama_renderer)
-    error_router.add(openai.PREFIX, openai.openai_renderer)
-    _middleware(app, settings, error_router, main.state.keys, main.state.limits,
-                main.state.metrics, ollama.OPEN_PATHS, ollama_manage.UNLIMITED_PATHS, api="ollama")
-    app.add_middleware(ollama.JsonByDefaultMiddleware)
-    app.include_router(ollama.router)
-    app.include_router(ollama_manage.router)
-    app.include_router(openai.router)
-    app.include_router(responses.router)
+    _serve(app, settings, OLLAMA_LISTENER, main.state.keys, main.state.limits, main.state.metrics, api="ollama")
+    app.add_middleware(JsonByDefaultMiddleware)
     return app

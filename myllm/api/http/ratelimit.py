@@ -23,11 +23,6 @@ from myllm.runtime.placement.reloads import Rate
 from myllm.settings import Settings
 
 UNLIMITED_PATHS = frozenset({"/health", "/"})
-GENERATION_PATHS = frozenset({
-    "/api/chat", "/api/generate", "/api/embeddings", "/api/embed", "/v1/chat/completions", "/v1/completions",
-    "/v1/embeddings", "/v1/responses", "/v1/messages", "/generate", "/stream", "/llama",
-})
-"""Routes that occupy a model while they run (on either listener)."""
 MAX_CALLERS = 10_000
 """Buckets kept; the least recently seen caller's goes first (a full bucket is what a new one gets)."""
 
@@ -83,10 +78,13 @@ def address(scope: Scope) -> str:
 
 
 class RateLimitMiddleware(HttpMiddleware):
-    def __init__(self, app: ASGIApp, limits: Limits, errors: ErrorRouter) -> None:
+    def __init__(self, app: ASGIApp, limits: Limits, errors: ErrorRouter, generation_paths: frozenset[str]) -> None:
+        """`generation_paths`: the listener's routes that occupy a model while they run (its
+        documents say which), counted against `MYLLM_MAX_CONCURRENT_PER_KEY`."""
         super().__init__(app)
         self.limits = limits
         self.errors = errors
+        self.generation_paths = generation_paths
 
     async def http(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["path"] in UNLIMITED_PATHS or scope["method"] == "OPTIONS":
@@ -100,7 +98,7 @@ class RateLimitMiddleware(HttpMiddleware):
                                f"{int(buckets.rate.period)} s); retry in {math.ceil(wait)} s", math.ceil(wait))
             return
         cap = self.limits.max_concurrent
-        generating = cap > 0 and scope["method"] == "POST" and scope["path"] in GENERATION_PATHS
+        generating = cap > 0 and scope["method"] == "POST" and scope["path"] in self.generation_paths
         if generating and running[who] >= cap:
             await self._refuse(scope, receive, send, f"{running[who]} requests of this caller are already "
                                "generating (MYLLM_MAX_CONCURRENT_PER_KEY); retry when one finishes", 1)
