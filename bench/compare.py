@@ -32,6 +32,8 @@ from typing import Any
 import httpx
 import psutil
 
+from myllm.runtime.engine.llama_setup import cpu_has_amx
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle. Chapter 1:"
@@ -281,7 +283,10 @@ def main() -> None:
         port = free_port()
         started.append(Server("llama-server", [
             llama_server, "-m", str(gguf), "-t", str(args.threads), "-c", str(args.ctx * args.parallel),
-            "-np", str(args.parallel), "--port", str(port), "--host", "127.0.0.1"], dict(os.environ), port))
+            "-np", str(args.parallel), "--port", str(port), "--host", "127.0.0.1",
+            # myllm's runners keep weights in plain buffers on AMX CPUs (llama.cpp's AMX product
+            # crashes there: engine/llama_setup.py); llama-server does the same with --no-repack.
+            *(["--no-repack"] if cpu_has_amx() else [])], dict(os.environ), port))
         results.update(measure({"myllm": (started[0], "smollm2:135m"), "llama_server": (started[1], "smollm2")}, args))
     finally:
         for server in started:

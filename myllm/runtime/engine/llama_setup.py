@@ -12,7 +12,7 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or psutil.cpu_count() or 1
 
 
-def _cpu_has_amx() -> bool:
+def cpu_has_amx() -> bool:
     """Whether this CPU has Intel AMX (Sapphire Rapids and later), from the kernel's flags."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -34,7 +34,7 @@ def avoid_broken_weight_buffers() -> None:
     import llama_cpp
     import llama_cpp.llama_cpp as lib
 
-    if getattr(lib.llama_model_default_params, "myllm_plain_buffers", False) or not _cpu_has_amx():
+    if getattr(lib.llama_model_default_params, "myllm_plain_buffers", False) or not cpu_has_amx():
         return
     original = lib.llama_model_default_params
 
