@@ -38,21 +38,26 @@ def _ephemeral() -> range:
 _CHOOSER = random.Random()  # its own state: a test seeding `random` does not make ports repeat
 
 
-def free_port() -> int:
-    """A loopback port free now, chosen outside the ephemeral range: a port the kernel hands out
-    (bind to 0) can be taken as the source port of any outgoing connection (a runner's, a
-    client's) before the server binds it, which failed a CI run's server start."""
+def _bind_free(sock: socket.socket) -> int:
+    """Bind `sock` to a loopback port free now, chosen outside the ephemeral range: a port the
+    kernel hands out (bind to 0) can be taken as the source port of any outgoing connection (a
+    runner's, a client's) before a server binds it, which failed a CI run's server start."""
     ephemeral = _ephemeral()
     while True:
         port = _CHOOSER.randrange(10000, 65536)
         if port in ephemeral:
             continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:  # taken: the socket stays unbound, so the next port can be tried on it
+            continue
+        return port
+
+
+def free_port() -> int:
+    """A port for a server this process does not bind itself (a daemon process, PostgreSQL)."""
+    with socket.socket() as s:
+        return _bind_free(s)
 
 
 def bound_socket() -> socket.socket:
@@ -60,7 +65,7 @@ def bound_socket() -> socket.socket:
     other process can take its port in between."""
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", free_port()))
+    _bind_free(sock)
     sock.listen(128)
     return sock
 
