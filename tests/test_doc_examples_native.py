@@ -96,11 +96,14 @@ def test_python_example(doc_server: str) -> None:
     script = PYTHON_EXAMPLE.replace("http://localhost:8000", doc_server)
     out = run([sys.executable, "-c", script], doc_server).splitlines()
     events = []
-    for line in out:
+    for line in out:  # the chat's events (JSON objects), then the generated text, which may parse as JSON too
         try:
-            events.append(json.loads(line))
+            event = json.loads(line)
         except json.JSONDecodeError:
             break
+        if not isinstance(event, dict):
+            break
+        events.append(event)
     assert events[-1]["done"] is True and events[-1]["full_text"]
     assert all(not e["done"] for e in events[:-1])
     assert len(out) > len(events), "the generate example printed its text"
