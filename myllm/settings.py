@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     )
     kv_cache: str = Field(
         default="auto",
-        description="RAM per loaded model for saved conversation KV states, so a returning session "
-        "evaluates only its new tokens: `auto` is as much as the model's own context KV "
+        description="RAM per loaded model for the prefix cache (KV of past prompts beyond the slots, shared "
+        "prefixes held once), so a prompt that extends an earlier one evaluates only its new tokens: "
+        "`auto` is as much as the model's own context KV "
         "(num_parallel x num_ctx tokens), a size such as 512MiB sets it, 0 turns it off. "
         "Counted in the model's memory estimate.",
     )

@@ -136,12 +136,15 @@ def _check_features(row: ModelRow, think: object, images: list[str] | None) -> N
 
 def _final(done: DoneEvent, started: float, ready: float) -> dict[str, Any]:
     """The closing object's measurements, in nanoseconds: `load_duration` is the time until the
-    model was loaded and the prompt prepared."""
+    model was loaded and the prompt prepared. As in Ollama, `prompt_eval_count` is the whole
+    prompt and `prompt_eval_cached_count` (left out when 0) the part whose KV was reused."""
+    cached = done.prompt_tokens - done.prompt_eval_tokens
     return {
         "done": True, "done_reason": "length" if done.finish_reason == "length" else "stop",
         "total_duration": int((time.perf_counter() - started) * 1e9), "load_duration": int((ready - started) * 1e9),
-        "prompt_eval_count": done.prompt_tokens, "prompt_eval_duration": _ns(done.prompt_ms),
-        "eval_count": done.completion_tokens, "eval_duration": _ns(done.generation_ms),
+        "prompt_eval_count": done.prompt_tokens, **({"prompt_eval_cached_count": cached} if cached else {}),
+        "prompt_eval_duration": _ns(done.prompt_ms), "eval_count": done.completion_tokens,
+        "eval_duration": _ns(done.generation_ms),
     }
 
 
