@@ -4,7 +4,7 @@ A runner is a second interpreter beside the daemon, one per loaded model: everyt
 it holds for as long as the model stays loaded. It needs the engines, llama.cpp, numpy, msgpack
 and psutil; the daemon's side of the runtime (the request layer's pydantic options, the
 registry's SQLAlchemy, asyncio and the API) once came along through shared modules and cost
-each runner ~30 MB, and llama-cpp-python's high-level API ~9 MB more.
+each runner ~30 MB, and llama-cpp-python's high-level API ~9 MB more. The daemon imports Alembic (~10 MB) only when its database has a step pending.
 """
 
 from __future__ import annotations
@@ -86,3 +86,26 @@ def test_a_runner_imports_nothing_of_the_daemons_side(smollm2_path: Path) -> Non
     assert not {m for m in loaded if m.startswith(DAEMON_MODULES)}
     assert "llama_cpp.llama" not in loaded
 
+
+REGISTRY = """
+import json, sys
+
+from myllm.registry.store import Registry
+from myllm.settings import Settings
+
+Registry.open(Settings(home=sys.argv[1]))
+print(json.dumps("alembic" in sys.modules))
+"""
+
+
+def test_alembic_is_imported_only_to_migrate(tmp_path: Path) -> None:
+    """A new home's database is migrated (Alembic loaded); opened again, already current, the
+    registry does not import Alembic at all."""
+    def alembic_loaded() -> bool:
+        done = subprocess.run([sys.executable, "-c", REGISTRY, str(tmp_path)], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return bool(json.loads(done.stdout.strip().splitlines()[-1]))
+
+    assert alembic_loaded()
+    assert not alembic_loaded()
