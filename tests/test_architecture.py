@@ -32,11 +32,13 @@ ALLOWED: dict[str, set[str]] = {
     # Inside the runtime, from a request down: preparing it, the types both sides of the runner
     # boundary share, choosing and holding a model, crossing into the runner, the engines in it.
     "myllm.runtime.request": BASE | {"myllm.pools", "myllm.registry", "myllm.runtime.instance"},
-    "myllm.runtime.engine_types": BASE | {"myllm.registry", "myllm.runtime.request"},
+    # Both sides of the runner boundary import engine_types, so it holds plain data: the registry's
+    # row only for type checking, and no request options (pydantic) at all.
+    "myllm.runtime.engine_types": BASE | {"myllm.registry"},
     "myllm.runtime.devices": set(),
     "myllm.runtime.instance": BASE | {"myllm.runtime.engine_types", "myllm.runtime.request"},
     "myllm.runtime.hooks": {"myllm.runtime.engine_types"},
-    "myllm.runtime.engine": BASE | RUNTIME_SHARED,
+    "myllm.runtime.engine": BASE | {"myllm.runtime.engine_types", "myllm.runtime.devices"},
     "myllm.runtime.runner": BASE | RUNTIME_SHARED | {
         "myllm", "myllm.runtime.engine", "myllm.runtime.instance"},
     "myllm.runtime.placement": BASE | RUNTIME_SHARED | {

@@ -7,13 +7,15 @@ backends, SQLite's ALTER limits handled by batch mode). Add a step; never edit o
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import sqlalchemy as sa
-from alembic.migration import MigrationContext
-from alembic.operations import Operations
 from sqlalchemy.engine import Connection, Engine
 
 from myllm.registry.schema import utcnow
+
+if TYPE_CHECKING:
+    from alembic.operations import Operations
 
 
 def _0001_models(op: Operations) -> None:
@@ -166,12 +168,23 @@ def applied(conn: Connection) -> list[str]:
 
 
 def migrate(engine: Engine) -> list[str]:
-    """Apply pending steps, each in its own transaction; returns the names applied now."""
+    """Apply pending steps, each in its own transaction; returns the names applied now.
+
+    Alembic is imported only when a step is pending: a daemon opening a database that is
+    already current (every start but the first on a new home or after an upgrade) never holds it
+    (~10 MB)."""
     with engine.begin() as conn:
         _migrations_table.create(conn, checkfirst=True)
+        done = set(applied(conn))
+    pending = [(name, step) for name, step in MIGRATIONS if name not in done]
+    if not pending:
+        return []
+    from alembic.migration import MigrationContext
+    from alembic.operations import Operations
+
     done_now: list[str] = []
-    for name, step in MIGRATIONS:
-        with engine.begin() as conn:
+    for name, step in pending:
+        with engine.begin() as conn:  # checked again: another daemon may have applied it meanwhile
             if name in applied(conn):
                 continue
             step(Operations(MigrationContext.configure(conn)))

@@ -1,6 +1,9 @@
 """What both sides of the runner boundary share: how a model is loaded (`LoadSpec`), what a
 request is and what it produces (events), and the checks on a prompt's tokens. Plain data and
-pure functions: the daemon imports this, never the engines (runtime/engine/) that use it.
+pure functions: the daemon imports this, never the engines (runtime/engine/) that use it; and a
+runner imports it too, so it imports nothing but the errors at run time: the registry
+(SQLAlchemy) or pydantic here would weigh on every runner, numpy on the daemon
+(tests/test_runner_imports.py).
 
 Generation runs in the batch engine (runtime/engine/batching.py), inside a runner process per loaded
 model (runtime/runner/).
@@ -8,15 +11,16 @@ model (runtime/runner/).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING, Protocol
 
 from myllm.errors import InvalidOptions, PromptTooLong
-from myllm.registry.schema import ModelRow
-from myllm.runtime.request.options import GenerationOptions
+
+if TYPE_CHECKING:
+    from myllm.registry.schema import ModelRow
 
 CTX_PAD = 256
 """llama.cpp pads a context to a multiple of this."""
@@ -77,7 +81,7 @@ class Candidate:
 
     @property
     def prob(self) -> float:
-        return float(np.exp(self.logprob))
+        return math.exp(self.logprob)
 
 
 @dataclass(frozen=True)
@@ -121,10 +125,40 @@ class Failed:
     error: BaseException
 
 
+class SamplingOptions(Protocol):
+    """What the engines read of a request's options. On the daemon's side and in-process it is
+    the request's `GenerationOptions` (runtime/request/options.py, where every range is checked);
+    in a runner it is `protocol.RunnerOptions`, plain values that crossed the channel already
+    checked, so a runner loads neither pydantic nor the options' model."""
+
+    @property
+    def temperature(self) -> float: ...
+    @property
+    def top_p(self) -> float: ...
+    @property
+    def top_k(self) -> int: ...
+    @property
+    def min_p(self) -> float: ...
+    @property
+    def repeat_penalty(self) -> float: ...
+    @property
+    def presence_penalty(self) -> float: ...
+    @property
+    def frequency_penalty(self) -> float: ...
+    @property
+    def seed(self) -> int | None: ...
+    @property
+    def stop(self) -> tuple[str, ...]: ...
+    @property
+    def max_tokens(self) -> int | None: ...
+    @property
+    def logprobs(self) -> int | None: ...
+
+
 @dataclass
 class GenerationRequest:
     tokens: list[int]
-    options: GenerationOptions
+    options: SamplingOptions
     extra_stop: tuple[str, ...] = ()
     grammar: str | None = None
     """GBNF the output must follow (see runtime/request/grammar.py)."""

@@ -3,9 +3,39 @@ that are safe on this CPU."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
+import sys
 from typing import Any
 
 import psutil
+
+
+def bindings_only() -> None:
+    """Make `import llama_cpp` in this process give llama-cpp-python's bindings without its
+    high-level API. For a runner whose engine is the batch engine, which calls llama.cpp through
+    the bindings (`llama_cpp.llama_cpp`, also every name of the package) and `_internals` alone.
+
+    The package's `__init__` is `from .llama_cpp import *` and then `from .llama import *`; the
+    second brings `Llama` with its chat formats, caches and helpers (jinja2, diskcache with
+    sqlite3, multiprocessing...): ~9 MB that a runner would hold for as long as its model stays
+    loaded, never used. Here the package is registered with the first half only, the same
+    objects under the same names. A process that needs `Llama` (an embedding runner,
+    `OptimizedLLM`, the tests) does not call this; called after llama_cpp was imported, it does
+    nothing."""
+    if "llama_cpp" in sys.modules:
+        return
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None:
+        raise ModuleNotFoundError("llama_cpp")
+    package = importlib.util.module_from_spec(spec)  # its __init__ is not run
+    sys.modules["llama_cpp"] = package
+    try:
+        bindings = importlib.import_module("llama_cpp.llama_cpp")
+    except BaseException:
+        del sys.modules["llama_cpp"]
+        raise
+    package.__dict__.update({name: value for name, value in vars(bindings).items() if not name.startswith("_")})
 
 
 def default_threads() -> int:

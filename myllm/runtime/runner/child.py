@@ -26,9 +26,9 @@ from typing import Any
 import psutil
 
 from myllm.errors import InvalidOptions, MyLLMError
-from myllm.runtime.devices import llama_devices
 from myllm.runtime.engine.batching import BatchEngine, EngineJob
 from myllm.runtime.engine.embedding import EmbeddingEngine
+from myllm.runtime.engine.llama_setup import bindings_only
 from myllm.runtime.engine_types import Failed
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -139,8 +139,13 @@ def load(config: RunnerConfig) -> BatchEngine | EmbeddingEngine:
 
 def gpu_free(config: RunnerConfig) -> int:
     """The GPUs' free memory now, when this load offloads (0 otherwise: a CPU-only runner never
-    touches a GPU, and asking would make it hold a CUDA context)."""
-    return llama_devices().free if config.spec.n_gpu_layers else 0
+    touches a GPU, and asking would make it hold a CUDA context). `devices` is imported only
+    then: it brings asyncio (for the daemon's probe), which a CPU runner has no use for."""
+    if not config.spec.n_gpu_layers:
+        return 0
+    from myllm.runtime.devices import llama_devices
+
+    return llama_devices().free
 
 
 def main(argv: list[str]) -> None:
@@ -156,6 +161,8 @@ def main(argv: list[str]) -> None:
         os._exit(2)
     config = RunnerConfig.decode(first[1])
     before = psutil.Process().memory_info().rss
+    if not config.spec.embedding:  # the embedding engine is llama-cpp-python's `Llama`
+        bindings_only()  # before anything imports llama_cpp (the GPU probe below does)
     gpu_before = gpu_free(config)
     try:
         engine = load(config)

@@ -6,7 +6,8 @@ first item says what it is:
 
 daemon -> runner
   ["load", config]                      first message: what to load (`RunnerConfig` as a dict)
-  ["gen", id, request]                  a generation request (`encode_request`)
+  ["gen", id, request]                  a generation request (`encode_request`; its options are
+                                        `RunnerOptions`' fields, in order)
   ["cancel", id]                        stop request `id` within one step
   ["call", id, method, args]            tokenize / count / detokenize / embed / stats: one answer
   ["exit"]                              exit now (the OS frees the model)
@@ -23,7 +24,7 @@ side as the same class, so each API maps them as if they had been raised in-proc
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import msgpack
@@ -31,7 +32,6 @@ import msgpack
 from myllm import errors
 from myllm.errors import ModelCrashed, MyLLMError
 from myllm.runtime.engine_types import Candidate, DoneEvent, Failed, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.request.options import GenerationOptions
 
 
 @dataclass(frozen=True)
@@ -93,13 +93,39 @@ def decode_error(data: list[Any]) -> MyLLMError:
 # -- requests and events ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerOptions:
+    """A request's options as a runner holds them (`engine_types.SamplingOptions`): only what
+    the engine reads, checked by `GenerationOptions` before they crossed, so the runner needs
+    no pydantic to read them back."""
+
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repeat_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    seed: int | None
+    stop: tuple[str, ...]
+    max_tokens: int | None
+    logprobs: int | None
+
+
+OPTION_FIELDS = tuple(f.name for f in fields(RunnerOptions))
+"""The options that cross, in the order they travel."""
+
+
 def encode_request(req: GenerationRequest) -> list[Any]:
-    return [req.tokens, req.options.model_dump(mode="json"), list(req.extra_stop), req.grammar]
+    options = [getattr(req.options, name) for name in OPTION_FIELDS]
+    return [req.tokens, options, list(req.extra_stop), req.grammar]
 
 
 def decode_request(data: list[Any]) -> GenerationRequest:
     tokens, options, extra_stop, grammar = data
-    return GenerationRequest(tokens, GenerationOptions.model_validate(options), tuple(extra_stop), grammar)
+    values = dict(zip(OPTION_FIELDS, options, strict=True))
+    values["stop"] = tuple(values["stop"])
+    return GenerationRequest(tokens, RunnerOptions(**values), tuple(extra_stop), grammar)
 
 
 def encode_event(event: TokenEvent | DoneEvent | Failed) -> list[Any]:
