@@ -438,7 +438,10 @@ class Runtime:
                     field="max_tokens",
                 )
             reserve = min(opts.max_tokens or 256, runner.n_ctx // 4)
-            (tokens, stop), counts = await asyncio.gather(prompt.tokens(runner, reserve), runner.count_tokens(count or []))
+            if count:  # one round trip to the runner each, at once
+                (tokens, stop), counts = await asyncio.gather(prompt.tokens(runner, reserve), runner.count_tokens(count))
+            else:  # no tasks to start: the tokenizing call goes out at once
+                (tokens, stop), counts = await prompt.tokens(runner, reserve), []
             check_prompt(tokens, runner.n_ctx)  # here too, so a refusal is a status code, not a stream's error
             if grammar is not None:
                 await runner.check_grammar(grammar)

@@ -4,6 +4,11 @@ conversations trimmed to the context in one pass, message text tokenized as text
 Rendering runs Jinja templates, which are programs: it gets its own few threads (so a slow
 template never fills the thread pool every other route uses), a bounded queue (past it, 503),
 a deadline, and a cancel flag that is set when the request goes away or the daemon stops.
+A small conversation whose template has rendered quickly before is rendered on the event loop
+itself, within `INLINE_SECONDS`: most renderings take a tenth of a millisecond, less than the
+hop to a pool thread and back costs on a busy machine, and that hop lies on every chat
+request's way to its first token. A template that once runs past that budget on the loop
+renders on the pool from then on.
 """
 
 from __future__ import annotations
@@ -11,18 +16,35 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from myllm.errors import Overloaded, PromptTooLong
 from myllm.pools import settle
-from myllm.registry.chat_templates import Deadline
+from myllm.registry.chat_templates import Deadline, RenderCancelled
 from myllm.registry.schema import ModelRow
 from myllm.runtime.instance import Tokenizer
-from myllm.runtime.request.template import RenderedPrompt, render_chat
+from myllm.runtime.request.template import RenderedPrompt, fallback_for, render_chat
 
 T = TypeVar("T")
+INLINE_SECONDS = 0.002
+"""How long a rendering may hold the event loop before it moves to a pool thread."""
+INLINE_CHARS = 16_384
+"""Conversations with more text than this (messages and tools) always render on the pool: their
+rendering's steps grow with the text, and the budget is only checked between steps."""
 _Job = tuple[Callable[[Deadline], Any], threading.Event, "asyncio.Future[Any]", asyncio.AbstractEventLoop]
+
+
+class _OverBudget(RenderCancelled):
+    """The rendering tried on the event loop ran past `INLINE_SECONDS` (a `RenderCancelled`, so
+    the sandbox lets it through as it is)."""
+
+
+class _InlineDeadline(Deadline):
+    def check(self) -> None:
+        if time.monotonic() > self.ends:
+            raise _OverBudget()
 
 
 class PreparePool:
@@ -37,6 +59,10 @@ class PreparePool:
         self._lock = threading.Lock()
         self._pending: set[threading.Event] = set()
         """The cancel flags of the jobs queued or running."""
+        self._quick: set[str] = set()
+        """Templates that rendered within the inline budget on a pool thread: tried on the loop."""
+        self._slow: set[str] = set()
+        """Templates that ran past the inline budget on the loop once: they render on the pool."""
         self._threads = [
             threading.Thread(target=self._work, name=f"prompt-{i}", daemon=True) for i in range(workers)
         ]
@@ -68,6 +94,28 @@ class PreparePool:
             cancelled.set()
             raise
 
+    async def render(self, fn: Callable[[Deadline], T], template: str, size: int) -> T:
+        """`fn(deadline)`, a rendering of `template` over `size` characters of input: on the
+        event loop when the input is small and the template has rendered on a pool thread
+        within `INLINE_SECONDS` before (so it is compiled, and quick) and has never run past
+        that budget on the loop; on a pool thread (`run`) otherwise, and whenever the pool is
+        full (a 503, as before)."""
+        if size <= INLINE_CHARS and template in self._quick and not self.full:
+            try:
+                return fn(_InlineDeadline(INLINE_SECONDS))
+            except _OverBudget:
+                self._quick.discard(template)
+                self._slow.add(template)
+
+        def timed(deadline: Deadline) -> tuple[T, float]:
+            started = time.perf_counter()
+            return fn(deadline), time.perf_counter() - started
+
+        result, took = await self.run(timed)
+        if took <= INLINE_SECONDS and template not in self._slow:
+            self._quick.add(template)
+        return result
+
     def close(self) -> None:
         """Cancel everything queued or running and let the threads end."""
         with self._lock:
@@ -88,6 +136,17 @@ class PreparePool:
             finally:
                 with self._lock:
                     self._pending.discard(cancelled)
+
+
+def _size(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> int:
+    """Characters of input a rendering goes through: the messages' contents, and anything else
+    (tool calls, tool definitions) as its JSON-ish text length, counted only when present."""
+    size = 0
+    for message in messages:
+        size += len(str(message.get("content") or ""))
+        if len(message) > 2:  # role and content, plus tool calls or a name
+            size += len(repr(message))
+    return size + (len(repr(tools)) if tools else 0)
 
 
 def _joined(units: list[list[int] | None], n_ctx: int) -> list[int]:
@@ -132,10 +191,10 @@ class ChatPrompt:
         """One rendering and one tokenizing call: each unit's tokens (None for the early units
         that cannot fit beside the later ones)."""
         row, details = self.row, self.row.details or {}
-        rendered = await self.pool.run(lambda deadline: render_chat(
+        rendered = await self.pool.render(lambda deadline: render_chat(
             msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline,
             tools=self.tools,
-        ))
+        ), row.template or fallback_for(row.family).template, _size(msgs, self.tools))
         units = [list(unit) for unit in rendered.units]
         if self.prefill:
             units[-1].append((self.prefill, False))
