@@ -9,8 +9,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from myllm.errors import PullError, SourceNotFound
 from myllm.pull.progress import PullProgress
 from myllm.pull.sources import HubSource
@@ -105,6 +103,7 @@ def download(hub_file: HubFile, downloads_dir: Path, progress: PullProgress) -> 
     here because the library deletes its own partial file when a call fails, so it can only
     resume within one process, not across a crash or a second `myllm pull`.
     """
+    import httpx  # here, not at import: a daemon that never pulls from a hub saves ~4 MB
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
     from huggingface_hub.utils import build_hf_headers
 
@@ -153,6 +152,8 @@ _RETRIES = 3
 def _fetch_range(
     url: str, headers: dict[str, str], partial: Path, start: int, total: int | None, progress: PullProgress
 ) -> int:
+    import httpx
+
     request_headers = dict(headers, **({"Range": f"bytes={start}-"} if start else {}))
     request_headers["Accept-Encoding"] = "identity"
     with httpx.stream("GET", url, headers=request_headers, follow_redirects=True, timeout=30) as response:

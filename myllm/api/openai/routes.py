@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -441,7 +441,7 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
 
     def encode(vector: list[float]) -> list[float] | str:
         if body.encoding_format == "base64":
-            return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode("ascii")
+            return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode("ascii")
         return vector
 
     return EmbeddingList(
