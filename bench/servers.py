@@ -107,7 +107,10 @@ def running_pair(llama_server: str, gguf: Path, name: str, threads: int, ctx: in
     `parallel` sequences of `ctx` tokens each, up until the block ends."""
     home = Path(tempfile.mkdtemp(prefix="myllm-bench-"))
     env = {**os.environ, "MYLLM_HOME": str(home), "MYLLM_NUM_THREADS": str(threads), "MYLLM_NUM_CTX": str(ctx),
-           "MYLLM_NUM_PARALLEL": str(parallel), "MYLLM_MAX_QUEUE": "64"}
+           "MYLLM_NUM_PARALLEL": str(parallel), "MYLLM_MAX_QUEUE": "64",
+           # loaded for the whole run, as llama-server's model is: an idle 5 minutes (one server's
+           # turn on a slow machine) would otherwise unload it and drop what its runner keeps
+           "MYLLM_KEEP_ALIVE": "-1"}
     myllm_bin = str(Path(sys.executable).parent / "myllm")
     started: list[Server] = []
     try:
