@@ -69,7 +69,9 @@ system-deps:
 test: install system-deps
 	$(BIN)/python -m pytest -q
 
-# Side-by-side with llama.cpp's llama-server (built from the vendored llama.cpp, cached in .bench-cache/).
+# Side-by-side with llama.cpp's llama-server (built from the vendored llama.cpp, cached in .bench-cache/):
+# decode, first token and memory on SmolLM2, chat sessions, 8 agents over 4 slots, and the fast-engine
+# guard (a tiny random-weight model written with the gguf package). Options: bench/compare.py --help.
 bench: install
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/compare.py

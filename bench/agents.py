@@ -3,10 +3,11 @@ conversation every turn through the stateless `/v1/chat/completions`, all behind
 shared system prompt (as Claude Code, Cline or Aider do).
 
 Each agent's turn is its history plus one new user message (a task, then "tool output"); the
-agents run at once, each waiting for its answer before its next turn, so there are more
-conversations than slots and a server must keep what the slots cannot hold to evaluate only a
-turn's new tokens. Per turn and agent: the first token's time at the client and the server's
-own `timings` (tokens evaluated, tokens reused), which myllm and llama-server both report.
+agents run at once, each waiting for its answer before its next turn, or take turns one request
+at a time; either way there are more conversations than slots, and a server must keep what the
+slots cannot hold to evaluate only a turn's new tokens. Per turn and agent: the first token's
+time at the client and the server's own `timings` (tokens evaluated, tokens reused), which
+myllm and llama-server both report. `measure_agents` is make bench's agent phase.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import time
 from typing import Any
 
 import httpx
+from rounds import alternate, fresh_tag, median, paired_ratio
+from servers import Pair
 
 # About 2,000 tokens of SmolLM2's vocabulary: the kind of rules and tool list an agent sends
 # before every conversation.
@@ -35,10 +38,11 @@ _TOOLS = ["read_file(path)", "write_file(path, text)", "run(command)", "search(p
 
 
 def system_prompt(target_tokens: int = 2000) -> str:
-    """A deterministic system prompt of about `target_tokens` tokens (5 characters a token)."""
+    """A deterministic system prompt of about `target_tokens` tokens (about 4 characters a
+    token in SmolLM2's vocabulary: 10,121 characters made 2,491 tokens)."""
     parts = ["You are a careful software engineering agent working in a Python repository."]
     i = 0
-    while sum(len(p) for p in parts) < target_tokens * 5:
+    while sum(len(p) for p in parts) < target_tokens * 4:
         parts.append(f"Rule {i + 1}: {_RULES[i % len(_RULES)]} Tool {_TOOLS[i % len(_TOOLS)]} is available for it.")
         i += 1
     return "\n".join(parts)
@@ -60,31 +64,30 @@ async def _agent(http: httpx.AsyncClient, model: str, system: str, agent: int, t
 async def _turn(http: httpx.AsyncClient, model: str, messages: list[dict[str, str]], text: str,
                 max_tokens: int) -> dict[str, float]:
     """One turn: `text` and the answer are appended to `messages`."""
-    if True:
-        messages.append({"role": "user", "content": text})
-        started = time.perf_counter()
-        first = None
-        reply: list[str] = []
-        timings: dict[str, float] = {}
-        usage: dict[str, Any] = {}
-        async with http.stream("POST", "/v1/chat/completions", json={
-                "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, "cache_prompt": True}) as r:
-            r.raise_for_status()
-            async for line in r.aiter_lines():
-                if line.startswith("data: ") and line != "data: [DONE]":
-                    chunk = json.loads(line[6:])
-                    timings = chunk.get("timings") or timings
-                    usage = chunk.get("usage") or usage
-                    piece = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
-                    if piece:
-                        first = first or time.perf_counter()
-                        reply.append(piece)
-        result = ({"ttft_ms": ((first or time.perf_counter()) - started) * 1000,
-                    "prompt_tokens": float(usage.get("prompt_tokens", float("nan"))),
-                    "prompt_n": float(timings.get("prompt_n", float("nan"))),
-                    "cache_n": float(timings.get("cache_n", float("nan")))})
-        messages.append({"role": "assistant", "content": "".join(reply)})
+    messages.append({"role": "user", "content": text})
+    started = time.perf_counter()
+    first = None
+    reply: list[str] = []
+    timings: dict[str, float] = {}
+    usage: dict[str, Any] = {}
+    async with http.stream("POST", "/v1/chat/completions", json={
+            "model": model, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "cache_prompt": True}) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                chunk = json.loads(line[6:])
+                timings = chunk.get("timings") or timings
+                usage = chunk.get("usage") or usage
+                piece = (chunk.get("choices") or [{}])[0].get("delta", {}).get("content")
+                if piece:
+                    first = first or time.perf_counter()
+                    reply.append(piece)
+    result = {"ttft_ms": ((first or time.perf_counter()) - started) * 1000,
+              "prompt_tokens": float(usage.get("prompt_tokens", float("nan"))),
+              "prompt_n": float(timings.get("prompt_n", float("nan"))),
+              "cache_n": float(timings.get("cache_n", float("nan")))}
+    messages.append({"role": "assistant", "content": "".join(reply)})
     return result
 
 
@@ -99,3 +102,34 @@ async def agent_turns(url: str, model: str, agents: int = 8, turns: int = 4, tag
         histories = [[{"role": "system", "content": system}] for _ in range(agents)]
         return [[await _turn(http, model, histories[a], _turn_text(a, t, tag), max_tokens) for a in range(agents)]
                 for t in range(turns)]
+
+
+VARIANTS = {"taking_turns": False, "at_once": True}
+"""The two ways the agents send: one request at a time (agent 1's turn, agent 2's, ...), and
+all at once, each waiting only for its own answers."""
+FIGURES = ("ttft_ms", "prompt_tokens", "prompt_n", "cache_n")
+
+
+def measure_agents(servers: Pair, rounds: int, agents: int, turns: int) -> dict[str, dict[str, Any]]:
+    """Both variants on both servers in turn (ABBA), `rounds` times, each round with a fresh
+    tag in every agent's first message, so that a round finds nothing of an earlier one but the
+    shared system prompt, whatever the server kept. Per server and variant: each figure's median
+    per turn (over agents and rounds), the median first token of turns 2+ (over all of them and
+    per round), and for the first server the median of the rounds' ratios of the latter."""
+    out: dict[str, dict[str, Any]] = {name: {} for name in servers}
+    for variant, at_once in VARIANTS.items():
+        runs = alternate(servers, rounds, lambda url, model, at_once=at_once: asyncio.run(
+            agent_turns(url, model, agents, turns, tag=fresh_tag(), at_once=at_once)))
+        for name, samples in runs.items():
+            per_turn = [[x for run in samples for x in run[t]] for t in range(turns)]
+            out[name][variant] = {
+                "per_turn": {k: [median([x[k] for x in turn]) for turn in per_turn] for k in FIGURES},
+                "later_turns_ttft_ms": median([x["ttft_ms"] for turn in per_turn[1:] for x in turn]),
+                "later_turns_ttft_ms_per_round": [median([x["ttft_ms"] for turn in run[1:] for x in turn])
+                                                  for run in samples],
+                "samples": samples}
+    a, b = list(servers)
+    for variant in VARIANTS:
+        out[a][variant]["later_turns_paired_ratio"] = paired_ratio(
+            out[a][variant]["later_turns_ttft_ms_per_round"], out[b][variant]["later_turns_ttft_ms_per_round"])
+    return out

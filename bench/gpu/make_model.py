@@ -4,6 +4,7 @@ real file's tensor shapes (.gpu/model_tensors.json).
 
     python3 make_model.py OUT.gguf                 # SmolLM2-135M-shaped, Q8_0 (about 145 MB)
     python3 make_model.py OUT.gguf --scale 1b      # Llama-3.2-1B-shaped, Q8_0 (about 1.2 GB)
+    python3 make_model.py OUT.gguf --scale tiny    # 2 layers of width 64, Q8_0 (about 3.5 MB)
 
 Needs numpy and the `gguf` package (PYTHONPATH at the unpacked wheels).
 
@@ -31,10 +32,14 @@ KIT = Path(__file__).resolve().parents[2] / ".gpu"
 STD = 0.02
 CHUNK = 1 << 22  # values generated at a time (16 MiB of float32)
 
-# Llama-3.2-1B's shape, with SmolLM2's vocabulary (the tokenizer metadata must match it).
+# Other shapes with SmolLM2's vocabulary (the tokenizer metadata must match it): Llama-3.2-1B's,
+# and a tiny one whose llama.cpp step takes a fraction of a millisecond on a CPU, the regime of
+# a GPU, where the host's work per token decides (make bench's fast-engine guard).
 SCALES = {
     "1b": dict(embedding_length=2048, block_count=16, head_count=32, head_count_kv=8,
-               feed_forward_length=8192, size_label="1B"),
+               feed_forward_length=8192, size_label="1B", name="Llama-3.2-1B-shaped"),
+    "tiny": dict(embedding_length=64, block_count=2, head_count=1, head_count_kv=1,
+                 feed_forward_length=256, size_label="tiny", name="tiny"),
 }
 FILE_TYPES = {
     GGMLQuantizationType.Q8_0: LlamaFileType.MOSTLY_Q8_0,
@@ -114,7 +119,7 @@ def tensor_chunks(rng: np.random.Generator, shape: list[int], qtype: GGMLQuantiz
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", type=Path)
-    ap.add_argument("--scale", choices=["135m", "1b"], default="135m")
+    ap.add_argument("--scale", choices=["135m", *SCALES], default="135m")
     ap.add_argument("--qtype", default="Q8_0", help="type of the 2-D weights (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, F16, F32)")
     ap.add_argument("--exact", action="store_true", help="quantize normal*0.02 floats with gguf.quants (slower)")
     ap.add_argument("--seed", type=int, default=0)
@@ -154,7 +159,7 @@ def main() -> None:
             _, vtype, sub = meta[f"{arch}.{key}"]
             meta[f"{arch}.{key}"] = (val, vtype, sub)
         meta["general.size_label"] = (s["size_label"].encode(), GGUFValueType.STRING, None)
-        meta["general.name"] = (b"SmolLM2-vocab Llama-3.2-1B-shaped (random weights)", GGUFValueType.STRING, None)
+        meta["general.name"] = (f"SmolLM2-vocab {s['name']} (random weights)".encode(), GGUFValueType.STRING, None)
     if "general.file_type" in meta and qtype in FILE_TYPES:
         meta["general.file_type"] = (int(FILE_TYPES[qtype]), GGUFValueType.UINT32, None)
 
