@@ -71,7 +71,7 @@ def decode_error(status: int) -> MyLLMError:
 
 COPY_COST = 1 / 64
 """Copying one token's KV between RAM and a sequence, in evaluations of one token: well under
-1/500 on a CPU, about 1/30 through PCIe to a GPU. `_place` weighs copies with it."""
+1/500 on a CPU, about 1/30 through PCIe to a GPU. `place` weighs copies with it."""
 
 Sink = Callable[[list[tuple["EngineJob", Any]]], None]
 """Receives one step's events: (job, TokenEvent | DoneEvent | Failed) pairs, in order."""
@@ -343,7 +343,7 @@ class BatchEngine:
     def _start(self, job: EngineJob, free: list[_Slot]) -> None:
         req = job.req
         tokens = req.tokens
-        slot, keep = self._place(tokens, free)
+        slot, keep = place(self.kv_cache, self._lib, self.ctx.ctx, tokens, free)
         keep = min(keep, len(tokens) - 1)
         self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
         slot.cached = list(tokens[:keep])
@@ -356,35 +356,6 @@ class BatchEngine:
         slot.count = 0
         slot.prompt_tokens, slot.prompt_eval = len(tokens), len(slot.pending)
         slot.started, slot.first_at = time.perf_counter(), None
-
-    def _place(self, tokens: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
-        """The free slot a prompt goes to and how many of its tokens are in that slot's KV when
-        it starts: the choice that costs least, counting tokens to evaluate and KV to copy
-        (`COPY_COST`). A slot's own KV serves a prompt that shares its prefix; the RAM cache's
-        stored prefix can be copied into any slot. Taking a slot that holds another
-        conversation costs copying that one out and, when it returns, back in; so the agents
-        behind one shared system prompt spread over the slots instead of taking turns in one."""
-        cache = self.kv_cache
-        stored = cache.match(tokens)
-        n = len(tokens)
-
-        def giving_up(slot: _Slot, keep: int) -> float:
-            return 0.0 if keep >= len(slot.cached) else 2 * len(slot.cached) * COPY_COST
-
-        own = {slot.seq: common_prefix(slot.cached, tokens) for slot in free}
-        options = [(n - own[s.seq] + giving_up(s, own[s.seq]), s.last_used, s.seq, False, s) for s in free]
-        if stored.length:
-            options += [(n - stored.length + stored.length * COPY_COST + giving_up(s, 0), s.last_used, s.seq, True, s)
-                        for s in free]
-        *_, restore, slot = min(options)
-        keep = own[slot.seq]
-        if keep < len(slot.cached) or restore:  # another conversation's KV is about to go: keep a copy
-            cache.save(self._lib, self.ctx.ctx, slot.cached, slot.seq)
-        if restore and (stored := cache.match(tokens)).length:  # found again: saving may have cut its spans
-            if cache.restore(self._lib, self.ctx.ctx, stored, slot.seq):
-                return slot, stored.length
-            slot.cached, keep = [], 0  # llama.cpp refused it and the sequence is empty
-        return slot, keep
 
     def _step(self) -> None:
         for slot in self._slots:
@@ -501,3 +472,32 @@ class BatchEngine:
             slot.sampler.close()
         slot.job = slot.req = slot.sampler = slot.assembler = None
         slot.last_used = time.monotonic()
+
+
+def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
+    """The free slot a prompt goes to and how many of its tokens are in that slot's KV when
+    it starts: the choice that costs least, counting tokens to evaluate and KV to copy
+    (`COPY_COST`). A slot's own KV serves a prompt that shares its prefix; the RAM cache's
+    stored prefix can be copied into any slot. Taking a slot that holds another
+    conversation costs copying that one out and, when it returns, back in; so the agents
+    behind one shared system prompt spread over the slots instead of taking turns in one."""
+    stored = cache.match(tokens)
+    n = len(tokens)
+
+    def giving_up(slot: _Slot, keep: int) -> float:
+        return 0.0 if keep >= len(slot.cached) else 2 * len(slot.cached) * COPY_COST
+
+    own = {slot.seq: common_prefix(slot.cached, tokens) for slot in free}
+    options = [(n - own[s.seq] + giving_up(s, own[s.seq]), s.last_used, s.seq, False, s) for s in free]
+    if stored.length:
+        options += [(n - stored.length + stored.length * COPY_COST + giving_up(s, 0), s.last_used, s.seq, True, s)
+                    for s in free]
+    *_, restore, slot = min(options)
+    keep = own[slot.seq]
+    if keep < len(slot.cached) or restore:  # another conversation's KV is about to go: keep a copy
+        cache.save(lib, ctx, slot.cached, slot.seq)
+    if restore and (stored := cache.match(tokens)).length:  # found again: saving may have cut its spans
+        if cache.restore(lib, ctx, stored, slot.seq):
+            return slot, stored.length
+        slot.cached, keep = [], 0  # llama.cpp refused it and the sequence is empty
+    return slot, keep
