@@ -142,6 +142,9 @@ def test_agents_over_fewer_slots_evaluate_only_their_new_tokens(smollm2_path: Pa
         for later in result[1:]:
             assert all(done.prompt_eval_tokens <= 12 for done in later), [d.prompt_eval_tokens for d in later]
     cold = turns(smollm2_path, 0)
-    # Without it, the agents whose sequence another took evaluate their history again.
-    assert sum(d.prompt_eval_tokens for d in cold[2]) > 5 * sum(d.prompt_eval_tokens for d in smollm2[2])
+    # Without it, the agents whose sequence another took evaluate their own history again
+    # (the shared prefix still comes from whichever sequence holds it): 39 tokens each against
+    # 11 here, with six agents taking turns over four sequences.
+    assert max(d.prompt_eval_tokens for d in cold[2]) > 12
+    assert sum(d.prompt_eval_tokens for d in cold[2]) > 2 * sum(d.prompt_eval_tokens for d in smollm2[2])
     assert [d.text for t in smollm2 for d in t] == [d.text for t in cold for d in t]
