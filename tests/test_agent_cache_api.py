@@ -16,6 +16,7 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from myllm.runtime.engine.microbatch import ROWS
 from myllm.settings import Settings
 from tests.server import running_servers
 
@@ -24,6 +25,12 @@ SYSTEM = ("You are a coding agent in a Python repository. Read files before you 
           "small, run the tests after each change and report what failed. ") * 16
 NEW_TURN = 40
 """More than any one turn adds: the last answer's closing tokens, the new message and the template around it."""
+
+
+def only_new(evaluated: int) -> bool:
+    """Whether a turn evaluated only what it added, or exactly one CPU attention tile's worth of
+    rows, which the engine evaluates instead when that costs less (runtime/engine/microbatch.py)."""
+    return evaluated <= NEW_TURN or evaluated == ROWS
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +57,7 @@ def test_agents_over_fewer_slots_through_the_openai_api(urls: tuple[str, str]) -
             assert r.usage and r.usage.prompt_tokens_details
             cached = r.usage.prompt_tokens_details.cached_tokens or 0
             if turn > 0:  # only what this turn added is evaluated, though two agents share each slot
-                assert r.usage.prompt_tokens - cached <= NEW_TURN, (agent, turn, r.usage)
+                assert only_new(r.usage.prompt_tokens - cached), (agent, turn, r.usage)
             history.append({"role": "assistant", "content": r.choices[0].message.content or ""})
     assert kv_hits(main) - hits >= 4  # conversations came back from RAM, not from their slots
 
@@ -67,7 +74,7 @@ def test_anthropic_turns_report_cache_reads(urls: tuple[str, str]) -> None:
     second = client.messages.create(model=MODEL, system=system, messages=messages, max_tokens=8)  # type: ignore[arg-type]
     whole = first.usage.input_tokens + (first.usage.cache_read_input_tokens or 0)
     assert (second.usage.cache_read_input_tokens or 0) >= whole - 2
-    assert second.usage.input_tokens <= NEW_TURN
+    assert only_new(second.usage.input_tokens)
 
 
 def test_ollama_reports_cached_prompt_tokens_as_ollama_does(urls: tuple[str, str]) -> None:
@@ -82,7 +89,7 @@ def test_ollama_reports_cached_prompt_tokens_as_ollama_does(urls: tuple[str, str
         lines = [line for line in r.iter_lines() if line]
     last = httpx.Response(200, content=lines[-1]).json()
     assert last["done"] and last["prompt_eval_count"] > first["prompt_eval_count"]  # the whole prompt, as Ollama counts
-    assert last["prompt_eval_count"] - last["prompt_eval_cached_count"] <= NEW_TURN
+    assert only_new(last["prompt_eval_count"] - last["prompt_eval_cached_count"])
     cold = httpx.post(f"{ollama}/api/generate", json={"model": MODEL, "prompt": "Zebras graze quietly.", "raw": True,
                                                      "stream": False, "options": {"num_predict": 2}}, timeout=60).json()
     assert "prompt_eval_cached_count" not in cold  # left out when nothing was reused, as Ollama does
@@ -95,4 +102,4 @@ def test_responses_chain_reports_cached_input(urls: tuple[str, str]) -> None:
     second = client.responses.create(model=MODEL, instructions=SYSTEM, input="Go on.", previous_response_id=first.id,
                                      max_output_tokens=8)
     assert first.usage and second.usage
-    assert second.usage.input_tokens - second.usage.input_tokens_details.cached_tokens <= NEW_TURN
+    assert only_new(second.usage.input_tokens - second.usage.input_tokens_details.cached_tokens)

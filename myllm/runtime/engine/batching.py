@@ -42,6 +42,7 @@ from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel
 from myllm.runtime.engine.logprobs import log_probabilities
+from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous
 from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX, SamplerFactory
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine.textstream import TextAssembler
@@ -198,7 +199,9 @@ class BatchEngine:
         self._loaded = loaded = LoadedModel.load(self.spec, n_threads, quiet)
         self.vocabulary = vocabulary = Vocabulary(loaded.model, self._guard, self.n_ctx)
         self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard)
-        self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=loaded.lib.llama_model_n_swa(loaded.model.model))
+        lib, model = loaded.lib, loaded.model.model
+        self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
+        self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers)  # None on a GPU
         # What the step loop uses for every token, kept on the engine: one attribute each.
         self._lib, self.ctx, self.batch = loaded.lib, loaded.ctx, loaded.batch
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
@@ -343,8 +346,11 @@ class BatchEngine:
     def _start(self, job: EngineJob, free: list[_Slot]) -> None:
         req = job.req
         tokens = req.tokens
-        slot, keep = place(self.kv_cache, self._lib, self.ctx.ctx, tokens, free)
+        busy = {s.seq for s in self._slots if s.job is not None}
+        slot, keep = place(self.kv_cache, self._lib, self.ctx.ctx, tokens, free, busy)
         keep = min(keep, len(tokens) - 1)
+        if self.attention is not None:
+            keep = self.attention.start(keep, len(tokens))
         self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
@@ -367,9 +373,17 @@ class BatchEngine:
         batch = self.batch.batch
         batch.n_tokens = 0
         budget = N_BATCH
-        # Sampled tokens first (one each), then prompt chunks with what is left.
+        # Sampled tokens first (one each), then prompt chunks with what is left: on a CPU one
+        # chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
+        chunked = False
         for slot in sorted(active, key=lambda s: len(s.pending) > 1):
-            take = slot.pending[: max(0, budget)]
+            if len(slot.pending) > 1 and self.attention is not None:
+                if chunked:
+                    slot.batch_index, slot.in_batch = None, 0
+                    continue
+                chunked, take = True, slot.pending[: self.attention.take(len(slot.pending), budget)]
+            else:
+                take = slot.pending[: max(0, budget)]
             slot.batch_index, slot.in_batch = None, len(take)
             for i, token in enumerate(take):
                 j = batch.n_tokens
@@ -474,23 +488,26 @@ class BatchEngine:
         slot.last_used = time.monotonic()
 
 
-def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[_Slot]) -> tuple[_Slot, int]:
+def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[_Slot],
+          busy: set[int]) -> tuple[_Slot, int]:
     """The free slot a prompt goes to and how many of its tokens are in that slot's KV when
     it starts: the choice that costs least, counting tokens to evaluate and KV to copy
     (`COPY_COST`). A slot's own KV serves a prompt that shares its prefix; the RAM cache's
     stored prefix can be copied into any slot. Taking a slot that holds another
     conversation costs copying that one out and, when it returns, back in; so the agents
-    behind one shared system prompt spread over the slots instead of taking turns in one."""
+    behind one shared system prompt spread over the slots instead of taking turns in one. A slot
+    that leaves the `busy` sequences no longer one consecutive run costs `SPLIT_COST` more."""
     stored = cache.match(tokens)
     n = len(tokens)
 
-    def giving_up(slot: _Slot, keep: int) -> float:
-        return 0.0 if keep >= len(slot.cached) else 2 * len(slot.cached) * COPY_COST
+    def extra(slot: _Slot, keep: int) -> float:
+        copies = 0.0 if keep >= len(slot.cached) else 2 * len(slot.cached) * COPY_COST
+        return copies + (0.0 if contiguous(busy | {slot.seq}) else SPLIT_COST)
 
     own = {slot.seq: common_prefix(slot.cached, tokens) for slot in free}
-    options = [(n - own[s.seq] + giving_up(s, own[s.seq]), s.last_used, s.seq, False, s) for s in free]
+    options = [(n - own[s.seq] + extra(s, own[s.seq]), s.last_used, s.seq, False, s) for s in free]
     if stored.length:
-        options += [(n - stored.length + stored.length * COPY_COST + giving_up(s, 0), s.last_used, s.seq, True, s)
+        options += [(n - stored.length + stored.length * COPY_COST + extra(s, 0), s.last_used, s.seq, True, s)
                     for s in free]
     *_, restore, slot = min(options)
     keep = own[slot.seq]

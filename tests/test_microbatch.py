@@ -1,0 +1,115 @@
+"""How the engine shapes its batches for llama.cpp's micro-batches (runtime/engine/microbatch.py):
+short prompts behind a long cached conversation evaluate a whole CPU attention tile, and a new
+request keeps the busy sequences one consecutive run. Unit tests of the pure rules first, then
+SmolLM2 through the engine."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from myllm.runtime.engine.batching import BatchEngine, _Slot, place
+from myllm.runtime.engine.kvcache import KVCache, common_prefix
+from myllm.runtime.engine.microbatch import ROWS, CpuAttention, contiguous
+from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
+from myllm.runtime.request.options import GenerationOptions
+from tests.test_engine import run
+
+SMOLLM2 = CpuAttention.for_model(134_515_008, 30, 576)
+"""SmolLM2-135M's shape (llama_model_n_params, _n_layer, _n_embd)."""
+
+
+def test_the_balance_follows_the_model_shape() -> None:
+    """SmolLM2's shape gives the balance measured for it (282 tokens); a model with more
+    weights per attention dimension (Llama 2 7B's shape) needs a longer context to pad."""
+    assert 270 < SMOLLM2.balance < 295
+    llama7b = CpuAttention.for_model(6_738_415_616, 32, 4096)
+    assert llama7b.balance > 5 * SMOLLM2.balance
+    assert SMOLLM2.worth_padding(30, 2000) and not llama7b.worth_padding(30, 2000)
+
+
+@pytest.mark.parametrize(("rows", "context", "padded"), [
+    (63, 0, False),    # nothing cached: 64 rows cost as much as 63 (162 against 178 ms)
+    (30, 100, False),  # a short conversation: per-row attention is still cheap
+    (30, 2000, True),  # an agent's turn behind its history: 1,458 ms for 63 rows against 320 for 64
+    (14, 3500, True),
+    (4, 3500, False),
+])
+def test_padding_pays_only_where_the_per_row_path_costs_more(rows: int, context: int, padded: bool) -> None:
+    assert SMOLLM2.worth_padding(rows, context) is padded
+    start = SMOLLM2.start(context, context + rows)
+    assert start == (context + rows - ROWS if padded else context)
+
+
+def test_padding_needs_tokens_to_evaluate_again_and_a_short_prompt() -> None:
+    assert SMOLLM2.start(2000, 2100) == 2000  # already a tile's worth
+    assert SMOLLM2.start(30, 60) == 30  # fewer tokens in all than a tile
+
+
+def test_a_prompt_chunk_leaves_no_short_piece() -> None:
+    assert CpuAttention.take(530, 509) == 465  # 465 now, a whole tile next step, not 509 and 21
+    assert CpuAttention.take(2000, 509) == 509
+    assert CpuAttention.take(40, 509) == 40
+    assert CpuAttention.take(600, 509) == 509  # 91 left, more than a tile
+
+
+def test_contiguous_runs() -> None:
+    assert contiguous([]) and contiguous([2]) and contiguous([1, 0, 2])
+    assert not contiguous([0, 2]) and not contiguous([3, 0])
+
+
+def test_a_new_request_keeps_the_busy_sequences_consecutive() -> None:
+    """Four slots holding unrelated conversations of one length, sequence 2 busy, sequence 0
+    the least recently used: the least recently used slot would split the run (0 and 2 decode
+    in two micro-batches), so the request goes to 3, the least recently used of 1 and 3.
+    A cache that is off copies nothing, so no llama.cpp context is needed (pure logic)."""
+    slots = [_Slot(seq=i, cached=[100 + i] * 50, last_used=used) for i, used in enumerate((1.0, 3.0, 4.0, 2.0))]
+    free = [s for s in slots if s.seq != 2]
+    slot, keep = place(KVCache(0), None, None, [7] * 20, free, {2})
+    assert (slot.seq, keep) == (3, 0)
+    slot, _ = place(KVCache(0), None, None, [7] * 20, free, set())
+    assert slot.seq == 0  # nothing busy: the least recently used
+
+
+LONG = "The repository holds a parser, a loader and their tests; every change runs the suite. " * 80
+TURN = " Tool output: 3 passed, 1 failed with AssertionError on line 42 of tests/test_parser.py. What next?"
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path: Path) -> BatchEngine:
+    engine = BatchEngine(LoadSpec("smollm2", smollm2_path, 4096, n_parallel=2), n_threads=2, kv_cache_bytes=0)
+    yield engine
+    engine.close()
+
+
+def answer(engine: BatchEngine, tokens: list[int]) -> DoneEvent:
+    done = run(engine, GenerationRequest(tokens, GenerationOptions(temperature=0, max_tokens=8)))[-1]
+    assert isinstance(done, DoneEvent)
+    return done
+
+
+def test_a_short_turn_behind_a_long_history_evaluates_a_tile(engine: BatchEngine) -> None:
+    """The turn's ~25 new tokens behind ~1,500 cached ones: the engine evaluates the last
+    `ROWS` tokens instead, and answers as it does when the whole prompt is evaluated."""
+    assert engine.attention is not None  # no layer on a GPU
+    history = engine.tokenize(LONG)
+    assert len(history) > 1400
+    answer(engine, history)
+    prompt = engine.tokenize(LONG + TURN)
+    assert 14 < len(prompt) - len(history) < ROWS
+    padded = answer(engine, prompt)
+    assert padded.prompt_eval_tokens == ROWS
+    for slot in engine._slots:  # forget every cached prefix: the whole prompt evaluated
+        engine.ctx.kv_cache_seq_rm(slot.seq, 0, -1)
+        slot.cached = []
+    whole = answer(engine, prompt)
+    assert whole.prompt_eval_tokens == len(prompt) and whole.text == padded.text
+
+
+def test_a_short_turn_behind_a_short_history_evaluates_only_itself(engine: BatchEngine) -> None:
+    history = engine.tokenize("Fix the parser.")
+    answer(engine, history)
+    prompt = engine.tokenize("Fix the parser." + TURN)
+    done = answer(engine, prompt)
+    assert done.prompt_eval_tokens == len(prompt) - common_prefix(history, prompt) < ROWS
