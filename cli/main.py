@@ -284,7 +284,18 @@ def _ensure_pulled(client: Client, model: str) -> None:
         pull(model)
 
 
-@app.command()
+def settings_help() -> str:
+    """Every MYLLM_* setting with its default and what it does, from the one Settings class
+    (the README's table says the same), for `serve --help`."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        shown = "unset" if default is None else default.get_secret_value() if hasattr(default, "get_secret_value") else default
+        rows.append(f"MYLLM_{name.upper()} (default: {shown}): {field.description}")
+    return "Settings, from the environment or .env:\n\n" + "\n\n".join(rows)
+
+
+@app.command(epilog=settings_help())
 def serve(
     host: Annotated[str | None, typer.Option(help="Bind address (MYLLM_HOST).")] = None,
     port: Annotated[int | None, typer.Option(help="Port (MYLLM_PORT).")] = None,

@@ -68,7 +68,8 @@ class OptimizedLLM:
         self.n_gpu_layers = gpu_layers(device)
         self.device = llama_devices().kind if self.n_gpu_layers else "cpu"
         """Where the model computes: "cpu", or the GPU's kind ("cuda", "mps")."""
-        spec = LoadSpec.for_model(self.model, path, self.settings.num_ctx, self.n_gpu_layers)
+        spec = LoadSpec.for_model(self.model, path, self.settings.num_ctx, self.n_gpu_layers,
+                                  flash_attention=self.settings.flash_attention)
         # The daemon's engine, in this process: one sequence, no saved conversations.
         self._engine: BatchEngine | None = BatchEngine(spec, self.settings.num_threads, kv_cache_bytes=0)
 

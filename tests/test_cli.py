@@ -32,6 +32,18 @@ def test_version_and_help() -> None:
         assert verb in help_text
 
 
+def test_serve_help_lists_every_setting() -> None:
+    """`myllm serve --help` names every MYLLM_* setting with its default, as the README does."""
+    from myllm.settings import Settings
+
+    proc = subprocess.run([MYLLM, "serve", "--help"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "COLUMNS": "400"})
+    text = " ".join(proc.stdout.split())
+    for name in Settings.model_fields:
+        assert f"MYLLM_{name.upper()} (default:" in text, name
+    assert "MYLLM_FLASH_ATTENTION (default: auto)" in text
+
+
 def test_pull_list_show_rm(smollm2_path: Path) -> None:
     pulled = myllm("pull", str(smollm2_path), "--name", "smol:q4")
     assert "pulled smol:q4" in pulled.stdout

@@ -147,6 +147,8 @@ async def test_num_gpu_is_part_of_the_load_key(fake_models: Registry) -> None:
     assert sorted((m.name, m.gpu_layers, m.device) for m in mgr.loaded()) == [
         ("cpu-pinned:1", 0, "cpu"), ("m:1", 0, "cpu"), ("m:1", 4, "cuda")]  # the instance limit of 3 evicted one
     assert ModelManager(fake_models, Settings(num_gpu=0)).spec_for(row).n_gpu_layers == 0
+    assert mgr.spec_for(row).flash_attention == "auto"
+    assert ModelManager(fake_models, Settings(flash_attention="off")).spec_for(row).flash_attention == "off"
     await mgr.close()
 
 

@@ -5,15 +5,22 @@ SmolLM2 through the engine."""
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from myllm.registry.schema import ModelRow
 from myllm.runtime.engine.batching import BatchEngine, _Slot, place
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
+from myllm.runtime.engine.kvstate import parse
 from myllm.runtime.engine.microbatch import ROWS, CpuAttention, contiguous
 from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
 from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.runner.protocol import RunnerConfig
+from myllm.settings import Settings
 from tests.test_engine import run
 
 SMOLLM2 = CpuAttention.for_model(134_515_008, 30, 576)
@@ -113,3 +120,34 @@ def test_a_short_turn_behind_a_short_history_evaluates_only_itself(engine: Batch
     prompt = engine.tokenize("Fix the parser." + TURN)
     done = answer(engine, prompt)
     assert done.prompt_eval_tokens == len(prompt) - common_prefix(history, prompt) < ROWS
+
+
+def v_transposed(engine: BatchEngine, seq: int) -> bool:
+    """Whether llama.cpp keeps this context's V transposed: it does exactly when flash
+    attention is off, which makes the setting visible in a sequence's saved state."""
+    lib, ctx = engine._lib, engine.ctx.ctx
+    size = lib.llama_state_seq_get_size(ctx, seq)
+    data = np.empty(size, np.uint8)
+    written = lib.llama_state_seq_get_data(ctx, data.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq)
+    return parse(data[:written]).layouts[0].v_trans
+
+
+@pytest.mark.parametrize("flash_attention", ["off", "on"])
+def test_the_flash_attention_setting_reaches_llama_cpp(smollm2_path: Path, flash_attention: str) -> None:
+    """MYLLM_FLASH_ATTENTION goes from the daemon's settings into the load key and the runner's
+    start message, and llama.cpp makes its context so. Without flash attention there is no tile
+    to fill: a short turn behind a long history evaluates only itself."""
+    settings = Settings(flash_attention=flash_attention)  # type: ignore[arg-type]
+    row = ModelRow(name="smollm2:135m", digest="sha256:" + "0" * 64)
+    spec = LoadSpec.for_model(row, smollm2_path, 4096, flash_attention=settings.flash_attention)
+    assert RunnerConfig.decode(RunnerConfig(spec, 2, 0).encode()).spec == spec
+    engine = BatchEngine(dataclasses.replace(spec, n_parallel=2), n_threads=2, kv_cache_bytes=0)
+    try:
+        history = engine.tokenize(LONG)
+        answer(engine, history)
+        assert v_transposed(engine, engine._slots[0].seq) is (flash_attention == "off")
+        done = answer(engine, engine.tokenize(LONG + TURN))
+        assert (engine.attention is None) is (flash_attention == "off")
+        assert (done.prompt_eval_tokens == ROWS) is (flash_attention == "on")
+    finally:
+        engine.close()

@@ -54,6 +54,8 @@ class LoadSpec:
     embedding: bool = False
     n_parallel: int = 1
     """Sequences generated at once (continuous batching when > 1)."""
+    flash_attention: str = "auto"
+    """llama.cpp's flash attention: "auto", "on" or "off" (MYLLM_FLASH_ATTENTION)."""
 
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
@@ -63,14 +65,14 @@ class LoadSpec:
     @classmethod
     def for_model(
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
-        n_parallel: int = 1,
+        n_parallel: int = 1, flash_attention: str = "auto",
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
         ctx = context_size(num_ctx)
         if row.context_length:
             ctx = min(ctx, row.context_length)
-        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel)
+        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention)
 
 
 @dataclass(frozen=True)

@@ -201,7 +201,7 @@ class BatchEngine:
         self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard)
         lib, model = loaded.lib, loaded.model.model
         self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
-        self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers)  # None on a GPU
+        self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention)  # None on a GPU
         # What the step loop uses for every token, kept on the engine: one attribute each.
         self._lib, self.ctx, self.batch = loaded.lib, loaded.ctx, loaded.batch
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab

@@ -19,6 +19,9 @@ if TYPE_CHECKING:
 N_BATCH = 512
 """Tokens one step decodes at most, all sequences together (llama.cpp's batch and micro-batch)."""
 
+FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}
+"""MYLLM_FLASH_ATTENTION's values as llama.cpp's `llama_flash_attn_type`."""
+
 
 @dataclass(frozen=True)
 class LoadedModel:
@@ -63,6 +66,7 @@ class LoadedModel:
         params.n_outputs_max = spec.n_parallel
         params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
+        params.flash_attn_type = FLASH_ATTENTION[spec.flash_attention]
         params.swa_full = True  # keep sliding-window models' KV whole, so prefixes can be reused
         try:
             with suppress_stdout_stderr(disable=not quiet):

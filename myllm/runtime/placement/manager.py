@@ -195,7 +195,8 @@ class ModelManager(Generic[R]):
             layers = -1
         return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, layers,
                                   embedding=embedding,
-                                  n_parallel=self.settings.num_parallel)
+                                  n_parallel=self.settings.num_parallel,
+                                  flash_attention=self.settings.flash_attention)
 
     async def acquire(
         self,
