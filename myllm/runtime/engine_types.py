@@ -97,6 +97,21 @@ class TokenEvent:
     top: tuple[Candidate, ...] | None = None
     piece: str | None = None
     """The token's own text, present when probabilities were asked for."""
+    thinking: str = ""
+    """Thinking text this token completed, apart from the answer's `text` (a request with
+    `Thinking` only)."""
+
+
+@dataclass(frozen=True)
+class Thinking:
+    """How a request's output separates thinking from the answer (runtime/engine/thinking.py)."""
+
+    open: str = "<think>"
+    close: str = "</think>"
+    started: bool = False
+    """The prompt opened the section (its template ends with `open`): the output starts inside it."""
+    budget: int | None = None
+    """Tokens of thinking after which the engine writes `close` itself, so the model answers."""
 
 
 @dataclass(frozen=True)
@@ -113,6 +128,8 @@ class DoneEvent:
     stop_sequence: str | None = None
     """The stop string that ended the text when one did (a request's `stop` or the template's
     end-of-turn text): Anthropic's API reports which of the caller's sequences it was."""
+    thinking: str = ""
+    """All the thinking, apart from `text` (a request with `Thinking` only)."""
 
 
 Event = TokenEvent | DoneEvent
@@ -164,6 +181,8 @@ class GenerationRequest:
     extra_stop: tuple[str, ...] = ()
     grammar: str | None = None
     """GBNF the output must follow (see runtime/request/grammar.py)."""
+    thinking: Thinking | None = None
+    """Set for a thinking model asked to think: its output is split (and budgeted)."""
 
 
 def check_prompt(tokens: list[int], n_ctx: int) -> None:

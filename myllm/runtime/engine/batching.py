@@ -45,10 +45,9 @@ from myllm.runtime.engine.logprobs import log_probabilities
 from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous
 from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX, SamplerFactory
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
-from myllm.runtime.engine.textstream import TextAssembler
+from myllm.runtime.engine.thinking import OutputText
 from myllm.runtime.engine.vocabulary import Vocabulary
 from myllm.runtime.engine_types import (
-    Candidate,
     DoneEvent,
     Failed,
     GenerationRequest,
@@ -126,7 +125,7 @@ class _Slot:
     """Prompt tokens still to evaluate; then the one sampled token to feed back."""
     sampler: GreedySampler | ChainSampler | None = None
     """Its own: a `ChainSampler` holds llama.cpp samplers, freed when the request ends."""
-    assembler: TextAssembler | None = None
+    output: OutputText | None = None
     limit: int = 0
     count: int = 0
     prompt_tokens: int = 0
@@ -325,7 +324,7 @@ class BatchEngine:
             job = self._waiting[0]
             if job.cancel.is_set():
                 self._waiting.pop(0)
-                self._post(job, Failed(job.abort_error) if job.abort_error else self._cancelled(job))
+                self._post(job, Failed(job.abort_error) if job.abort_error else cancelled(job))
                 continue
             free = [s for s in self._slots if s.job is None]
             if not free:
@@ -336,12 +335,6 @@ class BatchEngine:
             except Exception as exc:  # e.g. a grammar llama.cpp refuses: this request fails, not the loop
                 log.warning("could not start a request: %s", exc)
                 self._post(job, Failed(exc if isinstance(exc, MyLLMError) else InvalidOptions(f"could not start: {exc}")))
-
-    @staticmethod
-    def _cancelled(job: EngineJob) -> DoneEvent:
-        """The end of a request cancelled before it started."""
-        n = len(job.req.tokens)
-        return DoneEvent("cancelled", "", n, 0, 0, 0.0, 0.0)
 
     def _start(self, job: EngineJob, free: list[_Slot]) -> None:
         req = job.req
@@ -356,7 +349,7 @@ class BatchEngine:
         slot.pending = list(tokens[keep:])
         slot.sampler = self.samplers.for_request(req)
         slot.job, slot.req = job, req
-        slot.assembler = TextAssembler(tuple(req.options.stop) + req.extra_stop)
+        slot.output = OutputText(tuple(req.options.stop) + req.extra_stop, req.thinking)
         room = self.n_ctx - len(tokens)
         slot.limit = min(req.options.max_tokens or room, room)
         slot.count = 0
@@ -417,8 +410,8 @@ class BatchEngine:
                         self._finish(slot, None, error)
 
     def _sample(self, slot: _Slot) -> None:
-        req, job, assembler = slot.req, slot.job, slot.assembler
-        assert req is not None and job is not None and assembler is not None and slot.batch_index is not None
+        req, job, output = slot.req, slot.job, slot.output
+        assert req is not None and job is not None and output is not None and slot.batch_index is not None
         if slot.first_at is None:
             slot.first_at = time.perf_counter()
         assert slot.sampler is not None
@@ -430,21 +423,36 @@ class BatchEngine:
                 f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
                 "every request on this model; use a smaller schema", field="format"))
             return
-        logprob, top = self._score(logits, token, req.options.logprobs)
+        k = req.options.logprobs
+        logprob, top = (None, None) if k is None else log_probabilities(logits, token, k, self.vocabulary.piece)
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self._finish(slot, "stop")
             return
         slot.count += 1
         raw = self._token_bytes(token)
         piece = raw.decode("utf-8", "replace") if logprob is not None else None
-        text = assembler.feed(raw)
-        self._post(job, TokenEvent(text, token, logprob, top, piece))
-        if assembler.stopped:
+        text, thinking = output.feed(raw)
+        self._post(job, TokenEvent(text, token, logprob, top, piece, thinking))
+        if output.stopped:
             self._finish(slot, "stop")
         elif slot.count >= slot.limit:
             self._finish(slot, "length")
+        elif output.over_budget():
+            slot.pending = [token, *self._close_thinking(slot)]
         else:
             slot.pending = [token]
+
+    def _close_thinking(self, slot: _Slot) -> list[int]:
+        """The thinking budget is spent: the section's closing marker (and a blank line) are the
+        output's next tokens, sent and accepted like sampled ones; the model answers after them."""
+        assert slot.req and slot.req.thinking and slot.output and slot.job and slot.sampler
+        tokens = self.vocabulary.markup(slot.req.thinking.close + "\n\n")[: max(0, slot.limit - slot.count)]
+        for token in tokens:
+            slot.sampler.accept(token)
+            text, thinking = slot.output.feed(self._token_bytes(token))
+            self._post(slot.job, TokenEvent(text, token, thinking=thinking))
+        slot.count += len(tokens)
+        return tokens
 
     def _logits(self, index: int) -> np.ndarray:
         """This slot's row of logits only: a view into llama.cpp's host output buffer, valid
@@ -456,26 +464,19 @@ class BatchEngine:
         ptr = self._lib.llama_get_logits_ith(self.ctx.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
-    def _score(
-        self, logits: np.ndarray, token: int, k: int | None
-    ) -> tuple[float | None, tuple[Candidate, ...] | None]:
-        if k is None:
-            return None, None
-        return log_probabilities(logits, token, k, self.vocabulary.piece)
-
     def _finish(self, slot: _Slot, reason: str | None, error: BaseException | None = None) -> None:
-        job, assembler = slot.job, slot.assembler
-        assert job is not None and assembler is not None
+        job, output = slot.job, slot.output
+        assert job is not None and output is not None
         if error is None and job.abort_error is None:
-            if reason != "cancelled" and (tail := assembler.finish()):
-                self._post(job, TokenEvent(tail, -1))
+            if reason != "cancelled" and any(tail := output.finish()):
+                self._post(job, TokenEvent(tail[0], -1, thinking=tail[1]))
             done_at = time.perf_counter()
             first = slot.first_at or done_at
             self._post(job, DoneEvent(
-                finish_reason=reason or "stop", text=assembler.text, prompt_tokens=slot.prompt_tokens,
+                finish_reason=reason or "stop", text=output.text, prompt_tokens=slot.prompt_tokens,
                 prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
                 prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
-                stop_sequence=assembler.stop_sequence,
+                stop_sequence=output.stop_sequence, thinking=output.thinking,
             ))
         else:
             self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))
@@ -484,8 +485,14 @@ class BatchEngine:
         slot.pending = []
         if isinstance(slot.sampler, ChainSampler):
             slot.sampler.close()
-        slot.job = slot.req = slot.sampler = slot.assembler = None
+        slot.job = slot.req = slot.sampler = slot.output = None
         slot.last_used = time.monotonic()
+
+
+def cancelled(job: EngineJob) -> DoneEvent:
+    """The end of a request cancelled before it started."""
+    n = len(job.req.tokens)
+    return DoneEvent("cancelled", "", n, 0, 0, 0.0, 0.0)
 
 
 def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[_Slot],

@@ -47,9 +47,13 @@ class GreedySampler:
             row = logits.copy()
             row[ids] = penalized
             token = int(np.argmax(row))
+        self.accept(token)
+        return token
+
+    def accept(self, token: int) -> None:
+        """Remember a token of the output that was not sampled (one the engine wrote itself)."""
         if not self.disabled:
             self.window.append(token)
-        return token
 
 
 class Candidates:
@@ -124,6 +128,13 @@ class ChainSampler:
             lib.llama_sampler_accept(self._grammar, token)
         lib.llama_sampler_accept(chain, token)
         return token
+
+    def accept(self, token: int) -> None:
+        """A token of the output that was not sampled (one the engine wrote itself), into the
+        grammar (a lazy grammar's trigger may be in it) and the penalties' memory."""
+        if self._grammar is not None:
+            self._lib.llama_sampler_accept(self._grammar, token)
+        self._lib.llama_sampler_accept(self._chain.sampler, token)
 
     def _fits(self, token: int) -> bool:
         """Whether the grammar allows `token` next: it sets a rejected candidate's logit to -inf."""

@@ -47,6 +47,11 @@ class Vocabulary:
         """A BOS is added when the model wants one and the text does not already start with it."""
         return not (self.bos_text and text.startswith(self.bos_text))
 
+    def markup(self, text: str) -> list[int]:
+        """Tokens of a short piece of the model's markup the engine writes itself (a thinking
+        section's closing marker): special tokens parsed, no BOS."""
+        return self._tokenize(text, False, True)
+
     def tokenize(self, text: str) -> list[int]:
         """A raw prompt's tokens: special tokens in it are parsed, as a raw completion means the
         caller wrote the model's markup itself. One that cannot fit the context is refused

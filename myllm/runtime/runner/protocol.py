@@ -31,7 +31,7 @@ import msgpack
 
 from myllm import errors
 from myllm.errors import ModelCrashed, MyLLMError
-from myllm.runtime.engine_types import Candidate, DoneEvent, Failed, GenerationRequest, LoadSpec, TokenEvent
+from myllm.runtime.engine_types import Candidate, DoneEvent, Failed, GenerationRequest, LoadSpec, Thinking, TokenEvent
 
 
 @dataclass(frozen=True)
@@ -118,20 +118,22 @@ OPTION_FIELDS = tuple(f.name for f in fields(RunnerOptions))
 
 def encode_request(req: GenerationRequest) -> list[Any]:
     options = [getattr(req.options, name) for name in OPTION_FIELDS]
-    return [req.tokens, options, list(req.extra_stop), req.grammar]
+    thinking = None if req.thinking is None else [getattr(req.thinking, f.name) for f in fields(Thinking)]
+    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking]
 
 
 def decode_request(data: list[Any]) -> GenerationRequest:
-    tokens, options, extra_stop, grammar = data
+    tokens, options, extra_stop, grammar, thinking = data
     values = dict(zip(OPTION_FIELDS, options, strict=True))
     values["stop"] = tuple(values["stop"])
-    return GenerationRequest(tokens, RunnerOptions(**values), tuple(extra_stop), grammar)
+    return GenerationRequest(tokens, RunnerOptions(**values), tuple(extra_stop), grammar,
+                             None if thinking is None else Thinking(*thinking))
 
 
 def encode_event(event: TokenEvent | DoneEvent | Failed) -> list[Any]:
     if isinstance(event, TokenEvent):
         top = None if event.top is None else [[c.token_id, c.text, c.logprob] for c in event.top]
-        return ["t", event.text, event.token_id, event.logprob, top, event.piece]
+        return ["t", event.text, event.token_id, event.logprob, top, event.piece, event.thinking]
     if isinstance(event, DoneEvent):
         return ["d", *(getattr(event, f) for f in DoneEvent.__dataclass_fields__)]
     return ["e", encode_error(event.error)]
@@ -141,9 +143,9 @@ def decode_event(data: list[Any]) -> TokenEvent | DoneEvent | MyLLMError:
     """An event, or the domain error a failed request ends with."""
     kind = data[0]
     if kind == "t":
-        _, text, token_id, logprob, top, piece = data
+        _, text, token_id, logprob, top, piece, thinking = data
         cands = None if top is None else tuple(Candidate(i, t, lp) for i, t, lp in top)
-        return TokenEvent(text, token_id, logprob, cands, piece)
+        return TokenEvent(text, token_id, logprob, cands, piece, thinking)
     if kind == "d":
         return DoneEvent(*data[1:])
     return decode_error(data[1])
