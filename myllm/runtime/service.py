@@ -19,7 +19,15 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
-from myllm.runtime.engine_types import Candidate, DoneEvent, Event, GenerationRequest, TokenEvent, check_prompt
+from myllm.runtime.engine_types import (
+    Candidate,
+    DoneEvent,
+    Event,
+    GenerationRequest,
+    Thinking,
+    TokenEvent,
+    check_prompt,
+)
 from myllm.runtime.instance import EventStream, Runner, RunnerStats
 from myllm.runtime.placement.leases import KeepAlive, Lease
 from myllm.runtime.placement.manager import ModelManager
@@ -28,6 +36,7 @@ from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.request.schema_size import SchemaLimits
+from myllm.runtime.request.template import THINK_CLOSE, THINK_OPEN, Think
 from myllm.runtime.request.tools import Call, CallFilter, Choice, ToolUse, check_choice, json_depth, parse_tools
 from myllm.settings import Settings
 
@@ -309,6 +318,7 @@ class Runtime:
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Choice = "auto",
         parallel_tool_calls: bool = True,
+        think: Think = None,
         caller: str | None = None,
     ) -> GenerationStream:
         """With `trim`, when the conversation does not fit the context (leaving room for the
@@ -317,13 +327,15 @@ class Runtime:
         `prefill`: text the assistant's reply starts with (the stream's text continues it).
         `tools` (OpenAI's function tools), `tool_choice` and `parallel_tool_calls`: see
         runtime/request/tools.py; the stream then holds calls back from its text and reports them in
-        `tool_calls`, its `DoneEvent` finishing with `tool_calls`."""
+        `tool_calls`, its `DoneEvent` finishing with `tool_calls`. `think`: see `template.Think`;
+        a thinking model's events carry its thinking apart (`thinking`), within the options'
+        `thinking_budget`."""
         row = await self.model(model)
         use = tool_use(tools, tool_choice, parallel_tool_calls, self.settings.max_tool_calls)
         opts = self.options_for(row, options)
         if use.active:
             opts = opts.model_copy(update={"format": use.format(opts.format)})
-        prompt = self._chat_prompt(row, messages, use, trim, prefill)
+        prompt = self._chat_prompt(row, messages, use, trim, prefill, think)
         stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count, caller=caller,
                                    schema_field="tools" if use.forced else "format")
         if use.active:
@@ -366,13 +378,14 @@ class Runtime:
         head = earlier[:1] if room and earlier[0]["role"] == "system" else []
         return head + earlier[len(earlier) - (room - len(head)):]
 
-    def _chat_prompt(self, row: ModelRow, messages: list[dict[str, Any]], use: ToolUse, trim: bool, prefill: str) -> ChatPrompt:
+    def _chat_prompt(self, row: ModelRow, messages: list[dict[str, Any]], use: ToolUse, trim: bool, prefill: str,
+                     think: Think = None) -> ChatPrompt:
         """The checked messages after the model's defaults, with the tools as its template
         needs them: what `chat` renders and `count_chat` counts."""
         msgs, template_tools = use.prompt(
             with_model_defaults(row, check_messages(messages, self.settings.max_messages, self.settings.max_json_depth)),
             row.template)
-        return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools)
+        return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools, think)
 
     async def generate(
         self,
@@ -385,6 +398,7 @@ class Runtime:
         keep_alive: KeepAlive = None,
         history: list[tuple[str, str]] | None = None,
         count: list[str] | None = None,
+        think: Think = None,
         caller: str | None = None,
     ) -> GenerationStream:
         """Completion of `prompt`. A model with a chat template gets the prompt as one user
@@ -410,7 +424,8 @@ class Runtime:
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
         msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim=bool(pairs)), opts, keep_alive=keep_alive,
+        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim=bool(pairs), think=think), opts,
+                                 keep_alive=keep_alive,
                                  count=count, caller=caller)
 
     async def _start(
@@ -446,7 +461,9 @@ class Runtime:
             if grammar is not None:
                 await runner.check_grammar(grammar)
 
-            events = runner.generate(GenerationRequest(tokens, opts, stop, grammar))
+            thinking = None if prompt.thinking_open is None else Thinking(
+                THINK_OPEN, THINK_CLOSE, prompt.thinking_open, opts.thinking_budget)
+            events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking))
         except BaseException:
             lease.release()
             raise

@@ -163,15 +163,28 @@ async def _load_or_unload(request: Request, row: ModelRow, keep_alive: str | flo
     yield {"model": row.name, "created_at": _now(), **empty, "done": True, "done_reason": reason}
 
 
+Piece = Callable[[str, str], dict[str, Any]]
+"""A response object's text fields from a piece of the answer and of the thinking."""
+
+
+def _chat_piece(text: str, thinking: str) -> dict[str, Any]:
+    return {"message": {"role": "assistant", "content": text, **({"thinking": thinking} if thinking else {})}}
+
+
+def _generate_piece(text: str, thinking: str) -> dict[str, Any]:
+    return {"response": text, **({"thinking": thinking} if thinking else {})}
+
+
 async def _respond(
-    request: Request, stream: GenerationStream, streaming: bool, piece: Callable[[str], dict[str, Any]], started: float
+    request: Request, stream: GenerationStream, streaming: bool, piece: Piece, started: float
 ) -> Response:
     """NDJSON objects as tokens come (each carrying its piece of text), or one object at the end."""
     ready = time.perf_counter()
     if streaming:
         return relay(request, stream, _Lines(stream, piece, started, ready))
     done = await collect(request, stream)
-    return JSONResponse({"model": stream.model, "created_at": _now(), **_calls(piece(done.text), stream), **_final(done, started, ready)})
+    return JSONResponse({"model": stream.model, "created_at": _now(), **_calls(piece(done.text, done.thinking), stream),
+                         **_final(done, started, ready)})
 
 
 class _Lines(Frames):
@@ -180,15 +193,16 @@ class _Lines(Frames):
 
     ndjson = True
 
-    def __init__(self, stream: GenerationStream, piece: Callable[[str], dict[str, Any]], started: float, ready: float) -> None:
+    def __init__(self, stream: GenerationStream, piece: Piece, started: float, ready: float) -> None:
         self.stream, self.piece, self.started, self.ready = stream, piece, started, ready
 
     def token(self, event: TokenEvent) -> Iterator[str]:
-        if event.text:
-            yield sse.line({"model": self.stream.model, "created_at": _now(), **self.piece(event.text), "done": False})
+        if event.text or event.thinking:
+            yield sse.line({"model": self.stream.model, "created_at": _now(), **self.piece(event.text, event.thinking),
+                            "done": False})
 
     def done(self, done: DoneEvent) -> Iterator[str]:
-        yield sse.line({"model": self.stream.model, "created_at": _now(), **_calls(self.piece(""), self.stream),
+        yield sse.line({"model": self.stream.model, "created_at": _now(), **_calls(self.piece("", ""), self.stream),
                         **_final(done, self.started, self.ready)})
 
     def error(self, err: ApiError) -> Iterator[str]:
@@ -223,9 +237,9 @@ async def chat(body: ChatRequest, request: Request) -> Response:
         return await answer(_load_or_unload(request, row, body.keep_alive, "message"), body.stream)
     stream = await services(request).runtime.chat(
         row, [_message(m) for m in body.messages], generation_options(body.options, body.format),
-        keep_alive=keep_alive_of(request, body.keep_alive), tools=body.tools, caller=reloading_key(request),
+        keep_alive=keep_alive_of(request, body.keep_alive), tools=body.tools, think=body.think, caller=reloading_key(request),
     )
-    return await _respond(request, stream, body.stream, lambda text: {"message": {"role": "assistant", "content": text}}, started)
+    return await _respond(request, stream, body.stream, _chat_piece, started)
 
 
 @router.post("/api/generate")
@@ -245,9 +259,9 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         return await answer(_load_or_unload(request, row, body.keep_alive, "response"), body.stream)
     stream = await services(request).runtime.generate(
         row, body.prompt, generation_options(body.options, body.format), system=body.system, raw=body.raw,
-        keep_alive=keep_alive_of(request, body.keep_alive), caller=reloading_key(request),
+        keep_alive=keep_alive_of(request, body.keep_alive), think=body.think, caller=reloading_key(request),
     )
-    return await _respond(request, stream, body.stream, lambda text: {"response": text}, started)
+    return await _respond(request, stream, body.stream, _generate_piece, started)
 
 
 # -- embeddings --------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ class GenerationOptions(BaseModel):
     """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
     format: Literal["json"] | dict[str, Any] | None = None
     """`"json"`: the output is a JSON object; a dict: a JSON Schema the output validates against."""
+    thinking_budget: int | None = Field(None, ge=1)
+    """Tokens a thinking model may think before the engine closes its reasoning section and it
+    answers; None: no limit but `max_tokens`."""
 
     @classmethod
     def parse(cls, values: Mapping[str, Any] | None) -> GenerationOptions:

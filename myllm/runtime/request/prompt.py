@@ -25,7 +25,7 @@ from myllm.pools import settle
 from myllm.registry.chat_templates import Deadline, RenderCancelled
 from myllm.registry.schema import ModelRow
 from myllm.runtime.instance import Tokenizer
-from myllm.runtime.request.template import RenderedPrompt, fallback_for, render_chat
+from myllm.runtime.request.template import RenderedPrompt, Think, fallback_for, render_chat, thinks
 
 T = TypeVar("T")
 INLINE_SECONDS = 0.002
@@ -165,6 +165,8 @@ class TextPrompt:
     def __init__(self, text: str) -> None:
         self.text = text
         self.dropped = 0
+        self.thinking_open: bool | None = None
+        """Raw text is never split: the caller wrote the model's markup itself."""
 
     async def tokens(self, runner: Tokenizer, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         return await runner.tokenize(self.text), ()
@@ -176,11 +178,15 @@ class ChatPrompt:
 
     def __init__(
         self, row: ModelRow, messages: list[dict[str, Any]], pool: PreparePool, trim: bool, prefill: str = "",
-        tools: list[dict[str, Any]] | None = None,
+        tools: list[dict[str, Any]] | None = None, think: Think = None,
     ) -> None:
         self.row = row
         self.messages = messages
         self.tools = tools
+        self.think = think
+        self.thinking_open: bool | None = None
+        """Once tokenized, for a model asked to think: whether its output starts inside the
+        reasoning section; None when its output is all answer."""
         self.pool = pool
         self.trim = trim
         self.prefill = prefill
@@ -193,7 +199,7 @@ class ChatPrompt:
         row, details = self.row, self.row.details or {}
         rendered = await self.pool.render(lambda deadline: render_chat(
             msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline,
-            tools=self.tools,
+            tools=self.tools, think=self.think,
         ), row.template or fallback_for(row.family).template, _size(msgs, self.tools))
         units = [list(unit) for unit in rendered.units]
         if self.prefill:
@@ -233,6 +239,8 @@ class ChatPrompt:
 
     def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
         self.text = rendered.text + self.prefill
+        if thinks(self.row.template) and self.think is not False:
+            self.thinking_open = rendered.thinking_open and not self.prefill
         return _joined(units, n_ctx), rendered.stop
 
     @staticmethod

@@ -3,6 +3,7 @@ chosen by family for models that have none, such as base models."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import secrets
@@ -67,10 +68,18 @@ def template_name(template: str | None, family: str) -> str:
     return next((name for marker, name in markers if marker in template), "custom")
 
 
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+"""The reasoning section's markers (DeepSeek-R1's and Qwen3's families)."""
+
+Think = bool | str | None
+"""A request's thinking: None (the model's default), on or off, or a level ("low", "medium",
+"high") for templates that read one."""
+
+
 def thinks(template: str | None) -> bool:
     """Whether a chat template has a reasoning section (`<think>`...`</think>`), as Ollama
     decides a model can think."""
-    return bool(template) and "<think>" in (template or "") and "</think>" in (template or "")
+    return bool(template) and THINK_OPEN in (template or "") and THINK_CLOSE in (template or "")
 
 
 Part = tuple[str, bool]
@@ -89,6 +98,8 @@ class RenderedPrompt:
     marked: bool
     """Whether contents were found in the output (False: the template moved or rewrote them,
     and the whole prompt is one markup part, parsed as before)."""
+    thinking_open: bool = False
+    """The prompt ends inside an opened reasoning section: the model's output starts as thinking."""
 
 
 def _mark(messages: list[dict[str, Any]], nonce: str) -> list[dict[str, Any]]:
@@ -157,6 +168,23 @@ def render_chat(
     add_generation_prompt: bool = True,
     deadline: Deadline | None = None,
     tools: list[dict[str, Any]] | None = None,
+    think: Think = None,
+) -> RenderedPrompt:
+    """`think`, for a template with a reasoning section: the variables templates read it from
+    (Qwen3's `enable_thinking`, a level as `reasoning_effort`); off, a section the prompt still
+    opens is closed at once, empty, so the model answers directly."""
+    rendered = _render_chat(messages, template, family, bos_token, eos_token, add_generation_prompt, deadline, tools, think)
+    if not thinks(template) or not rendered.text.rstrip().endswith(THINK_OPEN):
+        return rendered
+    if think is False:
+        units = (*rendered.units[:-1], (*rendered.units[-1], (THINK_CLOSE + "\n\n", True)))
+        return dataclasses.replace(rendered, text=rendered.text + THINK_CLOSE + "\n\n", units=units)
+    return dataclasses.replace(rendered, thinking_open=True)
+
+
+def _render_chat(
+    messages: list[dict[str, Any]], template: str | None, family: str, bos_token: str | None, eos_token: str | None,
+    add_generation_prompt: bool, deadline: Deadline | None, tools: list[dict[str, Any]] | None, think: Think,
 ) -> RenderedPrompt:
     stop: tuple[str, ...] = ()
     if not template:
@@ -166,6 +194,10 @@ def render_chat(
     context = {"bos_token": bos_token or "", "eos_token": eos_token or "", "add_generation_prompt": add_generation_prompt}
     if tools:
         context["tools"] = tools
+    if think is not None:
+        context["enable_thinking"] = think is not False
+        if isinstance(think, str):
+            context["reasoning_effort"] = think
     nonce = secrets.token_hex(6)
     units = _split(render(compiled, _mark(messages, nonce), deadline, **context), nonce, messages)
     if units is not None:

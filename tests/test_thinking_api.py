@@ -1,0 +1,88 @@
+"""A thinking model through the APIs, with the official clients against a real daemon. No small
+thinking model is on the package index: the fixture is SmolLM2 with a Qwen3-style template (it
+opens the reasoning section at the start of the answer, or closes it empty when thinking is
+off) and a thinking budget as a Modelfile PARAMETER, after which the engine closes the section
+itself, so the split is deterministic at temperature 0."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import ollama
+import pytest
+
+from myllm.registry.store import Overrides, Registry
+from myllm.settings import Settings
+from tests.conftest import writable_home
+from tests.server import running_servers
+
+THINK_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and not enable_thinking %}<think>\n\n</think>\n\n{% else %}<think>\n{% endif %}"
+    "{% endif %}"
+)
+BUDGET = 6
+QUESTION = [{"role": "user", "content": "What is two and two?"}]
+GREEDY = {"temperature": 0, "num_predict": 40}
+
+
+@pytest.fixture(scope="module")
+def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    home = writable_home(models_home, tmp_path_factory.mktemp("thinking") / "home")
+    registry = Registry.open(Settings(home=home))
+    registry.copy("smollm2:135m", "thinker", Overrides(parameters={"thinking_budget": BUDGET},
+                                                      template_override=THINK_TEMPLATE))
+    registry.close()
+    with running_servers(Settings(home=home, num_threads=2, num_ctx=1024)) as urls:
+        yield urls
+
+
+@pytest.fixture(scope="module")
+def client(urls: tuple[str, str]) -> ollama.Client:
+    return ollama.Client(host=urls[1], timeout=120)
+
+
+def test_a_thinking_template_is_the_thinking_capability(client: ollama.Client) -> None:
+    assert "thinking" in (client.show("thinker").capabilities or [])
+    assert "thinking" not in (client.show("smollm2:135m").capabilities or [])
+
+
+def test_ollama_chat_thinking_apart_streamed_and_not(client: ollama.Client) -> None:
+    whole = client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY)
+    thinking, content = whole.message.thinking or "", whole.message.content
+    assert thinking and content, whole
+    assert "<think>" not in thinking + content and "</think>" not in thinking + content
+    parts = list(client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == thinking
+    assert "".join(p.message.content for p in parts) == content
+    first_answer = next(i for i, p in enumerate(parts) if p.message.content)
+    assert all(not p.message.thinking for p in parts[first_answer:])  # thinking, then the answer
+    unset = client.chat(model="thinker", messages=QUESTION, options=GREEDY)  # the model's default: it thinks
+    assert (unset.message.thinking, unset.message.content) == (thinking, content)
+
+
+def test_think_false_closes_the_section_before_the_model_writes(client: ollama.Client) -> None:
+    off = client.chat(model="thinker", messages=QUESTION, think=False, options=GREEDY)
+    assert not off.message.thinking and off.message.content
+    on = client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY)
+    assert off.message.content != on.message.content
+
+
+def test_the_budget_closes_the_thinking_at_n_tokens(client: ollama.Client) -> None:
+    """The model's PARAMETER, then a request's own option: the thinking stops at the budget
+    (the engine's closing marker and blank line follow, then the answer)."""
+    short = client.chat(model="thinker", messages=QUESTION, think=True, options={**GREEDY, "thinking_budget": 2})
+    default = client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY)
+    assert short.message.thinking and default.message.thinking
+    assert default.message.thinking.startswith(short.message.thinking)
+    assert len(short.message.thinking) < len(default.message.thinking)
+
+
+def test_ollama_generate_thinking(client: ollama.Client) -> None:
+    whole = client.generate(model="thinker", prompt="What is two and two?", think=True, options=GREEDY)
+    assert whole.thinking and whole.response and "</think>" not in whole.response
+    parts = list(client.generate(model="thinker", prompt="What is two and two?", think=True, options=GREEDY, stream=True))
+    assert "".join(p.thinking or "" for p in parts) == whole.thinking
+    assert "".join(p.response for p in parts) == whole.response
