@@ -87,6 +87,7 @@ def test_the_budget_closes_the_thinking_and_the_model_answers(engine: BatchEngin
     written = engine.vocabulary.markup("</think>\n\n")
     ids = [e.token_id for e in tokens if e.token_id >= 0]
     assert ids[5:5 + len(written)] == written  # the engine's own tokens, right after the budget
+    assert 5 < done.thinking_tokens <= 5 + len(written) < done.completion_tokens  # the marker counts as thinking
     free = run(engine, GenerationRequest(engine.tokenize(PROMPT), options, ("<|im_end|>",), thinking=Thinking(started=True)))
     assert isinstance(free[-1], DoneEvent)
     assert free[-1].thinking.startswith(done.thinking)  # without a budget it goes on thinking

@@ -130,6 +130,9 @@ class DoneEvent:
     end-of-turn text): Anthropic's API reports which of the caller's sequences it was."""
     thinking: str = ""
     """All the thinking, apart from `text` (a request with `Thinking` only)."""
+    thinking_tokens: int = 0
+    """Of `completion_tokens`, those written inside the reasoning section (OpenAI's
+    `reasoning_tokens`)."""
 
 
 Event = TokenEvent | DoneEvent

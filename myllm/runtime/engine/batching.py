@@ -476,7 +476,7 @@ class BatchEngine:
                 finish_reason=reason or "stop", text=output.text, prompt_tokens=slot.prompt_tokens,
                 prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
                 prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
-                stop_sequence=output.stop_sequence, thinking=output.thinking,
+                stop_sequence=output.stop_sequence, thinking=output.thinking, thinking_tokens=output.thinking_tokens,
             ))
         else:
             self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))

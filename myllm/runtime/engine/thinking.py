@@ -79,6 +79,8 @@ class OutputText:
         self._assembler = TextAssembler(stop)
         self._split = ThinkingSplitter(thinking) if thinking is not None else None
         self._left = thinking.budget if thinking is not None else None
+        self.thinking_tokens = 0
+        """Tokens fed while the reasoning section was open (its closing marker included)."""
 
     @property
     def stopped(self) -> bool:
@@ -99,6 +101,8 @@ class OutputText:
 
     def feed(self, data: bytes) -> tuple[str, str]:
         """One token's bytes: (answer, thinking) that may be sent now."""
+        if self._split is not None and self._split.inside:
+            self.thinking_tokens += 1
         return self._divide(self._assembler.feed(data), final=False)
 
     def finish(self) -> tuple[str, str]:
