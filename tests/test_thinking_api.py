@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import ollama
+import openai
 import pytest
 
 from myllm.registry.store import Overrides, Registry
@@ -86,3 +88,42 @@ def test_ollama_generate_thinking(client: ollama.Client) -> None:
     parts = list(client.generate(model="thinker", prompt="What is two and two?", think=True, options=GREEDY, stream=True))
     assert "".join(p.thinking or "" for p in parts) == whole.thinking
     assert "".join(p.response for p in parts) == whole.response
+
+
+@pytest.fixture(scope="module")
+def openai_client(urls: tuple[str, str]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{urls[0]}/v1", api_key="none")
+
+
+def test_openai_chat_reasoning_content_streamed_and_not(openai_client: openai.OpenAI) -> None:
+    """As llama-server, vLLM and DeepSeek send it: `reasoning_content` on the message and on
+    the deltas, the answer clean in `content`, the thinking's tokens in `reasoning_tokens`."""
+    whole = openai_client.chat.completions.create(model="thinker", messages=QUESTION, temperature=0, max_tokens=40,
+                                                  reasoning_effort="low")
+    message = whole.choices[0].message
+    thinking = getattr(message, "reasoning_content", None)
+    assert thinking and message.content and "</think>" not in thinking + message.content
+    assert whole.usage and whole.usage.completion_tokens_details
+    assert 0 < (whole.usage.completion_tokens_details.reasoning_tokens or 0) < whole.usage.completion_tokens
+    chunks = list(openai_client.chat.completions.create(model="thinker", messages=QUESTION, temperature=0, max_tokens=40,
+                                                        reasoning_effort="low", stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(getattr(d, "reasoning_content", None) or "" for d in deltas) == thinking
+    assert "".join(d.content or "" for d in deltas) == message.content
+
+
+@pytest.mark.parametrize("off", [{"reasoning_effort": "none"}, {"extra_body": {"chat_template_kwargs": {"enable_thinking": False}}}])
+def test_openai_chat_thinking_off(openai_client: openai.OpenAI, off: dict[str, Any]) -> None:
+    whole = openai_client.chat.completions.create(model="thinker", messages=QUESTION, temperature=0, max_tokens=40, **off)
+    assert getattr(whole.choices[0].message, "reasoning_content", None) is None and whole.choices[0].message.content
+    assert whole.usage and whole.usage.completion_tokens_details
+    assert whole.usage.completion_tokens_details.reasoning_tokens == 0
+
+
+def test_openai_chat_thinking_on_a_model_that_cannot(openai_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        openai_client.chat.completions.create(model="smollm2:135m", messages=QUESTION, max_tokens=4, reasoning_effort="high")
+    assert info.value.body and info.value.body.get("param") == "reasoning_effort"  # type: ignore[union-attr]
+    plain = openai_client.chat.completions.create(model="smollm2:135m", messages=QUESTION, max_tokens=4,
+                                                  reasoning_effort="none")  # asking it not to think is fine
+    assert plain.choices[0].message.content is not None

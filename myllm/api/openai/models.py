@@ -85,6 +85,14 @@ class _Sampling(_Request):
     repeat_penalty: float | None = None
 
 
+class ChatTemplateKwargs(BaseModel):
+    """llama-server's and vLLM's way to pass variables to the chat template: the one a
+    thinking model's template reads is honoured; others are refused rather than ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+    enable_thinking: bool | None = None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage]
     max_completion_tokens: int | None = None
@@ -95,6 +103,10 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["auto", "none", "required"] | NamedToolChoice | None = Field(
         None, description="`required` and a named function are enforced by grammar")
     parallel_tool_calls: bool | None = None
+    reasoning_effort: Literal["none", "minimal", "low", "medium", "high"] | None = Field(
+        None, description="a thinking model's thinking: none/minimal off, a level passed to its template")
+    chat_template_kwargs: ChatTemplateKwargs | None = Field(
+        None, description="extension (llama-server, vLLM): `enable_thinking` turns a thinking model's thinking on or off")
 
 
 class CompletionRequest(_Sampling):
@@ -130,11 +142,17 @@ class PromptTokensDetails(BaseModel):
     """Prompt tokens whose KV was reused (a returning conversation's earlier turns)."""
 
 
+class CompletionTokensDetails(BaseModel):
+    reasoning_tokens: int
+    """Completion tokens written inside a thinking model's reasoning section."""
+
+
 class UsageObject(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
 
 
 class Timings(BaseModel):
@@ -151,6 +169,8 @@ class Timings(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    reasoning_content: str | None = None
+    """A thinking model's thinking, apart from the answer (as llama-server, vLLM and DeepSeek send it)."""
     tool_calls: list[ToolCallObject] | None = None
 
 

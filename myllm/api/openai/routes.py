@@ -27,6 +27,7 @@ from myllm.api.openai.models import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    CompletionTokensDetails,
     EmbeddingList,
     EmbeddingObject,
     EmbeddingRequest,
@@ -45,6 +46,7 @@ from myllm.api.openai.models import (
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
+from myllm.runtime.request.template import Think, thinks
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
@@ -184,7 +186,9 @@ def _usage(dones: list[DoneEvent]) -> UsageObject:
     prompt, completion = sum(d.prompt_tokens for d in dones), sum(d.completion_tokens for d in dones)
     cached = sum(d.prompt_tokens - d.prompt_eval_tokens for d in dones)
     return UsageObject(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
-                       prompt_tokens_details=PromptTokensDetails(cached_tokens=cached))
+                       prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+                       completion_tokens_details=CompletionTokensDetails(
+                           reasoning_tokens=sum(d.thinking_tokens for d in dones)))
 
 
 def _timings(dones: list[DoneEvent]) -> Timings:
@@ -193,6 +197,19 @@ def _timings(dones: list[DoneEvent]) -> Timings:
         prompt_n=sum(d.prompt_eval_tokens for d in dones), prompt_ms=sum(d.prompt_ms for d in dones),
         predicted_n=sum(d.completion_tokens for d in dones), predicted_ms=sum(d.generation_ms for d in dones),
     )
+
+
+def _think(body: ChatCompletionRequest, model: ModelRow) -> Think:
+    """The request's thinking: `reasoning_effort` (none and minimal are off), else llama-server's
+    `chat_template_kwargs.enable_thinking`, else the model's default. Asking a model that
+    cannot think to think is a 400, as OpenAI answers it for its models without reasoning."""
+    effort = body.reasoning_effort
+    enabled = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
+    think: Think = (effort not in ("none", "minimal") and effort) if effort is not None else enabled
+    if think and not thinks(model.template):
+        field = "reasoning_effort" if effort is not None else "chat_template_kwargs"
+        raise InvalidOptions(f"model '{model.name}' does not support thinking ({field})", field=field)
+    return think
 
 
 def _finish(done: DoneEvent) -> str:
@@ -220,14 +237,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         raise InvalidOptions(f"top_logprobs must be between 0 and 20 (got {body.top_logprobs})", field="top_logprobs")
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     options = _options(body, body.max_completion_tokens or body.max_tokens, logprobs, _format(body.response_format))
+    model = await svc.runtime.model(body.model or svc.settings.default_model)
     stream = await svc.runtime.chat(
-        body.model or svc.settings.default_model,
+        model,
         _messages(body.messages),
         options,
         keep_alive=keep_alive_of(request, body.keep_alive),
         tools=body.tools,
         tool_choice=_tool_choice(body),
         parallel_tool_calls=body.parallel_tool_calls is not False,
+        think=_think(body, model),
         caller=reloading_key(request),
     )
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -244,6 +263,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     return ChatCompletion(
         id=cid, created=created, model=stream.model, usage=_usage([done]), timings=_timings([done]),
         choices=[ChatChoice(index=0, message=AssistantMessage(content=done.text or (None if stream.tool_calls else ""),
+                                                              reasoning_content=done.thinking or None,
                                                               tool_calls=_tool_calls(stream.tool_calls) or None),
                             finish_reason=_finish(done),
                             logprobs={"content": entries} if logprobs is not None else None)],
@@ -291,6 +311,8 @@ class _ChatFrames(_Chunks):
     def token(self, event: TokenEvent) -> Iterator[str]:
         if event.logprob is not None and event.token_id >= 0:
             self.pending.append(_chat_logprob(event))
+        if event.thinking:
+            yield self.chunk({"reasoning_content": event.thinking})
         if event.text:
             yield self.chunk({"content": event.text}, logprobs=self.pending)
             self.pending = []
