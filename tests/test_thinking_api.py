@@ -6,6 +6,7 @@ itself, so the split is deterministic at temperature 0."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,3 +128,28 @@ def test_openai_chat_thinking_on_a_model_that_cannot(openai_client: openai.OpenA
     plain = openai_client.chat.completions.create(model="smollm2:135m", messages=QUESTION, max_tokens=4,
                                                   reasoning_effort="none")  # asking it not to think is fine
     assert plain.choices[0].message.content is not None
+
+
+SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "required": ["answer"]}
+
+
+def test_a_json_schema_holds_on_the_answer_while_the_thinking_is_free(client: ollama.Client) -> None:
+    """The format's grammar starts after the reasoning section: the thinking is what the model
+    thinks without any format (greedy, the same prompt), and the answer is the schema's JSON."""
+    free = client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY)
+    shaped = client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY, format=SCHEMA)
+    assert shaped.message.thinking == free.message.thinking
+    assert isinstance(json.loads(shaped.message.content)["answer"], int)
+
+
+def test_a_required_tool_call_holds_on_the_answer(openai_client: openai.OpenAI) -> None:
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers",
+                                                "parameters": {"type": "object", "properties": {
+                                                    "a": {"type": "integer"}, "b": {"type": "integer"}},
+                                                    "required": ["a", "b"]}}}]
+    r = openai_client.chat.completions.create(model="thinker", messages=QUESTION, temperature=0, max_tokens=60,
+                                              tools=tools, tool_choice="required")  # type: ignore[arg-type]
+    message = r.choices[0].message
+    assert getattr(message, "reasoning_content", None)
+    assert message.tool_calls and message.tool_calls[0].function.name == "add"
+    assert set(json.loads(message.tool_calls[0].function.arguments)) == {"a", "b"}

@@ -3,7 +3,10 @@ format's grammar before its request starts."""
 
 from __future__ import annotations
 
+import ctypes
+import json
 import random
+import re
 import time
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -14,7 +17,7 @@ from myllm.errors import InvalidOptions
 from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.sampling import Candidates, ChainSampler, GreedySampler
 from myllm.runtime.engine.vocabulary import Vocabulary
-from myllm.runtime.engine_types import GenerationRequest
+from myllm.runtime.engine_types import GenerationRequest, Thinking
 
 if TYPE_CHECKING:
     from llama_cpp import llama_sampler_p
@@ -29,6 +32,10 @@ load made the same schema a 400 one time in a few."""
 GRAMMAR_STEP_MAX = 0.5
 """CPU seconds any later token's grammar may take (an `enum` deep in an object opens only there)
 before the request is stopped with an error (by the engine, which times each token's sampling)."""
+
+
+THINKING_ROOT = "thinking-root"
+"""The start symbol of a format's grammar that begins after a reasoning section."""
 
 
 class SamplerFactory:
@@ -49,7 +56,7 @@ class SamplerFactory:
         o = req.options
         if o.temperature == 0 and not req.grammar:
             return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
-        grammar = self.grammar(req.grammar) if req.grammar else None  # first: it may fail
+        grammar = self.grammar(req.grammar, req.thinking) if req.grammar else None  # first: it may fail
         chain = internals.LlamaSampler()
         chain.add_penalties(self._n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         if o.temperature == 0:
@@ -62,16 +69,28 @@ class SamplerFactory:
             chain.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
         return ChainSampler(self._lib, self._candidates, chain, grammar)
 
-    def grammar(self, grammar: str) -> llama_sampler_p:
+    def grammar(self, grammar: str, thinking: Thinking | None = None) -> llama_sampler_p:
         """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
         parse with NULL (and a log line), and a NULL in a sampler chain crashes the process, so
-        that is a clear error here instead."""
+        that is a clear error here instead.
+
+        With `thinking` the grammar holds on the answer only: a lazy grammar, which lets every
+        token through until its trigger, the reasoning section's closing marker (or, when the
+        prompt did not open the section, an answer that starts without one), and from there
+        takes the marker and the blank line after it before the format's own `root`."""
         try:
             text = grammar.encode("utf-8")
         except UnicodeEncodeError as exc:
             raise InvalidOptions("the output format contains a lone surrogate, which is not text", field="format") from exc
         with self._guard.use():
-            pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
+            if thinking is None:
+                pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
+            else:
+                start = f"\n{THINKING_ROOT} ::= {json.dumps(thinking.close)}? [ \\t\\n]* root\n".encode()
+                triggers = [re.escape(thinking.close)] + ([] if thinking.started else [r"^\s*[^<\s]"])
+                patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
+                pointer = self._lib.llama_sampler_init_grammar_lazy_patterns(
+                    self._vocab, text + start, THINKING_ROOT.encode(), patterns, len(triggers), None, 0)
         if not pointer:
             raise InvalidOptions("llama.cpp could not compile the grammar of the requested output format", field="format")
         return pointer
