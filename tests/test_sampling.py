@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from myllm.runtime.engine.batching import BatchEngine
+from myllm.runtime.engine.batching import BatchEngine, logits_row
 from myllm.runtime.engine.sampler_factory import PENALTY_WINDOW
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine_types import GenerationRequest, LoadSpec
@@ -53,7 +53,7 @@ def test_greedy_sampler_matches_llama_cpp(engine: BatchEngine, repeat: float, fr
     pos, picked = len(prompt), []
     for _ in range(96):  # longer than the penalty window, so tokens also leave it
         index = engine.batch.batch.n_tokens - 1
-        mine = ours.sample(engine._logits(index))
+        mine = ours.sample(logits_row(engine._lib, engine.ctx.ctx, index, engine.n_vocab))
         theirs = reference.sample(engine.ctx, index)
         assert mine == theirs, (picked, mine, theirs)
         picked.append(mine)
@@ -87,7 +87,7 @@ def test_grammar_checked_after_the_chain_picks_what_grammar_first_picks(engine: 
     try:
         for _ in range(64):
             index = engine.batch.batch.n_tokens - 1
-            logits = engine._logits(index)
+            logits = logits_row(engine._lib, engine.ctx.ctx, index, engine.n_vocab)
             unconstrained = int(np.argmax(logits))
             mine = ours.sample(logits)
             theirs = reference.sample(engine.ctx, index)

@@ -97,3 +97,18 @@ def test_without_thinking_the_output_is_the_answer(engine: BatchEngine) -> None:
     req = GenerationRequest(engine.tokenize(PROMPT), GenerationOptions(temperature=0, max_tokens=8), ("<|im_end|>",))
     done = run(engine, req)[-1]
     assert isinstance(done, DoneEvent) and done.thinking == "" and done.text
+
+
+def test_max_tokens_holds_around_the_closing_marker(engine: BatchEngine) -> None:
+    """A limit that falls on or just after the budget: the output never passes it, and where the
+    marker does not fit the output ends as thinking (`length`), never with half a marker."""
+    marker = len(engine.vocabulary.markup("</think>\n\n"))
+    for limit in range(5, 5 + marker + 3):
+        req = GenerationRequest(engine.tokenize(PROMPT), GenerationOptions(temperature=0, max_tokens=limit),
+                                ("<|im_end|>",), thinking=Thinking(started=True, budget=5))
+        done = run(engine, req)[-1]
+        assert isinstance(done, DoneEvent)
+        assert done.completion_tokens <= limit, limit
+        assert "</" not in done.thinking, (limit, done.thinking)
+        if limit <= 5 + marker:
+            assert (done.finish_reason, done.text) == ("length", ""), limit

@@ -19,7 +19,7 @@ tokens and text `vocabulary.py`'s, and each request's sampler comes from `sample
 With layers on a GPU the weights, the KV cache and the compute buffers live in device memory,
 which this process must never read or write by pointer. What the engine touches is host memory
 that llama.cpp owns and keeps coherent: the `llama_batch` arrays (malloc'd, read by llama.cpp
-before `llama_decode` returns), the logits rows (`_logits`: llama.cpp copies them from the
+before `llama_decode` returns), the logits rows (`logits_row`: llama.cpp copies them from the
 device into its host output buffer at every decode, and `llama_get_logits_ith` waits for that
 copy before returning a pointer into it), and KV states (`kvcache.py`: llama.cpp copies them
 between the device and a buffer of ours inside `llama_state_seq_get_data`/`_set_data`).
@@ -415,7 +415,7 @@ class BatchEngine:
         if slot.first_at is None:
             slot.first_at = time.perf_counter()
         assert slot.sampler is not None
-        logits = self._logits(slot.batch_index)
+        logits = logits_row(self._lib, self.ctx.ctx, slot.batch_index, self.n_vocab)
         started = time.thread_time()  # this thread's CPU time, as check_grammar measures it
         token = slot.sampler.sample(logits)  # also accepted into the sampler's state
         if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
@@ -438,31 +438,25 @@ class BatchEngine:
         elif slot.count >= slot.limit:
             self._finish(slot, "length")
         elif output.over_budget():
-            slot.pending = [token, *self._close_thinking(slot)]
+            self._close_thinking(slot, token)
         else:
             slot.pending = [token]
 
-    def _close_thinking(self, slot: _Slot) -> list[int]:
-        """The thinking budget is spent: the section's closing marker (and a blank line) are the
-        output's next tokens, sent and accepted like sampled ones; the model answers after them."""
+    def _close_thinking(self, slot: _Slot, token: int) -> None:
+        """The thinking budget is spent after `token`: the section's closing marker (and a blank
+        line) are the output's next tokens, sent and accepted like sampled ones, and the model
+        answers after them; where `max_tokens` leaves no room for them the output ends there."""
         assert slot.req and slot.req.thinking and slot.output and slot.job and slot.sampler
-        tokens = self.vocabulary.markup(slot.req.thinking.close + "\n\n")[: max(0, slot.limit - slot.count)]
-        for token in tokens:
-            slot.sampler.accept(token)
-            text, thinking = slot.output.feed(self._token_bytes(token))
-            self._post(slot.job, TokenEvent(text, token, thinking=thinking))
+        tokens = self.vocabulary.markup(slot.req.thinking.close + "\n\n")
+        if len(tokens) >= slot.limit - slot.count:
+            self._finish(slot, "length")
+            return
+        for forced in tokens:
+            slot.sampler.accept(forced)
+            text, thinking = slot.output.feed(self._token_bytes(forced))
+            self._post(slot.job, TokenEvent(text, forced, thinking=thinking))
         slot.count += len(tokens)
-        return tokens
-
-    def _logits(self, index: int) -> np.ndarray:
-        """This slot's row of logits only: a view into llama.cpp's host output buffer, valid
-        until the next decode, which may reallocate that buffer (so it is used within this
-        step and never kept; sampling copies the row into its own candidates). It is host
-        memory with any backend: `llama_get_logits_ith` first waits for the device's copy into
-        it. `index` must be a batch position whose `logits` flag was set, or llama.cpp answers
-        NULL, which numpy refuses (ValueError) rather than reading."""
-        ptr = self._lib.llama_get_logits_ith(self.ctx.ctx, index)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        slot.pending = [token, *tokens]
 
     def _finish(self, slot: _Slot, reason: str | None, error: BaseException | None = None) -> None:
         job, output = slot.job, slot.output
@@ -487,6 +481,16 @@ class BatchEngine:
             slot.sampler.close()
         slot.job = slot.req = slot.sampler = slot.output = None
         slot.last_used = time.monotonic()
+
+
+def logits_row(lib: Any, ctx: Any, index: int, n_vocab: int) -> np.ndarray:
+    """A sequence's row of logits only: a view into llama.cpp's host output buffer, valid
+    until the next decode, which may reallocate that buffer (so it is used within this
+    step and never kept; sampling copies the row into its own candidates). It is host
+    memory with any backend: `llama_get_logits_ith` first waits for the device's copy into
+    it. `index` must be a batch position whose `logits` flag was set, or llama.cpp answers
+    NULL, which numpy refuses (ValueError) rather than reading."""
+    return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
 
 
 def cancelled(job: EngineJob) -> DoneEvent:
