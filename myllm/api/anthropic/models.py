@@ -2,7 +2,9 @@
 
 Requests allow fields they do not name (clients send `cache_control`, `anthropic-beta`
 features and the like, which change nothing here); a block of a kind myllm cannot read (an
-image, a document, thinking) fails validation, which is a 400 naming it.
+image, a document) fails validation, which is a 400 naming it. Thinking blocks are read (a
+client sends an earlier answer back whole) and left out of the prompt, as the chat templates
+drop earlier turns' thinking.
 """
 
 from __future__ import annotations
@@ -34,6 +36,23 @@ class ToolUseBlock(_Shape):
     input: dict[str, Any]
 
 
+class ThinkingBlock(_Shape):
+    """A thinking model's reasoning, before its text. `signature` is opaque: Anthropic's
+    proves the block came from its model; here it is a digest of the thinking, never checked
+    when the block comes back (it is not part of the prompt)."""
+
+    type: Literal["thinking"] = "thinking"
+    thinking: str
+    signature: str = ""
+
+
+class RedactedThinkingBlock(_Shape):
+    """Thinking Anthropic's safety systems encrypted: accepted in a history, never produced."""
+
+    type: Literal["redacted_thinking"] = "redacted_thinking"
+    data: str
+
+
 TextContent = Annotated[Annotated[str, Tag("text")] | Annotated[list[TextBlock], Tag("blocks")], Discriminator(_form)]
 
 
@@ -44,7 +63,8 @@ class ToolResultBlock(_Shape):
     is_error: bool = False
 
 
-InputBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+InputBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+                      Field(discriminator="type")]
 Content = Annotated[Annotated[str, Tag("text")] | Annotated[list[InputBlock], Tag("blocks")], Discriminator(_form)]
 
 
@@ -89,6 +109,25 @@ class NoneChoice(_Shape):
 ToolChoice = Annotated[AutoChoice | AnyChoice | NamedChoice | NoneChoice, Field(discriminator="type")]
 
 
+class ThinkingEnabled(_Shape):
+    type: Literal["enabled"]
+    budget_tokens: int = Field(ge=1, description="tokens of thinking before the model is made to answer; "
+                                                 "less than `max_tokens` (no 1,024 minimum here)")
+
+
+class ThinkingDisabled(_Shape):
+    type: Literal["disabled"]
+
+
+class ThinkingAdaptive(_Shape):
+    """The model decides: here, its template's default."""
+
+    type: Literal["adaptive"]
+
+
+ThinkingConfig = Annotated[ThinkingEnabled | ThinkingDisabled | ThinkingAdaptive, Field(discriminator="type")]
+
+
 class CountTokensRequest(_Shape):
     """What makes the prompt: `count_tokens` takes this, a message adds the sampling."""
 
@@ -98,6 +137,9 @@ class CountTokensRequest(_Shape):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = Field(
         None, description="`any` and a named tool are enforced by a grammar built from the tools' schemas")
+    thinking: ThinkingConfig | None = Field(
+        None, description="absent (or `adaptive`): the model's default; a model whose template cannot think "
+                          "refuses `enabled`")
 
 
 class MessagesRequest(CountTokensRequest):
@@ -127,7 +169,7 @@ class Message(BaseModel):
     type: Literal["message"] = "message"
     role: Literal["assistant"] = "assistant"
     model: str
-    content: list[TextBlock | ToolUseBlock]
+    content: list[ThinkingBlock | TextBlock | ToolUseBlock]
     stop_reason: StopReason | None
     stop_sequence: str | None
     usage: Usage

@@ -1,13 +1,15 @@
 """Anthropic's Messages API (`/v1/messages`) on the main listener: a message request becomes
 one `Runtime.chat` call, its events become a `Message` or Anthropic's stream events. Errors
-take Anthropic's shape (`anthropic_renderer`), never FastAPI's 422."""
+take Anthropic's shape (`anthropic_renderer`), never FastAPI's 422. A thinking model's thinking
+(the events' `thinking`) is a `thinking` block before the text."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
@@ -20,8 +22,13 @@ from myllm.api.anthropic.models import (
     MessagesRequest,
     NamedChoice,
     NoneChoice,
+    RedactedThinkingBlock,
     StopReason,
     TextBlock,
+    ThinkingBlock,
+    ThinkingConfig,
+    ThinkingDisabled,
+    ThinkingEnabled,
     TokenCount,
     ToolChoice,
     ToolResultBlock,
@@ -34,6 +41,8 @@ from myllm.api.http.errors import ApiError
 from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, Overloaded
+from myllm.registry.schema import ModelRow
+from myllm.runtime.request.template import Think, thinks
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
@@ -109,6 +118,8 @@ def _assistant(blocks: list[Any], called: dict[str, str], index: int) -> dict[st
         elif isinstance(block, ToolUseBlock):
             called[block.id] = block.name
             calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
+        elif isinstance(block, ThinkingBlock | RedactedThinkingBlock):
+            continue  # an earlier answer's thinking, sent back: the templates leave it out
         else:
             raise InvalidOptions(f"messages[{index}].content[{j}]: an assistant turn cannot hold a tool_result",
                                  field=f"messages[{index}].content")
@@ -136,7 +147,7 @@ def _user(blocks: list[Any], called: dict[str, str], index: int) -> list[dict[st
             out.append({"role": "tool", "name": called[block.tool_use_id],
                         "content": f"Error: {result}" if block.is_error else result})
         else:
-            raise InvalidOptions(f"messages[{index}].content[{j}]: a user turn cannot hold a tool_use",
+            raise InvalidOptions(f"messages[{index}].content[{j}]: a user turn cannot hold a {block.type} block",
                                  field=f"messages[{index}].content")
     if texts or not out:
         out.append({"role": "user", "content": PARAGRAPH.join(texts)})
@@ -160,12 +171,41 @@ def _tool_choice(choice: ToolChoice | None) -> tuple[str, bool]:
     return name, not choice.disable_parallel_tool_use
 
 
+def _think(thinking: ThinkingConfig | None) -> Think:
+    """The runtime's `think`: `enabled` on, `disabled` off, absent or `adaptive` the model's default."""
+    if isinstance(thinking, ThinkingEnabled):
+        return True
+    return False if isinstance(thinking, ThinkingDisabled) else None
+
+
+async def _model(request: Request, name: str, thinking: ThinkingConfig | None) -> ModelRow:
+    """The model's row; thinking asked of a model whose template cannot think is refused, as
+    Anthropic refuses it for its models without thinking."""
+    row = await services(request).runtime.model(name)
+    if _think(thinking) and not thinks(row.template):
+        raise InvalidOptions(f'"{row.name}" does not support thinking', field="thinking")
+    return row
+
+
 def _options(body: MessagesRequest) -> GenerationOptions:
+    """The sampling options; `budget_tokens` is the thinking budget, which Anthropic requires
+    below `max_tokens` (thinking counts toward it) but here has no minimum of 1,024."""
+    budget = body.thinking.budget_tokens if isinstance(body.thinking, ThinkingEnabled) else None
+    if budget is not None and budget >= body.max_tokens:
+        raise InvalidOptions(f"thinking.budget_tokens ({budget}) must be less than max_tokens ({body.max_tokens})",
+                             field="thinking.budget_tokens")
     return GenerationOptions.parse({"max_tokens": body.max_tokens, "stop": body.stop_sequences,
-                                    "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k})
+                                    "temperature": body.temperature, "top_p": body.top_p, "top_k": body.top_k,
+                                    "thinking_budget": budget})
 
 
 # -- the answer ----------------------------------------------------------------------------------
+
+
+def _signature(thinking: str) -> str:
+    """A thinking block's signature: the digest of its text. Opaque to clients, which send the
+    block back; never checked, since earlier thinking is not part of a prompt."""
+    return hashlib.sha256(thinking.encode()).hexdigest()
 
 
 def _tool_id(call: Call) -> str:
@@ -194,14 +234,20 @@ def _usage(done: DoneEvent) -> Usage:
 async def create_message(body: MessagesRequest, request: Request) -> Response | Message:
     messages, prefill = _messages(body.system, body.messages)
     choice, parallel = _tool_choice(body.tool_choice)
-    stream = await services(request).runtime.chat(body.model, messages, _options(body), prefill=prefill,
-                                                  tools=_tools(body), tool_choice=choice, parallel_tool_calls=parallel,
-                                                  caller=reloading_key(request))
+    options = _options(body)
+    row = await _model(request, body.model, body.thinking)
+    stream = await services(request).runtime.chat(row, messages, options, prefill=prefill, tools=_tools(body),
+                                                  tool_choice=choice, parallel_tool_calls=parallel,
+                                                  think=_think(body.thinking), caller=reloading_key(request))
     message_id = f"msg_{uuid.uuid4().hex}"
     if body.stream:
         return relay(request, stream, _MessageFrames(stream, message_id, body.stop_sequences))
     done = await collect(request, stream)
-    content: list[TextBlock | ToolUseBlock] = [TextBlock(text=done.text)] if done.text else []
+    content: list[ThinkingBlock | TextBlock | ToolUseBlock] = []
+    if done.thinking:
+        content.append(ThinkingBlock(thinking=done.thinking, signature=_signature(done.thinking)))
+    if done.text:
+        content.append(TextBlock(text=done.text))
     content += [ToolUseBlock(id=_tool_id(c), name=c.name, input=c.arguments) for c in stream.tool_calls]
     reason, sequence = _stop(done, body.stop_sequences)
     return Message(id=message_id, model=stream.model, content=content, stop_reason=reason, stop_sequence=sequence,
@@ -213,7 +259,8 @@ def _event(payload: dict[str, Any]) -> str:
 
 
 class _MessageFrames(Frames):
-    """message_start; a text block while text comes; at the end a block per tool call (its
+    """message_start; a thinking block while thinking comes (`thinking_delta`s, then its
+    `signature_delta`), a text block while text comes; at the end a block per tool call (its
     input in `input_json_delta` pieces), message_delta with the stop reason and usage,
     message_stop. A failure after the start is an `error` event."""
 
@@ -221,7 +268,10 @@ class _MessageFrames(Frames):
         self.stream, self.message_id, self.stop_sequences = stream, message_id, stop_sequences
         self.index = 0
         """The content block being written, or the next one."""
-        self.text_open = False
+        self.open: Literal["thinking", "text"] | None = None
+        """The kind of the block being written, if one is."""
+        self.thinking: list[str] = []
+        """The thinking's pieces so far, for its signature."""
 
     def start(self, stream: GenerationStream) -> Iterator[str]:
         yield _event({"type": "message_start", "message": {
@@ -230,17 +280,33 @@ class _MessageFrames(Frames):
             "usage": {"input_tokens": stream.prompt_tokens, "output_tokens": 0}}})
 
     def token(self, event: TokenEvent) -> Iterator[str]:
-        if not event.text:
-            return
-        if not self.text_open:
-            self.text_open = True
-            yield _event({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}})
-        yield _event({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": event.text}})
+        if event.thinking:
+            if self.open != "thinking":
+                self.open = "thinking"
+                yield _event({"type": "content_block_start", "index": self.index,
+                              "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
+            self.thinking.append(event.thinking)
+            yield _event({"type": "content_block_delta", "index": self.index,
+                          "delta": {"type": "thinking_delta", "thinking": event.thinking}})
+        if event.text:
+            if self.open != "text":
+                yield from self._close()
+                self.open = "text"
+                yield _event({"type": "content_block_start", "index": self.index, "content_block": {"type": "text", "text": ""}})
+            yield _event({"type": "content_block_delta", "index": self.index, "delta": {"type": "text_delta", "text": event.text}})
 
-    def done(self, done: DoneEvent) -> Iterator[str]:
-        if self.text_open:
+    def _close(self) -> Iterator[str]:
+        """The end of the block being written: a thinking block's signature comes just before."""
+        if self.open == "thinking":
+            yield _event({"type": "content_block_delta", "index": self.index,
+                          "delta": {"type": "signature_delta", "signature": _signature("".join(self.thinking))}})
+        if self.open is not None:
             yield _event({"type": "content_block_stop", "index": self.index})
             self.index += 1
+            self.open = None
+
+    def done(self, done: DoneEvent) -> Iterator[str]:
+        yield from self._close()
         for call in self.stream.tool_calls:
             yield _event({"type": "content_block_start", "index": self.index, "content_block": {
                 "type": "tool_use", "id": _tool_id(call), "name": call.name, "input": {}}})
@@ -262,6 +328,7 @@ class _MessageFrames(Frames):
 async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount:
     messages, prefill = _messages(body.system, body.messages)
     choice, _ = _tool_choice(body.tool_choice)
-    count = await services(request).runtime.count_chat(body.model, messages, prefill=prefill, tools=_tools(body),
+    row = await _model(request, body.model, body.thinking)
+    count = await services(request).runtime.count_chat(row, messages, prefill=prefill, tools=_tools(body),
                                                        tool_choice=choice, caller=reloading_key(request))
     return TokenCount(input_tokens=count)
