@@ -1,7 +1,9 @@
 """OpenAI's Responses API (`/v1/responses`): input items to one `Runtime.chat` call, the reply
 to output items, stored responses through `ResponseStore` (a chain of responses is a session,
 so `previous_response_id` puts the earlier turns first and the runner's KV reuse applies).
-Errors are rendered by the `/v1` renderer (OpenAI's shape)."""
+A thinking model's thinking is a `reasoning` output item before the message; a chain's turns
+keep only the answers, as templates drop earlier thinking. Errors are rendered by the `/v1`
+renderer (OpenAI's shape)."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -19,11 +22,12 @@ from myllm.api.http.auth import reloading_key, viewer
 from myllm.api.http.errors import ApiError
 from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.openai.models import ErrorObject
-from myllm.api.openai.responses_models import ResponseRequest
+from myllm.api.openai.responses_models import Reasoning, ResponseRequest
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.sessions import StoredMessage
 from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.template import Think
 from myllm.runtime.request.tools import Call, call_text
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 
@@ -78,9 +82,10 @@ def _items(body: ResponseRequest) -> list[dict[str, Any]]:
             if item.get("call_id") in called:
                 message["name"] = called[item["call_id"]]
             messages.append(message)
-        else:
-            raise InvalidOptions(f"{where}.type {kind!r} is not supported (message, function_call, function_call_output)",
-                                 field="input")
+        elif kind != "reasoning":  # an earlier reply's thinking, sent back: templates drop it
+            raise InvalidOptions(
+                f"{where}.type {kind!r} is not supported (message, function_call, function_call_output, reasoning)",
+                field="input")
     if not messages:
         raise InvalidOptions("input must not be empty", field="input")
     return messages
@@ -106,6 +111,19 @@ def _tools(body: ResponseRequest) -> tuple[list[dict[str, Any]] | None, str]:
     raise InvalidOptions("tool_choice must be auto, none, required or {'type': 'function', 'name': ...}", field="tool_choice")
 
 
+def _think(reasoning: Reasoning | None) -> Think:
+    """`reasoning.effort` as the runtime's `think`: none and minimal turn thinking off, a level
+    is passed on (xhigh and max as high, the most a template reads), no effort is the model's
+    default. Any model takes it: clients send `reasoning` to every model (vLLM and llama-server
+    accept it there too), and a template without a reasoning section ignores it."""
+    effort = reasoning.effort if reasoning else None
+    if effort is None:
+        return None
+    if effort in ("none", "minimal"):
+        return False
+    return {"xhigh": "high", "max": "high"}.get(effort, effort)
+
+
 def _options(body: ResponseRequest) -> GenerationOptions:
     fmt = (body.text or {}).get("format") or {}
     format_: Any = None
@@ -128,15 +146,29 @@ def _status(done: DoneEvent) -> str:
     return "incomplete" if done.finish_reason == "length" else "completed"
 
 
-def _output(text: str, calls: list[Call], msg_id: str, status: str) -> list[dict[str, Any]]:
-    """The reply as output items, the message first, each with its own status: the item being
-    written when the limit cut the reply (the message, when it is last) is `incomplete` like
-    the response; calls are always whole (the runtime returns only complete calls), and a
-    message followed by calls was finished before them, so those are `completed`."""
+@dataclass(frozen=True)
+class _Ids:
+    """The ids of a response's reasoning and message items, the same in its stream and its end."""
+
+    reasoning: str
+    message: str
+
+
+def _output(text: str, thinking: str, calls: list[Call], ids: _Ids, status: str) -> list[dict[str, Any]]:
+    """The reply as output items: the reasoning (when the model thought), the message, the
+    calls, each with its own status: the item being written when the limit cut the reply (the
+    last) is `incomplete` like the response, and a reply cut while thinking has no message, as
+    OpenAI's; calls are always whole (the runtime returns only complete calls), and a message
+    followed by calls was finished before them, so those are `completed`."""
     items: list[dict[str, Any]] = []
-    if text or not calls:
-        items.append({"type": "message", "id": msg_id, "status": status if not calls else "completed", "role": "assistant",
-                      "content": [{"type": "output_text", "text": text, "annotations": []}]})
+    message = bool(text) or not (calls or (thinking and status == "incomplete"))
+    if thinking:
+        items.append({"type": "reasoning", "id": ids.reasoning, "summary": [],
+                      "content": [{"type": "reasoning_text", "text": thinking}],
+                      "status": status if not (message or calls) else "completed"})
+    if message:
+        items.append({"type": "message", "id": ids.message, "status": status if not calls else "completed",
+                      "role": "assistant", "content": [{"type": "output_text", "text": text, "annotations": []}]})
     for call in calls:
         items.append({"type": "function_call", "id": _new_id("fc"), "call_id": call.id, "name": call.name,
                       "arguments": json.dumps(call.arguments, ensure_ascii=False), "status": "completed"})
@@ -147,7 +179,7 @@ def _usage(done: DoneEvent) -> dict[str, Any]:
     return {"input_tokens": done.prompt_tokens, "output_tokens": done.completion_tokens,
             "total_tokens": done.prompt_tokens + done.completion_tokens,
             "input_tokens_details": {"cached_tokens": done.prompt_tokens - done.prompt_eval_tokens},
-            "output_tokens_details": {"reasoning_tokens": 0}}
+            "output_tokens_details": {"reasoning_tokens": done.thinking_tokens}}
 
 
 def _response(body: ResponseRequest, rid: str, created: int, model: str, status: str,
@@ -162,6 +194,7 @@ def _response(body: ResponseRequest, rid: str, created: int, model: str, status:
         "previous_response_id": body.previous_response_id, "store": body.store,
         "temperature": body.temperature, "top_p": body.top_p, "text": body.text or {"format": {"type": "text"}},
         "tool_choice": body.tool_choice or "auto", "tools": body.tools or [], "usage": usage,
+        "reasoning": body.reasoning.model_dump() if body.reasoning else None,
     }
 
 
@@ -204,17 +237,17 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         stream = await svc.runtime.chat(
             model, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
-            count=[m["content"] for m in new], caller=reloading_key(request),
+            think=_think(body.reasoning), count=[m["content"] for m in new], caller=reloading_key(request),
         )
     except BaseException:
         release()
         raise
-    rid, created, msg_id = _new_id("resp"), int(time.time()), _new_id("msg")
+    rid, created, ids = _new_id("resp"), int(time.time()), _Ids(_new_id("rs"), _new_id("msg"))
 
     async def finish(done: DoneEvent) -> dict[str, Any]:
         status = _status(done)
-        response = _response(body, rid, created, stream.model, status, _output(done.text, stream.tool_calls, msg_id, status),
-                             done)
+        output = _output(done.text, done.thinking, stream.tool_calls, ids, status)
+        response = _response(body, rid, created, stream.model, status, output, done)
         if body.store:
             await svc.pools.db.run(svc.responses.store, response, body.previous_response_id, stream.model,
                                     _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request),
@@ -223,7 +256,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
 
     if body.stream:
         shell = _response(body, rid, created, stream.model, "in_progress", [], None)
-        return relay(request, stream, _Events(shell, msg_id, finish), after=release)
+        return relay(request, stream, _Events(shell, ids, finish), after=release)
     try:
         return JSONResponse(await finish(await collect(request, stream)))
     finally:
@@ -234,17 +267,41 @@ Finish = Callable[[DoneEvent], Awaitable[dict[str, Any]]]
 """The finished response, built and stored."""
 
 
-class _Events(Frames):
-    """The SDK's event sequence, each with its `sequence_number`. The last is named after the
-    response's status, as OpenAI's are: `response.completed`, or `response.incomplete` when
-    the token limit cut the reply (the SDK's `stream()` helper then has no final response, as
-    with OpenAI; iterating `create(stream=True)` sees the event)."""
+@dataclass
+class _Streamed:
+    """An output item whose one content part streams as deltas: the reasoning item's
+    `reasoning_text`, the message's `output_text`."""
 
-    def __init__(self, shell: dict[str, Any], msg_id: str, finish: Finish) -> None:
-        self.shell, self.msg_id, self.finish = shell, msg_id, finish
+    item: dict[str, Any]
+    """The item as added: in progress, no content yet."""
+    part: dict[str, Any]
+    """Its content part as added: no text yet."""
+    events: str
+    """The prefix of the part's `.delta` and `.done` events."""
+    index: int | None = None
+    """Its output index once added."""
+    text: str = ""
+
+
+class _Events(Frames):
+    """The SDK's event sequence, each with its `sequence_number`: the reasoning item's events
+    while the model thinks, then the message's (at the next output index), the calls at the
+    end. The last is named after the response's status, as OpenAI's are: `response.completed`,
+    or `response.incomplete` when the token limit cut the reply (the SDK's `stream()` helper
+    then has no final response, as with OpenAI; iterating `create(stream=True)` sees the event)."""
+
+    def __init__(self, shell: dict[str, Any], ids: _Ids, finish: Finish) -> None:
+        self.shell, self.finish = shell, finish
         self.seq = 0
-        self.text = ""
-        self.text_open = False
+        self.opened = 0
+        self.parts = {
+            "reasoning": _Streamed({"type": "reasoning", "id": ids.reasoning, "summary": [], "content": [],
+                                    "status": "in_progress"},
+                                   {"type": "reasoning_text", "text": ""}, "response.reasoning_text"),
+            "message": _Streamed({"type": "message", "id": ids.message, "status": "in_progress", "role": "assistant",
+                                  "content": []},
+                                 {"type": "output_text", "text": "", "annotations": []}, "response.output_text"),
+        }
         self.response: dict[str, Any] = {}
 
     def event(self, kind: str, **fields: Any) -> str:
@@ -255,32 +312,38 @@ class _Events(Frames):
         yield self.event("response.created", response=self.shell)
         yield self.event("response.in_progress", response=self.shell)
 
+    def _open(self, part: _Streamed, index: int) -> Iterator[str]:
+        part.index, self.opened = index, index + 1
+        yield self.event("response.output_item.added", output_index=index, item=part.item)
+        yield self.event("response.content_part.added", item_id=part.item["id"], output_index=index, content_index=0,
+                         part=part.part)
+
+    def _delta(self, part: _Streamed, delta: str) -> Iterator[str]:
+        if part.index is None:
+            yield from self._open(part, self.opened)
+        part.text += delta
+        yield self.event(f"{part.events}.delta", item_id=part.item["id"], output_index=part.index, content_index=0,
+                         delta=delta)
+
     def token(self, event: TokenEvent) -> Iterator[str]:
-        if not event.text:
-            return
-        if not self.text_open:
-            self.text_open = True
-            yield self.event("response.output_item.added", output_index=0, item={
-                "type": "message", "id": self.msg_id, "status": "in_progress", "role": "assistant", "content": []})
-            yield self.event("response.content_part.added", item_id=self.msg_id, output_index=0, content_index=0,
-                             part={"type": "output_text", "text": "", "annotations": []})
-        self.text += event.text
-        yield self.event("response.output_text.delta", item_id=self.msg_id, output_index=0, content_index=0, delta=event.text)
+        if event.thinking:
+            yield from self._delta(self.parts["reasoning"], event.thinking)
+        if event.text:
+            yield from self._delta(self.parts["message"], event.text)
 
     async def settle(self, done: DoneEvent) -> None:
         self.response = await self.finish(done)
 
     def done(self, done: DoneEvent) -> Iterator[str]:
-        msg_id, response = self.msg_id, self.response
+        response = self.response
         for index, out in enumerate(response["output"]):
-            if out["type"] == "message":
-                if not self.text_open:
-                    yield self.event("response.output_item.added", output_index=index,
-                                     item={**out, "status": "in_progress", "content": []})
-                    yield self.event("response.content_part.added", item_id=msg_id, output_index=index, content_index=0,
-                                     part={"type": "output_text", "text": "", "annotations": []})
-                yield self.event("response.output_text.done", item_id=msg_id, output_index=index, content_index=0, text=self.text)
-                yield self.event("response.content_part.done", item_id=msg_id, output_index=index, content_index=0,
+            part = self.parts.get(out["type"])
+            if part is not None:
+                if part.index is None:
+                    yield from self._open(part, index)
+                yield self.event(f"{part.events}.done", item_id=out["id"], output_index=index, content_index=0,
+                                 text=part.text)
+                yield self.event("response.content_part.done", item_id=out["id"], output_index=index, content_index=0,
                                  part=out["content"][0])
             else:
                 yield self.event("response.output_item.added", output_index=index,

@@ -3,9 +3,21 @@ plain dicts in responses.py, item by item as the reference gives them."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+Effort = Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"]
+"""`reasoning.effort` as the openai package lists it."""
+
+
+class Reasoning(BaseModel):
+    """`reasoning`: how much a thinking model thinks. `summary` is accepted and echoed: the
+    reply carries the whole reasoning text, never a summary."""
+
+    model_config = ConfigDict(extra="allow")
+    effort: Effort | None = None
+    summary: str | None = None
 
 
 class ResponseRequest(BaseModel):
@@ -24,3 +36,4 @@ class ResponseRequest(BaseModel):
     store: bool = True
     previous_response_id: str | None = None
     metadata: dict[str, str] | None = None
+    reasoning: Reasoning | None = None
