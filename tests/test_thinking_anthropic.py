@@ -123,6 +123,8 @@ def test_disabled_gives_no_thinking_block(client: anthropic.Anthropic) -> None:
     m = _ask(client, {"type": "disabled"})
     [block] = m.content
     assert block.type == "text" and block.text.strip() and "</think>" not in block.text
+    counted = client.messages.count_tokens(model="thinker", messages=QUESTION, thinking={"type": "disabled"})
+    assert counted.input_tokens == m.usage.input_tokens + (m.usage.cache_read_input_tokens or 0)  # the empty block too
     absent = _ask(client, anthropic.omit)  # the model's default: this template thinks
     assert [b.type for b in absent.content] == ["thinking", "text"]
     assert _ask(client, {"type": "adaptive"}).content == absent.content

@@ -350,6 +350,7 @@ class Runtime:
         prefill: str = "",
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Choice = "auto",
+        think: Think = None,
         caller: str | None = None,
     ) -> int:
         """The tokens of the prompt `chat` would give the model for the same arguments, without
@@ -357,7 +358,8 @@ class Runtime:
         (the same instance: the model's own `num_ctx`). A prompt longer than the context is
         `PromptTooLong`, as `chat` would answer."""
         row = await self.model(model)
-        prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True, self.settings.max_tool_calls), False, prefill)
+        prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True, self.settings.max_tool_calls), False,
+                                   prefill, think)
         defaults = self.options_for(row, None)
         lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu, caller=caller)
         try:

@@ -330,5 +330,6 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount
     choice, _ = _tool_choice(body.tool_choice)
     row = await _model(request, body.model, body.thinking)
     count = await services(request).runtime.count_chat(row, messages, prefill=prefill, tools=_tools(body),
-                                                       tool_choice=choice, caller=reloading_key(request))
+                                                       tool_choice=choice, think=_think(body.thinking),
+                                                       caller=reloading_key(request))
     return TokenCount(input_tokens=count)
