@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -153,3 +154,39 @@ def test_a_required_tool_call_holds_on_the_answer(openai_client: openai.OpenAI) 
     assert getattr(message, "reasoning_content", None)
     assert message.tool_calls and message.tool_calls[0].function.name == "add"
     assert set(json.loads(message.tool_calls[0].function.arguments)) == {"a", "b"}
+
+
+def test_native_chat_thinking_and_sessions_keep_it_apart(urls: tuple[str, str]) -> None:
+    """The native API: `think` and `thinking_budget`, the answer's `thinking`, streamed as
+    `thinking` events; a session stores each answer's thinking apart and leaves it out of the
+    next turn's prompt (the template would otherwise see it as the answer)."""
+    main = urls[0]
+    body = {"model": "thinker", "messages": QUESTION, "think": True, "options": {"temperature": 0, "max_tokens": 40}}
+    first = httpx.post(f"{main}/api/chat", json=body, timeout=120).json()
+    thinking, answer, session = first["message"]["thinking"], first["message"]["content"], first["session_id"]
+    assert thinking and answer and "</think>" not in thinking + answer
+    with httpx.stream("POST", f"{main}/api/chat", json={**body, "stream": True}, timeout=120) as r:
+        events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    assert "".join(e.get("thinking", "") for e in events if not e["done"]) == thinking
+    assert "".join(e.get("token", "") for e in events) == answer and events[-1]["thinking"] == thinking
+    again = {**body, "session_id": session, "messages": [{"role": "user", "content": "And three and three?"}]}
+    second = httpx.post(f"{main}/api/chat", json=again, timeout=120).json()
+    stored = httpx.get(f"{main}/api/sessions/{session}", timeout=30).json()["messages"]
+    assert [(m["role"], m["thinking"]) for m in stored] == [
+        ("user", None), ("assistant", thinking), ("user", None), ("assistant", second["message"].get("thinking"))]
+    assert stored[1]["content"] == answer
+    # The same conversation sent whole, the earlier answer without its thinking: the same prompt.
+    whole = {**body, "messages": [*QUESTION, {"role": "assistant", "content": answer, "thinking": thinking},
+                                  {"role": "user", "content": "And three and three?"}]}
+    resent = httpx.post(f"{main}/api/chat", json=whole, timeout=120).json()
+    assert resent["usage"]["prompt_tokens"] == second["usage"]["prompt_tokens"]
+    assert resent["message"] == second["message"]
+
+
+def test_native_generate_thinking(urls: tuple[str, str]) -> None:
+    body = {"model": "thinker", "prompt": "What is two and two?", "think": True,
+            "options": {"temperature": 0, "max_tokens": 40, "thinking_budget": 3}}
+    r = httpx.post(f"{urls[0]}/api/generate", json=body, timeout=120).json()
+    assert r["thinking"] and r["text"] and "</think>" not in r["thinking"] + r["text"]
+    off = httpx.post(f"{urls[0]}/api/generate", json={**body, "think": False}, timeout=120).json()
+    assert "thinking" not in off and off["text"]

@@ -144,6 +144,12 @@ def _0008_session_scopes(op: Operations) -> None:
     op.execute(sa.delete(sessions).where(movable))
 
 
+def _0009_message_thinking(op: Operations) -> None:
+    """A thinking model's thinking, kept apart from the answer it preceded."""
+    with op.batch_alter_table("session_messages") as batch:
+        batch.add_column(sa.Column("thinking", sa.Text))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
@@ -153,6 +159,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0006_session_owner", _0006_session_owner),
     ("0007_replicas", _0007_replicas),
     ("0008_session_scopes", _0008_session_scopes),
+    ("0009_message_thinking", _0009_message_thinking),
 ]
 
 _migrations_table = sa.Table(

@@ -100,6 +100,8 @@ class MessageRow(Base):
     tokens: Mapped[int | None] = mapped_column(Integer)
     model: Mapped[str | None] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    thinking: Mapped[str | None] = mapped_column(Text)
+    """A thinking model's thinking before this (assistant) message's content."""
     session: Mapped[SessionRow] = relationship(back_populates="messages")
 
 

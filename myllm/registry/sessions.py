@@ -35,6 +35,17 @@ class StoredMessage:
     tokens: int | None
     model: str | None
     created_at: datetime
+    thinking: str | None = None
+
+
+NewMessage = tuple[str, str, int | None] | tuple[str, str, int | None, str | None]
+"""(role, content, tokens) of a message to store, and a thinking model's thinking before it."""
+
+
+def _message_row(session_id: str, seq: int, message: NewMessage, model: str, now: datetime) -> MessageRow:
+    role, content, tokens, *thinking = message
+    return MessageRow(session_id=session_id, seq=seq, role=role, content=content, tokens=tokens, model=model,
+                      created_at=now, thinking=thinking[0] if thinking else None)
 
 
 @dataclass(frozen=True)
@@ -144,7 +155,7 @@ class SessionStore:
             rows = db.scalars(
                 select(MessageRow).where(MessageRow.session_id == key).order_by(MessageRow.seq)
             ).all()
-            return [StoredMessage(r.role, r.content, r.tokens, r.model, r.created_at) for r in rows]
+            return [StoredMessage(r.role, r.content, r.tokens, r.model, r.created_at, r.thinking) for r in rows]
 
     def claim(self, session_id: str, kind: str, model: str, holder: str, lease: float, viewer: Viewer = ADMIN) -> str | None:
         """Claim the session's next turn for `holder` (one turn's token) until `lease` seconds
@@ -188,10 +199,10 @@ class SessionStore:
 
     @retried
     def append_turn(
-        self, session_id: str, kind: str, model: str, messages: list[tuple[str, str, int | None]], viewer: Viewer = ADMIN,
+        self, session_id: str, kind: str, model: str, messages: list[NewMessage], viewer: Viewer = ADMIN,
         holder: str | None = None,
     ) -> None:
-        """Add (role, content, tokens) messages to a session, creating it (owned by `viewer`) if
+        """Add (role, content, tokens[, thinking]) messages to a session, creating it (owned by `viewer`) if
         needed. With `holder` (the turn's claim, see `claim`) the claim is checked and ended in
         the same transaction: a turn whose claim lapsed while another turn took the session is
         `TurnLost`, never interleaved with that turn."""
@@ -206,9 +217,8 @@ class SessionStore:
                 db.flush()
             last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == key))
             seq = (last or 0) + 1
-            for offset, (role, content, tokens) in enumerate(messages):
-                db.add(MessageRow(session_id=key, seq=seq + offset, role=role, content=content,
-                                  tokens=tokens, model=model, created_at=now))
+            for offset, message in enumerate(messages):
+                db.add(_message_row(key, seq + offset, message, model, now))
             row.model = model
             row.updated_at = now
 
@@ -295,11 +305,11 @@ class ResponseStore:
             ).all()
             owner = db.get(SessionRow, row.session_id).owner  # type: ignore[union-attr]
             return (shown_id(row.session_id, owner, viewer),
-                    [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at) for m in messages])
+                    [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at, m.thinking) for m in messages])
 
     @retried
     def store(
-        self, body: dict[str, Any], previous: str | None, model: str, messages: list[tuple[str, str, int | None]],
+        self, body: dict[str, Any], previous: str | None, model: str, messages: list[NewMessage],
         viewer: Viewer = ADMIN, holder: str | None = None,
     ) -> None:
         """Keep a response (`body`, whose `id` it is) with the messages of its turn, after its
@@ -325,9 +335,8 @@ class ResponseStore:
                                      created_at=now, updated_at=now)
                 db.add(session)
                 db.flush()
-            for offset, (role, content, tokens) in enumerate(messages, start=1):
-                db.add(MessageRow(session_id=session_id, seq=upto + offset, role=role, content=content,
-                                  tokens=tokens, model=model, created_at=now))
+            for offset, message in enumerate(messages, start=1):
+                db.add(_message_row(session_id, upto + offset, message, model, now))
             session.model, session.updated_at = model, now
             db.add(ResponseRow(id=body["id"], session_id=session_id, upto=upto + len(messages), body=body, created_at=now))
 
@@ -339,7 +348,7 @@ class ResponseStore:
             select(MessageRow).where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
         ).all():
             db.add(MessageRow(session_id=session_id, seq=m.seq, role=m.role, content=m.content, tokens=m.tokens,
-                              model=m.model, created_at=m.created_at))
+                              model=m.model, created_at=m.created_at, thinking=m.thinking))
 
     def get(self, response_id: str, viewer: Viewer = ADMIN) -> dict[str, Any]:
         with self._sessions() as db:

@@ -25,11 +25,19 @@ class InferenceOptions(BaseModel):
     frequency_penalty: float | None = Field(None, description="extension: -2.0 to 2.0")
     num_ctx: int | None = Field(None, description="extension: context length to load the model with")
     num_gpu: int | None = Field(None, description="extension: layers to load on the GPU (-1 as many as fit, 0 none)")
+    thinking_budget: int | None = Field(None, description="extension: tokens a thinking model may think before it answers")
 
 
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
+    thinking: str | None = Field(None, description="extension: a thinking model's thinking before its answer "
+                                 "(sent back in a request, it stays out of the prompt)")
+
+
+Think = bool | Literal["low", "medium", "high"] | None
+THINK_DOC = ("extension: a thinking model's thinking: true, false, or a level its template reads; "
+             "omitted, the model's default")
 
 
 class ChatRequest(BaseModel):
@@ -39,6 +47,7 @@ class ChatRequest(BaseModel):
     stream: bool = False
     options: InferenceOptions = Field(default_factory=InferenceOptions)
     keep_alive: str | float | None = Field(None, description="extension: how long the model stays loaded")
+    think: Think = Field(None, description=THINK_DOC)
 
 
 class Usage(BaseModel):
@@ -62,12 +71,14 @@ class GenerateRequest(BaseModel):
     session_id: str | None = Field(None, description="extension: continue a generate session")
     raw: bool = Field(False, description="extension: no chat template around the prompt")
     keep_alive: str | float | None = None
+    think: Think = Field(None, description=THINK_DOC)
 
 
 class GenerateResponse(BaseModel):
     text: str
     usage: Usage
     session_id: str | None = None
+    thinking: str | None = Field(None, description="extension: a thinking model's thinking, apart from `text`")
 
 
 class EmbeddingsRequest(BaseModel):
@@ -155,6 +166,7 @@ class SessionMessage(BaseModel):
     tokens: int | None
     model: str | None
     created: str
+    thinking: str | None = Field(None, description="extension: a thinking model's thinking before this answer")
 
 
 class SessionDetail(SessionSummary):

@@ -43,7 +43,7 @@ from myllm.api.native.models import (
 )
 from myllm.api.state import services
 from myllm.registry.schema import ModelRow
-from myllm.registry.sessions import SessionInfo, check_session_id, new_session_id
+from myllm.registry.sessions import NewMessage, SessionInfo, check_session_id, new_session_id
 from myllm.runtime.placement.report import per_model
 from myllm.runtime.request.template import template_name
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
@@ -162,6 +162,8 @@ class _Frames(Frames):
         self.on_done, self.final = on_done, final
 
     def token(self, event: TokenEvent) -> Iterator[str]:
+        if event.thinking:
+            yield sse.data({"thinking": event.thinking, "done": False})
         if event.text:
             yield sse.data({"token": event.text, "done": False})
 
@@ -169,7 +171,8 @@ class _Frames(Frames):
         await self.on_done(done)
 
     def done(self, done: DoneEvent) -> Iterator[str]:
-        yield sse.data({"done": True, **self.final, "full_text": done.text, "usage": usage_of(done).model_dump()})
+        thinking = {"thinking": done.thinking} if done.thinking else {}
+        yield sse.data({"done": True, **self.final, "full_text": done.text, **thinking, "usage": usage_of(done).model_dump()})
 
     def error(self, err: ApiError) -> Iterator[str]:
         yield sse.data({"error": err.message, "done": True})
@@ -189,7 +192,7 @@ def _history_messages(stored: list[dict[str, Any]], new: list[Message]) -> list[
     """Stored turns, then the new messages; a system message sent now replaces stored ones."""
     sends_system = any(m.role == "system" for m in new)
     earlier = [m for m in stored if not (sends_system and m["role"] == "system")]
-    fresh = [m.model_dump() for m in new]
+    fresh = [m.model_dump(exclude={"thinking"}) for m in new]  # earlier thinking stays out of the prompt
     system = [m for m in fresh if m["role"] == "system"]
     return system + earlier + [m for m in fresh if m["role"] != "system"]
 
@@ -215,6 +218,7 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
             keep_alive=keep_alive_of(request, body.keep_alive),
             trim=True,
             count=[m.content for m in body.messages],
+            think=body.think,
             caller=reloading_key(request),
         )
     except BaseException:
@@ -222,15 +226,16 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
         raise
 
     async def save(done: DoneEvent) -> None:
-        messages = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
-        messages.append(("assistant", done.text, done.completion_tokens))
+        messages: list[NewMessage] = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
+        messages.append(("assistant", done.text, done.completion_tokens, done.thinking or None))
         await svc.pools.db.run(svc.sessions.append_turn, session_id, "chat", stream.model, messages, viewer(request),
                                 turn.holder)
 
     if body.stream:
         return relay(request, stream, _Frames(save, {"session_id": session_id}), after=turn.release)
     done = await _answer(request, stream, save, turn.release)
-    return ChatResponse(message=Message(role="assistant", content=done.text), session_id=session_id, usage=usage_of(done))
+    return ChatResponse(message=Message(role="assistant", content=done.text, thinking=done.thinking or None),
+                        session_id=session_id, usage=usage_of(done))
 
 
 @router.post("/api/generate", response_model=GenerateResponse, response_model_exclude_none=True, tags=["MyLLM"],
@@ -253,7 +258,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
             history = [(u.content, a.content) for u, a in zip(stored[::2], stored[1::2])]
         stream = await svc.runtime.generate(
             model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
-            keep_alive=keep_alive_of(request, body.keep_alive), history=history, count=[body.prompt],
+            keep_alive=keep_alive_of(request, body.keep_alive), history=history, count=[body.prompt], think=body.think,
             caller=reloading_key(request),
         )
     except BaseException:
@@ -262,14 +267,15 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
 
     async def save(done: DoneEvent) -> None:
         if session_id and turn:
-            messages = [("user", body.prompt, stream.counts[0]), ("assistant", done.text, done.completion_tokens)]
+            messages: list[NewMessage] = [("user", body.prompt, stream.counts[0]),
+                                          ("assistant", done.text, done.completion_tokens, done.thinking or None)]
             await svc.pools.db.run(svc.sessions.append_turn, session_id, "generate", stream.model, messages,
                                     viewer(request), turn.holder)
 
     if body.stream:
         return relay(request, stream, _Frames(save, {"session_id": session_id} if session_id else {}), after=release)
     done = await _answer(request, stream, save, release)
-    return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id)
+    return GenerateResponse(text=done.text, usage=usage_of(done), session_id=session_id, thinking=done.thinking or None)
 
 
 @router.post(
@@ -308,7 +314,8 @@ async def get_session(session_id: str, request: Request) -> SessionDetail:
     return SessionDetail(
         **_summary(info).model_dump(),
         messages=[
-            SessionMessage(role=m.role, content=m.content, tokens=m.tokens, model=m.model, created=m.created_at.isoformat())
+            SessionMessage(role=m.role, content=m.content, tokens=m.tokens, model=m.model, created=m.created_at.isoformat(),
+                           thinking=m.thinking)
             for m in messages
         ],
     )

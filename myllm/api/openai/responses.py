@@ -25,7 +25,7 @@ from myllm.api.openai.models import ErrorObject
 from myllm.api.openai.responses_models import Reasoning, ResponseRequest
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
-from myllm.registry.sessions import StoredMessage
+from myllm.registry.sessions import NewMessage, StoredMessage
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.template import Think
 from myllm.runtime.request.tools import Call, call_text
@@ -198,16 +198,17 @@ def _response(body: ResponseRequest, rid: str, created: int, model: str, status:
     }
 
 
-def _turn(new: list[dict[str, Any]], counts: list[int], text: str, calls: list[Call], done: DoneEvent) -> list[tuple[str, str, int | None]]:
+def _turn(new: list[dict[str, Any]], counts: list[int], text: str, calls: list[Call], done: DoneEvent) -> list[NewMessage]:
     """The messages a stored response adds to its session: the new input, then the reply (calls
-    written as the fallback prompt writes them, so a later turn shows them to the model)."""
-    turn: list[tuple[str, str, int | None]] = []
+    written as the fallback prompt writes them, so a later turn shows them to the model) with
+    its thinking apart, which later turns' prompts leave out."""
+    turn: list[NewMessage] = []
     for message, n in zip(new, counts):
         content = message["content"] + "".join(
             call_text(c["function"]["name"], _arguments(c["function"]["arguments"])) for c in message.get("tool_calls", []))
         turn.append((message["role"], content, n))
     reply = text + "".join(call_text(c.name, c.arguments) for c in calls)
-    turn.append(("assistant", reply, done.completion_tokens))
+    turn.append(("assistant", reply, done.completion_tokens, done.thinking or None))
     return turn
 
 
