@@ -87,6 +87,12 @@ class Settings(BaseSettings):
         "(num_parallel x num_ctx tokens), a size such as 512MiB sets it, 0 turns it off. "
         "Counted in the model's memory estimate.",
     )
+    thinking_budget: int | None = Field(
+        default=None, ge=1,
+        description="Tokens a thinking model may think before the engine closes its reasoning section and it answers, "
+        "unless the request (`thinking_budget`, Anthropic's `budget_tokens`) or the model (a Modelfile PARAMETER) "
+        "says otherwise; unset: no limit but the answer's own.",
+    )
     max_queue: int = Field(
         default=64, ge=1, description="Requests that may wait per model; past it the API answers 503."
     )

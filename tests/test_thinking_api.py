@@ -28,6 +28,7 @@ THINK_TEMPLATE = (
     "{% endif %}"
 )
 BUDGET = 6
+DAEMON_BUDGET = 3
 QUESTION = [{"role": "user", "content": "What is two and two?"}]
 GREEDY = {"temperature": 0, "num_predict": 40}
 
@@ -38,8 +39,9 @@ def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     registry = Registry.open(Settings(home=home))
     registry.copy("smollm2:135m", "thinker", Overrides(parameters={"thinking_budget": BUDGET},
                                                       template_override=THINK_TEMPLATE))
+    registry.copy("smollm2:135m", "thinker-plain", Overrides(template_override=THINK_TEMPLATE))  # no PARAMETER
     registry.close()
-    with running_servers(Settings(home=home, num_threads=2, num_ctx=1024)) as urls:
+    with running_servers(Settings(home=home, num_threads=2, num_ctx=1024, thinking_budget=DAEMON_BUDGET)) as urls:
         yield urls
 
 
@@ -190,3 +192,13 @@ def test_native_generate_thinking(urls: tuple[str, str]) -> None:
     assert r["thinking"] and r["text"] and "</think>" not in r["thinking"] + r["text"]
     off = httpx.post(f"{urls[0]}/api/generate", json={**body, "think": False}, timeout=120).json()
     assert "thinking" not in off and off["text"]
+
+
+def test_the_daemon_default_budget_comes_last(client: ollama.Client) -> None:
+    """MYLLM_THINKING_BUDGET for a model without its own PARAMETER; a request's option wins."""
+    default = client.chat(model="thinker-plain", messages=QUESTION, think=True, options=GREEDY)
+    asked = client.chat(model="thinker-plain", messages=QUESTION, think=True, options={**GREEDY, "thinking_budget": BUDGET})
+    own = client.chat(model="thinker", messages=QUESTION, think=True, options=GREEDY)
+    assert default.message.thinking and asked.message.thinking == own.message.thinking
+    assert len(default.message.thinking) < len(asked.message.thinking)
+    assert asked.message.thinking.startswith(default.message.thinking)

@@ -464,7 +464,7 @@ class Runtime:
                 await runner.check_grammar(grammar)
 
             thinking = None if prompt.thinking_open is None else Thinking(
-                THINK_OPEN, THINK_CLOSE, prompt.thinking_open, opts.thinking_budget)
+                THINK_OPEN, THINK_CLOSE, prompt.thinking_open, opts.thinking_budget or self.settings.thinking_budget)
             events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking))
         except BaseException:
             lease.release()
