@@ -202,3 +202,17 @@ def test_the_daemon_default_budget_comes_last(client: ollama.Client) -> None:
     assert default.message.thinking and asked.message.thinking == own.message.thinking
     assert len(default.message.thinking) < len(asked.message.thinking)
     assert asked.message.thinking.startswith(default.message.thinking)
+
+
+def test_langchain_chat_ollama_reasoning(urls: tuple[str, str]) -> None:
+    """LangChain's ChatOllama with `reasoning=True` puts the thinking in the message's
+    `reasoning_content`, apart from the answer, streamed and not."""
+    from langchain_ollama import ChatOllama
+
+    llm = ChatOllama(model="thinker", base_url=urls[1], temperature=0, num_predict=40, reasoning=True)
+    message = llm.invoke("What is two and two?")
+    thinking = message.additional_kwargs.get("reasoning_content")
+    assert thinking and message.content and "</think>" not in thinking + str(message.content)
+    chunks = list(llm.stream("What is two and two?"))
+    assert "".join(c.additional_kwargs.get("reasoning_content", "") for c in chunks) == thinking
+    assert "".join(str(c.content) for c in chunks) == message.content
