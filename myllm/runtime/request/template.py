@@ -171,8 +171,9 @@ def render_chat(
     think: Think = None,
 ) -> RenderedPrompt:
     """`think`, for a template with a reasoning section: the variables templates read it from
-    (Qwen3's `enable_thinking`, a level as `reasoning_effort`); off, a section the prompt still
-    opens is closed at once, empty, so the model answers directly."""
+    (Qwen3's `enable_thinking`, true unless thinking is off, as llama-server passes it; a level
+    as `reasoning_effort`); off, a section the prompt still opens is closed at once, empty, so
+    the model answers directly."""
     rendered = _render_chat(messages, template, family, bos_token, eos_token, add_generation_prompt, deadline, tools, think)
     if not thinks(template) or not rendered.text.rstrip().endswith(THINK_OPEN):
         return rendered
@@ -194,10 +195,10 @@ def _render_chat(
     context = {"bos_token": bos_token or "", "eos_token": eos_token or "", "add_generation_prompt": add_generation_prompt}
     if tools:
         context["tools"] = tools
-    if think is not None:
-        context["enable_thinking"] = think is not False
-        if isinstance(think, str):
-            context["reasoning_effort"] = think
+    # Always set, as llama-server sets it: some templates read an unset one as off.
+    context["enable_thinking"] = think is not False
+    if isinstance(think, str):
+        context["reasoning_effort"] = think
     nonce = secrets.token_hex(6)
     units = _split(render(compiled, _mark(messages, nonce), deadline, **context), nonce, messages)
     if units is not None:
