@@ -75,6 +75,7 @@ test: install system-deps
 bench: install
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/compare.py
+	$(BIN)/python bench/reasoning_split.py
 
 # Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
 bench-replicas: install system-deps
