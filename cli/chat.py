@@ -4,16 +4,25 @@ from __future__ import annotations
 
 import sys
 import uuid
-from typing import Any
+from collections.abc import Generator
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
 from cli.client import Client
+from cli.render import AnswerWriter
 from myllm.errors import InvalidOptions
 from myllm.runtime.request.options import ALIASES, PARAMETERS, parameter_value
 
+if TYPE_CHECKING:
+    from myllm.runtime.request.template import Think
+
+LEVELS = ("low", "medium", "high")
+
 HELP = f"""Available commands:
   /set parameter NAME VALUE   set an option ({', '.join(PARAMETERS)})
+  /set think [LEVEL]          a thinking model thinks first, shown dimmed (LEVEL: {', '.join(LEVELS)})
+  /set nothink                it answers without thinking
   /show info                  show the model's details
   /clear                      start a new session (forget the conversation)
   /bye                        exit
@@ -22,36 +31,64 @@ HELP = f"""Available commands:
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D or /bye exits."""
 
 
-def print_stream(events: Any, out: Any = sys.stdout) -> dict[str, Any] | None:
-    """Write token events as they come; returns the final event. Ctrl-C stops the answer
-    (closing the stream cancels it in the daemon) and returns None."""
+def print_stream(events: Generator[dict[str, Any], None, None], writer: AnswerWriter) -> dict[str, Any] | None:
+    """Write thinking and answer events as they come; returns the final event. Ctrl-C stops
+    the answer (closing the stream cancels it in the daemon) and returns None."""
     try:
         for event in events:
             if "error" in event:
-                out.write(f"\nError: {event['error']}\n")
+                writer.end_thinking()
+                writer.out.write(f"\nError: {event['error']}\n")
                 return None
             if event.get("done"):
-                out.write("\n")
-                out.flush()
+                writer.end_thinking()
+                writer.out.write("\n")
+                writer.out.flush()
                 return event
-            out.write(event["token"])
-            out.flush()
+            if "thinking" in event:
+                writer.thinking(event["thinking"])
+            else:
+                writer.answer(event["token"])
     except KeyboardInterrupt:
         events.close()
-        out.write("\n")
+        writer.end_thinking()
+        writer.out.write("\n")
     return None
 
 
-def one_shot(client: Client, model: str, prompt: str, options: dict[str, Any]) -> None:
-    print_stream(client.stream("/api/generate", {"model": model, "prompt": prompt, "stream": True, "options": options}))
+def answer_writer() -> AnswerWriter:
+    return AnswerWriter(sys.stdout, sys.stderr, sys.stdout.isatty())
+
+
+def think_field(think: Think) -> dict[str, Think]:
+    """A request's `think`: left out when not chosen, so the model's default holds."""
+    return {} if think is None else {"think": think}
+
+
+def cannot_think(client: Client, model: str) -> bool:
+    """Whether the model's template has no reasoning section: the daemon then ignores
+    `think`, and the CLI says so, as Ollama's does. (Imported here: the template module brings
+    Jinja2, which a chat that never asks for thinking does not need.)"""
+    from myllm.runtime.request.template import thinks
+
+    return not thinks(client.get(f"/api/models/{model}")["chat_template"])
+
+
+def one_shot(client: Client, model: str, prompt: str, options: dict[str, Any], think: Think = None) -> None:
+    if think and cannot_think(client, model):
+        sys.stderr.write(f"warning: model {model!r} does not think; --think changes nothing\n")
+    print_stream(client.stream("/api/generate", {"model": model, "prompt": prompt, "stream": True, "options": options,
+                                                 **think_field(think)}), answer_writer())
 
 
 class Repl:
-    def __init__(self, client: Client, model: str, session: str | None, console: Console) -> None:
+    def __init__(self, client: Client, model: str, session: str | None, console: Console, think: Think = None) -> None:
         self.client = client
         self.model = model
         self.session = session or str(uuid.uuid4())
         self.options: dict[str, Any] = {}
+        self.think = think
+        """Sent as `think` with each message; None: the model's default."""
         self.console = console
 
     def read_message(self) -> str | None:
@@ -89,8 +126,8 @@ class Repl:
                 continue
             print_stream(self.client.stream("/api/chat", {
                 "model": self.model, "session_id": self.session, "stream": True, "options": self.options,
-                "messages": [{"role": "user", "content": message}],
-            }))
+                "messages": [{"role": "user", "content": message}], **think_field(self.think),
+            }), answer_writer())
 
     def command(self, line: str) -> bool:
         """Handle a slash command; True means exit."""
@@ -105,6 +142,8 @@ class Repl:
             self.console.print("Cleared session context.")
         elif head == "/set" and len(words) >= 4 and words[1] == "parameter":
             self.set_parameter(words[2], " ".join(words[3:]))
+        elif head == "/set" and words[1:2] in (["think"], ["nothink"]):
+            self.set_think(words[1:])
         elif head == "/show" and words[1:] == ["info"]:
             info = self.client.get(f"/api/models/{self.model}")
             for key in ("name", "family", "quantization", "context_size", "template", "size_mb", "parameters"):
@@ -128,3 +167,19 @@ class Repl:
             return
         self.options[key] = list(typed) if key == "stop" else typed
         self.console.print(f"Set parameter '{name}' to '{value}'", highlight=False)
+
+    def set_think(self, words: list[str]) -> None:
+        """`think` / `think LEVEL` / `nothink`, as Ollama's REPL has them, for the messages after."""
+        if words == ["nothink"]:
+            self.think = False
+            self.console.print("Set 'nothink' mode.", highlight=False)
+            return
+        if words[1:] and (len(words) > 2 or words[1] not in LEVELS):
+            self.console.print(f"Unknown thinking level {' '.join(words[1:])!r}; one of: {', '.join(LEVELS)}",
+                               highlight=False)
+            return
+        self.think = words[1] if words[1:] else True
+        self.console.print(f"Set 'think' mode{f' to {words[1]!r}' if words[1:] else ''}.", highlight=False)
+        if cannot_think(self.client, self.model):
+            self.console.print(f"warning: model {self.model!r} does not think; its answers stay the same",
+                               highlight=False)

@@ -255,6 +255,9 @@ def run(
     model: Annotated[str, typer.Argument(help="Model to run.")],
     prompt: Annotated[str | None, typer.Argument(help="Answer this and exit (also read from stdin).")] = None,
     session: Annotated[str | None, typer.Option("--session", help="Resume this chat session.")] = None,
+    think: Annotated[bool | None, typer.Option(
+        "--think/--no-think", help="A thinking model thinks before it answers, or not (default: the model's own). "
+        "Its thinking is shown dimmed; piped, it goes to stderr and stdout gets the answer alone.")] = None,
     host: HostOpt = None,
     port: PortOpt = None,
 ) -> None:
@@ -266,9 +269,9 @@ def run(
         _ensure_pulled(client, model)
         if prompt is not None or piped:
             text = "\n".join(p for p in (prompt, piped) if p)
-            one_shot(client, model, text, {})
+            one_shot(client, model, text, {}, think)
             return
-        Repl(client, model, session, out).run()
+        Repl(client, model, session, out, think).run()
 
 
 def _ensure_pulled(client: Client, model: str) -> None:
