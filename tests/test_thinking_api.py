@@ -216,3 +216,16 @@ def test_langchain_chat_ollama_reasoning(urls: tuple[str, str]) -> None:
     chunks = list(llm.stream("What is two and two?"))
     assert "".join(c.additional_kwargs.get("reasoning_content", "") for c in chunks) == thinking
     assert "".join(str(c.content) for c in chunks) == message.content
+
+
+def test_native_thinking_capability_and_refusal(urls: tuple[str, str]) -> None:
+    main = urls[0]
+    listed = {m["name"]: m["thinking"] for m in httpx.get(f"{main}/api/models", timeout=30).json()["models"]}
+    assert listed["thinker:latest"] is True and listed["smollm2:135m"] is False
+    assert httpx.get(f"{main}/api/models/thinker", timeout=30).json()["thinking"] is True
+    for route, body in (("chat", {"messages": QUESTION}), ("generate", {"prompt": "Hi"})):
+        r = httpx.post(f"{main}/api/{route}", json={"model": "smollm2:135m", "think": True, **body}, timeout=60)
+        assert r.status_code == 400 and "does not support thinking" in r.json()["detail"], r.text
+        plain = httpx.post(f"{main}/api/{route}", timeout=60,
+                           json={"model": "smollm2:135m", "think": False, "options": {"max_tokens": 2}, **body})
+        assert plain.status_code == 200, plain.text

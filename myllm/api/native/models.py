@@ -111,6 +111,8 @@ class ModelInfo(BaseModel):
     digest: str = Field(description="extension: sha256 of the GGUF file")
     size: int = Field(description="extension: the GGUF file's bytes")
     modified_at: str = Field(description="extension: when the name was last written (ISO 8601)")
+    thinking: bool = Field(False, description="extension: the model thinks (its chat template has a reasoning "
+                           "section), so `think` applies")
 
 
 class ModelDetail(ModelInfo):

@@ -39,13 +39,15 @@ from myllm.api.native.models import (
     SessionMessage,
     SessionSummary,
     StatusMessage,
+    Think,
     Usage,
 )
 from myllm.api.state import services
+from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import NewMessage, SessionInfo, check_session_id, new_session_id
 from myllm.runtime.placement.report import per_model
-from myllm.runtime.request.template import template_name
+from myllm.runtime.request.template import template_name, thinks
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -79,8 +81,16 @@ def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, An
         "name": row.name, "family": row.family, "size_mb": round(row.size / (1 << 20)), "quantization": row.quantization,
         "context_size": row.context_length, "template": template_name(row.template, row.family),
         "parameters": row.parameters or {}, "loaded": loaded, "status": "broken" if problem else "ok", "problem": problem,
-        "digest": row.digest, "size": row.size, "modified_at": row.modified_at.isoformat(),
+        "digest": row.digest, "size": row.size, "modified_at": row.modified_at.isoformat(), "thinking": thinks(row.template),
     }
+
+
+async def _thinking_model(request: Request, name: str, think: Think) -> ModelRow:
+    """The model's row; thinking asked of a model that cannot think is a 400, as on Ollama's API."""
+    row = await services(request).runtime.model(name)
+    if think and not thinks(row.template):
+        raise InvalidOptions(f"model '{row.name}' does not support thinking", field="think")
+    return row
 
 
 @router.get("/api/models", response_model=ModelList, tags=["MyLLM"])
@@ -203,11 +213,11 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     new session is started. When the conversation outgrows the context, the oldest turns
     after the system message are left out of the prompt; the stored history stays whole."""
     svc = services(request)
-    model = body.model or svc.settings.default_model
+    model = await _thinking_model(request, body.model or svc.settings.default_model, body.think)
     named = session_of(request, body.session_id)
     session_id = check_session_id(named, viewer(request)) if named else new_session_id()
     answered_for(request, session_id)
-    turn = await svc.turns.acquire(session_id, "chat", model, viewer(request))
+    turn = await svc.turns.acquire(session_id, "chat", model.name, viewer(request))
     try:
         stored = await svc.pools.db.run(svc.sessions.history, session_id, viewer(request)) if named else []
         earlier = [{"role": m.role, "content": m.content} for m in stored]
@@ -244,13 +254,13 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     """Stateless unless a `session_id` is given, in which case earlier prompt/response pairs
     of that session come first and this pair is stored."""
     svc = services(request)
-    model = body.model or svc.settings.default_model
+    model = await _thinking_model(request, body.model or svc.settings.default_model, body.think)
     named = session_of(request, body.session_id)
     session_id = check_session_id(named, viewer(request)) if named else None
     if session_id:
         answered_for(request, session_id)
     history: list[tuple[str, str]] = []
-    turn = await svc.turns.acquire(session_id, "generate", model, viewer(request)) if session_id else None
+    turn = await svc.turns.acquire(session_id, "generate", model.name, viewer(request)) if session_id else None
     release = turn.release if turn else (lambda: None)
     try:
         if session_id:
