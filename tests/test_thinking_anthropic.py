@@ -15,11 +15,9 @@ import anthropic
 import pytest
 from anthropic.types import Message, MessageParam
 
-from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
-from tests.conftest import writable_home
 from tests.server import running_server
-from tests.test_thinking_api import BUDGET, THINK_TEMPLATE
+from tests.test_thinking_api import BUDGET, thinker_home
 
 QUESTION: list[MessageParam] = [{"role": "user", "content": "What is two and two?"}]
 GREEDY = {"temperature": 0}
@@ -29,11 +27,7 @@ THINK = {"type": "enabled", "budget_tokens": BUDGET}
 
 @pytest.fixture(scope="module")
 def client(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[anthropic.Anthropic]:
-    home = writable_home(models_home, tmp_path_factory.mktemp("thinking-anthropic") / "home")
-    registry = Registry.open(Settings(home=home))
-    registry.copy("smollm2:135m", "thinker", Overrides(parameters={"thinking_budget": BUDGET},
-                                                      template_override=THINK_TEMPLATE))
-    registry.close()
+    home = thinker_home(models_home, tmp_path_factory.mktemp("thinking-anthropic"))
     with running_server(Settings(home=home, num_threads=2, num_ctx=1024)) as url:
         yield anthropic.Anthropic(base_url=url, api_key="unused", max_retries=0, timeout=120)
 

@@ -33,12 +33,21 @@ QUESTION = [{"role": "user", "content": "What is two and two?"}]
 GREEDY = {"temperature": 0, "num_predict": 40}
 
 
-@pytest.fixture(scope="module")
-def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    home = writable_home(models_home, tmp_path_factory.mktemp("thinking") / "home")
+def thinker_home(models_home: Path, folder: Path) -> Path:
+    """A writable copy of the test models at `folder`, with "thinker": SmolLM2 with
+    THINK_TEMPLATE and a `thinking_budget` PARAMETER of BUDGET."""
+    home = writable_home(models_home, folder / "home")
     registry = Registry.open(Settings(home=home))
     registry.copy("smollm2:135m", "thinker", Overrides(parameters={"thinking_budget": BUDGET},
                                                       template_override=THINK_TEMPLATE))
+    registry.close()
+    return home
+
+
+@pytest.fixture(scope="module")
+def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
+    home = thinker_home(models_home, tmp_path_factory.mktemp("thinking"))
+    registry = Registry.open(Settings(home=home))
     registry.copy("smollm2:135m", "thinker-plain", Overrides(template_override=THINK_TEMPLATE))  # no PARAMETER
     registry.close()
     with running_servers(Settings(home=home, num_threads=2, num_ctx=1024, thinking_budget=DAEMON_BUDGET)) as urls:

@@ -16,11 +16,9 @@ from openai import OpenAI
 from openai.types.responses import Response, ResponseReasoningItem
 
 import tests.server
-from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
-from tests.conftest import writable_home
 from tests.server import running_server
-from tests.test_thinking_api import BUDGET, THINK_TEMPLATE
+from tests.test_thinking_api import thinker_home
 
 QUESTION = "What is two and two?"
 GREEDY: dict[str, Any] = {"temperature": 0, "max_output_tokens": 40}
@@ -28,11 +26,7 @@ GREEDY: dict[str, Any] = {"temperature": 0, "max_output_tokens": 40}
 
 @pytest.fixture(scope="module")
 def client(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenAI]:
-    home = writable_home(models_home, tmp_path_factory.mktemp("thinking-responses") / "home")
-    registry = Registry.open(Settings(home=home))
-    registry.copy("smollm2:135m", "thinker", Overrides(parameters={"thinking_budget": BUDGET},
-                                                      template_override=THINK_TEMPLATE))
-    registry.close()
+    home = thinker_home(models_home, tmp_path_factory.mktemp("thinking-responses"))
     with running_server(Settings(home=home, num_threads=2, num_ctx=1024)) as url:
         yield OpenAI(base_url=f"{url}/v1", api_key="unused", timeout=120)
 
