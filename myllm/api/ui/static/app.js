@@ -1,6 +1,7 @@
 // myllm's chat page: the native API (/api/models, /api/chat with SSE, /api/sessions) and
 // nothing else. Every text from a model or a stored message goes into the page through
-// textContent, never as HTML, so no markup in it can run.
+// textContent, never as HTML, so no markup in it can run. A thinking model's thinking (the
+// API's `thinking` events and field) is folded above its answer, as plain text.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -65,13 +66,14 @@ function render(body, text) {
   });
 }
 
-function addMessage(role, text) {
+function addMessage(role, text, thinking) {
   const article = element("article");
   article.dataset.role = role;
   const body = element("div");
   body.className = "body";
   article.append(body);
   render(body, text);
+  if (thinking) setThinking(article, thinking, false);
   const meta = element("div");
   meta.className = "meta";
   if (role === "assistant") {
@@ -90,6 +92,22 @@ function addMessage(role, text) {
 function setText(article, text) {
   article.dataset.text = text;
   render(article.querySelector(".body"), text);
+}
+
+// The thinking goes in a <details> above the answer, made open while it streams in (`open`)
+// and closed for a stored answer; no Markdown: the text as the model wrote it.
+function setThinking(article, text, open) {
+  let details = article.querySelector("details.thinking");
+  if (!details) {
+    details = element("details");
+    details.className = "thinking";
+    details.open = open;
+    const shown = element("div");
+    shown.className = "text";
+    details.append(element("summary", "Thinking"), shown);
+    article.prepend(details);
+  }
+  details.querySelector(".text").textContent = text;
 }
 
 // -- models and sessions
@@ -125,7 +143,7 @@ async function openSession(id) {
   const session = await response.json();
   sessionId = id;
   $("messages").replaceChildren();
-  for (const m of session.messages) if (m.role !== "system") addMessage(m.role, m.content);
+  for (const m of session.messages) if (m.role !== "system") addMessage(m.role, m.content, m.thinking);
   if (session.model) $("model").value = session.model;
   await loadSessions();
 }
@@ -153,6 +171,7 @@ async function send(event) {
     stream: true,
     options: { temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value) },
   };
+  if ($("think").value) body.think = $("think").value === "on";
   if (sessionId) body.session_id = sessionId;
   localStorage.setItem("myllm-model", body.model);
   controller = new AbortController();
@@ -161,6 +180,7 @@ async function send(event) {
   $("status").textContent = "Answering…";
   const started = performance.now();
   let received = "";
+  let thought = "";
   try {
     const response = await api("/api/chat", { method: "POST", body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) {
@@ -183,8 +203,19 @@ async function send(event) {
         const item = JSON.parse(data);
         if (item.error) throw new Error(item.error);
         if (!item.done) {
-          received += item.token;
-          setText(answer, received);
+          if (item.thinking) {
+            thought += item.thinking;
+            setThinking(answer, thought, true);
+            $("status").textContent = "Thinking…";
+          }
+          if (item.token) {
+            if (!received && thought) {
+              answer.querySelector("details.thinking").open = false;  // the answer starts: fold the thinking
+              $("status").textContent = "Answering…";
+            }
+            received += item.token;
+            setText(answer, received);
+          }
         } else {
           sessionId = item.session_id || sessionId;
           const seconds = (performance.now() - started) / 1000;
