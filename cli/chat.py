@@ -66,17 +66,15 @@ def think_field(think: Think) -> dict[str, Think]:
 
 
 def cannot_think(client: Client, model: str) -> bool:
-    """Whether the model's template has no reasoning section: the daemon then ignores
-    `think`, and the CLI says so, as Ollama's does. (Imported here: the template module brings
-    Jinja2, which a chat that never asks for thinking does not need.)"""
-    from myllm.runtime.request.template import thinks
-
-    return not thinks(client.get(f"/api/models/{model}")["chat_template"])
+    """Whether the model cannot think (the daemon's `thinking`: its template has no reasoning
+    section). The daemon refuses `think` for such a model; the CLI says so and asks without it."""
+    return not client.get(f"/api/models/{model}").get("thinking")
 
 
 def one_shot(client: Client, model: str, prompt: str, options: dict[str, Any], think: Think = None) -> None:
     if think and cannot_think(client, model):
         sys.stderr.write(f"warning: model {model!r} does not think; --think changes nothing\n")
+        think = None
     print_stream(client.stream("/api/generate", {"model": model, "prompt": prompt, "stream": True, "options": options,
                                                  **think_field(think)}), answer_writer())
 
@@ -178,8 +176,9 @@ class Repl:
             self.console.print(f"Unknown thinking level {' '.join(words[1:])!r}; one of: {', '.join(LEVELS)}",
                                highlight=False)
             return
-        self.think = words[1] if words[1:] else True
-        self.console.print(f"Set 'think' mode{f' to {words[1]!r}' if words[1:] else ''}.", highlight=False)
         if cannot_think(self.client, self.model):
             self.console.print(f"warning: model {self.model!r} does not think; its answers stay the same",
                                highlight=False)
+            return
+        self.think = words[1] if words[1:] else True
+        self.console.print(f"Set 'think' mode{f' to {words[1]!r}' if words[1:] else ''}.", highlight=False)
