@@ -42,7 +42,7 @@ from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.state import services
 from myllm.errors import InvalidOptions, Overloaded
 from myllm.registry.schema import ModelRow
-from myllm.runtime.request.template import Think, thinks
+from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
@@ -182,8 +182,7 @@ async def _model(request: Request, name: str, thinking: ThinkingConfig | None) -
     """The model's row; thinking asked of a model whose template cannot think is refused, as
     Anthropic refuses it for its models without thinking."""
     row = await services(request).runtime.model(name)
-    if _think(thinking) and not thinks(row.template):
-        raise InvalidOptions(f'"{row.name}" does not support thinking', field="thinking")
+    check_think(row, _think(thinking), "thinking")
     return row
 
 

@@ -43,11 +43,10 @@ from myllm.api.native.models import (
     Usage,
 )
 from myllm.api.state import services
-from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import NewMessage, SessionInfo, check_session_id, new_session_id
 from myllm.runtime.placement.report import per_model
-from myllm.runtime.request.template import template_name, thinks
+from myllm.runtime.request.template import check_think, template_name, thinks
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -88,8 +87,7 @@ def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, An
 async def _thinking_model(request: Request, name: str, think: Think) -> ModelRow:
     """The model's row; thinking asked of a model that cannot think is a 400, as on Ollama's API."""
     row = await services(request).runtime.model(name)
-    if think and not thinks(row.template):
-        raise InvalidOptions(f"model '{row.name}' does not support thinking", field="think")
+    check_think(row, think, "think")
     return row
 
 

@@ -37,7 +37,7 @@ from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.runtime.request.durations import parse_duration
 from myllm.runtime.request.options import GenerationOptions
-from myllm.runtime.request.template import thinks
+from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 
 OLLAMA_VERSION = "0.12.0"
@@ -126,10 +126,9 @@ async def _model_row(request: Request, name: str) -> ModelRow:
     return await services(request).runtime.model(name)
 
 
-def _check_features(row: ModelRow, think: object, images: list[str] | None) -> None:
+def _check_features(row: ModelRow, think: Think, images: list[str] | None) -> None:
     """What these models cannot do is refused as Ollama refuses it, not silently dropped."""
-    if think and not thinks(row.template):
-        raise InvalidOptions(f'"{row.name}" does not support thinking', field="think")
+    check_think(row, think, "think")
     if images:
         raise InvalidOptions(f'"{row.name}" does not support images', field="images")
 

@@ -46,7 +46,7 @@ from myllm.api.openai.models import (
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
-from myllm.runtime.request.template import Think, thinks
+from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
@@ -206,9 +206,7 @@ def _think(body: ChatCompletionRequest, model: ModelRow) -> Think:
     effort = body.reasoning_effort
     enabled = body.chat_template_kwargs.enable_thinking if body.chat_template_kwargs else None
     think: Think = (effort not in ("none", "minimal") and effort) if effort is not None else enabled
-    if think and not thinks(model.template):
-        field = "reasoning_effort" if effort is not None else "chat_template_kwargs"
-        raise InvalidOptions(f"model '{model.name}' does not support thinking ({field})", field=field)
+    check_think(model, think, "reasoning_effort" if effort is not None else "chat_template_kwargs")
     return think
 
 

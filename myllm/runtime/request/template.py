@@ -10,7 +10,9 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
+from myllm.errors import InvalidOptions
 from myllm.registry.chat_templates import Deadline, compile_template, render
+from myllm.registry.schema import ModelRow
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,13 @@ def thinks(template: str | None) -> bool:
     """Whether a chat template has a reasoning section (`<think>`...`</think>`), as Ollama
     decides a model can think."""
     return bool(template) and THINK_OPEN in (template or "") and THINK_CLOSE in (template or "")
+
+
+def check_think(row: ModelRow, think: Think, field: str) -> None:
+    """Thinking asked of a model that cannot think is refused, a 400 naming the API's own
+    `field`, as Ollama and OpenAI refuse it: one check for every API that refuses it."""
+    if think and not thinks(row.template):
+        raise InvalidOptions(f'"{row.name}" does not support thinking', field=field)
 
 
 Part = tuple[str, bool]
