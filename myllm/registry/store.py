@@ -32,6 +32,7 @@ from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
+from myllm.registry.row_cache import RowCache
 from myllm.registry.schema import ModelRow, utcnow
 from myllm.settings import Settings
 
@@ -65,6 +66,7 @@ class Registry:
         self.pools = pools or Pools.from_settings(Settings())
         """Where async callers run this registry's blocking calls (myllm/pools.py): database
         calls on `pools.db`, blob I/O on `pools.blobs`; the methods themselves are blocking."""
+        self.rows = RowCache(engine)
 
     @classmethod
     def open(cls, settings: Settings) -> Registry:
@@ -76,6 +78,7 @@ class Registry:
         return registry
 
     def close(self) -> None:
+        self.rows.close()
         self.pools.close()
         self.engine.dispose()
 
@@ -87,6 +90,16 @@ class Registry:
             row = _named(db, key)
         if row is None:
             raise ModelNotFound(name)
+        return row
+
+    async def lookup(self, name: str) -> ModelRow:
+        """`get` for async callers (every request resolves its model by it): from the row
+        cache while the database has not changed since (row_cache.py), else on the pool."""
+        key = normalize(name)
+        row, version = self.rows.get(key)
+        if row is None:
+            row = await self.pools.db.run(self.get, name)
+            self.rows.put(key, row, version)
         return row
 
     def find(self, name: str) -> ModelRow | None:

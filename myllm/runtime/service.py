@@ -298,7 +298,7 @@ class Runtime:
     async def model(self, name: str | ModelRow) -> ModelRow:
         """The registry row of `name` (a row passes through: callers that looked it up
         already, to answer 404 early, need not look it up twice)."""
-        return name if isinstance(name, ModelRow) else await self.registry.pools.db.run(self.registry.get, name)
+        return name if isinstance(name, ModelRow) else await self.registry.lookup(name)
 
     def options_for(self, row: ModelRow, options: GenerationOptions | None) -> GenerationOptions:
         """The request's options over the model's stored defaults (Modelfile PARAMETERs): what

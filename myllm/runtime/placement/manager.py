@@ -214,7 +214,7 @@ class ModelManager(Generic[R]):
         if self._closing:
             raise ShuttingDown("the server is shutting down")
         seconds, extend_only = requested(keep_alive)
-        row = model if isinstance(model, ModelRow) else await self.registry.pools.db.run(self.registry.get, model)
+        row = model if isinstance(model, ModelRow) else await self.registry.lookup(model)
         await self.devices()  # whether there is a GPU decides what the load key holds
         spec = self.spec_for(row, num_ctx, embedding, num_gpu)
         inst = self._instances.get(spec)
@@ -234,7 +234,7 @@ class ModelManager(Generic[R]):
         """Unload every instance of `name`. Idle ones go now; busy ones as soon as their
         requests finish, or at once with `abort`, their requests failing with
         `ModelNotLoaded`. Returns how many instances were affected."""
-        row = await self.registry.pools.db.run(self.registry.get, name)
+        row = await self.registry.lookup(name)
         hits = self._instances.of_model(row.name)
         for inst in hits:
             inst.keep_alive = 0
