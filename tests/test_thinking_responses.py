@@ -102,12 +102,22 @@ def test_an_effort_no_client_lists_is_a_400_naming_it(client: OpenAI) -> None:
     assert refused.value.param == "reasoning.effort"
 
 
-def test_reasoning_is_ignored_by_a_model_that_cannot_think(client: OpenAI) -> None:
-    """Clients send `reasoning` to every model: a model without a reasoning section answers as
-    it would without it."""
+def test_an_effort_level_on_a_model_that_cannot_think_is_a_400_and_none_is_not(client: OpenAI) -> None:
+    """Thinking asked of a model that cannot think is refused as OpenAI refuses `reasoning.effort`
+    for its models without reasoning (an `invalid_request_error` whose `param` names it), before
+    a stream starts; asking for no thinking (`none`, `minimal`) is accepted on any model."""
+    for effort in ("low", "medium", "high", "xhigh"):
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as refused:
+                client.responses.create(model="smollm2:135m", input=QUESTION, reasoning={"effort": effort}, stream=stream,
+                                        **GREEDY)
+            error = refused.value.body
+            assert refused.value.param == "reasoning.effort" and isinstance(error, dict), error
+            assert error["type"] == "invalid_request_error" and "does not support thinking" in error["message"]
     plain = client.responses.create(model="smollm2:135m", input=QUESTION, **GREEDY)
-    asked = client.responses.create(model="smollm2:135m", input=QUESTION, reasoning={"effort": "high"}, **GREEDY)
-    assert [o.type for o in asked.output] == ["message"] and asked.output_text == plain.output_text
+    for effort in ("none", "minimal"):
+        asked = client.responses.create(model="smollm2:135m", input=QUESTION, reasoning={"effort": effort}, **GREEDY)
+        assert [o.type for o in asked.output] == ["message"] and asked.output_text == plain.output_text
 
 
 def test_a_chain_keeps_the_thinking_out_of_the_next_prompt(client: OpenAI) -> None:

@@ -56,6 +56,27 @@ def test_parse_calls(text: str, content: str, calls: list[tuple[str, dict]]) -> 
     assert all(c.id.startswith("call_") for c in got) and len({c.id for c in got}) == len(got)
 
 
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "add", "arguments": {"a": }</tool_call>',  # bad JSON
+    '<tool_call>{"name": "delete_everything", "arguments": {}}</tool_call>',  # a tool not offered
+    '<tool_call>{"name": "add", "arguments": {}}</tool_call>\n<tool_call>garbage</tool_call>',  # one good block, one not
+    "<tool_call></tool_call>", "<tool_call>[]</tool_call>", "Let me see. <tool_call>the weather in Paris</tool_call> Done.",
+    '{"name": "add", "arguments": {}} Done.', '[{"name": "add", "arguments": {}}] and more',  # text after a call
+    '[TOOL_CALLS] [{"name": "nope", "arguments": {}}]', '<|python_tag|>{"name": "add", "parameters": {}} extra',
+    '[TOOL_CALLS] not json', '{"name": "add", "arguments": "{\'a\': 1}"}',  # arguments a string that is no JSON
+])
+def test_what_is_not_a_call_is_all_content_streamed_and_not(text: str) -> None:
+    """Output that looks like calls but is none is the reply's content, every character of it,
+    whether the reply ended or the token limit cut it, read whole or streamed piece by piece."""
+    assert parse_calls(text, TOOLS) == (text, [])
+    for cut_off in (False, True):
+        for pieces in ([text], list(text)):
+            f = CallFilter(TOOLS)
+            streamed = "".join(f.feed(p) for p in pieces)
+            left, calls = f.finish(cut_off)
+            assert (streamed + left, calls) == (text, [])
+
+
 @pytest.mark.parametrize("pieces", [
     ["<tool", "_call>{\"name\": \"add\", ", "\"arguments\": {\"a\": 1}}</tool_call>"],
     ["  {\"name\"", ": \"add\", \"arguments\": {\"a\": 1}}"],
@@ -115,27 +136,42 @@ def test_a_forced_reply_is_never_content() -> None:
 
 
 @pytest.mark.parametrize(("text", "content", "calls"), [
-    ('[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}, {"name": "add", "argu', "",
-     [("add", {"a": 1}), ("add", {"a": 2})]),
-    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lima"}}, {"na', "", [("get_weather", {"city": "Lima"})]),
-    ('Checking.<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call><tool_call>{"name": "add", "argum', "Checking.",
-     [("add", {"a": 1})]),
-    ('{"name": "add", "arguments": {"a": 1', "", []),  # the one call was cut: nothing complete
+    ('[{"name": "add", "arguments": {"a": 1}}, {"name": "add", "arguments": {"a": 2}}, {"name": "add", "argu',
+     '{"name": "add", "argu', [("add", {"a": 1}), ("add", {"a": 2})]),
+    ('[TOOL_CALLS] [{"name": "get_weather", "arguments": {"city": "Lima"}}, {"na', '{"na',
+     [("get_weather", {"city": "Lima"})]),
+    ('Checking.<tool_call>{"name": "add", "arguments": {"a": 1}}</tool_call><tool_call>{"name": "add", "argum',
+     'Checking.<tool_call>{"name": "add", "argum', [("add", {"a": 1})]),
+    ('<tool_call>{"name": "add", "arguments": {}}</tool_call> Then <tool_call>{"name": "add", "argu',
+     'Then <tool_call>{"name": "add", "argu', [("add", {})]),
 ])
 def test_a_cut_off_reply_keeps_its_complete_calls(text: str, content: str, calls: list[tuple[str, dict]]) -> None:
     """The token limit cut these replies in their last call: the calls before it are whole
-    (issue 28: they came back as text)."""
+    (issue 28: they came back as text), and the call cut short is content as it was written,
+    not dropped (issue 31)."""
     got = parse_cut_calls(text, TOOLS)
     assert got is not None and got[0] == content and [(c.name, c.arguments) for c in got[1]] == calls
-    f = CallFilter(TOOLS)
-    streamed = f.feed(text)
-    left, found = f.finish(cut_off=True)
-    assert (streamed + left, [(c.name, c.arguments) for c in found]) == ((content, calls) if calls else (text, []))
+    for pieces in ([text], list(text)):  # streamed whole and character by character
+        f = CallFilter(TOOLS)
+        streamed = "".join(f.feed(p) for p in pieces)
+        left, found = f.finish(cut_off=True)
+        assert (streamed + left, [(c.name, c.arguments) for c in found]) == (content, calls)
 
 
-@pytest.mark.parametrize("text", ["The weather is", '{"answer": "it is', '[1, 2', '[{"name": "add", "arguments": {}}, 7'])
+@pytest.mark.parametrize("text", [
+    "The weather is", '{"answer": "it is', '[1, 2', '[{"name": "add", "arguments": {}}, 7',
+    '{"name": "add", "arguments": {"a": 1',  # the one call was cut: nothing complete
+    '[{"name": "ad", "arguments": {}}, {"name": "add", "argu',  # complete, naming no tool ("ad" might have grown)
+    '[{"name": "add", "arguments": "{not json"}, {"name": "add", "argu',  # a complete element whose arguments do not parse
+    '<tool_call>{"name": "add", "arguments": {}}</tool_call> and <tool_call>junk</tool_call> then',  # a closed bad block
+    '<tool_call>{"name": "add", "argu',
+])
 def test_a_cut_off_reply_that_is_not_calls_is_content(text: str) -> None:
     assert parse_cut_calls(text, TOOLS) is None
+    for pieces in ([text], list(text)):
+        f = CallFilter(TOOLS)
+        streamed = "".join(f.feed(p) for p in pieces)
+        assert (streamed + (left := f.finish(cut_off=True))[0], left[1]) == (text, [])
 
 
 def test_bad_tools_and_choices_are_refused() -> None:

@@ -25,9 +25,10 @@ from myllm.api.openai.models import ErrorObject
 from myllm.api.openai.responses_models import Reasoning, ResponseRequest
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
+from myllm.registry.schema import ModelRow
 from myllm.registry.sessions import NewMessage, StoredMessage
 from myllm.runtime.request.options import GenerationOptions
-from myllm.runtime.request.template import Think
+from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.request.tools import Call, call_text
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 
@@ -111,17 +112,19 @@ def _tools(body: ResponseRequest) -> tuple[list[dict[str, Any]] | None, str]:
     raise InvalidOptions("tool_choice must be auto, none, required or {'type': 'function', 'name': ...}", field="tool_choice")
 
 
-def _think(reasoning: Reasoning | None) -> Think:
-    """`reasoning.effort` as the runtime's `think`: none and minimal turn thinking off, a level
-    is passed on (xhigh and max as high, the most a template reads), no effort is the model's
-    default. Any model takes it: clients send `reasoning` to every model (vLLM and llama-server
-    accept it there too), and a template without a reasoning section ignores it."""
+def _think(reasoning: Reasoning | None, row: ModelRow) -> Think:
+    """`reasoning.effort` as the runtime's `think`: none and minimal turn thinking off (any model
+    takes them), a level is passed on (xhigh and max as high, the most a template reads), no
+    effort is the model's default. A level asked of a model that cannot think is a 400 naming
+    `reasoning.effort`, as OpenAI answers it for its models without reasoning."""
     effort = reasoning.effort if reasoning else None
     if effort is None:
         return None
     if effort in ("none", "minimal"):
         return False
-    return {"xhigh": "high", "max": "high"}.get(effort, effort)
+    think = {"xhigh": "high", "max": "high"}.get(effort, effort)
+    check_think(row, think, "reasoning.effort")
+    return think
 
 
 def _options(body: ResponseRequest) -> GenerationOptions:
@@ -225,20 +228,22 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     svc = services(request)
     new = _items(body)
     tools, choice = _tools(body)
+    model = body.model or svc.settings.default_model
+    row = await svc.runtime.model(model)
+    think = _think(body.reasoning, row)
     earlier: list[dict[str, Any]] = []
     session: str | None = None
     if body.previous_response_id:
         session, stored = await svc.pools.db.run(svc.responses.conversation, body.previous_response_id, viewer(request))
         earlier = _history(stored)
-    model = body.model or svc.settings.default_model
     turn = await svc.turns.acquire(session, "responses", model, viewer(request)) if session else None
     release = turn.release if turn else (lambda: None)
     try:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         stream = await svc.runtime.chat(
-            model, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
+            row, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
-            think=_think(body.reasoning), count=[m["content"] for m in new], caller=reloading_key(request),
+            think=think, count=[m["content"] for m in new], caller=reloading_key(request),
         )
     except BaseException:
         release()

@@ -222,10 +222,11 @@ def may_be_call(text: str, tools: list[Tool]) -> bool:
     return end == len(stripped) and all(_may_become_call(item, names) for item in items)
 
 
-def _leading_calls(payload: str, names: set[str]) -> list[Call]:
+def _leading_calls(payload: str, names: set[str]) -> tuple[str, list[Call]] | None:
     """The complete calls at the start of `payload`, a JSON call or array of calls (as
-    `may_be_call` found it) the token limit cut off: the elements decoded before the cut, an
-    unfinished one dropped."""
+    `may_be_call` found it) the token limit cut off, and the text after them: the element the
+    cut left unfinished, as it was written. None when no element was completed, or when one
+    that was is not a call (then the whole reply is content, as a whole reply would be)."""
     is_array = payload.startswith("[")
     at, calls = int(is_array), []
     while True:
@@ -233,13 +234,15 @@ def _leading_calls(payload: str, names: set[str]) -> list[Call]:
         try:
             item, at = _DECODER.raw_decode(payload, at)
         except ValueError:
-            return calls
-        if (call := _as_call(item, names)) is not None:
-            calls.append(call)
+            break
+        if (call := _as_call(item, names)) is None:
+            return None
+        calls.append(call)
         rest = payload[at:].lstrip()
         if not is_array or not rest.startswith(","):
-            return calls
+            break
         at = len(payload) - len(rest) + 1
+    return (payload[at:].strip(), calls) if calls else None
 
 
 def _block_calls(payloads: list[str], names: set[str]) -> list[Call] | None:
@@ -301,23 +304,27 @@ def parse_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]]:
 
 def parse_cut_calls(text: str, tools: list[Tool]) -> tuple[str, list[Call]] | None:
     """(content, calls) of a reply the token limit cut off in the middle of its calls: the
-    calls it completed (a call cut short is dropped, as its arguments are not whole) and the
-    text around them; None when the text does not start like calls (then it is content)."""
+    calls it completed, and as content the text around them with the call cut short as it was
+    written (its arguments are not whole, so it is no call, but it is not dropped either). None
+    when the reply completed no call (then it is all content): it does not start like calls, the
+    first call is the one cut, or something complete in it is not a call."""
     names = {t.name for t in tools}
     stripped = text.strip()
     if HERMES_OPEN in stripped:
         payloads, around = _hermes_blocks(stripped)
-        if not stripped.endswith(HERMES_CLOSE):  # the last block is the one cut short
-            payloads = payloads[:-1]
+        last = stripped.rfind(HERMES_OPEN)
+        cut = ""
+        if stripped.find(HERMES_CLOSE, last) < 0:  # the last block is the one cut short
+            payloads, cut = payloads[:-1], stripped[last:]
         found = _block_calls(payloads, names)
-        return None if found is None else (around.strip(), found)
+        return ((around + cut).strip(), found) if found else None
     for marker in JSON_MARKERS:
         if stripped.startswith(marker):
             stripped = stripped[len(marker):].strip()
             break
     if not stripped.startswith(("{", "[")) or not may_be_call(stripped, tools):
         return None
-    return "", _leading_calls(stripped, names)
+    return _leading_calls(stripped, names)
 
 
 class CallFilter:
@@ -352,15 +359,15 @@ class CallFilter:
         return out
 
     def finish(self, cut_off: bool = False) -> tuple[str, list[Call]]:
-        """The rest of the content (what was held, less the calls in it), and the calls. When
-        the token limit `cut_off` the reply, the calls it completed; a forced reply's text is
-        never content, even when no call in it was completed."""
+        """The rest of the content (what was held, less the calls in it), and the calls: what
+        is not a call stays content, never dropped. When the token limit `cut_off` the reply,
+        the calls it completed, the one it cut short as content. A forced reply's text is never
+        content, even when no call in it was completed: the grammar wrote it, not the model's
+        answer."""
         content, calls = parse_calls(self.held, self.tools)
-        if calls:
-            return content, calls
-        if cut_off and (partial := parse_cut_calls(self.held, self.tools)) is not None and (partial[1] or self.forced):
-            return partial
-        return ("", []) if self.forced else (self.held, [])
+        if cut_off and not calls:
+            content, calls = parse_cut_calls(self.held, self.tools) or (content, calls)
+        return ("", calls) if self.forced else (content, calls)
 
 
 def _normal_calls(calls: list[Any]) -> list[dict[str, Any]]:
