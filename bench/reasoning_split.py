@@ -29,7 +29,7 @@ from servers import Server, free_port, llama_server_binary
 from myllm.runtime.engine.llama_setup import cpu_has_amx
 from myllm.runtime.engine.thinking import ThinkingSplitter
 from myllm.runtime.engine_types import Thinking
-from myllm.runtime.request.template import render_chat
+from myllm.runtime.request.template import THINK, render_chat
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = "deepseek-ai-DeepSeek-R1-Distill-Qwen-32B.jinja"
@@ -69,7 +69,7 @@ def split(url: str, body: dict[str, object]) -> tuple[str, str]:
 def ours(parts: list[str]) -> tuple[str, str]:
     """myllm's split of the raw text, which starts with the opening marker the prompt ended with
     (llama-server puts it back): the splitter finds it as it finds one a model writes."""
-    splitter = ThinkingSplitter(Thinking(started=False))
+    splitter = ThinkingSplitter(Thinking(THINK.open, THINK.close, THINK.answer))
     for part in parts:
         splitter.feed(part)
     splitter.finish()
