@@ -1,13 +1,7 @@
 """gpt-oss's harmony format: the thinking is the analysis channel (`<|channel|>analysis<|message|>`
 ... `<|end|>`), the answer the final one (`<|start|>assistant<|channel|>final<|message|>` ...),
-and the markers are special tokens. No gpt-oss model is small enough for the tests, so the
-fixture is SmolLM2 rewritten with the gguf package: seven of its unused control tokens become
-harmony's (`<|start|>`, `<|channel|>`, `<|message|>`, `<|end|>`, `<|return|>`, `<|call|>`,
-`<|constrain|>`), still control tokens in the file as in gpt-oss's, with `<|return|>` its end of
-text and OpenAI's gpt-oss template (as llama.cpp vendors it) its chat template. llama.cpp then
-treats them as it treats gpt-oss's: `<|channel|>`, `<|message|>`, `<|start|>`, `<|constrain|>`
-and, beside `<|return|>` and `<|call|>`, `<|end|>` are always rendered, and `<|return|>` and
-`<|call|>` end the generation.
+and the markers are special tokens. The model is tests/harmony_gguf.py's: SmolLM2 with harmony's
+special tokens (control tokens in the file, as in gpt-oss's) and gpt-oss's own template.
 
 SmolLM2 never opens the analysis channel itself after `<|start|>assistant`, so the model that
 generates ("harmony-thinker") has the same template with a generation prompt that opens it (as
@@ -42,19 +36,14 @@ from myllm.runtime.request.template import (
 )
 from myllm.settings import Settings
 from tests.conftest import smollm2_file, writable_home
-from tests.hostile_gguf import rewrite_gguf
+from tests.harmony_gguf import GPT_OSS_TEMPLATE, MARKERS, write_harmony_gguf
 from tests.server import running_servers
 from tests.test_engine import run
 from tests.test_thinking_api import THINK_TEMPLATE
 
-GPT_OSS_TEMPLATE = Path(__file__).resolve().parent / "data" / "openai-gpt-oss-120b.jinja"
-"""OpenAI's gpt-oss chat template, as llama.cpp vendors it (models/templates)."""
 OPENED_TEMPLATE = GPT_OSS_TEMPLATE.read_text().replace(
     "<|start|>assistant\n{%- endif -%}", "<|start|>assistant<|channel|>analysis<|message|>\n{%- endif -%}")
-"""The same, with a generation prompt that opens the analysis channel."""
-MARKERS = {3: "<|start|>", 4: "<|channel|>", 5: "<|message|>", 6: "<|end|>", 7: "<|return|>", 8: "<|call|>",
-           9: "<|constrain|>"}
-"""The fixture's harmony tokens, in place of SmolLM2's unused control tokens 3-9 (`<repo_name>` ...)."""
+"""gpt-oss's template with a generation prompt that opens the analysis channel."""
 BUDGET = 6
 QUESTION = [{"role": "user", "content": "What is two and two?"}]
 GREEDY = {"temperature": 0, "num_predict": 40}
@@ -63,20 +52,7 @@ SCHEMA = {"type": "object", "properties": {"answer": {"type": "integer"}}, "requ
 
 @pytest.fixture(scope="session")
 def harmony_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SmolLM2 with harmony's special tokens and gpt-oss's template (see the module's docstring)."""
-    import gguf
-
-    source = smollm2_file()
-    reader = gguf.GGUFReader(source)
-    tokens = reader.fields[gguf.Keys.Tokenizer.LIST].contents()
-    types = reader.fields[gguf.Keys.Tokenizer.TOKEN_TYPE].contents()
-    assert all(types[i] == gguf.TokenType.CONTROL for i in MARKERS)
-    kind = gguf.GGUFValueType
-    return rewrite_gguf(source, tmp_path_factory.mktemp("harmony") / "gpt-oss-tiny.gguf", keys={
-        gguf.Keys.Tokenizer.LIST: ([MARKERS.get(i, token) for i, token in enumerate(tokens)], kind.ARRAY),
-        gguf.Keys.Tokenizer.EOS_ID: (7, kind.UINT32),
-        gguf.Keys.Tokenizer.CHAT_TEMPLATE: (GPT_OSS_TEMPLATE.read_text(), kind.STRING),
-    })
+    return write_harmony_gguf(smollm2_file(), tmp_path_factory.mktemp("harmony") / "gpt-oss-tiny.gguf")
 
 
 def test_the_template_says_how_a_model_thinks() -> None:
