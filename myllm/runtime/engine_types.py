@@ -117,7 +117,7 @@ class Thinking:
     started: bool = False
     """The prompt opened the section (its template ends with `open`): the output starts inside it."""
     budget: int | None = None
-    """Tokens of thinking after which the engine writes `close` itself, so the model answers."""
+    """Tokens of thinking after which the engine writes `closing` itself, so the model answers."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "headers", tuple(self.headers))  # a list, once it crossed the runner channel
