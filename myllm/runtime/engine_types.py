@@ -104,14 +104,28 @@ class TokenEvent:
 
 @dataclass(frozen=True)
 class Thinking:
-    """How a request's output separates thinking from the answer (runtime/engine/thinking.py)."""
+    """How a request's output separates thinking from the answer (runtime/engine/thinking.py):
+    the markers of the model's family, which the daemon takes from its chat template
+    (runtime/request/template.py's `Markup`)."""
 
-    open: str = "<think>"
-    close: str = "</think>"
+    open: str
+    close: str
+    answer: str
+    """What follows `close` before the answer; past the budget the engine writes both."""
+    headers: tuple[str, ...] = ()
+    """Markup outside the section that is not answer text (gpt-oss's message headers): dropped."""
     started: bool = False
     """The prompt opened the section (its template ends with `open`): the output starts inside it."""
     budget: int | None = None
-    """Tokens of thinking after which the engine writes `close` itself, so the model answers."""
+    """Tokens of thinking after which the engine writes `closing` itself, so the model answers."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "headers", tuple(self.headers))  # a list, once it crossed the runner channel
+
+    @property
+    def closing(self) -> str:
+        """What the engine writes when the budget is spent."""
+        return self.close + self.answer
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.request.schema_size import SchemaLimits
-from myllm.runtime.request.template import THINK_CLOSE, THINK_OPEN, Think
+from myllm.runtime.request.template import Think, thinking_markup
 from myllm.runtime.request.tools import Call, CallFilter, Choice, ToolUse, check_choice, json_depth, parse_tools
 from myllm.settings import Settings
 
@@ -463,8 +463,10 @@ class Runtime:
             if grammar is not None:
                 await runner.check_grammar(grammar)
 
-            thinking = None if prompt.thinking_open is None else Thinking(
-                THINK_OPEN, THINK_CLOSE, prompt.thinking_open, opts.thinking_budget or self.settings.thinking_budget)
+            markup = thinking_markup(row.template)
+            thinking = None if prompt.thinking_open is None or markup is None else Thinking(
+                markup.open, markup.close, markup.answer, markup.headers, prompt.thinking_open,
+                opts.thinking_budget or self.settings.thinking_budget)
             events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking))
         except BaseException:
             lease.release()

@@ -445,11 +445,12 @@ class BatchEngine:
             slot.pending = [token]
 
     def _close_thinking(self, slot: _Slot, token: int) -> None:
-        """The thinking budget is spent after `token`: the section's closing marker (and a blank
-        line) are the output's next tokens, sent and accepted like sampled ones, and the model
-        answers after them; where `max_tokens` leaves no room for them the output ends there."""
+        """The thinking budget is spent after `token`: the section's closing markup
+        (`Thinking.closing`: `</think>` and a blank line, say) is the output's next tokens, sent and
+        accepted like sampled ones, and the model answers after them; where `max_tokens` leaves no
+        room for them the output ends there."""
         assert slot.req and slot.req.thinking and slot.output and slot.job and slot.sampler
-        tokens = self.vocabulary.markup(slot.req.thinking.close + "\n\n")
+        tokens = self.vocabulary.markup(slot.req.thinking.closing)
         if len(tokens) >= slot.limit - slot.count:
             self._finish(slot, "length")
             return

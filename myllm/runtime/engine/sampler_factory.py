@@ -77,7 +77,9 @@ class SamplerFactory:
         With `thinking` the grammar holds on the answer only: a lazy grammar, which lets every
         token through until its trigger, the reasoning section's closing marker (or, when the
         prompt did not open the section, an answer that starts without one), and from there
-        takes the marker and the blank line after it before the format's own `root`."""
+        takes the closing markup (`</think>` and a blank line; gpt-oss's `<|end|>` and its final
+        message's header, so a gpt-oss model answers in its final channel) before the format's
+        own `root`."""
         try:
             text = grammar.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -86,7 +88,8 @@ class SamplerFactory:
             if thinking is None:
                 pointer = self._lib.llama_sampler_init_grammar(self._vocab, text, b"root")
             else:
-                start = f"\n{THINKING_ROOT} ::= {json.dumps(thinking.close)}? [ \\t\\n]* root\n".encode()
+                closing = json.dumps(thinking.closing.rstrip())
+                start = f"\n{THINKING_ROOT} ::= {closing}? [ \\t\\n]* root\n".encode()
                 triggers = [re.escape(thinking.close)] + ([] if thinking.started else [r"^\s*[^<\s]"])
                 patterns = (ctypes.c_char_p * len(triggers))(*(t.encode() for t in triggers))
                 pointer = self._lib.llama_sampler_init_grammar_lazy_patterns(

@@ -1,13 +1,17 @@
 """Separating a reasoning model's thinking from its answer as the text streams.
 
-Thinking models write their reasoning between two markers (`<think>` and `</think>` for
-DeepSeek-R1's and Qwen3's families) before the answer. Templates often open the section
-themselves at the end of the prompt, so the output starts inside it; other models write the
-opening marker first. The markers are text like any other: they may arrive split over several
-tokens (every piece of `</think>` is its own token in a vocabulary without it) or inside one
-token with text on either side, so text that could still be the start of a marker is held
-back until it cannot, as the stop strings are (textstream.py). The markers never reach the
-client; a model that never closes the section ends with all of it as thinking.
+Thinking models write their reasoning between two markers before the answer: `<think>` and
+`</think>` for DeepSeek-R1's and Qwen3's families, gpt-oss's analysis channel
+(`<|channel|>analysis<|message|>` to `<|end|>`, then `<|start|>assistant<|channel|>final<|message|>`
+and the answer, whose header pieces are `Thinking.headers`, markup dropped from the answer).
+Templates often open the section themselves at the end of the prompt, so the output starts
+inside it; other models write the opening marker first. The markers are text like any other:
+they may arrive split over several tokens (every piece of `</think>` is its own token in a
+vocabulary without it), as one token (gpt-oss's markers are special tokens, whose text the
+engine renders: vocabulary.py) or inside one token with text on either side, so text that could
+still be the start of a marker is held back until it cannot, as the stop strings are
+(textstream.py). The markers never reach the client; a model that never closes the section ends
+with all of it as thinking.
 """
 
 from __future__ import annotations
@@ -28,21 +32,25 @@ class ThinkingSplitter:
         """All answer text released so far."""
         self._closed = False
 
+    def _markers(self) -> tuple[str, ...]:
+        """What may come next: inside, the close; outside, the open or a header to drop."""
+        return (self.spec.close,) if self.inside else (self.spec.open, *self.spec.headers)
+
     def feed(self, text: str) -> tuple[str, str]:
         """Add released text; returns (thinking, answer) that may be sent now."""
         self._pending += text
         thinking, content = [], []
         while True:
-            marker = self.spec.close if self.inside else self.spec.open
-            at = self._pending.find(marker)
-            if at < 0:
+            hits = [(at, marker) for marker in self._markers() if (at := self._pending.find(marker)) >= 0]
+            if not hits:
                 break
+            at, marker = min(hits, key=lambda hit: hit[0])
             (thinking if self.inside else content).append(self._pending[:at])
             self._pending = self._pending[at + len(marker):]
-            self.inside = not self.inside
-            self._closed = self._closed or not self.inside
-        marker = self.spec.close if self.inside else self.spec.open
-        keep = _held_back(self._pending, marker)
+            if marker in (self.spec.open, self.spec.close):
+                self.inside = not self.inside
+                self._closed = self._closed or not self.inside
+        keep = max(_held_back(self._pending, marker) for marker in self._markers())
         (thinking if self.inside else content).append(self._pending[: len(self._pending) - keep])
         self._pending = self._pending[len(self._pending) - keep:]
         return self._released("".join(thinking), "".join(content))

@@ -25,7 +25,7 @@ from myllm.pools import settle
 from myllm.registry.chat_templates import Deadline, RenderCancelled
 from myllm.registry.schema import ModelRow
 from myllm.runtime.instance import Tokenizer
-from myllm.runtime.request.template import RenderedPrompt, Think, fallback_for, render_chat, thinks
+from myllm.runtime.request.template import RenderedPrompt, Think, fallback_for, render_chat, splits_thinking
 
 T = TypeVar("T")
 INLINE_SECONDS = 0.002
@@ -239,7 +239,7 @@ class ChatPrompt:
 
     def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
         self.text = rendered.text + self.prefill
-        if thinks(self.row.template) and self.think is not False:
+        if splits_thinking(self.row.template, self.think):
             self.thinking_open = rendered.thinking_open and not self.prefill
         return _joined(units, n_ctx), rendered.stop
 

@@ -60,6 +60,7 @@ def template_name(template: str | None, family: str) -> str:
     markers = (
         ("<|im_start|>", "chatml"),
         ("<|start_header_id|>", "llama3"),
+        ("<|channel|>", "harmony"),
         ("<start_of_turn>", "gemma"),
         ("<｜User｜>", "deepseek"),
         ("<<SYS>>", "llama2"),
@@ -70,18 +71,71 @@ def template_name(template: str | None, family: str) -> str:
     return next((name for marker, name in markers if marker in template), "custom")
 
 
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
-"""The reasoning section's markers (DeepSeek-R1's and Qwen3's families)."""
+@dataclass(frozen=True)
+class Markup:
+    """How a chat template's model marks its reasoning, for the engine's split (the daemon makes
+    the engine's `Thinking` of it): the section's markers, and what the engine writes to close
+    it when the budget is spent."""
+
+    open: str
+    close: str
+    answer: str
+    """What follows `close` before the answer: past the budget the engine writes `close` and
+    this, and a format's grammar starts after both."""
+    headers: tuple[str, ...] = ()
+    """Markup the model writes outside the section that is not answer text (the headers of
+    gpt-oss's messages): dropped from the answer."""
+    optional: bool = True
+    """Whether the template can turn thinking off; gpt-oss's cannot (it reads only an effort)."""
+
+    @property
+    def closing(self) -> str:
+        """What closes the section before the answer: what a prompt with thinking off ends with."""
+        return self.close + self.answer
+
+
+THINK = Markup("<think>", "</think>", "\n\n")
+"""DeepSeek-R1's and Qwen3's families (and most others): `<think>`...`</think>`, then the answer."""
+
+HARMONY = Markup(
+    "<|channel|>analysis<|message|>", "<|end|>", "<|start|>assistant<|channel|>final<|message|>",
+    ("<|start|>assistant", "<|channel|>final<|message|>"), optional=False,
+)
+"""gpt-oss's harmony format: each message is `<|start|>assistant<|channel|>NAME<|message|>`...
+`<|end|>`; the thinking is the `analysis` channel, the answer the `final` one (ending with
+`<|return|>`, an end of generation). The prompt ends with `<|start|>assistant`, so the model
+opens the analysis channel itself; `reasoning_effort` ("low", "medium", "high") becomes the
+system message's `Reasoning:` line, and there is no way to turn thinking off (as llama.cpp's
+common/chat.cpp parses it: thinking from `<|channel|>analysis<|message|>` to `<|end|>`)."""
 
 Think = bool | str | None
 """A request's thinking: None (the model's default), on or off, or a level ("low", "medium",
 "high") for templates that read one."""
 
 
+def thinking_markup(template: str | None) -> Markup | None:
+    """How a chat template's model thinks, if it does: gpt-oss's analysis channel, or a
+    `<think>`...`</think>` section (as Ollama decides a model can think)."""
+    if not template:
+        return None
+    if HARMONY.open in template:
+        return HARMONY
+    if THINK.open in template and THINK.close in template:
+        return THINK
+    return None
+
+
 def thinks(template: str | None) -> bool:
-    """Whether a chat template has a reasoning section (`<think>`...`</think>`), as Ollama
-    decides a model can think."""
-    return bool(template) and THINK_OPEN in (template or "") and THINK_CLOSE in (template or "")
+    """Whether a chat template's model can think (the `thinking` capability)."""
+    return thinking_markup(template) is not None
+
+
+def splits_thinking(template: str | None, think: Think) -> bool:
+    """Whether the output of a request with `think` is split into thinking and answer: a model
+    that thinks, unless thinking is off and its template can turn it off (gpt-oss thinks anyway,
+    and its thinking still comes apart)."""
+    markup = thinking_markup(template)
+    return markup is not None and (think is not False or not markup.optional)
 
 
 def check_think(row: ModelRow, think: Think, field: str) -> None:
@@ -181,14 +235,16 @@ def render_chat(
 ) -> RenderedPrompt:
     """`think`, for a template with a reasoning section: the variables templates read it from
     (Qwen3's `enable_thinking`, true unless thinking is off, as llama-server passes it; a level
-    as `reasoning_effort`); off, a section the prompt still opens is closed at once, empty, so
-    the model answers directly."""
+    as `reasoning_effort`, gpt-oss's `Reasoning:` line); off, a section the prompt still opens
+    is closed at once, empty, so the model answers directly (where the template can turn it off:
+    see `Markup.optional`)."""
     rendered = _render_chat(messages, template, family, bos_token, eos_token, add_generation_prompt, deadline, tools, think)
-    if not thinks(template) or not rendered.text.rstrip().endswith(THINK_OPEN):
+    markup = thinking_markup(template)
+    if markup is None or not rendered.text.rstrip().endswith(markup.open):
         return rendered
-    if think is False:
-        units = (*rendered.units[:-1], (*rendered.units[-1], (THINK_CLOSE + "\n\n", True)))
-        return dataclasses.replace(rendered, text=rendered.text + THINK_CLOSE + "\n\n", units=units)
+    if think is False and markup.optional:
+        units = (*rendered.units[:-1], (*rendered.units[-1], (markup.closing, True)))
+        return dataclasses.replace(rendered, text=rendered.text + markup.closing, units=units)
     return dataclasses.replace(rendered, thinking_open=True)
 
 
