@@ -195,4 +195,8 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
     async def run_all() -> None:
         await asyncio.gather(main.serve(), *(side.serve(sockets=[s]) for side, s in siblings))
 
-    asyncio.run(run_all())
+    # uvicorn.run's own choice of loop (uvloop, where installed: uvicorn[standard] brings it):
+    # asyncio.run here would fall back to the pure-Python selector loop every request and token
+    # goes through
+    with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+        runner.run(run_all())
