@@ -52,6 +52,7 @@ def facts_of(row: ModelRow, problem: str | None = None) -> Facts:
         "embedding_length": row.embedding_length, "vocab_size": row.vocab_size, "license": row.license,
         "source": row.source, "parameters": row.parameters, "system": row.system, "template": row.template,
         "created_at": row.created_at.isoformat(), "modified_at": row.modified_at.isoformat(), "problem": problem,
+        "vision": row.vision, "projector_digest": row.projector_digest, "projector_size": row.projector_size,
     }
 
 
@@ -161,18 +162,23 @@ class DaemonStore:
         return str(self.show(destination)["name"])
 
     def create(self, name: str, modelfile: str, base_dir: Path) -> Facts:
-        """The Modelfile is read here, as Ollama's CLI reads it: a FROM file is uploaded as a
-        blob (the daemon may not see this machine's files), then `create` names it."""
+        """The Modelfile is read here, as Ollama's CLI reads it: a FROM file (a model, or its
+        projector) is uploaded as a blob (the daemon may not see this machine's files), then
+        `create` names it."""
         from myllm.modelfile import parse
 
         mf = parse(modelfile)
         body: dict[str, Any] = {"model": name}
-        base = Path(mf.base).expanduser()
-        base = base if base.is_absolute() else base_dir / base
-        if base.is_file():
-            body["files"] = {base.name: self._upload(base)}
-        else:
-            body["from"] = mf.base
+        files: dict[str, str] = {}
+        for value in (mf.base, *([mf.projector] if mf.projector else [])):  # the daemon tells which is which
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base_dir / path
+            if path.is_file():
+                files[path.name] = self._upload(path)
+            else:
+                body["from"] = value
+        if files:
+            body["files"] = files
         for key, value in (("template", mf.template), ("system", mf.system), ("license", mf.license)):
             if value is not None:
                 body[key] = value

@@ -1,6 +1,7 @@
 """Ollama's Modelfile format, for `myllm create`.
 
     FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
+    FROM ./mmproj.gguf           # a second FROM: the model's multimodal projector (Ollama's way)
     PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/request/options.py PARAMETERS)
     PARAMETER stop "<|im_end|>"  # stop may repeat
     TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
@@ -38,6 +39,9 @@ class ModelfileError(MyLLMError):
 @dataclass
 class Modelfile:
     base: str = ""
+    projector: str | None = None
+    """A second FROM: the model's projector (an `mmproj` GGUF, architecture clip). Ollama tells a
+    model's files apart by their contents, in any order: so does `myllm create` (create.py)."""
     parameters: dict[str, Any] = field(default_factory=dict)
     template: str | None = None
     system: str | None = None
@@ -93,9 +97,12 @@ def parse(text: str) -> Modelfile:
         else:
             value, i = _value(rest, lines, i)
             if op == "FROM":
+                if mf.projector is not None:
+                    raise ModelfileError(number, "at most two FROM lines: a model and its projector")
                 if mf.base:
-                    raise ModelfileError(number, "only one FROM is allowed")
-                mf.base = value
+                    mf.projector = value
+                else:
+                    mf.base = value
             elif op == "TEMPLATE":
                 _check_template(number, value)
                 mf.template = value
@@ -136,7 +143,7 @@ def _check_template(number: int, template: str) -> None:
 def render(mf: Modelfile) -> str:
     """The Modelfile text that `parse` reads back as `mf`, what Ollama's `show` answers as a
     model's `modelfile`."""
-    lines = [f"FROM {mf.base}"]
+    lines = [f"FROM {mf.base}", *([f"FROM {mf.projector}"] if mf.projector else [])]
     if mf.template:
         lines.append(f"TEMPLATE {_long(mf.template)}")
     if mf.system:

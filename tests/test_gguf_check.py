@@ -161,7 +161,7 @@ HOSTILE: dict[str, tuple[Callable[[Path], object], str]] = {
                                    "'output_norm.weight' is Q8_0; llama.cpp needs norm weights and biases in F32"),
     # The architecture and hyperparameters.
     "unknown architecture": (lambda p: write_model(p, arch="notanarch"), "architecture 'notanarch' is not one"),
-    "clip architecture": (lambda p: write_model(p, arch="clip"), "architecture 'clip' is not one llama.cpp knows"),
+    "clip architecture": (lambda p: write_model(p, arch="clip"), "it is a multimodal projector (architecture clip), not a model"),
     "block_count 0": (keys(block_count=(0, T.UINT32)), "llama.block_count is 0; llama.cpp takes 1 to 512 layers"),
     "block_count 513": (keys(block_count=(513, T.UINT32)), "llama.block_count is 513"),
     "block_count missing": (keys(block_count=(None, T.UINT32)), "it has no llama.block_count"),

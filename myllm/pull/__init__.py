@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from myllm.pull.sources import (
 )
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.names import normalize
+from myllm.registry.projector_check import check_projector
 from myllm.registry.schema import ModelRow
-from myllm.registry.store import Overrides, Registry
+from myllm.registry.store import Overrides, Projector, Registry
 from myllm.settings import Settings
 
 __all__ = ["CATALOG", "PullResult", "ensure_model", "pull", "parse_source"]
@@ -45,12 +48,15 @@ def pull(
     progress: PullProgress = silent,
     overrides: Overrides | None = None,
     local_dirs: list[Path] | None = None,
+    projector: Path | None = None,
 ) -> PullResult:
     """Fetch `spec` into the blob store and register it under `name` (or a derived one).
 
     `overrides` (a Modelfile's settings) are written in the row's own transaction, replacing
-    a model of that name whole (see `Registry.register`). Raises a `PullError` subclass with
-    a one-line reason; leaves no row, blob or temp file behind on failure. `local_dirs`: where
+    a model of that name whole (see `Registry.register`). A hub repo's projector for the file
+    (`hub.projector_for`) comes with it; `projector` is a local projector file to register
+    beside the model (a Modelfile's second FROM). Raises a `PullError` subclass with a
+    one-line reason; leaves no row, blob or temp file behind on failure. `local_dirs`: where
     a local file may be read from (see `check_local`); None (the CLI's own pulls): anywhere.
     """
     source = parse_source(spec, local_dirs)
@@ -59,12 +65,12 @@ def pull(
     target = normalize(name or default_name(source))
     if isinstance(source, CatalogEntry):
         try:
-            return _pull(registry, settings, source.hub, target, progress, overrides)
+            return _pull(registry, settings, source.hub, target, progress, overrides, projector)
         except hub.HubUnreachable as exc:
             fallback = PackageSource(source.package)
-            result = _pull(registry, settings, fallback, target, progress, overrides)
+            result = _pull(registry, settings, fallback, target, progress, overrides, projector)
             return PullResult(result.model, result.source, f"{exc.message}; used the package {fallback}")
-    return _pull(registry, settings, source, target, progress, overrides)
+    return _pull(registry, settings, source, target, progress, overrides, projector)
 
 
 def check_local(path: Path, local_dirs: list[Path]) -> None:
@@ -103,7 +109,41 @@ def _pull(
     name: str,
     progress: PullProgress,
     overrides: Overrides | None,
+    projector_file: Path | None,
 ) -> PullResult:
+    if isinstance(source, HubSource):
+        if projector_file is not None:
+            raise PullError(f"{source}: a hub model comes with its repo's own projector, not a local one")
+        row = _pull_hub(registry, settings, source, name, progress, overrides)
+    else:
+        with ExitStack() as stack:
+            projector = None
+            if projector_file is not None:
+                projector = stack.enter_context(local_projector(registry, projector_file, progress))
+            row = _register(registry, source, name, progress, overrides, projector)
+    return PullResult(row, row.source or str(source))
+
+
+@contextmanager
+def local_projector(registry: Registry, path: Path, progress: PullProgress) -> Iterator[Projector]:
+    """A projector file stored for the model registered within the block (`stored_projector`)."""
+    shown = str(FileSource(path))
+    if not path.is_file():
+        raise SourceNotFound(f"{path}: no such file")
+    check_projector(path, shown)  # before copying
+    staged = registry.blobs.stage_copy(path, lambda d, t: progress("copying", d, t))
+    with registry.stored_projector(staged, shown) as projector:
+        yield projector
+
+
+def _register(
+    registry: Registry,
+    source: Source,
+    name: str,
+    progress: PullProgress,
+    overrides: Overrides | None,
+    projector: Projector | None,
+) -> ModelRow:
     checking = lambda: progress("checking", 0, None)  # noqa: E731
     match source:
         case FileSource(path=path):
@@ -111,7 +151,8 @@ def _pull(
                 raise SourceNotFound(f"{path}: no such file")
             check_gguf(path, str(source))  # before copying what may be gigabytes of anything
             staged = registry.blobs.stage_copy(path, lambda d, t: progress("copying", d, t))
-            row = registry.register(name, staged, str(source), on_verify=checking, overrides=overrides)
+            return registry.register(name, staged, str(source), on_verify=checking, overrides=overrides,
+                                     projector=projector)
         case PackageSource():
             found = find_gguf(source)
             if isinstance(found, Path):
@@ -126,14 +167,33 @@ def _pull(
                     out.unlink(missing_ok=True)
                     raise PullError(f"{source}: assemble() failed: {exc}") from exc
                 staged = registry.blobs.stage_move(out, lambda d, t: progress("verifying", d, t))
-            row = registry.register(name, staged, str(source), on_verify=checking, overrides=overrides)
-        case HubSource():
-            hub_file = hub.resolve(source)
-            path = hub.download(hub_file, settings.downloads_dir, progress)
-            staged = registry.blobs.stage_move(path, lambda d, t: progress("verifying", d, t))
-            row = registry.register(
-                name, staged, f"hf:{hub_file.repo_id}/{hub_file.filename}", hub_file.sha256, overrides=overrides
-            )
-        case _:
-            raise PullError(f"cannot pull {source}")
-    return PullResult(row, row.source or str(source))
+            return registry.register(name, staged, str(source), on_verify=checking, overrides=overrides,
+                                     projector=projector)
+    raise PullError(f"cannot pull {source}")
+
+
+def _pull_hub(
+    registry: Registry, settings: Settings, source: HubSource, name: str, progress: PullProgress,
+    overrides: Overrides | None,
+) -> ModelRow:
+    """The model's file and the repo's projector for it, if it has one: both downloaded (each
+    resumable) before either is stored; the projector is stored first, and removed again if
+    the model fails."""
+    hub_file = hub.resolve(source)
+    path = hub.download(hub_file, settings.downloads_dir, progress)
+    mmproj = hub.download(hub_file.projector, settings.downloads_dir, progress) if hub_file.projector else None
+    verifying = lambda d, t: progress("verifying", d, t)  # noqa: E731
+    staged = registry.blobs.stage_move(path, verifying)
+    with ExitStack() as stack:
+        projector = None
+        if hub_file.projector is not None and mmproj is not None:
+            shown = f"hf:{hub_file.repo_id}/{hub_file.projector.filename}"
+            try:
+                staged_mmproj = registry.blobs.stage_move(mmproj, verifying)
+                stored = registry.stored_projector(staged_mmproj, shown, hub_file.projector.sha256)
+                projector = stack.enter_context(stored)
+            except BaseException:
+                registry.blobs.discard(staged)
+                raise
+        where = f"hf:{hub_file.repo_id}/{hub_file.filename}"
+        return registry.register(name, staged, where, hub_file.sha256, overrides=overrides, projector=projector)

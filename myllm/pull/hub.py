@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
@@ -25,6 +26,8 @@ class HubFile:
     revision: str | None
     sha256: str | None
     size: int | None
+    projector: HubFile | None = None
+    """The repo's multimodal projector for this file (`projector_for`), fetched with it."""
 
 
 def _endpoint() -> str | None:
@@ -58,6 +61,39 @@ def _quant_of(filename: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
+def _bits(filename: str) -> int:
+    """The bits of a file's precision (Q4_K_M: 4, F16: 16; 0 when its name gives none)."""
+    digits = re.search(r"\d+", _quant_of(filename) or "")
+    return int(digits.group()) if digits else 0
+
+
+def projector_for(model: str, names: list[str]) -> str | None:
+    """The projector llama.cpp's `-hf` picks for the GGUF `model` among a repo's files
+    (common/download.cpp `find_best_mmproj`): a .gguf whose name holds `mmproj`, in the model's
+    folder or one that shares more of its path, of the precision closest to the model's (a
+    Q4_K_M model gets mmproj-Q8_0 over mmproj-F16); the first of equals."""
+    folder = model.split("/")[:-1]
+    best: tuple[int, int] | None = None
+    chosen = None
+    for name in names:
+        if not name.endswith(".gguf") or "mmproj" not in name:
+            continue
+        parts = name.split("/")[:-1]
+        if parts != folder[: len(parts)]:
+            continue  # not in the model's folder or one above it
+        rank = (-len(parts), abs(_bits(name) - _bits(model)))
+        if best is None or rank < best:
+            best, chosen = rank, name
+    return chosen
+
+
+def _is_model(name: str) -> bool:
+    """A repo's GGUF that is a model, not a projector or an importance matrix (llama.cpp's
+    `gguf_filename_is_model`)."""
+    base = name.rsplit("/", 1)[-1]
+    return name.endswith(".gguf") and "mmproj" not in base and "imatrix" not in base
+
+
 def resolve(source: HubSource) -> HubFile:
     """Ask the hub which file the source means, with its sha256 for verification."""
     from huggingface_hub import HfApi
@@ -70,7 +106,7 @@ def resolve(source: HubSource) -> HubFile:
     except Exception as exc:
         raise _translate(exc, str(source)) from exc
     siblings = {s.rfilename: s for s in info.siblings or []}
-    ggufs = sorted(name for name in siblings if name.endswith(".gguf"))
+    ggufs = sorted(name for name in siblings if _is_model(name))
     if source.filename:
         chosen = source.filename
         if chosen not in siblings:
@@ -89,10 +125,15 @@ def resolve(source: HubSource) -> HubFile:
         if len(matches) > 1:
             raise PullError(f"{source}: several files match {wanted}: {', '.join(matches)}; name one")
         chosen = matches[0]
-    sibling = siblings[chosen]
-    lfs = getattr(sibling, "lfs", None)
-    sha = getattr(lfs, "sha256", None) if lfs is not None else None
-    return HubFile(source.repo_id, chosen, info.sha, sha, getattr(sibling, "size", None))
+    projector = projector_for(chosen, sorted(siblings)) if _is_model(chosen) else None
+
+    def hub_file(name: str) -> HubFile:
+        sibling = siblings[name]
+        lfs = getattr(sibling, "lfs", None)
+        sha = getattr(lfs, "sha256", None) if lfs is not None else None
+        return HubFile(source.repo_id, name, info.sha, sha, getattr(sibling, "size", None))
+
+    return dataclasses.replace(hub_file(chosen), projector=hub_file(projector) if projector else None)
 
 
 def download(hub_file: HubFile, downloads_dir: Path, progress: PullProgress) -> Path:

@@ -17,12 +17,16 @@ from __future__ import annotations
 import math
 import mmap
 import os
+from collections.abc import Callable
 from contextlib import nullcontext
 from math import prod
 from pathlib import Path
+from typing import TypeVar
 
 from myllm.errors import InvalidModelFile
 from myllm.registry.gguf_header import ARRAY, FLOAT32, STRING, UINT32, Header, HeaderError, read_header, shown_name
+
+T = TypeVar("T")
 
 MAX_LAYERS = 512  # LLAMA_MAX_LAYERS, src/llama-hparams.h
 MAX_EXPERTS = 1024  # LLAMA_MAX_EXPERTS, src/llama-hparams.h
@@ -60,22 +64,31 @@ def check_gguf(path: Path, shown_as: str) -> None:
     it, never a temp or blob path) and what is wrong, unless `path` is a GGUF model that
     llama.cpp can load as far as its header tells. Reads the header only: well under a
     second for any real model, and bounded by the file's size for a hostile one."""
+
+    def check(header: Header, size: int) -> None:
+        check_tensors(header, size)
+        _check_hyperparameters(header)
+        check_floats(header)
+
+    inspect_gguf(path, shown_as, "a model llama.cpp can load", check)
+
+
+def inspect_gguf(path: Path, shown_as: str, what: str, check: Callable[[Header, int], T]) -> T:
+    """`check(header, file size)` over the header of the GGUF at `path`, its `HeaderError` (or an
+    unreadable file) raised as `InvalidModelFile`: "<shown_as> is not <what>: <reason>"."""
     shown = shown_as if shown_as.isprintable() else repr(shown_as)  # one line, whatever the name
     try:
         with path.open("rb") as fh:
             size = fh.seek(0, os.SEEK_END)
             with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else nullcontext(b"") as data:
-                header = read_header(data)
-                _check_tensors(header, size)
-                _check_hyperparameters(header)
-                _check_floats(header)
+                return check(read_header(data), size)
     except OSError as exc:
         raise InvalidModelFile(f"cannot read {shown}: {exc.strerror}") from exc
     except HeaderError as exc:
-        raise InvalidModelFile(f"{shown} is not a model llama.cpp can load: {exc}") from exc
+        raise InvalidModelFile(f"{shown} is not {what}: {exc}") from exc
 
 
-def _check_tensors(header: Header, file_size: int) -> None:
+def check_tensors(header: Header, file_size: int) -> None:
     """Each tensor as ggml/src/gguf.cpp reads it (known type, rows of whole blocks, data laid
     out back to back from the start of the data section, each at an aligned offset), with
     every dimension at least 1 (llama-model-loader.cpp asserts it) and its bytes inside the
@@ -119,6 +132,9 @@ def _check_hyperparameters(header: Header) -> None:
     if arch_field is None or arch_field.type != STRING:
         raise HeaderError("it has no general.architecture")
     arch = header.value("general.architecture", max_string_bytes=64)
+    if arch == "clip":
+        raise HeaderError("it is a multimodal projector (architecture clip), not a model: give it beside its model "
+                          "(a second FROM line, or a second file of Ollama's create)")
     if arch not in _architectures():
         raise HeaderError(f"its architecture {shown_name(arch)} is not one llama.cpp knows")
     hp = _Keys(header, arch)
@@ -179,7 +195,7 @@ def _check_heads(hp: _Keys, n_layer: int, n_embd: int) -> None:
             raise HeaderError(f"{hp.arch}.attention.head_count_kv {n_head_kv} is not a divisor of head_count {n_head}")
 
 
-def _check_floats(header: Header) -> None:
+def check_floats(header: Header) -> None:
     """Every float hyperparameter (any key but the `general.*` metadata and the `tokenizer.*`
     vocabulary, a number or an array of them) must be a number, and finite and at least 0
     unless `SIGNED_FLOATS` names it: epsilons, rope bases and scales, softcapping and the other

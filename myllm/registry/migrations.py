@@ -150,6 +150,14 @@ def _0009_message_thinking(op: Operations) -> None:
         batch.add_column(sa.Column("thinking", sa.Text))
 
 
+def _0010_model_projector(op: Operations) -> None:
+    """A multimodal model's projector blob, beside its text model's (null: a text model)."""
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("projector_digest", sa.String(64)))
+        batch.add_column(sa.Column("projector_size", sa.BigInteger))
+        batch.create_index("ix_models_projector_digest", ["projector_digest"])
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
@@ -160,6 +168,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0007_replicas", _0007_replicas),
     ("0008_session_scopes", _0008_session_scopes),
     ("0009_message_thinking", _0009_message_thinking),
+    ("0010_model_projector", _0010_model_projector),
 ]
 
 _migrations_table = sa.Table(

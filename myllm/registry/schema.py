@@ -28,6 +28,10 @@ class ModelRow(Base):
     """The blob's sha256: its file is `BlobStore.path(digest)` on each machine (a database
     shared by several daemons holds no machine's paths)."""
     size: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    projector_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    """A multimodal model's projector (its `mmproj` GGUF, architecture `clip`): a second blob of
+    the store, shared like the first by every name that uses it; None for a text model."""
+    projector_size: Mapped[int | None] = mapped_column(BigInteger)
     architecture: Mapped[str] = mapped_column(String(64), nullable=False)
     family: Mapped[str] = mapped_column(String(64), nullable=False)
     parameter_count: Mapped[int] = mapped_column(BigInteger, nullable=False)
@@ -49,6 +53,11 @@ class ModelRow(Base):
     modified_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, default=utcnow, onupdate=utcnow
     )
+
+    @property
+    def vision(self) -> bool:
+        """The model takes images: it has a projector."""
+        return self.projector_digest is not None
 
     @property
     def template(self) -> str | None:

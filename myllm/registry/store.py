@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -32,6 +33,7 @@ from myllm.registry.db import make_engine, make_sessionmaker
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
+from myllm.registry.projector_check import check_pairing, check_projector
 from myllm.registry.row_cache import RowCache
 from myllm.registry.schema import ModelRow, utcnow
 from myllm.settings import Settings
@@ -56,6 +58,15 @@ class Overrides:
             value = getattr(self, column)
             if value is not None:
                 setattr(row, column, value)
+
+
+@dataclass(frozen=True)
+class Projector:
+    """A projector blob in the store, to register beside a model (`register`, `register_blob`,
+    `copy`), and the file as the user knows it, for errors."""
+
+    digest: str
+    shown_as: str
 
 
 class Registry:
@@ -118,20 +129,26 @@ class Registry:
             return int(db.scalar(select(func.count()).select_from(ModelRow)) or 0)
 
     def problem(self, row: ModelRow) -> str | None:
-        """What is wrong with a model's blob (missing, wrong size, digest mismatch), or None.
-        The sha256 is recomputed only when the file's size or mtime changed since the last
-        check, so this is cheap after the first call."""
-        path = self.blobs.path(row.digest)
+        """What is wrong with a model's blob or its projector's (missing, wrong size, digest
+        mismatch), or None. The sha256 is recomputed only when the file's size or mtime changed
+        since the last check, so this is cheap after the first call."""
+        problem = self._blob_problem(row.digest, row.size)
+        if problem is None and row.projector_digest is not None:
+            problem = self._blob_problem(row.projector_digest, row.projector_size or 0)
+        return problem
+
+    def _blob_problem(self, digest: str, size: int) -> str | None:
+        path = self.blobs.path(digest)
         try:
             stat = path.stat()
         except FileNotFoundError:
             return f"blob {path.name} is missing"
-        if stat.st_size != row.size:
-            return f"blob {path.name} is {stat.st_size} bytes, expected {row.size}"
-        ok = self.blobs.checked(row.digest, stat.st_size, stat.st_mtime_ns)
+        if stat.st_size != size:
+            return f"blob {path.name} is {stat.st_size} bytes, expected {size}"
+        ok = self.blobs.checked(digest, stat.st_size, stat.st_mtime_ns)
         if ok is None:
-            ok = sha256_file(path) == row.digest
-            self.blobs.record_check(row.digest, ok)
+            ok = sha256_file(path) == digest
+            self.blobs.record_check(digest, ok)
         return None if ok else f"blob {path.name} no longer matches its sha256 digest"
 
     def blob_file(self, row: ModelRow) -> Path:
@@ -140,9 +157,14 @@ class Registry:
         problem = self.problem(row)
         if problem is None:
             return self.blobs.path(row.digest)
-        if not self.blobs.exists(row.digest):
-            raise ModelFileMissing(row.name, row.digest, row.shown_source)
+        for digest in (row.digest, row.projector_digest):
+            if digest is not None and not self.blobs.exists(digest):
+                raise ModelFileMissing(row.name, digest, row.shown_source)
         raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
+
+    def projector_file(self, row: ModelRow) -> Path | None:
+        """The model's projector on this machine (checked with the model by `blob_file`), or None."""
+        return None if row.projector_digest is None else self.blobs.path(row.projector_digest)
 
     def _info(self, digest: str, path: Path, source: str) -> dict[str, Any]:
         """The metadata columns of the blob `digest` (whose bytes are at `path`), once
@@ -169,6 +191,7 @@ class Registry:
         expected_digest: str | None = None,
         on_verify: Callable[[], None] | None = None,
         overrides: Overrides | None = None,
+        projector: Projector | None = None,
     ) -> ModelRow:
         """Check staged bytes as a GGUF model (`check_gguf`, errors naming `source`), commit
         the blob and write the row in one transaction.
@@ -178,6 +201,7 @@ class Registry:
         since a pull must never re-point a name someone made, Modelfile settings and all, to other
         weights. With `overrides`, as `myllm create` from a file, it is replaced whole and the
         new row is written with `overrides` laid over the file's own values, in that transaction.
+        `projector` (from `stored_projector`) is the model's projector, checked against it here.
         On any failure nothing is left behind: the temp file is removed and a blob this call
         added is removed again.
         """
@@ -187,6 +211,7 @@ class Registry:
             if on_verify:
                 on_verify()
             info = self._info(staged.digest, staged.path, source)
+            info.update(self._projector_columns(projector, info["embedding_length"], source))
             digest = self.blobs.commit(staged, expected_digest)
         except BaseException:
             self.blobs.discard(staged)
@@ -197,36 +222,72 @@ class Registry:
             if not blob_was_there:
                 self._drop_unused_blob(digest)
             raise
-        if replaced and replaced != digest:
-            self._drop_unused_blob(replaced)
+        self._let_go(replaced, row)
         return row
 
-    def register_blob(self, name: str, digest: str, source: str, overrides: Overrides | None = None) -> ModelRow:
+    def register_blob(self, name: str, digest: str, source: str, overrides: Overrides | None = None,
+                      projector: Projector | None = None) -> ModelRow:
         """Register a blob already in the store (uploaded whole and checked against its digest
         beforehand, as Ollama's `POST /api/blobs` does) under `name`, as `register` does with
-        staged bytes. A blob that is no usable GGUF is removed unless a model uses it: no
-        model ever could. Otherwise the blob stays whatever happens."""
+        staged bytes, with `projector` (another uploaded blob) beside it. A blob that is no
+        usable GGUF (or projector) is removed unless a model uses it: no model ever could.
+        Otherwise the blobs stay whatever happens."""
         key = normalize(name)
+        for blob in (digest, *([projector.digest] if projector else [])):
+            if not self.blobs.path(blob).is_file():
+                raise BlobNotFound(f"blob sha256:{blob} is not in the blob store")
+            self.blobs.touch(blob)  # young again: the sweep of unused blobs leaves it while it is registered
         path = self.blobs.path(digest)
-        if not path.is_file():
-            raise BlobNotFound(f"blob sha256:{digest} is not in the blob store")
-        self.blobs.touch(digest)  # young again: the sweep of unused blobs leaves it while it is registered
         try:
             info = self._info(digest, path, source)
         except InvalidModelFile:
             self._drop_unused_blob(digest)
             raise
+        if projector is not None:
+            try:
+                check_projector(self.blobs.path(projector.digest), projector.shown_as)
+            except InvalidModelFile:
+                self._drop_unused_blob(projector.digest)
+                raise
+        info.update(self._projector_columns(projector, info["embedding_length"], source))
         row, replaced = self._upsert(key, digest, path.stat().st_size, source, info, overrides)
-        if replaced and replaced != digest:
-            self._drop_unused_blob(replaced)
+        self._let_go(replaced, row)
         return row
+
+    @contextmanager
+    def stored_projector(self, staged: Staged, source: str, expected_digest: str | None = None) -> Iterator[Projector]:
+        """Check staged bytes as a projector (`check_projector`, errors naming `source`) and
+        commit them, for the model registered within the block (`projector=`). If the block
+        fails, the blob is removed again unless it was stored before or a model uses it."""
+        was_there = self.blobs.exists(staged.digest)
+        try:
+            check_projector(staged.path, source)
+            digest = self.blobs.commit(staged, expected_digest)
+        except BaseException:
+            self.blobs.discard(staged)
+            raise
+        try:
+            yield Projector(digest, source)
+        except BaseException:
+            if not was_there:
+                self._drop_unused_blob(digest)
+            raise
+
+    def _projector_columns(self, projector: Projector | None, text_width: int | None, model: str) -> dict[str, Any]:
+        """The row's projector columns, once the projector is found made for a text model of
+        `text_width` (`check_pairing`)."""
+        if projector is None:
+            return {"projector_digest": None, "projector_size": None}
+        path = self.blobs.path(projector.digest)
+        check_pairing(check_projector(path, projector.shown_as), text_width, projector.shown_as, model)
+        return {"projector_digest": projector.digest, "projector_size": path.stat().st_size}
 
     def _upsert(
         self, key: str, digest: str, size: int, source: str, info: dict[str, Any], overrides: Overrides | None
-    ) -> tuple[ModelRow, str | None]:
+    ) -> tuple[ModelRow, set[str]]:
         with self.sessions.begin() as db:
             row = _named(db, key)
-            replaced = row.digest if row is not None else None
+            replaced = _blobs_of(row)
             if row is not None and overrides is None and row.digest != digest:
                 raise ModelExists(
                     f"model '{key}' already exists with another file (sha256 {row.digest[:12]}); remove it first "
@@ -249,11 +310,13 @@ class Registry:
         self.blobs.record_check(digest, True)  # just hashed on the way in
         return row, replaced
 
-    def copy(self, src: str, dst: str, overrides: Overrides | None = None, *, replace: bool = False) -> ModelRow:
-        """A second name for the same blob, with the same defaults and `overrides` laid over
-        them, written in one transaction. An existing `dst` is `ModelExists`, unless `replace`:
-        then it is deleted in that same transaction, so a failure before the commit leaves it
-        intact. `src` may be `dst` itself, to change a model's defaults."""
+    def copy(self, src: str, dst: str, overrides: Overrides | None = None, *, replace: bool = False,
+             projector: Projector | None = None) -> ModelRow:
+        """A second name for the same blob (and projector), with the same defaults and `overrides`
+        laid over them, written in one transaction; `projector` replaces the source's. An
+        existing `dst` is `ModelExists`, unless `replace`: then it is deleted in that same
+        transaction, so a failure before the commit leaves it intact. `src` may be `dst` itself,
+        to change a model's defaults."""
         key = normalize(dst)
         try:
             with self.sessions.begin() as db:
@@ -261,6 +324,8 @@ class Registry:
                 if original is None:
                     raise ModelNotFound(src)
                 columns = {c.key: getattr(original, c.key) for c in ModelRow.__table__.columns if c.key != "id"}
+                if projector is not None:
+                    columns.update(self._projector_columns(projector, original.embedding_length, original.name))
                 existing = _named(db, key) if replace else None
                 if existing is not None:
                     _delete(db, existing)
@@ -270,19 +335,19 @@ class Registry:
                 db.add(row)
         except DBIntegrityError as exc:
             raise ModelExists(f"model '{key}' already exists") from exc
-        if existing is not None and existing.digest != row.digest:
-            self._drop_unused_blob(existing.digest)
+        self._let_go(_blobs_of(existing), row)
         return row
 
     def remove(self, name: str) -> ModelRow:
-        """Delete a name; its blob goes only when no other name uses it."""
+        """Delete a name; its blob and its projector's each go only when no other name uses it."""
         key = normalize(name)
         with self.sessions.begin() as db:
             row = _named(db, key)
             if row is None:
                 raise ModelNotFound(name)
             db.delete(row)
-        self._drop_unused_blob(row.digest)
+        for digest in _blobs_of(row):
+            self._drop_unused_blob(digest)
         return row
 
     def unused_blobs(self) -> dict[str, os.stat_result]:
@@ -293,6 +358,7 @@ class Registry:
             return {}
         with self.sessions() as db:
             used = set(db.scalars(select(ModelRow.digest).distinct()))
+            used.update(db.scalars(select(ModelRow.projector_digest).where(ModelRow.projector_digest.is_not(None))))
         found = {}
         for digest in stored - used:
             try:
@@ -320,6 +386,11 @@ class Registry:
         except FileNotFoundError:
             return True  # gone already: nothing to remove
 
+    def _let_go(self, replaced: set[str], row: ModelRow) -> None:
+        """Remove the blobs a replaced row used that its replacement does not, unless another uses them."""
+        for digest in replaced - _blobs_of(row):
+            self._drop_unused_blob(digest)
+
     def _drop_unused_blob(self, digest: str) -> None:
         """Remove a blob once no name points at it. Called only after the commit that let go of
         it, so a write that dies before its commit never takes the bytes of a model that stays."""
@@ -328,11 +399,17 @@ class Registry:
 
     def _blob_in_use(self, digest: str) -> bool:
         with self.sessions() as db:
-            return db.scalar(select(ModelRow.id).where(ModelRow.digest == digest).limit(1)) is not None
+            used = or_(ModelRow.digest == digest, ModelRow.projector_digest == digest)
+            return db.scalar(select(ModelRow.id).where(used).limit(1)) is not None
 
 
 def _named(db: Session, key: str) -> ModelRow | None:
     return db.scalar(select(ModelRow).where(ModelRow.name == key))
+
+
+def _blobs_of(row: ModelRow | None) -> set[str]:
+    """The blobs a row uses: its model's and its projector's."""
+    return set() if row is None else {d for d in (row.digest, row.projector_digest) if d is not None}
 
 
 def _delete(db: Session, row: ModelRow) -> None:

@@ -56,6 +56,9 @@ class LoadSpec:
     """Sequences generated at once (continuous batching when > 1)."""
     flash_attention: str = "auto"
     """llama.cpp's flash attention: "auto", "on" or "off" (MYLLM_FLASH_ATTENTION)."""
+    projector: Path | None = None
+    """A vision model's projector (its `mmproj` blob on this machine), for libmtmd; None: text only.
+    The planner counts it on the GPU when `n_gpu_layers` is not 0 (runtime/placement/memory.py)."""
 
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
@@ -65,14 +68,15 @@ class LoadSpec:
     @classmethod
     def for_model(
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
-        n_parallel: int = 1, flash_attention: str = "auto",
+        n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None,
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
         ctx = context_size(num_ctx)
         if row.context_length:
             ctx = min(ctx, row.context_length)
-        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention)
+        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
+                   projector)
 
 
 @dataclass(frozen=True)

@@ -113,6 +113,7 @@ class ModelInfo(BaseModel):
     modified_at: str = Field(description="extension: when the name was last written (ISO 8601)")
     thinking: bool = Field(False, description="extension: the model thinks (its chat template has a reasoning "
                            "section), so `think` applies")
+    vision: bool = Field(False, description="extension: the model takes images (it has a projector)")
 
 
 class ModelDetail(ModelInfo):
@@ -129,6 +130,8 @@ class ModelDetail(ModelInfo):
     system: str | None = None
     chat_template: str | None = Field(None, description="the Jinja chat template itself (`template` is its short name)")
     created_at: str
+    projector_digest: str | None = Field(None, description="sha256 of the model's projector (mmproj) GGUF, if any")
+    projector_size: int | None = Field(None, description="the projector file's bytes")
 
 
 class ModelList(BaseModel):

@@ -81,6 +81,7 @@ def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, An
         "context_size": row.context_length, "template": template_name(row.template, row.family),
         "parameters": row.parameters or {}, "loaded": loaded, "status": "broken" if problem else "ok", "problem": problem,
         "digest": row.digest, "size": row.size, "modified_at": row.modified_at.isoformat(), "thinking": thinks(row.template),
+        "vision": row.vision,
     }
 
 
@@ -109,6 +110,7 @@ async def get_model(model_name: str, request: Request) -> ModelDetail:
         architecture=row.architecture, parameter_count=row.parameter_count, parameter_size=row.parameter_size,
         embedding_length=row.embedding_length, vocab_size=row.vocab_size, license=row.license, source=row.shown_source,
         system=row.system, chat_template=row.template, created_at=row.created_at.isoformat(),
+        projector_digest=row.projector_digest, projector_size=row.projector_size,
     )
 
 

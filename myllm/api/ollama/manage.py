@@ -30,8 +30,9 @@ from myllm.pull import pull
 from myllm.registry.blobs import parse_digest
 from myllm.registry.chat_templates import Deadline, check_template
 from myllm.registry.gguf_meta import read_gguf_kv
+from myllm.registry.projector_check import is_projector
 from myllm.registry.schema import ModelRow
-from myllm.registry.store import Overrides
+from myllm.registry.store import Overrides, Projector
 from myllm.runtime.placement.report import LoadedInfo, per_model
 from myllm.runtime.request.options import PARAMETERS, stored_parameter
 from myllm.runtime.request.template import thinks
@@ -69,11 +70,14 @@ async def tags(request: Request) -> dict[str, Any]:
 @router.post("/api/show")
 async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
     """Empty fields are left out, as Ollama's JSON leaves them out; `model_info` never is (the
-    official Python client requires it)."""
+    official Python client requires it). `projector_info`: a vision model's projector's GGUF
+    keys (`clip.*`), as Ollama shows them."""
     svc = services(request)
     row = await svc.runtime.model(body.model)
     path = await svc.pools.blobs.run(svc.registry.blob_file, row)
     gguf = await svc.pools.blobs.run(_gguf_kv, row.digest, str(path))
+    projector = svc.registry.projector_file(row)  # checked with the model's blob by `blob_file`
+    clip = None if projector is None else await svc.pools.blobs.run(_gguf_kv, projector.name, str(projector))
     answer = {
         "modelfile": _modelfile(row),
         "parameters": _parameter_lines(row.parameters or {}),
@@ -83,6 +87,7 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
         "messages": row.messages,
         "details": _details(row),
         "model_info": _model_info(row, gguf),
+        "projector_info": dict(sorted(clip.items())) if clip is not None else None,
         "capabilities": _capabilities(row, gguf),
         "modified_at": _utc(row.modified_at),
     }
@@ -168,10 +173,11 @@ def _capabilities(row: ModelRow, gguf: Mapping[str, Any]) -> list[str]:
     runtime mean-pools any model); one whose GGUF sets a pooling type is an embedding model,
     which cannot complete text. Every model that completes takes tools (the runtime describes
     them to a template that does not render them, runtime/request/tools.py); `thinking` follows the
-    chat template. Never `insert` or `vision`: the runtime takes no suffix and no images."""
+    chat template; `vision` a projector (as in Ollama). Never `insert`: the runtime takes no suffix."""
     if f"{row.architecture}.pooling_type" in gguf:
         return ["embedding"]
-    return ["completion", "embedding", "tools", *(["thinking"] if thinks(row.template) else [])]
+    return ["completion", "embedding", "tools", *(["thinking"] if thinks(row.template) else []),
+            *(["vision"] if row.vision else [])]
 
 
 def _utc(moment: datetime) -> datetime:
@@ -249,44 +255,65 @@ def _pull_line(spec: str, stage: str, done: int, total: int | None) -> dict[str,
 
 @router.post("/api/create")
 async def create(body: CreateRequest, request: Request) -> Response:
-    """A new model `from` a registered one, or from one uploaded GGUF blob (`files`), with the
+    """A new model `from` a registered one, or from uploaded GGUF blobs (`files`: the model, and
+    its projector as a second file, told apart by their architecture as Ollama does), with the
     request's Modelfile settings; an existing model of that name is replaced. The row and
-    its settings are written in one transaction (`Registry.copy` / `register_blob`)."""
+    its settings are written in one transaction (`Registry.copy` / `register_blob`). Extension:
+    `from` with `files` naming a projector alone gives the model that projector (a Modelfile's
+    FROM of a model name and FROM of a projector file, as `myllm create` sends it)."""
     require_admin(request, "creating a model")
     svc = services(request)
     overrides = _overrides(body)
-    digest = _uploaded_digest(body)
+    uploads = _uploaded_digests(body)
     if body.template is not None:  # a template that loops or explodes is refused here, not at a chat
         await svc.runtime.prepare.run(lambda deadline: _check_template(body.template or "", deadline))
-    return await answer(_create_events(svc, body, overrides, digest), body.stream)
+    return await answer(_create_events(svc, body, overrides, uploads), body.stream)
 
 
 async def _create_events(
-    svc: Services, body: CreateRequest, overrides: Overrides, digest: str | None
+    svc: Services, body: CreateRequest, overrides: Overrides, uploads: dict[str, str]
 ) -> AsyncIterator[dict[str, Any]]:
-    if digest is None:
-        row = await svc.pools.blobs.run(svc.registry.copy, str(body.from_), body.model, overrides, replace=True)
+    model, projector = await svc.pools.blobs.run(_model_and_projector, svc, uploads, body.from_ is not None)
+    if model is None:
+        row = await svc.pools.blobs.run(lambda: svc.registry.copy(str(body.from_), body.model, overrides, replace=True,
+                                                                  projector=projector))
     else:
-        source = f"upload:{next(iter(body.files or {}))}"
-        row = await svc.pools.blobs.run(svc.registry.register_blob, body.model, digest, source, overrides)
-    yield {"status": f"using existing layer sha256:{row.digest}"}
+        row = await svc.pools.blobs.run(svc.registry.register_blob, body.model, model[1], f"upload:{model[0]}",
+                                        overrides, projector)
+    for digest in (row.digest, *([row.projector_digest] if row.projector_digest else [])):
+        yield {"status": f"using existing layer sha256:{digest}"}
     yield {"status": "writing manifest"}
     yield {"status": "success"}
 
 
-def _uploaded_digest(body: CreateRequest) -> str | None:
-    """The hex digest of the uploaded GGUF to create from, or None to create `from` a model."""
+def _uploaded_digests(body: CreateRequest) -> dict[str, str]:
+    """The uploaded files to create from (file name: hex digest)."""
     if body.quantize:
         raise InvalidOptions("'quantize' is not supported: myllm does not quantize models", field="quantize")
     if body.adapters:
         raise InvalidOptions("'adapters' is not supported: myllm loads no LoRA adapters", field="adapters")
-    if (body.from_ is None) == (body.files is None):
+    if body.from_ is None and body.files is None:
         raise InvalidOptions("give either 'from' (a model) or 'files' (an uploaded GGUF blob)", field="from")
-    if body.files is None:
-        return None
-    if len(body.files) != 1:
-        raise InvalidOptions("""'files' must name one GGUF file: {"name.gguf": "sha256:<hex>"}""", field="files")
-    return parse_digest(next(iter(body.files.values())))
+    if body.files is not None and not 1 <= len(body.files) <= 2:
+        raise InvalidOptions(_FILES_SHAPE, field="files")
+    return {name: parse_digest(digest) for name, digest in (body.files or {}).items()}
+
+
+_FILES_SHAPE = ("""'files' must name one GGUF model, and its projector as a second file if it has one: """
+                """{"model.gguf": "sha256:<hex>", "mmproj.gguf": "sha256:<hex>"}; with 'from', a projector alone""")
+
+
+def _model_and_projector(
+    svc: Services, uploads: dict[str, str], has_from: bool
+) -> tuple[tuple[str, str] | None, Projector | None]:
+    """Which upload is the model and which its projector (architecture clip), as Ollama's create
+    tells a model's files apart; with `from`, the model is that one and no upload may be one."""
+    projectors = [(name, d) for name, d in uploads.items() if is_projector(svc.registry.blobs.path(d))]
+    models = [(name, d) for name, d in uploads.items() if (name, d) not in projectors]
+    if len(models) != (0 if has_from else 1) or len(projectors) > 1:
+        raise InvalidOptions(_FILES_SHAPE, field="files")
+    projector = Projector(projectors[0][1], f"upload:{projectors[0][0]}") if projectors else None
+    return (models[0] if models else None), projector
 
 
 def _check_template(template: str, deadline: Deadline) -> None:

@@ -196,7 +196,8 @@ class ModelManager(Generic[R]):
         return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, layers,
                                   embedding=embedding,
                                   n_parallel=self.settings.num_parallel,
-                                  flash_attention=self.settings.flash_attention)
+                                  flash_attention=self.settings.flash_attention,
+                                  projector=self.registry.projector_file(row))
 
     async def acquire(
         self,

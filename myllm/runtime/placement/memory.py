@@ -3,7 +3,9 @@
 estimate = runner process + weights + KV cache + compute buffers, where
   runner  = 80 MiB: the Python interpreter, numpy and llama.cpp's libraries of the model's own
             process (measured: ~79 MiB resident before the model loads),
-  weights = the GGUF file size (llama.cpp maps it whole),
+  weights = the GGUF file size (llama.cpp maps it whole), and a vision model's projector's
+            (libmtmd reads it whole into its own buffers; the buffers it computes an image in
+            are not counted),
   KV      = layers x KV heads x (key size + value size) x 2 bytes (f16) x context,
   compute = 16 MiB + 160 bytes x vocabulary (logits and graph scratch; fitted to llama.cpp's
             CPU buffers for SmolLM2 and Gemma 3 at 512-8192 context, within a few MiB),
@@ -14,7 +16,9 @@ Each runner's RSS is measured too, and the manager counts whichever of the two i
 
 With a GPU the same parts are split by the number of layers llama.cpp offloads (`Footprint`):
 `n_gpu_layers` = k puts the output layer and the last k - 1 repeating layers, with their KV
-cache, on the GPU; the input embeddings always stay on the CPU. GPU memory is measured too
+cache, on the GPU; the input embeddings always stay on the CPU. A projector goes on the GPU whole
+when any layer does (the runner asks libmtmd for the GPU then, `LoadSpec.projector`), else it
+stays in RAM. GPU memory is measured too
 (the device's free memory before and after the runner's load).
 """
 
@@ -89,7 +93,8 @@ def _compute(row: ModelRow, n_ctx: int, embedding: bool) -> int:
 def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
     """The whole instance's memory, wherever it lives (RAM alone on a CPU)."""
     layers = int((row.details or {}).get("block_count") or 0)
-    return MemoryEstimate(int(row.size), layers * _kv_per_layer(row, n_ctx) + kv_cache, _compute(row, n_ctx, embedding))
+    weights = int(row.size) + int(row.projector_size or 0)
+    return MemoryEstimate(weights, layers * _kv_per_layer(row, n_ctx) + kv_cache, _compute(row, n_ctx, embedding))
 
 
 COMPUTE_BASE = 16 * MiB
@@ -135,6 +140,8 @@ class Footprint:
     compute: int
     """Compute buffers of the device that runs the output layer (logits and graph scratch)."""
     gpu_overhead: int = GPU_OVERHEAD
+    projector: int = 0
+    """A vision model's projector: on the GPU with any layer, else in RAM."""
 
     @property
     def max_gpu_layers(self) -> int:
@@ -148,12 +155,13 @@ class Footprint:
         n = len(self.layers)
         if k == 0:
             ram = (self.process + self.input + sum(self.layers) + self.output_on_cpu + n * self.kv_layer + self.saved_kv
-                   + self.compute)
+                   + self.compute + self.projector)
             return Split(ram, 0)
         cpu_layers = n - (k - 1)
         ram = (self.process + self.input + sum(self.layers[:cpu_layers]) + cpu_layers * self.kv_layer + self.saved_kv
                + COMPUTE_BASE)
-        vram = self.gpu_overhead + self.output + sum(self.layers[cpu_layers:]) + (k - 1) * self.kv_layer + self.compute
+        vram = (self.gpu_overhead + self.output + sum(self.layers[cpu_layers:]) + (k - 1) * self.kv_layer + self.compute
+                + self.projector)
         return Split(ram, vram)
 
 
@@ -188,7 +196,7 @@ def footprint(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int 
     the file's average bytes per parameter, the rest evenly over the layers, and a GPU's copy of
     the output matrix taken to be as large as the embeddings (the safe side). Either way the
     whole file counts on the CPU (the header, the tokenizer with it, in `input`), so with no
-    layer offloaded the RAM is `estimate()`'s total."""
+    layer offloaded the RAM is `estimate()`'s total (a projector's bytes included)."""
     d = row.details or {}
     size = int(row.size)
     n_layers = int(d.get("block_count") or 0)
@@ -208,7 +216,7 @@ def footprint(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int 
         if not n_layers:
             embed = size
     return Footprint(RUNNER_OVERHEAD, embed, layers, output, output_on_cpu, _kv_per_layer(row, n_ctx), kv_cache,
-                     _compute(row, n_ctx, embedding))
+                     _compute(row, n_ctx, embedding), projector=int(row.projector_size or 0))
 
 
 def release_freed_memory() -> None:
