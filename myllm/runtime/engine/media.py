@@ -179,7 +179,7 @@ class Projector:
                 tokens += placeholders(item.image.digest, len(chunks) - first, n)  # the same wherever the image is
         tokens += req.tokens[last:]
         check_prompt(tokens, n_ctx)
-        if tokens[-1] < 0:
+        if tokens[-1] < 0:  # no logits to sample from after an image chunk: the slot would never answer
             raise InvalidOptions("a prompt must end with text after its last image", field="images")
         return media
 

@@ -21,8 +21,9 @@ from typing import NamedTuple
 
 from myllm.errors import BadImage
 
-FORMATS = ("PNG", "JPEG", "MPO", "WEBP", "GIF")
-"""Pillow's names of the formats decoded (MPO: the JPEG variant many cameras write)."""
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
+"""Pillow's names of the formats decoded (JPEG's opener also takes MPO, the variant many cameras
+write)."""
 
 
 class Pixels(NamedTuple):
