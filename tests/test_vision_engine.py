@@ -14,11 +14,12 @@ import struct
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from myllm.errors import BadImage, InvalidOptions, PromptTooLong
+from myllm.errors import BadImage, InvalidOptions, ModelLoadError, PromptTooLong
 from myllm.runtime.engine.media import ImageChunk, MediaPrompt, Projector, placeholders
 from myllm.runtime.engine_types import DecodedImage, DoneEvent, GenerationRequest, LoadSpec, PromptImage
 from myllm.runtime.request.images import ImageLimits, check_count, decode_image
@@ -26,7 +27,7 @@ from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig, RunnerOptions
 from myllm.settings import Settings
 from tests.mtmd_reference import Reference
-from tests.vision_fixture import VisionModel, png_image, write_vision_model
+from tests.vision_fixture import ProjectorShape, VisionModel, png_image, write_projector, write_vision_model
 
 pytestmark = pytest.mark.slow
 
@@ -250,3 +251,13 @@ async def test_what_reaches_a_runner_wrongly_is_a_typed_error_and_it_goes_on(
         tokens, done = await generate(model, good)
         assert (tokens, done.prompt_tokens) == expected(reference, image)
         assert model.alive and model.pid == pid
+
+
+async def test_a_projector_that_does_not_fit_the_model_is_a_load_error(vision: VisionModel, tmp_path: Path) -> None:
+    """libmtmd refuses a projector into another embedding width, and a file that is no
+    projector (the text model itself): the runner reports a clean load failure, no crash."""
+    other_width = write_projector(tmp_path / "other.gguf", ProjectorShape(text_width=64))
+    for projector in (other_width, vision.text):
+        spec = LoadSpec("vision", vision.text, 256, projector=projector)
+        with pytest.raises(ModelLoadError, match=f"could not load the projector of 'vision' \\({projector.name}\\)"):
+            await ModelRunner.start(RunnerConfig(spec, 2, 0), 4)

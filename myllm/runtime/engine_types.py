@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -191,8 +191,8 @@ class DecodedImage:
     the KV cache's placeholders, a session's stored blob)."""
     width: int
     height: int
-    rgb: bytes
-    """`width * height` pixels, 3 bytes each (R, G, B), row after row."""
+    rgb: bytes = field(repr=False)
+    """`width * height` pixels, 3 bytes each (R, G, B), row after row (megabytes: kept out of reprs)."""
 
 
 @dataclass(frozen=True)
