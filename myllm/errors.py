@@ -163,6 +163,18 @@ class InvalidOptions(MyLLMError):
         self.field = field
 
 
+class BadImage(InvalidOptions):
+    """An image a client sent that no model is given: `reason` names which check it failed
+    (`not_an_image`, `unsupported_format`, `too_many_bytes`, `too_many_pixels`,
+    `too_many_images`), so each API can say it in its own 400."""
+
+    code = "invalid_image"
+
+    def __init__(self, message: str, reason: str, field: str | None = "images") -> None:
+        super().__init__(message, field)
+        self.reason = reason
+
+
 class PromptTooLong(MyLLMError):
     status = 400
     code = "prompt_too_long"

@@ -254,6 +254,22 @@ class Settings(BaseSettings):
         default=8, ge=1, le=128, description="Tool calls one reply may make when parallel calls are allowed and a "
         "call is forced (the grammar's bound: a small model otherwise repeats calls until the token limit)."
     )
+    # Images (issue 32)
+    max_image_bytes: ByteSize = Field(
+        default=ByteSize(20 << 20), ge=1, description="Largest image file a request may send (its bytes as sent, "
+        "before decoding), e.g. 20MiB; past it, 400 (`too_many_bytes`). The request body's own cap (MYLLM_MAX_BODY) "
+        "applies first."
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, ge=1, le=1 << 30, description="Most pixels (width x height) an image may have; read from "
+        "its header and checked before it is decoded, so a small file that would decode to gigabytes (a "
+        "decompression bomb) is refused (400, `too_many_pixels`). A decoded image crosses to the model's runner as "
+        "3 bytes a pixel."
+    )
+    max_images: int = Field(
+        default=8, ge=1, le=1024, description="Images one request may send, all messages together; past it, 400 "
+        "(`too_many_images`)."
+    )
 
     @property
     def home_dir(self) -> Path:

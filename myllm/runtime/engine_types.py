@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -63,7 +63,8 @@ class LoadSpec:
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
         MYLLM_HOME is): the blob's own name stands for it."""
-        return str(error).replace(str(self.path), self.path.name)
+        text = str(error).replace(str(self.path), self.path.name)
+        return text if self.projector is None else text.replace(str(self.projector), self.projector.name)
 
     @classmethod
     def for_model(
@@ -195,6 +196,30 @@ class SamplingOptions(Protocol):
     def logprobs(self) -> int | None: ...
 
 
+@dataclass(frozen=True)
+class DecodedImage:
+    """An image a client sent, decoded to raw pixels before it crosses to a runner
+    (runtime/request/images.py), so a runner never parses a client's file format."""
+
+    digest: str
+    """The sha256 (hex) of the bytes the client sent: the image's identity (libmtmd's bitmap id,
+    the KV cache's placeholders, a session's stored blob)."""
+    width: int
+    height: int
+    rgb: bytes = field(repr=False)
+    """`width * height` pixels, 3 bytes each (R, G, B), row after row (megabytes: kept out of reprs)."""
+
+
+@dataclass(frozen=True)
+class PromptImage:
+    """An image's place in a prompt: it goes before `tokens[at]` (`at == len(tokens)`: after
+    the last one). The text on either side is tokenized apart, as libmtmd tokenizes the text
+    between its media markers."""
+
+    at: int
+    image: DecodedImage
+
+
 @dataclass
 class GenerationRequest:
     tokens: list[int]
@@ -204,6 +229,9 @@ class GenerationRequest:
     """GBNF the output must follow (see runtime/request/grammar.py)."""
     thinking: Thinking | None = None
     """Set for a thinking model asked to think: its output is split (and budgeted)."""
+    images: tuple[PromptImage, ...] = ()
+    """Images among `tokens`, in order (a model loaded with a projector only). Each becomes
+    the tokens its projector makes of it; the prompt's count and context include them."""
 
 
 def check_prompt(tokens: list[int], n_ctx: int) -> None:

@@ -42,6 +42,7 @@ from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel
 from myllm.runtime.engine.logprobs import log_probabilities
+from myllm.runtime.engine.media import MediaPrompt, evaluate_images, media_prompt
 from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous
 from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX, SamplerFactory
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
@@ -123,6 +124,8 @@ class _Slot:
     req: GenerationRequest | None = None
     pending: list[int] = field(default_factory=list)
     """Prompt tokens still to evaluate; then the one sampled token to feed back."""
+    media: MediaPrompt | None = None
+    """The prompt's images (runtime/engine/media.py), until the request ends."""
     sampler: GreedySampler | ChainSampler | None = None
     """Its own: a `ChainSampler` holds llama.cpp samplers, freed when the request ends."""
     output: OutputText | None = None
@@ -202,7 +205,7 @@ class BatchEngine:
         self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
         self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention)  # None on a GPU
         # What the step loop uses for every token, kept on the engine: one attribute each.
-        self._lib, self.ctx, self.batch = loaded.lib, loaded.ctx, loaded.batch
+        self._lib, self.ctx, self.batch, self.projector = loaded.lib, loaded.ctx, loaded.batch, loaded.projector
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
         self._token_bytes = vocabulary.token_bytes
 
@@ -338,13 +341,15 @@ class BatchEngine:
 
     def _start(self, job: EngineJob, free: list[_Slot]) -> None:
         req = job.req
-        tokens = req.tokens
+        media = media_prompt(self.projector, req, self.n_ctx)
+        tokens = req.tokens if media is None else media.tokens
         busy = {s.seq for s in self._slots if s.job is not None}
         slot, keep = place(self.kv_cache, self._lib, self.ctx.ctx, tokens, free, busy)
         keep = min(keep, len(tokens) - 1)
-        if self.attention is not None:
-            keep = self.attention.start(keep, len(tokens))
+        padded = keep if self.attention is None else self.attention.start(keep, len(tokens))
+        keep = padded if media is None else media.start(keep, padded)
         self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
+        slot.media = media
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
         slot.sampler = self.samplers.for_request(req)
@@ -363,6 +368,7 @@ class BatchEngine:
         active = [s for s in self._slots if s.job is not None]
         if not active:
             return
+        evaluate_images(self.ctx.ctx, active)  # each its own decode, before the step's text
         batch = self.batch.batch
         batch.n_tokens = 0
         budget = N_BATCH
@@ -370,13 +376,14 @@ class BatchEngine:
         # chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
         chunked = False
         for slot in sorted(active, key=lambda s: len(s.pending) > 1):
-            if len(slot.pending) > 1 and self.attention is not None:
+            pending = slot.pending if slot.media is None else slot.media.text_ahead(slot.pending, len(slot.cached))
+            if len(pending) > 1 and self.attention is not None:
                 if chunked:
                     slot.batch_index, slot.in_batch = None, 0
                     continue
-                chunked, take = True, slot.pending[: self.attention.take(len(slot.pending), budget)]
+                chunked, take = True, pending[: self.attention.take(len(pending), budget)]
             else:
-                take = slot.pending[: max(0, budget)]
+                take = pending[: max(0, budget)]
             slot.batch_index, slot.in_batch = None, len(take)
             for i, token in enumerate(take):
                 j = batch.n_tokens
@@ -482,7 +489,7 @@ class BatchEngine:
         slot.pending = []
         if isinstance(slot.sampler, ChainSampler):
             slot.sampler.close()
-        slot.job = slot.req = slot.sampler = slot.output = None
+        slot.job = slot.req = slot.sampler = slot.output = slot.media = None  # the KV holds the images now
         slot.last_used = time.monotonic()
 
 

@@ -1,6 +1,7 @@
 """Loading a model for the batch engine: llama.cpp's model, one context holding a sequence per
-slot, and the one batch every step fills. Made, used and freed by one thread, the scheduler's
-(see `BatchEngine`)."""
+slot, the one batch every step fills, and the model's projector when it takes images
+(runtime/engine/media.py). Made, used and freed by one thread, the scheduler's (see
+`BatchEngine`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from myllm.errors import ModelLoadError, OutOfMemory
 from myllm.runtime.engine.llama_setup import avoid_broken_weight_buffers, default_threads
+from myllm.runtime.engine.media import Projector
 from myllm.runtime.engine_types import LoadSpec
 
 if TYPE_CHECKING:
@@ -32,6 +34,8 @@ class LoadedModel:
     batch: LlamaBatch
     no_devices: ctypes.Array[ctypes.c_void_p] | None
     """The empty device list of a model with no layer on a GPU: it must outlive the model."""
+    projector: Projector | None
+    """libmtmd's context for a model loaded with a projector (`LoadSpec.projector`)."""
 
     @classmethod
     def load(cls, spec: LoadSpec, n_threads: int | None, quiet: bool) -> LoadedModel:
@@ -64,7 +68,7 @@ class LoadedModel:
         # token) reserves compute buffers for 512 rows of the vocabulary, 96 MiB for SmolLM2's
         # and 512 MiB for Gemma 3's, GPU memory when the output layer is offloaded.
         params.n_outputs_max = spec.n_parallel
-        params.n_threads = params.n_threads_batch = n_threads or default_threads()
+        n_threads = params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
         params.flash_attn_type = FLASH_ATTENTION[spec.flash_attention]
         params.swa_full = True  # keep sliding-window models' KV whole, so prefixes can be reused
@@ -74,14 +78,25 @@ class LoadedModel:
         except ValueError as exc:
             model.close()
             raise OutOfMemory(f"llama.cpp could not allocate a context for '{spec.name}': {spec.unpathed(exc)}") from exc
+        projector = None
+        if spec.projector is not None:
+            try:
+                with suppress_stdout_stderr(disable=not quiet):
+                    projector = Projector.load(spec, model, n_threads, N_BATCH)
+            except BaseException:
+                ctx.close()
+                model.close()
+                raise
         batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        return cls(llama_cpp, model, ctx, batch, no_devices)
+        return cls(llama_cpp, model, ctx, batch, no_devices, projector)
 
     def close(self) -> None:
         """Free the batch, the context and the model (on the thread that made them)."""
         from llama_cpp._utils import suppress_stdout_stderr
 
         with suppress_stdout_stderr(disable=False):
+            if self.projector is not None:
+                self.projector.close()
             self.batch.close()
             self.ctx.close()
             self.model.close()

@@ -7,7 +7,9 @@ first item says what it is:
 daemon -> runner
   ["load", config]                      first message: what to load (`RunnerConfig` as a dict)
   ["gen", id, request]                  a generation request (`encode_request`; its options are
-                                        `RunnerOptions`' fields, in order)
+                                        `RunnerOptions`' fields, in order; its images
+                                        [at, digest, width, height, RGB bytes], the pixels
+                                        as msgpack's raw bytes)
   ["cancel", id]                        stop request `id` within one step
   ["call", id, method, args]            tokenize / count / detokenize / embed / stats: one answer
   ["exit"]                              exit now (the OS frees the model)
@@ -31,7 +33,17 @@ import msgpack
 
 from myllm import errors
 from myllm.errors import ModelCrashed, MyLLMError
-from myllm.runtime.engine_types import Candidate, DoneEvent, Failed, GenerationRequest, LoadSpec, Thinking, TokenEvent
+from myllm.runtime.engine_types import (
+    Candidate,
+    DecodedImage,
+    DoneEvent,
+    Failed,
+    GenerationRequest,
+    LoadSpec,
+    PromptImage,
+    Thinking,
+    TokenEvent,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +57,7 @@ class RunnerConfig:
     def encode(self) -> dict[str, Any]:
         spec = asdict(self.spec)
         spec["path"] = str(self.spec.path)
+        spec["projector"] = None if self.spec.projector is None else str(self.spec.projector)
         return {"spec": spec, "n_threads": self.n_threads, "kv_cache_bytes": self.kv_cache_bytes}
 
     @classmethod
@@ -53,6 +66,7 @@ class RunnerConfig:
 
         spec = dict(data["spec"])
         spec["path"] = Path(spec["path"])
+        spec["projector"] = None if spec.get("projector") is None else Path(spec["projector"])
         return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"])
 
 
@@ -119,15 +133,17 @@ OPTION_FIELDS = tuple(f.name for f in fields(RunnerOptions))
 def encode_request(req: GenerationRequest) -> list[Any]:
     options = [getattr(req.options, name) for name in OPTION_FIELDS]
     thinking = None if req.thinking is None else [getattr(req.thinking, f.name) for f in fields(Thinking)]
-    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking]
+    images = [[i.at, i.image.digest, i.image.width, i.image.height, i.image.rgb] for i in req.images]
+    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking, images]
 
 
 def decode_request(data: list[Any]) -> GenerationRequest:
-    tokens, options, extra_stop, grammar, thinking = data
+    tokens, options, extra_stop, grammar, thinking, images = data
     values = dict(zip(OPTION_FIELDS, options, strict=True))
     values["stop"] = tuple(values["stop"])
     return GenerationRequest(tokens, RunnerOptions(**values), tuple(extra_stop), grammar,
-                             None if thinking is None else Thinking(*thinking))
+                             None if thinking is None else Thinking(*thinking),
+                             tuple(PromptImage(at, DecodedImage(*image)) for at, *image in images))
 
 
 def encode_event(event: TokenEvent | DoneEvent | Failed) -> list[Any]:
