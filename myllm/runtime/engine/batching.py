@@ -423,9 +423,7 @@ class BatchEngine:
             slot.first_at = time.perf_counter()
         assert slot.sampler is not None
         logits = logits_row(self._lib, self.ctx.ctx, slot.batch_index, self.n_vocab)
-        # this thread's CPU time, as check_grammar measures it; only for a grammar, the one sampler
-        # that can be slow: the clock is a system call on a virtual machine, every token
-        started = time.thread_time() if req.grammar else 0.0
+        started = time.thread_time() if req.grammar else 0.0  # CPU time (a syscall): grammars only
         token = slot.sampler.sample(logits)  # also accepted into the sampler's state
         if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
             self._finish(slot, None, InvalidOptions(
