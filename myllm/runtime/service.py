@@ -21,9 +21,11 @@ from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
 from myllm.runtime.engine_types import (
     Candidate,
+    DecodedImage,
     DoneEvent,
     Event,
     GenerationRequest,
+    PromptImage,
     Thinking,
     TokenEvent,
     check_prompt,
@@ -33,6 +35,7 @@ from myllm.runtime.placement.leases import KeepAlive, Lease
 from myllm.runtime.placement.manager import ModelManager
 from myllm.runtime.placement.report import LoadedInfo
 from myllm.runtime.request.grammar import format_grammar
+from myllm.runtime.request.images import ImageLimits, Markers, check_count, decode_image
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.request.schema_size import SchemaLimits
@@ -242,7 +245,9 @@ class Runtime:
         self.settings = settings
         self.manager: ModelManager[Runner] = manager or ModelManager(registry, settings)
         self.prepare = PreparePool(PREPARE_WORKERS, settings.max_queue, settings.template_timeout)
-        """Where chat templates are rendered and JSON schemas become grammars (runtime/request/prompt.py)."""
+        """Where chat templates are rendered, JSON schemas become grammars and images are decoded
+        (runtime/request/prompt.py)."""
+        self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_images)
         self.schema_limits = SchemaLimits(settings.max_grammar, settings.max_schema_depth, settings.max_schema_nodes)
 
     async def start(self) -> None:
@@ -329,15 +334,19 @@ class Runtime:
         runtime/request/tools.py; the stream then holds calls back from its text and reports them in
         `tool_calls`, its `DoneEvent` finishing with `tool_calls`. `think`: see `template.Think`;
         a thinking model's events carry its thinking apart (`thinking`), within the options'
-        `thinking_budget`."""
+        `thinking_budget`. A message's `content` may hold images (`images.Content`): they go
+        where they are among its text, for a model with a projector."""
         row = await self.model(model)
         use = tool_use(tools, tool_choice, parallel_tool_calls, self.settings.max_tool_calls)
         opts = self.options_for(row, options)
         if use.active:
             opts = opts.model_copy(update={"format": use.format(opts.format)})
-        prompt = self._chat_prompt(row, messages, use, trim, prefill, think)
+        markers = Markers()
+        messages, files = markers.place(messages)
+        images = await self._decode(row, files, "messages")
+        prompt = self._chat_prompt(row, messages, use, trim, prefill, think, markers if images else None)
         stream = await self._start(row, prompt, opts, keep_alive=keep_alive, count=count, caller=caller,
-                                   schema_field="tools" if use.forced else "format")
+                                   schema_field="tools" if use.forced else "format", images=images)
         if use.active:
             stream.calls = CallFilter(use.tools, use.forced)
         return stream
@@ -381,13 +390,26 @@ class Runtime:
         return head + earlier[len(earlier) - (room - len(head)):]
 
     def _chat_prompt(self, row: ModelRow, messages: list[dict[str, Any]], use: ToolUse, trim: bool, prefill: str,
-                     think: Think = None) -> ChatPrompt:
+                     think: Think = None, markers: Markers | None = None) -> ChatPrompt:
         """The checked messages after the model's defaults, with the tools as its template
         needs them: what `chat` renders and `count_chat` counts."""
         msgs, template_tools = use.prompt(
             with_model_defaults(row, check_messages(messages, self.settings.max_messages, self.settings.max_json_depth)),
             row.template)
-        return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools, think)
+        return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools, think, markers)
+
+    async def _decode(self, row: ModelRow, files: list[bytes], field: str) -> list[DecodedImage]:
+        """A request's images as pixels, decoded on the preparation pool (never on the event
+        loop), each checked against the image settings (`BadImage`, a 400); images sent to a
+        model without a projector are refused as Ollama refuses them."""
+        if not files:
+            return []
+        if not row.vision:
+            raise InvalidOptions(f'"{row.name}" does not support images', field=field)
+        check_count(len(files), self.image_limits)
+        limits = self.image_limits
+        decoded = await self.prepare.run(lambda deadline: [decode_image(data, limits) for data in files])
+        return [DecodedImage(*pixels) for pixels in decoded]
 
     async def generate(
         self,
@@ -401,16 +423,23 @@ class Runtime:
         history: list[tuple[str, str]] | None = None,
         count: list[str] | None = None,
         think: Think = None,
+        images: list[bytes] | None = None,
         caller: str | None = None,
     ) -> GenerationStream:
         """Completion of `prompt`. A model with a chat template gets the prompt as one user
         turn (after `system`, else the model's own system prompt) unless `raw`; a model
         without one (a base model) continues the text as given. `history` holds earlier
-        (prompt, response) pairs of a generate session, which come first."""
+        (prompt, response) pairs of a generate session, which come first. `images` go before
+        the prompt's text in its turn (where Ollama puts them), for a model with a projector."""
         check_text(prompt, "prompt")
         if system is not None:
             check_text(system, "system")
         row = await self.model(model)
+        markers = Markers()
+        [turn], files = markers.place([{"role": "user", "content": [*(images or []), prompt]}])
+        decoded = await self._decode(row, files, "images")
+        if decoded and (raw or not row.template):
+            raise InvalidOptions("images need the model's chat template: send them without raw", field="images")
         opts = self.options_for(row, options)
         system = system if system is not None else row.system
         pairs = history or []
@@ -425,10 +454,9 @@ class Runtime:
         msgs = with_model_defaults(row, [{"role": "system", "content": system}] if system else [])
         for p, r in pairs:
             msgs += [{"role": "user", "content": p}, {"role": "assistant", "content": r}]
-        msgs.append({"role": "user", "content": prompt})
-        return await self._start(row, ChatPrompt(row, msgs, self.prepare, trim=bool(pairs), think=think), opts,
-                                 keep_alive=keep_alive,
-                                 count=count, caller=caller)
+        msgs.append(turn)
+        chat = ChatPrompt(row, msgs, self.prepare, trim=bool(pairs), think=think, markers=markers if decoded else None)
+        return await self._start(row, chat, opts, keep_alive=keep_alive, count=count, caller=caller, images=decoded)
 
     async def _start(
         self,
@@ -440,8 +468,10 @@ class Runtime:
         count: list[str] | None,
         schema_field: str = "format",
         caller: str | None,
+        images: list[DecodedImage] | None = None,
     ) -> GenerationStream:
-        """`schema_field`: where the output's JSON schema, if any, came from (for errors)."""
+        """`schema_field`: where the output's JSON schema, if any, came from (for errors).
+        `images`: the request's, numbered as the prompt's markers number them."""
         grammar = None
         if opts.format is not None:  # measured and converted off the loop, refused before any load
             grammar = await self.prepare.run(lambda deadline: format_grammar(opts, self.schema_limits, schema_field))
@@ -467,7 +497,8 @@ class Runtime:
             thinking = None if prompt.thinking_open is None or markup is None else Thinking(
                 markup.open, markup.close, markup.answer, markup.headers, prompt.thinking_open,
                 opts.thinking_budget or self.settings.thinking_budget)
-            events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking))
+            placed = tuple(PromptImage(at, images[n]) for at, n in prompt.images) if images else ()
+            events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking, placed))
         except BaseException:
             lease.release()
             raise

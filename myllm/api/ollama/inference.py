@@ -36,8 +36,9 @@ from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
 from myllm.runtime.request.durations import parse_duration
+from myllm.runtime.request.images import from_base64
 from myllm.runtime.request.options import GenerationOptions
-from myllm.runtime.request.template import Think, check_think
+from myllm.runtime.request.template import check_think
 from myllm.runtime.service import DoneEvent, GenerationStream, TokenEvent
 
 OLLAMA_VERSION = "0.12.0"
@@ -126,11 +127,9 @@ async def _model_row(request: Request, name: str) -> ModelRow:
     return await services(request).runtime.model(name)
 
 
-def _check_features(row: ModelRow, think: Think, images: list[str] | None) -> None:
-    """What these models cannot do is refused as Ollama refuses it, not silently dropped."""
-    check_think(row, think, "think")
-    if images:
-        raise InvalidOptions(f'"{row.name}" does not support images', field="images")
+def _images(images: list[str] | None) -> list[bytes]:
+    """Ollama's images: base64 text each (the runtime decodes and checks them)."""
+    return [from_base64(image) for image in images or []]
 
 
 def _final(done: DoneEvent, started: float, ready: float) -> dict[str, Any]:
@@ -218,8 +217,8 @@ def _calls(fields: dict[str, Any], stream: GenerationStream) -> dict[str, Any]:
 
 def _message(m: ChatMessage) -> dict[str, Any]:
     """Ollama's message as chat templates read one: tool calls in OpenAI's shape, a tool
-    result's tool under `name`."""
-    out: dict[str, Any] = {"role": m.role, "content": m.content}
+    result's tool under `name`; its images before its text, where Ollama puts them."""
+    out: dict[str, Any] = {"role": m.role, "content": [*_images(m.images), m.content] if m.images else m.content}
     if m.tool_calls:
         out["tool_calls"] = [{"type": "function", "function": call.function.model_dump()} for call in m.tool_calls]
     if m.tool_name:
@@ -231,7 +230,7 @@ def _message(m: ChatMessage) -> dict[str, Any]:
 async def chat(body: ChatRequest, request: Request) -> Response:
     started = time.perf_counter()
     row = await _model_row(request, body.model)
-    _check_features(row, body.think, [i for m in body.messages for i in (m.images or [])])
+    check_think(row, body.think, "think")
     if not body.messages:
         return await answer(_load_or_unload(request, row, body.keep_alive, "message"), body.stream)
     stream = await services(request).runtime.chat(
@@ -245,7 +244,7 @@ async def chat(body: ChatRequest, request: Request) -> Response:
 async def generate(body: GenerateRequest, request: Request) -> Response:
     started = time.perf_counter()
     row = await _model_row(request, body.model)
-    _check_features(row, body.think, body.images)
+    check_think(row, body.think, "think")
     if body.template:
         raise InvalidOptions("a per-request template is not supported (Ollama's are Go templates); "
                              "create a model with its own TEMPLATE instead", field="template")
@@ -258,7 +257,8 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
         return await answer(_load_or_unload(request, row, body.keep_alive, "response"), body.stream)
     stream = await services(request).runtime.generate(
         row, body.prompt, generation_options(body.options, body.format), system=body.system, raw=body.raw,
-        keep_alive=keep_alive_of(request, body.keep_alive), think=body.think, caller=reloading_key(request),
+        keep_alive=keep_alive_of(request, body.keep_alive), think=body.think, images=_images(body.images),
+        caller=reloading_key(request),
     )
     return await _respond(request, stream, body.stream, _generate_piece, started)
 

@@ -17,6 +17,8 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str
     text: str | None = None
+    image_url: dict[str, Any] | str | None = None
+    """`{"url": ..., "detail": ...}` (a data URI), or the URL alone as some clients send it."""
 
 
 class FunctionCall(BaseModel):

@@ -28,6 +28,7 @@ from myllm.api.openai.models import (
     CompletionChoice,
     CompletionRequest,
     CompletionTokensDetails,
+    ContentPart,
     EmbeddingList,
     EmbeddingObject,
     EmbeddingRequest,
@@ -46,6 +47,7 @@ from myllm.api.openai.models import (
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
+from myllm.runtime.request.images import Content, from_url
 from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
@@ -148,21 +150,31 @@ def _message(msg: ChatMessage, index: int) -> dict[str, Any]:
     if role not in ("system", "user", "assistant", "tool"):
         raise InvalidOptions(f"messages[{index}].role {msg.role!r} is not supported (system, user, assistant, tool)",
                              field=f"messages[{index}].role")
-    content = msg.content or ""
+    content: Content = msg.content if isinstance(msg.content, str) else ""
     if isinstance(msg.content, list):
-        texts = []
-        for part in msg.content:
-            if part.type != "text" or part.text is None:
-                raise InvalidOptions(f"messages[{index}].content: only text parts are supported (got {part.type!r})",
-                                     field=f"messages[{index}].content")
-            texts.append(part.text)
-        content = "".join(texts)
+        pieces = [_part(part, f"messages[{index}].content[{j}]") for j, part in enumerate(msg.content)]
+        texts = [piece for piece in pieces if isinstance(piece, str)]
+        content = "".join(texts) if len(texts) == len(pieces) else pieces  # text parts joined as before
     out: dict[str, Any] = {"role": role, "content": content}
     if msg.tool_calls:
         out["tool_calls"] = [c.model_dump() for c in msg.tool_calls]
     if role == "tool" and msg.name:
         out["name"] = msg.name
     return out
+
+
+def _part(part: ContentPart, field: str) -> str | bytes:
+    """A content part as the runtime takes it: a text part's text, an `image_url` part's image
+    (a data URI; `detail` is the model's own business here, as in llama-server)."""
+    if part.type == "text" and part.text is not None:
+        return part.text
+    if part.type == "image_url":
+        image = part.image_url
+        url = image.get("url") if isinstance(image, dict) else image
+        if not isinstance(url, str):
+            raise InvalidOptions(f"{field}.image_url.url must be a string", field=field)
+        return from_url(url, field)
+    raise InvalidOptions(f"{field}: only text and image_url parts are supported (got {part.type!r})", field=field)
 
 
 def _tool_choice(body: ChatCompletionRequest) -> str:

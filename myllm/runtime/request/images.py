@@ -14,12 +14,16 @@ of an animation, alpha dropped, no EXIF rotation, so prompt token counts match i
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import io
+import re
+import secrets
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
-from myllm.errors import BadImage
+from myllm.errors import BadImage, InvalidOptions
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF")
 """Pillow's names of the formats decoded (JPEG's opener also takes MPO, the variant many cameras
@@ -91,3 +95,91 @@ def _unreadable(data: bytes) -> BadImage:
     if kind is None:
         return BadImage("the data is not an image (PNG, JPEG, WebP or GIF)", "not_an_image")
     return BadImage(f"images in {kind} format are not supported; send PNG, JPEG, WebP or GIF", "unsupported_format")
+
+
+def from_base64(text: str) -> bytes:
+    """An image sent as base64 text (Ollama's `images`, a data URI's payload, Anthropic's
+    `source.data`): its bytes, or `not_an_image` when the text is not base64."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadImage("the image is not valid base64", "not_an_image") from None
+
+
+def from_url(url: str, field: str) -> bytes:
+    """An image given by URL (OpenAI's `image_url`, the Responses API's `input_image`): a
+    `data:` URI's base64 payload. An `http(s)` URL is refused: fetching it would be a request
+    the daemon makes on a client's behalf, which this daemon does not make."""
+    if url.startswith(("http://", "https://")):
+        raise InvalidOptions("image URLs are not fetched; send the image inline as a data URI "
+                             "(data:image/png;base64,...)", field=field)
+    head, comma, payload = url.partition(",")
+    if not head.startswith("data:") or not comma:
+        raise InvalidOptions("an image URL must be a data URI (data:image/png;base64,...)", field=field)
+    if not head.endswith(";base64"):
+        raise InvalidOptions("an image data URI must be base64 (data:image/png;base64,...)", field=field)
+    return from_base64(payload)
+
+
+Content = str | list[str | bytes]
+"""A message's content as the runtime takes it: text, or pieces of text and images (an image
+file's bytes) in their order, joined as they are (an API that separates its parts says so with
+its own text pieces)."""
+
+MEDIA_MARKER = "<__media__>"
+"""What stands for an image in a prompt's text as shown (libmtmd's and llama-server's marker)."""
+
+
+class Markers:
+    """Where a request's images go in its prompt. Each image becomes a marker in its message's
+    text, random per request (a client cannot write one), numbered by the image's place in the
+    request; the chat template renders the text around them, and the rendered prompt is cut at
+    the markers, so each image lands exactly where the template put its message's content."""
+
+    def __init__(self) -> None:
+        nonce = secrets.token_hex(6)
+        self._format = f"\ue003{nonce}{{}}\ue003"
+        self._pattern = re.compile(f"\ue003{nonce}(\\d+)\ue003")
+
+    def place(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[bytes]]:
+        """The messages with each content as text (markers where the images were), and the
+        images in the order of their markers. A content that is neither text nor a list of text
+        and images is left for the message check to refuse."""
+        files: list[bytes] = []
+        placed = []
+        for msg in messages:
+            content = msg.get("content")
+            if isinstance(content, list):
+                text = []
+                for piece in content:
+                    if isinstance(piece, bytes):
+                        text.append(self._format.format(len(files)))
+                        files.append(piece)
+                    else:
+                        text.append(piece)
+                if all(isinstance(piece, str) for piece in text):
+                    msg = {**msg, "content": "".join(text)}
+            placed.append(msg)
+        return placed, files
+
+    def split(self, text: str) -> list[str | int]:
+        """`text` cut at the markers: its pieces of text (empty ones left out) and, between
+        them, the number of the image each marker stands for."""
+        out: list[str | int] = []
+        pos = 0
+        for match in self._pattern.finditer(text):
+            if match.start() > pos:
+                out.append(text[pos:match.start()])
+            out.append(int(match.group(1)))
+            pos = match.end()
+        if pos < len(text):
+            out.append(text[pos:])
+        return out
+
+    def count(self, text: str) -> list[int]:
+        """The images whose markers are in `text`, in order."""
+        return [int(m.group(1)) for m in self._pattern.finditer(text)]
+
+    def shown(self, text: str) -> str:
+        """`text` with `MEDIA_MARKER` for each image."""
+        return self._pattern.sub(MEDIA_MARKER, text)

@@ -20,12 +20,13 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from myllm.errors import Overloaded, PromptTooLong
+from myllm.errors import InvalidOptions, Overloaded, PromptTooLong
 from myllm.pools import settle
 from myllm.registry.chat_templates import Deadline, RenderCancelled
 from myllm.registry.schema import ModelRow
 from myllm.runtime.instance import Tokenizer
-from myllm.runtime.request.template import RenderedPrompt, Think, fallback_for, render_chat, splits_thinking
+from myllm.runtime.request.images import Markers
+from myllm.runtime.request.template import Part, RenderedPrompt, Think, fallback_for, render_chat, splits_thinking
 
 T = TypeVar("T")
 INLINE_SECONDS = 0.002
@@ -155,6 +156,10 @@ def _joined(units: list[list[int] | None], n_ctx: int) -> list[int]:
     return [token for unit in units if unit is not None for token in unit]
 
 
+_Prepared = tuple[RenderedPrompt, list[list[int] | None], list[list[tuple[int, int]]]]
+"""A rendering, its units' tokens and its units' images (empty without images)."""
+
+
 def _fits(units: list[list[int] | None], budget: int) -> bool:
     return all(unit is not None for unit in units) and sum(len(u) for u in units if u is not None) <= budget
 
@@ -167,6 +172,7 @@ class TextPrompt:
         self.dropped = 0
         self.thinking_open: bool | None = None
         """Raw text is never split: the caller wrote the model's markup itself."""
+        self.images: tuple[tuple[int, int], ...] = ()
 
     async def tokens(self, runner: Tokenizer, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         return await runner.tokenize(self.text), ()
@@ -178,9 +184,13 @@ class ChatPrompt:
 
     def __init__(
         self, row: ModelRow, messages: list[dict[str, Any]], pool: PreparePool, trim: bool, prefill: str = "",
-        tools: list[dict[str, Any]] | None = None, think: Think = None,
+        tools: list[dict[str, Any]] | None = None, think: Think = None, markers: Markers | None = None,
     ) -> None:
         self.row = row
+        self.markers = markers
+        """Set when the messages' contents hold images (runtime/request/images.py)."""
+        self.images: tuple[tuple[int, int], ...] = ()
+        """Once tokenized: (the token the image goes before, the image's number) per image, in order."""
         self.messages = messages
         self.tools = tools
         self.think = think
@@ -193,9 +203,9 @@ class ChatPrompt:
         self.dropped = 0
         self.text = ""
 
-    async def _prepare(self, runner: Tokenizer, msgs: list[dict[str, Any]]) -> tuple[RenderedPrompt, list[list[int] | None]]:
+    async def _prepare(self, runner: Tokenizer, msgs: list[dict[str, Any]]) -> _Prepared:
         """One rendering and one tokenizing call: each unit's tokens (None for the early units
-        that cannot fit beside the later ones)."""
+        that cannot fit beside the later ones), and each unit's images (see `_with_images`)."""
         row, details = self.row, self.row.details or {}
         rendered = await self.pool.render(lambda deadline: render_chat(
             msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline,
@@ -204,7 +214,49 @@ class ChatPrompt:
         units = [list(unit) for unit in rendered.units]
         if self.prefill:
             units[-1].append((self.prefill, False))
-        return rendered, await runner.tokenize_units(units, runner.n_ctx)
+        if self.markers is None:
+            return rendered, await runner.tokenize_units(units, runner.n_ctx), []
+        return rendered, *await self._with_images(runner, units, msgs, self.markers)
+
+    async def _with_images(self, runner: Tokenizer, units: list[list[Part]], msgs: list[dict[str, Any]],
+                           markers: Markers) -> tuple[list[list[int] | None], list[list[tuple[int, int]]]]:
+        """Units with images in them: each unit cut at its images into pieces tokenized apart
+        (as libmtmd tokenizes the text between its media markers; BOS on the first piece only),
+        then joined again; and per unit its images, (offset in the unit, image number). Every
+        image of the messages rendered must be in the prompt exactly once."""
+        pieces: list[list[Part]] = []
+        owner: list[int] = []
+        placed: list[list[tuple[int, int]]] = [[] for _ in units]
+        after: list[list[int]] = []  # the image that follows each piece, if one does
+        for i, unit in enumerate(units):
+            current: list[Part] = []
+            for text, special in unit:
+                for bit in markers.split(text):
+                    if isinstance(bit, str):
+                        current.append((bit, special))
+                        continue
+                    pieces.append(current)
+                    owner.append(i)
+                    after.append([bit])
+                    current = []
+            pieces.append(current)
+            owner.append(i)
+            after.append([])
+        found = sorted(n for images in after for n in images)
+        wanted = sorted(n for msg in msgs for n in markers.count(str(msg.get("content") or "")))
+        if found != wanted:
+            raise InvalidOptions(f"the chat template put {len(found)} of the {len(wanted)} images in the prompt "
+                                 "(it drops or repeats message contents)", field="messages")
+        tokenized = await runner.tokenize_units(pieces, runner.n_ctx)
+        joined: list[list[int] | None] = [[] for _ in units]
+        for tokens, i, images in zip(tokenized, owner, after):
+            unit = joined[i]
+            if tokens is None or unit is None:
+                joined[i] = None
+                continue
+            unit += tokens
+            placed[i] += [(len(unit), n) for n in images]
+        return joined, placed
 
     async def tokens(self, runner: Tokenizer, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         """Rendered and tokenized once when the conversation fits. When it does not and `trim`
@@ -212,18 +264,18 @@ class ChatPrompt:
         from each message's token count (each message tokenized once), checked with one more
         rendering, and searched by halving only when the template is irregular enough for the
         estimate to miss."""
-        rendered, units = await self._prepare(runner, self.messages)
+        rendered, units, placed = await self._prepare(runner, self.messages)
         budget = runner.n_ctx - reserve
         first = 1 if self.messages[0]["role"] == "system" else 0
         droppable = len(self.messages) - first - 1
         if not self.trim or droppable <= 0 or _fits(units, budget):
-            return self._done(rendered, units, runner.n_ctx)
+            return self._done(rendered, units, placed, runner.n_ctx)
 
-        async def attempt(k: int) -> tuple[RenderedPrompt, list[list[int] | None]]:
+        async def attempt(k: int) -> _Prepared:
             return await self._prepare(runner, self.messages[:first] + self.messages[first + k :])
 
         k = self._estimate(units, first, droppable, budget)
-        rendered, units = await attempt(k)
+        rendered, units, placed = await attempt(k)
         if not _fits(units, budget) and k < droppable:
             low, high, found = k + 1, droppable, None
             while low <= high:
@@ -233,12 +285,19 @@ class ChatPrompt:
                     found, high = (mid, tried), mid - 1
                 else:
                     low = mid + 1
-            k, (rendered, units) = found or (droppable, await attempt(droppable))
+            k, (rendered, units, placed) = found or (droppable, await attempt(droppable))
         self.dropped = k
-        return self._done(rendered, units, runner.n_ctx)
+        return self._done(rendered, units, placed, runner.n_ctx)
 
-    def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
+    def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], placed: list[list[tuple[int, int]]],
+              n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
         self.text = rendered.text + self.prefill
+        if self.markers is not None:
+            self.text = self.markers.shown(self.text)
+            offsets = [0]
+            for unit in units:
+                offsets.append(offsets[-1] + len(unit or ()))
+            self.images = tuple((offsets[i] + at, n) for i, images in enumerate(placed) for at, n in images)
         if splits_thinking(self.row.template, self.think):
             self.thinking_open = rendered.thinking_open and not self.prefill
         return _joined(units, n_ctx), rendered.stop
