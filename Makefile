@@ -76,6 +76,7 @@ bench: install
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/compare.py
 	$(BIN)/python bench/reasoning_split.py
+	$(BIN)/python bench/vision_check.py
 
 # Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
 bench-replicas: install system-deps
