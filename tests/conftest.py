@@ -7,12 +7,16 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from myllm.pull import pull
 from myllm.registry.store import Registry
 from myllm.settings import Settings
+
+if TYPE_CHECKING:
+    from tests.vision_fixture import VisionModel
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"
 
@@ -135,3 +139,12 @@ def register_broken_model(registry: Registry, name: str, good_file: Path, tmp_pa
     shutil.move(broken, registry.blobs.path(digest))
     with registry.sessions.begin() as db:
         db.execute(update(ModelRow).where(ModelRow.id == row.id).values(digest=digest))
+
+
+@pytest.fixture(scope="session")
+def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionModel:
+    """The vision fixture (SmolLM2 with SmolVLM's image tokens and a random idefics3 projector,
+    tests/vision_fixture.py), written once per run."""
+    from tests.vision_fixture import write_vision_model
+
+    return write_vision_model(tmp_path_factory.mktemp("vision"))

@@ -25,7 +25,7 @@ from tests import server
 from tests.conftest import writable_home
 from tests.mtmd_reference import Reference
 from tests.server import running_servers
-from tests.vision_fixture import VisionModel, png_image, write_vision_model
+from tests.vision_fixture import VisionModel, png_image
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +33,6 @@ MODEL = "smolvlm:api"
 QUESTION = "What is in this image?"
 MAX_IMAGES = 2
 GREEDY = {"temperature": 0, "num_predict": 8}
-
-
-@pytest.fixture(scope="module")
-def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionModel:
-    return write_vision_model(tmp_path_factory.mktemp("vision"))
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from myllm.runtime.runner import ModelRunner
 from myllm.runtime.runner.protocol import RunnerConfig, RunnerOptions
 from myllm.settings import Settings
 from tests.mtmd_reference import Reference
-from tests.vision_fixture import ProjectorShape, VisionModel, png_image, write_projector, write_vision_model
+from tests.vision_fixture import ProjectorShape, VisionModel, png_image, write_projector
 
 pytestmark = pytest.mark.slow
 
@@ -42,11 +42,6 @@ LIMITS = ImageLimits(SETTINGS.max_image_bytes, SETTINGS.max_image_pixels, SETTIN
 def greedy(max_tokens: int = N_PREDICT) -> RunnerOptions:
     return RunnerOptions(temperature=0.0, top_p=1.0, top_k=40, min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0,
                          frequency_penalty=0.0, seed=None, stop=(), max_tokens=max_tokens, logprobs=None)
-
-
-@pytest.fixture(scope="module")
-def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionModel:
-    return write_vision_model(tmp_path_factory.mktemp("vision"))
 
 
 @pytest.fixture(scope="module")

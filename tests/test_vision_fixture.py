@@ -20,11 +20,6 @@ N_PREDICT = 8
 
 
 @pytest.fixture(scope="module")
-def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionModel:
-    return write_vision_model(tmp_path_factory.mktemp("vision"))
-
-
-@pytest.fixture(scope="module")
 def reference(vision: VisionModel) -> Iterator[Reference]:
     ref = Reference(vision.text, vision.projector, n_ctx=512, n_seq=2)
     yield ref

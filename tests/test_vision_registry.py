@@ -35,14 +35,9 @@ from tests.conftest import writable_home
 from tests.fakehub import FakeHub
 from tests.postgres import throwaway_cluster
 from tests.server import running_servers
-from tests.vision_fixture import ProjectorShape, VisionModel, write_projector, write_vision_model
+from tests.vision_fixture import ProjectorShape, VisionModel, write_projector
 
 REPO = "fixture/SmolVLM-GGUF"
-
-
-@pytest.fixture(scope="module")
-def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionModel:
-    return write_vision_model(tmp_path_factory.mktemp("vision"))
 
 
 def sha(path: Path) -> str:
