@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import io
 import re
@@ -136,10 +137,19 @@ class Markers:
     request; the chat template renders the text around them, and the rendered prompt is cut at
     the markers, so each image lands exactly where the template put its message's content."""
 
-    def __init__(self) -> None:
-        nonce = secrets.token_hex(6)
-        self._format = f"\ue003{nonce}{{}}\ue003"
-        self._pattern = re.compile(f"\ue003{nonce}(\\d+)\ue003")
+    @functools.cached_property
+    def _nonce(self) -> str:
+        """Drawn at the first image: every chat request places its messages, most have none, and
+        a fresh pattern is a regex compile the `re` cache cannot save."""
+        return secrets.token_hex(6)
+
+    @functools.cached_property
+    def _format(self) -> str:
+        return f"\ue003{self._nonce}{{}}\ue003"
+
+    @functools.cached_property
+    def _pattern(self) -> re.Pattern[str]:
+        return re.compile(f"\ue003{self._nonce}(\\d+)\ue003")
 
     def place(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[bytes]]:
         """The messages with each content as text (markers where the images were), and the
