@@ -107,9 +107,10 @@ def test_disconnects_free_the_model_and_leak_nothing(models_home: Path) -> None:
         print(f"\ndisconnect: model free {freed_after * 1000:.0f} ms after the client closed, {extra} more tokens evaluated")
         assert freed_after < 1.0
 
-        for _ in range(10):  # the event loop's thread pool grows to its size on the first few
+        for _ in range(20):  # the thread pools grow to their size on the first few
             drop_after(2)
-        threads_before = threading.active_count()
+        names_before = sorted(t.name for t in threading.enumerate())
+        threads_before = len(names_before)
         rss_before = tree_rss(psutil.Process())
         for _ in range(100):
             drop_after(2)
@@ -120,7 +121,9 @@ def test_disconnects_free_the_model_and_leak_nothing(models_home: Path) -> None:
         rss_after = tree_rss(psutil.Process())
         print(f"100 dropped streams: threads {threads_before} -> {threads_after}, "
               f"RSS {rss_before / MiB:.0f} -> {rss_after / MiB:.0f} MiB")
-        assert threads_after <= threads_before
+        # A leak would add a thread per dropped stream (100); the bounded pools start their workers
+        # lazily and may still add one or two here (seen once in CI: 15 -> 16).
+        assert threads_after <= threads_before + 2, (names_before, sorted(t.name for t in threading.enumerate()))
         assert rss_after - rss_before < 32 * MiB
         sessions_ok = httpx.post(f"{url}/api/chat", json={**body, "stream": False, "options": {"max_tokens": 2}}, timeout=60)
         assert sessions_ok.status_code == 200
