@@ -175,6 +175,19 @@ class BadImage(InvalidOptions):
         self.reason = reason
 
 
+class WrongModelKind(InvalidOptions):
+    """A model used for what it is not (registry/gguf_meta.py `model_kind`): chat on an embedding
+    model or a reranker, embeddings from a reranker, reranking with anything but a reranker."""
+
+    code = "wrong_model_kind"
+
+    def __init__(self, model: str, kind: str, use: str) -> None:
+        article = "an" if kind[0] in "aeiou" else "a"
+        super().__init__(f'"{model}" is {article} {kind} model: it does not support {use}', field="model")
+        self.kind = kind
+        self.use = use
+
+
 class PromptTooLong(MyLLMError):
     status = 400
     code = "prompt_too_long"

@@ -166,6 +166,15 @@ class Settings(BaseSettings):
         default=2048, ge=1, le=1_000_000, description="Inputs one embedding request may send (every embedding route); "
         "past it, 400. OpenAI's own limit; the inputs are embedded in small slices, so other requests go on between them."
     )
+    max_rerank_documents: int = Field(
+        default=1000, ge=1, le=100_000, description="Documents one rerank request may send (every rerank route); past "
+        "it, 400. Cohere's own limit; they are scored in small slices, so other requests go on between them."
+    )
+    max_document_bytes: int = Field(
+        default=65536, ge=256, le=16 * 1024 * 1024, description="UTF-8 bytes of one document (or query) a rerank "
+        "request may send; past it, 400, before anything is tokenized. A pair longer than the model's batch is "
+        "refused too, or cut with the request's `truncate`."
+    )
     max_grammar: int = Field(
         default=65536, ge=1024, le=16 * 1024 * 1024, description="Characters of grammar a request's JSON schema (`format`, "
         "`response_format`, `text.format`, a required tool call) may become; past it, 400. Measured before the "

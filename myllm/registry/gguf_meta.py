@@ -27,7 +27,28 @@ _KEPT_SUFFIXES = (
     "attention.sliding_window",
     "rope.freq_base",
     "vocab_size",
+    "pooling_type",
+    "attention.causal",
 )
+
+RANK_POOLING = 4
+"""llama.cpp's `LLAMA_POOLING_TYPE_RANK`: a cross-encoder's score from its classifier head."""
+
+CLASSIFIER_HEAD = "cls.output.weight"
+"""The tensor a BERT-family cross-encoder (bge-reranker, jina-reranker) carries; its converter
+writes no pooling type, so this is how such a reranker is known (llama-server is told with
+`--rerank`)."""
+
+
+def model_kind(details: dict[str, Any], tensor_names: set[str]) -> str:
+    """What a GGUF is for, from its metadata: `reranking` (rank pooling, or a classifier head),
+    `embedding` (a pooling type, or an encoder: bidirectional attention), else `chat`."""
+    pooling = details.get("pooling_type")
+    if pooling == RANK_POOLING or CLASSIFIER_HEAD in tensor_names:
+        return "reranking"
+    if pooling or details.get("attention.causal") is False:
+        return "embedding"
+    return "chat"
 
 
 @dataclass(frozen=True)
@@ -101,6 +122,7 @@ def read_gguf_info(path: Path, shown_as: str) -> GGUFInfo:
     }
     if (split := tensor_bytes(reader.tensors, int(details.get("block_count") or 0))) is not None:
         details["tensor_bytes"] = split
+    details["kind"] = model_kind(details, {t.name for t in reader.tensors})
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
     vocab = details.get("vocab_size") or (len(tokens_field.data) if tokens_field else 0)
     param_count = sum(int(t.n_elements) for t in reader.tensors)

@@ -60,6 +60,13 @@ class ModelRow(Base):
         return self.projector_digest is not None
 
     @property
+    def kind(self) -> str:
+        """`chat`, `embedding` or `reranking` (registry/gguf_meta.py `model_kind`, read at
+        registration; a row registered before kinds were recorded is a `chat` model, as it was
+        treated then)."""
+        return str((self.details or {}).get("kind", "chat"))
+
+    @property
     def template(self) -> str | None:
         """The chat template in force: the registry's override, else the file's own."""
         return self.template_override or self.chat_template

@@ -39,6 +39,19 @@ def context_size(num_ctx: int) -> int:
     return between if num_ctx <= between and between % CTX_PAD == 0 else power
 
 
+POOLING_MEAN, POOLING_RANK = 1, 4
+"""llama.cpp's `LLAMA_POOLING_TYPE_MEAN` and `_RANK` (the registry keeps a GGUF's `pooling_type`
+as this number)."""
+
+
+def pooling_of(row: ModelRow) -> int:
+    """How `row` pools its embeddings: see `LoadSpec.pooling`."""
+    if row.kind == "reranking":
+        return POOLING_RANK
+    declared = int((row.details or {}).get("pooling_type") or 0)
+    return declared if row.kind == "embedding" and declared else POOLING_MEAN
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     """Everything that changes how a model is loaded. Requests with the same spec share one
@@ -59,6 +72,10 @@ class LoadSpec:
     projector: Path | None = None
     """A vision model's projector (its `mmproj` blob on this machine), for libmtmd; None: text only.
     The planner counts it on the GPU when `n_gpu_layers` is not 0 (runtime/placement/memory.py)."""
+    pooling: int = POOLING_MEAN
+    """How an embedding instance pools (llama.cpp's `llama_pooling_type`): the model's own for an
+    embedding model that declares one (mean, CLS, last), rank for a reranker, and mean for any
+    other model asked for embeddings."""
 
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
@@ -77,7 +94,7 @@ class LoadSpec:
         if row.context_length:
             ctx = min(ctx, row.context_length)
         return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
-                   projector)
+                   projector, pooling_of(row) if embedding else POOLING_MEAN)
 
 
 @dataclass(frozen=True)

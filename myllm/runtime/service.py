@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from myllm.errors import InvalidOptions, MyLLMError
+from myllm.errors import InvalidOptions, MyLLMError, WrongModelKind
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
@@ -145,6 +145,23 @@ class Embeddings:
     model: str
     vectors: list[list[float]]
     prompt_tokens: int
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """A rerank's answer: `(index, score)` for every document, the most relevant first (equal
+    scores keep the documents' order)."""
+
+    model: str
+    ranked: list[tuple[int, float]]
+    prompt_tokens: int
+
+
+def require_kind(row: ModelRow, kind: str, use: str) -> None:
+    """`WrongModelKind` unless `row` is a `kind` model. Embeddings are the exception: any model
+    but a reranker gives them (a chat model mean-pooled, as before kinds were known)."""
+    if row.kind != kind and not (kind == "embedding" and row.kind != "reranking"):
+        raise WrongModelKind(row.name, row.kind, use)
 
 
 def check_text(text: str, field: str) -> None:
@@ -337,6 +354,7 @@ class Runtime:
         `thinking_budget`. A message's `content` may hold images (`images.Content`): they go
         where they are among its text, for a model with a projector."""
         row = await self.model(model)
+        require_kind(row, "chat", "chat")
         use = tool_use(tools, tool_choice, parallel_tool_calls, self.settings.max_tool_calls)
         opts = self.options_for(row, options)
         if use.active:
@@ -435,6 +453,7 @@ class Runtime:
         if system is not None:
             check_text(system, "system")
         row = await self.model(model)
+        require_kind(row, "chat", "generate")
         markers = Markers()
         [turn], files = markers.place([{"role": "user", "content": [*(images or []), prompt]}])
         decoded = await self._decode(row, files, "images")
@@ -510,7 +529,7 @@ class Runtime:
         return stream
 
     async def embed(
-        self, model: str, texts: list[str | list[int]], keep_alive: KeepAlive = None, *, truncate: bool = False,
+        self, model: str | ModelRow, texts: list[str | list[int]], keep_alive: KeepAlive = None, *, truncate: bool = False,
         caller: str | None = None,
     ) -> Embeddings:
         """One vector per input. An input longer than the model's batch is refused, or with
@@ -524,7 +543,9 @@ class Runtime:
         for i, text in enumerate(texts):
             if isinstance(text, str):
                 check_text(text, f"input[{i}]")
-        lease = await self.manager.acquire(model, keep_alive=keep_alive, embedding=True, caller=caller)
+        row = await self.model(model)
+        require_kind(row, "embedding", "embeddings")
+        lease = await self.manager.acquire(row, keep_alive=keep_alive, embedding=True, caller=caller)
         vectors: list[list[float]] = []
         count = 0
         try:
@@ -536,6 +557,38 @@ class Runtime:
             lease.release()
         return Embeddings(lease.row.name, vectors, count)
 
+    async def rerank(
+        self, model: str | ModelRow, query: str, documents: list[str], keep_alive: KeepAlive = None, *,
+        truncate: bool = False, caller: str | None = None,
+    ) -> Ranking:
+        """Score each document's relevance to `query` with a reranking model (a cross-encoder:
+        the pair is evaluated together), documents in slices so other requests go on between."""
+        row = await self.model(model)
+        require_kind(row, "reranking", "reranking")
+        if not documents:
+            raise InvalidOptions("documents must not be empty", field="documents")
+        most = self.settings.max_rerank_documents
+        if len(documents) > most:
+            raise InvalidOptions(f"{len(documents)} documents, more than the {most} a request may send "
+                                 "(MYLLM_MAX_RERANK_DOCUMENTS)", field="documents")
+        for field, text in [("query", query), *((f"documents[{i}]", d) for i, d in enumerate(documents))]:
+            check_text(text, field)
+            if len(text) * 4 > self.settings.max_document_bytes and len(text.encode()) > self.settings.max_document_bytes:
+                raise InvalidOptions(f"{field} is more than the {self.settings.max_document_bytes} bytes a document "
+                                     "may have (MYLLM_MAX_DOCUMENT_BYTES)", field=field)
+        lease = await self.manager.acquire(row, keep_alive=keep_alive, embedding=True, caller=caller)
+        scores: list[float] = []
+        count = 0
+        try:
+            for start in range(0, len(documents), EMBED_SLICE):
+                some, n = await lease.runner.rerank(query, documents[start:start + EMBED_SLICE], truncate)
+                scores += some
+                count += n
+        finally:
+            lease.release()
+        ranked = sorted(enumerate(scores), key=lambda pair: -pair[1])
+        return Ranking(row.name, ranked, count)
+
     async def next_token_probabilities(
         self, model: str, prompt: str, top_k: int, options: GenerationOptions | None = None, *, raw: bool = True,
         caller: str | None = None,
@@ -546,5 +599,5 @@ class Runtime:
         return await self.generate(model, prompt, wanted, raw=raw, caller=caller)
 
 
-__all__ = ["Candidate", "Devices", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "LoadedInfo", "Runtime",
-           "TokenEvent"]
+__all__ = ["Candidate", "Devices", "DoneEvent", "Embeddings", "GenerationOptions", "GenerationStream", "LoadedInfo", "Ranking",
+           "Runtime", "TokenEvent"]

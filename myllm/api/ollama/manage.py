@@ -88,7 +88,7 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
         "details": _details(row),
         "model_info": _model_info(row, gguf),
         "projector_info": dict(sorted(clip.items())) if clip is not None else None,
-        "capabilities": _capabilities(row, gguf),
+        "capabilities": _capabilities(row),
         "modified_at": _utc(row.modified_at),
     }
     return {key: value for key, value in answer.items() if value or key == "model_info"}
@@ -168,14 +168,17 @@ def _model_info(row: ModelRow, gguf: Mapping[str, Any]) -> dict[str, Any]:
     return dict(sorted(info.items()))
 
 
-def _capabilities(row: ModelRow, gguf: Mapping[str, Any]) -> list[str]:
-    """What the model can do here, in Ollama's words. Every model gives embeddings (the
-    runtime mean-pools any model); one whose GGUF sets a pooling type is an embedding model,
-    which cannot complete text. Every model that completes takes tools (the runtime describes
-    them to a template that does not render them, runtime/request/tools.py); `thinking` follows the
-    chat template; `vision` a projector (as in Ollama). Never `insert`: the runtime takes no suffix."""
-    if f"{row.architecture}.pooling_type" in gguf:
+def _capabilities(row: ModelRow) -> list[str]:
+    """What the model can do here, in Ollama's words. An embedding model (its kind, from its
+    GGUF: registry/gguf_meta.py) only embeds; a reranker only ranks (`rerank`, which Ollama has
+    no word for); a chat model also embeds (the runtime mean-pools it). Every model that
+    completes takes tools (the runtime describes them to a template that does not render them,
+    runtime/request/tools.py); `thinking` follows the chat template; `vision` a projector (as in
+    Ollama). Never `insert`: the runtime takes no suffix."""
+    if row.kind == "embedding":
         return ["embedding"]
+    if row.kind == "reranking":
+        return ["rerank"]
     return ["completion", "embedding", "tools", *(["thinking"] if thinks(row.template) else []),
             *(["vision"] if row.vision else [])]
 

@@ -95,6 +95,7 @@ class RunnerLoop:
             "count": lambda texts: [engine.count_tokens(t) for t in texts],
             "detokenize": engine.detokenize,
             "embed": self._embed,
+            "rerank": self._rerank,
             "grammar": lambda grammar: self._generation().check_grammar(grammar),
             "stats": self._stats,
             "health": lambda: self.engine.health() if isinstance(self.engine, BatchEngine) else {"scheduler": True, "stalled": 0.0},
@@ -110,6 +111,12 @@ class RunnerLoop:
             raise InvalidOptions("this instance was loaded for generation, not embeddings")
         with self.embed_lock:  # one llama.cpp context: one batch at a time
             return list(self.engine.embed(inputs, truncate))
+
+    def _rerank(self, query: str, documents: list[str], truncate: bool) -> Any:
+        if not isinstance(self.engine, EmbeddingEngine):
+            raise InvalidOptions("this instance was loaded for generation, not reranking")
+        with self.embed_lock:
+            return list(self.engine.rerank(query, documents, truncate))
 
     def _stats(self) -> dict[str, Any]:
         """What tests and /api/ps read about the engine."""

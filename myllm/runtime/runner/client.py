@@ -409,6 +409,11 @@ class ModelRunner:
         vectors, count = await self.call("embed", inputs, truncate)
         return vectors, count
 
+    async def rerank(self, query: str, documents: list[str], truncate: bool = False) -> tuple[list[float], int]:
+        """A reranking instance's score per document, and the tokens evaluated."""
+        scores, count = await self.call("rerank", query, documents, truncate)
+        return scores, count
+
     async def check_grammar(self, grammar: str) -> None:
         """`InvalidOptions` unless llama.cpp compiles `grammar` (in the runner, so a grammar that
         hurts llama.cpp costs at most this model)."""

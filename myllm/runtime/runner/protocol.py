@@ -11,7 +11,7 @@ daemon -> runner
                                         [at, digest, width, height, RGB bytes], the pixels
                                         as msgpack's raw bytes)
   ["cancel", id]                        stop request `id` within one step
-  ["call", id, method, args]            tokenize / count / detokenize / embed / stats: one answer
+  ["call", id, method, args]            tokenize / count / detokenize / embed / rerank / stats: one answer
   ["exit"]                              exit now (the OS frees the model)
 
 runner -> daemon
