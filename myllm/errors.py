@@ -166,7 +166,9 @@ class InvalidOptions(MyLLMError):
 class BadImage(InvalidOptions):
     """An image a client sent that no model is given: `reason` names which check it failed
     (`not_an_image`, `unsupported_format`, `too_many_bytes`, `too_many_pixels`,
-    `too_many_images`), so each API can say it in its own 400."""
+    `too_many_images`; for an image URL the daemon fetched, `url_not_public`, `url_unreachable`,
+    `url_status`, `url_timeout`, `too_many_redirects`, `bad_redirect`), so each API can say it in
+    its own 400."""
 
     code = "invalid_image"
 

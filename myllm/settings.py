@@ -279,6 +279,18 @@ class Settings(BaseSettings):
         default=8, ge=1, le=1024, description="Images one request may send, all messages together; past it, 400 "
         "(`too_many_images`)."
     )
+    image_urls: Literal["off", "public", "any"] = Field(
+        default="off", description="Whether image parts given by http(s) URL (OpenAI's `image_url`, the Responses "
+        "API's `input_image`, Anthropic's `url` source) are fetched by the daemon: `off` (a 400 naming this setting; "
+        "send images inline), `public` (only from public addresses: every address the host resolves to, and each "
+        "redirect's, must be public, not loopback, private, link-local, multicast, reserved or unspecified, and the "
+        "connection goes to the address checked), `any` (any address, e.g. a LAN's servers: the daemon then fetches "
+        "from wherever its clients point it). Bodies are capped by MYLLM_MAX_IMAGE_BYTES while read."
+    )
+    image_url_timeout: float = Field(
+        default=10.0, gt=0, le=600, description="Seconds fetching one image URL may take, all of it (resolving, "
+        "connecting, redirects, reading the body); past it, 400 (`url_timeout`)."
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -35,7 +35,8 @@ from myllm.runtime.placement.leases import KeepAlive, Lease
 from myllm.runtime.placement.manager import ModelManager
 from myllm.runtime.placement.report import LoadedInfo
 from myllm.runtime.request.grammar import format_grammar
-from myllm.runtime.request.images import ImageLimits, Markers, check_count, decode_image
+from myllm.runtime.request.image_fetch import ImageFetcher
+from myllm.runtime.request.images import Image, ImageLimits, Markers, check_count, decode_image
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.request.schema_size import SchemaLimits
@@ -265,6 +266,7 @@ class Runtime:
         """Where chat templates are rendered, JSON schemas become grammars and images are decoded
         (runtime/request/prompt.py)."""
         self.image_limits = ImageLimits(settings.max_image_bytes, settings.max_image_pixels, settings.max_images)
+        self.image_fetcher = ImageFetcher(settings.image_urls, settings.image_url_timeout, settings.max_image_bytes)
         self.schema_limits = SchemaLimits(settings.max_grammar, settings.max_schema_depth, settings.max_schema_nodes)
 
     async def start(self) -> None:
@@ -416,17 +418,19 @@ class Runtime:
             row.template)
         return ChatPrompt(row, msgs, self.prepare, trim, prefill, template_tools, think, markers)
 
-    async def _decode(self, row: ModelRow, files: list[bytes], field: str) -> list[DecodedImage]:
-        """A request's images as pixels, decoded on the preparation pool (never on the event
-        loop), each checked against the image settings (`BadImage`, a 400); images sent to a
-        model without a projector are refused as Ollama refuses them."""
+    async def _decode(self, row: ModelRow, files: list[Image], field: str) -> list[DecodedImage]:
+        """A request's images as pixels: those given by URL fetched first, on the event loop
+        (MYLLM_IMAGE_URLS), then all decoded on the preparation pool (never on the event loop),
+        each checked against the image settings (`BadImage`, a 400); images sent to a model
+        without a projector are refused as Ollama refuses them."""
         if not files:
             return []
         if not row.vision:
             raise InvalidOptions(f'"{row.name}" does not support images', field=field)
         check_count(len(files), self.image_limits)
         limits = self.image_limits
-        decoded = await self.prepare.run(lambda deadline: [decode_image(data, limits) for data in files])
+        data = await self.image_fetcher.fetch_all(files)
+        decoded = await self.prepare.run(lambda deadline: [decode_image(one, limits) for one in data])
         return [DecodedImage(*pixels) for pixels in decoded]
 
     async def generate(

@@ -47,7 +47,7 @@ from myllm.api.openai.models import (
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
-from myllm.runtime.request.images import Content, from_url
+from myllm.runtime.request.images import Content, Image, from_url
 from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.request.tools import Call
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
@@ -163,9 +163,10 @@ def _message(msg: ChatMessage, index: int) -> dict[str, Any]:
     return out
 
 
-def _part(part: ContentPart, field: str) -> str | bytes:
+def _part(part: ContentPart, field: str) -> str | Image:
     """A content part as the runtime takes it: a text part's text, an `image_url` part's image
-    (a data URI; `detail` is the model's own business here, as in llama-server)."""
+    (a data URI's bytes, or an http(s) URL the runtime fetches when MYLLM_IMAGE_URLS allows it;
+    `detail` is the model's own business here, as in llama-server)."""
     if part.type == "text" and part.text is not None:
         return part.text
     if part.type == "image_url":

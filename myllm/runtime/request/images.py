@@ -23,6 +23,7 @@ import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+from urllib.parse import urlsplit
 
 from myllm.errors import BadImage, InvalidOptions
 
@@ -107,25 +108,47 @@ def from_base64(text: str) -> bytes:
         raise BadImage("the image is not valid base64", "not_an_image") from None
 
 
-def from_url(url: str, field: str) -> bytes:
-    """An image given by URL (OpenAI's `image_url`, the Responses API's `input_image`): a
-    `data:` URI's base64 payload. An `http(s)` URL is refused: fetching it would be a request
-    the daemon makes on a client's behalf, which this daemon does not make."""
-    if url.startswith(("http://", "https://")):
-        raise InvalidOptions("image URLs are not fetched; send the image inline as a data URI "
-                             "(data:image/png;base64,...)", field=field)
+@dataclass(frozen=True)
+class ImageURL:
+    """An image a client named by an `http(s)` URL: fetched by the runtime, on the event loop,
+    when the request is prepared (`image_fetch.ImageFetcher`, under MYLLM_IMAGE_URLS), then
+    decoded as the bytes sent inline are."""
+
+    url: str
+    field: str
+    """Where the request sent it (for the 400 a failed fetch is)."""
+
+
+Image = bytes | ImageURL
+"""An image as a request gives it: the file's bytes, or where to fetch them."""
+
+
+def from_url(url: str, field: str) -> Image:
+    """An image given by URL (OpenAI's `image_url`, the Responses API's `input_image`,
+    Anthropic's `url` source): a `data:` URI's base64 payload, or an `http(s)` URL to fetch
+    (whether it is fetched is the runtime's setting, MYLLM_IMAGE_URLS)."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() in ("http", "https"):
+        try:
+            port_ok = parts.port is None or 0 < parts.port  # a port that is not a number raises
+        except ValueError:
+            port_ok = False
+        if not parts.hostname or not port_ok:
+            raise InvalidOptions("an image URL must name a host and, if any, a port from 1 to 65535", field=field)
+        return ImageURL(url, field)
     head, comma, payload = url.partition(",")
     if not head.startswith("data:") or not comma:
-        raise InvalidOptions("an image URL must be a data URI (data:image/png;base64,...)", field=field)
+        raise InvalidOptions("an image URL must be a data URI (data:image/png;base64,...) or an http(s) URL",
+                             field=field)
     if not head.endswith(";base64"):
         raise InvalidOptions("an image data URI must be base64 (data:image/png;base64,...)", field=field)
     return from_base64(payload)
 
 
-Content = str | list[str | bytes]
+Content = str | list[str | Image]
 """A message's content as the runtime takes it: text, or pieces of text and images (an image
-file's bytes) in their order, joined as they are (an API that separates its parts says so with
-its own text pieces)."""
+file's bytes, or an `ImageURL`) in their order, joined as they are (an API that separates its
+parts says so with its own text pieces)."""
 
 MEDIA_MARKER = "<__media__>"
 """What stands for an image in a prompt's text as shown (libmtmd's and llama-server's marker)."""
@@ -151,18 +174,18 @@ class Markers:
     def _pattern(self) -> re.Pattern[str]:
         return re.compile(f"\ue003{self._nonce}(\\d+)\ue003")
 
-    def place(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[bytes]]:
+    def place(self, messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[Image]]:
         """The messages with each content as text (markers where the images were), and the
         images in the order of their markers. A content that is neither text nor a list of text
         and images is left for the message check to refuse."""
-        files: list[bytes] = []
+        files: list[Image] = []
         placed = []
         for msg in messages:
             content = msg.get("content")
             if isinstance(content, list):
                 text = []
                 for piece in content:
-                    if isinstance(piece, bytes):
+                    if isinstance(piece, bytes | ImageURL):
                         text.append(self._format.format(len(files)))
                         files.append(piece)
                     else:
