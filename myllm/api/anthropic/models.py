@@ -1,10 +1,11 @@
 """Request and response shapes of Anthropic's Messages API (`/v1/messages`).
 
 Requests allow fields they do not name (clients send `cache_control`, `anthropic-beta`
-features and the like, which change nothing here); a block of a kind myllm cannot read (an
-image, a document) fails validation, which is a 400 naming it. Thinking blocks are read (a
-client sends an earlier answer back whole) and left out of the prompt, as the chat templates
-drop earlier turns' thinking.
+features and the like, which change nothing here); a block of a kind myllm cannot read (a
+document, a search result) fails validation, which is a 400 naming it. Images come inline
+(`base64`) or by `url`, in a user turn or a tool result. Thinking blocks are read (a client
+sends an earlier answer back whole) and left out of the prompt, as the chat templates drop
+earlier turns' thinking.
 """
 
 from __future__ import annotations
@@ -53,17 +54,41 @@ class RedactedThinkingBlock(_Shape):
     data: str
 
 
+MediaType = Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+"""The image formats Anthropic takes, by the media type a base64 image names."""
+
+
+class Base64Source(_Shape):
+    type: Literal["base64"]
+    media_type: MediaType
+    data: str
+
+
+class URLSource(_Shape):
+    """An image by URL: fetched only where the daemon's settings allow it (a `data:` URI always)."""
+
+    type: Literal["url"]
+    url: str
+
+
+class ImageBlock(_Shape):
+    type: Literal["image"] = "image"
+    source: Annotated[Base64Source | URLSource, Field(discriminator="type")]
+
+
 TextContent = Annotated[Annotated[str, Tag("text")] | Annotated[list[TextBlock], Tag("blocks")], Discriminator(_form)]
+ResultBlock = Annotated[TextBlock | ImageBlock, Field(discriminator="type")]
+ResultContent = Annotated[Annotated[str, Tag("text")] | Annotated[list[ResultBlock], Tag("blocks")], Discriminator(_form)]
 
 
 class ToolResultBlock(_Shape):
     type: Literal["tool_result"] = "tool_result"
     tool_use_id: str
-    content: TextContent = ""
+    content: ResultContent = ""
     is_error: bool = False
 
 
-InputBlock = Annotated[TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+InputBlock = Annotated[TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
                       Field(discriminator="type")]
 Content = Annotated[Annotated[str, Tag("text")] | Annotated[list[InputBlock], Tag("blocks")], Discriminator(_form)]
 

@@ -14,15 +14,14 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
+from myllm.api.anthropic.conversation import has_images, messages_of
 from myllm.api.anthropic.models import (
     CountTokensRequest,
     ErrorResponse,
-    InputMessage,
     Message,
     MessagesRequest,
     NamedChoice,
     NoneChoice,
-    RedactedThinkingBlock,
     StopReason,
     TextBlock,
     ThinkingBlock,
@@ -31,7 +30,6 @@ from myllm.api.anthropic.models import (
     ThinkingEnabled,
     TokenCount,
     ToolChoice,
-    ToolResultBlock,
     ToolUseBlock,
     Usage,
 )
@@ -70,88 +68,6 @@ def anthropic_renderer(err: ApiError) -> Response:
 
 
 # -- the request, as the runtime's arguments ---------------------------------------------------
-
-
-PARAGRAPH = "\n\n"
-"""What joins a turn's text blocks: they are separate paragraphs to the reader (a document,
-then a question), and consecutive turns of one role become one."""
-
-
-def _text(content: str | list[TextBlock]) -> str:
-    return content if isinstance(content, str) else PARAGRAPH.join(block.text for block in content)
-
-
-def _messages(system: str | list[TextBlock] | None, messages: list[InputMessage]) -> tuple[list[dict[str, Any]], str]:
-    """The conversation as the runtime's messages, and the prefill: a last assistant turn
-    without tool use is the start of the reply, which continues it (as Anthropic's does)."""
-    out = [{"role": "system", "content": _text(system)}] if system else []
-    called: dict[str, str] = {}  # function names by tool_use id: a tool result names its function
-    for i, msg in enumerate(messages):
-        if isinstance(msg.content, str):
-            turns = [{"role": msg.role, "content": msg.content}]
-        elif msg.role == "assistant":
-            turns = [_assistant(msg.content, called, i)]
-        else:
-            turns = _user(msg.content, called, i)
-        for turn in turns:
-            _append(out, turn)
-    if messages and messages[-1].role == "assistant" and not out[-1].get("tool_calls"):
-        return out[:-1], out[-1]["content"]
-    return out, ""
-
-
-def _append(out: list[dict[str, Any]], turn: dict[str, Any]) -> None:
-    """Consecutive turns of one role are one turn, as Anthropic combines them (and some chat
-    templates refuse two in a row); a turn after tool calls stays apart, after them."""
-    last = out[-1] if out else None
-    if last is None or last["role"] != turn["role"] or turn["role"] not in ("user", "assistant") or last.get("tool_calls"):
-        out.append(turn)
-        return
-    out[-1] = {**turn, "content": PARAGRAPH.join(text for text in (last["content"], turn["content"]) if text)}
-
-
-def _assistant(blocks: list[Any], called: dict[str, str], index: int) -> dict[str, Any]:
-    texts, calls = [], []
-    for j, block in enumerate(blocks):
-        if isinstance(block, TextBlock):
-            texts.append(block.text)
-        elif isinstance(block, ToolUseBlock):
-            called[block.id] = block.name
-            calls.append({"id": block.id, "type": "function", "function": {"name": block.name, "arguments": block.input}})
-        elif isinstance(block, ThinkingBlock | RedactedThinkingBlock):
-            continue  # an earlier answer's thinking, sent back: the templates leave it out
-        else:
-            raise InvalidOptions(f"messages[{index}].content[{j}]: an assistant turn cannot hold a tool_result",
-                                 field=f"messages[{index}].content")
-    message: dict[str, Any] = {"role": "assistant", "content": PARAGRAPH.join(texts)}
-    if calls:
-        message["tool_calls"] = calls
-    return message
-
-
-def _user(blocks: list[Any], called: dict[str, str], index: int) -> list[dict[str, Any]]:
-    """A user turn: each tool result a tool message, the text around them user messages."""
-    out: list[dict[str, Any]] = []
-    texts: list[str] = []
-    for j, block in enumerate(blocks):
-        if isinstance(block, TextBlock):
-            texts.append(block.text)
-        elif isinstance(block, ToolResultBlock):
-            if block.tool_use_id not in called:
-                raise InvalidOptions(f"messages[{index}].content[{j}].tool_use_id {block.tool_use_id!r} answers no "
-                                     "earlier tool_use", field=f"messages[{index}].content")
-            if texts:
-                out.append({"role": "user", "content": PARAGRAPH.join(texts)})
-                texts = []
-            result = _text(block.content)
-            out.append({"role": "tool", "name": called[block.tool_use_id],
-                        "content": f"Error: {result}" if block.is_error else result})
-        else:
-            raise InvalidOptions(f"messages[{index}].content[{j}]: a user turn cannot hold a {block.type} block",
-                                 field=f"messages[{index}].content")
-    if texts or not out:
-        out.append({"role": "user", "content": PARAGRAPH.join(texts)})
-    return out
 
 
 def _tools(body: CountTokensRequest) -> list[dict[str, Any]]:
@@ -231,7 +147,7 @@ def _usage(done: DoneEvent) -> Usage:
 
 @router.post("", response_model=Message, responses=sse.STREAM_DOC)
 async def create_message(body: MessagesRequest, request: Request) -> Response | Message:
-    messages, prefill = _messages(body.system, body.messages)
+    messages, prefill = messages_of(body.system, body.messages)
     choice, parallel = _tool_choice(body.tool_choice)
     options = _options(body)
     row = await _model(request, body.model, body.thinking)
@@ -325,10 +241,16 @@ class _MessageFrames(Frames):
 
 @router.post("/count_tokens", response_model=TokenCount)
 async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount:
-    messages, prefill = _messages(body.system, body.messages)
+    messages, prefill = messages_of(body.system, body.messages)
     choice, _ = _tool_choice(body.tool_choice)
     row = await _model(request, body.model, body.thinking)
-    count = await services(request).runtime.count_chat(row, messages, prefill=prefill, tools=_tools(body),
-                                                       tool_choice=choice, think=_think(body.thinking),
-                                                       caller=reloading_key(request))
-    return TokenCount(input_tokens=count)
+    runtime, think, caller = services(request).runtime, _think(body.thinking), reloading_key(request)
+    if not has_images(messages):
+        return TokenCount(input_tokens=await runtime.count_chat(row, messages, prefill=prefill, tools=_tools(body),
+                                                                 tool_choice=choice, think=think, caller=caller))
+    # An image's tokens are known only once the model's projector has cut it up, in the runner,
+    # and `count_chat` counts text: the prompt runs for one token, and its count is the one a
+    # message reports (its KV stays cached for the message that usually follows).
+    stream = await runtime.chat(row, messages, GenerationOptions.parse({"max_tokens": 1}), prefill=prefill,
+                                tools=_tools(body), tool_choice=choice, think=think, caller=caller)
+    return TokenCount(input_tokens=(await collect(request, stream)).prompt_tokens)
