@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from myllm.errors import InvalidOptions, MyLLMError, WrongModelKind
+from myllm.errors import InvalidOptions, MyLLMError, PromptTooLong, WrongModelKind
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
@@ -385,17 +385,26 @@ class Runtime:
         """The tokens of the prompt `chat` would give the model for the same arguments, without
         generating. The tokenizer lives in the runner, so this loads the model as `chat` would
         (the same instance: the model's own `num_ctx`). A prompt longer than the context is
-        `PromptTooLong`, as `chat` would answer."""
+        `PromptTooLong`, as `chat` would answer. Images count by the positions the model's
+        projector gives them (sliced, not encoded)."""
         row = await self.model(model)
+        require_kind(row, "chat", "chat")
+        markers = Markers()
+        messages, files = markers.place(messages)
+        images = await self._decode(row, files, "messages")
         prompt = self._chat_prompt(row, messages, tool_use(tools, tool_choice, True, self.settings.max_tool_calls), False,
-                                   prefill, think)
+                                   prefill, think, markers if images else None)
         defaults = self.options_for(row, None)
         lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu, caller=caller)
         try:
             tokens, _ = await prompt.tokens(lease.runner, 0)
+            positions = await lease.runner.image_positions(images) if images else []
         finally:
             lease.release()
-        return len(tokens)
+        total = len(tokens) + sum(positions)
+        if total > lease.runner.n_ctx:
+            raise PromptTooLong(total, lease.runner.n_ctx)
+        return total
 
     def recent(self, earlier: list[dict[str, Any]], sent: int) -> list[dict[str, Any]]:
         """A stored conversation's `earlier` messages that fit beside `sent` new ones within

@@ -96,10 +96,6 @@ def messages_of(system: str | list[TextBlock] | None, messages: list[InputMessag
     return out, ""
 
 
-def has_images(messages: list[dict[str, Any]]) -> bool:
-    return any(not isinstance(message["content"], str) for message in messages)
-
-
 def _append(out: list[dict[str, Any]], turn: dict[str, Any]) -> None:
     """Consecutive turns of one role are one turn, as Anthropic combines them (and some chat
     templates refuse two in a row); a turn after tool calls stays apart, after them."""

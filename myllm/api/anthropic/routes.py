@@ -14,7 +14,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from myllm.api.anthropic.conversation import has_images, messages_of
+from myllm.api.anthropic.conversation import messages_of
 from myllm.api.anthropic.models import (
     CountTokensRequest,
     ErrorResponse,
@@ -245,12 +245,5 @@ async def count_tokens(body: CountTokensRequest, request: Request) -> TokenCount
     choice, _ = _tool_choice(body.tool_choice)
     row = await _model(request, body.model, body.thinking)
     runtime, think, caller = services(request).runtime, _think(body.thinking), reloading_key(request)
-    if not has_images(messages):
-        return TokenCount(input_tokens=await runtime.count_chat(row, messages, prefill=prefill, tools=_tools(body),
-                                                                 tool_choice=choice, think=think, caller=caller))
-    # An image's tokens are known only once the model's projector has cut it up, in the runner,
-    # and `count_chat` counts text: the prompt runs for one token, and its count is the one a
-    # message reports (its KV stays cached for the message that usually follows).
-    stream = await runtime.chat(row, messages, GenerationOptions.parse({"max_tokens": 1}), prefill=prefill,
-                                tools=_tools(body), tool_choice=choice, think=think, caller=caller)
-    return TokenCount(input_tokens=(await collect(request, stream)).prompt_tokens)
+    return TokenCount(input_tokens=await runtime.count_chat(row, messages, prefill=prefill, tools=_tools(body),
+                                                             tool_choice=choice, think=think, caller=caller))

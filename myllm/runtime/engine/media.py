@@ -183,6 +183,17 @@ class Projector:
             raise InvalidOptions("a prompt must end with text after its last image", field="images")
         return media
 
+    def positions(self, image: DecodedImage) -> int:
+        """The prompt positions `image` takes (its image chunks and the text its projector puts
+        around them), without encoding it: libmtmd's tokenize step only preprocesses and slices."""
+        chunks = self._tokenize(image)
+        try:
+            mtmd = self.mtmd
+            return sum(mtmd.mtmd_input_chunk_get_n_tokens(mtmd.mtmd_input_chunks_get(chunks, i))
+                       for i in range(mtmd.mtmd_input_chunks_size(chunks)))
+        finally:
+            mtmd.mtmd_input_chunks_free(chunks)
+
     def _tokenize(self, image: DecodedImage) -> int:
         """libmtmd's chunks for one image (`mtmd_input_chunks *`): its text and image chunks."""
         mtmd = self.mtmd

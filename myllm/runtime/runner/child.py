@@ -31,7 +31,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.engine.batching import BatchEngine, EngineJob
 from myllm.runtime.engine.embedding import EmbeddingEngine
 from myllm.runtime.engine.llama_setup import bindings_only
-from myllm.runtime.engine_types import Failed
+from myllm.runtime.engine_types import DecodedImage, Failed
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_request,
@@ -96,6 +96,7 @@ class RunnerLoop:
             "detokenize": engine.detokenize,
             "embed": self._embed,
             "rerank": self._rerank,
+            "image_positions": self._image_positions,
             "grammar": lambda grammar: self._generation().check_grammar(grammar),
             "stats": self._stats,
             "health": lambda: self.engine.health() if isinstance(self.engine, BatchEngine) else {"scheduler": True, "stalled": 0.0},
@@ -111,6 +112,12 @@ class RunnerLoop:
             raise InvalidOptions("this instance was loaded for generation, not embeddings")
         with self.embed_lock:  # one llama.cpp context: one batch at a time
             return list(self.engine.embed(inputs, truncate))
+
+    def _image_positions(self, images: list[list[Any]]) -> list[int]:
+        projector = self._generation().projector
+        if projector is None:
+            raise InvalidOptions("this model cannot see images: it was loaded without a projector", field="images")
+        return [projector.positions(DecodedImage(*image)) for image in images]
 
     def _rerank(self, query: str, documents: list[str], truncate: bool) -> Any:
         if not isinstance(self.engine, EmbeddingEngine):

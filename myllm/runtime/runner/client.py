@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory, Overloaded, ShuttingDown
-from myllm.runtime.engine_types import DoneEvent, GenerationRequest, TokenEvent, check_token_ids
+from myllm.runtime.engine_types import DecodedImage, DoneEvent, GenerationRequest, TokenEvent, check_token_ids
 from myllm.runtime.instance import ExitHandler, RunnerStats
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -408,6 +408,10 @@ class ModelRunner:
                 check_token_ids(item, self.n_vocab)
         vectors, count = await self.call("embed", inputs, truncate)
         return vectors, count
+
+    async def image_positions(self, images: list[DecodedImage]) -> list[int]:
+        """The prompt positions each image takes on this model (`Projector.positions`)."""
+        return await self.call("image_positions", [[i.digest, i.width, i.height, i.rgb] for i in images])
 
     async def rerank(self, query: str, documents: list[str], truncate: bool = False) -> tuple[list[float], int]:
         """A reranking instance's score per document, and the tokens evaluated."""
