@@ -165,6 +165,22 @@ def require_kind(row: ModelRow, kind: str, use: str) -> None:
         raise WrongModelKind(row.name, row.kind, use)
 
 
+def check_documents(query: str, documents: list[str], settings: Settings) -> None:
+    """A rerank's inputs within MYLLM_MAX_RERANK_DOCUMENTS and MYLLM_MAX_DOCUMENT_BYTES, before
+    anything is tokenized."""
+    if not documents:
+        raise InvalidOptions("documents must not be empty", field="documents")
+    if len(documents) > settings.max_rerank_documents:
+        raise InvalidOptions(f"{len(documents)} documents, more than the {settings.max_rerank_documents} a request may "
+                             "send (MYLLM_MAX_RERANK_DOCUMENTS)", field="documents")
+    most = settings.max_document_bytes
+    for field, text in [("query", query), *((f"documents[{i}]", d) for i, d in enumerate(documents))]:
+        check_text(text, field)
+        if len(text) * 4 > most and len(text.encode()) > most:  # no UTF-8 character takes more than 4 bytes
+            raise InvalidOptions(f"{field} is more than the {most} bytes a document may have "
+                                 "(MYLLM_MAX_DOCUMENT_BYTES)", field=field)
+
+
 def check_text(text: str, field: str) -> None:
     """NUL characters end C strings inside llama.cpp and tokenizers, and a lone surrogate (which
     JSON can carry as an escape) is no text at all: refuse both clearly."""
@@ -578,17 +594,7 @@ class Runtime:
         the pair is evaluated together), documents in slices so other requests go on between."""
         row = await self.model(model)
         require_kind(row, "reranking", "reranking")
-        if not documents:
-            raise InvalidOptions("documents must not be empty", field="documents")
-        most = self.settings.max_rerank_documents
-        if len(documents) > most:
-            raise InvalidOptions(f"{len(documents)} documents, more than the {most} a request may send "
-                                 "(MYLLM_MAX_RERANK_DOCUMENTS)", field="documents")
-        for field, text in [("query", query), *((f"documents[{i}]", d) for i, d in enumerate(documents))]:
-            check_text(text, field)
-            if len(text) * 4 > self.settings.max_document_bytes and len(text.encode()) > self.settings.max_document_bytes:
-                raise InvalidOptions(f"{field} is more than the {self.settings.max_document_bytes} bytes a document "
-                                     "may have (MYLLM_MAX_DOCUMENT_BYTES)", field=field)
+        check_documents(query, documents, self.settings)
         lease = await self.manager.acquire(row, keep_alive=keep_alive, embedding=True, caller=caller)
         scores: list[float] = []
         count = 0
