@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import anthropic, deepshiva_llm_service, llama_server, native, ollama, openai, ui
+from myllm.api import anthropic, deepshiva_llm_service, llama_server, native, ollama, openai, rerank, ui
 from myllm.api.http import errors
 from myllm.api.http import metrics as metrics_api
 from myllm.api.http.access_log import AccessLogMiddleware
@@ -49,11 +49,12 @@ def _check_blobs(registry: Registry) -> None:
             log.warning("model %s is broken: %s", row.name, problem)
 
 
-MAIN_LISTENER: tuple[ApiDocument, ...] = (native.API, openai.API, anthropic.API, deepshiva_llm_service.API,
+MAIN_LISTENER: tuple[ApiDocument, ...] = (native.API, openai.API, rerank.API, anthropic.API, deepshiva_llm_service.API,
                                            llama_server.API, ui.API)
 """The API documents on the main port (a new document: its folder, and a line here)."""
-OLLAMA_LISTENER: tuple[ApiDocument, ...] = (ollama.API, openai.API)
-"""Ollama's port: its own API, and the OpenAI-compatible one as Ollama serves it there too."""
+OLLAMA_LISTENER: tuple[ApiDocument, ...] = (ollama.API, openai.API, rerank.API)
+"""Ollama's port: its own API, the OpenAI-compatible one as Ollama serves it there too, and the
+rerank API (Ollama has none; clients that point a reranker at an Ollama URL find it here)."""
 
 
 def _serve(
