@@ -30,6 +30,7 @@ from myllm.api.http.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.ollama.inference import JsonByDefaultMiddleware
 from myllm.api.state import Services
 from myllm.registry.choices import Choices
+from myllm.registry.kinds import fill_in_kinds
 from myllm.registry.session_turns import TurnLocks
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
@@ -99,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry.open(settings)
+        await registry.pools.blobs.run(fill_in_kinds, registry)  # rows from before kinds were recorded
         runtime = Runtime(registry, settings)
         runtime.manager.events = app.state.metrics
         await runtime.start()
