@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 SHOWN = (
     "name", "digest", "size", "architecture", "family", "parameter_count", "parameter_size", "quantization",
     "context_length", "embedding_length", "vocab_size", "license", "source", "parameters", "system", "template",
-    "created_at", "modified_at", "vision", "projector_digest", "projector_size",
+    "created_at", "modified_at", "vision", "projector_digest", "projector_size", "kind",
 )
 """What `myllm show --json` prints, whether the daemon or the registry answered."""
 
@@ -105,7 +105,7 @@ def list_models() -> None:
     with models() as store:
         rows = store.list()
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "ID", "SIZE", "QUANT", "CONTEXT", "FAMILY", "VISION", "MODIFIED", "STATUS"):
+    for column in ("NAME", "ID", "SIZE", "QUANT", "CONTEXT", "FAMILY", "KIND", "VISION", "MODIFIED", "STATUS"):
         table.add_column(column, no_wrap=True)
     for m in rows:
         table.add_row(
@@ -115,6 +115,7 @@ def list_models() -> None:
             m["quantization"],
             str(m["context_length"]),
             m["family"],
+            m["kind"],
             "yes" if m.get("vision") else "",
             ago(datetime.fromisoformat(m["modified_at"])),
             "[red]broken[/]" if m["problem"] else "ok",
@@ -140,7 +141,7 @@ def show(
     table.add_column(style="bold")
     table.add_column()
     for key in (
-        "name", "architecture", "parameter_size", "quantization", "context_length",
+        "name", "kind", "architecture", "parameter_size", "quantization", "context_length",
         "embedding_length", "vocab_size", "license", "source", "digest",
     ):
         table.add_row(key.replace("_", " "), str(facts[key]))

@@ -53,6 +53,7 @@ def facts_of(row: ModelRow, problem: str | None = None) -> Facts:
         "source": row.source, "parameters": row.parameters, "system": row.system, "template": row.template,
         "created_at": row.created_at.isoformat(), "modified_at": row.modified_at.isoformat(), "problem": problem,
         "vision": row.vision, "projector_digest": row.projector_digest, "projector_size": row.projector_size,
+        "kind": row.kind,
     }
 
 

@@ -41,8 +41,8 @@ def test_health_is_503_while_starting() -> None:
 def test_models(server: str) -> None:
     models = {m["name"]: m for m in httpx.get(f"{server}/api/models").json()["models"]}
     smol = models["smollm2:135m"]
-    extensions = {key: smol.pop(key) for key in ("digest", "size", "modified_at", "thinking", "vision")}
-    assert extensions["thinking"] is False and extensions["vision"] is False
+    extensions = {key: smol.pop(key) for key in ("digest", "size", "modified_at", "thinking", "vision", "kind")}
+    assert extensions["thinking"] is False and extensions["vision"] is False and extensions["kind"] == "chat"
     assert smol == {
         "name": "smollm2:135m", "family": "llama", "size_mb": 94, "quantization": "Q4_1",
         "context_size": 8192, "template": "chatml", "parameters": {}, "loaded": False, "status": "ok", "problem": None,

@@ -53,9 +53,9 @@ ALLOWED: dict[str, set[str]] = {
     "myllm.api.state": BASE | DAEMON_RUNTIME | {"myllm.pools", "myllm.registry"},
     "myllm.api.http": BASE | DAEMON_RUNTIME | {"myllm.pools", "myllm.registry", "myllm.pull", "myllm.api.state"},
     **{f"myllm.api.{api}": PROTOCOL_MAY_USE for api in (
-        "openai", "anthropic", "ollama", "native", "deepshiva_llm_service", "llama_server", "ui")},
+        "openai", "anthropic", "ollama", "native", "deepshiva_llm_service", "llama_server", "rerank", "ui")},
     "myllm.api.app": PROTOCOL_MAY_USE | {f"myllm.api.{api}" for api in (
-        "openai", "anthropic", "ollama", "native", "deepshiva_llm_service", "llama_server", "ui")},
+        "openai", "anthropic", "ollama", "native", "deepshiva_llm_service", "llama_server", "rerank", "ui")},
     "myllm.api.server": BASE | {"myllm.api.app"},
     "cli": BASE | {"myllm", "myllm.registry", "myllm.pull", "myllm.modelfile", "myllm.create",
                    "myllm.runtime.request", "myllm.api.server"},

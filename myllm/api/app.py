@@ -13,7 +13,7 @@ from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from myllm import __version__
-from myllm.api import anthropic, deepshiva_llm_service, llama_server, native, ollama, openai, ui
+from myllm.api import anthropic, deepshiva_llm_service, llama_server, native, ollama, openai, rerank, ui
 from myllm.api.http import errors
 from myllm.api.http import metrics as metrics_api
 from myllm.api.http.access_log import AccessLogMiddleware
@@ -30,6 +30,7 @@ from myllm.api.http.replica import ReplicaHeadersMiddleware, replica_id
 from myllm.api.ollama.inference import JsonByDefaultMiddleware
 from myllm.api.state import Services
 from myllm.registry.choices import Choices
+from myllm.registry.kinds import fill_in_kinds
 from myllm.registry.session_turns import TurnLocks
 from myllm.registry.sessions import ResponseStore, SessionStore
 from myllm.registry.store import Registry
@@ -49,11 +50,12 @@ def _check_blobs(registry: Registry) -> None:
             log.warning("model %s is broken: %s", row.name, problem)
 
 
-MAIN_LISTENER: tuple[ApiDocument, ...] = (native.API, openai.API, anthropic.API, deepshiva_llm_service.API,
+MAIN_LISTENER: tuple[ApiDocument, ...] = (native.API, openai.API, rerank.API, anthropic.API, deepshiva_llm_service.API,
                                            llama_server.API, ui.API)
 """The API documents on the main port (a new document: its folder, and a line here)."""
-OLLAMA_LISTENER: tuple[ApiDocument, ...] = (ollama.API, openai.API)
-"""Ollama's port: its own API, and the OpenAI-compatible one as Ollama serves it there too."""
+OLLAMA_LISTENER: tuple[ApiDocument, ...] = (ollama.API, openai.API, rerank.API)
+"""Ollama's port: its own API, the OpenAI-compatible one as Ollama serves it there too, and the
+rerank API (Ollama has none; clients that point a reranker at an Ollama URL find it here)."""
 
 
 def _serve(
@@ -98,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = Registry.open(settings)
+        await registry.pools.blobs.run(fill_in_kinds, registry)  # rows from before kinds were recorded
         runtime = Runtime(registry, settings)
         runtime.manager.events = app.state.metrics
         await runtime.start()

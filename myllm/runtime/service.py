@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -179,6 +180,19 @@ def check_documents(query: str, documents: list[str], settings: Settings) -> Non
         if len(text) * 4 > most and len(text.encode()) > most:  # no UTF-8 character takes more than 4 bytes
             raise InvalidOptions(f"{field} is more than the {most} bytes a document may have "
                                  "(MYLLM_MAX_DOCUMENT_BYTES)", field=field)
+
+
+def shortened(vectors: list[list[float]], dimensions: int | None) -> list[list[float]]:
+    """Each vector's first `dimensions` values, normalised again: what Ollama's and OpenAI's
+    `dimensions` mean (for models trained to nest their embeddings, as Matryoshka ones are).
+    None keeps them whole; more than the model gives, or fewer than 1, is refused."""
+    if dimensions is None or dimensions == len(vectors[0]):
+        return vectors
+    if not 1 <= dimensions <= len(vectors[0]):
+        raise InvalidOptions(f"dimensions must be 1 to {len(vectors[0])}, the size of this model's embeddings "
+                             f"(got {dimensions})", field="dimensions")
+    heads = [v[:dimensions] for v in vectors]
+    return [[x / norm for x in head] for head in heads for norm in [math.hypot(*head) or 1.0]]
 
 
 def check_text(text: str, field: str) -> None:
@@ -559,10 +573,10 @@ class Runtime:
 
     async def embed(
         self, model: str | ModelRow, texts: list[str | list[int]], keep_alive: KeepAlive = None, *, truncate: bool = False,
-        caller: str | None = None,
+        dimensions: int | None = None, caller: str | None = None,
     ) -> Embeddings:
         """One vector per input. An input longer than the model's batch is refused, or with
-        `truncate` cut to its first tokens that fit."""
+        `truncate` cut to its first tokens that fit; `dimensions` shortens each (`shortened`)."""
         if not texts:
             raise InvalidOptions("input must not be empty", field="input")
         limit = self.settings.max_embed_inputs
@@ -584,7 +598,7 @@ class Runtime:
                 count += n
         finally:
             lease.release()
-        return Embeddings(lease.row.name, vectors, count)
+        return Embeddings(lease.row.name, shortened(vectors, dimensions), count)
 
     async def rerank(
         self, model: str | ModelRow, query: str, documents: list[str], keep_alive: KeepAlive = None, *,

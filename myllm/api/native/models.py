@@ -114,6 +114,9 @@ class ModelInfo(BaseModel):
     thinking: bool = Field(False, description="extension: the model thinks (its chat template has a reasoning "
                            "section), so `think` applies")
     vision: bool = Field(False, description="extension: the model takes images (it has a projector)")
+    kind: Literal["chat", "embedding", "reranking"] = Field(
+        description="extension: what the model is for, from its GGUF: `chat` (also embeds), `embedding` "
+        "(only embeds), `reranking` (only ranks documents: /api/rerank)")
 
 
 class ModelDetail(ModelInfo):

@@ -81,7 +81,7 @@ def model_info(row: ModelRow, loaded: bool, problem: str | None) -> dict[str, An
         "context_size": row.context_length, "template": template_name(row.template, row.family),
         "parameters": row.parameters or {}, "loaded": loaded, "status": "broken" if problem else "ok", "problem": problem,
         "digest": row.digest, "size": row.size, "modified_at": row.modified_at.isoformat(), "thinking": thinks(row.template),
-        "vision": row.vision,
+        "vision": row.vision, "kind": row.kind,
     }
 
 

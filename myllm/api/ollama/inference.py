@@ -9,7 +9,6 @@ Model management (tags, show, ps, pull, create, blobs, copy, delete) is in
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timezone
@@ -271,24 +270,12 @@ async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
     started = time.perf_counter()
     inputs = [body.input] if isinstance(body.input, str) else list(body.input)
     result = await services(request).runtime.embed(body.model, list(inputs), keep_alive=keep_alive_of(request, body.keep_alive),
-                                                   truncate=body.truncate, caller=reloading_key(request))
-    vectors = result.vectors
-    if body.dimensions is not None:
-        vectors = [_shorten(v, body.dimensions) for v in vectors]
+                                                   truncate=body.truncate, dimensions=body.dimensions,
+                                                   caller=reloading_key(request))
     return {
-        "model": result.model, "embeddings": vectors, "total_duration": int((time.perf_counter() - started) * 1e9),
+        "model": result.model, "embeddings": result.vectors, "total_duration": int((time.perf_counter() - started) * 1e9),
         "load_duration": 0, "prompt_eval_count": result.prompt_tokens,
     }
-
-
-def _shorten(vector: list[float], dimensions: int) -> list[float]:
-    """The first `dimensions` values, normalised again (what `dimensions` means for models trained
-    to nest their embeddings)."""
-    if dimensions > len(vector):
-        raise InvalidOptions(f"dimensions {dimensions} is more than the model's {len(vector)}", field="dimensions")
-    head = vector[:dimensions]
-    norm = math.sqrt(sum(x * x for x in head)) or 1.0
-    return [x / norm for x in head]
 
 
 @router.post("/api/embeddings")

@@ -59,10 +59,11 @@ _STAGE_STATUS = {
 
 @router.get("/api/tags")
 async def tags(request: Request) -> dict[str, Any]:
+    """Each model with its `capabilities`, as current Ollama lists them (what `/api/show` gives)."""
     rows = await services(request).pools.db.run(services(request).registry.list)
     return {"models": [
         {"name": r.name, "model": r.name, "modified_at": _utc(r.modified_at), "size": r.size, "digest": r.digest,
-         "details": _details(r)}
+         "details": _details(r), "capabilities": _capabilities(r)}
         for r in rows
     ]}
 

@@ -122,7 +122,7 @@ class EmbeddingRequest(_Request):
     model: str | None = None
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: int | None = Field(None, ge=1, description="the first this many values of each vector, normalised again")
     user: str | None = None
     keep_alive: str | float | None = None
 

@@ -467,10 +467,8 @@ async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingList:
     else:
         inputs = list(raw)  # type: ignore[arg-type]
     result = await svc.runtime.embed(body.model or svc.settings.default_model, inputs,
-                                     keep_alive=keep_alive_of(request, body.keep_alive),
+                                     keep_alive=keep_alive_of(request, body.keep_alive), dimensions=body.dimensions,
                                      caller=reloading_key(request))
-    if body.dimensions is not None and body.dimensions != len(result.vectors[0]):
-        raise InvalidOptions(f"this model's embeddings have {len(result.vectors[0])} dimensions", field="dimensions")
 
     def encode(vector: list[float]) -> list[float] | str:
         if body.encoding_format == "base64":
