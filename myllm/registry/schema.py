@@ -113,7 +113,7 @@ class MessageRow(Base):
     """A thinking model's thinking before this (assistant) message's content."""
     session: Mapped[SessionRow] = relationship(back_populates="messages")
     images: Mapped[list[SessionImageRow]] = relationship(
-        order_by="SessionImageRow.position", cascade="all, delete-orphan", passive_deletes=True, lazy="selectin"
+        order_by="SessionImageRow.position", cascade="all, delete-orphan", passive_deletes=True
     )
     """The images sent in this message, in order (its `content` is its text alone)."""
 

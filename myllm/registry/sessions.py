@@ -10,9 +10,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import Select, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from myllm.errors import ImageNotFound, InvalidOptions, ResponseNotFound, SessionNotFound, TurnLost
 from myllm.registry.db import retried
@@ -62,6 +62,12 @@ def _message_row(session_id: str, seq: int, message: NewMessage, model: str, now
     text, placed = split(content)
     return MessageRow(session_id=session_id, seq=seq, role=role, content=text, tokens=tokens, model=model,
                       created_at=now, thinking=thinking[0] if thinking else None, images=_image_rows(placed))
+
+
+def _with_images() -> Select[tuple[MessageRow]]:
+    """Messages with their images, in the same statement (most have none: a second query for
+    them would be one more round trip on every turn)."""
+    return select(MessageRow).options(joinedload(MessageRow.images))
 
 
 def _image_rows(placed: Placed) -> list[SessionImageRow]:
@@ -173,9 +179,7 @@ class SessionStore:
         key = resolve(session_id, viewer)
         with self._sessions() as db:
             self._visible(db, key, session_id, viewer)
-            rows = db.scalars(
-                select(MessageRow).where(MessageRow.session_id == key).order_by(MessageRow.seq)
-            ).all()
+            rows = db.scalars(_with_images().where(MessageRow.session_id == key).order_by(MessageRow.seq)).unique().all()
             return [StoredMessage.of(r) for r in rows]
 
     def claim(self, session_id: str, kind: str, model: str, holder: str, lease: float, viewer: Viewer = ADMIN) -> str | None:
@@ -339,9 +343,9 @@ class ResponseStore:
         with self._sessions() as db:
             row = self._row(db, response_id, viewer)
             messages = db.scalars(
-                select(MessageRow).where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
+                _with_images().where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
                 .order_by(MessageRow.seq)
-            ).all()
+            ).unique().all()
             owner = db.get(SessionRow, row.session_id).owner  # type: ignore[union-attr]
             return (shown_id(row.session_id, owner, viewer),
                     [StoredMessage.of(m) for m in messages])
@@ -384,8 +388,8 @@ class ResponseStore:
         db.add(SessionRow(id=session_id, kind="responses", model=model, owner=owner, created_at=now, updated_at=now))
         db.flush()
         for m in db.scalars(
-            select(MessageRow).where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
-        ).all():
+            _with_images().where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
+        ).unique().all():
             placed = tuple((i.char_at, ImageRef(i.digest, i.size)) for i in m.images)
             db.add(MessageRow(session_id=session_id, seq=m.seq, role=m.role, content=m.content, tokens=m.tokens,
                               model=m.model, created_at=m.created_at, thinking=m.thinking, images=_image_rows(placed)))
