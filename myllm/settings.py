@@ -291,6 +291,11 @@ class Settings(BaseSettings):
         default=10.0, gt=0, le=600, description="Seconds fetching one image URL may take, all of it (resolving, "
         "connecting, redirects, reading the body); past it, 400 (`url_timeout`)."
     )
+    max_session_image_bytes: ByteSize = Field(
+        default=ByteSize(256 << 20), ge=1, description="Bytes of images one stored conversation (a session, a "
+        "Responses chain) may hold, all its messages together, e.g. 256MiB; a turn that would pass it gets 400 "
+        "(`too_many_bytes`). Stored images are blobs of the store, kept once however many messages send them."
+    )
 
     @property
     def home_dir(self) -> Path:
