@@ -379,3 +379,22 @@ def test_public_and_off_refuse_a_loopback_url(fetching: openai.OpenAI, home: Pat
             ask(client, f"{url}/image.png")
     assert says in info.value.message and info.value.code == code
     assert len(seen.hosts) == before
+
+
+@pytest.mark.slow
+def test_a_responses_chain_stores_a_fetched_image_as_its_bytes(fetching: openai.OpenAI, site: Served) -> None:
+    """A stored turn keeps the bytes fetched, by digest: the follow-up's prompt holds the same
+    image as the same chain started with the image inline."""
+    url, _, _ = site
+
+    def chain(image_url: str) -> tuple[int, int]:
+        first = fetching.responses.create(model=MODEL, max_output_tokens=4, temperature=0, input=[{
+            "role": "user", "content": [{"type": "input_text", "text": QUESTION},
+                                        {"type": "input_image", "image_url": image_url, "detail": "auto"}]}])  # type: ignore[list-item]
+        follow = fetching.responses.create(model=MODEL, max_output_tokens=4, temperature=0, input="And now?",
+                                           previous_response_id=first.id)
+        assert first.usage is not None and follow.usage is not None
+        return first.usage.input_tokens, follow.usage.input_tokens
+
+    inline = chain("data:image/png;base64," + base64.b64encode(IMAGE).decode())
+    assert chain(f"{url}/redirect/1") == inline

@@ -9,8 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 from myllm.api.state import Services
+from myllm.registry.schema import ModelRow
 from myllm.registry.session_images import Content, Parts, check_room, images_of, text_of, within_images
 from myllm.registry.sessions import StoredMessage
+from myllm.runtime.request.images import ImageURL, check_count
 
 
 async def earlier_messages(svc: Services, stored: list[StoredMessage], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -34,3 +36,18 @@ async def kept_contents(svc: Services, contents: list[Content]) -> list[Parts]:
     if not any(images_of(content) for content in contents):
         return [text_of(content) for content in contents]
     return await svc.pools.blobs.run(svc.registry.images.keep, contents)
+
+
+
+async def fetched(svc: Services, row: ModelRow, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`messages` with their images given by URL fetched now (under MYLLM_IMAGE_URLS), so a
+    stored turn keeps the bytes the model saw and the conversation's bound counts them. For a
+    model that cannot see, nothing is fetched: the runtime refuses the images."""
+    if not row.vision or not any(isinstance(p, ImageURL) for m in messages if not isinstance(m["content"], str)
+                                 for p in m["content"]):
+        return messages
+    images = [p for m in messages if not isinstance(m["content"], str) for p in m["content"] if not isinstance(p, str)]
+    check_count(len(images), svc.runtime.image_limits)  # before fetching any
+    data = iter(await svc.runtime.image_fetcher.fetch_all(images))
+    return [m if isinstance(m["content"], str) else
+            {**m, "content": [p if isinstance(p, str) else next(data) for p in m["content"]]} for m in messages]

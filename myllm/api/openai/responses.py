@@ -21,7 +21,7 @@ from myllm.api.http import sse
 from myllm.api.http.auth import reloading_key, viewer
 from myllm.api.http.errors import ApiError
 from myllm.api.http.relay import Frames, collect, relay
-from myllm.api.http.stored_turns import earlier_messages, kept_contents
+from myllm.api.http.stored_turns import earlier_messages, fetched, kept_contents
 from myllm.api.openai.models import ErrorObject
 from myllm.api.openai.responses_models import Reasoning, ResponseRequest
 from myllm.api.state import services
@@ -257,6 +257,7 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     release = turn.release if turn else (lambda: None)
     try:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
+        new = await fetched(svc, row, new)
         stream = await svc.runtime.chat(
             row, system + await earlier_messages(svc, stored, system + new) + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
