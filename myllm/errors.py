@@ -111,6 +111,14 @@ class BlobNotFound(MyLLMError):
     code = "blob_not_found"
 
 
+class ImageNotFound(MyLLMError):
+    """An image a stored conversation does not hold, or holds but whose file is not in this
+    daemon's blob store (a replica needs the blob store the others write to)."""
+
+    status = 404
+    code = "image_not_found"
+
+
 class PullError(MyLLMError):
     """A source could not be fetched: unknown repo or quant, missing path, hub failure."""
 

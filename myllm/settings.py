@@ -270,6 +270,11 @@ class Settings(BaseSettings):
         default=8, ge=1, le=1024, description="Images one request may send, all messages together; past it, 400 "
         "(`too_many_images`)."
     )
+    max_session_image_bytes: ByteSize = Field(
+        default=ByteSize(256 << 20), ge=1, description="Bytes of images one stored conversation (a session, a "
+        "Responses chain) may hold, all its messages together, e.g. 256MiB; a turn that would pass it gets 400 "
+        "(`too_many_bytes`). Stored images are blobs of the store, kept once however many messages send them."
+    )
 
     @property
     def home_dir(self) -> Path:

@@ -158,6 +158,22 @@ def _0010_model_projector(op: Operations) -> None:
         batch.create_index("ix_models_projector_digest", ["projector_digest"])
 
 
+def _0011_session_images(op: Operations) -> None:
+    """The images of stored messages: each a blob of the store (by digest, never inline), at a
+    place in its message's text, so a stored conversation is given to the model as it was sent."""
+    op.create_table(
+        "session_images",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("message_id", sa.Integer, sa.ForeignKey("session_messages.id", ondelete="CASCADE"), nullable=False,
+                  index=True),
+        sa.Column("position", sa.Integer, nullable=False),
+        sa.Column("char_at", sa.Integer, nullable=False),
+        sa.Column("digest", sa.String(64), nullable=False, index=True),
+        sa.Column("size", sa.BigInteger, nullable=False),
+        sa.UniqueConstraint("message_id", "position", name="uq_session_images_position"),
+    )
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
@@ -169,6 +185,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0008_session_scopes", _0008_session_scopes),
     ("0009_message_thinking", _0009_message_thinking),
     ("0010_model_projector", _0010_model_projector),
+    ("0011_session_images", _0011_session_images),
 ]
 
 _migrations_table = sa.Table(

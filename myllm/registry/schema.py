@@ -112,6 +112,29 @@ class MessageRow(Base):
     thinking: Mapped[str | None] = mapped_column(Text)
     """A thinking model's thinking before this (assistant) message's content."""
     session: Mapped[SessionRow] = relationship(back_populates="messages")
+    images: Mapped[list[SessionImageRow]] = relationship(
+        order_by="SessionImageRow.position", cascade="all, delete-orphan", passive_deletes=True
+    )
+    """The images sent in this message, in order (its `content` is its text alone)."""
+
+
+class SessionImageRow(Base):
+    """An image of a stored message: its bytes are the blob `digest` of the store (shared with
+    any other message or session that sent the same bytes), and `char_at` is where in the
+    message's text it was: the text before it is `content[:char_at]`."""
+
+    __tablename__ = "session_images"
+    __table_args__ = (UniqueConstraint("message_id", "position", name="uq_session_images_position"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    message_id: Mapped[int] = mapped_column(
+        Integer, ForeignKey("session_messages.id", ondelete="CASCADE"), index=True, nullable=False
+    )
+    position: Mapped[int] = mapped_column(Integer, nullable=False)
+    """Its place among the message's images (0 first)."""
+    char_at: Mapped[int] = mapped_column(Integer, nullable=False)
+    digest: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
+    size: Mapped[int] = mapped_column(BigInteger, nullable=False)
 
 
 class ResponseRow(Base):

@@ -10,13 +10,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, exists, func, or_, select, update
+from sqlalchemy import Select, delete, exists, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, joinedload, sessionmaker
 
-from myllm.errors import InvalidOptions, ResponseNotFound, SessionNotFound, TurnLost
+from myllm.errors import ImageNotFound, InvalidOptions, ResponseNotFound, SessionNotFound, TurnLost
 from myllm.registry.db import retried
-from myllm.registry.schema import MessageRow, ResponseRow, SessionRow, utcnow
+from myllm.registry.schema import MessageRow, ResponseRow, SessionImageRow, SessionRow, utcnow
+from myllm.registry.session_images import ImageRef, Parts, Placed, joined, split
 
 OWNER_TAG = 16
 """Hex digits of the owner's key hash that scope a stored session id (`stored_id`)."""
@@ -32,20 +33,46 @@ _UNSCOPED_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 class StoredMessage:
     role: str
     content: str
+    """Its text (without its images)."""
     tokens: int | None
     model: str | None
     created_at: datetime
     thinking: str | None = None
+    images: Placed = ()
+    """The images sent in it, in order, each after the length of `content` before it."""
+
+    @property
+    def parts(self) -> Parts:
+        """Its content as sent: the text and images in order."""
+        return joined(self.content, self.images)
+
+    @classmethod
+    def of(cls, row: MessageRow) -> StoredMessage:
+        return cls(row.role, row.content, row.tokens, row.model, row.created_at, row.thinking,
+                   tuple((i.char_at, ImageRef(i.digest, i.size)) for i in row.images))
 
 
-NewMessage = tuple[str, str, int | None] | tuple[str, str, int | None, str | None]
-"""(role, content, tokens) of a message to store, and a thinking model's thinking before it."""
+NewMessage = tuple[str, Parts, int | None] | tuple[str, Parts, int | None, str | None]
+"""(role, content, tokens) of a message to store, and a thinking model's thinking before it. A
+content with images holds them as `ImageRef`s, their blobs already written (`SessionImages.keep`)."""
 
 
 def _message_row(session_id: str, seq: int, message: NewMessage, model: str, now: datetime) -> MessageRow:
     role, content, tokens, *thinking = message
-    return MessageRow(session_id=session_id, seq=seq, role=role, content=content, tokens=tokens, model=model,
-                      created_at=now, thinking=thinking[0] if thinking else None)
+    text, placed = split(content)
+    return MessageRow(session_id=session_id, seq=seq, role=role, content=text, tokens=tokens, model=model,
+                      created_at=now, thinking=thinking[0] if thinking else None, images=_image_rows(placed))
+
+
+def _with_images() -> Select[tuple[MessageRow]]:
+    """Messages with their images, in the same statement (most have none: a second query for
+    them would be one more round trip on every turn)."""
+    return select(MessageRow).options(joinedload(MessageRow.images))
+
+
+def _image_rows(placed: Placed) -> list[SessionImageRow]:
+    return [SessionImageRow(position=n, char_at=at, digest=image.digest, size=image.size)
+            for n, (at, image) in enumerate(placed)]
 
 
 @dataclass(frozen=True)
@@ -152,10 +179,8 @@ class SessionStore:
         key = resolve(session_id, viewer)
         with self._sessions() as db:
             self._visible(db, key, session_id, viewer)
-            rows = db.scalars(
-                select(MessageRow).where(MessageRow.session_id == key).order_by(MessageRow.seq)
-            ).all()
-            return [StoredMessage(r.role, r.content, r.tokens, r.model, r.created_at, r.thinking) for r in rows]
+            rows = db.scalars(_with_images().where(MessageRow.session_id == key).order_by(MessageRow.seq)).unique().all()
+            return [StoredMessage.of(r) for r in rows]
 
     def claim(self, session_id: str, kind: str, model: str, holder: str, lease: float, viewer: Viewer = ADMIN) -> str | None:
         """Claim the session's next turn for `holder` (one turn's token) until `lease` seconds
@@ -258,13 +283,31 @@ class SessionStore:
             info = SessionInfo(session_id, row.kind, row.model, row.created_at, row.updated_at, len(row.messages))
         return info, self.history(session_id, viewer)
 
-    def delete(self, session_id: str, viewer: Viewer = ADMIN) -> None:
+    def image(self, session_id: str, digest: str, viewer: Viewer = ADMIN) -> None:
+        """Whether `viewer` may see the image `digest` (sha256 hex): one of the session's
+        messages holds it. `SessionNotFound` or `ImageNotFound` otherwise."""
+        key = resolve(session_id, viewer)
+        with self._sessions() as db:
+            if self._visible(db, key, session_id, viewer) is None:
+                raise SessionNotFound(session_id)
+            held = db.scalar(select(SessionImageRow.id).join(MessageRow, SessionImageRow.message_id == MessageRow.id)
+                             .where(MessageRow.session_id == key, SessionImageRow.digest == digest).limit(1))
+        if held is None:
+            raise ImageNotFound(f"session '{session_id}' holds no image sha256:{digest[:64]}")
+
+    def delete(self, session_id: str, viewer: Viewer = ADMIN) -> set[str]:
+        """Delete a session; returns the digests of its images, for `SessionImages.let_go` (the
+        blobs nothing else uses go)."""
         key = resolve(session_id, viewer)
         with self._sessions.begin() as db:
             row = self._visible(db, key, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
+            digests = set(db.scalars(select(SessionImageRow.digest)
+                                     .join(MessageRow, SessionImageRow.message_id == MessageRow.id)
+                                     .where(MessageRow.session_id == key)))
             db.delete(row)
+        return digests
 
 
 def _end_claim(db: Session, session_id: str, holder: str) -> bool:
@@ -300,12 +343,12 @@ class ResponseStore:
         with self._sessions() as db:
             row = self._row(db, response_id, viewer)
             messages = db.scalars(
-                select(MessageRow).where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
+                _with_images().where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
                 .order_by(MessageRow.seq)
-            ).all()
+            ).unique().all()
             owner = db.get(SessionRow, row.session_id).owner  # type: ignore[union-attr]
             return (shown_id(row.session_id, owner, viewer),
-                    [StoredMessage(m.role, m.content, m.tokens, m.model, m.created_at, m.thinking) for m in messages])
+                    [StoredMessage.of(m) for m in messages])
 
     @retried
     def store(
@@ -345,10 +388,11 @@ class ResponseStore:
         db.add(SessionRow(id=session_id, kind="responses", model=model, owner=owner, created_at=now, updated_at=now))
         db.flush()
         for m in db.scalars(
-            select(MessageRow).where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
-        ).all():
+            _with_images().where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
+        ).unique().all():
+            placed = tuple((i.char_at, ImageRef(i.digest, i.size)) for i in m.images)
             db.add(MessageRow(session_id=session_id, seq=m.seq, role=m.role, content=m.content, tokens=m.tokens,
-                              model=m.model, created_at=m.created_at, thinking=m.thinking))
+                              model=m.model, created_at=m.created_at, thinking=m.thinking, images=_image_rows(placed)))
 
     def get(self, response_id: str, viewer: Viewer = ADMIN) -> dict[str, Any]:
         with self._sessions() as db:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
 from sqlalchemy.orm import Session, sessionmaker
@@ -27,6 +27,7 @@ from myllm.errors import (
     ModelNotFound,
 )
 from myllm.pools import Pools
+from myllm.registry.blob_refs import blob_in_use, used_digests
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
 from myllm.registry.chat_templates import check_template
 from myllm.registry.db import make_engine, make_sessionmaker
@@ -36,6 +37,7 @@ from myllm.registry.names import normalize
 from myllm.registry.projector_check import check_pairing, check_projector
 from myllm.registry.row_cache import RowCache
 from myllm.registry.schema import ModelRow, utcnow
+from myllm.registry.session_images import SessionImages
 from myllm.settings import Settings
 
 
@@ -78,6 +80,8 @@ class Registry:
         """Where async callers run this registry's blocking calls (myllm/pools.py): database
         calls on `pools.db`, blob I/O on `pools.blobs`; the methods themselves are blocking."""
         self.rows = RowCache(engine)
+        self.images = SessionImages(blobs, self.sessions)
+        """The blobs of stored conversations' images (registry/session_images.py)."""
 
     @classmethod
     def open(cls, settings: Settings) -> Registry:
@@ -351,14 +355,14 @@ class Registry:
         return row
 
     def unused_blobs(self) -> dict[str, os.stat_result]:
-        """The blobs in this machine's store that no model uses (uploads not yet created, what a
-        crash between a commit and its row left), with their stat."""
+        """The blobs in this machine's store that no model uses nor any stored conversation
+        (uploads not yet created, what a crash between a commit and its row left, the images of
+        deleted sessions), with their stat."""
         stored = self.blobs.digests()
         if not stored:
             return {}
         with self.sessions() as db:
-            used = set(db.scalars(select(ModelRow.digest).distinct()))
-            used.update(db.scalars(select(ModelRow.projector_digest).where(ModelRow.projector_digest.is_not(None))))
+            used = used_digests(db)
         found = {}
         for digest in stored - used:
             try:
@@ -368,9 +372,9 @@ class Registry:
         return found
 
     def sweep_unused_blobs(self, max_age: float) -> list[str]:
-        """Remove the blobs no model uses that were stored (or last registered from) more than
-        `max_age` seconds ago; a blob a model uses is never removed (each is checked once more
-        just before, as a create may have named it meanwhile)."""
+        """Remove the blobs no model uses nor any stored conversation that were stored (or last
+        registered from, or sent in a turn) more than `max_age` seconds ago; a blob in use is never
+        removed (each is checked once more just before, as a create may have named it meanwhile)."""
         cutoff = time.time() - max_age
         swept = []
         for digest, stat in self.unused_blobs().items():
@@ -399,8 +403,7 @@ class Registry:
 
     def _blob_in_use(self, digest: str) -> bool:
         with self.sessions() as db:
-            used = or_(ModelRow.digest == digest, ModelRow.projector_digest == digest)
-            return db.scalar(select(ModelRow.id).where(used).limit(1)) is not None
+            return blob_in_use(db, digest)
 
 
 def _named(db: Session, key: str) -> ModelRow | None:

@@ -28,11 +28,17 @@ class InferenceOptions(BaseModel):
     thinking_budget: int | None = Field(None, description="extension: tokens a thinking model may think before it answers")
 
 
+IMAGES_DOC = ("extension (the 003 document has no images): image files (PNG, JPEG, WebP, GIF), base64 each, as "
+              "Ollama's `images`; for a model that takes images (`vision`)")
+
+
 class Message(BaseModel):
     role: Literal["system", "user", "assistant"]
     content: str
     thinking: str | None = Field(None, description="extension: a thinking model's thinking before its answer "
                                  "(sent back in a request, it stays out of the prompt)")
+    images: list[str] | None = Field(None, description=IMAGES_DOC + "; they go before the message's text, where "
+                                     "Ollama puts them, and a stored session keeps them")
 
 
 Think = bool | Literal["low", "medium", "high"] | None
@@ -72,6 +78,8 @@ class GenerateRequest(BaseModel):
     raw: bool = Field(False, description="extension: no chat template around the prompt")
     keep_alive: str | float | None = None
     think: Think = Field(None, description=THINK_DOC)
+    images: list[str] | None = Field(None, description=IMAGES_DOC + "; they go before the prompt's text (not with "
+                                     "`raw`, not in a generate session: a session with images is a chat)")
 
 
 class GenerateResponse(BaseModel):
@@ -172,6 +180,8 @@ class SessionMessage(BaseModel):
     model: str | None
     created: str
     thinking: str | None = Field(None, description="extension: a thinking model's thinking before this answer")
+    images: list[str] = Field(default_factory=list, description="extension: the images sent in this message, in "
+                              "order, each by the sha256 (hex) of its file: GET /api/sessions/{id}/images/{digest}")
 
 
 class SessionDetail(SessionSummary):

@@ -16,6 +16,7 @@ from myllm.api.http.auth import keep_alive_of, reloading_key, require_admin, vie
 from myllm.api.http.errors import ApiError
 from myllm.api.http.relay import Frames, collect, relay
 from myllm.api.http.replica import answered_for, session_of
+from myllm.api.http.stored_turns import earlier_messages, kept_contents
 from myllm.api.native.models import (
     ChatRequest,
     ChatResponse,
@@ -43,9 +44,12 @@ from myllm.api.native.models import (
     Usage,
 )
 from myllm.api.state import services
+from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
+from myllm.registry.session_images import Content, media_type
 from myllm.registry.sessions import NewMessage, SessionInfo, check_session_id, new_session_id
 from myllm.runtime.placement.report import per_model
+from myllm.runtime.request.images import from_base64
 from myllm.runtime.request.template import check_think, template_name, thinks
 from myllm.runtime.service import DoneEvent, GenerationOptions, GenerationStream, TokenEvent
 
@@ -198,13 +202,18 @@ async def _answer(request: Request, stream: GenerationStream, on_done: OnDone, r
     return done
 
 
-def _history_messages(stored: list[dict[str, Any]], new: list[Message]) -> list[dict[str, Any]]:
+def _content(m: Message) -> Content:
+    """A message as the runtime takes it: its images (base64 each) before its text, where Ollama
+    puts them; its thinking stays out of the prompt."""
+    return [*(from_base64(image) for image in m.images), m.content] if m.images else m.content
+
+
+def _history_messages(stored: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stored turns, then the new messages; a system message sent now replaces stored ones."""
-    sends_system = any(m.role == "system" for m in new)
+    sends_system = any(m["role"] == "system" for m in new)
     earlier = [m for m in stored if not (sends_system and m["role"] == "system")]
-    fresh = [m.model_dump(exclude={"thinking"}) for m in new]  # earlier thinking stays out of the prompt
-    system = [m for m in fresh if m["role"] == "system"]
-    return system + earlier + [m for m in fresh if m["role"] != "system"]
+    system = [m for m in new if m["role"] == "system"]
+    return system + earlier + [m for m in new if m["role"] != "system"]
 
 
 @router.post("/api/chat", response_model=ChatResponse, tags=["MyLLM"], responses=sse.STREAM_DOC)
@@ -216,14 +225,14 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
     model = await _thinking_model(request, body.model or svc.settings.default_model, body.think)
     named = session_of(request, body.session_id)
     session_id = check_session_id(named, viewer(request)) if named else new_session_id()
+    new = [{"role": m.role, "content": _content(m)} for m in body.messages]
     answered_for(request, session_id)
     turn = await svc.turns.acquire(session_id, "chat", model.name, viewer(request))
     try:
         stored = await svc.pools.db.run(svc.sessions.history, session_id, viewer(request)) if named else []
-        earlier = [{"role": m.role, "content": m.content} for m in stored]
         stream = await svc.runtime.chat(
             model,
-            _history_messages(svc.runtime.recent(earlier, len(body.messages)), body.messages),
+            _history_messages(await earlier_messages(svc, stored, new), new),
             generation_options(body.options),
             keep_alive=keep_alive_of(request, body.keep_alive),
             trim=True,
@@ -236,7 +245,8 @@ async def chat(body: ChatRequest, request: Request) -> Response | ChatResponse:
         raise
 
     async def save(done: DoneEvent) -> None:
-        messages: list[NewMessage] = [(m.role, m.content, n) for m, n in zip(body.messages, stream.counts)]
+        contents = await kept_contents(svc, [m["content"] for m in new])
+        messages: list[NewMessage] = [(m["role"], c, n) for m, c, n in zip(new, contents, stream.counts)]
         messages.append(("assistant", done.text, done.completion_tokens, done.thinking or None))
         await svc.pools.db.run(svc.sessions.append_turn, session_id, "chat", stream.model, messages, viewer(request),
                                 turn.holder)
@@ -257,6 +267,10 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
     model = await _thinking_model(request, body.model or svc.settings.default_model, body.think)
     named = session_of(request, body.session_id)
     session_id = check_session_id(named, viewer(request)) if named else None
+    images = [from_base64(image) for image in body.images or []]
+    if session_id and images:
+        raise InvalidOptions("a generate session keeps no images: send them to /api/chat, whose sessions keep them",
+                             field="images")
     if session_id:
         answered_for(request, session_id)
     history: list[tuple[str, str]] = []
@@ -269,7 +283,7 @@ async def generate(body: GenerateRequest, request: Request) -> Response | Genera
         stream = await svc.runtime.generate(
             model, body.prompt, generation_options(body.options), system=body.system, raw=body.raw,
             keep_alive=keep_alive_of(request, body.keep_alive), history=history, count=[body.prompt], think=body.think,
-            caller=reloading_key(request),
+            images=images, caller=reloading_key(request),
         )
     except BaseException:
         release()
@@ -325,14 +339,30 @@ async def get_session(session_id: str, request: Request) -> SessionDetail:
         **_summary(info).model_dump(),
         messages=[
             SessionMessage(role=m.role, content=m.content, tokens=m.tokens, model=m.model, created=m.created_at.isoformat(),
-                           thinking=m.thinking)
+                           thinking=m.thinking, images=[image.digest for _, image in m.images])
             for m in messages
         ],
     )
 
 
+@router.get("/api/sessions/{session_id}/images/{digest}", tags=["Sessions"], response_class=Response,
+            responses={200: {"content": {kind: {} for kind in ("image/png", "image/jpeg", "image/webp", "image/gif")},
+                             "description": "the image file as it was sent"}})
+async def session_image(session_id: str, digest: str, request: Request) -> Response:
+    """Extension: an image of the session's messages, by the digest its message lists, to
+    whoever may see the session (404 otherwise, and for a digest the session does not hold)."""
+    svc = services(request)
+    await svc.pools.db.run(svc.sessions.image, session_id, digest, viewer(request))
+    data = await svc.pools.blobs.run(svc.registry.images.read, digest)
+    return Response(data, media_type=media_type(data[:16]),
+                    headers={"Cache-Control": "private", "X-Content-Type-Options": "nosniff"})
+
+
 @router.delete("/api/sessions/{session_id}", response_model=StatusMessage, tags=["Sessions"])
 async def delete_session(session_id: str, request: Request) -> StatusMessage:
+    """Its images' files go too, unless a model or another conversation uses them."""
     svc = services(request)
-    await svc.pools.db.run(svc.sessions.delete, session_id, viewer(request))
+    digests = await svc.pools.db.run(svc.sessions.delete, session_id, viewer(request))
+    if digests:
+        await svc.pools.blobs.run(svc.registry.images.let_go, digests)
     return StatusMessage(status="success", message=f"Session '{session_id}' deleted")

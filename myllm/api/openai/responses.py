@@ -21,12 +21,15 @@ from myllm.api.http import sse
 from myllm.api.http.auth import reloading_key, viewer
 from myllm.api.http.errors import ApiError
 from myllm.api.http.relay import Frames, collect, relay
+from myllm.api.http.stored_turns import earlier_messages, kept_contents
 from myllm.api.openai.models import ErrorObject
 from myllm.api.openai.responses_models import Reasoning, ResponseRequest
 from myllm.api.state import services
 from myllm.errors import InvalidOptions
 from myllm.registry.schema import ModelRow
+from myllm.registry.session_images import Content, Parts, text_of
 from myllm.registry.sessions import NewMessage, StoredMessage
+from myllm.runtime.request.images import from_url
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.template import Think, check_think
 from myllm.runtime.request.tools import Call, call_text
@@ -40,18 +43,33 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{secrets.token_hex(24)}"
 
 
-def _text_of(content: Any, where: str) -> str:
-    """A message's content: a string, or text parts (`input_text`, `output_text`, `text`)."""
+def _content_of(content: Any, where: str) -> Content:
+    """A message's content: a string, or parts: text (`input_text`, `output_text`, `text`), joined
+    as they are, and `input_image`s in their places."""
     if isinstance(content, str):
         return content
     if not isinstance(content, list):
         raise InvalidOptions(f"{where}.content must be a string or a list of parts", field="input")
-    texts = []
-    for j, part in enumerate(content):
-        if not isinstance(part, dict) or part.get("type") not in ("input_text", "output_text", "text") or not isinstance(part.get("text"), str):
-            raise InvalidOptions(f"{where}.content[{j}]: only text parts are supported", field="input")
-        texts.append(part["text"])
-    return "".join(texts)
+    pieces = [_part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+    texts = [piece for piece in pieces if isinstance(piece, str)]
+    return "".join(texts) if len(texts) == len(pieces) else pieces
+
+
+def _part(part: Any, where: str) -> str | bytes:
+    """A content part as the runtime takes it: a text part's text, an `input_image`'s image (by
+    `image_url`; `detail` is the model's own business here, as in llama-server)."""
+    kind = part.get("type") if isinstance(part, dict) else None
+    if kind in ("input_text", "output_text", "text") and isinstance(part.get("text"), str):
+        return str(part["text"])
+    if kind == "input_image":
+        if part.get("file_id") is not None:
+            raise InvalidOptions(f"{where}: an input_image by file_id is not supported (this server has no Files "
+                                 "API); send its image_url as a data URI (data:image/png;base64,...)", field="input")
+        url = part.get("image_url")
+        if not isinstance(url, str):
+            raise InvalidOptions(f"{where}.image_url must be a string (a data URI)", field="input")
+        return from_url(url, f"{where}.image_url")
+    raise InvalidOptions(f"{where}: only text and input_image parts are supported", field="input")
 
 
 def _items(body: ResponseRequest) -> list[dict[str, Any]]:
@@ -67,7 +85,7 @@ def _items(body: ResponseRequest) -> list[dict[str, Any]]:
             role = {"developer": "system"}.get(item.get("role", ""), item.get("role"))
             if role not in ("system", "user", "assistant"):
                 raise InvalidOptions(f"{where}.role must be user, assistant, system or developer", field="input")
-            messages.append({"role": role, "content": _text_of(item.get("content"), where)})
+            messages.append({"role": role, "content": _content_of(item.get("content"), where)})
         elif kind == "function_call":
             name, call_id, arguments = item.get("name"), item.get("call_id"), item.get("arguments", "{}")
             if not isinstance(name, str) or not isinstance(call_id, str) or not isinstance(arguments, str):
@@ -140,10 +158,6 @@ def _options(body: ResponseRequest) -> GenerationOptions:
                                     "top_p": body.top_p, "format": format_})
 
 
-def _history(stored: list[StoredMessage]) -> list[dict[str, Any]]:
-    return [{"role": m.role, "content": m.content} for m in stored]
-
-
 def _status(done: DoneEvent) -> str:
     """The finished response's status: `incomplete` when the token limit cut the reply."""
     return "incomplete" if done.finish_reason == "length" else "completed"
@@ -201,14 +215,18 @@ def _response(body: ResponseRequest, rid: str, created: int, model: str, status:
     }
 
 
-def _turn(new: list[dict[str, Any]], counts: list[int], text: str, calls: list[Call], done: DoneEvent) -> list[NewMessage]:
-    """The messages a stored response adds to its session: the new input, then the reply (calls
-    written as the fallback prompt writes them, so a later turn shows them to the model) with
-    its thinking apart, which later turns' prompts leave out."""
+def _turn(new: list[dict[str, Any]], contents: list[Parts], counts: list[int], text: str, calls: list[Call],
+          done: DoneEvent) -> list[NewMessage]:
+    """The messages a stored response adds to its session: the new input (`contents`: its
+    images by digest), then the reply (calls written as the fallback prompt writes them, so a
+    later turn shows them to the model) with its thinking apart, which later turns' prompts
+    leave out."""
     turn: list[NewMessage] = []
-    for message, n in zip(new, counts):
-        content = message["content"] + "".join(
+    for message, content, n in zip(new, contents, counts):
+        called = "".join(
             call_text(c["function"]["name"], _arguments(c["function"]["arguments"])) for c in message.get("tool_calls", []))
+        if called:
+            content = content + called if isinstance(content, str) else [*content, called]
         turn.append((message["role"], content, n))
     reply = text + "".join(call_text(c.name, c.arguments) for c in calls)
     turn.append(("assistant", reply, done.completion_tokens, done.thinking or None))
@@ -231,19 +249,18 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
     model = body.model or svc.settings.default_model
     row = await svc.runtime.model(model)
     think = _think(body.reasoning, row)
-    earlier: list[dict[str, Any]] = []
+    stored: list[StoredMessage] = []
     session: str | None = None
     if body.previous_response_id:
         session, stored = await svc.pools.db.run(svc.responses.conversation, body.previous_response_id, viewer(request))
-        earlier = _history(stored)
     turn = await svc.turns.acquire(session, "responses", model, viewer(request)) if session else None
     release = turn.release if turn else (lambda: None)
     try:
         system = [{"role": "system", "content": body.instructions}] if body.instructions else []
         stream = await svc.runtime.chat(
-            row, system + svc.runtime.recent(earlier, len(system) + len(new)) + new, _options(body),
+            row, system + await earlier_messages(svc, stored, system + new) + new, _options(body),
             tools=tools, tool_choice=choice, parallel_tool_calls=body.parallel_tool_calls is not False,
-            think=think, count=[m["content"] for m in new], caller=reloading_key(request),
+            think=think, count=[text_of(m["content"]) for m in new], caller=reloading_key(request),
         )
     except BaseException:
         release()
@@ -255,9 +272,10 @@ async def create_response(body: ResponseRequest, request: Request) -> Response:
         output = _output(done.text, done.thinking, stream.tool_calls, ids, status)
         response = _response(body, rid, created, stream.model, status, output, done)
         if body.store:
+            contents = await kept_contents(svc, [m["content"] for m in new])
             await svc.pools.db.run(svc.responses.store, response, body.previous_response_id, stream.model,
-                                    _turn(new, stream.counts, done.text, stream.tool_calls, done), viewer(request),
-                                    turn and turn.holder)
+                                    _turn(new, contents, stream.counts, done.text, stream.tool_calls, done),
+                                    viewer(request), turn and turn.holder)
         return response
 
     if body.stream:

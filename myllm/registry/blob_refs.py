@@ -1,0 +1,24 @@
+"""What keeps a blob of the store: a model (its GGUF or its projector) or an image of a stored
+conversation. Every removal of a blob asks here first (`rm`, a replaced model, the sweep of
+unused blobs, a deleted session's images), so none takes bytes another user still names."""
+
+from __future__ import annotations
+
+from sqlalchemy import or_, select
+from sqlalchemy.orm import Session
+
+from myllm.registry.schema import ModelRow, SessionImageRow
+
+
+def blob_in_use(db: Session, digest: str) -> bool:
+    if db.scalar(select(ModelRow.id).where(or_(ModelRow.digest == digest, ModelRow.projector_digest == digest))
+                 .limit(1)) is not None:
+        return True
+    return db.scalar(select(SessionImageRow.id).where(SessionImageRow.digest == digest).limit(1)) is not None
+
+
+def used_digests(db: Session) -> set[str]:
+    used = set(db.scalars(select(ModelRow.digest).distinct()))
+    used.update(db.scalars(select(ModelRow.projector_digest).where(ModelRow.projector_digest.is_not(None)).distinct()))
+    used.update(db.scalars(select(SessionImageRow.digest).distinct()))
+    return used
