@@ -9,9 +9,13 @@ page. The daemon wants a key, so the stored images are fetched with the page's k
 from __future__ import annotations
 
 import base64
+import hashlib
+import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import ollama
 import pytest
 from playwright.sync_api import Locator, Page, expect, sync_playwright
@@ -146,6 +150,37 @@ def test_attached_pasted_and_dropped_images_are_previewed_removable_and_sent(pag
     expect_loaded(page.locator("article[data-role=user] .images img"), [16, 16])  # the previews' URLs, kept
 
 
+def test_the_image_counts_in_the_prompt_and_the_session_shows_it_again(url: str, page: Page, tmp_path: Path) -> None:
+    question = "Describe the picture."
+    direct = httpx.post(f"{url}/api/chat", headers=AUTH, timeout=120, json={
+        "model": MODEL, "options": GREEDY, "messages": [{"role": "user", "content": question, "images": [b64(RED)]}]})
+    text_only = httpx.post(f"{url}/api/chat", headers=AUTH, timeout=120, json={
+        "model": MODEL, "options": GREEDY, "messages": [{"role": "user", "content": question}]})
+    with_image = direct.json()["usage"]["prompt_tokens"]
+    assert with_image > text_only.json()["usage"]["prompt_tokens"]
+
+    attach(page, tmp_path, "red.png", RED)
+    page.get_by_role("textbox", name="Message").fill(question)
+    with page.expect_response(lambda r: r.url.endswith("/api/chat")) as response:
+        page.get_by_role("button", name="Send").click()
+    answered(page)
+    events = [json.loads(line[6:]) for line in response.value.text().splitlines() if line.startswith("data: ")]
+    assert events[-1]["usage"]["prompt_tokens"] == with_image
+    shown = page.locator("article[data-role=user] .images img").get_attribute("src")
+    assert shown
+
+    session = page.locator("nav button[aria-current=true]").get_attribute("data-session")
+    stored = httpx.get(f"{url}/api/sessions/{session}", headers=AUTH).json()["messages"]
+    assert stored[0]["images"] == [hashlib.sha256(RED).hexdigest()]
+
+    page.get_by_role("button", name="New chat").click()
+    assert revoked(page, shown)
+    page.get_by_role("navigation", name="Sessions").locator(f"[data-session='{session}']").click()
+    expect(page.locator("article[data-role=user] .body")).to_have_text([question])
+    expect_loaded(page.locator("article[data-role=user] .images img"), [16])  # fetched with the key
+    expect(page.locator("#key-form")).to_be_hidden()
+
+
 def test_a_model_that_cannot_see_takes_no_images(page: Page, tmp_path: Path) -> None:
     page.get_by_role("combobox", name="Model").select_option("smollm2:135m")
     expect(page.get_by_role("button", name="Attach image")).to_be_disabled()
@@ -155,3 +190,17 @@ def test_a_model_that_cannot_see_takes_no_images(page: Page, tmp_path: Path) -> 
     page.get_by_role("combobox", name="Model").select_option(MODEL)
     expect(page.get_by_role("button", name="Attach image")).to_be_enabled()
 
+
+def test_the_servers_refusals_show(page: Page, tmp_path: Path) -> None:
+    """Attached, then a model that cannot see chosen; an image over MYLLM_MAX_IMAGE_BYTES."""
+    attach(page, tmp_path, "red.png", RED)
+    page.get_by_role("combobox", name="Model").select_option("smollm2:135m")
+    page.get_by_role("textbox", name="Message").fill("Hi")
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_role("status")).to_have_text(re.compile(r"^Error: .*does not support images"))
+
+    page.get_by_role("combobox", name="Model").select_option(MODEL)
+    attach(page, tmp_path, "big.png", TOO_BIG)
+    page.get_by_role("textbox", name="Message").fill("Hi")
+    page.get_by_role("button", name="Send").click()
+    expect(page.get_by_role("status")).to_have_text(re.compile(rf"^Error: .*at most {MAX_IMAGE_BYTES} are allowed"))
