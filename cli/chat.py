@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import sys
 import uuid
 from collections.abc import Generator
@@ -9,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 
-from cli.client import Client
+from cli.client import Client, DaemonError
+from cli.images import Attached, UnreadableImage, attach, leads_with_image, mentions
 from cli.render import AnswerWriter
 from myllm.errors import InvalidOptions
 from myllm.runtime.request.options import ALIASES, PARAMETERS, parameter_value
@@ -29,6 +31,7 @@ HELP = f"""Available commands:
   /?                          this help
 
 Use \"\"\" to begin and end a multi-line message. Ctrl-C stops an answer; Ctrl-D or /bye exits."""
+IMAGES_HELP = "A path to a .png, .jpg, .jpeg, .webp or .gif file in a message sends that image (quote one with spaces)."
 
 
 def print_stream(events: Generator[dict[str, Any], None, None], writer: AnswerWriter) -> dict[str, Any] | None:
@@ -71,12 +74,28 @@ def cannot_think(client: Client, model: str) -> bool:
     return not client.get(f"/api/models/{model}").get("thinking")
 
 
+def sees(client: Client, model: str) -> bool:
+    """Whether the model takes images (the daemon's `vision`: it has a projector). As in Ollama's
+    CLI, only then are image paths in a message read; to another model they are text."""
+    return bool(client.get(f"/api/models/{model}").get("vision"))
+
+
+def images_field(attached: Attached) -> dict[str, list[str]]:
+    """A request's `images` (base64), left out when there are none; says which were added."""
+    for path in attached.paths:
+        sys.stderr.write(f"Added image '{path}'\n")
+    return {"images": [base64.b64encode(image).decode() for image in attached.images]} if attached.images else {}
+
+
 def one_shot(client: Client, model: str, prompt: str, options: dict[str, Any], think: Think = None) -> None:
+    """Raises `UnreadableImage` before anything is sent when an image the prompt names cannot be read."""
+    attached = attach(prompt) if mentions(prompt) and sees(client, model) else Attached(prompt, [], [])
     if think and cannot_think(client, model):
         sys.stderr.write(f"warning: model {model!r} does not think; --think changes nothing\n")
         think = None
-    print_stream(client.stream("/api/generate", {"model": model, "prompt": prompt, "stream": True, "options": options,
-                                                 **think_field(think)}), answer_writer())
+    print_stream(client.stream("/api/generate", {"model": model, "prompt": attached.text, **images_field(attached),
+                                                 "stream": True, "options": options, **think_field(think)}),
+                 answer_writer())
 
 
 class Repl:
@@ -88,6 +107,13 @@ class Repl:
         self.think = think
         """Sent as `think` with each message; None: the model's default."""
         self.console = console
+        self.vision: bool | None = None
+        """Whether the model takes images; asked of the daemon when a message first names one."""
+
+    def sees(self) -> bool:
+        if self.vision is None:
+            self.vision = sees(self.client, self.model)
+        return self.vision
 
     def read_message(self) -> str | None:
         """One message; `\"\"\"` opens a block that ends at a line ending with `\"\"\"`."""
@@ -118,14 +144,28 @@ class Repl:
                 continue
             if message is None or not message.strip():
                 continue
-            if message.startswith("/"):
+            if message.startswith("/") and not (leads_with_image(message) and self.sees()):
                 if self.command(message.strip()):
                     return
                 continue
+            self.send(message)
+
+    def send(self, message: str) -> None:
+        """One message and its answer. An image that cannot be read, or the daemon refusing the
+        message (a 400 for a bad image), is said and the chat goes on; nothing was sent or stored."""
+        try:
+            attached = attach(message) if mentions(message) and self.sees() else Attached(message, [], [])
+            user = {"role": "user", "content": attached.text, **images_field(attached)}
             print_stream(self.client.stream("/api/chat", {
                 "model": self.model, "session_id": self.session, "stream": True, "options": self.options,
-                "messages": [{"role": "user", "content": message}], **think_field(self.think),
+                "messages": [user], **think_field(self.think),
             }), answer_writer())
+        except UnreadableImage as exc:
+            sys.stderr.write(f"Error: {exc}; nothing was sent.\n")
+        except DaemonError as exc:
+            if exc.status is None:  # the daemon is gone: the chat ends
+                raise
+            sys.stderr.write(f"Error: {exc}\n")
 
     def command(self, line: str) -> bool:
         """Handle a slash command; True means exit."""
@@ -134,7 +174,7 @@ class Repl:
         if head in ("/bye", "/exit"):
             return True
         if head in ("/?", "/help"):
-            self.console.print(HELP, highlight=False, markup=False)
+            self.console.print(HELP + (f"\n{IMAGES_HELP}" if self.sees() else ""), highlight=False, markup=False)
         elif head == "/clear":
             self.session = str(uuid.uuid4())
             self.console.print("Cleared session context.")

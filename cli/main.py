@@ -257,7 +257,9 @@ def stop(model: Annotated[str, typer.Argument(help="Model to unload.")], host: H
 @app.command()
 def run(
     model: Annotated[str, typer.Argument(help="Model to run.")],
-    prompt: Annotated[str | None, typer.Argument(help="Answer this and exit (also read from stdin).")] = None,
+    prompt: Annotated[str | None, typer.Argument(
+        help="Answer this and exit (also read from stdin). A path to an image file in it (.png, .jpg, .webp, "
+        ".gif) sends the image to a vision model, as in a chat's messages.")] = None,
     session: Annotated[str | None, typer.Option("--session", help="Resume this chat session.")] = None,
     think: Annotated[bool | None, typer.Option(
         "--think/--no-think", help="A thinking model thinks before it answers, or not (default: the model's own). "
@@ -267,13 +269,17 @@ def run(
 ) -> None:
     """Chat with a model (interactive), or answer one prompt and exit."""
     from cli.chat import Repl, one_shot
+    from cli.images import UnreadableImage
 
     piped = None if sys.stdin.isatty() else sys.stdin.read()
     with daemon(host, port) as client:
         _ensure_pulled(client, model)
         if prompt is not None or piped:
             text = "\n".join(p for p in (prompt, piped) if p)
-            one_shot(client, model, text, {}, think)
+            try:
+                one_shot(client, model, text, {}, think)
+            except UnreadableImage as exc:
+                fail(f"{exc}; nothing was sent")
             return
         Repl(client, model, session, out, think).run()
 

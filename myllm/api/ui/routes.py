@@ -1,7 +1,8 @@
 """The chat page (`GET /ui`): three static files from the package, no build step, nothing
 fetched from elsewhere. It talks to the native API like any client; the Content-Security-Policy
 allows only its own script and style, so nothing a model writes could run even if it reached
-the page as markup (the script puts all text in as text)."""
+the page as markup (the script puts all text in as text); images are shown from `blob:` object
+URLs the script makes of files the user chose and of a session's stored images it fetched."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ FILES = {"/ui": ("index.html", "text/html; charset=utf-8"), "/ui/app.js": ("app.
          "/ui/app.css": ("app.css", "text/css; charset=utf-8")}
 PATHS = frozenset(FILES)
 """Open without a key: the page must load to ask for one."""
-POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self'; "
+POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src 'self' blob:; "
           "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 

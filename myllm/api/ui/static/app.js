@@ -1,7 +1,8 @@
 // myllm's chat page: the native API (/api/models, /api/chat with SSE, /api/sessions) and
 // nothing else. Every text from a model or a stored message goes into the page through
 // textContent, never as HTML, so no markup in it can run. A thinking model's thinking (the
-// API's `thinking` events and field) is folded above its answer, as plain text.
+// API's `thinking` events and field) is folded above its answer, as plain text. Images (attached
+// by the button, pasted or dropped) go to a vision model as the message's `images`.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -66,13 +67,14 @@ function render(body, text) {
   });
 }
 
-function addMessage(role, text, thinking) {
+function addMessage(role, text, thinking, images = []) {
   const article = element("article");
   article.dataset.role = role;
   const body = element("div");
   body.className = "body";
   article.append(body);
   render(body, text);
+  if (images.length) imageRow(article, images.length).forEach((img, i) => { img.src = images[i]; });
   if (thinking) setThinking(article, thinking, false);
   const meta = element("div");
   meta.className = "meta";
@@ -110,6 +112,123 @@ function setThinking(article, text, open) {
   details.querySelector(".text").textContent = text;
 }
 
+// -- images. Each is shown from an object URL (blob:, the one image source the page's CSP adds),
+// revoked when its preview is removed or the conversation showing it leaves the page.
+const IMAGE_TYPES = ["image/png", "image/jpeg", "image/webp", "image/gif"];
+let pending = [];  // what the next message sends, in order: { file, url }
+let shown = [];  // the object URLs the conversation on the page shows
+let view = 0;  // counts conversations shown: a stored image arriving after its conversation left is dropped
+let seeing = new Set();  // the models that take images (their `vision`)
+
+function updateAttach() {
+  const model = $("model").value;
+  $("attach").disabled = !seeing.has(model);
+  $("attach").title = seeing.has(model) ? "PNG, JPEG, WebP or GIF; paste or drop them too" : `${model} does not take images`;
+}
+
+function addImages(files) {
+  const model = $("model").value;
+  if (!seeing.has(model)) {
+    $("status").textContent = `${model} does not take images.`;
+    return;
+  }
+  const refused = files.filter((f) => !IMAGE_TYPES.includes(f.type));
+  for (const file of files) if (!refused.includes(file)) pending.push({ file, url: URL.createObjectURL(file) });
+  $("status").textContent = refused.length
+    ? "Not a PNG, JPEG, WebP or GIF image: " + refused.map((f) => f.name || "(unnamed)").join(", ") : "";
+  showPending();
+}
+
+function showPending() {
+  $("attachments").replaceChildren(...pending.map((item, i) => {
+    const img = element("img");
+    img.src = item.url;
+    img.alt = item.file.name || `Image ${i + 1}`;
+    const remove = element("button", "×");
+    remove.type = "button";
+    remove.setAttribute("aria-label", "Remove " + img.alt);
+    remove.addEventListener("click", () => {
+      URL.revokeObjectURL(item.url);
+      pending = pending.filter((p) => p !== item);
+      showPending();
+    });
+    const li = element("li");
+    li.append(img, remove);
+    return li;
+  }));
+}
+
+// The bytes as the API takes them: base64, without the data: URI's prefix.
+function base64(file) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(reader.result.slice(reader.result.indexOf(",") + 1));
+    reader.onerror = () => reject(reader.error);
+    reader.readAsDataURL(file);
+  });
+}
+
+// A message's images go above its text, as they went before it in the prompt.
+function imageRow(article, count) {
+  const row = element("div");
+  row.className = "images";
+  const imgs = Array.from({ length: count }, (_, i) => {
+    const img = element("img");
+    img.alt = `Image ${i + 1}`;
+    return img;
+  });
+  row.append(...imgs);
+  article.querySelector(".body").before(row);
+  return imgs;
+}
+
+// A stored message names its images by digest; each is fetched with the page's key.
+async function showStoredImages(article, id, digests) {
+  const current = view;
+  const imgs = imageRow(article, digests.length);
+  await Promise.all(digests.map(async (digest, i) => {
+    try {
+      const response = await api(`/api/sessions/${encodeURIComponent(id)}/images/${encodeURIComponent(digest)}`);
+      if (!response.ok) throw new Error("the server answered " + response.status);
+      const blob = await response.blob();
+      if (current !== view) return;
+      const url = URL.createObjectURL(blob);
+      shown.push(url);
+      imgs[i].src = url;
+    } catch (error) {
+      imgs[i].alt = `Image ${i + 1} (not loaded: ${error.message})`;
+    }
+  }));
+}
+
+function clearConversation() {
+  view += 1;
+  for (const url of shown) URL.revokeObjectURL(url);
+  shown = [];
+  $("messages").replaceChildren();
+}
+
+const carriesFiles = (event) => Boolean(event.dataTransfer) && Array.from(event.dataTransfer.types).includes("Files");
+
+// Files dragged over the page: dropped on the composer they are attached; anywhere else the drop
+// is refused, which also keeps the browser from replacing the page with the file.
+function onDrag(event) {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();
+  const onComposer = event.target instanceof Element && event.target.closest("#composer") !== null;
+  $("composer").classList.toggle("dropping", event.type === "dragover" && onComposer);
+  if (event.type === "dragover") event.dataTransfer.dropEffect = onComposer ? "copy" : "none";
+  else if (onComposer) addImages(Array.from(event.dataTransfer.files));
+}
+
+// A pasted image is attached; pasted text stays text.
+function onPaste(event) {
+  const files = event.clipboardData ? Array.from(event.clipboardData.files) : [];
+  if (!files.length) return;
+  event.preventDefault();
+  addImages(files);
+}
+
 // -- models and sessions
 async function loadModels() {
   const response = await api("/api/models");
@@ -119,6 +238,8 @@ async function loadModels() {
   select.replaceChildren(...models.map((m) => element("option", m.name)));
   for (const option of select.options) option.value = option.textContent;
   if (chosen && models.some((m) => m.name === chosen)) select.value = chosen;
+  seeing = new Set(models.filter((m) => m.vision).map((m) => m.name));
+  updateAttach();
 }
 
 async function loadSessions() {
@@ -142,16 +263,21 @@ async function openSession(id) {
   const response = await api("/api/sessions/" + encodeURIComponent(id));
   const session = await response.json();
   sessionId = id;
-  $("messages").replaceChildren();
-  for (const m of session.messages) if (m.role !== "system") addMessage(m.role, m.content, m.thinking);
+  clearConversation();
+  for (const m of session.messages) {
+    if (m.role === "system") continue;
+    const article = addMessage(m.role, m.content, m.thinking);
+    if (m.images && m.images.length) showStoredImages(article, id, m.images);
+  }
   if (session.model) $("model").value = session.model;
+  updateAttach();
   await loadSessions();
 }
 
 function newChat() {
   if (controller) controller.abort();
   sessionId = null;
-  $("messages").replaceChildren();
+  clearConversation();
   $("status").textContent = "";
   loadSessions();
   $("message").focus();
@@ -161,13 +287,18 @@ function newChat() {
 async function send(event) {
   if (event) event.preventDefault();
   const text = $("message").value;
-  if (!text.trim() || controller) return;
+  if ((!text.trim() && !pending.length) || controller) return;
+  const images = pending;
+  pending = [];
+  showPending();
   $("message").value = "";
-  addMessage("user", text);
+  shown.push(...images.map((item) => item.url));  // the previews' URLs now show the sent message
+  addMessage("user", text, undefined, images.map((item) => item.url));
   const answer = addMessage("assistant", "");
+  const message = { role: "user", content: text };
   const body = {
     model: $("model").value,
-    messages: [{ role: "user", content: text }],
+    messages: [message],
     stream: true,
     options: { temperature: Number($("temperature").value), max_tokens: Number($("max-tokens").value) },
   };
@@ -182,6 +313,7 @@ async function send(event) {
   let received = "";
   let thought = "";
   try {
+    if (images.length) message.images = await Promise.all(images.map((item) => base64(item.file)));
     const response = await api("/api/chat", { method: "POST", body: JSON.stringify(body), signal: controller.signal });
     if (!response.ok) {
       const error = await response.json().catch(() => ({}));
@@ -245,6 +377,17 @@ async function start() {
   $("composer").addEventListener("submit", send);
   $("stop").addEventListener("click", stop);
   $("new-chat").addEventListener("click", newChat);
+  $("model").addEventListener("change", updateAttach);
+  $("attach").addEventListener("click", () => $("image-file").click());
+  $("image-file").addEventListener("change", () => {
+    addImages(Array.from($("image-file").files));
+    $("image-file").value = "";  // choosing the same file again is a change too
+  });
+  $("composer").addEventListener("paste", onPaste);
+  for (const type of ["dragover", "drop"]) window.addEventListener(type, onDrag);
+  window.addEventListener("dragleave", (event) => {
+    if (!event.relatedTarget) $("composer").classList.remove("dropping");
+  });
   $("message").addEventListener("keydown", (event) => {
     if (event.key === "Enter" && !event.shiftKey) send(event);
   });
