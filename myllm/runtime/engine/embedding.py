@@ -43,6 +43,10 @@ class EmbeddingEngine:
                 op_offload=spec.n_gpu_layers != 0,
                 embedding=True,
                 pooling_type=spec.pooling,
+                # `Llama` takes on or off, not llama.cpp's "auto": auto means on for a CPU (where
+                # llama-server's auto turns it on too; a third faster on a small encoder), off
+                # with GPU layers, whose backend may not have it for every model.
+                flash_attn=spec.flash_attention == "on" or spec.flash_attention == "auto" and spec.n_gpu_layers == 0,
                 n_batch=batch,
                 n_ubatch=batch,
                 verbose=False,
@@ -86,28 +90,43 @@ class EmbeddingEngine:
             return self.llm.detokenize(tokens).decode("utf-8", "replace")
 
     def embed(self, inputs: list[str | list[int]], truncate: bool = False) -> tuple[list[list[float]], int]:
-        """One vector per input (a text or token ids), all in one call; the token count. An
-        input longer than the batch is refused, or with `truncate` cut to what fits."""
+        """One vector per input (a text or token ids), all in one call; the token count."""
+        seqs = self.embed_sequences(inputs, truncate)
+        return self.evaluate(seqs), sum(map(len, seqs))  # type: ignore[return-value]
+
+    def rerank(self, query: str, documents: list[str], truncate: bool = False) -> tuple[list[float], int]:
+        """A relevance score per document and the token count (see `rerank_sequences`)."""
+        seqs = self.rerank_sequences(query, documents, truncate)
+        return self.evaluate(seqs), sum(map(len, seqs))  # type: ignore[return-value]
+
+    def embed_sequences(self, inputs: list[str | list[int]], truncate: bool = False) -> list[list[int]]:
+        """The sequences `evaluate` embeds for `inputs` (texts or token ids). An input longer
+        than the batch is refused, or with `truncate` cut to what fits."""
         if self.ranks:
             raise InvalidOptions(f"'{self.spec.name}' is loaded to rank documents, not to embed", field="model")
         texts = [i if isinstance(i, str) else self.detokenize(i) for i in inputs]
         with self._guard.use():
-            seqs = [self._tokens(text, i, truncate) for i, text in enumerate(texts)]
-            pooled = self._pooled(seqs)
-        return [_normalized(v) for v in pooled], sum(map(len, seqs))
+            return [self._tokens(text, i, truncate) for i, text in enumerate(texts)]
 
-    def rerank(self, query: str, documents: list[str], truncate: bool = False) -> tuple[list[float], int]:
-        """A relevance score per document (the classifier's raw output, as llama-server's
-        `/v1/rerank` gives it) and the token count. Each pair is laid out as llama-server lays it:
-        the model's `rerank` template with `{query}` and `{document}` filled in, or else
+    def rerank_sequences(self, query: str, documents: list[str], truncate: bool = False) -> list[list[int]]:
+        """The sequences `evaluate` scores, one query-document pair each, laid out as llama-server
+        lays them: the model's `rerank` template with `{query}` and `{document}` filled in, or else
         `[BOS] query [EOS] [SEP] document [EOS]`, each mark where the vocabulary adds it. A pair
         longer than the batch is refused, or with `truncate` its document is cut to fit."""
         if not self.ranks:
             raise InvalidOptions(f"'{self.spec.name}' is not a reranking model", field="model")
         with self._guard.use():
-            seqs = [self._pair(query, doc, i, truncate) for i, doc in enumerate(documents)]
+            return [self._pair(query, doc, i, truncate) for i, doc in enumerate(documents)]
+
+    def evaluate(self, seqs: list[list[int]]) -> list[list[float]] | list[float]:
+        """Each sequence's result, however many callers' sequences `seqs` gathers: an
+        L2-normalised vector, or for a reranker the classifier's raw score (as llama-server's
+        `/v1/rerank` gives it)."""
+        with self._guard.use():
             pooled = self._pooled(seqs)
-        return [float(v[0]) for v in pooled], sum(map(len, seqs))
+        if self.ranks:
+            return [float(v[0]) for v in pooled]
+        return [_normalized(v) for v in pooled]
 
     def _tokens(self, text: str, index: int, truncate: bool) -> list[int]:
         limit = int(self.llm.n_batch)

@@ -32,6 +32,7 @@ from myllm.runtime.engine.batching import BatchEngine, EngineJob
 from myllm.runtime.engine.embedding import EmbeddingEngine
 from myllm.runtime.engine.llama_setup import bindings_only
 from myllm.runtime.engine_types import DecodedImage, Failed
+from myllm.runtime.runner.pooling_queue import PoolingQueue
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
     decode_request,
@@ -45,6 +46,7 @@ INLINE_TEXT = 8192
 """Characters of text up to which a tokenizing call runs on the main thread: well under a
 millisecond of llama.cpp's tokenizer, against a thread hop on every request's path."""
 TOKENIZING = {"tokenize", "units", "count"}
+POOLED = {"embed", "rerank"}
 
 
 def _text_size(args: list[Any]) -> int:
@@ -88,14 +90,15 @@ class RunnerLoop:
         """Requests the engine still holds, for cancels. Weak: the engine lets go of a job once
         it has ended, which may happen before `submit` has even returned here."""
         self.pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="runner-call")
-        self.embed_lock = threading.Lock()
+        self.pooling = PoolingQueue(engine, self.answer) if isinstance(engine, EmbeddingEngine) else None
+        """Where `embed` and `rerank` calls go on an embedding instance (concurrent ones share batches)."""
         self.calls: dict[str, Callable[..., Any]] = {
             "tokenize": engine.tokenize,
             "units": lambda units, limit: self._generation().tokenize_units(units, limit),
             "count": lambda texts: [engine.count_tokens(t) for t in texts],
             "detokenize": engine.detokenize,
-            "embed": self._embed,
-            "rerank": self._rerank,
+            "embed": self._not_pooling,
+            "rerank": self._not_pooling,
             "image_positions": self._image_positions,
             "grammar": lambda grammar: self._generation().check_grammar(grammar),
             "stats": self._stats,
@@ -107,23 +110,16 @@ class RunnerLoop:
             raise InvalidOptions("this instance was loaded for embeddings, not generation")
         return self.engine
 
-    def _embed(self, inputs: list[str | list[int]], truncate: bool) -> Any:
-        if not isinstance(self.engine, EmbeddingEngine):
-            raise InvalidOptions("this instance was loaded for generation, not embeddings")
-        with self.embed_lock:  # one llama.cpp context: one batch at a time
-            return list(self.engine.embed(inputs, truncate))
+    @staticmethod
+    def _not_pooling(*_args: Any) -> Any:
+        """`embed` or `rerank` sent to a generation instance (an embedding one queues them)."""
+        raise InvalidOptions("this instance was loaded for generation, not embeddings or reranking")
 
     def _image_positions(self, images: list[list[Any]]) -> list[int]:
         projector = self._generation().projector
         if projector is None:
             raise InvalidOptions("this model cannot see images: it was loaded without a projector", field="images")
         return [projector.positions(DecodedImage(*image)) for image in images]
-
-    def _rerank(self, query: str, documents: list[str], truncate: bool) -> Any:
-        if not isinstance(self.engine, EmbeddingEngine):
-            raise InvalidOptions("this instance was loaded for generation, not reranking")
-        with self.embed_lock:
-            return list(self.engine.rerank(query, documents, truncate))
 
     def _stats(self) -> dict[str, Any]:
         """What tests and /api/ps read about the engine."""
@@ -142,9 +138,12 @@ class RunnerLoop:
         try:
             value = self.calls[method](*args)
         except Exception as exc:  # a domain error travels as itself, anything else as a crash of this call
-            self.channel.send(["err", call_id, encode_error(exc)])
+            self.answer(call_id, exc, None)
         else:
-            self.channel.send(["ok", call_id, value])
+            self.answer(call_id, None, value)
+
+    def answer(self, call_id: int, error: BaseException | None, value: Any) -> None:
+        self.channel.send(["ok", call_id, value] if error is None else ["err", call_id, encode_error(error)])
 
     def serve(self, messages: Iterator[list[Any]]) -> None:
         for message in messages:
@@ -160,7 +159,9 @@ class RunnerLoop:
                     job.cancel.set()
             elif kind == "call":
                 _, call_id, method, args = message
-                if method in TOKENIZING and _text_size(args) <= INLINE_TEXT:
+                if self.pooling is not None and method in POOLED:
+                    self.pooling.put(call_id, method, args)
+                elif method in TOKENIZING and _text_size(args) <= INLINE_TEXT:
                     self.call(call_id, method, args)
                 else:
                     self.pool.submit(self.call, call_id, method, args)
