@@ -16,6 +16,7 @@ from myllm.registry.store import Registry
 from myllm.settings import Settings
 
 if TYPE_CHECKING:
+    from tests.mtmd_reference import Reference
     from tests.vision_fixture import VisionModel
 
 CLOSED_PORT_URL = "http://127.0.0.1:9"
@@ -148,3 +149,15 @@ def vision(tmp_path_factory: pytest.TempPathFactory) -> VisionModel:
     from tests.vision_fixture import write_vision_model
 
     return write_vision_model(tmp_path_factory.mktemp("vision"))
+
+
+@pytest.fixture(scope="session")
+def reference(vision: VisionModel) -> Iterator[Reference]:
+    """libmtmd driven directly on the vision fixture (tests/mtmd_reference.py): the prompt token
+    counts and greedy tokens llama-server gives with `--mmproj` (bench/vision_check.py shows it),
+    for a context of 1024 (test modules with another context define their own)."""
+    from tests.mtmd_reference import Reference
+
+    ref = Reference(vision.text, vision.projector, n_ctx=1024)
+    yield ref
+    ref.close()

@@ -36,13 +36,6 @@ GREEDY = {"temperature": 0, "num_predict": 8}
 
 
 @pytest.fixture(scope="module")
-def reference(vision: VisionModel) -> Iterator[Reference]:
-    ref = Reference(vision.text, vision.projector, n_ctx=1024)
-    yield ref
-    ref.close()
-
-
-@pytest.fixture(scope="module")
 def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory, vision: VisionModel) -> Iterator[tuple[str, str]]:
     home = writable_home(models_home, tmp_path_factory.mktemp("vision-api") / "home")
     with running_servers(Settings(home=home, num_threads=2, num_ctx=1024, max_images=MAX_IMAGES)) as urls:

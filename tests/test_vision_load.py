@@ -92,18 +92,14 @@ async def ask(http: httpx.AsyncClient, image: bytes, stream: bool) -> tuple[int,
         return r.status_code, events[-1]["usage"], None
 
 
-def test_twenty_image_requests_on_two_slots_answer_or_are_turned_away(url: str, vision: VisionModel) -> None:
+def test_twenty_image_requests_on_two_slots_answer_or_are_turned_away(url: str, reference: Reference) -> None:
     assert server.LAST_APP is not None
     registry: Registry = server.LAST_APP.state.services.registry
     template = jinja2.Environment().from_string(registry.get(MODEL).template)
     images = [png_image(8 + 4 * (i % 5), 8 + 8 * (i // 5), seed=100 + i) for i in range(CLIENTS)]
-    reference = Reference(vision.text, vision.projector, n_ctx=1024)
-    try:
-        prompt = template.render(messages=[{"role": "user", "content": reference.marker + QUESTION}],
-                                 add_generation_prompt=True, bos_token="", eos_token="")
-        want = [prompt_tokens(reference, prompt, image) for image in images]
-    finally:
-        reference.close()
+    prompt = template.render(messages=[{"role": "user", "content": reference.marker + QUESTION}],
+                             add_generation_prompt=True, bos_token="", eos_token="")
+    want = [prompt_tokens(reference, prompt, image) for image in images]
 
     plain = {"model": MODEL, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]}
     assert httpx.post(f"{url}/v1/chat/completions", json=plain, timeout=120).status_code == 200  # loaded

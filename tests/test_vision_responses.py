@@ -33,13 +33,6 @@ QUESTION = "What is in this image?"
 
 
 @pytest.fixture(scope="module")
-def reference(vision: VisionModel) -> Iterator[Reference]:
-    ref = Reference(vision.text, vision.projector, n_ctx=1024)
-    yield ref
-    ref.close()
-
-
-@pytest.fixture(scope="module")
 def client(tmp_path_factory: pytest.TempPathFactory, vision: VisionModel) -> Iterator[openai.OpenAI]:
     settings = Settings(home=tmp_path_factory.mktemp("vision-responses") / "home", num_threads=2, num_ctx=1024)
     registry = Registry.open(settings)

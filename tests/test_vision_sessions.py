@@ -62,13 +62,6 @@ def vision_home(home: Path, vision: VisionModel) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference(vision: VisionModel) -> Iterator[Reference]:
-    ref = Reference(vision.text, vision.projector, n_ctx=1024)
-    yield ref
-    ref.close()
-
-
-@pytest.fixture(scope="module")
 def url(tmp_path_factory: pytest.TempPathFactory, vision: VisionModel) -> Iterator[str]:
     home = vision_home(tmp_path_factory.mktemp("vision-sessions") / "home", vision)
     settings = Settings(home=home, num_threads=2, num_ctx=1024, api_keys=ADMIN, inference_keys=f"{ALICE},{BOB}",
