@@ -49,16 +49,11 @@ def url(models_home: Path, tmp_path_factory: pytest.TempPathFactory, vision: Vis
 
 
 def runner_pids() -> list[int]:
-    """The runners of this test process's daemon that serve the vision model."""
-    pids = []
-    for child in psutil.Process().children(recursive=True):
-        try:
-            cmdline = " ".join(child.cmdline())
-        except psutil.Error:  # exited meanwhile
-            continue
-        if "myllm.runtime.runner" in cmdline:
-            pids.append(child.pid)
-    return pids
+    """The runners of this module's daemon (the last one tests/server.py built): other modules'
+    daemons in this process may still have theirs."""
+    assert server.LAST_APP is not None
+    instances = server.LAST_APP.state.services.runtime.manager._instances.values()
+    return sorted(pid for inst in instances if (pid := inst.runner.pid) is not None and psutil.pid_exists(pid))
 
 
 def prompt_tokens(reference: Reference, prompt: str, image: bytes) -> int:
