@@ -89,9 +89,12 @@ def test_a_base64_image_block_is_answered_and_counted(client: anthropic.Anthropi
     assert r.content and r.content[0].type == "text" and r.content[0].text
     assert input_tokens(r) == want and r.usage.output_tokens > 0
     with client.messages.stream(model=MODEL, max_tokens=8, extra_body=GREEDY, messages=messages) as stream:
-        streamed = "".join(stream.text_stream)
+        events = list(stream)
         final = stream.get_final_message()
+    streamed = "".join(e.delta.text for e in events if e.type == "content_block_delta" and e.delta.type == "text_delta")
     assert streamed == r.content[0].text and input_tokens(final) == want
+    [start] = [e for e in events if e.type == "message_start"]
+    assert start.message.usage.input_tokens == want  # the image's tokens counted from the first event
 
 
 def test_images_among_text_blocks_go_where_they_are(client: anthropic.Anthropic, reference: Reference,

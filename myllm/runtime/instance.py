@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from myllm.errors import MyLLMError
-from myllm.runtime.engine_types import Event, GenerationRequest
+from myllm.runtime.engine_types import DecodedImage, Event, GenerationRequest
 
 RunnerStats = dict[str, int]
 """A runner's figures about itself (resident memory, tokens decoded, saved KV states and
@@ -145,4 +145,12 @@ class Runner(PlacedRunner, Tokenizer, Protocol):
 
     async def embed(self, inputs: list[str | list[int]], truncate: bool = False) -> tuple[list[list[float]], int]:
         """One vector per input (a text, or token ids), and the tokens they took."""
+        ...
+
+    async def rerank(self, query: str, documents: list[str], truncate: bool = False) -> tuple[list[float], int]:
+        """A reranker's score per query-document pair, and the tokens they took."""
+        ...
+
+    async def image_positions(self, images: list[DecodedImage]) -> list[int]:
+        """The prompt positions each image takes on a vision model."""
         ...

@@ -195,6 +195,17 @@ def shortened(vectors: list[list[float]], dimensions: int | None) -> list[list[f
     return [[x / norm for x in head] for head in heads for norm in [math.hypot(*head) or 1.0]]
 
 
+async def prompt_length(runner: Runner, tokens: list[int], images: list[DecodedImage]) -> int:
+    """A prompt's positions: its tokens and the positions its images take on this model (the
+    runner's projector slices them, without encoding), so a stream's `prompt_tokens` is exact
+    from its start and an image that takes the prompt past the context is refused here, with a
+    status code, rather than in the stream."""
+    length = len(tokens) + (sum(await runner.image_positions(images)) if images else 0)
+    if length >= runner.n_ctx:
+        raise PromptTooLong(length, runner.n_ctx)
+    return length
+
+
 def check_text(text: str, field: str) -> None:
     """NUL characters end C strings inside llama.cpp and tokenizers, and a lone surrogate (which
     JSON can carry as an escape) is no text at all: refuse both clearly."""
@@ -428,13 +439,9 @@ class Runtime:
         lease = await self.manager.acquire(row, num_ctx=defaults.num_ctx, num_gpu=defaults.num_gpu, caller=caller)
         try:
             tokens, _ = await prompt.tokens(lease.runner, 0)
-            positions = await lease.runner.image_positions(images) if images else []
+            return await prompt_length(lease.runner, tokens, images)
         finally:
             lease.release()
-        total = len(tokens) + sum(positions)
-        if total > lease.runner.n_ctx:
-            raise PromptTooLong(total, lease.runner.n_ctx)
-        return total
 
     def recent(self, earlier: list[dict[str, Any]], sent: int) -> list[dict[str, Any]]:
         """A stored conversation's `earlier` messages that fit beside `sent` new ones within
@@ -560,11 +567,12 @@ class Runtime:
                 markup.open, markup.close, markup.answer, markup.headers, prompt.thinking_open,
                 opts.thinking_budget or self.settings.thinking_budget)
             placed = tuple(PromptImage(at, images[n]) for at, n in prompt.images) if images else ()
+            length = await prompt_length(runner, tokens, [image.image for image in placed])
             events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking, placed))
         except BaseException:
             lease.release()
             raise
-        stream = GenerationStream(events, lease, len(tokens))
+        stream = GenerationStream(events, lease, length)
         stream.on_done = self.manager.events.generation_done
         stream.counts = counts
         stream.dropped = prompt.dropped
