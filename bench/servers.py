@@ -5,6 +5,7 @@ for SmolLM2 and fast_engine.py another for its tiny model, alike."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import socket
@@ -61,12 +62,19 @@ class Server:
 
     def _sample(self) -> None:
         """Peak RSS of the server and all its descendants together (myllm's runner processes
-        hold the models; llama-server has none)."""
+        hold the models; llama-server has none). The descendants are looked up once a second:
+        psutil finds them by reading every process's entry in /proc, which, every 50 ms, held
+        this process's GIL long enough to add milliseconds to the first tokens its clients time."""
         proc = psutil.Process(self.proc.pid)
-        while self._sampling:
+        children: list[psutil.Process] = []
+        for n in itertools.count():
+            if not self._sampling:
+                return
             try:
+                if n % 20 == 0:
+                    children = proc.children(recursive=True)
                 total = proc.memory_info().rss
-                for child in proc.children(recursive=True):
+                for child in children:
                     try:
                         total += child.memory_info().rss
                     except psutil.Error:  # exited meanwhile

@@ -46,6 +46,11 @@ class EventStream(Protocol):
         """The next event (`StopAsyncIteration` after the `DoneEvent`)."""
         ...
 
+    async def started(self) -> int:
+        """For a request sent with a `PromptSource`: its prompt's tokens once it went in; the
+        error that kept it out is raised here."""
+        ...
+
     async def aclose(self) -> None:
         """Stop early: the request is cancelled where it runs (within one step)."""
         ...

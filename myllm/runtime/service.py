@@ -12,21 +12,23 @@ import asyncio
 import dataclasses
 import json
 import math
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from myllm.errors import InvalidOptions, MyLLMError, PromptTooLong, WrongModelKind
 from myllm.registry.schema import ModelRow
 from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
 from myllm.runtime.engine_types import (
+    SOURCE_CHARS,
     Candidate,
     DecodedImage,
     DoneEvent,
     Event,
     GenerationRequest,
     PromptImage,
+    PromptSource,
     Thinking,
     TokenEvent,
     check_prompt,
@@ -193,6 +195,45 @@ def shortened(vectors: list[list[float]], dimensions: int | None) -> list[list[f
                              f"(got {dimensions})", field="dimensions")
     heads = [v[:dimensions] for v in vectors]
     return [[x / norm for x in head] for head in heads for norm in [math.hypot(*head) or 1.0]]
+
+
+T = TypeVar("T")
+
+
+async def submit(runner: Runner, prompt: _Prompt, opts: GenerationOptions, grammar: str | None,
+                 thinking: Callable[[], Thinking | None], count: list[str] | None,
+                 images: list[DecodedImage]) -> tuple[EventStream, int, list[int]]:
+    """The request in the runner: its events, its prompt's positions and the token counts of
+    `count` (each a status code when refused, never a stream's error). A prompt of little text
+    goes with the request for the runner to tokenize (one message, not a tokenizing round trip
+    first; `PromptSource`); one the runner finds too long for its budget is then trimmed here,
+    when it may be. Counting runs beside either."""
+    reserve = min(opts.max_tokens or 256, runner.n_ctx // 4)
+
+    async def counted(first: Awaitable[T]) -> tuple[T, list[int]]:
+        if not count:  # no task to start: the call goes out at once
+            return await first, []
+        done, counts = await asyncio.gather(first, runner.count_tokens(count))  # one round trip each, at once
+        return done, counts
+
+    sourced = await prompt.source(runner.n_ctx, reserve, SOURCE_CHARS)
+    if sourced is not None:
+        source, stop = sourced
+        events = runner.generate(GenerationRequest([], opts, stop, grammar, thinking(), source=PromptSource(*source)))
+        try:
+            length, counts = await counted(events.started())
+            return events, length, counts
+        except PromptTooLong:
+            if not prompt.trimmable:
+                raise
+        except BaseException:
+            await events.aclose()
+            raise
+    (tokens, stop), counts = await counted(prompt.tokens(runner, reserve))
+    check_prompt(tokens, runner.n_ctx)
+    placed = tuple(PromptImage(at, images[n]) for at, n in prompt.images) if images else ()
+    length = await prompt_length(runner, tokens, [image.image for image in placed])
+    return runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking(), placed)), length, counts
 
 
 async def prompt_length(runner: Runner, tokens: list[int], images: list[DecodedImage]) -> int:
@@ -553,22 +594,16 @@ class Runtime:
                     f"max_tokens {opts.max_tokens} is more than the model's context of {runner.n_ctx} tokens",
                     field="max_tokens",
                 )
-            reserve = min(opts.max_tokens or 256, runner.n_ctx // 4)
-            if count:  # one round trip to the runner each, at once
-                (tokens, stop), counts = await asyncio.gather(prompt.tokens(runner, reserve), runner.count_tokens(count))
-            else:  # no tasks to start: the tokenizing call goes out at once
-                (tokens, stop), counts = await prompt.tokens(runner, reserve), []
-            check_prompt(tokens, runner.n_ctx)  # here too, so a refusal is a status code, not a stream's error
             if grammar is not None:
                 await runner.check_grammar(grammar)
-
             markup = thinking_markup(row.template)
-            thinking = None if prompt.thinking_open is None or markup is None else Thinking(
-                markup.open, markup.close, markup.answer, markup.headers, prompt.thinking_open,
-                opts.thinking_budget or self.settings.thinking_budget)
-            placed = tuple(PromptImage(at, images[n]) for at, n in prompt.images) if images else ()
-            length = await prompt_length(runner, tokens, [image.image for image in placed])
-            events = runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking, placed))
+
+            def thinking() -> Thinking | None:  # once the prompt knows whether its output starts thinking
+                return None if prompt.thinking_open is None or markup is None else Thinking(
+                    markup.open, markup.close, markup.answer, markup.headers, prompt.thinking_open,
+                    opts.thinking_budget or self.settings.thinking_budget)
+
+            events, length, counts = await submit(runner, prompt, opts, grammar, thinking, count, images or [])
         except BaseException:
             lease.release()
             raise

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from myllm.errors import PromptTooLong
 from myllm.runtime.engine.lifetime import UseGuard
-from myllm.runtime.engine_types import bounded_tokens, check_token_ids
+from myllm.runtime.engine_types import PromptSource, bounded_tokens, check_token_ids
 
 if TYPE_CHECKING:
     from llama_cpp import llama_vocab_p
@@ -81,6 +81,21 @@ class Vocabulary:
             out[i] = tokens
             left -= len(tokens)
         return out
+
+    def prompt(self, source: PromptSource) -> list[int]:
+        """A `PromptSource`'s tokens, as the daemon would have had them tokenized: a raw text
+        with `tokenize`, units with `tokenize_units` joined. More than its budget is
+        `PromptTooLong` (with the count when all of it was tokenized)."""
+        if source.raw is not None:
+            tokens = self.tokenize(source.raw)
+        else:
+            units = self.tokenize_units(source.units or [], self._n_ctx)
+            if any(unit is None for unit in units):
+                raise PromptTooLong(self._n_ctx, self._n_ctx, at_least=True)
+            tokens = [token for unit in units if unit is not None for token in unit]
+        if len(tokens) > source.budget:
+            raise PromptTooLong(len(tokens), self._n_ctx)
+        return tokens
 
     def count_tokens(self, text: str) -> int:
         """Tokens of a message's text on its own (no BOS, special tokens as text), at most the

@@ -120,7 +120,7 @@ class Loader(Generic[R]):
     async def _create(self, spec: LoadSpec, row: ModelRow, whole: MemoryEstimate, fp: Footprint,
                       plan: Plan[LoadSpec]) -> Instance[R]:
         loaded = dataclasses.replace(spec, n_gpu_layers=plan.gpu_layers)
-        config = RunnerConfig(loaded, self.settings.num_threads, self.saved_kv_bytes(row, spec))
+        config = RunnerConfig(loaded, self.settings.num_threads, self.saved_kv_bytes(row, spec), self.settings.runner_nice)
         started = time.perf_counter()
         runner = await self.factory(config, self.settings.max_queue)
         inst = Instance(spec, row, runner, whole, fp, plan.gpu_layers, plan.need, self.keep_alive)

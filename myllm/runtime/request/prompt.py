@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from myllm.errors import InvalidOptions, Overloaded, PromptTooLong
 from myllm.pools import settle
@@ -156,6 +156,14 @@ def _joined(units: list[list[int] | None], n_ctx: int) -> list[int]:
     return [token for unit in units if unit is not None for token in unit]
 
 
+class Source(NamedTuple):
+    """What `PromptSource` carries (runtime/engine_types.py), built by the runtime."""
+
+    units: list[list[Part]] | None
+    raw: str | None
+    budget: int
+
+
 _Prepared = tuple[RenderedPrompt, list[list[int] | None], list[list[tuple[int, int]]]]
 """A rendering, its units' tokens and its units' images (empty without images)."""
 
@@ -174,8 +182,15 @@ class TextPrompt:
         """Raw text is never split: the caller wrote the model's markup itself."""
         self.images: tuple[tuple[int, int], ...] = ()
 
+    trimmable = False
+
     async def tokens(self, runner: Tokenizer, reserve: int) -> tuple[list[int], tuple[str, ...]]:
         return await runner.tokenize(self.text), ()
+
+    async def source(self, n_ctx: int, reserve: int, max_chars: int) -> tuple[Source, tuple[str, ...]] | None:
+        """The text for the runner to tokenize with the request (runtime/engine_types.py
+        `PromptSource`), or None when it is longer than `max_chars`."""
+        return None if len(self.text) > max_chars else (Source(None, self.text, n_ctx), ())
 
 
 class ChatPrompt:
@@ -203,9 +218,26 @@ class ChatPrompt:
         self.dropped = 0
         self.text = ""
 
-    async def _prepare(self, runner: Tokenizer, msgs: list[dict[str, Any]]) -> _Prepared:
-        """One rendering and one tokenizing call: each unit's tokens (None for the early units
-        that cannot fit beside the later ones), and each unit's images (see `_with_images`)."""
+    @property
+    def trimmable(self) -> bool:
+        """Whether messages may drop out to fit: asked for, and some besides the system message
+        and the last one."""
+        return self.trim and len(self.messages) - (1 if self.messages[0]["role"] == "system" else 0) > 1
+
+    async def source(self, n_ctx: int, reserve: int, max_chars: int) -> tuple[Source, tuple[str, ...]] | None:
+        """The rendered conversation for the runner to tokenize with the request
+        (runtime/engine_types.py `PromptSource`) and its stop strings; None when it must be
+        tokenized first: it holds images, or more than `max_chars` of text. Its budget leaves
+        `reserve` for the reply when messages may drop out: a conversation over it is refused,
+        and `tokens` then trims it."""
+        if self.markers is not None or _size(self.messages, self.tools) > max_chars:
+            return None
+        rendered, units = await self._render(self.messages)
+        self._describe(rendered)
+        return Source(units, None, n_ctx - reserve if self.trimmable else n_ctx), rendered.stop
+
+    async def _render(self, msgs: list[dict[str, Any]]) -> tuple[RenderedPrompt, list[list[Part]]]:
+        """One rendering: the prompt and its units of text (the prefill in the last)."""
         row, details = self.row, self.row.details or {}
         rendered = await self.pool.render(lambda deadline: render_chat(
             msgs, row.template, row.family, details.get("bos_token"), details.get("eos_token"), deadline=deadline,
@@ -214,6 +246,12 @@ class ChatPrompt:
         units = [list(unit) for unit in rendered.units]
         if self.prefill:
             units[-1].append((self.prefill, False))
+        return rendered, units
+
+    async def _prepare(self, runner: Tokenizer, msgs: list[dict[str, Any]]) -> _Prepared:
+        """One rendering and one tokenizing call: each unit's tokens (None for the early units
+        that cannot fit beside the later ones), and each unit's images (see `_with_images`)."""
+        rendered, units = await self._render(msgs)
         if self.markers is None:
             return rendered, await runner.tokenize_units(units, runner.n_ctx), []
         return rendered, *await self._with_images(runner, units, msgs, self.markers)
@@ -268,7 +306,7 @@ class ChatPrompt:
         budget = runner.n_ctx - reserve
         first = 1 if self.messages[0]["role"] == "system" else 0
         droppable = len(self.messages) - first - 1
-        if not self.trim or droppable <= 0 or _fits(units, budget):
+        if not self.trimmable or _fits(units, budget):
             return self._done(rendered, units, placed, runner.n_ctx)
 
         async def attempt(k: int) -> _Prepared:
@@ -289,17 +327,22 @@ class ChatPrompt:
         self.dropped = k
         return self._done(rendered, units, placed, runner.n_ctx)
 
-    def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], placed: list[list[tuple[int, int]]],
-              n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
+    def _describe(self, rendered: RenderedPrompt) -> None:
+        """The prompt's text as the model sees it, and whether its output starts thinking."""
         self.text = rendered.text + self.prefill
         if self.markers is not None:
             self.text = self.markers.shown(self.text)
+        if splits_thinking(self.row.template, self.think):
+            self.thinking_open = rendered.thinking_open and not self.prefill
+
+    def _done(self, rendered: RenderedPrompt, units: list[list[int] | None], placed: list[list[tuple[int, int]]],
+              n_ctx: int) -> tuple[list[int], tuple[str, ...]]:
+        self._describe(rendered)
+        if self.markers is not None:
             offsets = [0]
             for unit in units:
                 offsets.append(offsets[-1] + len(unit or ()))
             self.images = tuple((offsets[i] + at, n) for i, images in enumerate(placed) for at, n in images)
-        if splits_thinking(self.row.template, self.think):
-            self.thinking_open = rendered.thinking_open and not self.prefill
         return _joined(units, n_ctx), rendered.stop
 
     @staticmethod

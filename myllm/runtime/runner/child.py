@@ -1,7 +1,8 @@
 """The runner process: one loaded model, served over the channel its parent passed it.
 
-`python -m myllm.runtime.runner NAME FD`: NAME is only there so `ps` shows which model a runner
-holds; FD is the inherited end of the socket pair. The main thread reads messages; generation
+`python -m myllm.runtime.runner NAME FD NICE`: NAME is only there so `ps` shows which model a
+runner holds; FD is the inherited end of the socket pair; NICE lowers the process's CPU priority
+below the daemon's (`MYLLM_RUNNER_NICE`), applied in `__main__` before any thread starts. The main thread reads messages; generation
 runs on the batch engine's scheduler thread, whose sink writes one message per step; other calls
 (tokenizing, embeddings) run on a small pool so a long one never delays a cancel, except a
 tokenizing call on little text, which the main thread answers at once: it takes microseconds,
@@ -14,6 +15,7 @@ sends the whole process group: the daemon decides when its runners stop, after i
 
 from __future__ import annotations
 
+import dataclasses
 import faulthandler
 import os
 import signal
@@ -31,7 +33,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.engine.batching import BatchEngine, EngineJob
 from myllm.runtime.engine.embedding import EmbeddingEngine
 from myllm.runtime.engine.llama_setup import bindings_only
-from myllm.runtime.engine_types import DecodedImage, Failed
+from myllm.runtime.engine_types import DecodedImage, Failed, GenerationRequest, Started, check_prompt
 from myllm.runtime.runner.pooling_queue import PoolingQueue
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -130,6 +132,17 @@ class RunnerLoop:
                          kv_bytes=engine.kv_cache.bytes, kv_hits=engine.kv_cache.hits)
         return stats
 
+    def _tokenized(self, req_id: int, req: GenerationRequest) -> GenerationRequest:
+        """A request sent with its prompt's text, tokenized here on the main thread (the daemon
+        sends at most `SOURCE_CHARS` of it) and announced with `Started` before it goes in."""
+        if req.source is None:
+            return req
+        engine = self._generation()
+        tokens = engine.vocabulary.prompt(req.source)
+        check_prompt(tokens, engine.n_ctx)
+        self.channel.send(["ev", [[req_id, encode_event(Started(len(tokens)))]]])
+        return dataclasses.replace(req, tokens=tokens, source=None)
+
     def sink(self, items: list[tuple[EngineJob, Any]]) -> None:
         """One engine step's events: one message."""
         self.channel.send(["ev", [[job.tag, encode_event(event)] for job, event in items]])
@@ -151,7 +164,8 @@ class RunnerLoop:
             if kind == "gen":
                 _, req_id, data = message
                 try:
-                    self.jobs[req_id] = self._generation().submit(decode_request(data), self.sink, req_id)
+                    self.jobs[req_id] = self._generation().submit(self._tokenized(req_id, decode_request(data)),
+                                                                  self.sink, req_id)
                 except Exception as exc:
                     self.channel.send(["ev", [[req_id, encode_event(Failed(exc))]]])
             elif kind == "cancel":

@@ -25,7 +25,7 @@ from typing import Any
 import psutil
 
 from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory, Overloaded, ShuttingDown
-from myllm.runtime.engine_types import DecodedImage, DoneEvent, GenerationRequest, TokenEvent, check_token_ids
+from myllm.runtime.engine_types import DecodedImage, DoneEvent, GenerationRequest, Started, TokenEvent, check_token_ids
 from myllm.runtime.instance import ExitHandler, RunnerStats
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -72,11 +72,26 @@ class RequestStream(AsyncIterator[TokenEvent | DoneEvent]):
     def __init__(self, runner: ModelRunner, req_id: int) -> None:
         self._runner = runner
         self._id = req_id
-        self._queue: asyncio.Queue[TokenEvent | DoneEvent | BaseException] = asyncio.Queue()
+        self._queue: asyncio.Queue[TokenEvent | DoneEvent | Started | BaseException] = asyncio.Queue()
         self._done = False
 
-    def _put(self, item: TokenEvent | DoneEvent | BaseException) -> None:
+    def _put(self, item: TokenEvent | DoneEvent | Started | BaseException) -> None:
         self._queue.put_nowait(item)
+
+    async def started(self) -> int:
+        """For a request sent with a `PromptSource`: its prompt's tokens once it went in, or the
+        error that kept it out (too long, empty)."""
+        try:
+            item = await self._queue.get()
+        except BaseException:
+            await self.aclose()
+            raise
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if not isinstance(item, Started):
+            raise ModelCrashed(f"the runner answered a request with {type(item).__name__} before it went in")
+        return item.prompt_tokens
 
     def __aiter__(self) -> RequestStream:
         return self
@@ -92,6 +107,8 @@ class RequestStream(AsyncIterator[TokenEvent | DoneEvent]):
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        if isinstance(item, Started):  # nobody asked: the next event is the first of the output
+            return await self.__anext__()
         if isinstance(item, DoneEvent):
             self._done = True
         return item
@@ -148,7 +165,7 @@ class ModelRunner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "myllm.runtime.runner", self.spec.name, str(theirs.fileno()),
+                sys.executable, "-m", "myllm.runtime.runner", self.spec.name, str(theirs.fileno()), str(self.config.nice),
                 pass_fds=(theirs.fileno(),), stdin=asyncio.subprocess.DEVNULL,
                 # An abort prints its message and exits at once, without ggml's gdb backtrace.
                 env={**os.environ, "GGML_NO_BACKTRACE": "1"},
@@ -251,7 +268,7 @@ class ModelRunner:
                 if stream is None:  # already failed or closed on this side
                     continue
                 event = decode_event(data)
-                if not isinstance(event, TokenEvent):
+                if not isinstance(event, (TokenEvent, Started)):
                     del self._streams[req_id]
                 stream._put(event)
                 if isinstance(event, OutOfMemory) and not self._out_of_memory and self.on_out_of_memory is not None:

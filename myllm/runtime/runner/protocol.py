@@ -9,7 +9,8 @@ daemon -> runner
   ["gen", id, request]                  a generation request (`encode_request`; its options are
                                         `RunnerOptions`' fields, in order; its images
                                         [at, digest, width, height, RGB bytes], the pixels
-                                        as msgpack's raw bytes)
+                                        as msgpack's raw bytes; its `PromptSource`
+                                        [units, raw, budget] or nil)
   ["cancel", id]                        stop request `id` within one step
   ["call", id, method, args]            tokenize / count / detokenize / embed / rerank / stats: one answer
   ["exit"]                              exit now (the OS frees the model)
@@ -17,7 +18,9 @@ daemon -> runner
 runner -> daemon
   ["ready", info]                       loaded: n_ctx, n_vocab, rss_before, rss_after, vram_used
   ["fail", error]                       the load failed cleanly (`encode_error`); the runner exits
-  ["ev", [[id, event], ...]]            one engine step's events for every request in it
+  ["ev", [[id, event], ...]]            one engine step's events for every request in it; a
+                                        request sent with a `PromptSource` first gets
+                                        ["p", prompt tokens] (`Started`) as it goes in
   ["ok", id, value] / ["err", id, error]  the answer to a call
 
 Typed domain errors travel by class name and attributes and are raised again on the daemon's
@@ -41,6 +44,8 @@ from myllm.runtime.engine_types import (
     GenerationRequest,
     LoadSpec,
     PromptImage,
+    PromptSource,
+    Started,
     Thinking,
     TokenEvent,
 )
@@ -53,6 +58,9 @@ class RunnerConfig:
     spec: LoadSpec
     n_threads: int | None
     kv_cache_bytes: int
+    nice: int = 0
+    """How far below the daemon's the runner's CPU priority is (`MYLLM_RUNNER_NICE`): passed on
+    its command line, applied before any of its threads start (runner/__main__.py)."""
 
     def encode(self) -> dict[str, Any]:
         spec = asdict(self.spec)
@@ -134,28 +142,38 @@ def encode_request(req: GenerationRequest) -> list[Any]:
     options = [getattr(req.options, name) for name in OPTION_FIELDS]
     thinking = None if req.thinking is None else [getattr(req.thinking, f.name) for f in fields(Thinking)]
     images = [[i.at, i.image.digest, i.image.width, i.image.height, i.image.rgb] for i in req.images]
-    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking, images]
+    source = None if req.source is None else [req.source.units, req.source.raw, req.source.budget]
+    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking, images, source]
 
 
 def decode_request(data: list[Any]) -> GenerationRequest:
-    tokens, options, extra_stop, grammar, thinking, images = data
+    tokens, options, extra_stop, grammar, thinking, images, source = data
     values = dict(zip(OPTION_FIELDS, options, strict=True))
     values["stop"] = tuple(values["stop"])
     return GenerationRequest(tokens, RunnerOptions(**values), tuple(extra_stop), grammar,
                              None if thinking is None else Thinking(*thinking),
-                             tuple(PromptImage(at, DecodedImage(*image)) for at, *image in images))
+                             tuple(PromptImage(at, DecodedImage(*image)) for at, *image in images),
+                             None if source is None else _source(*source))
 
 
-def encode_event(event: TokenEvent | DoneEvent | Failed) -> list[Any]:
+def _source(units: list[list[list[Any]]] | None, raw: str | None, budget: int) -> PromptSource:
+    """msgpack gives each (text, special) part back as a list."""
+    return PromptSource(None if units is None else [[(text, special) for text, special in unit] for unit in units],
+                        raw, budget)
+
+
+def encode_event(event: TokenEvent | DoneEvent | Failed | Started) -> list[Any]:
     if isinstance(event, TokenEvent):
         top = None if event.top is None else [[c.token_id, c.text, c.logprob] for c in event.top]
         return ["t", event.text, event.token_id, event.logprob, top, event.piece, event.thinking]
     if isinstance(event, DoneEvent):
         return ["d", *(getattr(event, f) for f in DoneEvent.__dataclass_fields__)]
+    if isinstance(event, Started):
+        return ["p", event.prompt_tokens]
     return ["e", encode_error(event.error)]
 
 
-def decode_event(data: list[Any]) -> TokenEvent | DoneEvent | MyLLMError:
+def decode_event(data: list[Any]) -> TokenEvent | DoneEvent | Started | MyLLMError:
     """An event, or the domain error a failed request ends with."""
     kind = data[0]
     if kind == "t":
@@ -164,4 +182,6 @@ def decode_event(data: list[Any]) -> TokenEvent | DoneEvent | MyLLMError:
         return TokenEvent(text, token_id, logprob, cands, piece, thinking)
     if kind == "d":
         return DoneEvent(*data[1:])
+    if kind == "p":
+        return Started(data[1])
     return decode_error(data[1])
