@@ -16,7 +16,7 @@ from myllm.registry.schema import ModelRow
 from myllm.runtime.engine.batching import BatchEngine, _Slot, place
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.kvstate import parse
-from myllm.runtime.engine.microbatch import ROWS, CpuAttention, contiguous
+from myllm.runtime.engine.microbatch import CLIFF_MIN, ROWS, CpuAttention, contiguous, measure_cliff
 from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.runner.protocol import RunnerConfig
@@ -47,6 +47,43 @@ def test_padding_pays_only_where_the_per_row_path_costs_more(rows: int, context:
     assert SMOLLM2.worth_padding(rows, context) is padded
     start = SMOLLM2.start(context, context + rows)
     assert start == (context + rows - ROWS if padded else context)
+
+
+class FakeLlamaForShape:
+    """A fake of the three llama.cpp calls `CpuAttention.on_cpu` reads a model's shape with
+    (pure logic: whether the measured cliff decides)."""
+
+    @staticmethod
+    def llama_model_n_params(model: object) -> int:
+        return 134_515_008
+
+    @staticmethod
+    def llama_model_n_layer(model: object) -> int:
+        return 30
+
+    @staticmethod
+    def llama_model_n_embd(model: object) -> int:
+        return 576
+
+    @staticmethod
+    def llama_supports_gpu_offload() -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("ratio", "pads"), [(1.1, False), (CLIFF_MIN, True), (4.6, True)])
+def test_padding_only_on_a_cpu_with_the_cliff(ratio: float, pads: bool) -> None:
+    """A per-row row measured at about the cost of a tiled one (1.1 on an AMD EPYC) means no
+    padding; a costlier one (4.6 behind 2,048 cells on the AMX CPU) means SmolLM2's model. With
+    flash attention off nothing is measured."""
+    measured: list[float] = []
+
+    def cliff() -> float:
+        measured.append(ratio)
+        return ratio
+
+    attention = CpuAttention.on_cpu(FakeLlamaForShape, None, 0, "auto", cliff)
+    assert (attention == SMOLLM2) is pads and (attention is None) is not pads
+    assert CpuAttention.on_cpu(FakeLlamaForShape, None, 0, "off", cliff) is None and len(measured) == 1
 
 
 def test_padding_needs_tokens_to_evaluate_again_and_a_short_prompt() -> None:
@@ -85,7 +122,9 @@ TURN = " Tool output: 3 passed, 1 failed with AssertionError on line 42 of tests
 
 @pytest.fixture(scope="module")
 def engine(smollm2_path: Path) -> BatchEngine:
+    """SmolLM2 as on a CPU with the cliff, whatever this one measured: the padding is what is tested."""
     engine = BatchEngine(LoadSpec("smollm2", smollm2_path, 4096, n_parallel=2), n_threads=2, kv_cache_bytes=0)
+    engine.attention = SMOLLM2
     yield engine
     engine.close()
 
@@ -99,7 +138,6 @@ def answer(engine: BatchEngine, tokens: list[int]) -> DoneEvent:
 def test_a_short_turn_behind_a_long_history_evaluates_a_tile(engine: BatchEngine) -> None:
     """The turn's ~25 new tokens behind ~1,500 cached ones: the engine evaluates the last
     `ROWS` tokens instead, and answers as it does when the whole prompt is evaluated."""
-    assert engine.attention is not None  # no layer on a GPU
     history = engine.tokenize(LONG)
     assert len(history) > 1400
     answer(engine, history)
@@ -147,7 +185,26 @@ def test_the_flash_attention_setting_reaches_llama_cpp(smollm2_path: Path, flash
         answer(engine, history)
         assert v_transposed(engine, engine._slots[0].seq) is (flash_attention == "off")
         done = answer(engine, engine.tokenize(LONG + TURN))
-        assert (engine.attention is None) is (flash_attention == "off")
-        assert (done.prompt_eval_tokens == ROWS) is (flash_attention == "on")
+        padding = engine.attention is not None
+        assert not padding or flash_attention == "on"  # and on, only where the per-row path costs more
+        assert (done.prompt_eval_tokens == ROWS) is padding
+    finally:
+        engine.close()
+
+
+def test_the_cliff_is_measured_on_an_empty_sequence_and_left_empty(smollm2_path: Path) -> None:
+    """`measure_cliff` on SmolLM2's context: a ratio of real timings, and sequence 0 as it
+    found it (a prompt then answers exactly as on a context never measured on)."""
+    spec = LoadSpec("smollm2", smollm2_path, 1024, n_parallel=1, flash_attention="off")
+    engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
+    try:
+        prompt = engine.tokenize(LONG[:600])
+        before = answer(engine, prompt)
+        engine.ctx.kv_cache_seq_rm(0, 0, -1)
+        engine._slots[0].cached = []
+        ratio = measure_cliff(engine._lib, engine.ctx, engine.batch)
+        assert 0.2 < ratio < 50
+        after = answer(engine, prompt)
+        assert after.prompt_eval_tokens == len(prompt) and after.text == before.text
     finally:
         engine.close()

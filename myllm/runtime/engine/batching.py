@@ -43,7 +43,7 @@ from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel
 from myllm.runtime.engine.logprobs import log_probabilities
 from myllm.runtime.engine.media import MediaPrompt, evaluate_images, media_prompt
-from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous
+from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous, measure_cliff
 from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX, SamplerFactory
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine.thinking import OutputText
@@ -203,7 +203,8 @@ class BatchEngine:
         self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard)
         lib, model = loaded.lib, loaded.model.model
         self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
-        self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention)  # None on a GPU
+        self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention,
+                                             lambda: measure_cliff(lib, loaded.ctx, loaded.batch))  # None on a GPU
         # What the step loop uses for every token, kept on the engine: one attribute each.
         self._lib, self.ctx, self.batch, self.projector = loaded.lib, loaded.ctx, loaded.batch, loaded.projector
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
