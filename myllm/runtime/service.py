@@ -153,8 +153,8 @@ class Embeddings:
 
 @dataclass(frozen=True)
 class Ranking:
-    """A rerank's answer: `(index, score)` for every document, the most relevant first (equal
-    scores keep the documents' order)."""
+    """A rerank's answer: `(index, score)` for every document asked for, the most relevant
+    first (equal scores keep the documents' order)."""
 
     model: str
     ranked: list[tuple[int, float]]
@@ -168,9 +168,11 @@ def require_kind(row: ModelRow, kind: str, use: str) -> None:
         raise WrongModelKind(row.name, row.kind, use)
 
 
-def check_documents(query: str, documents: list[str], settings: Settings) -> None:
+def check_documents(query: str, documents: list[str], top_n: int | None, settings: Settings) -> None:
     """A rerank's inputs within MYLLM_MAX_RERANK_DOCUMENTS and MYLLM_MAX_DOCUMENT_BYTES, before
-    anything is tokenized."""
+    anything is tokenized; `top_n`, if given, at least 1."""
+    if top_n is not None and top_n < 1:
+        raise InvalidOptions("top_n must be at least 1", field="top_n")
     if not documents:
         raise InvalidOptions("documents must not be empty", field="documents")
     if len(documents) > settings.max_rerank_documents:
@@ -645,13 +647,14 @@ class Runtime:
 
     async def rerank(
         self, model: str | ModelRow, query: str, documents: list[str], keep_alive: KeepAlive = None, *,
-        truncate: bool = False, caller: str | None = None,
+        truncate: bool = False, top_n: int | None = None, caller: str | None = None,
     ) -> Ranking:
         """Score each document's relevance to `query` with a reranking model (a cross-encoder:
-        the pair is evaluated together), documents in slices so other requests go on between."""
+        the pair is evaluated together), documents in slices so other requests go on between;
+        the best `top_n` (all when None)."""
         row = await self.model(model)
         require_kind(row, "reranking", "reranking")
-        check_documents(query, documents, self.settings)
+        check_documents(query, documents, top_n, self.settings)
         lease = await self.manager.acquire(row, keep_alive=keep_alive, embedding=True, caller=caller)
         scores: list[float] = []
         count = 0
@@ -662,8 +665,7 @@ class Runtime:
                 count += n
         finally:
             lease.release()
-        ranked = sorted(enumerate(scores), key=lambda pair: -pair[1])
-        return Ranking(row.name, ranked, count)
+        return Ranking(row.name, sorted(enumerate(scores), key=lambda pair: -pair[1])[:top_n], count)
 
     async def next_token_probabilities(
         self, model: str, prompt: str, top_k: int, options: GenerationOptions | None = None, *, raw: bool = True,

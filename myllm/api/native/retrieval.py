@@ -11,7 +11,6 @@ from pydantic import BaseModel, Field
 from myllm.api.http.auth import keep_alive_of, reloading_key
 from myllm.api.native.models import ErrorDetail
 from myllm.api.state import services
-from myllm.errors import InvalidOptions
 
 PATH = "/api/rerank"
 router = APIRouter(tags=["MyLLM"], responses={code: {"model": ErrorDetail} for code in (400, 404, 500, 503)})
@@ -49,14 +48,12 @@ class RerankResponse(BaseModel):
 async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
     """Extension: the documents, most relevant to the query first (equal scores keep their
     order), `top_n` of them."""
-    if body.top_n is not None and body.top_n < 1:
-        raise InvalidOptions("top_n must be at least 1", field="top_n")
     ranking = await services(request).runtime.rerank(
         body.model, body.query, body.documents, keep_alive=keep_alive_of(request, body.keep_alive),
-        truncate=body.truncate, caller=reloading_key(request))
+        truncate=body.truncate, top_n=body.top_n, caller=reloading_key(request))
     return RerankResponse(
         model=ranking.model,
         results=[RankedDocument(index=i, relevance_score=score, document=body.documents[i] if body.return_documents else None)
-                 for i, score in ranking.ranked[: body.top_n]],
+                 for i, score in ranking.ranked],
         usage=RerankUsage(prompt_tokens=ranking.prompt_tokens, total_tokens=ranking.prompt_tokens),
     )

@@ -12,7 +12,6 @@ from myllm.api.http.auth import keep_alive_of, reloading_key
 from myllm.api.http.errors import ApiError
 from myllm.api.rerank.models import DocumentText, ErrorObject, RerankRequest, RerankResponse, RerankResult, RerankUsage
 from myllm.api.state import services
-from myllm.errors import InvalidOptions
 
 COHERE_V2 = "/v2/rerank"
 PATHS = ("/v1/rerank", "/rerank", "/v1/reranking", "/reranking", COHERE_V2)
@@ -34,20 +33,17 @@ def rerank_renderer(err: ApiError) -> Response:
 async def rerank(body: RerankRequest, request: Request) -> RerankResponse:
     """The documents scored against the query by a reranking model, the most relevant first
     (equal scores keep the request's order), `top_n` of them."""
-    if body.top_n is not None and body.top_n < 1:
-        raise InvalidOptions("top_n must be at least 1", field="top_n")
     texts = [d if isinstance(d, str) else d.text for d in body.documents]
     truncate = body.truncate if body.truncate is not None else request.url.path == COHERE_V2
     ranking = await services(request).runtime.rerank(
         body.model, body.query, texts, keep_alive=keep_alive_of(request, body.keep_alive), truncate=truncate,
-        caller=reloading_key(request))
+        top_n=body.top_n, caller=reloading_key(request))
     results = [
         RerankResult(index=i, relevance_score=score, document=DocumentText(text=texts[i]) if body.return_documents else None)
-        for i, score in ranking.ranked[: body.top_n]
+        for i, score in ranking.ranked
     ]
     usage = RerankUsage(prompt_tokens=ranking.prompt_tokens, total_tokens=ranking.prompt_tokens)
     return RerankResponse(model=ranking.model, results=results, usage=usage)
-
 
 
 for _path in PATHS:
