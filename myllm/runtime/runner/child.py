@@ -132,16 +132,22 @@ class RunnerLoop:
                          kv_bytes=engine.kv_cache.bytes, kv_hits=engine.kv_cache.hits)
         return stats
 
-    def _tokenized(self, req_id: int, req: GenerationRequest) -> GenerationRequest:
-        """A request sent with its prompt's text, tokenized here on the main thread (the daemon
-        sends at most `SOURCE_CHARS` of it) and announced with `Started` before it goes in."""
-        if req.source is None:
-            return req
+    def _submit(self, req_id: int, req: GenerationRequest) -> None:
+        """Into the engine. A request sent with its prompt's text is tokenized here on the main
+        thread (the daemon sends at most `SOURCE_CHARS` of it) and announced with `Started`
+        once it is in: the scheduler thread is woken first, and the daemon, woken by `Started`,
+        may take this core before the next line runs. `Started` still precedes the request's
+        first token: the channel's lock is taken before this thread lets the scheduler run
+        Python, and a token takes a decode. A request that fails to start may be refused before
+        `Started` arrives, which the daemon reads as the refusal it is."""
         engine = self._generation()
-        tokens = engine.vocabulary.prompt(req.source)
-        check_prompt(tokens, engine.n_ctx)
-        self.channel.send(["ev", [[req_id, encode_event(Started(len(tokens)))]]])
-        return dataclasses.replace(req, tokens=tokens, source=None)
+        tokens = None if req.source is None else engine.vocabulary.prompt(req.source)
+        if tokens is not None:
+            check_prompt(tokens, engine.n_ctx)
+            req = dataclasses.replace(req, tokens=tokens, source=None)
+        self.jobs[req_id] = engine.submit(req, self.sink, req_id)
+        if tokens is not None:
+            self.channel.send(["ev", [[req_id, encode_event(Started(len(tokens)))]]])
 
     def sink(self, items: list[tuple[EngineJob, Any]]) -> None:
         """One engine step's events: one message."""
@@ -164,8 +170,7 @@ class RunnerLoop:
             if kind == "gen":
                 _, req_id, data = message
                 try:
-                    self.jobs[req_id] = self._generation().submit(self._tokenized(req_id, decode_request(data)),
-                                                                  self.sink, req_id)
+                    self._submit(req_id, decode_request(data))
                 except Exception as exc:
                     self.channel.send(["ev", [[req_id, encode_event(Failed(exc))]]])
             elif kind == "cancel":
