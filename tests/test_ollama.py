@@ -134,6 +134,11 @@ def test_embed_in_batch_and_the_older_route(client: ollama.Client) -> None:
     assert info.value.status_code == 400 and "does not fit" in info.value.error
     old = client.embeddings(model="smollm2:135m", prompt="The cat sat.")
     assert len(old.embedding) == 576
+    for nothing in ([], ""):  # Ollama answers no input with no vectors, for a model that exists
+        assert client.embed(model="smollm2:135m", input=nothing).embeddings == []
+    with pytest.raises(ollama.ResponseError) as info:
+        client.embed(model="nope:1", input=[])
+    assert info.value.status_code == 404
 
 
 def test_errors_in_ollamas_shape(client: ollama.Client, urls: tuple[str, str]) -> None:

@@ -268,7 +268,10 @@ async def generate(body: GenerateRequest, request: Request) -> Response:
 @router.post("/api/embed")
 async def embed(body: EmbedRequest, request: Request) -> dict[str, Any]:
     started = time.perf_counter()
-    inputs = [body.input] if isinstance(body.input, str) else list(body.input)
+    inputs = ([body.input] if body.input else []) if isinstance(body.input, str) else list(body.input)
+    if not inputs:  # as Ollama answers: the model must exist, the list is empty
+        row = await services(request).runtime.model(body.model)
+        return {"model": row.name, "embeddings": []}
     result = await services(request).runtime.embed(body.model, list(inputs), keep_alive=keep_alive_of(request, body.keep_alive),
                                                    truncate=body.truncate, dimensions=body.dimensions,
                                                    caller=reloading_key(request))
