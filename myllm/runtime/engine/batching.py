@@ -37,11 +37,12 @@ from typing import Any
 from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
-from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel
+from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel, output_rows
 from myllm.runtime.engine.media import evaluate_images, media_prompt
 from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous
 from myllm.runtime.engine.sampler_factory import SamplerFactory
 from myllm.runtime.engine.slots import EngineJob, Outbox, Sink, Slot, SlotOutput, cancelled
+from myllm.runtime.engine.speculative import PromptLookup, Speculation
 from myllm.runtime.engine.thinking import OutputText
 from myllm.runtime.engine.vocabulary import Vocabulary
 from myllm.runtime.engine_types import (
@@ -281,6 +282,8 @@ class BatchEngine:
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
         slot.sampler = self.samplers.for_request(req)
+        n_draft = min(req.options.draft_max or 0, self.spec.draft_max)
+        slot.speculation = Speculation(PromptLookup(), n_draft) if n_draft and media is None else None
         slot.job, slot.req = job, req
         slot.output = OutputText(tuple(req.options.stop) + req.extra_stop, req.thinking)
         room = self.n_ctx - len(tokens)
@@ -300,12 +303,15 @@ class BatchEngine:
         batch = self.batch.batch
         batch.n_tokens = 0
         budget = N_BATCH
-        # Sampled tokens first (one each), then prompt chunks with what is left: on a CPU one
-        # chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
+        rows = output_rows(self.spec) - len(active)  # logits rows left for drafts
+        # Sampled tokens first (one each, and its draft), then prompt chunks with what is left: on a
+        # CPU one chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
         chunked = False
         for slot in sorted(active, key=lambda s: len(s.pending) > 1):
+            slot.draft = self._draft(slot, min(rows, budget - 1)) if len(slot.pending) == 1 else []
+            rows -= len(slot.draft)
             pending = slot.pending if slot.media is None else slot.media.text_ahead(slot.pending, len(slot.cached))
-            if len(pending) > 1 and self.attention is not None:
+            if len(pending) > 1 and self.attention is not None and not slot.draft:
                 if chunked:
                     slot.batch_index, slot.in_batch = None, 0
                     continue
@@ -323,8 +329,9 @@ class BatchEngine:
                 batch.n_tokens += 1
             budget -= len(take)
             if take and len(take) == len(slot.pending):
-                batch.logits[batch.n_tokens - 1] = True
-                slot.batch_index = batch.n_tokens - 1
+                slot.batch_index = batch.n_tokens - 1 - len(slot.draft)
+                for j in range(slot.batch_index, batch.n_tokens):
+                    batch.logits[j] = True
         if batch.n_tokens == 0:
             return
         status = self._lib.llama_decode(self.ctx.ctx, batch)
@@ -343,6 +350,16 @@ class BatchEngine:
                     if slot.job is not None:
                         error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"sampling failed: {exc}")
                         self.output.finish(slot, None, error)
+
+    def _draft(self, slot: Slot, room: int) -> list[int]:
+        """A decoding slot's draft for this step, appended to its pending token: never more than
+        `room` (the step's rows and batch) nor past `max_tokens` or the context (every drafted
+        token accepted, and the pick after them, must still be allowed)."""
+        if slot.speculation is None:
+            return []
+        draft = slot.speculation.draft(slot.cached + slot.pending, min(room, slot.limit - slot.count - 1))
+        slot.pending += draft
+        return draft
 
     def _sample(self, slot: Slot) -> None:
         """After the decode: the slot's sampled token (slots.py's `SlotOutput`)."""

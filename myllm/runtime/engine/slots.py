@@ -21,6 +21,7 @@ from myllm.runtime.engine.logprobs import log_probabilities
 from myllm.runtime.engine.media import MediaPrompt
 from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
+from myllm.runtime.engine.speculative import Speculation
 from myllm.runtime.engine.thinking import OutputText
 from myllm.runtime.engine.vocabulary import Vocabulary
 from myllm.runtime.engine_types import DoneEvent, Failed, GenerationRequest, TokenEvent
@@ -88,7 +89,12 @@ class Slot:
     prompt_eval: int = 0
     started: float = 0.0
     first_at: float | None = None
+    speculation: Speculation | None = None
+    """The request's drafting (speculative.py); None when it does not speculate."""
+    draft: list[int] = field(default_factory=list)
+    """Tokens drafted this step, evaluated after the last sampled one."""
     batch_index: int | None = None
+    """The slot's first row of logits in this step's batch (one more per draft token)."""
     in_batch: int = 0
     last_used: float = 0.0
 
@@ -103,26 +109,53 @@ class SlotOutput:
         self._token_bytes = vocabulary.token_bytes
         self.vocabulary = vocabulary
         self._post = post
+        self._memory = lib.llama_get_memory(ctx)
 
     def sample(self, slot: Slot) -> None:
-        req, job, output = slot.req, slot.job, slot.output
-        assert req is not None and job is not None and output is not None and slot.batch_index is not None
+        """The slot's next token from its row; with a draft (speculative.py), its rows in order
+        while the sampler picks the drafted tokens: row i follows draft token i - 1, so it
+        counts only when that token was the sampler's pick, and the first pick that differs
+        from the draft (or the pick after the whole draft) is the next token. The rejected
+        rows' KV is removed, so `cached` holds exactly what the KV holds."""
+        assert slot.batch_index is not None
         if slot.first_at is None:
             slot.first_at = time.perf_counter()
-        assert slot.sampler is not None
-        logits = logits_row(self._lib, self._ctx, slot.batch_index, self.n_vocab)
+        draft, speculation = slot.draft, slot.speculation
+        accepted = 0
+        for i in range(len(draft) + 1):
+            token = self._next(slot, slot.batch_index + i)
+            if token is None or i == len(draft) or token != draft[i]:
+                break
+            accepted += 1
+            if speculation is not None:
+                speculation.accepted += 1  # counted as it happens: the request may end on the next row
+        if draft:
+            keep = len(slot.cached) - len(draft) + accepted
+            if keep < len(slot.cached):
+                self._lib.llama_memory_seq_rm(self._memory, slot.seq, keep, -1)
+                del slot.cached[keep:]
+            if speculation is not None:
+                speculation.resize(len(draft), accepted)
+
+    def _next(self, slot: Slot, index: int) -> int | None:
+        """Sample the batch row `index` and emit its token: the token when the request goes on
+        with it next, None when the request ended or the engine writes tokens after it (a
+        thinking section's closing markup)."""
+        req, job, output = slot.req, slot.job, slot.output
+        assert req is not None and job is not None and output is not None and slot.sampler is not None
+        logits = logits_row(self._lib, self._ctx, index, self.n_vocab)
         started = time.thread_time() if req.grammar else 0.0  # CPU time (a syscall): grammars only
         token = slot.sampler.sample(logits)  # also accepted into the sampler's state
         if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
             self.finish(slot, None, InvalidOptions(
                 f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
                 "every request on this model; use a smaller schema", field="format"))
-            return
+            return None
         k = req.options.logprobs
         logprob, top = (None, None) if k is None else log_probabilities(logits, token, k, self.vocabulary.piece)
         if self._lib.llama_vocab_is_eog(self._vocab, token):
             self.finish(slot, "stop")
-            return
+            return None
         slot.count += 1
         raw = self._token_bytes(token)
         piece = raw.decode("utf-8", "replace") if logprob is not None else None
@@ -136,6 +169,8 @@ class SlotOutput:
             self._close_thinking(slot, token)
         else:
             slot.pending = [token]
+            return token
+        return None
 
     def _close_thinking(self, slot: Slot, token: int) -> None:
         """The thinking budget is spent after `token`: the section's closing markup
@@ -167,6 +202,8 @@ class SlotOutput:
                 prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
                 prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
                 stop_sequence=output.stop_sequence, thinking=output.thinking, thinking_tokens=output.thinking_tokens,
+                draft_tokens=spec.drafted if (spec := slot.speculation) else 0,
+                draft_accepted=spec.accepted if spec else 0,
             ))
         else:
             self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))
@@ -175,7 +212,7 @@ class SlotOutput:
         slot.pending = []
         if isinstance(slot.sampler, ChainSampler):
             slot.sampler.close()
-        slot.job = slot.req = slot.sampler = slot.output = slot.media = None  # the KV holds the images now
+        slot.job = slot.req = slot.sampler = slot.output = slot.media = slot.speculation = None  # the KV holds the images now
         slot.last_used = time.monotonic()
 
 
