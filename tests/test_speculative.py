@@ -162,8 +162,9 @@ def test_long_copy_diverges_only_at_a_near_tie(smollm2_engine: BatchEngine) -> N
     a stale KV cell) picks tokens the model ranks far lower."""
     engine = smollm2_engine
     prompt = copy_prompt(engine, 200)
-    plain, _ = same_start(engine, prompt, temperature=0, max_tokens=300, logprobs=2)
-    fast, done = same_start(engine, prompt, temperature=0, max_tokens=300, logprobs=2, draft_max=16)
+    # No repeat penalty: the pick is then the raw logits' argmax, whose gap the log probabilities show.
+    plain, _ = same_start(engine, prompt, temperature=0, max_tokens=300, logprobs=2, repeat_penalty=1.0)
+    fast, done = same_start(engine, prompt, temperature=0, max_tokens=300, logprobs=2, repeat_penalty=1.0, draft_max=16)
     assert done.draft_accepted > 100, done
     at = next((i for i, (a, b) in enumerate(zip(plain, fast, strict=False)) if a.token_id != b.token_id), None)
     if at is None:
