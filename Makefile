@@ -79,6 +79,7 @@ bench: install
 	$(BIN)/python bench/reasoning_split.py
 	$(BIN)/python bench/vision_check.py
 	$(BIN)/python bench/retrieval.py
+	$(BIN)/python bench/speculative.py
 
 # Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
 bench-replicas: install system-deps

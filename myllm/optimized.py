@@ -69,7 +69,7 @@ class OptimizedLLM:
         self.device = llama_devices().kind if self.n_gpu_layers else "cpu"
         """Where the model computes: "cpu", or the GPU's kind ("cuda", "mps")."""
         spec = LoadSpec.for_model(self.model, path, self.settings.num_ctx, self.n_gpu_layers,
-                                  flash_attention=self.settings.flash_attention)
+                                  flash_attention=self.settings.flash_attention, draft_max=self.settings.draft_max)
         # The daemon's engine, in this process: one sequence, no saved conversations.
         self._engine: BatchEngine | None = BatchEngine(spec, self.settings.num_threads, kv_cache_bytes=0)
 

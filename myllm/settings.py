@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         description="Requests one loaded model generates at once (continuous batching in one llama.cpp "
         "context; each gets num_ctx tokens of KV). 1 turns batching off.",
     )
+    draft_max: int = Field(
+        default=16, ge=0, le=64,
+        description="The most tokens a request may draft a step for speculative decoding by prompt lookup (the "
+        "request or model option `draft_max` turns it on): each loaded model keeps this many rows of logits "
+        "more for verifying drafts (about 8 bytes x vocabulary each). 0 turns speculation off.",
+    )
     kv_cache: str = Field(
         default="auto",
         description="RAM per loaded model for the prefix cache (KV of past prompts beyond the slots, shared "

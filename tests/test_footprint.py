@@ -43,7 +43,7 @@ def drive() -> None:
         tokens = next(got)[2]
         options = RunnerOptions(temperature=0.8, top_p=0.95, top_k=40, min_p=0.05, repeat_penalty=1.1,
                                 presence_penalty=0.0, frequency_penalty=0.0, seed=7, stop=("\\n\\n",),
-                                max_tokens=4, logprobs=2)
+                                max_tokens=4, logprobs=2, draft_max=None)
         daemon.sendall(pack(["gen", 1, encode_request(GenerationRequest(tokens, options))]))
         kinds = []
         while not {"d", "e"} & set(kinds):

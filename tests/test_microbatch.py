@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 from myllm.registry.schema import ModelRow
-from myllm.runtime.engine.batching import BatchEngine, _Slot, place
+from myllm.runtime.engine.batching import BatchEngine, place
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.kvstate import parse
 from myllm.runtime.engine.microbatch import CLIFF_MIN, ROWS, CpuAttention, contiguous, measure_cliff
+from myllm.runtime.engine.slots import Slot
 from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.runner.protocol import RunnerConfig
@@ -108,7 +109,7 @@ def test_a_new_request_keeps_the_busy_sequences_consecutive() -> None:
     the least recently used: the least recently used slot would split the run (0 and 2 decode
     in two micro-batches), so the request goes to 3, the least recently used of 1 and 3.
     A cache that is off copies nothing, so no llama.cpp context is needed (pure logic)."""
-    slots = [_Slot(seq=i, cached=[100 + i] * 50, last_used=used) for i, used in enumerate((1.0, 3.0, 4.0, 2.0))]
+    slots = [Slot(seq=i, cached=[100 + i] * 50, last_used=used) for i, used in enumerate((1.0, 3.0, 4.0, 2.0))]
     free = [s for s in slots if s.seq != 2]
     slot, keep = place(KVCache(0), None, None, [7] * 20, free, {2})
     assert (slot.seq, keep) == (3, 0)

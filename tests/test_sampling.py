@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from myllm.runtime.engine.batching import BatchEngine, logits_row
+from myllm.runtime.engine.batching import BatchEngine
 from myllm.runtime.engine.sampler_factory import PENALTY_WINDOW
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
+from myllm.runtime.engine.slots import logits_row
 from myllm.runtime.engine_types import GenerationRequest, LoadSpec
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions

@@ -41,7 +41,8 @@ LIMITS = ImageLimits(SETTINGS.max_image_bytes, SETTINGS.max_image_pixels, SETTIN
 
 def greedy(max_tokens: int = N_PREDICT) -> RunnerOptions:
     return RunnerOptions(temperature=0.0, top_p=1.0, top_k=40, min_p=0.0, repeat_penalty=1.0, presence_penalty=0.0,
-                         frequency_penalty=0.0, seed=None, stop=(), max_tokens=max_tokens, logprobs=None)
+                         frequency_penalty=0.0, seed=None, stop=(), max_tokens=max_tokens, logprobs=None,
+                         draft_max=None)
 
 
 @pytest.fixture(scope="module")

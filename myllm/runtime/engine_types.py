@@ -76,6 +76,9 @@ class LoadSpec:
     """How an embedding instance pools (llama.cpp's `llama_pooling_type`): the model's own for an
     embedding model that declares one (mean, CLS, last), rank for a reranker, and mean for any
     other model asked for embeddings."""
+    draft_max: int = 0
+    """Tokens a request may draft a step (speculative decoding, MYLLM_DRAFT_MAX): the context keeps
+    this many logits rows more than one per sequence for verifying them; 0: no speculation."""
 
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
@@ -86,7 +89,7 @@ class LoadSpec:
     @classmethod
     def for_model(
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
-        n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None,
+        n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None, draft_max: int = 0,
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
@@ -94,7 +97,7 @@ class LoadSpec:
         if row.context_length:
             ctx = min(ctx, row.context_length)
         return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
-                   projector, pooling_of(row) if embedding else POOLING_MEAN)
+                   projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max)
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,10 @@ class DoneEvent:
     thinking_tokens: int = 0
     """Of `completion_tokens`, those written inside the reasoning section (OpenAI's
     `reasoning_tokens`)."""
+    draft_tokens: int = 0
+    """Tokens speculative decoding drafted (runtime/engine/speculative.py): 0 without it."""
+    draft_accepted: int = 0
+    """Of `draft_tokens`, those the model's own sampling picked (each saved a decode step)."""
 
 
 Event = TokenEvent | DoneEvent
@@ -211,6 +218,8 @@ class SamplingOptions(Protocol):
     def max_tokens(self) -> int | None: ...
     @property
     def logprobs(self) -> int | None: ...
+    @property
+    def draft_max(self) -> int | None: ...
 
 
 @dataclass(frozen=True)

@@ -44,8 +44,8 @@ class Metrics(RuntimeEvents):
         self.requests = Counter("myllm_requests_total", "HTTP requests answered", ["api", "route", "status"], registry=r)
         self.duration = Histogram("myllm_request_duration_seconds", "HTTP request time, to the last byte",
                                   ["api", "route"], buckets=LATENCY, registry=r)
-        self.tokens = Counter("myllm_tokens_total", "Tokens: prompt (evaluated), cached (reused from KV), completion",
-                              ["model", "kind"], registry=r)
+        self.tokens = Counter("myllm_tokens_total", "Tokens: prompt (evaluated), cached (reused from KV), completion, "
+                              "drafted and draft_accepted (speculative decoding)", ["model", "kind"], registry=r)
         self.ttft = Histogram("myllm_time_to_first_token_seconds", "Prompt evaluation to the first token, in the runner",
                               ["model"], buckets=LATENCY, registry=r)
         self.tpot = Histogram("myllm_time_per_output_token_seconds", "Generation time per output token, in the runner",
@@ -63,6 +63,9 @@ class Metrics(RuntimeEvents):
         self.tokens.labels(model, "prompt").inc(done.prompt_eval_tokens)
         self.tokens.labels(model, "cached").inc(done.prompt_tokens - done.prompt_eval_tokens)
         self.tokens.labels(model, "completion").inc(done.completion_tokens)
+        if done.draft_tokens:
+            self.tokens.labels(model, "drafted").inc(done.draft_tokens)
+            self.tokens.labels(model, "draft_accepted").inc(done.draft_accepted)
         if done.completion_tokens:
             self.ttft.labels(model).observe(done.prompt_ms / 1000)
             self.tpot.labels(model).observe(done.generation_ms / 1000 / done.completion_tokens)

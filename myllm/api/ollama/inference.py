@@ -134,7 +134,8 @@ def _images(images: list[str] | None) -> list[bytes]:
 def _final(done: DoneEvent, started: float, ready: float) -> dict[str, Any]:
     """The closing object's measurements, in nanoseconds: `load_duration` is the time until the
     model was loaded and the prompt prepared. As in Ollama, `prompt_eval_count` is the whole
-    prompt and `prompt_eval_cached_count` (left out when 0) the part whose KV was reused."""
+    prompt and `prompt_eval_cached_count` (left out when 0) the part whose KV was reused; with
+    speculative decoding `draft_count` and `draft_accepted_count` (extensions) its drafted tokens."""
     cached = done.prompt_tokens - done.prompt_eval_tokens
     return {
         "done": True, "done_reason": "length" if done.finish_reason == "length" else "stop",
@@ -142,6 +143,7 @@ def _final(done: DoneEvent, started: float, ready: float) -> dict[str, Any]:
         "prompt_eval_count": done.prompt_tokens, **({"prompt_eval_cached_count": cached} if cached else {}),
         "prompt_eval_duration": _ns(done.prompt_ms), "eval_count": done.completion_tokens,
         "eval_duration": _ns(done.generation_ms),
+        **({"draft_count": done.draft_tokens, "draft_accepted_count": done.draft_accepted} if done.draft_tokens else {}),
     }
 
 

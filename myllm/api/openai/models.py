@@ -85,6 +85,7 @@ class _Sampling(_Request):
     top_k: int | None = None
     min_p: float | None = None
     repeat_penalty: float | None = None
+    draft_max: int | None = Field(None, description="extension: speculative decoding by prompt lookup, tokens drafted a step")
 
 
 class ChatTemplateKwargs(BaseModel):
@@ -166,6 +167,9 @@ class Timings(BaseModel):
     prompt_ms: float
     predicted_n: int
     predicted_ms: float
+    draft_n: int | None = None
+    """Tokens speculative decoding drafted (as llama-server names it; left out without speculation)."""
+    draft_n_accepted: int | None = None
 
 
 class AssistantMessage(BaseModel):

@@ -115,7 +115,7 @@ def _options(
         "temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
         "seed": body.seed, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
         "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
-        "logprobs": logprobs, "format": fmt,
+        "logprobs": logprobs, "format": fmt, "draft_max": body.draft_max,
     })
 
 
@@ -209,6 +209,8 @@ def _timings(dones: list[DoneEvent]) -> Timings:
         cache_n=sum(d.prompt_tokens - d.prompt_eval_tokens for d in dones),
         prompt_n=sum(d.prompt_eval_tokens for d in dones), prompt_ms=sum(d.prompt_ms for d in dones),
         predicted_n=sum(d.completion_tokens for d in dones), predicted_ms=sum(d.generation_ms for d in dones),
+        **({"draft_n": drafted, "draft_n_accepted": sum(d.draft_accepted for d in dones)}
+           if (drafted := sum(d.draft_tokens for d in dones)) else {}),
     )
 
 
@@ -313,7 +315,7 @@ class _ChatFrames(_Chunks):
         if self.include_usage:
             body["usage"] = None
         if timings is not None:  # on the last chunk, as llama-server does
-            body["timings"] = timings.model_dump()
+            body["timings"] = timings.model_dump(exclude_none=True)
         return sse.data(body)
 
     def start(self, stream: GenerationStream) -> Iterator[str]:
@@ -430,7 +432,7 @@ class _CompletionFrames(_Chunks):
         if self.include_usage:
             body["usage"] = None
         if timings is not None:
-            body["timings"] = timings.model_dump()
+            body["timings"] = timings.model_dump(exclude_none=True)
         return sse.data(body)
 
     def start(self, stream: GenerationStream) -> Iterator[str]:

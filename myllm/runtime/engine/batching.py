@@ -14,7 +14,8 @@ receives a whole step's events at once. A runner process (runtime/runner/) write
 channel in one message per step; `OptimizedLLM` puts them on a queue it reads in-process.
 
 This module is the scheduler. Loading llama.cpp's model and context is `loaded_model.py`'s job,
-tokens and text `vocabulary.py`'s, and each request's sampler comes from `sampler_factory.py`.
+tokens and text `vocabulary.py`'s, what each sequence's decoded rows become `slots.py`'s, and each
+request's sampler comes from `sampler_factory.py`.
 
 With layers on a GPU the weights, the KV cache and the compute buffers live in device memory,
 which this process must never read or write by pointer. What the engine touches is host memory
@@ -31,29 +32,23 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
-from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel
-from myllm.runtime.engine.logprobs import log_probabilities
-from myllm.runtime.engine.media import MediaPrompt, evaluate_images, media_prompt
+from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel, output_rows
+from myllm.runtime.engine.media import evaluate_images, media_prompt
 from myllm.runtime.engine.microbatch import SPLIT_COST, CpuAttention, contiguous, measure_cliff
-from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX, SamplerFactory
-from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
+from myllm.runtime.engine.sampler_factory import SamplerFactory
+from myllm.runtime.engine.slots import EngineJob, Outbox, Sink, Slot, SlotOutput, cancelled
+from myllm.runtime.engine.speculative import PromptLookup, Speculation
 from myllm.runtime.engine.thinking import OutputText
 from myllm.runtime.engine.vocabulary import Vocabulary
 from myllm.runtime.engine_types import (
-    DoneEvent,
     Failed,
     GenerationRequest,
     LoadSpec,
-    TokenEvent,
     check_prompt,
 )
 
@@ -73,72 +68,6 @@ def decode_error(status: int) -> MyLLMError:
 COPY_COST = 1 / 64
 """Copying one token's KV between RAM and a sequence, in evaluations of one token: well under
 1/500 on a CPU, about 1/30 through PCIe to a GPU. `place` weighs copies with it."""
-
-Sink = Callable[[list[tuple["EngineJob", Any]]], None]
-"""Receives one step's events: (job, TokenEvent | DoneEvent | Failed) pairs, in order."""
-
-
-@dataclass(eq=False)
-class EngineJob:
-    req: GenerationRequest
-    sink: Sink
-    tag: Any = None
-    """What the sink knows the request by (a runner's request id)."""
-    cancel: threading.Event = field(default_factory=threading.Event)
-    abort_error: BaseException | None = None
-    """Set when the engine stops the request (unload, shutdown), not its caller."""
-
-
-class Outbox:
-    """Events queued during a step; `flush` hands each sink all of its step's events at once (a
-    runner writes one message per step, not one per token per sequence)."""
-
-    def __init__(self) -> None:
-        self._events: list[tuple[EngineJob, Any]] = []
-
-    def post(self, job: EngineJob, event: Any) -> None:
-        self._events.append((job, event))
-
-    def flush(self) -> None:
-        if not self._events:
-            return
-        events, self._events = self._events, []
-        by_sink: dict[int, tuple[Sink, list[tuple[EngineJob, Any]]]] = {}
-        for job, event in events:
-            by_sink.setdefault(id(job.sink), (job.sink, []))[1].append((job, event))
-        for sink, batch in by_sink.values():
-            try:
-                sink(batch)
-            except Exception:  # a sink that cannot deliver stops its own requests, not the engine
-                log.exception("could not deliver events")
-                for job, _ in batch:
-                    job.cancel.set()
-
-
-@dataclass
-class _Slot:
-    seq: int
-    cached: list[int] = field(default_factory=list)
-    """Tokens whose KV this sequence holds."""
-    job: EngineJob | None = None
-    req: GenerationRequest | None = None
-    pending: list[int] = field(default_factory=list)
-    """Prompt tokens still to evaluate; then the one sampled token to feed back."""
-    media: MediaPrompt | None = None
-    """The prompt's images (runtime/engine/media.py), until the request ends."""
-    sampler: GreedySampler | ChainSampler | None = None
-    """Its own: a `ChainSampler` holds llama.cpp samplers, freed when the request ends."""
-    output: OutputText | None = None
-    limit: int = 0
-    count: int = 0
-    prompt_tokens: int = 0
-    prompt_eval: int = 0
-    started: float = 0.0
-    first_at: float | None = None
-    batch_index: int | None = None
-    in_batch: int = 0
-    last_used: float = 0.0
-
 
 class BatchEngine:
     def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, quiet: bool = True) -> None:
@@ -161,7 +90,7 @@ class BatchEngine:
         self._n_ctx = spec.n_ctx
         self.decoded = 0
         """Tokens decoded so far, all sequences together (for measuring cancellation)."""
-        self._slots = [_Slot(seq=i) for i in range(spec.n_parallel)]
+        self._slots = [Slot(seq=i) for i in range(spec.n_parallel)]
         self._queue: queue.Queue[EngineJob | None] = queue.Queue()
         self._waiting: list[EngineJob] = []
         self._outbox = Outbox()
@@ -208,7 +137,7 @@ class BatchEngine:
         # What the step loop uses for every token, kept on the engine: one attribute each.
         self._lib, self.ctx, self.batch, self.projector = loaded.lib, loaded.ctx, loaded.batch, loaded.projector
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
-        self._token_bytes = vocabulary.token_bytes
+        self.output = SlotOutput(loaded.lib, loaded.ctx.ctx, vocabulary, self._post)
 
     # -- what a runner needs besides generation -----------------------------------------------
 
@@ -320,7 +249,7 @@ class BatchEngine:
                 error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"llama.cpp failed while generating: {exc}")
                 for slot in self._slots:
                     if slot.job is not None:
-                        self._finish(slot, None, error)
+                        self.output.finish(slot, None, error)
             self._outbox.flush()
 
     def _admit(self) -> None:
@@ -340,7 +269,7 @@ class BatchEngine:
                 log.warning("could not start a request: %s", exc)
                 self._post(job, Failed(exc if isinstance(exc, MyLLMError) else InvalidOptions(f"could not start: {exc}")))
 
-    def _start(self, job: EngineJob, free: list[_Slot]) -> None:
+    def _start(self, job: EngineJob, free: list[Slot]) -> None:
         req = job.req
         media = media_prompt(self.projector, req, self.n_ctx)
         tokens = req.tokens if media is None else media.tokens
@@ -354,6 +283,8 @@ class BatchEngine:
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
         slot.sampler = self.samplers.for_request(req)
+        n_draft = min(req.options.draft_max or 0, self.spec.draft_max)
+        slot.speculation = Speculation(PromptLookup(), n_draft) if n_draft and media is None else None
         slot.job, slot.req = job, req
         slot.output = OutputText(tuple(req.options.stop) + req.extra_stop, req.thinking)
         room = self.n_ctx - len(tokens)
@@ -365,7 +296,7 @@ class BatchEngine:
     def _step(self) -> None:
         for slot in self._slots:
             if slot.job is not None and slot.job.cancel.is_set():
-                self._finish(slot, "cancelled")
+                self.output.finish(slot, "cancelled")
         active = [s for s in self._slots if s.job is not None]
         if not active:
             return
@@ -373,12 +304,15 @@ class BatchEngine:
         batch = self.batch.batch
         batch.n_tokens = 0
         budget = N_BATCH
-        # Sampled tokens first (one each), then prompt chunks with what is left: on a CPU one
-        # chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
+        rows = output_rows(self.spec) - len(active)  # logits rows left for drafts
+        # Sampled tokens first (one each, and its draft), then prompt chunks with what is left: on a
+        # CPU one chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
         chunked = False
         for slot in sorted(active, key=lambda s: len(s.pending) > 1):
+            slot.draft = self._draft(slot, min(rows, budget - 1)) if len(slot.pending) == 1 else []
+            rows -= len(slot.draft)
             pending = slot.pending if slot.media is None else slot.media.text_ahead(slot.pending, len(slot.cached))
-            if len(pending) > 1 and self.attention is not None:
+            if len(pending) > 1 and self.attention is not None and not slot.draft:
                 if chunked:
                     slot.batch_index, slot.in_batch = None, 0
                     continue
@@ -396,8 +330,9 @@ class BatchEngine:
                 batch.n_tokens += 1
             budget -= len(take)
             if take and len(take) == len(slot.pending):
-                batch.logits[batch.n_tokens - 1] = True
-                slot.batch_index = batch.n_tokens - 1
+                slot.batch_index = batch.n_tokens - 1 - len(slot.draft)
+                for j in range(slot.batch_index, batch.n_tokens):
+                    batch.logits[j] = True
         if batch.n_tokens == 0:
             return
         status = self._lib.llama_decode(self.ctx.ctx, batch)
@@ -415,101 +350,25 @@ class BatchEngine:
                     log.exception("sampling failed")
                     if slot.job is not None:
                         error = exc if isinstance(exc, MyLLMError) else ModelLoadError(f"sampling failed: {exc}")
-                        self._finish(slot, None, error)
+                        self.output.finish(slot, None, error)
 
-    def _sample(self, slot: _Slot) -> None:
-        req, job, output = slot.req, slot.job, slot.output
-        assert req is not None and job is not None and output is not None and slot.batch_index is not None
-        if slot.first_at is None:
-            slot.first_at = time.perf_counter()
-        assert slot.sampler is not None
-        logits = logits_row(self._lib, self.ctx.ctx, slot.batch_index, self.n_vocab)
-        started = time.thread_time() if req.grammar else 0.0  # CPU time (a syscall): grammars only
-        token = slot.sampler.sample(logits)  # also accepted into the sampler's state
-        if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
-            self._finish(slot, None, InvalidOptions(
-                f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
-                "every request on this model; use a smaller schema", field="format"))
-            return
-        k = req.options.logprobs
-        logprob, top = (None, None) if k is None else log_probabilities(logits, token, k, self.vocabulary.piece)
-        if self._lib.llama_vocab_is_eog(self._vocab, token):
-            self._finish(slot, "stop")
-            return
-        slot.count += 1
-        raw = self._token_bytes(token)
-        piece = raw.decode("utf-8", "replace") if logprob is not None else None
-        text, thinking = output.feed(raw)
-        self._post(job, TokenEvent(text, token, logprob, top, piece, thinking))
-        if output.stopped:
-            self._finish(slot, "stop")
-        elif slot.count >= slot.limit:
-            self._finish(slot, "length")
-        elif output.over_budget():
-            self._close_thinking(slot, token)
-        else:
-            slot.pending = [token]
+    def _draft(self, slot: Slot, room: int) -> list[int]:
+        """A decoding slot's draft for this step, appended to its pending token: never more than
+        `room` (the step's rows and batch) nor past `max_tokens` or the context (every drafted
+        token accepted, and the pick after them, must still be allowed)."""
+        if slot.speculation is None:
+            return []
+        draft = slot.speculation.draft(slot.cached + slot.pending, min(room, slot.limit - slot.count - 1))
+        slot.pending += draft
+        return draft
 
-    def _close_thinking(self, slot: _Slot, token: int) -> None:
-        """The thinking budget is spent after `token`: the section's closing markup
-        (`Thinking.closing`: `</think>` and a blank line, say) is the output's next tokens, sent and
-        accepted like sampled ones, and the model answers after them; where `max_tokens` leaves no
-        room for them the output ends there."""
-        assert slot.req and slot.req.thinking and slot.output and slot.job and slot.sampler
-        tokens = self.vocabulary.markup(slot.req.thinking.closing)
-        if len(tokens) >= slot.limit - slot.count:
-            self._finish(slot, "length")
-            return
-        for forced in tokens:
-            slot.sampler.accept(forced)
-            text, thinking = slot.output.feed(self._token_bytes(forced))
-            self._post(slot.job, TokenEvent(text, forced, thinking=thinking))
-        slot.count += len(tokens)
-        slot.pending = [token, *tokens]
-
-    def _finish(self, slot: _Slot, reason: str | None, error: BaseException | None = None) -> None:
-        job, output = slot.job, slot.output
-        assert job is not None and output is not None
-        if error is None and job.abort_error is None:
-            if reason != "cancelled" and any(tail := output.finish()):
-                self._post(job, TokenEvent(tail[0], -1, thinking=tail[1]))
-            done_at = time.perf_counter()
-            first = slot.first_at or done_at
-            self._post(job, DoneEvent(
-                finish_reason=reason or "stop", text=output.text, prompt_tokens=slot.prompt_tokens,
-                prompt_eval_tokens=slot.prompt_eval, completion_tokens=slot.count,
-                prompt_ms=(first - slot.started) * 1000, generation_ms=(done_at - first) * 1000,
-                stop_sequence=output.stop_sequence, thinking=output.thinking, thinking_tokens=output.thinking_tokens,
-            ))
-        else:
-            self._post(job, Failed(job.abort_error or error or ShuttingDown("stopped")))
-        # The KV holds exactly `cached` (the last sampled token was never decoded): the slot keeps
-        # it for the conversation's next turn, and `_start` copies it out if another takes the slot.
-        slot.pending = []
-        if isinstance(slot.sampler, ChainSampler):
-            slot.sampler.close()
-        slot.job = slot.req = slot.sampler = slot.output = slot.media = None  # the KV holds the images now
-        slot.last_used = time.monotonic()
+    def _sample(self, slot: Slot) -> None:
+        """After the decode: the slot's sampled token (slots.py's `SlotOutput`)."""
+        self.output.sample(slot)
 
 
-def logits_row(lib: Any, ctx: Any, index: int, n_vocab: int) -> np.ndarray:
-    """A sequence's row of logits only: a view into llama.cpp's host output buffer, valid
-    until the next decode, which may reallocate that buffer (so it is used within this
-    step and never kept; sampling copies the row into its own candidates). It is host
-    memory with any backend: `llama_get_logits_ith` first waits for the device's copy into
-    it. `index` must be a batch position whose `logits` flag was set, or llama.cpp answers
-    NULL, which numpy refuses (ValueError) rather than reading."""
-    return np.ctypeslib.as_array(lib.llama_get_logits_ith(ctx, index), shape=(n_vocab,))
-
-
-def cancelled(job: EngineJob) -> DoneEvent:
-    """The end of a request cancelled before it started."""
-    n = len(job.req.tokens)
-    return DoneEvent("cancelled", "", n, 0, 0, 0.0, 0.0)
-
-
-def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[_Slot],
-          busy: set[int]) -> tuple[_Slot, int]:
+def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[Slot],
+          busy: set[int]) -> tuple[Slot, int]:
     """The free slot a prompt goes to and how many of its tokens are in that slot's KV when
     it starts: the choice that costs least, counting tokens to evaluate and KV to copy
     (`COPY_COST`). A slot's own KV serves a prompt that shares its prefix; the RAM cache's
@@ -520,7 +379,7 @@ def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[_Slo
     stored = cache.match(tokens)
     n = len(tokens)
 
-    def extra(slot: _Slot, keep: int) -> float:
+    def extra(slot: Slot, keep: int) -> float:
         copies = 0.0 if keep >= len(slot.cached) else 2 * len(slot.cached) * COPY_COST
         return copies + (0.0 if contiguous(busy | {slot.seq}) else SPLIT_COST)
 

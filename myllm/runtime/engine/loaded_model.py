@@ -25,6 +25,12 @@ FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}
 """MYLLM_FLASH_ATTENTION's values as llama.cpp's `llama_flash_attn_type`."""
 
 
+def output_rows(spec: LoadSpec) -> int:
+    """Rows of logits one step may ask for: one per sequence, and a draft's (shared by the
+    sequences speculating in the step)."""
+    return spec.n_parallel + spec.draft_max
+
+
 @dataclass(frozen=True)
 class LoadedModel:
     lib: ModuleType
@@ -64,10 +70,12 @@ class LoadedModel:
         params.n_ctx = spec.n_ctx * spec.n_parallel
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_seq_max = spec.n_parallel
-        # At most one row of logits per sequence per step: llama.cpp's default (one per batch
-        # token) reserves compute buffers for 512 rows of the vocabulary, 96 MiB for SmolLM2's
-        # and 512 MiB for Gemma 3's, GPU memory when the output layer is offloaded.
-        params.n_outputs_max = spec.n_parallel
+        # At most one row of logits per sequence per step, and `draft_max` more for verifying a
+        # speculative draft (speculative.py): llama.cpp's default (one per batch token) reserves
+        # the output buffer and compute buffers for 512 rows of the vocabulary, 96 MiB for
+        # SmolLM2's and 512 MiB for Gemma 3's, GPU memory when the output layer is offloaded;
+        # each row kept costs about 0.2 MiB for SmolLM2 and 1 MiB for Gemma 3.
+        params.n_outputs_max = output_rows(spec)
         n_threads = params.n_threads = params.n_threads_batch = n_threads or default_threads()
         params.kv_unified = False  # each sequence its own n_ctx cells: faster when prompts differ
         params.flash_attn_type = FLASH_ATTENTION[spec.flash_attention]

@@ -197,7 +197,7 @@ class ModelManager(Generic[R]):
                                   embedding=embedding,
                                   n_parallel=self.settings.num_parallel,
                                   flash_attention=self.settings.flash_attention,
-                                  projector=self.registry.projector_file(row))
+                                  projector=self.registry.projector_file(row), draft_max=self.settings.draft_max)
 
     async def acquire(
         self,

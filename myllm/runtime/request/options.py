@@ -46,6 +46,11 @@ class GenerationOptions(BaseModel):
     """None: no probabilities; 0: the chosen token's; k > 0: also the top k candidates."""
     format: Literal["json"] | dict[str, Any] | None = None
     """`"json"`: the output is a JSON object; a dict: a JSON Schema the output validates against."""
+    draft_max: int | None = Field(None, ge=0, le=64)
+    """Speculative decoding by prompt lookup (runtime/engine/speculative.py): the most tokens drafted
+    a step, from the prompt and output, and verified in one batch; 0 or None: off. The loaded model
+    allows at most MYLLM_DRAFT_MAX (a larger value is held to it). Output is the same either way:
+    only speed changes (faster for outputs that copy their prompt)."""
     thinking_budget: int | None = Field(None, ge=1)
     """Tokens a thinking model may think before the engine closes its reasoning section and it
     answers; None: no limit but `max_tokens`."""
@@ -99,7 +104,7 @@ class GenerationOptions(BaseModel):
         return value
 
 
-ALIASES = {"num_predict": "max_tokens"}
+ALIASES = {"num_predict": "max_tokens", "draft_num_predict": "draft_max"}
 """Ollama's Modelfile/option names that mean the same as ours."""
 
 REQUEST_ONLY = frozenset({"logprobs", "format"})

@@ -132,6 +132,7 @@ class RunnerOptions:
     stop: tuple[str, ...]
     max_tokens: int | None
     logprobs: int | None
+    draft_max: int | None
 
 
 OPTION_FIELDS = tuple(f.name for f in fields(RunnerOptions))
