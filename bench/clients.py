@@ -21,7 +21,7 @@ async def stream_completion(http: httpx.AsyncClient, model: str, max_tokens: int
     body = {"model": model, "prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, **extra}
     started = time.perf_counter()
-    first = last = None
+    first = last = ended = None
     chunks = 0
     tokens = None
     async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -36,8 +36,13 @@ async def stream_completion(http: httpx.AsyncClient, model: str, max_tokens: int
                 first = first or now
                 last = now
                 chunks += 1
+            elif data.get("choices") and ended is None:
+                ended = time.perf_counter()
+    # A random-weight model's first tokens can be text-less (an end of generation, bytes of a
+    # character not yet whole): the answer's first chunk then stands for its first token.
+    first, last = first or ended, last or ended
     n = tokens or chunks
-    assert first is not None and last is not None
+    assert first is not None and last is not None, f"no chunk from {http.base_url}"
     return {"ttft": first - started, "tokens": n, "decode": (n - 1) / (last - first) if last > first else 0.0,
             "end": last}
 
