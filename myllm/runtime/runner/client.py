@@ -78,9 +78,9 @@ class RequestStream(AsyncIterator[TokenEvent | DoneEvent]):
     def _put(self, item: TokenEvent | DoneEvent | Started | BaseException) -> None:
         self._queue.put_nowait(item)
 
-    async def started(self) -> int:
-        """For a request sent with a `PromptSource`: its prompt's tokens once it went in, or the
-        error that kept it out (too long, empty)."""
+    async def _next(self) -> TokenEvent | DoneEvent | Started:
+        """The next item; an error is raised (and ends the stream), a cancelled wait cancels
+        the request."""
         try:
             item = await self._queue.get()
         except BaseException:
@@ -89,6 +89,12 @@ class RequestStream(AsyncIterator[TokenEvent | DoneEvent]):
         if isinstance(item, BaseException):
             self._done = True
             raise item
+        return item
+
+    async def started(self) -> int:
+        """For a request sent with a `PromptSource`: its prompt's tokens once it went in, or the
+        error that kept it out (too long, empty)."""
+        item = await self._next()
         if not isinstance(item, Started):
             raise ModelCrashed(f"the runner answered a request with {type(item).__name__} before it went in")
         return item.prompt_tokens
@@ -99,14 +105,7 @@ class RequestStream(AsyncIterator[TokenEvent | DoneEvent]):
     async def __anext__(self) -> TokenEvent | DoneEvent:
         if self._done:
             raise StopAsyncIteration
-        try:
-            item = await self._queue.get()
-        except BaseException:
-            await self.aclose()
-            raise
-        if isinstance(item, BaseException):
-            self._done = True
-            raise item
+        item = await self._next()
         if isinstance(item, Started):  # nobody asked: the next event is the first of the output
             return await self.__anext__()
         if isinstance(item, DoneEvent):
