@@ -9,9 +9,11 @@ threads."""
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import psutil
 import pytest
@@ -19,9 +21,12 @@ import pytest
 import myllm.runtime.service as service
 from myllm.errors import InvalidOptions, PromptTooLong
 from myllm.registry.store import Registry
-from myllm.runtime.engine_types import GenerationRequest, PromptSource, Started
+from myllm.runtime.engine.batching import BatchEngine
+from myllm.runtime.engine.slots import EngineJob
+from myllm.runtime.engine_types import DoneEvent, Failed, GenerationRequest, LoadSpec, PromptSource, Started
 from myllm.runtime.request.options import GenerationOptions
-from myllm.runtime.runner.protocol import decode_event, decode_request, encode_event, encode_request
+from myllm.runtime.runner.child import Channel, RunnerLoop
+from myllm.runtime.runner.protocol import decode_event, decode_request, encode_event, encode_request, unpacker
 from myllm.runtime.service import GenerationStream, Runtime
 from myllm.settings import Settings
 
@@ -135,6 +140,39 @@ def test_a_sourced_request_crosses_the_channel_whole() -> None:
     assert back.source == req.source and back.tokens == [] and back.extra_stop == ("</s>",)
     assert decode_request(encode_request(GenerationRequest([1, 2], options))).source is None
     assert decode_event(encode_event(Started(42))) == Started(42)
+
+
+def test_started_precedes_the_first_token_however_fast_the_step(smollm2_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A runner announces a sourced request with `Started` after submitting it, and the
+    scheduler may end a step in between (a tiny model's step takes a fraction of a
+    millisecond): its tokens must still follow `Started` on the channel. Here the submit is
+    held back a quarter of a second after the request went in, long enough for steps to end."""
+    engine = BatchEngine(LoadSpec("smollm2", smollm2_path, 512), n_threads=2, kv_cache_bytes=0)
+    ours, theirs = socket.socketpair()
+    try:
+        loop = RunnerLoop(Channel(theirs), engine)
+        submit = engine.submit
+
+        def slow_submit(*args: Any) -> EngineJob:
+            job = submit(*args)
+            time.sleep(0.25)
+            return job
+
+        monkeypatch.setattr(engine, "submit", slow_submit)
+        source = PromptSource(None, "Count: one, two, three,", 100)
+        request = GenerationRequest([], GenerationOptions(temperature=0.0, max_tokens=4), (), None, None, (), source)
+        loop.serve(iter([["gen", 1, encode_request(request)]]))
+        reader, events = unpacker(), []
+        ours.settimeout(30)
+        while not any(isinstance(e, DoneEvent | Failed) for e in events):
+            reader.feed(ours.recv(1 << 16))
+            events += [decode_event(event) for message in reader for _, event in message[1]]
+        assert isinstance(events[0], Started) and isinstance(events[-1], DoneEvent)
+    finally:
+        engine.close()
+        ours.close()
+        theirs.close()
 
 
 async def test_the_runner_computes_below_the_daemon(runtime: Runtime) -> None:

@@ -25,7 +25,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -76,6 +76,15 @@ class Channel:
         data = pack(message)
         with self._lock:
             self._sock.sendall(data)
+
+    def send_after(self, action: Callable[[], T], message: list[Any]) -> T:
+        """Run `action`, then send `message`, with no other message between: a writer on another
+        thread (the scheduler's sink) waits until both are done."""
+        data = pack(message)
+        with self._lock:
+            result = action()
+            self._sock.sendall(data)
+        return result
 
     def messages(self) -> Iterator[list[Any]]:
         reader = unpacker()
@@ -137,17 +146,20 @@ class RunnerLoop:
         thread (the daemon sends at most `SOURCE_CHARS` of it) and announced with `Started`
         once it is in: the scheduler thread is woken first, and the daemon, woken by `Started`,
         may take this core before the next line runs. `Started` still precedes the request's
-        first token: the channel's lock is taken before this thread lets the scheduler run
-        Python, and a token takes a decode. A request that fails to start may be refused before
-        `Started` arrives, which the daemon reads as the refusal it is."""
+        first token: the channel stays locked from the submit to `Started`'s send, so a step
+        that ends meanwhile (a tiny model's takes a fraction of a millisecond) waits to write
+        its events. A request that fails to start may be refused before `Started` arrives,
+        which the daemon reads as the refusal it is."""
         engine = self._generation()
         tokens = None if req.source is None else engine.vocabulary.prompt(req.source)
         if tokens is not None:
             check_prompt(tokens, engine.n_ctx)
             req = dataclasses.replace(req, tokens=tokens, source=None)
-        self.jobs[req_id] = engine.submit(req, self.sink, req_id)
-        if tokens is not None:
-            self.channel.send(["ev", [[req_id, encode_event(Started(len(tokens)))]]])
+        if tokens is None:
+            self.jobs[req_id] = engine.submit(req, self.sink, req_id)
+            return
+        started = ["ev", [[req_id, encode_event(Started(len(tokens)))]]]
+        self.jobs[req_id] = self.channel.send_after(lambda: engine.submit(req, self.sink, req_id), started)
 
     def sink(self, items: list[tuple[EngineJob, Any]]) -> None:
         """One engine step's events: one message."""
