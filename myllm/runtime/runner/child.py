@@ -49,6 +49,7 @@ INLINE_TEXT = 8192
 millisecond of llama.cpp's tokenizer, against a thread hop on every request's path."""
 TOKENIZING = {"tokenize", "units", "count"}
 POOLED = {"embed", "rerank"}
+T = TypeVar("T")
 
 
 def _text_size(args: list[Any]) -> int:
