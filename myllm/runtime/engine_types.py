@@ -276,6 +276,11 @@ class Started:
     prompt_tokens: int
 
 
+AdapterSet = tuple[tuple[str, float], ...]
+"""LoRA adapters a generation runs with: each adapter file's path on the runner's machine and
+its scale, in the model's order, none at scale 0 (engine/adapters.py)."""
+
+
 @dataclass
 class GenerationRequest:
     tokens: list[int]
@@ -291,6 +296,8 @@ class GenerationRequest:
     the tokens its projector makes of it; the prompt's count and context include them."""
     source: PromptSource | None = None
     """The prompt's text, when the runner tokenizes it (no images then)."""
+    adapters: AdapterSet = ()
+    """The LoRA adapters to generate with (none: the base model)."""
 
 
 def check_prompt(tokens: list[int], n_ctx: int) -> None:

@@ -35,7 +35,8 @@ import time
 from typing import Any
 
 from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
-from myllm.runtime.engine.kvcache import KVCache, common_prefix
+from myllm.runtime.engine.adapters import Adapters
+from myllm.runtime.engine.kvcache import NO_MATCH, KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel, output_rows
 from myllm.runtime.engine.media import evaluate_images, media_prompt
@@ -46,6 +47,7 @@ from myllm.runtime.engine.speculative import PromptLookup, Speculation
 from myllm.runtime.engine.thinking import OutputText
 from myllm.runtime.engine.vocabulary import Vocabulary
 from myllm.runtime.engine_types import (
+    AdapterSet,
     Failed,
     GenerationRequest,
     LoadSpec,
@@ -138,6 +140,7 @@ class BatchEngine:
         self._lib, self.ctx, self.batch, self.projector = loaded.lib, loaded.ctx, loaded.batch, loaded.projector
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
         self.output = SlotOutput(loaded.lib, loaded.ctx.ctx, vocabulary, self._post)
+        self.adapters = Adapters(lib, model, loaded.ctx.ctx)
 
     # -- what a runner needs besides generation -----------------------------------------------
 
@@ -271,15 +274,16 @@ class BatchEngine:
 
     def _start(self, job: EngineJob, free: list[Slot]) -> None:
         req = job.req
+        self.adapters.load(req.adapters)
         media = media_prompt(self.projector, req, self.n_ctx)
         tokens = req.tokens if media is None else media.tokens
         busy = {s.seq for s in self._slots if s.job is not None}
-        slot, keep = place(self.kv_cache, self._lib, self.ctx.ctx, tokens, free, busy)
+        slot, keep = place(self.kv_cache, self._lib, self.ctx.ctx, tokens, free, busy, req.adapters)
         keep = min(keep, len(tokens) - 1)
         padded = keep if self.attention is None else self.attention.start(keep, len(tokens))
         keep = padded if media is None else media.start(keep, padded)
         self.ctx.kv_cache_seq_rm(slot.seq, keep, -1)
-        slot.media = media
+        slot.media, slot.adapters = media, req.adapters
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
         slot.sampler = self.samplers.for_request(req)
@@ -300,6 +304,7 @@ class BatchEngine:
         active = [s for s in self._slots if s.job is not None]
         if not active:
             return
+        active = self.adapters.group(active)
         evaluate_images(self.ctx.ctx, active)  # each its own decode, before the step's text
         batch = self.batch.batch
         batch.n_tokens = 0
@@ -368,29 +373,31 @@ class BatchEngine:
 
 
 def place(cache: KVCache, lib: Any, ctx: Any, tokens: list[int], free: list[Slot],
-          busy: set[int]) -> tuple[Slot, int]:
+          busy: set[int], adapters: AdapterSet = ()) -> tuple[Slot, int]:
     """The free slot a prompt goes to and how many of its tokens are in that slot's KV when
     it starts: the choice that costs least, counting tokens to evaluate and KV to copy
     (`COPY_COST`). A slot's own KV serves a prompt that shares its prefix; the RAM cache's
     stored prefix can be copied into any slot. Taking a slot that holds another
     conversation costs copying that one out and, when it returns, back in; so the agents
     behind one shared system prompt spread over the slots instead of taking turns in one. A slot
-    that leaves the `busy` sequences no longer one consecutive run costs `SPLIT_COST` more."""
-    stored = cache.match(tokens)
+    that leaves the `busy` sequences no longer one consecutive run costs `SPLIT_COST` more.
+    KV computed with other LoRA `adapters` than the prompt's serves nothing; the RAM cache holds
+    only KV of the base model (engine/adapters.py)."""
+    stored = NO_MATCH if adapters else cache.match(tokens)
     n = len(tokens)
 
     def extra(slot: Slot, keep: int) -> float:
         copies = 0.0 if keep >= len(slot.cached) else 2 * len(slot.cached) * COPY_COST
         return copies + (0.0 if contiguous(busy | {slot.seq}) else SPLIT_COST)
 
-    own = {slot.seq: common_prefix(slot.cached, tokens) for slot in free}
+    own = {slot.seq: common_prefix(slot.cached, tokens) if slot.adapters == adapters else 0 for slot in free}
     options = [(n - own[s.seq] + extra(s, own[s.seq]), s.last_used, s.seq, False, s) for s in free]
     if stored.length:
         options += [(n - stored.length + stored.length * COPY_COST + extra(s, 0), s.last_used, s.seq, True, s)
                     for s in free]
     *_, restore, slot = min(options)
     keep = own[slot.seq]
-    if keep < len(slot.cached) or restore:  # another conversation's KV is about to go: keep a copy
+    if (keep < len(slot.cached) or restore) and not slot.adapters:  # another conversation's KV is about to go
         cache.save(lib, ctx, slot.cached, slot.seq)
     if restore and (stored := cache.match(tokens)).length:  # found again: saving may have cut its spans
         if cache.restore(lib, ctx, stored, slot.seq):

@@ -24,7 +24,7 @@ from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine.speculative import Speculation
 from myllm.runtime.engine.thinking import OutputText
 from myllm.runtime.engine.vocabulary import Vocabulary
-from myllm.runtime.engine_types import DoneEvent, Failed, GenerationRequest, TokenEvent
+from myllm.runtime.engine_types import AdapterSet, DoneEvent, Failed, GenerationRequest, TokenEvent
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,8 @@ class Slot:
     """The slot's first row of logits in this step's batch (one more per draft token)."""
     in_batch: int = 0
     last_used: float = 0.0
+    adapters: AdapterSet = ()
+    """The LoRA adapters the KV in `cached` was computed with (engine/adapters.py)."""
 
 
 class SlotOutput:

@@ -144,17 +144,19 @@ def encode_request(req: GenerationRequest) -> list[Any]:
     thinking = None if req.thinking is None else [getattr(req.thinking, f.name) for f in fields(Thinking)]
     images = [[i.at, i.image.digest, i.image.width, i.image.height, i.image.rgb] for i in req.images]
     source = None if req.source is None else [req.source.units, req.source.raw, req.source.budget]
-    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking, images, source]
+    adapters = [[path, scale] for path, scale in req.adapters]
+    return [req.tokens, options, list(req.extra_stop), req.grammar, thinking, images, source, adapters]
 
 
 def decode_request(data: list[Any]) -> GenerationRequest:
-    tokens, options, extra_stop, grammar, thinking, images, source = data
+    tokens, options, extra_stop, grammar, thinking, images, source, adapters = data
     values = dict(zip(OPTION_FIELDS, options, strict=True))
     values["stop"] = tuple(values["stop"])
     return GenerationRequest(tokens, RunnerOptions(**values), tuple(extra_stop), grammar,
                              None if thinking is None else Thinking(*thinking),
                              tuple(PromptImage(at, DecodedImage(*image)) for at, *image in images),
-                             None if source is None else _source(*source))
+                             None if source is None else _source(*source),
+                             tuple((path, scale) for path, scale in adapters))
 
 
 def _source(units: list[list[list[Any]]] | None, raw: str | None, budget: int) -> PromptSource:

@@ -1,0 +1,112 @@
+"""LoRA adapters (runtime/engine/adapters.py and their path from a Modelfile's ADAPTER line or
+Ollama's create to a request): written with the `gguf` package for SmolLM2 (tests/lora_fixture.py).
+An adapter with zero B matrices must give the base model's tokens and a random one other tokens;
+requests with different adapters share one loaded base, also in the same steps, and KV computed
+with one adapter never serves a request with another."""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import pytest
+from lora_fixture import write_adapter
+
+from myllm.errors import ModelLoadError
+from myllm.runtime.engine.batching import BatchEngine
+from myllm.runtime.engine_types import AdapterSet, DoneEvent, Failed, GenerationRequest, LoadSpec
+from myllm.runtime.request.options import GenerationOptions
+
+PROMPT = ("A lighthouse keeper lived alone on a rocky island far from the coast. Every evening he climbed "
+          "the stairs to light the lamp, and every morning he wrote in his journal. One day")
+"""Over the RAM cache's 32-token minimum, so that KV of it is kept there too."""
+
+
+@pytest.fixture(scope="module")
+def adapters(smollm2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("adapters")
+    return {"zero": write_adapter(smollm2_path, folder / "zero.gguf", zero=True),
+            "one": write_adapter(smollm2_path, folder / "one.gguf", seed=1),
+            "two": write_adapter(smollm2_path, folder / "two.gguf", seed=2)}
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path: Path) -> Any:
+    engine = BatchEngine(LoadSpec("smollm2", smollm2_path, 512, n_parallel=3), n_threads=2, kv_cache_bytes=64 << 20)
+    yield engine
+    engine.close()
+
+
+def submit(engine: BatchEngine, tokens: list[int], adapters: AdapterSet, done: queue.SimpleQueue[Any]) -> None:
+    request = GenerationRequest(list(tokens), GenerationOptions(temperature=0, max_tokens=12), adapters=adapters)
+    out: list[int] = []
+
+    def sink(items: list[tuple[Any, Any]]) -> None:
+        for _, event in items:
+            if isinstance(event, DoneEvent | Failed):
+                done.put((adapters, out, event))
+            else:
+                out.append(event.token_id)
+
+    engine.submit(request, sink)
+
+
+def run(engine: BatchEngine, *requests: AdapterSet) -> list[list[int]]:
+    """Each adapter set's greedy tokens for PROMPT, all submitted at once, in the order given."""
+    done: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    tokens = engine.tokenize(PROMPT)
+    for adapters in requests:
+        submit(engine, tokens, adapters, done)
+    results = {}
+    for _ in requests:
+        adapters, out, event = done.get(timeout=120)
+        if isinstance(event, Failed):
+            raise event.error
+        results[adapters] = out
+    return [results[adapters] for adapters in requests]
+
+
+@pytest.fixture(scope="module")
+def one_slot(smollm2_path: Path) -> Any:
+    """One sequence and the RAM prefix cache: every request takes the KV the last one left."""
+    engine = BatchEngine(LoadSpec("smollm2", smollm2_path, 512), n_threads=2, kv_cache_bytes=64 << 20)
+    yield engine
+    engine.close()
+
+
+def test_a_zero_adapter_changes_nothing_and_a_random_one_changes_the_output(
+        one_slot: BatchEngine, smollm2_path: Path, adapters: dict[str, Path]) -> None:
+    reference = BatchEngine(LoadSpec("smollm2", smollm2_path, 512), n_threads=2, kv_cache_bytes=0)
+    try:
+        [base] = run(reference, ())
+    finally:
+        reference.close()
+    one = ((str(adapters["one"]), 1.0),)
+    [with_one] = run(one_slot, one)
+    assert with_one != base
+    # From here each request finds KV of the same prompt computed with another set, in the slot
+    # or in the RAM cache: none of it may serve it.
+    assert run(one_slot, ()) == [base]
+    assert run(one_slot, ((str(adapters["zero"]), 1.0),)) == [base]
+    assert run(one_slot, one) == [with_one]
+    assert run(one_slot, ()) == [base]
+    [half] = run(one_slot, ((str(adapters["one"]), 0.5),))  # another scale is another set
+    assert half not in (base, with_one)
+
+
+def test_requests_with_different_adapters_run_side_by_side(engine: BatchEngine, adapters: dict[str, Path]) -> None:
+    one, two = ((str(adapters["one"]), 1.0),), ((str(adapters["two"]), 1.0),)
+    for warm in ((), one, two):  # each set's KV of the prompt in a slot of its own: every run below reuses it
+        run(engine, warm)  # (a prompt evaluated in other chunks may give other last bits, and near-ties flip)
+    alone = [run(engine, s)[0] for s in ((), one, two)]
+    assert run(engine, (), one, two) == alone
+    assert len({tuple(tokens) for tokens in alone}) == 3
+
+
+def test_an_adapter_llama_cpp_refuses_fails_its_request_only(engine: BatchEngine, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF not really")
+    with pytest.raises(ModelLoadError, match="LoRA adapter bad.gguf"):
+        run(engine, ((str(bad), 1.0),))
+    assert run(engine, ()) == run(engine, ())
