@@ -3,11 +3,14 @@ the Modelfile's defaults stored in the registry, where every API picks them up."
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 from myllm.modelfile import Modelfile, ModelfileError, parse
 from myllm.pull import local_projector, pull
 from myllm.pull.progress import silent
+from myllm.registry.adapter_check import check_adapter
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.names import normalize
 from myllm.registry.projector_check import is_projector
@@ -26,6 +29,10 @@ def create_model(registry: Registry, settings: Settings, name: str, text: str, b
     key = normalize(name)
     overrides = _overrides(mf)
     base, projector = _froms(registry, mf, text, base_dir)
+    if mf.adapters:
+        base_file = base if isinstance(base, Path) else registry.blobs.path(base.digest)
+        overrides = dataclasses.replace(overrides, adapters=_stored_adapters(
+            registry, mf, text, base_dir, base_file, str(base.name) if isinstance(base, Path) else base.name))
     if isinstance(base, Path):
         return pull(registry, settings, str(base), name=key, overrides=overrides, projector=projector).model
     if projector is None:
@@ -42,6 +49,24 @@ def _overrides(mf: Modelfile) -> Overrides:
         messages=mf.messages or None,  # no MESSAGE lines: the base's seed conversation stays
         license=mf.license,
     )
+
+
+def _stored_adapters(registry: Registry, mf: Modelfile, text: str, base_dir: Path, base: Path,
+                     base_name: str) -> list[dict[str, Any]]:
+    """The ADAPTER files, each checked against the base model (`check_adapter`) and stored as a
+    blob, in order. A create that fails later leaves a blob no model uses, which the store's
+    sweep of unused blobs removes (`MYLLM_BLOB_TTL`)."""
+    lines = [n + 1 for n, raw in enumerate(text.splitlines()) if raw.strip().upper().startswith("ADAPTER")]
+    stored = []
+    for value, line in zip(mf.adapters, lines, strict=True):
+        path = Path(value).expanduser()
+        path = path if path.is_absolute() else base_dir / path
+        if not path.is_file():
+            raise ModelfileError(line, f"ADAPTER {value!r} is no file")
+        check_adapter(path, f"file:{path.name}", base, base_name)
+        digest = registry.blobs.commit(registry.blobs.stage_copy(path))
+        stored.append({"digest": digest, "size": path.stat().st_size})
+    return stored
 
 
 def _froms(registry: Registry, mf: Modelfile, text: str, base_dir: Path) -> tuple[ModelRow | Path, Path | None]:

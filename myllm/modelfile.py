@@ -2,6 +2,7 @@
 
     FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
     FROM ./mmproj.gguf           # a second FROM: the model's multimodal projector (Ollama's way)
+    ADAPTER ./tutor-lora.gguf    # a LoRA adapter (GGUF) applied over the model; may repeat
     PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/request/options.py PARAMETERS)
     PARAMETER stop "<|im_end|>"  # stop may repeat
     TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
@@ -24,7 +25,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.request.options import PARAMETERS, stored_parameter
 
 ROLES = ("system", "user", "assistant")
-INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
+INSTRUCTIONS = ("FROM", "ADAPTER", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
 
 
 class ModelfileError(MyLLMError):
@@ -42,6 +43,8 @@ class Modelfile:
     projector: str | None = None
     """A second FROM: the model's projector (an `mmproj` GGUF, architecture clip). Ollama tells a
     model's files apart by their contents, in any order: so does `myllm create` (create.py)."""
+    adapters: list[str] = field(default_factory=list)
+    """ADAPTER lines: LoRA adapter files (GGUF), relative to the Modelfile, in order."""
     parameters: dict[str, Any] = field(default_factory=dict)
     template: str | None = None
     system: str | None = None
@@ -103,6 +106,8 @@ def parse(text: str) -> Modelfile:
                     mf.projector = value
                 else:
                     mf.base = value
+            elif op == "ADAPTER":
+                mf.adapters.append(value)
             elif op == "TEMPLATE":
                 _check_template(number, value)
                 mf.template = value
@@ -144,6 +149,7 @@ def render(mf: Modelfile) -> str:
     """The Modelfile text that `parse` reads back as `mf`, what Ollama's `show` answers as a
     model's `modelfile`."""
     lines = [f"FROM {mf.base}", *([f"FROM {mf.projector}"] if mf.projector else [])]
+    lines += [f"ADAPTER {adapter}" for adapter in mf.adapters]
     if mf.template:
         lines.append(f"TEMPLATE {_long(mf.template)}")
     if mf.system:

@@ -7,16 +7,23 @@ with one adapter never serves a request with another."""
 from __future__ import annotations
 
 import queue
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ollama
+import openai
 import pytest
-from lora_fixture import write_adapter
 
-from myllm.errors import ModelLoadError
+from myllm.create import create_model
+from myllm.errors import InvalidModelFile, ModelLoadError
+from myllm.registry.store import Registry
 from myllm.runtime.engine.batching import BatchEngine
 from myllm.runtime.engine_types import AdapterSet, DoneEvent, Failed, GenerationRequest, LoadSpec
 from myllm.runtime.request.options import GenerationOptions
+from myllm.settings import Settings
+from tests.lora_fixture import write_adapter
+from tests.server import running_servers
 
 PROMPT = ("A lighthouse keeper lived alone on a rocky island far from the coast. Every evening he climbed "
           "the stairs to light the lamp, and every morning he wrote in his journal. One day")
@@ -110,3 +117,62 @@ def test_an_adapter_llama_cpp_refuses_fails_its_request_only(engine: BatchEngine
     with pytest.raises(ModelLoadError, match="LoRA adapter bad.gguf"):
         run(engine, ((str(bad), 1.0),))
     assert run(engine, ()) == run(engine, ())
+
+
+# -- through the daemon: Ollama's create, a Modelfile's ADAPTER, requests ----------------------------
+
+
+@pytest.fixture
+def daemon(private_home: Path) -> Iterator[tuple[str, str]]:
+    with running_servers(Settings(home=private_home, num_threads=2, num_ctx=1024, num_parallel=2)) as urls:
+        yield urls
+
+
+def test_adapter_models_share_one_base_and_requests_pick_scales(
+        daemon: tuple[str, str], private_home: Path, adapters: dict[str, Path], tmp_path: Path) -> None:
+    url, ollama_url = daemon
+    client = ollama.Client(host=ollama_url, timeout=120)
+    digest = client.create_blob(adapters["one"])
+    client.create(model="tutor", from_="smollm2:135m", adapters={"one.gguf": digest})
+    (tmp_path / "two.gguf").write_bytes(adapters["two"].read_bytes())
+    (tmp_path / "Modelfile").write_text("FROM smollm2:135m\nADAPTER ./two.gguf\nPARAMETER temperature 0\n")
+    registry = Registry.open(Settings(home=private_home))
+    try:
+        create_model(registry, Settings(home=private_home), "poet", (tmp_path / "Modelfile").read_text(), tmp_path)
+    finally:
+        registry.close()
+    openai_client = openai.OpenAI(base_url=f"{url}/v1", api_key="none")
+
+    def say(model: str, **extra: Any) -> str:
+        answer = openai_client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
+                                                  extra_body=extra)
+        return answer.choices[0].text
+
+    base, tutor, poet = say("smollm2:135m"), say("tutor"), say("poet")
+    assert len({base, tutor, poet}) == 3
+    assert say("tutor", lora=[{"id": 0, "scale": 0}]) == base  # the adapter off for one request
+    assert say("tutor") == tutor
+    loaded = [m.model for m in client.ps().models]
+    base_blob = next(m.digest for m in client.list().models if m.model == "smollm2:135m")
+    assert sorted(loaded) == ["sha256-" + base_blob.removeprefix("sha256:")[:12], "smollm2:135m"]  # tutor and poet: one
+    with pytest.raises(openai.BadRequestError, match="lora id 1"):
+        say("tutor", lora=[{"id": 1, "scale": 1.0}])
+
+
+def test_an_adapter_for_another_model_is_refused_at_create(
+        daemon: tuple[str, str], smollm2_path: Path, gemma3_path: Path, tmp_path: Path) -> None:
+    _, ollama_url = daemon
+    client = ollama.Client(host=ollama_url, timeout=120)
+    for wrong, reason in ((write_adapter(gemma3_path, tmp_path / "gemma.gguf"), "architecture"),
+                          (smollm2_path, "not a LoRA adapter")):
+        with pytest.raises(ollama.ResponseError, match=reason) as refused:
+            client.create(model="wrong", from_="smollm2:135m", adapters={"x.gguf": client.create_blob(wrong)})
+        assert refused.value.status_code == 400
+    assert "wrong" not in [m.model for m in client.list().models]
+    (tmp_path / "Modelfile").write_text("FROM smollm2:135m\nADAPTER ./gemma.gguf\n")
+    with pytest.raises(InvalidModelFile, match="architecture 'gemma3'"):
+        registry = Registry.open(Settings())
+        try:
+            create_model(registry, Settings(), "wrong", (tmp_path / "Modelfile").read_text(), tmp_path)
+        finally:
+            registry.close()

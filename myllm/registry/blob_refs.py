@@ -1,5 +1,5 @@
-"""What keeps a blob of the store: a model (its GGUF or its projector) or an image of a stored
-conversation. Every removal of a blob asks here first (`rm`, a replaced model, the sweep of
+"""What keeps a blob of the store: a model (its GGUF, its projector or its LoRA adapters) or an
+image of a stored conversation. Every removal of a blob asks here first (`rm`, a replaced model, the sweep of
 unused blobs, a deleted session's images), so none takes bytes another user still names."""
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ def blob_in_use(db: Session, digest: str) -> bool:
     if db.scalar(select(ModelRow.id).where(or_(ModelRow.digest == digest, ModelRow.projector_digest == digest))
                  .limit(1)) is not None:
         return True
+    if digest in _adapter_digests(db):
+        return True
     return db.scalar(select(SessionImageRow.id).where(SessionImageRow.digest == digest).limit(1)) is not None
 
 
@@ -21,4 +23,10 @@ def used_digests(db: Session) -> set[str]:
     used = set(db.scalars(select(ModelRow.digest).distinct()))
     used.update(db.scalars(select(ModelRow.projector_digest).where(ModelRow.projector_digest.is_not(None)).distinct()))
     used.update(db.scalars(select(SessionImageRow.digest).distinct()))
-    return used
+    return used | _adapter_digests(db)
+
+
+def _adapter_digests(db: Session) -> set[str]:
+    """The LoRA adapters' blobs (a JSON list per model, read here: few models have any)."""
+    lists = db.scalars(select(ModelRow.adapters).where(ModelRow.adapters.is_not(None)))
+    return {adapter["digest"] for adapters in lists for adapter in adapters or ()}

@@ -174,6 +174,12 @@ def _0011_session_images(op: Operations) -> None:
     )
 
 
+def _0013_model_adapters(op: Operations) -> None:
+    """A model's LoRA adapters (blobs of the store, applied over its own blob)."""
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("adapters", sa.JSON))
+
+
 MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0001_models", _0001_models),
     ("0002_sessions", _0002_sessions),
@@ -186,6 +192,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0009_message_thinking", _0009_message_thinking),
     ("0010_model_projector", _0010_model_projector),
     ("0011_session_images", _0011_session_images),
+    ("0013_model_adapters", _0013_model_adapters),
 ]
 
 _migrations_table = sa.Table(

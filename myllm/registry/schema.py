@@ -32,6 +32,9 @@ class ModelRow(Base):
     """A multimodal model's projector (its `mmproj` GGUF, architecture `clip`): a second blob of
     the store, shared like the first by every name that uses it; None for a text model."""
     projector_size: Mapped[int | None] = mapped_column(BigInteger)
+    adapters: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    """LoRA adapters applied to the model, in order: blobs of the store, [{"digest", "size"}]
+    (a Modelfile's ADAPTER lines; registry/adapter_check.py). None: the base model alone."""
     architecture: Mapped[str] = mapped_column(String(64), nullable=False)
     family: Mapped[str] = mapped_column(String(64), nullable=False)
     parameter_count: Mapped[int] = mapped_column(BigInteger, nullable=False)

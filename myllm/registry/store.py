@@ -53,10 +53,12 @@ class Overrides:
     template_override: str | None = None
     messages: list[dict[str, str]] | None = None
     license: str | None = None
+    adapters: list[dict[str, Any]] | None = None
+    """LoRA adapter blobs already in the store ([{"digest", "size"}]): they replace the base's."""
 
     def lay_over(self, row: ModelRow) -> None:
         row.parameters = {**row.parameters, **self.parameters}
-        for column in ("system", "template_override", "messages", "license"):
+        for column in ("system", "template_override", "messages", "license", "adapters"):
             value = getattr(self, column)
             if value is not None:
                 setattr(row, column, value)
@@ -411,8 +413,10 @@ def _named(db: Session, key: str) -> ModelRow | None:
 
 
 def _blobs_of(row: ModelRow | None) -> set[str]:
-    """The blobs a row uses: its model's and its projector's."""
-    return set() if row is None else {d for d in (row.digest, row.projector_digest) if d is not None}
+    """The blobs a row uses: its model's, its projector's and its adapters'."""
+    if row is None:
+        return set()
+    return {d for d in (row.digest, row.projector_digest) if d is not None} | {a["digest"] for a in row.adapters or ()}
 
 
 def _delete(db: Session, row: ModelRow) -> None:

@@ -90,13 +90,14 @@ class LoadSpec:
     def for_model(
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None, draft_max: int = 0,
+        name: str | None = None,
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
         ctx = context_size(num_ctx)
         if row.context_length:
             ctx = min(ctx, row.context_length)
-        return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
+        return cls(name or row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
                    projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max)
 
 

@@ -14,6 +14,7 @@ import json
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 from myllm.errors import InvalidOptions, MyLLMError, PromptTooLong, WrongModelKind
@@ -22,6 +23,7 @@ from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
 from myllm.runtime.engine_types import (
     SOURCE_CHARS,
+    AdapterSet,
     Candidate,
     DecodedImage,
     DoneEvent,
@@ -202,9 +204,23 @@ def shortened(vectors: list[list[float]], dimensions: int | None) -> list[list[f
 T = TypeVar("T")
 
 
+def adapter_set(row: ModelRow, opts: GenerationOptions, path_of: Callable[[str], Path]) -> AdapterSet:
+    """The LoRA adapters a request runs with: the model's (its ADAPTER lines, each at scale 1)
+    with the request's `lora` scales laid over them by id; an id the model lacks is refused."""
+    adapters = row.adapters or []
+    scales = [1.0] * len(adapters)
+    for choice in opts.lora or ():
+        if choice.id >= len(adapters):
+            raise InvalidOptions(f"lora id {choice.id} is not one of the model's adapters "
+                                 f"({len(adapters)}: ids 0 to {len(adapters) - 1})" if adapters else
+                                 f"lora id {choice.id}: model '{row.name}' has no LoRA adapters", field="lora")
+        scales[choice.id] = choice.scale
+    return tuple((str(path_of(a["digest"])), scale) for a, scale in zip(adapters, scales, strict=True) if scale)
+
+
 async def submit(runner: Runner, prompt: _Prompt, opts: GenerationOptions, grammar: str | None,
                  thinking: Callable[[], Thinking | None], count: list[str] | None,
-                 images: list[DecodedImage]) -> tuple[EventStream, int, list[int]]:
+                 images: list[DecodedImage], adapters: AdapterSet = ()) -> tuple[EventStream, int, list[int]]:
     """The request in the runner: its events, its prompt's positions and the token counts of
     `count` (each a status code when refused, never a stream's error). A prompt of little text
     goes with the request for the runner to tokenize (one message, not a tokenizing round trip
@@ -221,7 +237,8 @@ async def submit(runner: Runner, prompt: _Prompt, opts: GenerationOptions, gramm
     sourced = await prompt.source(runner.n_ctx, reserve, SOURCE_CHARS)
     if sourced is not None:
         source, stop = sourced
-        events = runner.generate(GenerationRequest([], opts, stop, grammar, thinking(), source=PromptSource(*source)))
+        events = runner.generate(GenerationRequest([], opts, stop, grammar, thinking(), source=PromptSource(*source),
+                                                   adapters=adapters))
         try:
             length, counts = await counted(events.started())
             return events, length, counts
@@ -235,7 +252,8 @@ async def submit(runner: Runner, prompt: _Prompt, opts: GenerationOptions, gramm
     check_prompt(tokens, runner.n_ctx)
     placed = tuple(PromptImage(at, images[n]) for at, n in prompt.images) if images else ()
     length = await prompt_length(runner, tokens, [image.image for image in placed])
-    return runner.generate(GenerationRequest(tokens, opts, stop, grammar, thinking(), placed)), length, counts
+    request = GenerationRequest(tokens, opts, stop, grammar, thinking(), placed, adapters=adapters)
+    return runner.generate(request), length, counts
 
 
 async def prompt_length(runner: Runner, tokens: list[int], images: list[DecodedImage]) -> int:
@@ -585,6 +603,7 @@ class Runtime:
         """`schema_field`: where the output's JSON schema, if any, came from (for errors).
         `images`: the request's, numbered as the prompt's markers number them."""
         grammar = None
+        adapters = adapter_set(row, opts, self.registry.blobs.path)
         if opts.format is not None:  # measured and converted off the loop, refused before any load
             grammar = await self.prepare.run(lambda deadline: format_grammar(opts, self.schema_limits, schema_field))
         lease = await self.manager.acquire(row, keep_alive=keep_alive, num_ctx=opts.num_ctx, num_gpu=opts.num_gpu,
@@ -605,7 +624,7 @@ class Runtime:
                     markup.open, markup.close, markup.answer, markup.headers, prompt.thinking_open,
                     opts.thinking_budget or self.settings.thinking_budget)
 
-            events, length, counts = await submit(runner, prompt, opts, grammar, thinking, count, images or [])
+            events, length, counts = await submit(runner, prompt, opts, grammar, thinking, count, images or [], adapters)
         except BaseException:
             lease.release()
             raise

@@ -26,6 +26,8 @@ class InferenceOptions(BaseModel):
     num_ctx: int | None = Field(None, description="extension: context length to load the model with")
     num_gpu: int | None = Field(None, description="extension: layers to load on the GPU (-1 as many as fit, 0 none)")
     thinking_budget: int | None = Field(None, description="extension: tokens a thinking model may think before it answers")
+    lora: list[dict[str, Any]] | None = Field(None, description="scales for the model's LoRA adapters, llama-server's "
+                                              "shape: [{\"id\": 0, \"scale\": 0.5}] (an adapter not named keeps 1)")
     draft_max: int | None = Field(None, description="extension: speculative decoding by prompt lookup, the most "
                                   "tokens drafted a step (0 to 64; 0: off); the output is the same, faster when it copies")
 

@@ -6,6 +6,7 @@ runtime and `pull` and back to Ollama's shapes. Errors are `{"error": "..."}` wi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -24,9 +25,10 @@ from myllm.api.http.progress import ProgressWork
 from myllm.api.ollama.inference import answer
 from myllm.api.ollama.manage_models import CopyRequest, CreateRequest, ModelRequest, PullRequest
 from myllm.api.state import Services, services
-from myllm.errors import BlobNotFound, InvalidOptions
+from myllm.errors import BlobNotFound, InvalidOptions, ModelNotFound
 from myllm.modelfile import Modelfile, render
 from myllm.pull import pull
+from myllm.registry.adapter_check import check_adapter
 from myllm.registry.blobs import parse_digest
 from myllm.registry.chat_templates import Deadline, check_template
 from myllm.registry.gguf_meta import read_gguf_kv
@@ -97,11 +99,15 @@ async def show(body: ModelRequest, request: Request) -> dict[str, Any]:
 
 @router.get("/api/ps")
 async def ps(request: Request) -> dict[str, Any]:
-    """One row per model, as Ollama lists them, however many instances it has (`per_model`)."""
+    """One row per model, as Ollama lists them, however many instances it has (`per_model`). The
+    base that models with LoRA adapters share is listed under its blob's name (`load_name`),
+    with the details of a model over that blob."""
     svc = services(request)
     loaded = per_model(svc.runtime.loaded())
     rows = {r.name: r for r in await svc.pools.db.run(svc.registry.list)} if loaded else {}
-    return {"models": [_running(m, rows[m.name]) for m in loaded if m.name in rows]}
+    by_blob = {f"sha256-{r.digest[:12]}": r for r in rows.values() if r.adapters}
+    return {"models": [_running(m, rows.get(m.name) or by_blob[m.name]) for m in loaded
+                       if m.name in rows or m.name in by_blob]}
 
 
 def _details(row: ModelRow) -> dict[str, Any]:
@@ -278,24 +284,45 @@ async def _create_events(
     svc: Services, body: CreateRequest, overrides: Overrides, uploads: dict[str, str]
 ) -> AsyncIterator[dict[str, Any]]:
     model, projector = await svc.pools.blobs.run(_model_and_projector, svc, uploads, body.from_ is not None)
+    if body.adapters:
+        overrides = dataclasses.replace(overrides, adapters=await svc.pools.blobs.run(_checked_adapters, svc, body, model))
     if model is None:
         row = await svc.pools.blobs.run(lambda: svc.registry.copy(str(body.from_), body.model, overrides, replace=True,
                                                                   projector=projector))
     else:
         row = await svc.pools.blobs.run(svc.registry.register_blob, body.model, model[1], f"upload:{model[0]}",
                                         overrides, projector)
-    for digest in (row.digest, *([row.projector_digest] if row.projector_digest else [])):
+    for digest in (row.digest, *([row.projector_digest] if row.projector_digest else []),
+                   *(a["digest"] for a in row.adapters or ())):
         yield {"status": f"using existing layer sha256:{digest}"}
     yield {"status": "writing manifest"}
     yield {"status": "success"}
+
+
+def _checked_adapters(svc: Services, body: CreateRequest, model: tuple[str, str] | None) -> list[dict[str, Any]]:
+    """Ollama's `adapters` (file name: digest of an uploaded blob), each checked as a LoRA adapter
+    of the model being created (`check_adapter`), in the order given."""
+    if model is not None:
+        base, base_name = svc.registry.blobs.path(model[1]), model[0]
+    else:
+        row = svc.registry.find(str(body.from_))
+        if row is None:
+            raise ModelNotFound(str(body.from_))
+        base, base_name = svc.registry.blobs.path(row.digest), row.name
+    adapters = []
+    for name, digest in (body.adapters or {}).items():
+        path = svc.registry.blobs.path(parse_digest(digest))
+        if not path.is_file():
+            raise BlobNotFound(f"adapter {name!r}: blob {digest} not found (upload it to /api/blobs first)")
+        check_adapter(path, f"upload:{name}", base, base_name)
+        adapters.append({"digest": parse_digest(digest), "size": path.stat().st_size})
+    return adapters
 
 
 def _uploaded_digests(body: CreateRequest) -> dict[str, str]:
     """The uploaded files to create from (file name: hex digest)."""
     if body.quantize:
         raise InvalidOptions("'quantize' is not supported: myllm does not quantize models", field="quantize")
-    if body.adapters:
-        raise InvalidOptions("'adapters' is not supported: myllm loads no LoRA adapters", field="adapters")
     if body.from_ is None and body.files is None:
         raise InvalidOptions("give either 'from' (a model) or 'files' (an uploaded GGUF blob)", field="from")
     if body.files is not None and not 1 <= len(body.files) <= 2:

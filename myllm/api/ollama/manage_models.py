@@ -48,4 +48,5 @@ class CreateRequest(BaseModel):
     license: str | list[str] | None = None
     stream: bool = True
     quantize: str | None = Field(None, description="refused: myllm does not quantize")
-    adapters: dict[str, str] | None = Field(None, description="refused: myllm loads no LoRA adapters")
+    adapters: dict[str, str] | None = Field(None, description="LoRA adapters (GGUF) uploaded to /api/blobs: file name to "
+                                                "digest, applied over the model in order")

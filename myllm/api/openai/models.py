@@ -86,6 +86,8 @@ class _Sampling(_Request):
     min_p: float | None = None
     repeat_penalty: float | None = None
     draft_max: int | None = Field(None, description="extension: speculative decoding by prompt lookup, tokens drafted a step")
+    lora: list[dict[str, Any]] | None = Field(None, description="extension (llama-server's): scales for the model's LoRA "
+                                              "adapters, [{\"id\": 0, \"scale\": 0.5}]")
 
 
 class ChatTemplateKwargs(BaseModel):

@@ -115,7 +115,7 @@ def _options(
         "temperature": body.temperature, "top_p": body.top_p, "max_tokens": max_tokens, "stop": stop,
         "seed": body.seed, "presence_penalty": body.presence_penalty, "frequency_penalty": body.frequency_penalty,
         "top_k": body.top_k, "min_p": body.min_p, "repeat_penalty": body.repeat_penalty,
-        "logprobs": logprobs, "format": fmt, "draft_max": body.draft_max,
+        "logprobs": logprobs, "format": fmt, "draft_max": body.draft_max, "lora": body.lora,
     })
 
 

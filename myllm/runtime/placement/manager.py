@@ -45,6 +45,13 @@ START_RUNNER: RunnerFactory[Runner] = ModelRunner.start
 """How the daemon starts a runner: a process of its own (runtime/runner/)."""
 
 
+
+def load_name(row: ModelRow) -> str:
+    """What a model's instances are loaded and listed as: its name, or for a model with LoRA
+    adapters its blob's (`sha256-<12 hex>`), so that every adapter model over one GGUF shares one
+    loaded base, each request applying its own adapters (engine/adapters.py)."""
+    return f"sha256-{row.digest[:12]}" if row.adapters else row.name
+
 class ModelManager(Generic[R]):
     """Holds the loaded instances of runners of type `R`: `Runner`s (`ModelRunner`s) in the
     daemon, a test's fakes in unit tests of its logic."""
@@ -194,7 +201,7 @@ class ModelManager(Generic[R]):
         elif layers < 0 or (offloadable > 1 and layers >= offloadable):
             layers = -1
         return LoadSpec.for_model(row, self.registry.blobs.path(row.digest), wanted, layers,
-                                  embedding=embedding,
+                                  embedding=embedding, name=load_name(row),
                                   n_parallel=self.settings.num_parallel,
                                   flash_attention=self.settings.flash_attention,
                                   projector=self.registry.projector_file(row), draft_max=self.settings.draft_max)
@@ -236,7 +243,7 @@ class ModelManager(Generic[R]):
         requests finish, or at once with `abort`, their requests failing with
         `ModelNotLoaded`. Returns how many instances were affected."""
         row = await self.registry.lookup(name)
-        hits = self._instances.of_model(row.name)
+        hits = self._instances.of_model(load_name(row))
         for inst in hits:
             inst.keep_alive = 0
             if abort and not inst.idle:

@@ -5,7 +5,9 @@ estimate = runner process + weights + KV cache + compute buffers, where
             process (measured: ~79 MiB resident before the model loads),
   weights = the GGUF file size (llama.cpp maps it whole), and a vision model's projector's
             (libmtmd reads it whole into its own buffers; the buffers it computes an image in
-            are not counted),
+            are not counted), and its LoRA adapters' (each read whole into llama.cpp's buffers;
+            other adapter models sharing the instance load theirs on first use, which the
+            runner's measured RSS then counts),
   KV      = layers x KV heads x (key size + value size) x 2 bytes (f16) x context,
   compute = 16 MiB + 160 bytes x vocabulary (logits and graph scratch; fitted to llama.cpp's
             CPU buffers for SmolLM2 and Gemma 3 at 512-8192 context, within a few MiB),
@@ -93,7 +95,7 @@ def _compute(row: ModelRow, n_ctx: int, embedding: bool) -> int:
 def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
     """The whole instance's memory, wherever it lives (RAM alone on a CPU)."""
     layers = int((row.details or {}).get("block_count") or 0)
-    weights = int(row.size) + int(row.projector_size or 0)
+    weights = int(row.size) + int(row.projector_size or 0) + sum(int(a["size"]) for a in row.adapters or ())
     return MemoryEstimate(weights, layers * _kv_per_layer(row, n_ctx) + kv_cache, _compute(row, n_ctx, embedding))
 
 

@@ -21,6 +21,16 @@ MAX_LOGPROBS = 50
 distribution, so the bound only keeps responses small."""
 
 
+class LoraScale(BaseModel):
+    """llama-server's per-request adapter choice: the model's adapter `id` (its place among the
+    model's ADAPTER lines, from 0) at `scale` (0: off for this request)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: int = Field(ge=0)
+    scale: float = Field(ge=-16.0, le=16.0)
+
+
 class GenerationOptions(BaseModel):
     """`extra="forbid"`: a misspelt option is an error, never silently ignored. Frozen, and
     `model_fields_set` records what the caller actually gave, which is what `over` keeps."""
@@ -51,6 +61,9 @@ class GenerationOptions(BaseModel):
     a step, from the prompt and output, and verified in one batch; 0 or None: off. The loaded model
     allows at most MYLLM_DRAFT_MAX (a larger value is held to it). Output is the same either way:
     only speed changes (faster for outputs that copy their prompt)."""
+    lora: tuple[LoraScale, ...] | None = Field(None, max_length=64)
+    """Scales for the model's LoRA adapters, by id (llama-server's `lora`); an adapter not named
+    keeps scale 1, as the model was created; None: every adapter at 1."""
     thinking_budget: int | None = Field(None, ge=1)
     """Tokens a thinking model may think before the engine closes its reasoning section and it
     answers; None: no limit but `max_tokens`."""
@@ -107,7 +120,7 @@ class GenerationOptions(BaseModel):
 ALIASES = {"num_predict": "max_tokens", "draft_num_predict": "draft_max"}
 """Ollama's Modelfile/option names that mean the same as ours."""
 
-REQUEST_ONLY = frozenset({"logprobs", "format"})
+REQUEST_ONLY = frozenset({"logprobs", "format", "lora"})
 """Options that ask for a kind of response, which only a request can: a model's stored
 defaults never set them."""
 
