@@ -164,7 +164,7 @@ class DaemonStore:
 
     def create(self, name: str, modelfile: str, base_dir: Path) -> Facts:
         """The Modelfile is read here, as Ollama's CLI reads it: a FROM file (a model, or its
-        projector) is uploaded as a blob (the daemon may not see this machine's files), then
+        projector) and each ADAPTER file is uploaded as a blob (the daemon may not see this machine's files), then
         `create` names it."""
         from myllm.modelfile import parse
 
@@ -180,6 +180,11 @@ class DaemonStore:
                 body["from"] = value
         if files:
             body["files"] = files
+        adapters = [base_dir / Path(value).expanduser() for value in mf.adapters]  # an absolute path stays itself
+        if missing := [str(path) for path in adapters if not path.is_file()]:
+            raise DaemonError(f"ADAPTER {missing[0]} is no file")
+        if adapters:
+            body["adapters"] = {path.name: self._upload(path) for path in adapters}
         for key, value in (("template", mf.template), ("system", mf.system), ("license", mf.license)):
             if value is not None:
                 body[key] = value
