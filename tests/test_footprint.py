@@ -65,9 +65,11 @@ child.main(["runner", "smollm2:135m", str(runner.fileno())])
 """
 
 DAEMON_SIDE = {"sqlalchemy", "alembic", "pydantic", "pydantic_core", "pydantic_settings", "fastapi", "starlette",
-               "uvicorn", "asyncio", "httpx", "huggingface_hub", "jiter", "jinja2", "diskcache", "multiprocessing"}
-"""Packages a runner has no use for: the daemon's, and those only llama-cpp-python's high-level
-`Llama` imports (engine/llama_setup.py `bindings_only`)."""
+               "uvicorn", "asyncio", "httpx", "huggingface_hub", "jiter", "jinja2", "diskcache", "multiprocessing",
+               "hashlib", "_hashlib"}
+"""Packages a runner has no use for: the daemon's, those only llama-cpp-python's high-level
+`Llama` imports (engine/llama_setup.py `bindings_only`), and hashlib, whose OpenSSL is 3.6 MiB of
+memory (a vision model's runner imports it for its images' placeholders)."""
 
 DAEMON_MODULES = ("myllm.registry", "myllm.runtime.request", "myllm.runtime.placement", "myllm.runtime.service",
                   "myllm.runtime.runner.client", "myllm.runtime.instance", "myllm.api", "myllm.pull", "myllm.settings")
