@@ -220,7 +220,8 @@ def test_malformed_json_is_400(server: str) -> None:
 
 
 def test_prompt_too_long_names_both_numbers(server: str) -> None:
-    r = httpx.post(f"{server}/api/generate", json={"model": "smollm2:135m", "prompt": "word " * 600, "options": {"num_ctx": 256}})
+    r = httpx.post(f"{server}/api/generate", json={"model": "smollm2:135m", "prompt": "word " * 600, "options": {"num_ctx": 256}},
+                   timeout=60)  # loads another instance: seconds on a busy machine
     detail = r.json()["detail"]
     assert r.status_code == 400 and "256" in detail and "tokens" in detail
 
