@@ -1,0 +1,174 @@
+"""Layers on other machines: a model spread over llama.cpp RPC workers (`myllm rpc-worker`, here
+on loopback) answers as it does on the CPU alone; a worker that cannot be reached, or that goes
+away while the model is loaded, is an error that names it."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import httpx
+import psutil
+import pytest
+
+from myllm.errors import ModelLoadError
+from myllm.runtime.engine.rpc import PROTO_MAJOR, greet, layers_that_fit
+from myllm.settings import Settings, rpc_endpoints
+from tests.server import free_port, running_server
+
+PROMPT = [{"role": "user", "content": "Name three colours and say why the sky is blue."}]
+
+
+@dataclass
+class Worker:
+    proc: subprocess.Popen[bytes]
+    port: int
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def start_worker(port: int) -> Worker:
+    """`myllm rpc-worker` on loopback, once its port accepts connections."""
+    proc = subprocess.Popen([sys.executable, "-c", "from cli.main import main; main()", "rpc-worker", "--port", str(port), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"the worker exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+        try:
+            greet(f"127.0.0.1:{port}", timeout=2)
+            return Worker(proc, port)
+        except ModelLoadError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("the RPC worker did not start listening")
+
+
+@pytest.fixture
+def worker() -> Iterator[Worker]:
+    w = start_worker(free_port())
+    yield w
+    w.stop()
+
+
+def chat(url: str, max_tokens: int = 40) -> httpx.Response:
+    return httpx.post(f"{url}/api/chat", json={"model": "smollm2:135m", "stream": False, "messages": PROMPT,
+                                               "options": {"temperature": 0, "max_tokens": max_tokens}}, timeout=120)
+
+
+def test_greedy_output_is_the_same_with_every_layer_on_a_worker(api_settings: Settings, worker: Worker) -> None:
+    with running_server(api_settings) as url:
+        alone = chat(url)
+    assert alone.status_code == 200, alone.text
+    before = psutil.Process(worker.proc.pid).memory_info().rss
+    with running_server(api_settings.model_copy(update={"rpc_servers": worker.endpoint})) as url:
+        spread = chat(url)
+        held = psutil.Process(worker.proc.pid).memory_info().rss - before
+    assert spread.status_code == 200, spread.text
+    assert spread.json()["message"]["content"] == alone.json()["message"]["content"]
+    assert spread.json()["usage"]["completion_tokens"] == 40
+    # SmolLM2's Q8 weights are ~140 MiB: the layers (and their KV cache) live in the worker.
+    assert held > 100 << 20, f"the worker holds only {held >> 20} MiB"
+
+
+def test_an_unreachable_worker_is_a_clear_error_in_each_api(api_settings: Settings) -> None:
+    nobody = f"127.0.0.1:{free_port()}"
+    with running_server(api_settings.model_copy(update={"rpc_servers": nobody})) as url:
+        native = chat(url)
+        openai = httpx.post(f"{url}/v1/chat/completions", json={"model": "smollm2:135m", "messages": PROMPT},
+                            timeout=60)
+    assert native.status_code == 500
+    assert native.json()["error"]["code"] == "model_load_failed"
+    assert f"RPC worker {nobody} cannot be reached (Connection refused)" in native.json()["error"]["message"]
+    assert openai.status_code == 500
+    assert openai.json()["error"]["code"] == "model_load_failed"
+    assert f"RPC worker {nobody} cannot be reached" in openai.json()["error"]["message"]
+
+
+def test_a_worker_gone_between_requests_fails_the_model_then_its_load_names_it(
+    api_settings: Settings, worker: Worker
+) -> None:
+    with running_server(api_settings.model_copy(update={"rpc_servers": worker.endpoint})) as url:
+        first = chat(url, max_tokens=5)
+        assert first.status_code == 200, first.text
+        worker.stop()
+
+        crashed = chat(url, max_tokens=5)  # llama.cpp's RPC client aborts the runner
+        assert crashed.status_code == 500
+        error = crashed.json()["error"]
+        assert error["code"] == "model_crashed"
+        assert f"its layers were on RPC workers {worker.endpoint}: one that stops answering ends the model" in \
+            error["message"]
+        assert "smollm2:135m" not in [m["name"] for m in httpx.get(f"{url}/api/ps").json()["models"]]
+
+        reload = chat(url, max_tokens=5)
+        assert reload.status_code == 500
+        assert f"RPC worker {worker.endpoint} cannot be reached" in reload.json()["error"]["message"]
+
+        back = start_worker(worker.port)  # the same worker, started again: the model loads on it
+        try:
+            again = chat(url)
+            assert again.status_code == 200, again.text
+        finally:
+            back.stop()
+
+
+def test_a_worker_busy_with_another_client_is_named_not_waited_for() -> None:
+    """A worker serves one client at a time: the kernel accepts a second connection, nobody
+    answers it. A stand-in socket that accepts and stays silent (no llama.cpp needed)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ModelLoadError, match=f"RPC worker {endpoint} accepted but did not answer within 0.5 s"):
+            greet(endpoint, timeout=0.5)
+
+
+def test_a_worker_of_another_protocol_is_refused_before_llama_cpp_aborts() -> None:
+    """A stand-in that answers the hello as a worker of the next major protocol would."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+
+        def answer() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                conn.recv(64)
+                conn.sendall((28).to_bytes(8, "little") + bytes([PROTO_MAJOR + 1, 0, 0, 0]) + bytes(24))
+
+        thread = threading.Thread(target=answer)
+        thread.start()
+        endpoint = f"127.0.0.1:{listener.getsockname()[1]}"
+        with pytest.raises(ModelLoadError, match=f"speaks protocol {PROTO_MAJOR + 1}.0.0"):
+            greet(endpoint)
+        thread.join()
+
+
+def test_worker_lists_are_checked_as_settings_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert rpc_endpoints(" 10.0.0.2:50052, gpu-box:50053 ") == ("10.0.0.2:50052", "gpu-box:50053")
+    monkeypatch.setenv("MYLLM_RPC_SERVERS", "10.0.0.2")
+    with pytest.raises(ValueError, match="RPC worker '10.0.0.2' is not host:port"):
+        Settings()
+    monkeypatch.setenv("MYLLM_RPC_SERVERS", "a:1,a:1")
+    with pytest.raises(ValueError, match="name one twice"):
+        Settings()
+
+
+def test_layers_go_to_workers_while_their_share_of_free_memory_holds_them() -> None:
+    """Pure arithmetic on the planner's bytes per layer count (no llama.cpp)."""
+    need = [0, 100, 150, 200, 250]
+    assert layers_that_fit(need, free=1000) == 4
+    assert layers_that_fit(need, free=200) == 2  # 90% of 200: 180
+    assert layers_that_fit(need, free=50) == 0
