@@ -17,10 +17,19 @@ import httpx
 import psutil
 import pytest
 
-from myllm.errors import ModelLoadError
+from myllm.errors import InvalidOptions, ModelLoadError
+from myllm.modelfile import ModelfileError, parse
+from myllm.registry.store import Registry
+from myllm.runtime.devices import Devices
 from myllm.runtime.engine.rpc import PROTO_MAJOR, greet, layers_that_fit
+from myllm.runtime.engine_types import LoadSpec
+from myllm.runtime.placement.manager import ModelManager
+from myllm.runtime.placement.memory import MiB, footprint
+from myllm.runtime.request.options import GenerationOptions, sampling_defaults
+from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings, rpc_endpoints
 from tests.server import free_port, running_server
+from tests.test_gpu import FakeRunner, fake_gpu, fake_models, use  # noqa: F401  (fake_models: a fixture)
 
 PROMPT = [{"role": "user", "content": "Name three colours and say why the sky is blue."}]
 
@@ -172,3 +181,57 @@ def test_layers_go_to_workers_while_their_share_of_free_memory_holds_them() -> N
     assert layers_that_fit(need, free=1000) == 4
     assert layers_that_fit(need, free=200) == 2  # 90% of 200: 180
     assert layers_that_fit(need, free=50) == 0
+
+
+# -- the daemon's side, with the fake runner and fake rows of test_gpu.py ----------------------------
+
+
+class RecordingRunner(FakeRunner):
+    """test_gpu's fake runner (loads instantly, named as fake), keeping the specs it was given."""
+
+    specs: list[LoadSpec] = []
+
+    @classmethod
+    async def start(cls, config: RunnerConfig, max_queue: int) -> RecordingRunner:
+        cls.specs.append(config.spec)
+        return await super().start(config, max_queue)  # type: ignore[return-value]
+
+
+async def test_workers_take_the_layers_a_local_gpu_would_with_the_planners_bytes(
+    fake_models: Registry,  # noqa: F811  (the fixture imported above)
+) -> None:
+    RecordingRunner.specs = []
+    settings = Settings(num_ctx=1024, kv_cache="0", num_parallel=1, rpc_servers="10.0.0.2:50052")
+
+    async def one_gpu() -> Devices:
+        return fake_gpu(free_mib=10_000)
+
+    mgr = ModelManager(fake_models, settings, runner_factory=RecordingRunner.start,  # type: ignore[arg-type]
+                       budget=20_000 * MiB, devices=one_gpu)
+    row = fake_models.get("m:1")
+    assert mgr.spec_for(row).rpc_servers == ("10.0.0.2:50052",) and mgr.spec_for(row).n_gpu_layers == -1
+    await use(mgr, "m:1")
+    await use(mgr, "m:1", num_gpu=4)
+    every, four = RecordingRunner.specs
+    assert every.n_gpu_layers == 0 and four.n_gpu_layers == 0, "the workers take the layers, not the local GPU"
+    fp = footprint(row, 1024)
+    assert len(every.rpc_layer_bytes) == fp.max_gpu_layers + 1 == 12 and len(four.rpc_layer_bytes) == 5
+    assert every.rpc_layer_bytes[0] == 0 and list(every.rpc_layer_bytes) == sorted(every.rpc_layer_bytes)
+    # A layer more is its weights (100 MiB in these rows) and its KV cache; no CUDA context counted.
+    assert 100 * MiB < every.rpc_layer_bytes[3] - every.rpc_layer_bytes[2] < 150 * MiB
+    assert every.rpc_layer_bytes[1] < fp.split(1).vram - 400 * MiB
+
+    row.parameters = {"rpc_servers": "10.0.0.3:50052, 10.0.0.4:50052"}  # the model's own (a Modelfile PARAMETER)
+    assert mgr.spec_for(row).rpc_servers == ("10.0.0.3:50052", "10.0.0.4:50052")
+    assert mgr.spec_for(row, embedding=True).rpc_servers == (), "embeddings stay on this machine"
+    await mgr.close()
+
+
+def test_only_a_model_names_its_workers_never_a_request() -> None:
+    assert parse('FROM x\nPARAMETER rpc_servers "10.0.0.2:50052,10.0.0.3:50052"\n').parameters == {
+        "rpc_servers": "10.0.0.2:50052,10.0.0.3:50052"}
+    with pytest.raises(ModelfileError, match="invalid option 'rpc_servers': RPC worker 'nowhere' is not host:port"):
+        parse("FROM x\nPARAMETER rpc_servers nowhere\n")
+    with pytest.raises(InvalidOptions, match="invalid option 'rpc_servers'"):
+        GenerationOptions.parse({"rpc_servers": "10.0.0.2:50052"})
+    assert sampling_defaults({"rpc_servers": "10.0.0.2:50052", "top_k": 5}).top_k == 5
