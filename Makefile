@@ -94,7 +94,8 @@ test: install system-deps
 # Side-by-side with llama.cpp's llama-server (built from the vendored llama.cpp, cached in .bench-cache/):
 # decode, first token and memory on SmolLM2, chat sessions, 8 agents over 4 slots, and the fast-engine
 # guard (a tiny random-weight model written with the gguf package); thinking and vision checks, and
-# retrieval (encoder vectors, rerank scores, embedding throughput). Options: bench/compare.py --help.
+# retrieval (encoder vectors, rerank scores, embedding throughput), speculative decoding, and a model on
+# an RPC worker on loopback against the CPU. Options: bench/compare.py --help.
 bench: install
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/compare.py
@@ -102,6 +103,7 @@ bench: install
 	$(BIN)/python bench/vision_check.py
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/speculative.py
+	$(BIN)/python bench/rpc.py
 
 # Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
 bench-replicas: install system-deps
