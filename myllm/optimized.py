@@ -36,9 +36,7 @@ def gpu_layers(device: str) -> int:
         raise InvalidOptions(f"device must be one of {', '.join(DEVICES)} (got {device!r})", field="device")
     if device == "cpu":
         return 0
-    import llama_cpp
-
-    if llama_cpp.llama_supports_gpu_offload():
+    if llama_devices().offload:  # a GPU backend: llama_supports_gpu_offload also says yes for RPC alone
         return -1
     if device != "auto":
         warnings.warn(f"device={device!r}: this llama-cpp-python build has no GPU support; using the CPU", stacklevel=3)

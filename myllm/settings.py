@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import ByteSize, Field, SecretStr
+from pydantic import ByteSize, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -71,6 +71,13 @@ class Settings(BaseSettings):
         default="90%",
         description="GPU memory budget for loaded models beside the RAM budget: bytes, a size such as 20GiB, or a "
         "percentage of the GPU memory free at start (several GPUs count as one pool). Unused without a GPU.",
+    )
+    rpc_servers: str = Field(
+        default="",
+        description="llama.cpp RPC workers (`myllm rpc-worker`) a model's layers are spread over: `host:port` "
+        "comma-separated, e.g. 10.0.0.2:50052,10.0.0.3:50052; empty: none. As many layers as the workers' memory "
+        "holds go to them (split by each one's free memory), the rest stays on this machine's CPU. A model's "
+        "`rpc_servers` parameter overrides it. The workers have no authentication: a private network only.",
     )
     max_loaded_models: int = Field(default=3, ge=1, description="Most model instances loaded at once.")
     keep_alive: str = Field(
@@ -310,6 +317,11 @@ class Settings(BaseSettings):
         "(`too_many_bytes`). Stored images are blobs of the store, kept once however many messages send them."
     )
 
+    @field_validator("rpc_servers")
+    @classmethod
+    def _endpoints(cls, value: str) -> str:
+        return ",".join(rpc_endpoints(value))
+
     @property
     def home_dir(self) -> Path:
         return self.home.expanduser()
@@ -331,3 +343,17 @@ class Settings(BaseSettings):
     def local_model_dirs(self) -> list[Path]:
         """`model_dirs` as folders (none when unset: API clients name no local files)."""
         return [Path(p) for p in (self.model_dirs or "").split(":") if p.strip()]
+
+
+def rpc_endpoints(text: str) -> tuple[str, ...]:
+    """`host:port,host:port` (MYLLM_RPC_SERVERS, a model's `rpc_servers`) as its endpoints, each
+    checked: llama.cpp's RPC client aborts the whole process on one it cannot parse. Raises
+    ValueError naming the bad one."""
+    endpoints = tuple(part.strip() for part in text.split(",") if part.strip())
+    for endpoint in endpoints:
+        host, _, port = endpoint.rpartition(":")
+        if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError(f"RPC worker {endpoint!r} is not host:port (e.g. 10.0.0.2:50052)")
+    if len(set(endpoints)) != len(endpoints):
+        raise ValueError(f"RPC workers {text!r} name one twice")
+    return endpoints

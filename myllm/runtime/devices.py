@@ -108,7 +108,21 @@ def _ggml() -> Any:
     lib.ggml_backend_dev_type.argtypes, lib.ggml_backend_dev_type.restype = [ctypes.c_void_p], ctypes.c_int
     lib.ggml_backend_dev_memory.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t), ctypes.POINTER(ctypes.c_size_t)]
     lib.ggml_backend_dev_memory.restype = None
+    lib.ggml_backend_reg_count.argtypes, lib.ggml_backend_reg_count.restype = [], ctypes.c_size_t
+    lib.ggml_backend_reg_get.argtypes, lib.ggml_backend_reg_get.restype = [ctypes.c_size_t], ctypes.c_void_p
+    lib.ggml_backend_reg_name.argtypes, lib.ggml_backend_reg_name.restype = [ctypes.c_void_p], ctypes.c_char_p
     return lib
+
+
+NOT_GPU_BACKENDS = {b"CPU", b"RPC", b"BLAS"}
+"""ggml backends that are no GPU of this machine: `llama_supports_gpu_offload` is also true for
+a build with the RPC backend alone (other machines' workers, runtime/engine/rpc.py)."""
+
+
+def _gpu_backend(lib: Any) -> bool:
+    """Whether this llama.cpp has a GPU backend (CUDA, Metal, Vulkan...), GPUs present or not."""
+    return any(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) not in NOT_GPU_BACKENDS
+               for i in range(lib.ggml_backend_reg_count()))
 
 
 def llama_devices() -> Devices:
@@ -119,6 +133,8 @@ def llama_devices() -> Devices:
     if not llama_cpp.llama_supports_gpu_offload():
         return NO_GPU
     lib = _ggml()
+    if not _gpu_backend(lib):
+        return NO_GPU
     found: dict[int, list[Gpu]] = {GPU: [], IGPU: []}
     for i in range(lib.ggml_backend_dev_count()):
         dev = lib.ggml_backend_dev_get(i)

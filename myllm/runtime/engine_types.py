@@ -79,6 +79,12 @@ class LoadSpec:
     draft_max: int = 0
     """Tokens a request may draft a step (speculative decoding, MYLLM_DRAFT_MAX): the context keeps
     this many logits rows more than one per sequence for verifying them; 0: no speculation."""
+    rpc_servers: tuple[str, ...] = ()
+    """llama.cpp RPC workers (`host:port`) that take the layers `n_gpu_layers` asks for instead of
+    a local GPU (MYLLM_RPC_SERVERS, or the model's `rpc_servers`); empty: none."""
+    rpc_layer_bytes: tuple[int, ...] = ()
+    """Only in the runner's copy: the bytes k layers on the workers take, for each k the load
+    allows (the planner's footprint), so the runner puts as many as the workers' free memory holds."""
 
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
@@ -90,7 +96,7 @@ class LoadSpec:
     def for_model(
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None, draft_max: int = 0,
-        name: str | None = None,
+        name: str | None = None, rpc_servers: tuple[str, ...] = (),
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
@@ -98,7 +104,8 @@ class LoadSpec:
         if row.context_length:
             ctx = min(ctx, row.context_length)
         return cls(name or row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
-                   projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max)
+                   projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max,
+                   () if embedding else rpc_servers)
 
 
 @dataclass(frozen=True)

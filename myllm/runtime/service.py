@@ -42,7 +42,7 @@ from myllm.runtime.placement.report import LoadedInfo
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.image_fetch import ImageFetcher
 from myllm.runtime.request.images import Image, ImageLimits, Markers, check_count, decode_image
-from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.request.options import GenerationOptions, sampling_defaults
 from myllm.runtime.request.prompt import ChatPrompt, PreparePool, TextPrompt
 from myllm.runtime.request.schema_size import SchemaLimits
 from myllm.runtime.request.template import Think, thinking_markup
@@ -429,7 +429,7 @@ class Runtime:
     def options_for(self, row: ModelRow, options: GenerationOptions | None) -> GenerationOptions:
         """The request's options over the model's stored defaults (Modelfile PARAMETERs): what
         the request set wins, field by field."""
-        return (options or GenerationOptions()).over(GenerationOptions.parse(row.parameters))
+        return (options or GenerationOptions()).over(sampling_defaults(row.parameters))
 
     async def chat(
         self,

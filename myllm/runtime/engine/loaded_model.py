@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from myllm.errors import ModelLoadError, OutOfMemory
 from myllm.runtime.engine.llama_setup import avoid_broken_weight_buffers, default_threads
 from myllm.runtime.engine.media import Projector
+from myllm.runtime.engine.rpc import Workers
 from myllm.runtime.engine_types import LoadSpec
 
 if TYPE_CHECKING:
@@ -38,8 +39,9 @@ class LoadedModel:
     model: LlamaModel
     ctx: LlamaContext
     batch: LlamaBatch
-    no_devices: ctypes.Array[ctypes.c_void_p] | None
-    """The empty device list of a model with no layer on a GPU: it must outlive the model."""
+    devices: ctypes.Array[ctypes.c_void_p] | None
+    """The device list given to llama.cpp when not its default one (none for a model with no
+    layer on a GPU, the RPC workers' for one spread over them): it must outlive the model."""
     projector: Projector | None
     """libmtmd's context for a model loaded with a projector (`LoadSpec.projector`)."""
 
@@ -53,14 +55,18 @@ class LoadedModel:
         avoid_broken_weight_buffers()
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = spec.n_gpu_layers
-        no_devices = None
-        if spec.n_gpu_layers == 0:
+        devices = None
+        if spec.rpc_servers:
+            workers = Workers.connect(spec.rpc_servers, spec.rpc_layer_bytes, spec.name)
+            devices, model_params.n_gpu_layers = workers.devices, workers.layers
+            model_params.devices = ctypes.addressof(devices)
+        elif spec.n_gpu_layers == 0:
             # No layer on a GPU means no GPU at all: an empty device list (just its NULL end),
             # else llama.cpp still makes a GPU backend for the context, which holds a CUDA
             # context and runs large CPU-weight products there ("op offload"), GPU memory the
             # budget does not count. The array must outlive the model: kept beside it.
-            no_devices = (ctypes.c_void_p * 1)()
-            model_params.devices = ctypes.addressof(no_devices)
+            devices = (ctypes.c_void_p * 1)()
+            model_params.devices = ctypes.addressof(devices)
         try:
             with suppress_stdout_stderr(disable=not quiet):
                 model = internals.LlamaModel(path_model=str(spec.path), params=model_params, verbose=not quiet)
@@ -96,7 +102,7 @@ class LoadedModel:
                 model.close()
                 raise
         batch = internals.LlamaBatch(n_tokens=N_BATCH, embd=0, n_seq_max=1, verbose=False)
-        return cls(llama_cpp, model, ctx, batch, no_devices, projector)
+        return cls(llama_cpp, model, ctx, batch, devices, projector)
 
     def close(self) -> None:
         """Free the batch, the context and the model (on the thread that made them)."""

@@ -27,7 +27,7 @@ from myllm.runtime.placement.crashes import CrashBackoff
 from myllm.runtime.placement.instances import Instance, Instances
 from myllm.runtime.placement.layer_caps import LayerCaps
 from myllm.runtime.placement.memory import Footprint, MemoryEstimate, MiB, estimate, footprint
-from myllm.runtime.placement.planner import Plan
+from myllm.runtime.placement.planner import Plan, worker_bytes
 from myllm.runtime.placement.reloads import ReloadLimit
 from myllm.runtime.placement.room import Room
 from myllm.runtime.runner.protocol import RunnerConfig
@@ -90,7 +90,9 @@ class Loader(Generic[R]):
         saved_kv = self.saved_kv_bytes(row, spec)
         fp = footprint(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
         whole = estimate(row, spec.n_ctx * spec.n_parallel, spec.embedding, saved_kv)
-        wanted = self.layer_caps.wanted(spec, row)
+        # Layers asked of RPC workers go there, not to a local GPU: the runner fits them to the
+        # workers' memory (`rpc_layer_bytes`), so this machine's plan has none on its GPU.
+        wanted = 0 if spec.rpc_servers else self.layer_caps.wanted(spec, row)
         alone = self.room.alone(fp, wanted)
         if not alone.fits:
             raise self.room.too_large(spec, whole, alone)
@@ -119,7 +121,7 @@ class Loader(Generic[R]):
 
     async def _create(self, spec: LoadSpec, row: ModelRow, whole: MemoryEstimate, fp: Footprint,
                       plan: Plan[LoadSpec]) -> Instance[R]:
-        loaded = dataclasses.replace(spec, n_gpu_layers=plan.gpu_layers)
+        loaded = dataclasses.replace(spec, n_gpu_layers=plan.gpu_layers, rpc_layer_bytes=worker_bytes(spec, fp))
         config = RunnerConfig(loaded, self.settings.num_threads, self.saved_kv_bytes(row, spec), self.settings.runner_nice)
         started = time.perf_counter()
         runner = await self.factory(config, self.settings.max_queue)

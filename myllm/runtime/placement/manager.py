@@ -38,7 +38,7 @@ from myllm.runtime.placement.report import LoadedInfo, describe
 from myllm.runtime.placement.room import Room
 from myllm.runtime.request.durations import parse_duration
 from myllm.runtime.runner import ModelRunner
-from myllm.settings import Settings
+from myllm.settings import Settings, rpc_endpoints
 
 R = TypeVar("R", bound=PlacedRunner)
 START_RUNNER: RunnerFactory[Runner] = ModelRunner.start
@@ -189,14 +189,16 @@ class ModelManager(Generic[R]):
         the model's, else `MYLLM_NUM_GPU`; -1: as many as fit), not what the planner gives, so
         requests asking alike share an instance whatever fitted when it loaded. Only values that
         change the load make another key: without a GPU (once the devices are known) every
-        `num_gpu` is 0, one of at least the model's offloadable layers is -1 (all of them, as
-        fit), and the context is rounded to `context_size`'s steps (in `LoadSpec.for_model`)."""
+        `num_gpu` is 0 (unless RPC workers take the layers), one of at least the model's
+        offloadable layers is -1 (all of them, as fit), and the context is rounded to
+        `context_size`'s steps (in `LoadSpec.for_model`)."""
         params = row.parameters or {}
         wanted = num_ctx or int(params.get("num_ctx") or self.settings.num_ctx)
         layers = num_gpu if num_gpu is not None else params.get("num_gpu")
         layers = int(layers if layers is not None else self.settings.num_gpu)
         offloadable = int((row.details or {}).get("block_count") or 0) + 1
-        if self.gpus.known and not self.gpus.gpu.available:
+        servers = rpc_endpoints(str(params.get("rpc_servers") or self.settings.rpc_servers))
+        if self.gpus.known and not self.gpus.gpu.available and not servers:
             layers = 0
         elif layers < 0 or (offloadable > 1 and layers >= offloadable):
             layers = -1
@@ -204,7 +206,8 @@ class ModelManager(Generic[R]):
                                   embedding=embedding, name=load_name(row),
                                   n_parallel=self.settings.num_parallel,
                                   flash_attention=self.settings.flash_attention,
-                                  projector=self.registry.projector_file(row), draft_max=self.settings.draft_max)
+                                  projector=self.registry.projector_file(row), draft_max=self.settings.draft_max,
+                                  rpc_servers=servers)
 
     async def acquire(
         self,

@@ -14,10 +14,12 @@ The rules, as Ollama's scheduler decides:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from myllm.runtime.engine_types import LoadSpec
 from myllm.runtime.placement.memory import Footprint, Split
 
 K = TypeVar("K")
@@ -89,3 +91,16 @@ def plan_load(fp: Footprint, wanted: int, budgets: Budgets, residents: Sequence[
     missing = short()
     fits = not missing.ram and not missing.vram and count <= budgets.instances
     return Plan(layers, need, tuple(evict), fits, missing)
+
+
+def worker_bytes(spec: LoadSpec, fp: Footprint) -> tuple[int, ...]:
+    """What k layers on RPC workers take, for each k from 0 to what `spec` asks (-1: all), as a
+    GPU's share of `fp` without what only a local GPU holds (its CUDA context) or only a local
+    device runs (a vision projector, kept on this machine): the runner picks the most that fit
+    the workers' free memory, which it alone can ask (a worker serves one client at a time).
+    Empty without workers."""
+    if not spec.rpc_servers:
+        return ()
+    top = fp.max_gpu_layers if spec.n_gpu_layers < 0 else min(spec.n_gpu_layers, fp.max_gpu_layers)
+    remote = dataclasses.replace(fp, gpu_overhead=0, projector=0)
+    return tuple(remote.split(k).vram for k in range(top + 1))

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from myllm.errors import InvalidOptions
+from myllm.settings import rpc_endpoints
 
 MAX_LOGPROBS = 50
 """Candidates per position the core returns at most. They come from the model's whole
@@ -124,9 +125,22 @@ REQUEST_ONLY = frozenset({"logprobs", "format", "lora"})
 """Options that ask for a kind of response, which only a request can: a model's stored
 defaults never set them."""
 
-PARAMETERS = tuple(name for name in GenerationOptions.model_fields if name not in REQUEST_ONLY) + tuple(ALIASES)
+MODEL_ONLY = frozenset({"rpc_servers"})
+"""Parameters of how a model loads that only its stored defaults set, never a request:
+`rpc_servers` (its RPC workers, over MYLLM_RPC_SERVERS) names machines the daemon connects to,
+which no client may aim it at."""
+
+PARAMETERS = (tuple(name for name in GenerationOptions.model_fields if name not in REQUEST_ONLY) + tuple(ALIASES)
+              + tuple(sorted(MODEL_ONLY)))
 """The names a model's defaults may be given under (Modelfile `PARAMETER`, the REPL's
-`/set parameter`): every option but the request-only ones, and Ollama's aliases."""
+`/set parameter`): every option but the request-only ones, Ollama's aliases, and the model-only
+parameters."""
+
+
+def sampling_defaults(parameters: Mapping[str, Any] | None) -> GenerationOptions:
+    """A model's stored defaults as the options a request is laid over (the model-only ones
+    left out: they are the load's, `LoadSpec`)."""
+    return GenerationOptions.parse({k: v for k, v in (parameters or {}).items() if k not in MODEL_ONLY})
 
 
 def parameter_value(name: str, value: Any) -> Any:
@@ -134,6 +148,11 @@ def parameter_value(name: str, value: Any) -> Any:
     converted and range-checked by `GenerationOptions`; `stop` (a string or all of them)
     gives a tuple. Raises `InvalidOptions` naming the option. `name` must be one of
     `PARAMETERS`."""
+    if name == "rpc_servers":
+        try:
+            return ",".join(rpc_endpoints(str(value)))
+        except ValueError as exc:
+            raise InvalidOptions(f"invalid option 'rpc_servers': {exc}", field="rpc_servers") from None
     key = ALIASES.get(name, name)
     return getattr(GenerationOptions.parse({key: value}), key)
 

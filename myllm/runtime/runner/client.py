@@ -25,7 +25,15 @@ from typing import Any
 import psutil
 
 from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory, Overloaded, ShuttingDown
-from myllm.runtime.engine_types import DecodedImage, DoneEvent, GenerationRequest, Started, TokenEvent, check_token_ids
+from myllm.runtime.engine_types import (
+    DecodedImage,
+    DoneEvent,
+    GenerationRequest,
+    LoadSpec,
+    Started,
+    TokenEvent,
+    check_token_ids,
+)
 from myllm.runtime.instance import ExitHandler, RunnerStats
 from myllm.runtime.runner.protocol import (
     RunnerConfig,
@@ -189,7 +197,7 @@ class ModelRunner:
         await self._reap()
         if first is not None and first[0] == "fail":
             raise decode_error(first[1])
-        raise ModelCrashed(f"llama.cpp crashed while loading '{self.spec.name}' ({self._last_words()})")
+        raise ModelCrashed(f"llama.cpp crashed while loading '{self.spec.name}' ({self._last_words()})" + rpc_hint(self.spec))
 
     async def _messages(self, reader: asyncio.StreamReader) -> AsyncIterator[list[Any]]:
         unpack = unpacker()
@@ -251,7 +259,8 @@ class ModelRunner:
             error = ModelCrashed(f"the runner of model '{self.spec.name}' was restarted: it {self._killed}")
             log.error("%s", error.message)
         else:
-            error = ModelCrashed(f"the runner of model '{self.spec.name}' stopped ({self._last_words()})")
+            error = ModelCrashed(f"the runner of model '{self.spec.name}' stopped ({self._last_words()})"
+                                 + rpc_hint(self.spec))
             lines = list(self._stderr)  # one argument a line: the text log escapes what each holds, not the breaks
             log.error("%s; its last output:" + "\n%s" * len(lines), error.message, *lines)
         self.exit_error = error
@@ -441,3 +450,11 @@ class ModelRunner:
 
     async def stats(self) -> RunnerStats:
         return await self.call("stats")
+
+
+def rpc_hint(spec: LoadSpec) -> str:
+    """What a crash of a model spread over RPC workers most likely was: llama.cpp aborts the
+    runner when a worker stops answering (the next load names one that is gone)."""
+    if not spec.rpc_servers:
+        return ""
+    return f"; its layers were on RPC workers {', '.join(spec.rpc_servers)}: one that stops answering ends the model"

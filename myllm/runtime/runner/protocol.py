@@ -75,6 +75,8 @@ class RunnerConfig:
         spec = dict(data["spec"])
         spec["path"] = Path(spec["path"])
         spec["projector"] = None if spec.get("projector") is None else Path(spec["projector"])
+        for name in ("rpc_servers", "rpc_layer_bytes"):  # lists, once they crossed the channel
+            spec[name] = tuple(spec.get(name) or ())
         return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"])
 
 
