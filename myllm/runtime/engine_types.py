@@ -79,17 +79,24 @@ class LoadSpec:
     draft_max: int = 0
     """Tokens a request may draft a step (speculative decoding, MYLLM_DRAFT_MAX): the context keeps
     this many logits rows more than one per sequence for verifying them; 0: no speculation."""
+    draft: Path | None = None
+    """The model's draft model (its GGUF blob on this machine; Modelfile `DRAFT`), loaded beside it
+    on the CPU to draft for speculative decoding (runtime/engine/draft_model.py); None: prompt lookup."""
 
     def unpathed(self, error: object) -> str:
         """An error's text without the blob's absolute path (clients are not told where
         MYLLM_HOME is): the blob's own name stands for it."""
         text = str(error).replace(str(self.path), self.path.name)
-        return text if self.projector is None else text.replace(str(self.projector), self.projector.name)
+        for extra in (self.projector, self.draft):
+            if extra is not None:
+                text = text.replace(str(extra), extra.name)
+        return text
 
     @classmethod
     def for_model(
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None, draft_max: int = 0,
+        draft: Path | None = None,
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
@@ -97,7 +104,8 @@ class LoadSpec:
         if row.context_length:
             ctx = min(ctx, row.context_length)
         return cls(row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
-                   projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max)
+                   projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max,
+                   None if embedding else draft)
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,7 @@ class RunnerConfig:
         spec = asdict(self.spec)
         spec["path"] = str(self.spec.path)
         spec["projector"] = None if self.spec.projector is None else str(self.spec.projector)
+        spec["draft"] = None if self.spec.draft is None else str(self.spec.draft)
         return {"spec": spec, "n_threads": self.n_threads, "kv_cache_bytes": self.kv_cache_bytes}
 
     @classmethod
@@ -75,6 +76,7 @@ class RunnerConfig:
         spec = dict(data["spec"])
         spec["path"] = Path(spec["path"])
         spec["projector"] = None if spec.get("projector") is None else Path(spec["projector"])
+        spec["draft"] = None if spec.get("draft") is None else Path(spec["draft"])
         return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"])
 
 

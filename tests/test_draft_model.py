@@ -1,0 +1,100 @@
+"""Speculative decoding with a draft model (runtime/engine/draft_model.py), on the real models:
+SmolLM2 drafting for itself, whose greedy drafts are what the model picks itself, so at
+temperature 0 (without a repeat penalty, which the draft model does not apply) every draft is
+accepted, and the output is the output without speculation. Prompt and output stay under 256 KV
+cells, where a verify row's logits equal a one-row decode's bit for bit (tests/test_speculative.py)."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from myllm.errors import ModelLoadError
+from myllm.runtime.engine.batching import BatchEngine
+from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
+from myllm.runtime.request.options import GenerationOptions
+
+PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
+OTHER = "<|im_start|>user\nList five uses of a brick.<|im_end|>\n<|im_start|>assistant\n"
+MAX_TOKENS = 120
+"""Short prompts and this many tokens stay under 256 cells."""
+
+
+def generate(engine: BatchEngine, text: str, **options: Any) -> tuple[list[TokenEvent], DoneEvent]:
+    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    engine.submit(GenerationRequest(engine.tokenize(text), GenerationOptions(**options)),
+                  lambda items: [events.put(event) for _, event in items])
+    out: list[TokenEvent] = []
+    while not isinstance(event := events.get(timeout=300), DoneEvent):
+        out.append(event)
+    return out, event
+
+
+@pytest.fixture(scope="module")
+def engine(smollm2_path: Path) -> Any:
+    engine = BatchEngine(LoadSpec("smollm2", smollm2_path, 512, n_parallel=2, draft_max=8, draft=smollm2_path),
+                         n_threads=2, kv_cache_bytes=0)
+    yield engine
+    engine.close()
+
+
+def test_greedy_output_is_identical_and_every_draft_accepted(engine: BatchEngine) -> None:
+    plain, plain_done = generate(engine, PROMPT, temperature=0, repeat_penalty=1.0, max_tokens=MAX_TOKENS,
+                                 draft_max=0)
+    fast, done = generate(engine, PROMPT, temperature=0, repeat_penalty=1.0, max_tokens=MAX_TOKENS)
+    assert [e.token_id for e in fast] == [e.token_id for e in plain]
+    assert (done.text, done.finish_reason) == (plain_done.text, plain_done.finish_reason)
+    assert plain_done.draft_tokens == 0
+    assert done.draft_tokens > done.completion_tokens / 2, done  # it speculated by default, with the draft model
+    assert done.draft_accepted == done.draft_tokens, done
+
+
+def test_a_repeat_penalty_rejects_drafts_but_not_the_output(engine: BatchEngine) -> None:
+    """The request's sampler penalizes repeats, the draft model's argmax does not: some drafts are
+    rejected, and the output is still the model's own."""
+    plain, _ = generate(engine, PROMPT, temperature=0, repeat_penalty=1.3, max_tokens=MAX_TOKENS, draft_max=0)
+    fast, done = generate(engine, PROMPT, temperature=0, repeat_penalty=1.3, max_tokens=MAX_TOKENS, draft_max=8)
+    assert [e.token_id for e in fast] == [e.token_id for e in plain]
+    assert 0 < done.draft_accepted < done.draft_tokens, done
+
+
+def test_sampled_output_with_a_seed_is_the_same_with_a_draft_model(engine: BatchEngine) -> None:
+    options = dict(temperature=0.9, top_k=40, seed=77, max_tokens=MAX_TOKENS)
+    plain, _ = generate(engine, PROMPT, **options, draft_max=0)
+    fast, done = generate(engine, PROMPT, **options)
+    assert [e.token_id for e in fast] == [e.token_id for e in plain]
+    assert done.draft_accepted > 0
+
+
+def test_concurrent_slots_draft_together_and_each_output_is_its_own(engine: BatchEngine) -> None:
+    """Two requests speculating at once: each output is what it is alone, and their drafts share
+    the draft model's decodes (one per draft position for both), so together they take far fewer
+    than the two took one after the other."""
+    assert engine.draft_models is not None
+    greedy = dict(temperature=0, repeat_penalty=1.0, max_tokens=MAX_TOKENS)
+    alone, decodes_alone = {}, 0
+    for text in (PROMPT, OTHER):
+        before = engine.draft_models.decodes
+        alone[text] = [e.token_id for e in generate(engine, text, **greedy)[0]]
+        decodes_alone += engine.draft_models.decodes - before
+    results: dict[str, list[int]] = {}
+    before = engine.draft_models.decodes
+    threads = [threading.Thread(target=lambda t=text: results.__setitem__(
+        t, [e.token_id for e in generate(engine, t, **greedy)[0]])) for text in (PROMPT, OTHER)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == alone
+    decodes = engine.draft_models.decodes - before
+    assert decodes < 0.75 * decodes_alone, (decodes, decodes_alone)
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_at_load(smollm2_path: Path, gemma3_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="another vocabulary"):
+        BatchEngine(LoadSpec("smollm2", smollm2_path, 512, draft_max=8, draft=gemma3_path), n_threads=2,
+                    kv_cache_bytes=0)
