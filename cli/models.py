@@ -180,7 +180,8 @@ class DaemonStore:
                 body["from"] = value
         if files:
             body["files"] = files
-        for key, value in (("template", mf.template), ("system", mf.system), ("license", mf.license)):
+        for key, value in (("template", mf.template), ("system", mf.system), ("license", mf.license),
+                           ("draft", mf.draft)):
             if value is not None:
                 body[key] = value
         if mf.parameters:

@@ -2,6 +2,7 @@
 
     FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
     FROM ./mmproj.gguf           # a second FROM: the model's multimodal projector (Ollama's way)
+    DRAFT smollm2:135m           # a registered model of the same vocabulary, drafting for speculative decoding
     PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/request/options.py PARAMETERS)
     PARAMETER stop "<|im_end|>"  # stop may repeat
     TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
@@ -24,7 +25,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.request.options import PARAMETERS, stored_parameter
 
 ROLES = ("system", "user", "assistant")
-INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
+INSTRUCTIONS = ("FROM", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE", "DRAFT")
 
 
 class ModelfileError(MyLLMError):
@@ -47,6 +48,8 @@ class Modelfile:
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     license: str | None = None
+    draft: str | None = None
+    """A registered model drafting for this one (speculative decoding; registry/drafts.py checks it)."""
 
 
 def _value(text: str, lines: list[str], index: int) -> tuple[str, int]:
@@ -108,6 +111,8 @@ def parse(text: str) -> Modelfile:
                 mf.template = value
             elif op == "SYSTEM":
                 mf.system = value
+            elif op == "DRAFT":
+                mf.draft = value
             else:
                 mf.license = value
         i += 1
@@ -153,6 +158,8 @@ def render(mf: Modelfile) -> str:
     lines += [f"MESSAGE {m['role']} {_quoted(m['content'])}" for m in mf.messages]
     if mf.license:
         lines.append(f"LICENSE {_long(mf.license)}")
+    if mf.draft:
+        lines.append(f"DRAFT {mf.draft}")
     return "\n".join(lines) + "\n"
 
 

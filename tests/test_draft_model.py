@@ -98,3 +98,94 @@ def test_a_draft_model_of_another_vocabulary_is_refused_at_load(smollm2_path: Pa
     with pytest.raises(ModelLoadError, match="another vocabulary"):
         BatchEngine(LoadSpec("smollm2", smollm2_path, 512, draft_max=8, draft=gemma3_path), n_threads=2,
                     kv_cache_bytes=0)
+
+
+# -- the setting: Modelfile DRAFT, Ollama create's `draft`, the registry -----------------------------
+
+
+def smollm2_variant(smollm2_path: Path, where: Path) -> Path:
+    """SmolLM2's file with one byte of its name changed: another blob, the same vocabulary."""
+    data = bytearray(smollm2_path.read_bytes())
+    at = data.index(b"Smollm2 135M")
+    data[at + 6 : at + 7] = b"3"
+    path = where / "smollm3-variant.gguf"
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_modelfile_draft_is_checked_and_keeps_its_blob(private_home: Path, smollm2_path: Path, tmp_path: Path) -> None:
+    from myllm.create import create_model
+    from myllm.modelfile import ModelfileError, parse, render
+    from myllm.pull import pull
+    from myllm.registry.store import Registry
+    from myllm.settings import Settings
+
+    assert parse(render(parse("FROM smollm2:135m\nDRAFT smollm2:135m\n"))).draft == "smollm2:135m"
+    settings = Settings()
+    registry = Registry.open(settings)
+    try:
+        with pytest.raises(ModelfileError, match="line 3: the draft model 'gemma3:270m' has another vocabulary"):
+            create_model(registry, settings, "mixed", "FROM smollm2:135m\n# a comment\nDRAFT gemma3:270m\n", tmp_path)
+        assert registry.find("mixed") is None
+        with pytest.raises(ModelfileError, match="line 2: the draft model 'nothing:1b' is not a registered model"):
+            create_model(registry, settings, "mixed", "FROM smollm2:135m\nDRAFT nothing:1b\n", tmp_path)
+        pull(registry, settings, str(smollm2_variant(smollm2_path, tmp_path)), name="variant")
+        variant = registry.get("variant")
+        row = create_model(registry, settings, "drafted", "FROM smollm2:135m\nDRAFT variant\n", tmp_path)
+        assert (row.draft_digest, row.draft_size) == (variant.digest, variant.size)
+        assert registry.draft_file(row) == registry.blobs.path(variant.digest)
+        registry.remove("variant")
+        assert registry.blobs.exists(variant.digest)  # still the draft of `drafted`
+        assert variant.digest not in registry.unused_blobs()
+        registry.remove("drafted")
+        assert not registry.blobs.exists(variant.digest)
+    finally:
+        registry.close()
+
+
+@pytest.fixture(scope="module")
+def urls(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from myllm.settings import Settings
+    from tests.conftest import writable_home
+    from tests.server import running_servers
+
+    home = writable_home(models_home, tmp_path_factory.mktemp("draft-api") / "home")
+    with running_servers(Settings(home=home, num_threads=2, num_ctx=512, num_parallel=2, draft_max=8)) as urls:
+        yield urls
+
+
+def test_ollama_create_refuses_a_draft_of_another_vocabulary(urls: tuple[str, str]) -> None:
+    """The official client's `create` has no `draft` parameter, so the route is called as it is."""
+    import httpx
+
+    r = httpx.post(f"{urls[1]}/api/create", json={"model": "mixed", "from": "smollm2:135m", "draft": "gemma3:270m",
+                                                   "stream": False}, timeout=120)
+    assert r.status_code == 400, r.text
+    assert "another vocabulary" in r.json()["error"] and "tokens 262144 where the model has 49152" in r.json()["error"]
+    assert httpx.post(f"{urls[1]}/api/show", json={"model": "mixed"}).status_code == 404
+
+
+def test_a_model_created_with_a_draft_speculates_with_it(urls: tuple[str, str]) -> None:
+    """SmolLM2 drafting for itself through the daemon: the same greedy text as the model alone,
+    every draft accepted, the counts in Ollama's final event and in /metrics."""
+    import httpx
+    import ollama
+
+    r = httpx.post(f"{urls[1]}/api/create", json={"model": "smollm2-drafted", "from": "smollm2:135m",
+                                                   "draft": "smollm2:135m", "stream": False}, timeout=120)
+    assert r.status_code == 200, r.text
+    options = {"temperature": 0, "repeat_penalty": 1.0, "num_predict": 60}
+    messages = [{"role": "user", "content": "Write a short poem about the sea."}]
+    plain = ollama.Client(host=urls[1], timeout=300).chat(model="smollm2:135m", messages=messages, options=options)
+    # The official client's response type drops the extension fields: the final event as sent.
+    r = httpx.post(f"{urls[1]}/api/chat", json={"model": "smollm2-drafted", "messages": messages, "options": options,
+                                                 "stream": False}, timeout=300)
+    done = r.json()
+    assert done["message"]["content"] == plain.message.content
+    assert done["draft_count"] > 0 and done["draft_accepted_count"] == done["draft_count"], done
+    from prometheus_client.parser import text_string_to_metric_families
+
+    counted = {s.labels["kind"]: s.value for family in text_string_to_metric_families(httpx.get(f"{urls[0]}/metrics").text)
+               for s in family.samples
+               if s.name == "myllm_tokens_total" and s.labels.get("model") == "smollm2-drafted:latest"}
+    assert counted["drafted"] == counted["draft_accepted"] == done["draft_count"], counted

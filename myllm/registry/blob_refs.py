@@ -1,4 +1,4 @@
-"""What keeps a blob of the store: a model (its GGUF or its projector) or an image of a stored
+"""What keeps a blob of the store: a model (its GGUF, its projector or its draft model's) or an image of a stored
 conversation. Every removal of a blob asks here first (`rm`, a replaced model, the sweep of
 unused blobs, a deleted session's images), so none takes bytes another user still names."""
 
@@ -11,8 +11,8 @@ from myllm.registry.schema import ModelRow, SessionImageRow
 
 
 def blob_in_use(db: Session, digest: str) -> bool:
-    if db.scalar(select(ModelRow.id).where(or_(ModelRow.digest == digest, ModelRow.projector_digest == digest))
-                 .limit(1)) is not None:
+    if db.scalar(select(ModelRow.id).where(or_(ModelRow.digest == digest, ModelRow.projector_digest == digest,
+                                               ModelRow.draft_digest == digest)).limit(1)) is not None:
         return True
     return db.scalar(select(SessionImageRow.id).where(SessionImageRow.digest == digest).limit(1)) is not None
 
@@ -20,5 +20,6 @@ def blob_in_use(db: Session, digest: str) -> bool:
 def used_digests(db: Session) -> set[str]:
     used = set(db.scalars(select(ModelRow.digest).distinct()))
     used.update(db.scalars(select(ModelRow.projector_digest).where(ModelRow.projector_digest.is_not(None)).distinct()))
+    used.update(db.scalars(select(ModelRow.draft_digest).where(ModelRow.draft_digest.is_not(None)).distinct()))
     used.update(db.scalars(select(SessionImageRow.digest).distinct()))
     return used

@@ -158,6 +158,14 @@ def _0010_model_projector(op: Operations) -> None:
         batch.create_index("ix_models_projector_digest", ["projector_digest"])
 
 
+def _0012_model_draft(op: Operations) -> None:
+    """A model's draft model blob, for speculative decoding (null: none)."""
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("draft_digest", sa.String(64)))
+        batch.add_column(sa.Column("draft_size", sa.BigInteger))
+        batch.create_index("ix_models_draft_digest", ["draft_digest"])
+
+
 def _0011_session_images(op: Operations) -> None:
     """The images of stored messages: each a blob of the store (by digest, never inline), at a
     place in its message's text, so a stored conversation is given to the model as it was sent."""
@@ -186,6 +194,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0009_message_thinking", _0009_message_thinking),
     ("0010_model_projector", _0010_model_projector),
     ("0011_session_images", _0011_session_images),
+    ("0012_model_draft", _0012_model_draft),
 ]
 
 _migrations_table = sa.Table(

@@ -32,6 +32,10 @@ class ModelRow(Base):
     """A multimodal model's projector (its `mmproj` GGUF, architecture `clip`): a second blob of
     the store, shared like the first by every name that uses it; None for a text model."""
     projector_size: Mapped[int | None] = mapped_column(BigInteger)
+    draft_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    """The model's draft model for speculative decoding (Modelfile `DRAFT`; registry/drafts.py): the
+    blob of a registered chat model of the same vocabulary, kept as long as this row names it."""
+    draft_size: Mapped[int | None] = mapped_column(BigInteger)
     architecture: Mapped[str] = mapped_column(String(64), nullable=False)
     family: Mapped[str] = mapped_column(String(64), nullable=False)
     parameter_count: Mapped[int] = mapped_column(BigInteger, nullable=False)

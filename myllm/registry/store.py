@@ -53,6 +53,8 @@ class Overrides:
     template_override: str | None = None
     messages: list[dict[str, str]] | None = None
     license: str | None = None
+    draft: dict[str, Any] | None = None
+    """The draft model's columns (registry/drafts.py `draft_columns`), checked before."""
 
     def lay_over(self, row: ModelRow) -> None:
         row.parameters = {**row.parameters, **self.parameters}
@@ -60,6 +62,8 @@ class Overrides:
             value = getattr(self, column)
             if value is not None:
                 setattr(row, column, value)
+        for column, value in (self.draft or {}).items():
+            setattr(row, column, value)
 
 
 @dataclass(frozen=True)
@@ -139,6 +143,8 @@ class Registry:
         problem = self._blob_problem(row.digest, row.size)
         if problem is None and row.projector_digest is not None:
             problem = self._blob_problem(row.projector_digest, row.projector_size or 0)
+        if problem is None and row.draft_digest is not None:
+            problem = self._blob_problem(row.draft_digest, row.draft_size or 0)
         return problem
 
     def _blob_problem(self, digest: str, size: int) -> str | None:
@@ -161,7 +167,7 @@ class Registry:
         problem = self.problem(row)
         if problem is None:
             return self.blobs.path(row.digest)
-        for digest in (row.digest, row.projector_digest):
+        for digest in (row.digest, row.projector_digest, row.draft_digest):
             if digest is not None and not self.blobs.exists(digest):
                 raise ModelFileMissing(row.name, digest, row.shown_source)
         raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
@@ -169,6 +175,10 @@ class Registry:
     def projector_file(self, row: ModelRow) -> Path | None:
         """The model's projector on this machine (checked with the model by `blob_file`), or None."""
         return None if row.projector_digest is None else self.blobs.path(row.projector_digest)
+
+    def draft_file(self, row: ModelRow) -> Path | None:
+        """The model's draft model on this machine (checked with the model by `blob_file`), or None."""
+        return None if row.draft_digest is None else self.blobs.path(row.draft_digest)
 
     def _info(self, digest: str, path: Path, source: str) -> dict[str, Any]:
         """The metadata columns of the blob `digest` (whose bytes are at `path`), once
@@ -411,8 +421,8 @@ def _named(db: Session, key: str) -> ModelRow | None:
 
 
 def _blobs_of(row: ModelRow | None) -> set[str]:
-    """The blobs a row uses: its model's and its projector's."""
-    return set() if row is None else {d for d in (row.digest, row.projector_digest) if d is not None}
+    """The blobs a row uses: its model's, its projector's and its draft model's."""
+    return set() if row is None else {d for d in (row.digest, row.projector_digest, row.draft_digest) if d is not None}
 
 
 def _delete(db: Session, row: ModelRow) -> None:

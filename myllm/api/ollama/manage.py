@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +30,7 @@ from myllm.modelfile import Modelfile, render
 from myllm.pull import pull
 from myllm.registry.blobs import parse_digest
 from myllm.registry.chat_templates import Deadline, check_template
+from myllm.registry.drafts import draft_columns
 from myllm.registry.gguf_meta import read_gguf_kv
 from myllm.registry.projector_check import is_projector
 from myllm.registry.schema import ModelRow
@@ -278,6 +280,8 @@ async def _create_events(
     svc: Services, body: CreateRequest, overrides: Overrides, uploads: dict[str, str]
 ) -> AsyncIterator[dict[str, Any]]:
     model, projector = await svc.pools.blobs.run(_model_and_projector, svc, uploads, body.from_ is not None)
+    if body.draft is not None:
+        overrides = replace(overrides, draft=await svc.pools.blobs.run(_draft, svc, body, model))
     if model is None:
         row = await svc.pools.blobs.run(lambda: svc.registry.copy(str(body.from_), body.model, overrides, replace=True,
                                                                   projector=projector))
@@ -318,6 +322,17 @@ def _model_and_projector(
         raise InvalidOptions(_FILES_SHAPE, field="files")
     projector = Projector(projectors[0][1], f"upload:{projectors[0][0]}") if projectors else None
     return (models[0] if models else None), projector
+
+
+def _draft(svc: Services, body: CreateRequest, model: tuple[str, str] | None) -> dict[str, Any]:
+    """The `draft` model's row columns, checked against the model's vocabulary (registry/drafts.py)."""
+    assert body.draft is not None
+    if model is None:
+        row = svc.registry.get(str(body.from_))
+        path, shown = svc.registry.blob_file(row), row.name
+    else:
+        path, shown = svc.registry.blobs.path(model[1]), f"upload:{model[0]}"
+    return draft_columns(svc.registry, path, shown, body.draft)
 
 
 def _check_template(template: str, deadline: Deadline) -> None:

@@ -197,7 +197,8 @@ class ModelManager(Generic[R]):
                                   embedding=embedding,
                                   n_parallel=self.settings.num_parallel,
                                   flash_attention=self.settings.flash_attention,
-                                  projector=self.registry.projector_file(row), draft_max=self.settings.draft_max)
+                                  projector=self.registry.projector_file(row), draft_max=self.settings.draft_max,
+                                  draft=self.registry.draft_file(row))
 
     async def acquire(
         self,
