@@ -189,3 +189,20 @@ def test_a_model_created_with_a_draft_speculates_with_it(urls: tuple[str, str]) 
                for s in family.samples
                if s.name == "myllm_tokens_total" and s.labels.get("model") == "smollm2-drafted:latest"}
     assert counted["drafted"] == counted["draft_accepted"] == done["draft_count"], counted
+
+
+def test_the_memory_estimate_counts_the_draft_model_in_ram(shared_registry: Any) -> None:
+    from myllm.runtime.placement.memory import estimate, footprint
+
+    row = shared_registry.get("smollm2:135m")
+    drafted = shared_registry.get("smollm2:135m")
+    drafted.draft_digest, drafted.draft_size = row.digest, row.size  # SmolLM2 drafting for itself
+    plain, with_draft = estimate(row, 2048), estimate(drafted, 2048)
+    # Its file, and KV and compute buffers as large as the model's own.
+    assert with_draft.total - plain.total == row.size + plain.kv_cache + plain.compute
+    assert footprint(drafted, 2048).split(0).ram == with_draft.total
+    for layers in (1, 10, 31):  # on the CPU however many of the model's layers are offloaded
+        assert footprint(drafted, 2048).split(layers).ram - footprint(row, 2048).split(layers).ram == (
+            row.size + plain.kv_cache + plain.compute)
+        assert footprint(drafted, 2048).split(layers).vram == footprint(row, 2048).split(layers).vram
+    assert estimate(drafted, 2048, embedding=True).total == estimate(row, 2048, embedding=True).total
