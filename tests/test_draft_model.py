@@ -189,6 +189,10 @@ def test_a_model_created_with_a_draft_speculates_with_it(urls: tuple[str, str]) 
                for s in family.samples
                if s.name == "myllm_tokens_total" and s.labels.get("model") == "smollm2-drafted:latest"}
     assert counted["drafted"] == counted["draft_accepted"] == done["draft_count"], counted
+    ps = {m["name"]: m for m in httpx.get(f"{urls[1]}/api/ps").json()["models"]}
+    assert ps["smollm2-drafted:latest"]["draft_count"] == ps["smollm2-drafted:latest"]["draft_accepted_count"] == (
+        done["draft_count"])
+    assert "draft_count" not in ps["smollm2:135m"]
 
 
 def test_the_memory_estimate_counts_the_draft_model_in_ram(shared_registry: Any) -> None:

@@ -6,6 +6,7 @@ runtime and `pull` and back to Ollama's shapes. Errors are `{"error": "..."}` wi
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
@@ -103,7 +104,17 @@ async def ps(request: Request) -> dict[str, Any]:
     svc = services(request)
     loaded = per_model(svc.runtime.loaded())
     rows = {r.name: r for r in await svc.pools.db.run(svc.registry.list)} if loaded else {}
-    return {"models": [_running(m, rows[m.name]) for m in loaded if m.name in rows]}
+    stats = await asyncio.gather(*(svc.runtime.runner_stats(m.name) for m in loaded), return_exceptions=True)
+    return {"models": [{**_running(m, rows[m.name]), **_drafts(figures)}
+                       for m, figures in zip(loaded, stats, strict=True) if m.name in rows]}
+
+
+def _drafts(figures: object) -> dict[str, int]:
+    """Extension: what speculative decoding drafted and what stood, every request since the
+    model loaded (left out when it drafted nothing, or its runner did not answer)."""
+    if not isinstance(figures, dict) or not figures.get("drafted"):
+        return {}
+    return {"draft_count": figures["drafted"], "draft_accepted_count": figures.get("draft_accepted", 0)}
 
 
 def _details(row: ModelRow) -> dict[str, Any]:
