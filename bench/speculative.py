@@ -109,7 +109,7 @@ def main() -> None:
                      "tokens_per_step": round(sum(r["tokens"] for r in results) / steps, 2) if steps else None})
     meta = {"model": "SmolLM2-135M-Instruct Q4_1", "threads": args.threads, "rounds": args.rounds,
             "max_tokens": args.max_tokens, "flash_attention": args.flash_attention,
-            "prompt_tokens": runs[0][0]["prompt_tokens"], "date": time.strftime("%Y-%m-%d")}
+            "prompt_tokens": reference[0]["prompt_tokens"], "date": time.strftime("%Y-%m-%d")}
     out = ROOT / "bench" / "results"
     out.mkdir(exist_ok=True)
     (out / "speculative.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
