@@ -195,7 +195,7 @@ def create(
     name: Annotated[str, typer.Argument(help="Name of the new model.")],
     file: Annotated[Path, typer.Option("--file", "-f", help="The Modelfile.")] = Path("Modelfile"),
 ) -> None:
-    """Create a model from a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE)."""
+    """Create a model from a Modelfile (FROM, PARAMETER, TEMPLATE, SYSTEM, MESSAGE, LICENSE, DRAFT)."""
     if not file.is_file():
         fail(f"no Modelfile at {file}")
     with models() as store:

@@ -185,7 +185,8 @@ class DaemonStore:
             raise DaemonError(f"ADAPTER {missing[0]} is no file")
         if adapters:
             body["adapters"] = {path.name: self._upload(path) for path in adapters}
-        for key, value in (("template", mf.template), ("system", mf.system), ("license", mf.license)):
+        for key, value in (("template", mf.template), ("system", mf.system), ("license", mf.license),
+                           ("draft", mf.draft)):
             if value is not None:
                 body[key] = value
         if mf.parameters:

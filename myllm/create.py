@@ -3,14 +3,16 @@ the Modelfile's defaults stored in the registry, where every API picks them up."
 
 from __future__ import annotations
 
-import dataclasses
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from myllm.errors import InvalidOptions
 from myllm.modelfile import Modelfile, ModelfileError, parse
 from myllm.pull import local_projector, pull
 from myllm.pull.progress import silent
 from myllm.registry.adapter_check import check_adapter
+from myllm.registry.drafts import draft_columns
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.names import normalize
 from myllm.registry.projector_check import is_projector
@@ -31,8 +33,10 @@ def create_model(registry: Registry, settings: Settings, name: str, text: str, b
     base, projector = _froms(registry, mf, text, base_dir)
     if mf.adapters:
         base_file = base if isinstance(base, Path) else registry.blobs.path(base.digest)
-        overrides = dataclasses.replace(overrides, adapters=_stored_adapters(
+        overrides = replace(overrides, adapters=_stored_adapters(
             registry, mf, text, base_dir, base_file, str(base.name) if isinstance(base, Path) else base.name))
+    if mf.draft is not None:
+        overrides = replace(overrides, draft=_draft(registry, mf.draft, base, text))
     if isinstance(base, Path):
         return pull(registry, settings, str(base), name=key, overrides=overrides, projector=projector).model
     if projector is None:
@@ -67,6 +71,17 @@ def _stored_adapters(registry: Registry, mf: Modelfile, text: str, base_dir: Pat
         digest = registry.blobs.commit(registry.blobs.stage_copy(path))
         stored.append({"digest": digest, "size": path.stat().st_size})
     return stored
+
+
+def _draft(registry: Registry, draft: str, base: ModelRow | Path, text: str) -> dict[str, object]:
+    """The DRAFT line's model as the row's columns, checked against the base model's vocabulary;
+    an error naming the DRAFT line."""
+    path, shown = (base, f"file:{base.name}") if isinstance(base, Path) else (registry.blob_file(base), base.name)
+    try:
+        return draft_columns(registry, path, shown, draft)
+    except InvalidOptions as exc:
+        line = next(n + 1 for n, raw in enumerate(text.splitlines()) if raw.strip().upper().startswith("DRAFT"))
+        raise ModelfileError(line, exc.message) from None
 
 
 def _froms(registry: Registry, mf: Modelfile, text: str, base_dir: Path) -> tuple[ModelRow | Path, Path | None]:

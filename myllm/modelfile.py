@@ -3,6 +3,7 @@
     FROM smollm2:135m            # a registered name, or a .gguf path (relative to the Modelfile)
     FROM ./mmproj.gguf           # a second FROM: the model's multimodal projector (Ollama's way)
     ADAPTER ./tutor-lora.gguf    # a LoRA adapter (GGUF) applied over the model; may repeat
+    DRAFT smollm2:135m           # a registered model of the same vocabulary, drafting for speculative decoding
     PARAMETER temperature 0.7    # any option a model's defaults may set (runtime/request/options.py PARAMETERS)
     PARAMETER stop "<|im_end|>"  # stop may repeat
     TEMPLATE \"\"\"...\"\"\"           # a Jinja2 chat template (what GGUF files carry)
@@ -25,7 +26,7 @@ from myllm.errors import InvalidOptions, MyLLMError
 from myllm.runtime.request.options import PARAMETERS, stored_parameter
 
 ROLES = ("system", "user", "assistant")
-INSTRUCTIONS = ("FROM", "ADAPTER", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE")
+INSTRUCTIONS = ("FROM", "ADAPTER", "PARAMETER", "TEMPLATE", "SYSTEM", "MESSAGE", "LICENSE", "DRAFT")
 
 
 class ModelfileError(MyLLMError):
@@ -50,6 +51,8 @@ class Modelfile:
     system: str | None = None
     messages: list[dict[str, str]] = field(default_factory=list)
     license: str | None = None
+    draft: str | None = None
+    """A registered model drafting for this one (speculative decoding; registry/drafts.py checks it)."""
 
 
 def _value(text: str, lines: list[str], index: int) -> tuple[str, int]:
@@ -113,6 +116,8 @@ def parse(text: str) -> Modelfile:
                 mf.template = value
             elif op == "SYSTEM":
                 mf.system = value
+            elif op == "DRAFT":
+                mf.draft = value
             else:
                 mf.license = value
         i += 1
@@ -159,6 +164,8 @@ def render(mf: Modelfile) -> str:
     lines += [f"MESSAGE {m['role']} {_quoted(m['content'])}" for m in mf.messages]
     if mf.license:
         lines.append(f"LICENSE {_long(mf.license)}")
+    if mf.draft:
+        lines.append(f"DRAFT {mf.draft}")
     return "\n".join(lines) + "\n"
 
 

@@ -95,9 +95,10 @@ class Settings(BaseSettings):
     )
     draft_max: int = Field(
         default=16, ge=0, le=64,
-        description="The most tokens a request may draft a step for speculative decoding by prompt lookup (the "
-        "request or model option `draft_max` turns it on): each loaded model keeps this many rows of logits "
-        "more for verifying drafts (about 8 bytes x vocabulary each). 0 turns speculation off.",
+        description="The most tokens a request may draft a step for speculative decoding: by prompt lookup (the "
+        "request or model option `draft_max` turns it on) or with the model's draft model (Modelfile DRAFT; on "
+        "unless `draft_max` is 0): each loaded model keeps this many rows of logits more for verifying drafts "
+        "(per sequence with a draft model; about 8 bytes x vocabulary each). 0 turns speculation off.",
     )
     kv_cache: str = Field(
         default="auto",

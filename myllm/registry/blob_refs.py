@@ -1,5 +1,6 @@
-"""What keeps a blob of the store: a model (its GGUF, its projector or its LoRA adapters) or an
-image of a stored conversation. Every removal of a blob asks here first (`rm`, a replaced model, the sweep of
+"""What keeps a blob of the store: a model (its GGUF, its projector, its draft model's or its LoRA
+adapters) or an image of a stored conversation. Every removal of a blob asks here first (`rm`, a
+replaced model, the sweep of
 unused blobs, a deleted session's images), so none takes bytes another user still names."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from myllm.registry.schema import ModelRow, SessionImageRow
 
 
 def blob_in_use(db: Session, digest: str) -> bool:
-    if db.scalar(select(ModelRow.id).where(or_(ModelRow.digest == digest, ModelRow.projector_digest == digest))
-                 .limit(1)) is not None:
+    if db.scalar(select(ModelRow.id).where(or_(ModelRow.digest == digest, ModelRow.projector_digest == digest,
+                                               ModelRow.draft_digest == digest)).limit(1)) is not None:
         return True
     if digest in _adapter_digests(db):
         return True
@@ -22,6 +23,7 @@ def blob_in_use(db: Session, digest: str) -> bool:
 def used_digests(db: Session) -> set[str]:
     used = set(db.scalars(select(ModelRow.digest).distinct()))
     used.update(db.scalars(select(ModelRow.projector_digest).where(ModelRow.projector_digest.is_not(None)).distinct()))
+    used.update(db.scalars(select(ModelRow.draft_digest).where(ModelRow.draft_digest.is_not(None)).distinct()))
     used.update(db.scalars(select(SessionImageRow.digest).distinct()))
     return used | _adapter_digests(db)
 

@@ -174,6 +174,14 @@ def _0011_session_images(op: Operations) -> None:
     )
 
 
+def _0012_model_draft(op: Operations) -> None:
+    """A model's draft model blob, for speculative decoding (null: none)."""
+    with op.batch_alter_table("models") as batch:
+        batch.add_column(sa.Column("draft_digest", sa.String(64)))
+        batch.add_column(sa.Column("draft_size", sa.BigInteger))
+        batch.create_index("ix_models_draft_digest", ["draft_digest"])
+
+
 def _0013_model_adapters(op: Operations) -> None:
     """A model's LoRA adapters (blobs of the store, applied over its own blob)."""
     with op.batch_alter_table("models") as batch:
@@ -192,6 +200,7 @@ MIGRATIONS: list[tuple[str, Callable[[Operations], None]]] = [
     ("0009_message_thinking", _0009_message_thinking),
     ("0010_model_projector", _0010_model_projector),
     ("0011_session_images", _0011_session_images),
+    ("0012_model_draft", _0012_model_draft),
     ("0013_model_adapters", _0013_model_adapters),
 ]
 

@@ -35,6 +35,10 @@ class ModelRow(Base):
     adapters: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     """LoRA adapters applied to the model, in order: blobs of the store, [{"digest", "size"}]
     (a Modelfile's ADAPTER lines; registry/adapter_check.py). None: the base model alone."""
+    draft_digest: Mapped[str | None] = mapped_column(String(64), index=True)
+    """The model's draft model for speculative decoding (Modelfile `DRAFT`; registry/drafts.py): the
+    blob of a registered chat model of the same vocabulary, kept as long as this row names it."""
+    draft_size: Mapped[int | None] = mapped_column(BigInteger)
     architecture: Mapped[str] = mapped_column(String(64), nullable=False)
     family: Mapped[str] = mapped_column(String(64), nullable=False)
     parameter_count: Mapped[int] = mapped_column(BigInteger, nullable=False)

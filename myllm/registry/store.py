@@ -55,6 +55,8 @@ class Overrides:
     license: str | None = None
     adapters: list[dict[str, Any]] | None = None
     """LoRA adapter blobs already in the store ([{"digest", "size"}]): they replace the base's."""
+    draft: dict[str, Any] | None = None
+    """The draft model's columns (registry/drafts.py `draft_columns`), checked before."""
 
     def lay_over(self, row: ModelRow) -> None:
         row.parameters = {**row.parameters, **self.parameters}
@@ -62,6 +64,8 @@ class Overrides:
             value = getattr(self, column)
             if value is not None:
                 setattr(row, column, value)
+        for column, value in (self.draft or {}).items():
+            setattr(row, column, value)
 
 
 @dataclass(frozen=True)
@@ -141,6 +145,8 @@ class Registry:
         problem = self._blob_problem(row.digest, row.size)
         if problem is None and row.projector_digest is not None:
             problem = self._blob_problem(row.projector_digest, row.projector_size or 0)
+        if problem is None and row.draft_digest is not None:
+            problem = self._blob_problem(row.draft_digest, row.draft_size or 0)
         return problem
 
     def _blob_problem(self, digest: str, size: int) -> str | None:
@@ -163,7 +169,7 @@ class Registry:
         problem = self.problem(row)
         if problem is None:
             return self.blobs.path(row.digest)
-        for digest in (row.digest, row.projector_digest):
+        for digest in (row.digest, row.projector_digest, row.draft_digest):
             if digest is not None and not self.blobs.exists(digest):
                 raise ModelFileMissing(row.name, digest, row.shown_source)
         raise ModelBroken(f"model '{row.name}' is broken: {problem}; pull it again")
@@ -171,6 +177,10 @@ class Registry:
     def projector_file(self, row: ModelRow) -> Path | None:
         """The model's projector on this machine (checked with the model by `blob_file`), or None."""
         return None if row.projector_digest is None else self.blobs.path(row.projector_digest)
+
+    def draft_file(self, row: ModelRow) -> Path | None:
+        """The model's draft model on this machine (checked with the model by `blob_file`), or None."""
+        return None if row.draft_digest is None else self.blobs.path(row.draft_digest)
 
     def _info(self, digest: str, path: Path, source: str) -> dict[str, Any]:
         """The metadata columns of the blob `digest` (whose bytes are at `path`), once
@@ -413,10 +423,11 @@ def _named(db: Session, key: str) -> ModelRow | None:
 
 
 def _blobs_of(row: ModelRow | None) -> set[str]:
-    """The blobs a row uses: its model's, its projector's and its adapters'."""
+    """The blobs a row uses: its model's, its projector's, its draft model's and its adapters'."""
     if row is None:
         return set()
-    return {d for d in (row.digest, row.projector_digest) if d is not None} | {a["digest"] for a in row.adapters or ()}
+    own = {d for d in (row.digest, row.projector_digest, row.draft_digest) if d is not None}
+    return own | {a["digest"] for a in row.adapters or ()}
 
 
 def _delete(db: Session, row: ModelRow) -> None:

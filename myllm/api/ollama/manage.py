@@ -6,10 +6,11 @@ runtime and `pull` and back to Ollama's shapes. Errors are `{"error": "..."}` wi
 
 from __future__ import annotations
 
-import dataclasses
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from dataclasses import replace
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
@@ -31,6 +32,7 @@ from myllm.pull import pull
 from myllm.registry.adapter_check import check_adapter
 from myllm.registry.blobs import parse_digest
 from myllm.registry.chat_templates import Deadline, check_template
+from myllm.registry.drafts import draft_columns
 from myllm.registry.gguf_meta import read_gguf_kv
 from myllm.registry.projector_check import is_projector
 from myllm.registry.schema import ModelRow
@@ -105,9 +107,18 @@ async def ps(request: Request) -> dict[str, Any]:
     svc = services(request)
     loaded = per_model(svc.runtime.loaded())
     rows = {r.name: r for r in await svc.pools.db.run(svc.registry.list)} if loaded else {}
-    by_blob = {f"sha256-{r.digest[:12]}": r for r in rows.values() if r.adapters}
-    return {"models": [_running(m, rows.get(m.name) or by_blob[m.name]) for m in loaded
-                       if m.name in rows or m.name in by_blob]}
+    rows.update({f"sha256-{r.digest[:12]}": r for r in list(rows.values()) if r.adapters})
+    stats = await asyncio.gather(*(svc.runtime.runner_stats(m.name) for m in loaded), return_exceptions=True)
+    return {"models": [{**_running(m, rows[m.name]), **_drafts(figures)}
+                       for m, figures in zip(loaded, stats, strict=True) if m.name in rows]}
+
+
+def _drafts(figures: object) -> dict[str, int]:
+    """Extension: what speculative decoding drafted and what stood, every request since the
+    model loaded (left out when it drafted nothing, or its runner did not answer)."""
+    if not isinstance(figures, dict) or not figures.get("drafted"):
+        return {}
+    return {"draft_count": figures["drafted"], "draft_accepted_count": figures.get("draft_accepted", 0)}
 
 
 def _details(row: ModelRow) -> dict[str, Any]:
@@ -285,7 +296,9 @@ async def _create_events(
 ) -> AsyncIterator[dict[str, Any]]:
     model, projector = await svc.pools.blobs.run(_model_and_projector, svc, uploads, body.from_ is not None)
     if body.adapters:
-        overrides = dataclasses.replace(overrides, adapters=await svc.pools.blobs.run(_checked_adapters, svc, body, model))
+        overrides = replace(overrides, adapters=await svc.pools.blobs.run(_checked_adapters, svc, body, model))
+    if body.draft is not None:
+        overrides = replace(overrides, draft=await svc.pools.blobs.run(_draft, svc, body, model))
     if model is None:
         row = await svc.pools.blobs.run(lambda: svc.registry.copy(str(body.from_), body.model, overrides, replace=True,
                                                                   projector=projector))
@@ -345,6 +358,17 @@ def _model_and_projector(
         raise InvalidOptions(_FILES_SHAPE, field="files")
     projector = Projector(projectors[0][1], f"upload:{projectors[0][0]}") if projectors else None
     return (models[0] if models else None), projector
+
+
+def _draft(svc: Services, body: CreateRequest, model: tuple[str, str] | None) -> dict[str, Any]:
+    """The `draft` model's row columns, checked against the model's vocabulary (registry/drafts.py)."""
+    assert body.draft is not None
+    if model is None:
+        row = svc.registry.get(str(body.from_))
+        path, shown = svc.registry.blob_file(row), row.name
+    else:
+        path, shown = svc.registry.blobs.path(model[1]), f"upload:{model[0]}"
+    return draft_columns(svc.registry, path, shown, body.draft)
 
 
 def _check_template(template: str, deadline: Deadline) -> None:

@@ -50,3 +50,6 @@ class CreateRequest(BaseModel):
     quantize: str | None = Field(None, description="refused: myllm does not quantize")
     adapters: dict[str, str] | None = Field(None, description="LoRA adapters (GGUF) uploaded to /api/blobs: file name to "
                                                 "digest, applied over the model in order")
+    adapters: dict[str, str] | None = Field(None, description="refused: myllm loads no LoRA adapters")
+    draft: str | None = Field(None, min_length=1, description="extension: a registered model of the same "
+                              "vocabulary that drafts for this one (speculative decoding; Modelfile `DRAFT`)")

@@ -36,6 +36,7 @@ from typing import Any
 
 from myllm.errors import InvalidOptions, ModelLoadError, MyLLMError, OutOfMemory, ShuttingDown
 from myllm.runtime.engine.adapters import Adapters
+from myllm.runtime.engine.draft_model import DraftModels
 from myllm.runtime.engine.kvcache import NO_MATCH, KVCache, common_prefix
 from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.loaded_model import N_BATCH, LoadedModel, output_rows
@@ -126,10 +127,18 @@ class BatchEngine:
         finally:
             if self._closed:  # close(): free once no thread is tokenizing
                 self._guard.close()
+                if self.draft_models is not None:
+                    self.draft_models.close()
                 self._loaded.close()
 
     def _load(self, n_threads: int | None, quiet: bool) -> None:
         self._loaded = loaded = LoadedModel.load(self.spec, n_threads, quiet)
+        try:
+            self.draft_models = None if self.spec.draft is None else DraftModels.load(self.spec, loaded.model, n_threads,
+                                                                                      quiet)
+        except BaseException:
+            loaded.close()
+            raise
         self.vocabulary = vocabulary = Vocabulary(loaded.model, self._guard, self.n_ctx)
         self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard)
         lib, model = loaded.lib, loaded.model.model
@@ -287,8 +296,11 @@ class BatchEngine:
         slot.cached = list(tokens[:keep])
         slot.pending = list(tokens[keep:])
         slot.sampler = self.samplers.for_request(req)
-        n_draft = min(req.options.draft_max or 0, self.spec.draft_max)
-        slot.speculation = Speculation(PromptLookup(), n_draft) if n_draft and media is None else None
+        # A model with a draft model speculates unless told not to; prompt lookup only when asked.
+        asked = req.options.draft_max
+        n_draft = min(self.spec.draft_max if asked is None and self.draft_models else asked or 0, self.spec.draft_max)
+        drafter = PromptLookup() if self.draft_models is None else self.draft_models.drafter(slot.seq)
+        slot.speculation = Speculation(drafter, n_draft) if n_draft and media is None else None
         slot.job, slot.req = job, req
         slot.output = OutputText(tuple(req.options.stop) + req.extra_stop, req.thinking)
         room = self.n_ctx - len(tokens)
@@ -313,6 +325,8 @@ class BatchEngine:
         # Sampled tokens first (one each, and its draft), then prompt chunks with what is left: on a
         # CPU one chunk a step, which no other splits into pieces too short for a tile (microbatch.py).
         chunked = False
+        if self.draft_models is not None:  # every slot's draft in the same draft decodes
+            self.draft_models.prepare(active, rows, budget)
         for slot in sorted(active, key=lambda s: len(s.pending) > 1):
             slot.draft = self._draft(slot, min(rows, budget - 1)) if len(slot.pending) == 1 else []
             rows -= len(slot.draft)

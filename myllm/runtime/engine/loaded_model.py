@@ -28,8 +28,9 @@ FLASH_ATTENTION = {"auto": -1, "off": 0, "on": 1}
 
 def output_rows(spec: LoadSpec) -> int:
     """Rows of logits one step may ask for: one per sequence, and a draft's (shared by the
-    sequences speculating in the step)."""
-    return spec.n_parallel + spec.draft_max
+    sequences speculating in the step: prompt lookup drafts only when a request copies). With a
+    draft model every request drafts, so every sequence gets a draft's rows."""
+    return spec.n_parallel + spec.draft_max * (spec.n_parallel if spec.draft is not None else 1)
 
 
 @dataclass(frozen=True)

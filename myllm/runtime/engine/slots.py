@@ -112,6 +112,9 @@ class SlotOutput:
         self.vocabulary = vocabulary
         self._post = post
         self._memory = lib.llama_get_memory(ctx)
+        self.drafted = 0
+        """Tokens speculative decoding drafted, every request so far (the runner's figures, `/api/ps`)."""
+        self.draft_accepted = 0
 
     def sample(self, slot: Slot) -> None:
         """The slot's next token from its row; with a draft (speculative.py), its rows in order
@@ -212,6 +215,9 @@ class SlotOutput:
         # The KV holds exactly `cached` (the last sampled token was never decoded): the slot keeps
         # it for the conversation's next turn, and `_start` copies it out if another takes the slot.
         slot.pending = []
+        if slot.speculation is not None:
+            self.drafted += slot.speculation.drafted
+            self.draft_accepted += slot.speculation.accepted
         if isinstance(slot.sampler, ChainSampler):
             slot.sampler.close()
         slot.job = slot.req = slot.sampler = slot.output = slot.media = slot.speculation = None  # the KV holds the images now

@@ -207,7 +207,7 @@ class ModelManager(Generic[R]):
                                   n_parallel=self.settings.num_parallel,
                                   flash_attention=self.settings.flash_attention,
                                   projector=self.registry.projector_file(row), draft_max=self.settings.draft_max,
-                                  rpc_servers=servers)
+                                  rpc_servers=servers, draft=self.registry.draft_file(row))
 
     async def acquire(
         self,

@@ -12,7 +12,9 @@ estimate = runner process + weights + KV cache + compute buffers, where
   compute = 16 MiB + 160 bytes x vocabulary (logits and graph scratch; fitted to llama.cpp's
             CPU buffers for SmolLM2 and Gemma 3 at 512-8192 context, within a few MiB),
   embedding contexts add 32 MiB + 4 bytes x embedding size x context for pooled outputs,
-  and a generation instance adds its saved-conversation KV cache (MYLLM_KV_CACHE) in full.
+  and a generation instance adds its saved-conversation KV cache (MYLLM_KV_CACHE) in full,
+  and a draft model (Modelfile DRAFT, on the CPU) its file size, with KV and compute buffers
+            counted as the model's own (the safe side: a draft model is the smaller one).
 Each runner's RSS is measured too, and the manager counts whichever of the two is larger (see
 `ModelManager.used()`), so an estimate that is too low cannot overfill the budget for long.
 
@@ -92,10 +94,22 @@ def _compute(row: ModelRow, n_ctx: int, embedding: bool) -> int:
     return compute
 
 
-def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
-    """The whole instance's memory, wherever it lives (RAM alone on a CPU)."""
+def _draft(row: ModelRow, n_ctx: int, embedding: bool) -> int:
+    """A draft model's RAM (runtime/engine/draft_model.py): its file, and the KV and compute
+    buffers of a context as large as the model's, taken to be the model's own (the draft's
+    shape is not in the model's row; a draft is the smaller model, so this is the safe side)."""
+    if row.draft_digest is None or embedding:
+        return 0
     layers = int((row.details or {}).get("block_count") or 0)
-    weights = int(row.size) + int(row.projector_size or 0) + sum(int(a["size"]) for a in row.adapters or ())
+    return int(row.draft_size or 0) + layers * _kv_per_layer(row, n_ctx) + _compute(row, n_ctx, False)
+
+
+def estimate(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int = 0) -> MemoryEstimate:
+    """The whole instance's memory, wherever it lives (RAM alone on a CPU); a draft model's
+    counts in its weights."""
+    layers = int((row.details or {}).get("block_count") or 0)
+    weights = (int(row.size) + int(row.projector_size or 0) + sum(int(a["size"]) for a in row.adapters or ())
+               + _draft(row, n_ctx, embedding))
     return MemoryEstimate(weights, layers * _kv_per_layer(row, n_ctx) + kv_cache, _compute(row, n_ctx, embedding))
 
 
@@ -144,6 +158,8 @@ class Footprint:
     gpu_overhead: int = GPU_OVERHEAD
     projector: int = 0
     """A vision model's projector: on the GPU with any layer, else in RAM."""
+    draft: int = 0
+    """A draft model, its KV and buffers: in RAM (`_draft`)."""
 
     @property
     def max_gpu_layers(self) -> int:
@@ -157,11 +173,11 @@ class Footprint:
         n = len(self.layers)
         if k == 0:
             ram = (self.process + self.input + sum(self.layers) + self.output_on_cpu + n * self.kv_layer + self.saved_kv
-                   + self.compute + self.projector)
+                   + self.compute + self.projector + self.draft)
             return Split(ram, 0)
         cpu_layers = n - (k - 1)
         ram = (self.process + self.input + sum(self.layers[:cpu_layers]) + cpu_layers * self.kv_layer + self.saved_kv
-               + COMPUTE_BASE)
+               + COMPUTE_BASE + self.draft)
         vram = (self.gpu_overhead + self.output + sum(self.layers[cpu_layers:]) + (k - 1) * self.kv_layer + self.compute
                 + self.projector)
         return Split(ram, vram)
@@ -218,7 +234,8 @@ def footprint(row: ModelRow, n_ctx: int, embedding: bool = False, kv_cache: int 
         if not n_layers:
             embed = size
     return Footprint(RUNNER_OVERHEAD, embed, layers, output, output_on_cpu, _kv_per_layer(row, n_ctx), kv_cache,
-                     _compute(row, n_ctx, embedding), projector=int(row.projector_size or 0))
+                     _compute(row, n_ctx, embedding), projector=int(row.projector_size or 0),
+                     draft=_draft(row, n_ctx, embedding))
 
 
 def release_freed_memory() -> None:

@@ -139,7 +139,8 @@ class RunnerLoop:
         stats: dict[str, Any] = {"rss": psutil.Process().memory_info().rss}
         if isinstance(engine, BatchEngine):
             stats.update(decoded=engine.decoded, busy=engine.busy, kv_states=len(engine.kv_cache),
-                         kv_bytes=engine.kv_cache.bytes, kv_hits=engine.kv_cache.hits)
+                         kv_bytes=engine.kv_cache.bytes, kv_hits=engine.kv_cache.hits,
+                         drafted=engine.output.drafted, draft_accepted=engine.output.draft_accepted)
         return stats
 
     def _submit(self, req_id: int, req: GenerationRequest) -> None:

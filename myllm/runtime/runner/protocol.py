@@ -66,6 +66,7 @@ class RunnerConfig:
         spec = asdict(self.spec)
         spec["path"] = str(self.spec.path)
         spec["projector"] = None if self.spec.projector is None else str(self.spec.projector)
+        spec["draft"] = None if self.spec.draft is None else str(self.spec.draft)
         return {"spec": spec, "n_threads": self.n_threads, "kv_cache_bytes": self.kv_cache_bytes}
 
     @classmethod
@@ -77,6 +78,7 @@ class RunnerConfig:
         spec["projector"] = None if spec.get("projector") is None else Path(spec["projector"])
         for name in ("rpc_servers", "rpc_layer_bytes"):  # lists, once they crossed the channel
             spec[name] = tuple(spec.get(name) or ())
+        spec["draft"] = None if spec.get("draft") is None else Path(spec["draft"])
         return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"])
 
 
