@@ -6,7 +6,6 @@ cells, where a verify row's logits equal a one-row decode's bit for bit (tests/t
 
 from __future__ import annotations
 
-import queue
 import threading
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,8 @@ import pytest
 
 from myllm.errors import ModelLoadError
 from myllm.runtime.engine.batching import BatchEngine
-from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.engine_types import DoneEvent, LoadSpec, TokenEvent
+from tests.engine_calls import generate as generate_tokens
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 OTHER = "<|im_start|>user\nList five uses of a brick.<|im_end|>\n<|im_start|>assistant\n"
@@ -25,13 +24,7 @@ MAX_TOKENS = 120
 
 
 def generate(engine: BatchEngine, text: str, **options: Any) -> tuple[list[TokenEvent], DoneEvent]:
-    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    engine.submit(GenerationRequest(engine.tokenize(text), GenerationOptions(**options)),
-                  lambda items: [events.put(event) for _, event in items])
-    out: list[TokenEvent] = []
-    while not isinstance(event := events.get(timeout=300), DoneEvent):
-        out.append(event)
-    return out, event
+    return generate_tokens(engine, engine.tokenize(text), **options)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ that any divergence is such a near-tie, not a wrong token."""
 
 from __future__ import annotations
 
-import queue
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,8 @@ import pytest
 
 from myllm.runtime.engine.batching import BatchEngine
 from myllm.runtime.engine.speculative import PromptLookup, Speculation
-from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec, TokenEvent
-from myllm.runtime.request.options import GenerationOptions
+from myllm.runtime.engine_types import DoneEvent, LoadSpec, TokenEvent
+from tests.engine_calls import generate
 
 DATA = Path(__file__).parent / "data" / "rewrite_source.txt"
 EXACT_CELLS = 256
@@ -72,16 +71,6 @@ def copy_prompt(engine: BatchEngine, cells: int) -> list[int]:
     tokens = engine.tokenize(f"{paragraph}\n\n{paragraph}\n\n{paragraph}")
     assert len(tokens) > cells
     return tokens[:cells]
-
-
-def generate(engine: BatchEngine, tokens: list[int], **options: Any) -> tuple[list[TokenEvent], DoneEvent]:
-    events: queue.SimpleQueue[Any] = queue.SimpleQueue()
-    engine.submit(GenerationRequest(list(tokens), GenerationOptions(**options)),
-                  lambda items: [events.put(event) for _, event in items])
-    out: list[TokenEvent] = []
-    while not isinstance(event := events.get(timeout=300), DoneEvent):
-        out.append(event)
-    return out, event
 
 
 @pytest.fixture(scope="module")
