@@ -23,6 +23,7 @@ from myllm.registry.store import Registry
 from myllm.runtime.devices import Devices
 from myllm.runtime.engine.rpc import PROTO_MAJOR, greet, layers_that_fit
 from myllm.runtime.engine_types import LoadSpec
+from myllm.runtime.placement import rpc_workers
 from myllm.runtime.placement.manager import ModelManager
 from myllm.runtime.placement.memory import MiB, footprint
 from myllm.runtime.request.options import GenerationOptions, sampling_defaults
@@ -105,9 +106,10 @@ def test_an_unreachable_worker_is_a_clear_error_in_each_api(api_settings: Settin
     assert f"RPC worker {nobody} cannot be reached" in openai.json()["error"]["message"]
 
 
-def test_a_worker_gone_between_requests_fails_the_model_then_its_load_names_it(
-    api_settings: Settings, worker: Worker
+def test_a_worker_gone_between_requests_fails_its_requests_then_the_model_reloads_without_it(
+    api_settings: Settings, worker: Worker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(rpc_workers, "RECHECK", 0.0)  # the lost worker's port is tried at every request
     with running_server(api_settings.model_copy(update={"rpc_servers": worker.endpoint})) as url:
         first = chat(url, max_tokens=5)
         assert first.status_code == 200, first.text
@@ -121,17 +123,21 @@ def test_a_worker_gone_between_requests_fails_the_model_then_its_load_names_it(
         assert error["message"].startswith("the runner of model 'smollm2:135m' stopped (killed by SIGABRT: ")
         assert "Remote RPC server crashed" in error["message"]  # what llama.cpp said last
         assert error["message"].endswith(
-            f"; its layers were on RPC workers {worker.endpoint}: one that stops answering ends the model")
+            f"; its layers were on RPC workers {worker.endpoint}: one that stops answering ends the model, which "
+            "loads again without it")
         assert "smollm2:135m" not in [m["name"] for m in httpx.get(f"{url}/api/ps").json()["models"]]
 
-        reload = chat(url, max_tokens=5)
-        assert reload.status_code == 500, reload.text
-        assert f"RPC worker {worker.endpoint} cannot be reached" in reload.json()["detail"]
+        without = chat(url, max_tokens=5)  # loaded again on this machine alone: the same greedy text
+        assert without.status_code == 200, without.text
+        assert without.json()["message"]["content"] == first.json()["message"]["content"]
 
-        back = start_worker(worker.port)  # the same worker, started again: the model loads on it
+        back = start_worker(worker.port)  # the same worker, started again: the model loads on it again
         try:
-            again = chat(url)
+            before = psutil.Process(back.proc.pid).memory_info().rss
+            again = chat(url, max_tokens=5)
             assert again.status_code == 200, again.text
+            assert again.json()["message"]["content"] == first.json()["message"]["content"]
+            assert psutil.Process(back.proc.pid).memory_info().rss - before > 100 << 20  # the layers are on it
         finally:
             back.stop()
 

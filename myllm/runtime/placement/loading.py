@@ -30,6 +30,7 @@ from myllm.runtime.placement.memory import Footprint, MemoryEstimate, MiB, estim
 from myllm.runtime.placement.planner import Plan, worker_bytes
 from myllm.runtime.placement.reloads import ReloadLimit
 from myllm.runtime.placement.room import Room
+from myllm.runtime.placement.rpc_workers import LostWorkers
 from myllm.runtime.runner.protocol import RunnerConfig
 from myllm.settings import Settings
 
@@ -57,6 +58,7 @@ class Loader(Generic[R]):
         """Costly loads per key (`MYLLM_RELOADS_PER_KEY`); None: unlimited."""
         self.crashes = CrashBackoff(settings.crash_limit, settings.crash_window)
         self.layer_caps = LayerCaps()
+        self.lost_workers = LostWorkers()
         self.count = 0
         """Runners started."""
         self._loading: dict[LoadSpec, asyncio.Future[Instance[R]]] = {}
@@ -159,6 +161,7 @@ class Loader(Generic[R]):
             log.warning("model %s is no longer loaded: %s", inst.spec.name, error.message)
             if isinstance(error, ModelCrashed):
                 self.crashes.record(inst.row, error, at_load=False)
+                self.lost_workers.lose(inst.spec.rpc_servers)  # llama.cpp aborts when a worker stops answering
             if inst.gpu_layers:
                 self.layer_caps.fewer(inst.row, inst.gpu_layers, error.message)
         asyncio.get_running_loop().create_task(self.instances.notify())

@@ -197,7 +197,7 @@ class ModelManager(Generic[R]):
         layers = num_gpu if num_gpu is not None else params.get("num_gpu")
         layers = int(layers if layers is not None else self.settings.num_gpu)
         offloadable = int((row.details or {}).get("block_count") or 0) + 1
-        servers = rpc_endpoints(str(params.get("rpc_servers") or self.settings.rpc_servers))
+        servers = self.loader.lost_workers.usable(rpc_endpoints(str(params.get("rpc_servers") or self.settings.rpc_servers)))
         if self.gpus.known and not self.gpus.gpu.available and not servers:
             layers = 0
         elif layers < 0 or (offloadable > 1 and layers >= offloadable):
@@ -227,6 +227,7 @@ class ModelManager(Generic[R]):
         seconds, extend_only = requested(keep_alive)
         row = model if isinstance(model, ModelRow) else await self.registry.lookup(model)
         await self.devices()  # whether there is a GPU decides what the load key holds
+        await self.loader.lost_workers.recheck()  # RPC workers that went away and may be back
         spec = self.spec_for(row, num_ctx, embedding, num_gpu)
         inst = self._instances.get(spec)
         if inst is None:

@@ -454,7 +454,9 @@ class ModelRunner:
 
 def rpc_hint(spec: LoadSpec) -> str:
     """What a crash of a model spread over RPC workers most likely was: llama.cpp aborts the
-    runner when a worker stops answering (the next load names one that is gone)."""
+    runner when a worker stops answering (the model then reloads without the workers whose
+    ports no longer answer: placement/rpc_workers.py)."""
     if not spec.rpc_servers:
         return ""
-    return f"; its layers were on RPC workers {', '.join(spec.rpc_servers)}: one that stops answering ends the model"
+    return (f"; its layers were on RPC workers {', '.join(spec.rpc_servers)}: one that stops answering ends the "
+            "model, which loads again without it")
