@@ -104,6 +104,7 @@ bench: install
 	$(BIN)/python bench/retrieval.py
 	$(BIN)/python bench/speculative.py
 	$(BIN)/python bench/rpc.py
+	$(BIN)/python bench/lora.py
 
 # Two daemons over one PostgreSQL behind a real nginx: turn time with and without session affinity.
 bench-replicas: install system-deps
