@@ -32,11 +32,10 @@ def create_model(registry: Registry, settings: Settings, name: str, text: str, b
     overrides = _overrides(mf)
     base, projector = _froms(registry, mf, text, base_dir)
     if mf.adapters:
-        base_file = base if isinstance(base, Path) else registry.blobs.path(base.digest)
-        overrides = replace(overrides, adapters=_stored_adapters(
-            registry, mf, text, base_dir, base_file, str(base.name) if isinstance(base, Path) else base.name))
+        adapters = _stored_adapters(registry, mf, text, base_dir, *_base_file(registry, base))
+        overrides = replace(overrides, adapters=adapters)
     if mf.draft is not None:
-        overrides = replace(overrides, draft=_draft(registry, mf.draft, base, text))
+        overrides = replace(overrides, draft=_draft(registry, mf.draft, *_base_file(registry, base), text))
     if isinstance(base, Path):
         return pull(registry, settings, str(base), name=key, overrides=overrides, projector=projector).model
     if projector is None:
@@ -60,9 +59,8 @@ def _stored_adapters(registry: Registry, mf: Modelfile, text: str, base_dir: Pat
     """The ADAPTER files, each checked against the base model (`check_adapter`) and stored as a
     blob, in order. A create that fails later leaves a blob no model uses, which the store's
     sweep of unused blobs removes (`MYLLM_BLOB_TTL`)."""
-    lines = [n + 1 for n, raw in enumerate(text.splitlines()) if raw.strip().upper().startswith("ADAPTER")]
     stored = []
-    for value, line in zip(mf.adapters, lines, strict=True):
+    for value, line in zip(mf.adapters, _lines(text, "ADAPTER"), strict=True):
         path = Path(value).expanduser()
         path = path if path.is_absolute() else base_dir / path
         if not path.is_file():
@@ -73,15 +71,18 @@ def _stored_adapters(registry: Registry, mf: Modelfile, text: str, base_dir: Pat
     return stored
 
 
-def _draft(registry: Registry, draft: str, base: ModelRow | Path, text: str) -> dict[str, object]:
+def _draft(registry: Registry, draft: str, base: Path, base_name: str, text: str) -> dict[str, object]:
     """The DRAFT line's model as the row's columns, checked against the base model's vocabulary;
     an error naming the DRAFT line."""
-    path, shown = (base, f"file:{base.name}") if isinstance(base, Path) else (registry.blob_file(base), base.name)
     try:
-        return draft_columns(registry, path, shown, draft)
+        return draft_columns(registry, base, base_name, draft)
     except InvalidOptions as exc:
-        line = next(n + 1 for n, raw in enumerate(text.splitlines()) if raw.strip().upper().startswith("DRAFT"))
-        raise ModelfileError(line, exc.message) from None
+        raise ModelfileError(_lines(text, "DRAFT")[0], exc.message) from None
+
+
+def _base_file(registry: Registry, base: ModelRow | Path) -> tuple[Path, str]:
+    """The base model's file (a registered model's checked by `blob_file`) and how errors name it."""
+    return (base, f"file:{base.name}") if isinstance(base, Path) else (registry.blob_file(base), base.name)
 
 
 def _froms(registry: Registry, mf: Modelfile, text: str, base_dir: Path) -> tuple[ModelRow | Path, Path | None]:
@@ -123,5 +124,10 @@ def _from_file(value: str, text: str, base_dir: Path, index: int) -> Path:
 
 def _from_line(text: str, index: int) -> int:
     """The line number of the `index`-th FROM line (from 0)."""
-    lines = [n + 1 for n, raw in enumerate(text.splitlines()) if raw.strip().upper().startswith("FROM")]
+    lines = _lines(text, "FROM")
     return lines[min(index, len(lines) - 1)] if lines else 1
+
+
+def _lines(text: str, instruction: str) -> list[int]:
+    """The numbers (from 1) of the lines that give `instruction`, in order."""
+    return [n + 1 for n, raw in enumerate(text.splitlines()) if raw.strip().upper().startswith(instruction)]

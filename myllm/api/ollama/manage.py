@@ -26,7 +26,7 @@ from myllm.api.http.progress import ProgressWork
 from myllm.api.ollama.inference import answer
 from myllm.api.ollama.manage_models import CopyRequest, CreateRequest, ModelRequest, PullRequest
 from myllm.api.state import Services, services
-from myllm.errors import BlobNotFound, InvalidOptions, ModelNotFound
+from myllm.errors import BlobNotFound, InvalidOptions
 from myllm.modelfile import Modelfile, render
 from myllm.pull import pull
 from myllm.registry.adapter_check import check_adapter
@@ -315,13 +315,7 @@ async def _create_events(
 def _checked_adapters(svc: Services, body: CreateRequest, model: tuple[str, str] | None) -> list[dict[str, Any]]:
     """Ollama's `adapters` (file name: digest of an uploaded blob), each checked as a LoRA adapter
     of the model being created (`check_adapter`), in the order given."""
-    if model is not None:
-        base, base_name = svc.registry.blobs.path(model[1]), model[0]
-    else:
-        row = svc.registry.find(str(body.from_))
-        if row is None:
-            raise ModelNotFound(str(body.from_))
-        base, base_name = svc.registry.blobs.path(row.digest), row.name
+    base, base_name = _base_file(svc, body, model)
     adapters = []
     for name, digest in (body.adapters or {}).items():
         path = svc.registry.blobs.path(parse_digest(digest))
@@ -363,12 +357,16 @@ def _model_and_projector(
 def _draft(svc: Services, body: CreateRequest, model: tuple[str, str] | None) -> dict[str, Any]:
     """The `draft` model's row columns, checked against the model's vocabulary (registry/drafts.py)."""
     assert body.draft is not None
-    if model is None:
-        row = svc.registry.get(str(body.from_))
-        path, shown = svc.registry.blob_file(row), row.name
-    else:
-        path, shown = svc.registry.blobs.path(model[1]), f"upload:{model[0]}"
-    return draft_columns(svc.registry, path, shown, body.draft)
+    return draft_columns(svc.registry, *_base_file(svc, body, model), body.draft)
+
+
+def _base_file(svc: Services, body: CreateRequest, model: tuple[str, str] | None) -> tuple[Path, str]:
+    """The file of the model being created (an upload, or the `from` model's, checked by
+    `blob_file`) and how errors name it, for what is checked against it (adapters, a draft)."""
+    if model is not None:
+        return svc.registry.blobs.path(model[1]), f"upload:{model[0]}"
+    row = svc.registry.get(str(body.from_))
+    return svc.registry.blob_file(row), row.name
 
 
 def _check_template(template: str, deadline: Deadline) -> None:
