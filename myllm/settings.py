@@ -100,6 +100,13 @@ class Settings(BaseSettings):
         "unless `draft_max` is 0): each loaded model keeps this many rows of logits more for verifying drafts "
         "(per sequence with a draft model; about 8 bytes x vocabulary each). 0 turns speculation off.",
     )
+    grammar_token_ms: int = Field(
+        default=1000, ge=10, le=60_000,
+        description="CPU milliseconds an output format's grammar (JSON mode, a schema, a forced tool call) may "
+        "take for one token, on the model's scheduler thread, which every request of the model waits on: a "
+        "format whose first token would take more than half of it is refused (400) before it starts, and a "
+        "request whose grammar takes longer for a later token is stopped with an error.",
+    )
     kv_cache: str = Field(
         default="auto",
         description="RAM per loaded model for the prefix cache (KV of past prompts beyond the slots, shared "

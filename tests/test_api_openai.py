@@ -10,6 +10,8 @@ import openai
 import pytest
 from openai import AsyncOpenAI, OpenAI
 
+from myllm.settings import Settings
+
 
 @pytest.fixture
 def client(server: str) -> OpenAI:
@@ -169,31 +171,40 @@ def test_schema_llama_cpp_cannot_compile_is_a_400(client: OpenAI, schema: dict) 
 
 
 def _enum_schema(n: int, nested: bool) -> dict:
-    values = {"enum": [f"value-{i}" for i in range(n)]}
+    """`n` values; nested in an object, they start with a sign the model would not write there, so
+    that its picks do not fit and the grammar must be applied to the whole vocabulary."""
+    values = {"enum": [f"¤{i}" if nested else f"value-{i}" for i in range(n)]}
     return {"type": "object", "properties": {"v": values}, "required": ["v"]} if nested else values
 
 
 @pytest.mark.parametrize(("n", "nested", "message"), [
     (60_000, False, "more than 65536 characters"),  # refused before llama.cpp converts it
-    (3_000, False, "a token on this model"),  # small enough, but its first token costs about a second
-    (3_500, True, "took more than 0.5 s for one token"),  # cheap at first; dear once the enum opens
+    (3_000, False, "a token on this model"),  # small enough, but its first token costs ~0.3 s
+    (3_500, True, "took more than 0.05 s for one token"),  # cheap at first; ~0.33 s a token once the enum opens
 ], ids=["too-large", "too-costly", "costly-later"])
-def test_a_grammar_that_would_stall_the_model_is_refused(client: OpenAI, n: int, nested: bool, message: str) -> None:
+def test_a_grammar_that_would_stall_the_model_is_refused(api_settings: Settings, n: int, nested: bool, message: str) -> None:
     """Sampling runs on the model's one scheduler thread, so a grammar costing seconds a token
     made every other request on the model wait (a 60,000-value enum: 137 s for 11 tokens). Too
-    large or too costly is a 400; the other client's chat, sent at the same time, answers."""
+    large or too costly is a 400; the other client's chat, sent at the same time, answers. The
+    daemon's limit is a twentieth of the default (MYLLM_GRAMMAR_TOKEN_MS), so that each costly case
+    is several times over it, however fast the machine."""
     import concurrent.futures
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        other = pool.submit(client.chat.completions.create, model="smollm2:135m", max_tokens=8,
-                            messages=[{"role": "user", "content": "Hi"}])
-        with pytest.raises(openai.BadRequestError) as info:
-            client.chat.completions.create(
-                model="smollm2:135m", messages=[{"role": "user", "content": "Pick one"}], max_tokens=12, temperature=0,
-                response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": _enum_schema(n, nested)}},
-            )
-        assert message in info.value.body["message"], info.value.body  # type: ignore[index]
-        answer = other.result(60)
+    from tests.server import running_server
+
+    with running_server(api_settings.model_copy(update={"grammar_token_ms": 50})) as url:
+        client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            other = pool.submit(client.chat.completions.create, model="smollm2:135m", max_tokens=8,
+                                messages=[{"role": "user", "content": "Hi"}])
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(
+                    model="smollm2:135m", messages=[{"role": "user", "content": "Pick one"}], max_tokens=12,
+                    temperature=0,
+                    response_format={"type": "json_schema", "json_schema": {"name": "e", "schema": _enum_schema(n, nested)}},
+                )
+            assert message in info.value.body["message"], info.value.body  # type: ignore[index]
+            answer = other.result(60)
     assert answer.usage is not None and answer.usage.completion_tokens > 0
 
 

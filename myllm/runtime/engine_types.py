@@ -85,6 +85,9 @@ class LoadSpec:
     rpc_layer_bytes: tuple[int, ...] = ()
     """Only in the runner's copy: the bytes k layers on the workers take, for each k the load
     allows (the planner's footprint), so the runner puts as many as the workers' free memory holds."""
+    grammar_seconds: float = 1.0
+    """CPU seconds a request's grammar may take for one token (MYLLM_GRAMMAR_TOKEN_MS; see
+    `SamplerFactory.check_grammar` and `SlotOutput`)."""
     draft: Path | None = None
     """The model's draft model (its GGUF blob on this machine; Modelfile `DRAFT`), loaded beside it
     on the CPU to draft for speculative decoding (runtime/engine/draft_model.py); None: prompt lookup."""
@@ -103,7 +106,7 @@ class LoadSpec:
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None, draft_max: int = 0,
         name: str | None = None, rpc_servers: tuple[str, ...] = (),
-        draft: Path | None = None,
+        draft: Path | None = None, grammar_seconds: float = 1.0,
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
@@ -112,7 +115,8 @@ class LoadSpec:
             ctx = min(ctx, row.context_length)
         return cls(name or row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
                    projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max,
-                   () if embedding else rpc_servers, draft=None if embedding else draft)
+                   () if embedding else rpc_servers, draft=None if embedding else draft,
+                   grammar_seconds=grammar_seconds)
 
 
 @dataclass(frozen=True)

@@ -140,7 +140,7 @@ class BatchEngine:
             loaded.close()
             raise
         self.vocabulary = vocabulary = Vocabulary(loaded.model, self._guard, self.n_ctx)
-        self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard)
+        self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard, self.spec.grammar_seconds)
         lib, model = loaded.lib, loaded.model.model
         self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
         self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention,
@@ -148,7 +148,7 @@ class BatchEngine:
         # What the step loop uses for every token, kept on the engine: one attribute each.
         self._lib, self.ctx, self.batch, self.projector = loaded.lib, loaded.ctx, loaded.batch, loaded.projector
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
-        self.output = SlotOutput(loaded.lib, loaded.ctx.ctx, vocabulary, self._post)
+        self.output = SlotOutput(loaded.lib, loaded.ctx.ctx, vocabulary, self._post, self.spec.grammar_seconds)
         self.adapters = Adapters(lib, model, loaded.ctx.ctx)
 
     # -- what a runner needs besides generation -----------------------------------------------

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from myllm.errors import InvalidOptions
+from myllm.runtime.engine.grammar_scan import GrammarScan, Truncation
 from myllm.runtime.engine.lifetime import UseGuard
 from myllm.runtime.engine.sampling import Candidates, ChainSampler, GreedySampler
 from myllm.runtime.engine.vocabulary import Vocabulary
@@ -23,15 +24,12 @@ if TYPE_CHECKING:
     from llama_cpp import llama_sampler_p
 
 PENALTY_WINDOW = 64
-GRAMMAR_STEP_LIMIT = 0.25
-"""CPU seconds a request's grammar may add to its first token (checked before it starts: a
-500-value `enum` costs about 0.2 s with SmolLM2's 49k-token vocabulary). Sampling runs on the
-scheduler thread for every sequence in turn, so a grammar's cost is every other request's wait.
-Measured as the sampling thread's CPU time: wall time grows with the machine's load, and under
-load made the same schema a 400 one time in a few."""
-GRAMMAR_STEP_MAX = 0.5
-"""CPU seconds any later token's grammar may take (an `enum` deep in an object opens only there)
-before the request is stopped with an error (by the engine, which times each token's sampling)."""
+FIRST_TOKEN_SHARE = 0.5
+"""The share of the per-token limit (MYLLM_GRAMMAR_TOKEN_MS) a format's first token may cost when
+checked before its request starts (a 500-value `enum` costs ~50 ms with SmolLM2's 49k-token
+vocabulary, ~0.1 ms a value). Sampling runs on the scheduler thread for every sequence in turn,
+so a grammar's cost is every other request's wait. Measured as the thread's CPU time: wall time
+grows with the machine's load, and under load made the same schema a 400 one time in a few."""
 
 
 THINKING_ROOT = "thinking-root"
@@ -39,10 +37,11 @@ THINKING_ROOT = "thinking-root"
 
 
 class SamplerFactory:
-    def __init__(self, lib: ModuleType, vocabulary: Vocabulary, guard: UseGuard) -> None:
+    def __init__(self, lib: ModuleType, vocabulary: Vocabulary, guard: UseGuard, grammar_seconds: float) -> None:
         """`guard`: the engine's, since a grammar is compiled (and checked) on callers' threads
-        too. The candidates made here are the scheduler's: every `ChainSampler` it samples
-        with shares them."""
+        too; `grammar_seconds`: the CPU time a grammar may take for one token. The candidates
+        made here are the scheduler's: every `ChainSampler` it samples with shares them."""
+        self._first_token_limit = grammar_seconds * FIRST_TOKEN_SHARE
         self._lib = lib
         self._vocab = vocabulary.pointer
         self._n_vocab = vocabulary.n_vocab
@@ -57,8 +56,10 @@ class SamplerFactory:
         if o.temperature == 0 and not req.grammar:
             return GreedySampler(PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         grammar = self.grammar(req.grammar, req.thinking) if req.grammar else None  # first: it may fail
+        seed = o.seed if o.seed is not None else random.randrange(2**32)
+        penalties = internals.LlamaSampler()
+        penalties.add_penalties(self._n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         chain = internals.LlamaSampler()
-        chain.add_penalties(self._n_vocab, PENALTY_WINDOW, o.repeat_penalty, o.frequency_penalty, o.presence_penalty)
         if o.temperature == 0:
             chain.add_greedy()
         else:
@@ -66,8 +67,10 @@ class SamplerFactory:
             chain.add_top_p(o.top_p, 1)
             chain.add_min_p(o.min_p, 1)
             chain.add_temp(o.temperature)
-            chain.add_dist(o.seed if o.seed is not None else random.randrange(2**32))
-        return ChainSampler(self._lib, self._candidates, chain, grammar)
+            chain.add_dist(seed)
+        truncation = Truncation(o.top_k, o.top_p, o.min_p, o.temperature)
+        scan = GrammarScan(self._lib, self._candidates, grammar, truncation, seed) if grammar else None
+        return ChainSampler(self._lib, self._candidates, penalties, chain, scan)
 
     def grammar(self, grammar: str, thinking: Thinking | None = None) -> llama_sampler_p:
         """llama.cpp's grammar sampler for `grammar`. llama.cpp answers a grammar it cannot
@@ -100,7 +103,7 @@ class SamplerFactory:
 
     def check_grammar(self, grammar: str) -> None:
         """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
-        the vocabulary once stays within `GRAMMAR_STEP_LIMIT` (a request's format is checked
+        the vocabulary once stays within `FIRST_TOKEN_SHARE` of the limit (a request's format is checked
         before its stream starts, so a bad one is a 400, not an error event). The whole
         vocabulary is what a token costs when the grammar rejects the chain's first pick (see
         `ChainSampler`), and the first token of a format is often such a token. Runs on the
@@ -115,9 +118,9 @@ class SamplerFactory:
             cost = time.thread_time() - started
         finally:
             self._lib.llama_sampler_free(pointer)
-        if cost > GRAMMAR_STEP_LIMIT:
+        if cost > self._first_token_limit:
             raise InvalidOptions(
                 f"the output format's grammar costs {cost * 1000:.0f} ms a token on this model (the limit is "
-                f"{GRAMMAR_STEP_LIMIT * 1000:.0f} ms); use a smaller schema (fewer enum values or alternatives)",
+                f"{self._first_token_limit * 1000:.0f} ms); use a smaller schema (fewer enum values or alternatives)",
                 field="format",
             )

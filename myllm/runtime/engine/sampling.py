@@ -19,6 +19,9 @@ from typing import Any
 
 import numpy as np
 
+from myllm.errors import InvalidOptions
+from myllm.runtime.engine.grammar_scan import GrammarScan
+
 TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 """llama.cpp's `llama_token_data` as a numpy record (int32 id, float logit, float p)."""
 
@@ -93,6 +96,27 @@ class Candidates:
         array.size, array.selected, array.sorted = len(data), -1, False
         return ctypes.byref(array)
 
+    def subset(self, ids: np.ndarray, logits: np.ndarray | float = 0.0) -> np.ndarray:
+        """The array holding only the tokens `ids` (with `logits`), unsorted, nothing selected;
+        returns its records (a view, which samplers write in place: a grammar sets a rejected
+        token's logit to -inf). `pointer()` passes it to llama.cpp."""
+        data = self._data[:len(ids)]
+        data["id"] = ids
+        data["logit"] = logits
+        data["p"] = 0
+        array = self.array
+        array.data = self._data.ctypes.data_as(self._lib.llama_token_data_p)
+        array.size, array.selected, array.sorted = len(ids), -1, False
+        return data
+
+    def penalized(self) -> np.ndarray:
+        """A copy of the logits of a whole-vocabulary array after samplers that change logits
+        in place and keep the order (the penalties)."""
+        return self._data["logit"].copy()
+
+    def pointer(self) -> Any:
+        return ctypes.byref(self.array)
+
     def selected(self) -> int:
         """The token the last sampler chain applied to this array picked. Read through the
         array's own pointer: a sampler may point it at storage of its own."""
@@ -103,49 +127,70 @@ class Candidates:
 
 
 class ChainSampler:
-    """llama.cpp's sampler chain (penalties, then greedy, or top-k, top-p, min-p, temperature
-    and a seeded draw) with an optional grammar sampler kept out of the chain and applied as
+    """llama.cpp's samplers: the penalties, then greedy, or top-k, top-p, min-p, temperature
+    and a seeded draw, with an optional grammar sampler kept out of the chain and applied as
     llama-server applies it (`common_sampler_sample` with `grammar_first` false): the chain
-    picks a token from the unconstrained logits, the grammar checks only that one token, and
-    only when the grammar rejects it are the candidates rebuilt, the grammar applied to all of
-    them, and the chain run again. A grammar applied to every candidate costs ~30 ms a token
-    with Gemma 3's 262k-token vocabulary (more with a large schema), on the scheduler thread
-    that every sequence of the model waits on; checking one token costs microseconds, and most
-    tokens a model picks fit (a half to two thirds even sampled at temperature 1.5 from a prompt
-    that is not JSON, in tests/test_json_grammar.py). Without top-k/top-p/min-p truncation the
-    result has exactly the grammar-constrained distribution (a valid token is drawn either
-    directly or from the constrained redraw, in proportion to its probability)."""
+    picks a token from the unconstrained logits and the grammar checks only that one token
+    (microseconds; most tokens a model picks fit, a half to two thirds even sampled at
+    temperature 1.5 from a prompt that is not JSON, in tests/test_json_grammar.py). Only when
+    the grammar rejects it does the chain pick again, among the fitting tokens: those that
+    `GrammarScan` finds without the whole-vocabulary pass llama-server makes there, which cost
+    up to half a CPU second a token with Gemma 3's 262k-token vocabulary, on the scheduler
+    thread every sequence of the model waits on. Either way the pick has the distribution of
+    the chain applied to the grammar-constrained logits."""
 
-    def __init__(self, lib: Any, candidates: Candidates, chain: Any, grammar: Any = None) -> None:
-        """`chain`: a llama-cpp-python `LlamaSampler`; `grammar`: a `llama_sampler` pointer. This
-        sampler owns both from here on and frees them in `close`."""
+    def __init__(self, lib: Any, candidates: Candidates, penalties: Any, chain: Any, scan: GrammarScan | None = None) -> None:
+        """`penalties`, `chain`: llama-cpp-python `LlamaSampler`s (the penalties apart, since a
+        redraw needs the penalized logits); `scan`: the grammar's. This sampler owns them all
+        from here on, the grammar's `llama_sampler` included, and frees them in `close`."""
         self._lib = lib
         self._candidates = candidates
+        self._penalties = penalties
         self._chain = chain
-        self._grammar = grammar
+        self._scan = scan
+        self._grammar = scan.grammar if scan is not None else None
         self._one = lib.llama_token_data()
         self._single = lib.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
 
     def sample(self, logits: np.ndarray) -> int:
         """The next token, accepted into the grammar and the chain (penalties' memory)."""
-        lib, candidates, chain = self._lib, self._candidates, self._chain.sampler
-        lib.llama_sampler_apply(chain, candidates.fill(logits))
-        token = candidates.selected()
-        if self._grammar is not None:
+        token = self._pick(logits)
+        if self._scan is not None:
             if not self._fits(token):
-                cur = candidates.fill(logits)
-                lib.llama_sampler_apply(self._grammar, cur)
-                lib.llama_sampler_apply(chain, cur)
-                token = candidates.selected()
-            lib.llama_sampler_accept(self._grammar, token)
-        lib.llama_sampler_accept(chain, token)
+                token = self._redraw(logits, self._scan)
+            self._lib.llama_sampler_accept(self._grammar, token)
+        self._accept_chain(token)
         return token
+
+    def _pick(self, logits: np.ndarray) -> int:
+        cur = self._candidates.fill(logits)
+        self._lib.llama_sampler_apply(self._penalties.sampler, cur)
+        self._lib.llama_sampler_apply(self._chain.sampler, cur)
+        return self._candidates.selected()
+
+    def _redraw(self, logits: np.ndarray, scan: GrammarScan) -> int:
+        """The chain's pick among the fitting tokens (the penalties' apply has no state, so
+        applying them again gives the logits the first pick saw)."""
+        candidates = self._candidates
+        self._lib.llama_sampler_apply(self._penalties.sampler, candidates.fill(logits))
+        penalized = candidates.penalized()
+        fitting = scan.fitting(penalized)
+        if not len(fitting):
+            raise InvalidOptions("the output format's grammar allows no token of this model's vocabulary next",
+                                 field="format")
+        candidates.subset(fitting, penalized[fitting])
+        self._lib.llama_sampler_apply(self._chain.sampler, candidates.pointer())
+        return candidates.selected()
 
     def accept(self, token: int) -> None:
         """A token of the output that was not sampled (one the engine wrote itself), into the
         grammar (a lazy grammar's trigger may be in it) and the penalties' memory."""
         if self._grammar is not None:
             self._lib.llama_sampler_accept(self._grammar, token)
+        self._accept_chain(token)
+
+    def _accept_chain(self, token: int) -> None:
+        self._lib.llama_sampler_accept(self._penalties.sampler, token)
         self._lib.llama_sampler_accept(self._chain.sampler, token)
 
     def _fits(self, token: int) -> bool:
@@ -155,8 +200,9 @@ class ChainSampler:
         return not math.isinf(self._one.logit)
 
     def close(self) -> None:
-        """Free llama.cpp's samplers (the chain frees the samplers added to it)."""
+        """Free llama.cpp's samplers (a chain frees the samplers added to it)."""
         if self._grammar is not None:
             self._lib.llama_sampler_free(self._grammar)
             self._grammar = None
+        self._penalties.close()
         self._chain.close()

@@ -19,7 +19,6 @@ import numpy as np
 from myllm.errors import InvalidOptions, ShuttingDown
 from myllm.runtime.engine.logprobs import log_probabilities
 from myllm.runtime.engine.media import MediaPrompt
-from myllm.runtime.engine.sampler_factory import GRAMMAR_STEP_MAX
 from myllm.runtime.engine.sampling import ChainSampler, GreedySampler
 from myllm.runtime.engine.speculative import Speculation
 from myllm.runtime.engine.thinking import OutputText
@@ -104,13 +103,18 @@ class Slot:
 class SlotOutput:
     """What a slot's decoded row becomes: one instance per engine, used by its scheduler thread."""
 
-    def __init__(self, lib: Any, ctx: Any, vocabulary: Vocabulary, post: Callable[[EngineJob, Any], None]) -> None:
-        """`ctx`: the llama.cpp context whose logits rows are read; `post`: the engine's outbox."""
+    def __init__(self, lib: Any, ctx: Any, vocabulary: Vocabulary, post: Callable[[EngineJob, Any], None],
+                 grammar_seconds: float) -> None:
+        """`ctx`: the llama.cpp context whose logits rows are read; `post`: the engine's outbox;
+        `grammar_seconds`: the CPU time a request's grammar may take for one token before the
+        request is stopped (its format may open a costly part only late: an `enum` deep in an
+        object)."""
         self._lib, self._ctx = lib, ctx
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab
         self._token_bytes = vocabulary.token_bytes
         self.vocabulary = vocabulary
         self._post = post
+        self._grammar_seconds = grammar_seconds
         self._memory = lib.llama_get_memory(ctx)
         self.drafted = 0
         """Tokens speculative decoding drafted, every request so far (the runner's figures, `/api/ps`)."""
@@ -151,9 +155,9 @@ class SlotOutput:
         logits = logits_row(self._lib, self._ctx, index, self.n_vocab)
         started = time.thread_time() if req.grammar else 0.0  # CPU time (a syscall): grammars only
         token = slot.sampler.sample(logits)  # also accepted into the sampler's state
-        if req.grammar and time.thread_time() - started > GRAMMAR_STEP_MAX:
+        if req.grammar and time.thread_time() - started > self._grammar_seconds:
             self.finish(slot, None, InvalidOptions(
-                f"the output format's grammar took more than {GRAMMAR_STEP_MAX:g} s for one token, which stalls "
+                f"the output format's grammar took more than {self._grammar_seconds:g} s for one token, which stalls "
                 "every request on this model; use a smaller schema", field="format"))
             return None
         k = req.options.logprobs
