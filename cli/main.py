@@ -315,9 +315,13 @@ def serve(
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Start the daemon (default 127.0.0.1:8000; --host 0.0.0.0 opens it to the network)."""
-    from myllm.api.server import serve as run_server
+    import os
 
-    run_server(Settings(), host=host, port=port, log_level=log_level)
+    # Exec'd (the same process), so the daemon holds nothing of the CLI for as long as it runs.
+    argv = [sys.executable, "-m", "myllm.api.server", "--log-level", log_level]
+    argv += ["--host", host] if host else []
+    argv += ["--port", str(port)] if port else []
+    os.execv(sys.executable, argv)
 
 
 @app.command("rpc-worker")

@@ -70,19 +70,23 @@ class EscapeControls(logging.Filter):
 
 
 def _log_setup(level: str, log_format: str) -> None:
-    """myllm's own log: Rich lines for people, or JSON lines (`MYLLM_LOG_FORMAT=json`) for a
-    log collector."""
+    """myllm's own log: Rich lines for people at a terminal, plain lines for a file or a service
+    manager's journal (Rich there only pads lines, and costs the daemon ~1.5 MB), or JSON
+    lines (`MYLLM_LOG_FORMAT=json`) for a log collector."""
     logger = logging.getLogger("myllm")
     if not logger.handlers:
         if log_format == "json":
             handler: logging.Handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(JsonFormatter())
-        else:
+        elif sys.stderr.isatty():
             from rich.console import Console
             from rich.logging import RichHandler
 
-            console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
-            handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+            handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False)
+            handler.addFilter(EscapeControls())
+        else:
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(message)s"))
             handler.addFilter(EscapeControls())
         logger.addHandler(handler)
         logger.propagate = False
@@ -175,6 +179,7 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
     common = {
         "host": bind, "log_level": log_level,
         "access_log": False,  # myllm's own access line has the model and tokens
+        "ws": "none",  # no WebSocket routes: uvicorn would import a WebSocket library for nothing
         "timeout_graceful_shutdown": int(settings.shutdown_grace) + 5,  # a backstop after our own abort
         **proxy_options(settings),
     }
@@ -195,8 +200,26 @@ def serve(settings: Settings, host: str | None = None, port: int | None = None, 
     async def run_all() -> None:
         await asyncio.gather(main.serve(), *(side.serve(sockets=[s]) for side, s in siblings))
 
-    # uvicorn.run's own choice of loop (uvloop, where installed: uvicorn[standard] brings it):
+    # uvicorn.run's own choice of loop (uvloop, a dependency):
     # asyncio.run here would fall back to the pure-Python selector loop every request and token
     # goes through
     with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
         runner.run(run_all())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m myllm.api.server`: what `myllm serve` execs, so that the daemon, which runs
+    for days, holds nothing of the CLI (Typer, Click, the CLI's modules: ~2 MB). Settings come
+    from the environment (`MYLLM_*`), as for `myllm serve`; `myllm serve --help` lists them."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="myllm serve", description="Start the daemon.")
+    parser.add_argument("--host", default=None)
+    parser.add_argument("--port", type=int, default=None)
+    parser.add_argument("--log-level", default="info")
+    args = parser.parse_args(argv)
+    serve(Settings(), host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()
