@@ -21,6 +21,7 @@ from myllm.runtime.engine_types import LoadSpec
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.schema_size import SchemaLimits
+from tests.engine_calls import decode
 
 SCHEMA = {"type": "object", "properties": {"title": {"type": "string"}, "lines": {"type": "integer"}},
           "required": ["title", "lines"]}
@@ -55,13 +56,7 @@ def states(engine: BatchEngine) -> Iterator[tuple[np.ndarray, object]]:
     try:
         pos = 0
         for chunk in [prompt, *[[t] for t in reply]]:
-            batch.n_tokens = 0
-            for i, token in enumerate(chunk):
-                batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos + i, 1, False
-                batch.seq_id[i][0] = 0
-                batch.n_tokens += 1
-            batch.logits[batch.n_tokens - 1] = True
-            engine.ctx.decode(engine.batch)
+            decode(engine, chunk, pos)
             pos += len(chunk)
             if len(chunk) == 1:
                 lib.llama_sampler_accept(grammar, chunk[0])

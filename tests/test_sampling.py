@@ -18,6 +18,7 @@ from myllm.runtime.engine_types import GenerationRequest, LoadSpec
 from myllm.runtime.request.grammar import format_grammar
 from myllm.runtime.request.options import GenerationOptions
 from myllm.runtime.request.schema_size import SchemaLimits
+from tests.engine_calls import decode
 
 PENALTIES = [(1.0, 0.0, 0.0), (1.1, 0.0, 0.0), (1.5, 0.3, 0.6), (0.8, -0.2, 0.0)]
 
@@ -27,17 +28,6 @@ def engine(smollm2_path: Path) -> BatchEngine:
     eng = BatchEngine(LoadSpec("smollm2", smollm2_path, 512, n_parallel=2), 2, 0)
     yield eng
     eng.close()
-
-
-def decode(eng: BatchEngine, tokens: list[int], start: int) -> None:
-    batch = eng.batch.batch
-    batch.n_tokens = 0
-    for i, token in enumerate(tokens):
-        batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, start + i, 1, False
-        batch.seq_id[i][0] = 0
-        batch.n_tokens += 1
-    batch.logits[batch.n_tokens - 1] = True
-    eng.ctx.decode(eng.batch)
 
 
 @pytest.mark.parametrize("repeat,frequency,presence", PENALTIES)
