@@ -78,9 +78,10 @@ def doc_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> 
     registry = Registry.open(settings)
     pull(registry, settings, str(smollm2_path), name="smollm2:135m")
     alias = registry.copy("smollm2:135m", "llama-3-8b")
-    # The examples use httpx's default 5 s timeout: cap replies as a Modelfile PARAMETER would.
+    # The examples use httpx's default 5 s timeout: cap replies as a Modelfile PARAMETER would
+    # (32 tokens, ~0.2 s here: 128 once passed 5 s on a machine busy beside the suite).
     with registry.sessions.begin() as db:
-        db.execute(update(ModelRow).where(ModelRow.id == alias.id).values(parameters={"num_predict": 128}))
+        db.execute(update(ModelRow).where(ModelRow.id == alias.id).values(parameters={"num_predict": 32}))
     registry.close()
     with running_server(settings) as url:
         yield url
