@@ -90,20 +90,29 @@ class GrammarScan:
         found = self._fits(head)
         unseen = -math.inf if first == n else float(logits[head].min())
         if unseen > -math.inf and not self.truncation.settled(self._best_first(found, logits), logits, unseen):
-            found = np.concatenate([found, self._rest(logits, head)])
+            found = np.concatenate([found, self._rest(logits, head, self._promising(len(found)))])
         return self._best_first(found, logits)
 
-    def _rest(self, logits: np.ndarray, head: np.ndarray) -> np.ndarray:
-        """The fitting tokens among those not in `head`: the next best `SECOND_CHUNK`, then
-        (when those do not settle it) all the others in one pass. Each chunk is checked in
-        the order of ids: the grammar looks up every candidate's text, and in the order of
-        logits those lookups jump about the vocabulary, which made the same pass cost twice
-        as much."""
+    def _promising(self, found: int) -> bool:
+        """Whether the next best `SECOND_CHUNK` may settle the pick, judged by the first chunk's
+        yield: not when none of the best 256 fit (a state few tokens fit: after `{` only a
+        quote or white space), nor when top-k needs more than the first chunk's rate of fitting
+        tokens would find there. Such a state gets the whole pass at once."""
+        if found == 0:
+            return False
+        return self.truncation.top_k <= 0 or found * (1 + SECOND_CHUNK / FIRST_CHUNK) >= self.truncation.top_k
+
+    def _rest(self, logits: np.ndarray, head: np.ndarray, second: bool) -> np.ndarray:
+        """The fitting tokens among those not in `head`: with `second`, the next best
+        `SECOND_CHUNK` first, then (when those do not settle it) all the others in one pass.
+        Each chunk is checked in the order of ids: the grammar looks up every candidate's
+        text, and in the order of logits those lookups jump about the vocabulary, which made
+        the same pass cost twice as much."""
         n = len(logits)
         rest = np.ones(n, dtype=bool)
         rest[head] = False
         ids = np.flatnonzero(rest).astype(np.intc)
-        if len(ids) > SECOND_CHUNK:
+        if second and len(ids) > SECOND_CHUNK:
             cut = np.argpartition(-logits[ids], SECOND_CHUNK - 1)
             second = np.sort(ids[cut[:SECOND_CHUNK]])
             found = self._fits(second)
