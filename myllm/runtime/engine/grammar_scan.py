@@ -114,12 +114,12 @@ class GrammarScan:
         ids = np.flatnonzero(rest).astype(np.intc)
         if second and len(ids) > SECOND_CHUNK:
             cut = np.argpartition(-logits[ids], SECOND_CHUNK - 1)
-            second = np.sort(ids[cut[:SECOND_CHUNK]])
-            found = self._fits(second)
+            chunk = np.sort(ids[cut[:SECOND_CHUNK]])
+            found = self._fits(chunk)
             unseen = float(logits[ids[cut[SECOND_CHUNK:]]].max())
             if self.truncation.settled(self._best_first(found, logits), logits, unseen):
                 return found
-            rest[second] = False
+            rest[chunk] = False
             return np.concatenate([found, self._fits(np.flatnonzero(rest).astype(np.intc))])
         return self._fits(ids)
 

@@ -87,14 +87,8 @@ class Candidates:
         """The array holding `logits` as candidates, unsorted, nothing selected; a pointer for
         `llama_sampler_apply`, valid while this object lives (it owns the memory). The logits
         are copied, so llama.cpp's row is never written."""
-        data = self._data
-        data["id"] = self._ids
-        data["logit"] = logits
-        data["p"] = 0
-        array = self.array
-        array.data = data.ctypes.data_as(self._lib.llama_token_data_p)
-        array.size, array.selected, array.sorted = len(data), -1, False
-        return ctypes.byref(array)
+        self.subset(self._ids, logits)
+        return self.pointer()
 
     def subset(self, ids: np.ndarray, logits: np.ndarray | float = 0.0) -> np.ndarray:
         """The array holding only the tokens `ids` (with `logits`), unsorted, nothing selected;
@@ -148,7 +142,6 @@ class ChainSampler:
         self._penalties = penalties
         self._chain = chain
         self._scan = scan
-        self._grammar = scan.grammar if scan is not None else None
         self._one = lib.llama_token_data()
         self._single = lib.llama_token_data_array(ctypes.pointer(self._one), 1, -1, False)
 
@@ -156,9 +149,9 @@ class ChainSampler:
         """The next token, accepted into the grammar and the chain (penalties' memory)."""
         token = self._pick(logits)
         if self._scan is not None:
-            if not self._fits(token):
+            if not self._fits(self._scan.grammar, token):
                 token = self._redraw(logits, self._scan)
-            self._lib.llama_sampler_accept(self._grammar, token)
+            self._lib.llama_sampler_accept(self._scan.grammar, token)
         self._accept_chain(token)
         return token
 
@@ -185,24 +178,24 @@ class ChainSampler:
     def accept(self, token: int) -> None:
         """A token of the output that was not sampled (one the engine wrote itself), into the
         grammar (a lazy grammar's trigger may be in it) and the penalties' memory."""
-        if self._grammar is not None:
-            self._lib.llama_sampler_accept(self._grammar, token)
+        if self._scan is not None:
+            self._lib.llama_sampler_accept(self._scan.grammar, token)
         self._accept_chain(token)
 
     def _accept_chain(self, token: int) -> None:
         self._lib.llama_sampler_accept(self._penalties.sampler, token)
         self._lib.llama_sampler_accept(self._chain.sampler, token)
 
-    def _fits(self, token: int) -> bool:
-        """Whether the grammar allows `token` next: it sets a rejected candidate's logit to -inf."""
+    def _fits(self, grammar: Any, token: int) -> bool:
+        """Whether `grammar` allows `token` next: it sets a rejected candidate's logit to -inf."""
         self._one.id, self._one.logit, self._one.p = token, 1.0, 0.0
-        self._lib.llama_sampler_apply(self._grammar, ctypes.byref(self._single))
+        self._lib.llama_sampler_apply(grammar, ctypes.byref(self._single))
         return not math.isinf(self._one.logit)
 
     def close(self) -> None:
         """Free llama.cpp's samplers (a chain frees the samplers added to it)."""
-        if self._grammar is not None:
-            self._lib.llama_sampler_free(self._grammar)
-            self._grammar = None
+        if self._scan is not None:
+            self._lib.llama_sampler_free(self._scan.grammar)
+            self._scan = None
         self._penalties.close()
         self._chain.close()
