@@ -15,7 +15,6 @@ Written to bench/results/lora.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -27,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+from report import write_side
 from servers import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,17 +102,13 @@ def main() -> None:
     meta = {"model": "SmolLM2-135M-Instruct", "threads": args.threads, "rounds": args.rounds,
             "max_tokens": args.max_tokens, "date": time.strftime("%Y-%m-%d"),
             "load_average": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "lora.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# LoRA adapters", "",
              f"SmolLM2, {args.threads} threads, rank-8 adapters on attn_q, attn_v and ffn_down, greedy, "
              f"`max_tokens` {args.max_tokens}, medians of {args.rounds} rounds (bench/lora.py). Load average at "
              f"the end {meta['load_average']} on {meta['cores']} cores.", "",
              "| run | decode tokens/s (aggregate when two) |", "| --- | ---: |",
              *(f"| {r['run']} | {r['decode_tokens_per_s']} |" for r in rows)]
-    (out / "lora.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_side("lora", meta, rows, lines)
 
 
 if __name__ == "__main__":

@@ -147,3 +147,13 @@ def chart(results: dict[str, Any], folder: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(folder / "throughput.png", dpi=100)
+
+
+def write_side(name: str, meta: dict[str, Any], rows: list[dict[str, Any]], lines: list[str],
+               folder: Path = RESULTS) -> None:
+    """A side bench's figures (speculative, LoRA, RPC): `<name>.json` with its settings and rows,
+    `<name>.md` with its table, which is printed too."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))

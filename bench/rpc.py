@@ -13,7 +13,6 @@ token's step makes round trips to the worker, so a real network adds its latency
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -24,9 +23,9 @@ import time
 from pathlib import Path
 
 import httpx
+from report import write_side
 from servers import Server, free_port
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 
 
@@ -94,9 +93,6 @@ def main() -> None:
             "max_tokens": args.max_tokens, "same_text": same, "date": time.strftime("%Y-%m-%d"),
             "load_average": round(os.getloadavg()[0], 1), "cores": os.cpu_count()}
     busy = meta["load_average"] > (meta["cores"] or 1)
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "rpc.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# A model on an RPC worker (loopback) against the CPU", "",
              f"SmolLM2, {args.threads} threads (the runner's, and the worker's), flash attention "
              f"`{args.flash_attention}`, greedy, `max_tokens` "
@@ -107,8 +103,7 @@ def main() -> None:
              "| model | where the layers run | decode tokens/s | output tokens |", "|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['where']} | {r['decode_tokens_per_s']} | {r['tokens']:g} |")
-    (out / "rpc.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_side("rpc", meta, rows, lines)
     if not same:
         sys.exit("the RPC worker's text differs from the CPU's")
 

@@ -18,7 +18,6 @@ Written to bench/results/speculative.md and .json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from report import write_side
 from servers import Server, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,9 +110,6 @@ def main() -> None:
     meta = {"model": "SmolLM2-135M-Instruct Q4_1", "threads": args.threads, "rounds": args.rounds,
             "max_tokens": args.max_tokens, "flash_attention": args.flash_attention,
             "prompt_tokens": reference[0]["prompt_tokens"], "date": time.strftime("%Y-%m-%d")}
-    out = ROOT / "bench" / "results"
-    out.mkdir(exist_ok=True)
-    (out / "speculative.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = ["# Speculative decoding", "",
              f"SmolLM2 (Q4_1), {args.threads} threads, flash attention `{args.flash_attention}`, greedy, "
              f"{meta['prompt_tokens']}-token prompt: give back a ~400-token text with one name changed "
@@ -126,8 +123,7 @@ def main() -> None:
                      f"{'yes' if r['same_output'] else 'no'} | "
                      f"{r['acceptance'] if r['acceptance'] is not None else '-'} | "
                      f"{r['drafted_per_step'] if r['drafted_per_step'] is not None else '-'} | {r['tokens_per_step']} |")
-    (out / "speculative.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_side("speculative", meta, rows, lines)
 
 
 if __name__ == "__main__":
