@@ -83,10 +83,10 @@ def _log_setup(level: str, log_format: str) -> None:
             from rich.logging import RichHandler
 
             handler = RichHandler(console=Console(stderr=True), show_path=False, markup=False, rich_tracebacks=False)
-            handler.addFilter(EscapeControls())
         else:
             handler = logging.StreamHandler(sys.stderr)
             handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-8s %(message)s"))
+        if log_format != "json":  # lines for people: control characters escaped
             handler.addFilter(EscapeControls())
         logger.addHandler(handler)
         logger.propagate = False

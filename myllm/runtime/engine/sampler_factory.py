@@ -105,9 +105,10 @@ class SamplerFactory:
         """Raise `InvalidOptions` unless llama.cpp can compile `grammar` and applying it to
         the vocabulary once stays within `FIRST_TOKEN_SHARE` of the limit (a request's format is checked
         before its stream starts, so a bad one is a 400, not an error event). The whole
-        vocabulary is what a token costs when the grammar rejects the chain's first pick (see
-        `ChainSampler`), and the first token of a format is often such a token. Runs on the
-        caller's thread: its candidates are its own, not the scheduler's."""
+        vocabulary is what a token costs at worst when the grammar rejects the chain's first
+        pick (`GrammarScan` checks less where most tokens fit), and the first token of a format
+        is often such a token. Runs on the caller's thread: its candidates are its own, not
+        the scheduler's."""
         pointer = self.grammar(grammar)
         try:
             candidates = Candidates(self._lib, self._n_vocab)  # kept: it owns the array's memory
