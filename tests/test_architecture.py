@@ -31,7 +31,7 @@ ALLOWED: dict[str, set[str]] = {
     "myllm.pull": BASE | {"myllm.registry"},
     # Inside the runtime, from a request down: preparing it, the types both sides of the runner
     # boundary share, choosing and holding a model, crossing into the runner, the engines in it.
-    "myllm.runtime.request": BASE | {"myllm.pools", "myllm.registry", "myllm.runtime.instance"},
+    "myllm.runtime.request": BASE | {"myllm.pools", "myllm.registry", "myllm.runtime.instance", "myllm.runtime.engine_types"},
     # Both sides of the runner boundary import engine_types, so it holds plain data: the registry's
     # row only for type checking, and no request options (pydantic) at all.
     "myllm.runtime.engine_types": BASE | {"myllm.registry"},

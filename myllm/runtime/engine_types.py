@@ -341,6 +341,15 @@ def bounded_tokens(tokenize: Callable[[str], list[int]], text: str, limit: int) 
     return tokenize(text)
 
 
+def joined_units(units: list[list[int] | None], n_ctx: int) -> list[int]:
+    """A prompt's tokens from its units' (`tokenize_units`): a unit left untokenized (None)
+    means the whole cannot fit the context. Both sides join them: the daemon when it tokenized
+    the prompt itself, the runner when the prompt came with its request (`PromptSource`)."""
+    if any(unit is None for unit in units):
+        raise PromptTooLong(n_ctx, n_ctx, at_least=True)
+    return [token for unit in units if unit is not None for token in unit]
+
+
 def check_token_ids(tokens: list[int], n_vocab: int) -> None:
     """Token ids a client sent must be in the vocabulary: llama.cpp aborts on any other."""
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)

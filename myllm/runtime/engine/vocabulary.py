@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 from myllm.errors import PromptTooLong
 from myllm.runtime.engine.lifetime import UseGuard
-from myllm.runtime.engine_types import PromptSource, bounded_tokens, check_token_ids
+from myllm.runtime.engine_types import PromptSource, bounded_tokens, check_token_ids, joined_units
 
 if TYPE_CHECKING:
     from llama_cpp import llama_vocab_p
@@ -89,10 +89,7 @@ class Vocabulary:
         if source.raw is not None:
             tokens = self.tokenize(source.raw)
         else:
-            units = self.tokenize_units(source.units or [], self._n_ctx)
-            if any(unit is None for unit in units):
-                raise PromptTooLong(self._n_ctx, self._n_ctx, at_least=True)
-            tokens = [token for unit in units if unit is not None for token in unit]
+            tokens = joined_units(self.tokenize_units(source.units or [], self._n_ctx), self._n_ctx)
         if len(tokens) > source.budget:
             raise PromptTooLong(len(tokens), self._n_ctx)
         return tokens

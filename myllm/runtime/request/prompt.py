@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from typing import Any, NamedTuple, TypeVar
 
-from myllm.errors import InvalidOptions, Overloaded, PromptTooLong
+from myllm.errors import InvalidOptions, Overloaded
 from myllm.pools import settle
 from myllm.registry.chat_templates import Deadline, RenderCancelled
 from myllm.registry.schema import ModelRow
+from myllm.runtime.engine_types import joined_units
 from myllm.runtime.instance import Tokenizer
 from myllm.runtime.request.images import Markers
 from myllm.runtime.request.template import Part, RenderedPrompt, Think, fallback_for, render_chat, splits_thinking
@@ -148,12 +149,6 @@ def _size(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) ->
         if len(message) > 2:  # role and content, plus tool calls or a name
             size += len(repr(message))
     return size + (len(repr(tools)) if tools else 0)
-
-
-def _joined(units: list[list[int] | None], n_ctx: int) -> list[int]:
-    if any(unit is None for unit in units):
-        raise PromptTooLong(n_ctx, n_ctx, at_least=True)
-    return [token for unit in units if unit is not None for token in unit]
 
 
 class Source(NamedTuple):
@@ -343,7 +338,7 @@ class ChatPrompt:
             for unit in units:
                 offsets.append(offsets[-1] + len(unit or ()))
             self.images = tuple((offsets[i] + at, n) for i, images in enumerate(placed) for at, n in images)
-        return _joined(units, n_ctx), rendered.stop
+        return joined_units(units, n_ctx), rendered.stop
 
     @staticmethod
     def _estimate(units: list[list[int] | None], first: int, droppable: int, budget: int) -> int:
