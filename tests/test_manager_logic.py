@@ -35,9 +35,14 @@ class FakeRunner:
     generating = 0
     rss_before = rss_after = vram_used = 0
     pid = None
+    given_cliffs: list[tuple[str, float | None]] = []
+    """Each load's `attention_cliff` as the manager passed it."""
 
     def __init__(self, config: RunnerConfig) -> None:
         self.spec = config.spec
+        FakeRunner.given_cliffs.append((config.spec.name, config.attention_cliff))
+        # What a runner measures on its first load of a model, and reports as given after.
+        self.attention_cliff = config.attention_cliff or 1.7
         self.kv_cache_bytes = config.kv_cache_bytes
         self.closed = False
         self.on_exit: ExitHandler | None = None
@@ -86,7 +91,7 @@ def add_fake_row(registry: Registry, name: str, size_mib: int) -> ModelRow:
 
 @pytest.fixture
 def fake_registry(registry: Registry) -> Registry:
-    FakeRunner.created = []
+    FakeRunner.created, FakeRunner.given_cliffs = [], []
     FakeRunner.fail_next_with_oom = FakeRunner.crash_next = 0
     for name in ("a:1", "b:1", "c:1"):
         add_fake_row(registry, name, 100)
@@ -136,6 +141,17 @@ async def test_leased_instance_is_never_victim(fake_registry: Registry) -> None:
     await use(mgr, "c:1")  # evicts idle b, never leased a
     assert sorted(m.name for m in mgr.loaded()) == ["a:1", "c:1"]
     held.release()
+    await mgr.close()
+
+
+async def test_a_reload_is_given_the_attention_cliff_its_model_measured(fake_registry: Registry) -> None:
+    """What a runner measured of the CPU's attention paths goes to the next load of the same
+    model file (a reload skips measuring: `measure_cliff` evaluates a few hundred tokens), and
+    never to another model."""
+    mgr = manager(fake_registry, budget_mib=10_000, max_loaded=1)
+    for name in ("a:1", "b:1", "a:1"):
+        await use(mgr, name)
+    assert FakeRunner.given_cliffs == [("a:1", None), ("b:1", None), ("a:1", 1.7)]
     await mgr.close()
 
 

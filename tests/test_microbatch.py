@@ -209,3 +209,26 @@ def test_the_cliff_is_measured_on_an_empty_sequence_and_left_empty(smollm2_path:
         assert after.prompt_eval_tokens == len(prompt) and after.text == before.text
     finally:
         engine.close()
+
+
+def test_a_reload_takes_the_cliff_measured_before(smollm2_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A load measures the cliff once and reports it (the runner's `ready`); a load given that
+    figure (`RunnerConfig.attention_cliff`, what the daemon remembers per model) measures
+    nothing and decides the padding from it, on either side of `CLIFF_MIN`."""
+    spec = LoadSpec("smollm2", smollm2_path, 1024, n_parallel=1, flash_attention="on")
+    first = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
+    first.close()
+    assert first.attention_cliff is not None and 0.2 < first.attention_cliff < 50
+
+    def measuring(*_args: object) -> float:
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr("myllm.runtime.engine.batching.measure_cliff", measuring)
+    for given, pads in ((1.0, False), (CLIFF_MIN + 1, True)):
+        config = RunnerConfig.decode(RunnerConfig(spec, 2, 0, attention_cliff=given).encode())
+        engine = BatchEngine(config.spec, n_threads=2, kv_cache_bytes=0, attention_cliff=config.attention_cliff)
+        engine.close()
+        assert engine.attention_cliff == given and (engine.attention is not None) is pads
+    off = BatchEngine(dataclasses.replace(spec, flash_attention="off"), n_threads=2, kv_cache_bytes=0, attention_cliff=3.0)
+    off.close()
+    assert off.attention is None and off.attention_cliff is None  # no flash attention: no cliff to report

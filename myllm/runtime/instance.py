@@ -91,6 +91,12 @@ class PlacedRunner(Protocol):
         ...
 
     @property
+    def attention_cliff(self) -> float | None:
+        """What its load measured of the CPU's attention paths (`RunnerConfig.attention_cliff`),
+        for the next load of the same model; None where attention does not run on the CPU."""
+        ...
+
+    @property
     def busy(self) -> bool:
         """Whether a request or a call is running or waiting on it."""
         ...

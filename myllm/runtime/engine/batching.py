@@ -73,9 +73,11 @@ COPY_COST = 1 / 64
 1/500 on a CPU, about 1/30 through PCIe to a GPU. `place` weighs copies with it."""
 
 class BatchEngine:
-    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, quiet: bool = True) -> None:
+    def __init__(self, spec: LoadSpec, n_threads: int | None, kv_cache_bytes: int, quiet: bool = True,
+                 attention_cliff: float | None = None) -> None:
         """`quiet` silences what llama.cpp prints to stdout and stderr while loading. A runner
-        keeps it: its stderr is the daemon's record of why llama.cpp aborted.
+        keeps it: its stderr is the daemon's record of why llama.cpp aborted. `attention_cliff`:
+        an earlier load's `measure_cliff` of this model, used instead of measuring again.
 
         The model and its context are made, used for every decode and freed by one thread, the
         scheduler's, as llama-server and llama-cpp-python's `Llama` do (tokenizing, which reads
@@ -103,6 +105,9 @@ class BatchEngine:
         self.beat = time.monotonic()
         """When the scheduler last went round its loop (see `health`)."""
         self._guard = UseGuard(spec.name)
+        self.attention_cliff = attention_cliff
+        """The CPU's per-row attention cost against the tiled one, as measured (or given) at load;
+        None when attention does not run on the CPU with flash attention."""
         loaded = threading.Event()
         failed: list[BaseException] = []
         self._thread = threading.Thread(target=self._main, args=(n_threads, quiet, loaded, failed),
@@ -143,8 +148,14 @@ class BatchEngine:
         self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard, self.spec.grammar_seconds)
         lib, model = loaded.lib, loaded.model.model
         self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
+        known, self.attention_cliff = self.attention_cliff, None  # set again where attention runs on the CPU
+
+        def cliff() -> float:
+            self.attention_cliff = known if known is not None else measure_cliff(lib, loaded.ctx, loaded.batch)
+            return self.attention_cliff
+
         self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention,
-                                             lambda: measure_cliff(lib, loaded.ctx, loaded.batch))  # None on a GPU
+                                             cliff)  # None on a GPU
         # What the step loop uses for every token, kept on the engine: one attribute each.
         self._lib, self.ctx, self.batch, self.projector = loaded.lib, loaded.ctx, loaded.batch, loaded.projector
         self._vocab, self.n_vocab = vocabulary.pointer, vocabulary.n_vocab

@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Generic, TypeVar
 
 from myllm.errors import ModelCrashed, ModelLoadError, MyLLMError, OutOfMemory, TooManyReloads
@@ -61,6 +62,10 @@ class Loader(Generic[R]):
         self.lost_workers = LostWorkers()
         self.count = 0
         """Runners started."""
+        self._cliffs: dict[tuple[Path, str], float] = {}
+        """What runners measured of the CPU's attention paths, per model file and flash attention
+        setting (the threads are the daemon's, the same for each): a reload passes it on rather
+        than evaluating a few hundred tokens again to measure it (`measure_cliff`)."""
         self._loading: dict[LoadSpec, asyncio.Future[Instance[R]]] = {}
         self._lock = asyncio.Lock()
 
@@ -124,9 +129,13 @@ class Loader(Generic[R]):
     async def _create(self, spec: LoadSpec, row: ModelRow, whole: MemoryEstimate, fp: Footprint,
                       plan: Plan[LoadSpec]) -> Instance[R]:
         loaded = dataclasses.replace(spec, n_gpu_layers=plan.gpu_layers, rpc_layer_bytes=worker_bytes(spec, fp))
-        config = RunnerConfig(loaded, self.settings.num_threads, self.saved_kv_bytes(row, spec), self.settings.runner_nice)
+        cliff_key = (spec.path, spec.flash_attention)
+        config = RunnerConfig(loaded, self.settings.num_threads, self.saved_kv_bytes(row, spec), self.settings.runner_nice,
+                              attention_cliff=self._cliffs.get(cliff_key))
         started = time.perf_counter()
         runner = await self.factory(config, self.settings.max_queue)
+        if runner.attention_cliff is not None:
+            self._cliffs[cliff_key] = runner.attention_cliff
         inst = Instance(spec, row, runner, whole, fp, plan.gpu_layers, plan.need, self.keep_alive)
         runner.on_exit = self._runner_exited
         runner.on_out_of_memory = self._out_of_memory

@@ -205,7 +205,8 @@ class RunnerLoop:
 def load(config: RunnerConfig) -> BatchEngine | EmbeddingEngine:
     if config.spec.embedding:
         return EmbeddingEngine(config.spec, config.n_threads)
-    return BatchEngine(config.spec, config.n_threads, config.kv_cache_bytes, quiet=False)
+    return BatchEngine(config.spec, config.n_threads, config.kv_cache_bytes, quiet=False,
+                       attention_cliff=config.attention_cliff)
 
 
 def gpu_free(config: RunnerConfig) -> int:
@@ -243,7 +244,8 @@ def main(argv: list[str]) -> None:
     after = psutil.Process().memory_info().rss
     vram_used = max(0, gpu_before - gpu_free(config))
     channel.send(["ready", {"n_ctx": engine.n_ctx, "n_vocab": engine.n_vocab, "rss_before": before, "rss_after": after,
-                            "vram_used": vram_used}])
+                            "vram_used": vram_used,
+                            "attention_cliff": engine.attention_cliff if isinstance(engine, BatchEngine) else None}])
     try:
         RunnerLoop(channel, engine).serve(messages)
     finally:

@@ -142,6 +142,7 @@ class ModelRunner:
         self.rss_after = 0
         self.vram_used = 0
         """GPU memory the load took: the device's free memory before it less after it (0 on the CPU)."""
+        self.attention_cliff: float | None = None
         self.on_exit: ExitHandler | None = None
         self.on_out_of_memory: ExitHandler | None = None
         """Told (once) when a request fails because llama.cpp ran out of memory while generating."""
@@ -190,6 +191,7 @@ class ModelRunner:
             self.n_ctx, self.n_vocab = info["n_ctx"], info["n_vocab"]
             self.rss_before, self.rss_after = info["rss_before"], info["rss_after"]
             self.vram_used = info["vram_used"]
+            self.attention_cliff = info["attention_cliff"]
             await asyncio.sleep(0)  # let the stderr reader catch up, then forget the load's chatter:
             self._stderr.clear()  # what a crash later leaves there is the runner's last words
             self._tasks.append(asyncio.create_task(self._read(messages), name=f"runner-{self.spec.name}"))

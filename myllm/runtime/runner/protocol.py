@@ -61,13 +61,17 @@ class RunnerConfig:
     nice: int = 0
     """How far below the daemon's the runner's CPU priority is (`MYLLM_RUNNER_NICE`): passed on
     its command line, applied before any of its threads start (runner/__main__.py)."""
+    attention_cliff: float | None = None
+    """What an earlier runner of this model measured of the CPU's attention paths (see
+    `measure_cliff`), so a reload skips measuring it again; None: measure it."""
 
     def encode(self) -> dict[str, Any]:
         spec = asdict(self.spec)
         spec["path"] = str(self.spec.path)
         spec["projector"] = None if self.spec.projector is None else str(self.spec.projector)
         spec["draft"] = None if self.spec.draft is None else str(self.spec.draft)
-        return {"spec": spec, "n_threads": self.n_threads, "kv_cache_bytes": self.kv_cache_bytes}
+        return {"spec": spec, "n_threads": self.n_threads, "kv_cache_bytes": self.kv_cache_bytes,
+                "attention_cliff": self.attention_cliff}
 
     @classmethod
     def decode(cls, data: dict[str, Any]) -> RunnerConfig:
@@ -79,7 +83,7 @@ class RunnerConfig:
         for name in ("rpc_servers", "rpc_layer_bytes"):  # lists, once they crossed the channel
             spec[name] = tuple(spec.get(name) or ())
         spec["draft"] = None if spec.get("draft") is None else Path(spec["draft"])
-        return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"])
+        return cls(LoadSpec(**spec), data["n_threads"], data["kv_cache_bytes"], attention_cliff=data["attention_cliff"])
 
 
 def pack(message: list[Any]) -> bytes:
