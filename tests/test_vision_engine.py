@@ -152,6 +152,30 @@ async def test_a_cached_image_is_reused_by_the_same_image_only(vision: VisionMod
         assert (await model.stats())["kv_hits"] == hits + 1
 
 
+async def test_an_image_counted_once_is_not_sent_to_the_runner_again(vision: VisionModel) -> None:
+    """`image_positions` asks the runner only about images it has not counted (a conversation
+    resends its images every turn): the counts stay libmtmd's, in the order asked."""
+    image, other, third = (png_image(w, 16, seed=20 + i) for i, w in enumerate((16, 64, 256)))
+    decoded = {data: DecodedImage(*decode_image(data, LIMITS)) for data in (image, other, third)}
+    async with runner(vision) as model:
+        sent: list[list[str]] = []
+        call = model.call
+
+        async def spying(method: str, *args: object) -> object:
+            if method == "image_positions":
+                sent.append([item[0] for item in args[0]])  # type: ignore[index]
+            return await call(method, *args)
+
+        model.call = spying  # type: ignore[method-assign]
+        first = await model.image_positions([decoded[image], decoded[other], decoded[image]])
+        again = await model.image_positions([decoded[other], decoded[image]])
+        more = await model.image_positions([decoded[third], decoded[image]])
+        counts = await call("image_positions", [[d.digest, d.width, d.height, d.rgb] for d in decoded.values()])
+    assert sent == [[decoded[image].digest, decoded[other].digest], [decoded[third].digest]]
+    assert (first, again, more) == ([counts[0], counts[1], counts[0]], [counts[1], counts[0]], [counts[2], counts[0]])
+    assert counts[0] not in (counts[1], counts[2])  # so a mix-up would show
+
+
 def test_reuse_never_ends_inside_an_image_chunk() -> None:
     """`MediaPrompt.start`: a reuse that would end inside an image chunk starts at the chunk,
     and an earlier start chosen for the CPU's attention tiles is taken only outside one."""

@@ -45,6 +45,8 @@ from myllm.runtime.runner.protocol import (
 )
 
 log = logging.getLogger(__name__)
+IMAGE_POSITIONS_KEPT = 1024
+"""Images whose prompt positions a runner's client remembers, by digest (`image_positions`)."""
 STDERR_LINES = 200
 """The last lines kept from a runner's stderr, for the error and the log when it dies: llama.cpp's
 last words (a GGML_ASSERT), and the Python traceback of every thread that `faulthandler` writes
@@ -143,6 +145,7 @@ class ModelRunner:
         self.vram_used = 0
         """GPU memory the load took: the device's free memory before it less after it (0 on the CPU)."""
         self.attention_cliff: float | None = None
+        self._image_positions: collections.OrderedDict[str, int] = collections.OrderedDict()
         self.on_exit: ExitHandler | None = None
         self.on_out_of_memory: ExitHandler | None = None
         """Told (once) when a request fails because llama.cpp ran out of memory while generating."""
@@ -437,8 +440,21 @@ class ModelRunner:
         return vectors, count
 
     async def image_positions(self, images: list[DecodedImage]) -> list[int]:
-        """The prompt positions each image takes on this model (`Projector.positions`)."""
-        return await self.call("image_positions", [[i.digest, i.width, i.height, i.rgb] for i in images])
+        """The prompt positions each image takes on this model (`Projector.positions`). Only
+        images this runner has not counted yet are sent: a conversation resends its images every
+        turn, each megabytes of pixels to copy over the channel and to slice again for the same
+        answer (one runner has one projector, and a digest is its file's)."""
+        known = self._image_positions
+        new = list({image.digest: image for image in images if image.digest not in known}.values())
+        if new:
+            counts = await self.call("image_positions", [[i.digest, i.width, i.height, i.rgb] for i in new])
+            known.update(zip((image.digest for image in new), counts, strict=True))
+        positions = [known[image.digest] for image in images]
+        for image in images:
+            known.move_to_end(image.digest)
+        while len(known) > IMAGE_POSITIONS_KEPT:
+            known.popitem(last=False)
+        return positions
 
     async def rerank(self, query: str, documents: list[str], truncate: bool = False) -> tuple[list[float], int]:
         """A reranking instance's score per document, and the tokens evaluated."""
