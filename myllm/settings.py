@@ -107,6 +107,13 @@ class Settings(BaseSettings):
         "format whose first token would take more than half of it is refused (400) before it starts, and a "
         "request whose grammar takes longer for a later token is stopped with an error.",
     )
+    stream_interval_ms: float = Field(
+        default=1.0, ge=0, le=100,
+        description="Milliseconds a runner may hold a streamed request's tokens before sending them to the daemon, "
+        "so that when decode steps take a fraction of a millisecond (a small model, a GPU) tokens go out a few "
+        "steps at a time and the daemon, woken less often, takes less time from the computation. A request's first "
+        "token and its end are never held. 0: every step's tokens at once.",
+    )
     kv_cache: str = Field(
         default="auto",
         description="RAM per loaded model for the prefix cache (KV of past prompts beyond the slots, shared "

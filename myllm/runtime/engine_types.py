@@ -88,6 +88,9 @@ class LoadSpec:
     grammar_seconds: float = 1.0
     """CPU seconds a request's grammar may take for one token (MYLLM_GRAMMAR_TOKEN_MS; see
     `SamplerFactory.check_grammar` and `SlotOutput`)."""
+    stream_interval: float = 0.0
+    """Seconds a runner may hold streamed tokens before sending them (MYLLM_STREAM_INTERVAL_MS;
+    engine/slots.py `Outbox`)."""
     draft: Path | None = None
     """The model's draft model (its GGUF blob on this machine; Modelfile `DRAFT`), loaded beside it
     on the CPU to draft for speculative decoding (runtime/engine/draft_model.py); None: prompt lookup."""
@@ -106,7 +109,7 @@ class LoadSpec:
         cls, row: ModelRow, path: Path, num_ctx: int, n_gpu_layers: int = 0, embedding: bool = False,
         n_parallel: int = 1, flash_attention: str = "auto", projector: Path | None = None, draft_max: int = 0,
         name: str | None = None, rpc_servers: tuple[str, ...] = (),
-        draft: Path | None = None, grammar_seconds: float = 1.0,
+        draft: Path | None = None, grammar_seconds: float = 1.0, stream_interval: float = 0.0,
     ) -> LoadSpec:
         """`path`: the model's blob on this machine. The context is `context_size(num_ctx)` (a multiple of llama.cpp's
         padding, so its size and llama-cpp-python's token buffer are the same), at most what the model was trained for."""
@@ -116,7 +119,7 @@ class LoadSpec:
         return cls(name or row.name, path, ctx, n_gpu_layers, embedding, 1 if embedding else n_parallel, flash_attention,
                    projector, pooling_of(row) if embedding else POOLING_MEAN, 0 if embedding else draft_max,
                    () if embedding else rpc_servers, draft=None if embedding else draft,
-                   grammar_seconds=grammar_seconds)
+                   grammar_seconds=grammar_seconds, stream_interval=stream_interval)
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,7 @@ class BatchEngine:
         self._slots = [Slot(seq=i) for i in range(spec.n_parallel)]
         self._queue: queue.Queue[EngineJob | None] = queue.Queue()
         self._waiting: list[EngineJob] = []
-        self._outbox = Outbox()
+        self._outbox = Outbox(spec.stream_interval)
         self._post = self._outbox.post  # called for every token: bound once
         self._lock = threading.Lock()
         self._closed = False
@@ -247,6 +247,8 @@ class BatchEngine:
         while True:
             self.beat = time.monotonic()
             idle = not any(s.job is not None for s in self._slots) and not self._waiting
+            if idle:
+                self._outbox.flush()  # nothing is left to wait for
             try:
                 job = self._queue.get(timeout=None if idle and not self._closed else 0)
                 while True:
@@ -273,7 +275,7 @@ class BatchEngine:
                 for slot in self._slots:
                     if slot.job is not None:
                         self.output.finish(slot, None, error)
-            self._outbox.flush()
+            self._outbox.flush(due=True)
 
     def _admit(self) -> None:
         while self._waiting:

@@ -208,7 +208,8 @@ class ModelManager(Generic[R]):
                                   flash_attention=self.settings.flash_attention,
                                   projector=self.registry.projector_file(row), draft_max=self.settings.draft_max,
                                   rpc_servers=servers, draft=self.registry.draft_file(row),
-                                  grammar_seconds=self.settings.grammar_token_ms / 1000)
+                                  grammar_seconds=self.settings.grammar_token_ms / 1000,
+                                  stream_interval=self.settings.stream_interval_ms / 1000)
 
     async def acquire(
         self,
