@@ -28,7 +28,7 @@ def test_tokens_wait_for_the_interval_but_a_first_token_and_an_end_do_not() -> N
     sent: list[list[Any]] = []
     box = Outbox(interval=60.0)
     a = job(lambda items: sent.append([e for _, e in items]))
-    b = EngineJob(a.req, a.sink)
+    b = job(a.sink)
     empty, first, second, third = TokenEvent("", 1), TokenEvent("Hi", 2), TokenEvent(" there", 3), TokenEvent("!", 4)
     box.post(a, empty)  # no text yet: a client still waits for its first token
     box.flush(due=True)

@@ -105,7 +105,8 @@ class BatchEngine:
         self.beat = time.monotonic()
         """When the scheduler last went round its loop (see `health`)."""
         self._guard = UseGuard(spec.name)
-        self.attention_cliff = attention_cliff
+        self._given_cliff = attention_cliff
+        self.attention_cliff: float | None = None
         """The CPU's per-row attention cost against the tiled one, as measured (or given) at load;
         None when attention does not run on the CPU with flash attention."""
         loaded = threading.Event()
@@ -148,10 +149,9 @@ class BatchEngine:
         self.samplers = SamplerFactory(loaded.lib, vocabulary, self._guard, self.spec.grammar_seconds)
         lib, model = loaded.lib, loaded.model.model
         self.kv_cache = KVCache(self._kv_cache_bytes, n_swa=lib.llama_model_n_swa(model))
-        known, self.attention_cliff = self.attention_cliff, None  # set again where attention runs on the CPU
-
-        def cliff() -> float:
-            self.attention_cliff = known if known is not None else measure_cliff(lib, loaded.ctx, loaded.batch)
+        def cliff() -> float:  # asked only where attention runs on the CPU
+            given = self._given_cliff
+            self.attention_cliff = given if given is not None else measure_cliff(lib, loaded.ctx, loaded.batch)
             return self.attention_cliff
 
         self.attention = CpuAttention.on_cpu(lib, model, self.spec.n_gpu_layers, self.spec.flash_attention,
