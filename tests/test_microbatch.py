@@ -16,7 +16,15 @@ from myllm.registry.schema import ModelRow
 from myllm.runtime.engine.batching import BatchEngine, place
 from myllm.runtime.engine.kvcache import KVCache, common_prefix
 from myllm.runtime.engine.kvstate import parse
-from myllm.runtime.engine.microbatch import CLIFF_MIN, ROWS, CpuAttention, contiguous, measure_cliff
+from myllm.runtime.engine.microbatch import (
+    CLIFF_CONTEXT,
+    CLIFF_MIN,
+    ROWS,
+    TILE_ROWS,
+    CpuAttention,
+    contiguous,
+    measure_cliff,
+)
 from myllm.runtime.engine.slots import Slot
 from myllm.runtime.engine_types import DoneEvent, GenerationRequest, LoadSpec
 from myllm.runtime.request.options import GenerationOptions
@@ -195,7 +203,9 @@ def test_the_flash_attention_setting_reaches_llama_cpp(smollm2_path: Path, flash
 
 def test_the_cliff_is_measured_on_an_empty_sequence_and_left_empty(smollm2_path: Path) -> None:
     """`measure_cliff` on SmolLM2's context: a ratio of real timings, and sequence 0 as it
-    found it (a prompt then answers exactly as on a context never measured on)."""
+    found it (a prompt then answers exactly as on a context never measured on). No batch of
+    the measurement is larger than the tiled rows it times (a larger one would make the runner
+    hold more of llama.cpp's compute buffer than short prompts do)."""
     spec = LoadSpec("smollm2", smollm2_path, 1024, n_parallel=1, flash_attention="off")
     engine = BatchEngine(spec, n_threads=2, kv_cache_bytes=0)
     try:
@@ -203,8 +213,21 @@ def test_the_cliff_is_measured_on_an_empty_sequence_and_left_empty(smollm2_path:
         before = answer(engine, prompt)
         engine.ctx.kv_cache_seq_rm(0, 0, -1)
         engine._slots[0].cached = []
-        ratio = measure_cliff(engine._lib, engine.ctx, engine.batch)
+        sizes: list[int] = []
+
+        class Recording:
+            """llama.cpp's bindings, with each decode's batch size noted."""
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(engine._lib, name)
+
+            def llama_decode(self, ctx: object, batch: object) -> int:
+                sizes.append(batch.n_tokens)  # type: ignore[attr-defined]
+                return engine._lib.llama_decode(ctx, batch)
+
+        ratio = measure_cliff(Recording(), engine.ctx, engine.batch)
         assert 0.2 < ratio < 50
+        assert max(sizes) == TILE_ROWS and sum(sizes[:CLIFF_CONTEXT // TILE_ROWS]) == CLIFF_CONTEXT
         after = answer(engine, prompt)
         assert after.prompt_eval_tokens == len(prompt) and after.text == before.text
     finally:
