@@ -128,7 +128,7 @@ def register_broken_model(registry: Registry, name: str, good_file: Path, tmp_pa
     from sqlalchemy import update
 
     from myllm.registry.blobs import sha256_file
-    from myllm.registry.schema import ModelRow
+    from myllm.registry.schema import models
 
     row = pull(registry, Settings(), str(good_file), name=name).model
     broken = tmp_path / f"broken-{row.id}.gguf"
@@ -138,8 +138,8 @@ def register_broken_model(registry: Registry, name: str, good_file: Path, tmp_pa
         fh.write(b"\xff" * 8)
     digest = sha256_file(broken)
     shutil.move(broken, registry.blobs.path(digest))
-    with registry.sessions.begin() as db:
-        db.execute(update(ModelRow).where(ModelRow.id == row.id).values(digest=digest))
+    with registry.engine.begin() as conn:
+        conn.execute(update(models).where(models.c.id == row.id).values(digest=digest))
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ import pytest
 from sqlalchemy import update
 
 from myllm.pull import pull
-from myllm.registry.schema import ModelRow
+from myllm.registry.schema import models
 from myllm.registry.store import Registry
 from myllm.settings import Settings
 from tests.server import running_server
@@ -80,8 +80,8 @@ def doc_server(tmp_path_factory: pytest.TempPathFactory, smollm2_path: Path) -> 
     alias = registry.copy("smollm2:135m", "llama-3-8b")
     # The examples use httpx's default 5 s timeout: cap replies as a Modelfile PARAMETER would
     # (32 tokens, ~0.2 s here: 128 once passed 5 s on a machine busy beside the suite).
-    with registry.sessions.begin() as db:
-        db.execute(update(ModelRow).where(ModelRow.id == alias.id).values(parameters={"num_predict": 32}))
+    with registry.engine.begin() as conn:
+        conn.execute(update(models).where(models.c.id == alias.id).values(parameters={"num_predict": 32}))
     registry.close()
     with running_server(settings) as url:
         yield url

@@ -111,3 +111,30 @@ def test_alembic_is_imported_only_to_migrate(tmp_path: Path) -> None:
 
     assert alembic_loaded()
     assert not alembic_loaded()
+
+
+DAEMON_DATABASE = """
+import json, sys
+
+import myllm.api.app, myllm.api.server  # noqa: E401, F401  (what `myllm serve` imports)
+from myllm.registry.sessions import SessionStore
+from myllm.registry.store import Registry
+from myllm.settings import Settings
+
+registry = Registry.open(Settings(home=sys.argv[1]))
+SessionStore(registry.engine).append_turn("s", "chat", "m", [("user", "Hi", 1), ("assistant", "Hello", 1)])
+assert [m.content for m in SessionStore(registry.engine).history("s")] == ["Hi", "Hello"]
+registry.list()
+registry.close()
+print(json.dumps("sqlalchemy.orm" in sys.modules))
+"""
+
+
+def test_the_daemon_does_without_sqlalchemys_orm(tmp_path: Path) -> None:
+    """The daemon's modules, and its registry opened, written and read, in a fresh interpreter:
+    `sqlalchemy.orm` is never imported. The registry is written on SQLAlchemy's core because the
+    ORM and its configured mappers cost the daemon ~9 MB of memory."""
+    done = subprocess.run([sys.executable, "-c", DAEMON_DATABASE, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.strip().splitlines()[-1]) is False

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import insert
 
 from myllm.api.native.models import InferenceOptions
 from myllm.api.ollama.inference import generation_options
 from myllm.errors import InvalidOptions, ModelCrashed, OutOfMemory
 from myllm.modelfile import parse
-from myllm.registry.schema import ModelRow
+from myllm.registry.schema import ModelRow, models
 from myllm.registry.store import Registry
 from myllm.runtime.devices import NO_GPU, Devices, Gpu, llama_devices, probe
 from myllm.runtime.engine_types import LoadSpec
@@ -81,8 +82,8 @@ def fake_models(registry: Registry) -> Registry:
             details={"block_count": 10, "attention.head_count": 16, "attention.head_count_kv": 4,
                      "tensor_bytes": {"input": 50 * MiB, "layers": [100 * MiB] * 10, "output": 60 * MiB, "tied": False}},
         )
-        with registry.sessions.begin() as db:
-            db.add(row)
+        with registry.engine.begin() as conn:
+            conn.execute(insert(models).values(**row.values()))
     registry.problem = lambda row: None  # type: ignore[method-assign]  # fake rows have no blobs
     return registry
 

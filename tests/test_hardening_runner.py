@@ -179,10 +179,10 @@ async def test_reloads_per_key_are_limited(fakes: Registry) -> None:
     callers without a limited key, are never counted."""
     from sqlalchemy import update
 
-    from myllm.registry.schema import ModelRow
+    from myllm.registry.schema import models
 
-    with fakes.sessions.begin() as db:
-        db.execute(update(ModelRow).values(context_length=8192))
+    with fakes.engine.begin() as conn:
+        conn.execute(update(models).values(context_length=8192))
     mgr = fake_manager(fakes, reloads_per_key="2/minute", max_loaded_models=2)
     (await mgr.acquire("a:1", caller="alice")).release()  # a first load costs nobody
     for ctx in (1024, 2048):
@@ -296,15 +296,15 @@ def register_unchecked(home: Path, name: str, source: Path, broken: Path) -> Non
 
     from myllm.pull import pull
     from myllm.registry.blobs import sha256_file
-    from myllm.registry.schema import ModelRow
+    from myllm.registry.schema import models
 
     registry = Registry.open(Settings(home=home))
     try:
         row = pull(registry, Settings(home=home), str(source), name=name).model
         digest = sha256_file(broken)
         shutil.copy(broken, registry.blobs.path(digest))
-        with registry.sessions.begin() as db:
-            db.execute(update(ModelRow).where(ModelRow.id == row.id).values(digest=digest))
+        with registry.engine.begin() as conn:
+            conn.execute(update(models).where(models.c.id == row.id).values(digest=digest))
     finally:
         registry.close()
 

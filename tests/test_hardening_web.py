@@ -21,7 +21,6 @@ import pytest
 import sqlalchemy as sa
 from alembic.migration import MigrationContext
 from alembic.operations import Operations
-from sqlalchemy.orm import sessionmaker
 
 from myllm.errors import InvalidOptions
 from myllm.registry.db import make_engine
@@ -332,9 +331,8 @@ def test_sessions_made_before_are_moved_into_their_keys_scope(database: str) -> 
     engine.dispose()
     engine = make_engine(database)  # applies the rest
     assert migrate(engine) == []
-    sessions = sessionmaker(engine)
     alice, admin = Viewer(owner, False), Viewer(None, True)
-    store, responses = SessionStore(sessions), ResponseStore(sessions)
+    store, responses = SessionStore(engine), ResponseStore(engine)
     assert [m.content for m in store.history("s1", alice)] == ["in s1"]
     assert responses.conversation("resp_1", alice)[0] == "chain"
     assert [m.content for m in store.history("open", admin)] == ["in open"]

@@ -9,9 +9,10 @@ import hashlib
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from sqlalchemy import insert, update
 
 from myllm.errors import ModelCrashed, MyLLMError, OutOfMemory
-from myllm.registry.schema import ModelRow
+from myllm.registry.schema import ModelRow, models
 from myllm.registry.store import Registry
 from myllm.runtime.instance import ExitHandler, RunnerStats
 from myllm.runtime.placement import manager as manager_module
@@ -84,8 +85,8 @@ def add_fake_row(registry: Registry, name: str, size_mib: int) -> ModelRow:
         architecture="llama", family="llama", parameter_count=1, parameter_size="1M", quantization="Q4_0",
         context_length=512, vocab_size=0, parameters={}, details={"block_count": 0},
     )
-    with registry.sessions.begin() as db:
-        db.add(row)
+    with registry.engine.begin() as conn:
+        row.id = conn.execute(insert(models).values(**row.values())).inserted_primary_key[0]
     return row
 
 
@@ -179,11 +180,10 @@ async def test_saved_kv_cache_size_follows_the_setting(registry: Registry, setti
     cache counts in the load estimate either way."""
     FakeRunner.fail_next_with_oom = 0
     row = add_fake_row(registry, "gqa:1", 100)
-    with registry.sessions.begin() as db:
-        stored = db.get(ModelRow, row.id)
-        assert stored is not None
-        stored.details = {"block_count": 30, "attention.head_count": 9, "attention.head_count_kv": 3,
-                          "attention.key_length": 64, "attention.value_length": 64}
+    with registry.engine.begin() as conn:
+        conn.execute(update(models).where(models.c.id == row.id).values(details={
+            "block_count": 30, "attention.head_count": 9, "attention.head_count_kv": 3,
+            "attention.key_length": 64, "attention.value_length": 64}))
     registry.problem = lambda row: None  # type: ignore[method-assign]
     settings = Settings(num_ctx=512, kv_cache=setting, num_parallel=2)
     mgr = ModelManager(registry, settings, runner_factory=FakeRunner.start, budget=4096 * MiB)

@@ -15,15 +15,15 @@ from myllm.errors import BlobNotFound, InvalidModelFile, InvalidModelName, Model
 from myllm.registry.db import make_engine
 from myllm.registry.migrations import MIGRATIONS, schema_version
 from myllm.registry.names import normalize
-from myllm.registry.schema import Base
+from myllm.registry.schema import metadata
 from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
 
 
-def test_migrations_build_the_orm_schema(tmp_path: Path) -> None:
+def test_migrations_build_the_schema(tmp_path: Path) -> None:
     engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
     with engine.connect() as conn:
-        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+        diff = compare_metadata(MigrationContext.configure(conn), metadata)
     assert diff == []
     assert schema_version(engine) == MIGRATIONS[-1][0]
     # Running again applies nothing and keeps the data.

@@ -20,7 +20,7 @@ from alembic.migration import MigrationContext
 from myllm.pull import pull
 from myllm.registry.db import make_engine
 from myllm.registry.migrations import MIGRATIONS, migrate, schema_version
-from myllm.registry.schema import Base
+from myllm.registry.schema import metadata
 from myllm.registry.store import Registry
 from myllm.settings import Settings
 from tests.postgres import Cluster, throwaway_cluster
@@ -108,7 +108,7 @@ def whole_turns(messages: list[dict[str, Any]]) -> list[str]:
 def test_migrations_build_the_orm_schema_on_postgresql(cluster: Cluster) -> None:
     engine = make_engine(cluster.new_database())
     with engine.connect() as conn:
-        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert compare_metadata(MigrationContext.configure(conn), metadata) == []
     assert schema_version(engine) == MIGRATIONS[-1][0]
     assert migrate(engine) == [], "a second run applies nothing"
     engine.dispose()
@@ -261,11 +261,10 @@ def test_a_turn_whose_claim_lapsed_is_not_stored(database: str, tmp_path: Path) 
     """A daemon that could not renew its claim (the database away longer than the lease) finds,
     when it stores its turn, that another turn took the session: `TurnLost`, nothing written."""
     from myllm.errors import TurnLost
-    from myllm.registry.db import make_sessionmaker
     from myllm.registry.sessions import SessionStore
 
     engine = make_engine(database)
-    store = SessionStore(make_sessionmaker(engine))
+    store = SessionStore(engine)
     assert store.claim("s", "chat", MODEL, "first@a", lease=0.05) is None
     assert store.claim("s", "chat", MODEL, "second@b", lease=60) == "first@a", "a live claim is kept"
     time.sleep(0.1)

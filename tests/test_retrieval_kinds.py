@@ -21,7 +21,7 @@ from sqlalchemy import select, update
 
 from myllm.pull import pull
 from myllm.registry.kinds import fill_in_kinds
-from myllm.registry.schema import ModelRow
+from myllm.registry.schema import models
 from myllm.registry.store import Registry
 from myllm.settings import Settings
 from tests.conftest import writable_home
@@ -92,10 +92,11 @@ def test_rows_from_before_kinds_get_theirs_at_start(models_home: Path, tmp_path:
     try:
         pull(registry, settings, str(gone), name="gone:1")
         registry.blobs.path(registry.get("gone:1").digest).unlink()
-        with registry.sessions.begin() as db:  # as registration wrote them before kinds were recorded
-            for row in db.scalars(select(ModelRow)):
+        with registry.engine.begin() as conn:  # as registration wrote them before kinds were recorded
+            for row in conn.execute(select(models.c.id, models.c.details)).all():
                 old = {k: v for k, v in row.details.items() if k not in ("kind", "pooling_type", "attention.causal")}
-                db.execute(update(ModelRow).where(ModelRow.id == row.id).values(details=old, modified_at=row.modified_at))
+                conn.execute(update(models).where(models.c.id == row.id)
+                             .values(details=old, modified_at=models.c.modified_at))
         before = {r.name: (r.kind, r.modified_at) for r in registry.list()}
     finally:
         registry.close()

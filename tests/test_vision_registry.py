@@ -25,7 +25,7 @@ from myllm.errors import InvalidModelFile, MyLLMError
 from myllm.pull import pull
 from myllm.pull.hub import projector_for
 from myllm.registry import migrations
-from myllm.registry.schema import Base
+from myllm.registry.schema import metadata
 from myllm.registry.store import Registry
 from myllm.runtime.engine_types import LoadSpec
 from myllm.runtime.placement.memory import estimate, footprint
@@ -328,7 +328,7 @@ def test_the_migration_on_postgresql_keeps_models_and_shares_projectors(
         try:
             assert migrations.schema_version(registry.engine) == migrations.MIGRATIONS[-1][0]
             with registry.engine.connect() as conn:
-                assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+                assert compare_metadata(MigrationContext.configure(conn), metadata) == []
             assert registry.get("old").projector_digest is None
             settings = Settings(home=tmp_path, database_url=url)
             for name in ("a", "b"):

@@ -25,10 +25,11 @@ from typing import Any
 import httpx
 import jinja2
 import pytest
+from sqlalchemy import func, select
 
 from myllm.create import create_model
 from myllm.errors import BadImage, SessionNotFound
-from myllm.registry.schema import MessageRow, SessionImageRow
+from myllm.registry.schema import session_images, session_messages
 from myllm.registry.session_images import GRACE, ImageRef, check_room, within_images
 from myllm.registry.sessions import ADMIN as EVERYTHING
 from myllm.registry.sessions import ResponseStore, SessionStore
@@ -146,9 +147,12 @@ def test_chat_with_an_image_counts_its_tokens_and_the_session_keeps_it_by_digest
     assert [(m["role"], m["content"], m["images"]) for m in detail["messages"]] == [
         ("user", QUESTION, [digest(image)]), ("assistant", first["message"]["content"], [])]
     assert registry.blobs.path(digest(image)).read_bytes() == image
-    with registry.sessions() as db:  # the row holds the text and the digest, no base64
-        [row] = db.query(MessageRow).filter(MessageRow.content == QUESTION, MessageRow.session_id.like("seen@%")).all()
-        assert [(i.digest, i.char_at, i.size) for i in row.images] == [(digest(image), 0, len(image))]
+    with registry.engine.connect() as conn:  # the row holds the text and the digest, no base64
+        [row] = conn.execute(select(session_messages.c.id).where(session_messages.c.content == QUESTION,
+                                                                 session_messages.c.session_id.like("seen@%"))).all()
+        images = conn.execute(select(session_images.c.digest, session_images.c.char_at, session_images.c.size)
+                              .where(session_images.c.message_id == row.id)).all()
+        assert images == [(digest(image), 0, len(image))]
 
     got = httpx.get(f"{url}/api/sessions/seen/images/{digest(image)}", headers=as_key(ALICE), timeout=30)
     assert got.status_code == 200 and got.content == image and got.headers["content-type"] == "image/png"
@@ -304,7 +308,7 @@ def store(request: pytest.FixtureRequest, tmp_path: Path, smollm2_path: Path) ->
 
 
 def test_stored_parts_come_back_in_order_and_forks_keep_them(store: Registry) -> None:
-    sessions, images = SessionStore(store.sessions), store.images
+    sessions, images = SessionStore(store.engine), store.images
     a, b = png_image(4, 4, seed=24), png_image(4, 4, seed=25)
     [parts] = images.keep([["Look: ", a, b, " and ", a, " end"]])
     assert parts == ["Look: ", ImageRef(digest(a), len(a)), ImageRef(digest(b), len(b)), " and ",
@@ -314,7 +318,7 @@ def test_stored_parts_come_back_in_order_and_forks_keep_them(store: Registry) ->
     assert (user.content, user.parts, reply.parts) == ("Look:  and  end", parts, "ok")
     assert images.inline([{"role": "user", "content": user.parts}])[0]["content"] == ["Look: ", a, b, " and ", a, " end"]
 
-    responses = ResponseStore(store.sessions)
+    responses = ResponseStore(store.engine)
     [first] = images.keep([[b, "What?"]])
     responses.store({"id": "r1"}, None, MODEL, [("user", first, 2), ("assistant", "Noise.", 1)])
     responses.store({"id": "r2"}, "r1", MODEL, [("user", "More?", 1), ("assistant", "No.", 1)])
@@ -326,7 +330,7 @@ def test_stored_parts_come_back_in_order_and_forks_keep_them(store: Registry) ->
 
 
 def test_blob_clean_ups_keep_what_a_session_names(store: Registry, smollm2_path: Path) -> None:
-    sessions, images = SessionStore(store.sessions), store.images
+    sessions, images = SessionStore(store.engine), store.images
     image = png_image(4, 4, seed=26)
     [parts] = images.keep([[image, "Hi"]])
     sessions.append_turn("s", "chat", MODEL, [("user", parts, 1)])
@@ -347,8 +351,8 @@ def test_blob_clean_ups_keep_what_a_session_names(store: Registry, smollm2_path:
     assert store.sweep_unused_blobs(0) == [model.digest]
     with pytest.raises(SessionNotFound):
         sessions.image("t", model.digest)
-    with store.sessions() as db:
-        assert db.query(SessionImageRow).count() == 0, "the rows went with their messages"
+    with store.engine.connect() as conn:
+        assert conn.scalar(select(func.count()).select_from(session_images)) == 0, "the rows went with their messages"
 
 
 def test_a_conversation_counts_every_image_against_its_bound() -> None:

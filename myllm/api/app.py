@@ -104,12 +104,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         runtime = Runtime(registry, settings)
         runtime.manager.events = app.state.metrics
         await runtime.start()
-        sessions = SessionStore(registry.sessions)
+        sessions = SessionStore(registry.engine)
         turns = TurnLocks(sessions, replica_id(settings), settings.turn_wait, settings.turn_lease, registry.pools.db)
         uploads = Uploads(registry, settings)
         app.state.services = Services(
-            settings, registry, runtime, sessions, ResponseStore(registry.sessions), time.monotonic(), turns,
-            Choices(registry.sessions), uploads,
+            settings, registry, runtime, sessions, ResponseStore(registry.engine), time.monotonic(), turns,
+            Choices(registry.engine), uploads,
         )
         for sibling in app.state.siblings:  # other listeners serve from the same services
             sibling.state.services = app.state.services

@@ -15,7 +15,6 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine, ExceptionContext, make_url
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
-from sqlalchemy.orm import Session, sessionmaker
 
 from myllm.errors import StoreUnavailable
 from myllm.registry.migrations import migrate
@@ -71,10 +70,6 @@ def make_engine(url: str, threads: int = 8) -> Engine:
     event.listen(engine, "handle_error", _unavailable)
     migrate(engine)
     return engine
-
-
-def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
-    return sessionmaker(engine, expire_on_commit=False)
 
 
 def retried(write: Callable[P, T]) -> Callable[P, T]:

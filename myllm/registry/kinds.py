@@ -14,7 +14,7 @@ from sqlalchemy import select, update
 
 from myllm.registry.gguf_header import read_header
 from myllm.registry.gguf_meta import model_kind
-from myllm.registry.schema import ModelRow
+from myllm.registry.schema import models
 from myllm.registry.store import Registry
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,9 @@ def fill_in_kinds(registry: Registry) -> int:
     """Give every row without a recorded kind the kind its blob says, and the keys it is told by;
     the rows written (their `modified_at` kept). A row whose blob is missing here, or unreadable,
     is left as it is (a chat model, as before) and tried again at the next start."""
-    with registry.sessions() as db:
-        rows = [(r.id, r.name, r.digest, dict(r.details or {})) for r in db.scalars(select(ModelRow))
+    with registry.engine.connect() as conn:
+        rows = [(r.id, r.name, r.digest, dict(r.details or {}))
+                for r in conn.execute(select(models.c.id, models.c.name, models.c.digest, models.c.details))
                 if "kind" not in (r.details or {})]
     found: dict[str, dict[str, Any] | None] = {}
     written = 0
@@ -51,9 +52,9 @@ def fill_in_kinds(registry: Registry) -> int:
         read = found[digest]
         if read is None:
             continue
-        with registry.sessions.begin() as db:
-            db.execute(update(ModelRow).where(ModelRow.id == row_id)
-                       .values(details={**details, **read}, modified_at=ModelRow.modified_at))
+        with registry.engine.begin() as conn:
+            conn.execute(update(models).where(models.c.id == row_id)
+                         .values(details={**details, **read}, modified_at=models.c.modified_at))
         log.info("model %s is a %s model (its kind read from its file, once)", name, read["kind"])
         written += 1
     return written

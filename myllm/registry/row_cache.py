@@ -1,7 +1,7 @@
 """Model rows kept between requests, for as long as SQLite says nothing was committed since.
 
 Every generation starts by looking its model's row up. On the database pool that is a thread
-hop and an ORM query, about a third of a millisecond on a quiet machine and over one under
+hop and a query, about a third of a millisecond on a quiet machine and over one under
 load: a tenth of a small model's first token. A cached row must never outlive a change,
 and the registry is written by more than this daemon (`myllm pull`/`rm` from the CLI open the
 same file), so a cache on a timer would serve stale rows. SQLite's `PRAGMA data_version` is

@@ -1,6 +1,6 @@
 """Images of stored conversations (sessions, Responses chains): their bytes are blobs of the
 store, named by sha256 as every blob is (the digest the request side's `decode_image` gives),
-and the database says where in its message each one was (`SessionImageRow`), so a stored
+and the database says where in its message each one was (`schema.session_images`), so a stored
 message is its text and images in the order they were sent. A later turn's prompt is then the
 one the model was given (the runner's KV reuse goes on through the images), on any daemon that
 shares the database and the blob store.
@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.engine import Engine
 
 from myllm.errors import BadImage, ImageNotFound
 from myllm.registry.blob_refs import blob_in_use
@@ -136,9 +136,9 @@ class SessionImages:
     """The blob side of stored images: writing a turn's, reading them back into a prompt or an
     answer, and letting go of a deleted conversation's. Blocking: callers run it on the blob pool."""
 
-    def __init__(self, blobs: BlobStore, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, blobs: BlobStore, engine: Engine) -> None:
         self.blobs = blobs
-        self._sessions = sessions
+        self._engine = engine
 
     def keep(self, contents: list[Content]) -> list[Parts]:
         """Write the images among `contents` into the store (each blob once, however many
@@ -184,8 +184,8 @@ class SessionImages:
         cutoff = time.time() - GRACE
         removed = []
         for digest in set(digests):
-            with self._sessions() as db:
-                if blob_in_use(db, digest):
+            with self._engine.connect() as conn:
+                if blob_in_use(conn, digest):
                     continue
             try:
                 if self.blobs.path(digest).stat().st_mtime >= cutoff:

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Select, delete, exists, func, or_, select, update
+from sqlalchemy import ColumnElement, Row, delete, exists, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, joinedload, sessionmaker
 
 from myllm.errors import ImageNotFound, InvalidOptions, ResponseNotFound, SessionNotFound, TurnLost
 from myllm.registry.db import retried
-from myllm.registry.schema import MessageRow, ResponseRow, SessionImageRow, SessionRow, utcnow
+from myllm.registry.schema import responses, session_images, session_messages, sessions, utcnow
 from myllm.registry.session_images import ImageRef, Parts, Placed, joined, split
 
 OWNER_TAG = 16
@@ -27,6 +27,7 @@ _ID_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._:-]{{0,{MAX_ID - 1}}}$")
 _TAG_RE = re.compile(rf"^(?:[0-9a-f]{{{OWNER_TAG}}})?$")
 _UNSCOPED_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 """A session id kept as given (keys off): the whole column is the id's, as before ids were scoped."""
+_msg, _img, _ses = session_messages.c, session_images.c, sessions.c
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,9 @@ class StoredMessage:
         return joined(self.content, self.images)
 
     @classmethod
-    def of(cls, row: MessageRow) -> StoredMessage:
-        return cls(row.role, row.content, row.tokens, row.model, row.created_at, row.thinking,
-                   tuple((i.char_at, ImageRef(i.digest, i.size)) for i in row.images))
+    def of(cls, row: Row[Any], images: Placed) -> StoredMessage:
+        """A `session_messages` row and its images (`_messages`)."""
+        return cls(row.role, row.content, row.tokens, row.model, row.created_at, row.thinking, images)
 
 
 NewMessage = tuple[str, Parts, int | None] | tuple[str, Parts, int | None, str | None]
@@ -57,22 +58,35 @@ NewMessage = tuple[str, Parts, int | None] | tuple[str, Parts, int | None, str |
 content with images holds them as `ImageRef`s, their blobs already written (`SessionImages.keep`)."""
 
 
-def _message_row(session_id: str, seq: int, message: NewMessage, model: str, now: datetime) -> MessageRow:
+def _add_message(conn: Connection, session_id: str, seq: int, message: NewMessage, model: str, now: datetime) -> None:
     role, content, tokens, *thinking = message
     text, placed = split(content)
-    return MessageRow(session_id=session_id, seq=seq, role=role, content=text, tokens=tokens, model=model,
-                      created_at=now, thinking=thinking[0] if thinking else None, images=_image_rows(placed))
+    _insert_message(conn, {"session_id": session_id, "seq": seq, "role": role, "content": text, "tokens": tokens,
+                           "model": model, "created_at": now, "thinking": thinking[0] if thinking else None}, placed)
 
 
-def _with_images() -> Select[tuple[MessageRow]]:
-    """Messages with their images, in the same statement (most have none: a second query for
-    them would be one more round trip on every turn)."""
-    return select(MessageRow).options(joinedload(MessageRow.images))
+def _insert_message(conn: Connection, values: dict[str, Any], placed: Placed) -> None:
+    """A `session_messages` row of `values`, then its images' rows, which name its new id."""
+    message_id = conn.execute(insert(session_messages).values(**values)).inserted_primary_key[0]
+    if placed:
+        conn.execute(insert(session_images), [
+            {"message_id": message_id, "position": n, "char_at": at, "digest": image.digest, "size": image.size}
+            for n, (at, image) in enumerate(placed)])
 
 
-def _image_rows(placed: Placed) -> list[SessionImageRow]:
-    return [SessionImageRow(position=n, char_at=at, digest=image.digest, size=image.size)
-            for n, (at, image) in enumerate(placed)]
+def _messages(conn: Connection, *where: ColumnElement[bool]) -> list[tuple[Row[Any], Placed]]:
+    """The messages `where` picks, by `seq`, each with its images in order: one statement for
+    both, grouped here (most messages have none: a second query for them would be one more
+    round trip on every turn)."""
+    query = (select(session_messages, _img.char_at, _img.digest, _img.size.label("image_size"))
+             .outerjoin(session_images, _img.message_id == _msg.id)
+             .where(*where).order_by(_msg.seq, _img.position))
+    grouped: dict[int, tuple[Row[Any], list[tuple[int, ImageRef]]]] = {}
+    for row in conn.execute(query):
+        _, images = grouped.setdefault(row.id, (row, []))
+        if row.digest is not None:
+            images.append((row.char_at, ImageRef(row.digest, row.image_size)))
+    return [(message, tuple(images)) for message, images in grouped.values()]
 
 
 @dataclass(frozen=True)
@@ -151,36 +165,33 @@ class SessionStore:
     """Every method takes a session id as its caller names it and the `Viewer` asking; where it
     is kept is `resolve`'s business."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
 
     @staticmethod
-    def _visible(db: Session, key: str, session_id: str, viewer: Viewer) -> SessionRow | None:
+    def _visible(conn: Connection, key: str, session_id: str, viewer: Viewer) -> Row[Any] | None:
         """The session stored as `key`, None when there is none; `SessionNotFound` when it is
         someone else's (a guard: `resolve` scopes a client's ids to its own key)."""
-        row = db.get(SessionRow, key)
+        row = conn.execute(select(sessions).where(_ses.id == key)).first()
         if row is not None and not viewer.sees(row.owner):
             raise SessionNotFound(session_id)
         return row
 
     @staticmethod
-    def _new(db: Session, key: str, session_id: str, kind: str, model: str, viewer: Viewer, **claim: Any) -> SessionRow:
+    def _new(conn: Connection, key: str, session_id: str, kind: str, model: str, viewer: Viewer, **claim: Any) -> None:
         """A new session of `viewer`'s. Only in its own scope: an admin naming another key's
         session that does not exist gets `SessionNotFound`, not a session filed under that key."""
         if key != stored_id(key.partition("@")[0], viewer.key_hash):
             raise SessionNotFound(session_id)
-        row = SessionRow(id=key, kind=kind, model=model, owner=viewer.key_hash, created_at=utcnow(), updated_at=utcnow(),
-                         **claim)
-        db.add(row)
-        return row
+        conn.execute(insert(sessions).values(id=key, kind=kind, model=model, owner=viewer.key_hash, created_at=utcnow(),
+                                             updated_at=utcnow(), **claim))
 
     def history(self, session_id: str, viewer: Viewer = ADMIN) -> list[StoredMessage]:
         """The stored messages of a session, oldest first; empty for an unknown id."""
         key = resolve(session_id, viewer)
-        with self._sessions() as db:
-            self._visible(db, key, session_id, viewer)
-            rows = db.scalars(_with_images().where(MessageRow.session_id == key).order_by(MessageRow.seq)).unique().all()
-            return [StoredMessage.of(r) for r in rows]
+        with self._engine.connect() as conn:
+            self._visible(conn, key, session_id, viewer)
+            return [StoredMessage.of(row, images) for row, images in _messages(conn, _msg.session_id == key)]
 
     def claim(self, session_id: str, kind: str, model: str, holder: str, lease: float, viewer: Viewer = ADMIN) -> str | None:
         """Claim the session's next turn for `holder` (one turn's token) until `lease` seconds
@@ -190,15 +201,14 @@ class SessionStore:
         key = resolve(session_id, viewer)
         now = time.time()
         try:
-            with self._sessions.begin() as db:
-                row = self._visible(db, key, session_id, viewer)
+            with self._engine.begin() as conn:
+                row = self._visible(conn, key, session_id, viewer)
                 if row is None:
-                    self._new(db, key, session_id, kind, model, viewer, turn_holder=holder, turn_until=now + lease)
+                    self._new(conn, key, session_id, kind, model, viewer, turn_holder=holder, turn_until=now + lease)
                     return None
-                claimed = db.execute(
-                    update(SessionRow)
-                    .where(SessionRow.id == key,
-                           or_(SessionRow.turn_holder.is_(None), SessionRow.turn_until < now))
+                claimed = conn.execute(
+                    update(sessions)
+                    .where(_ses.id == key, or_(_ses.turn_holder.is_(None), _ses.turn_until < now))
                     .values(turn_holder=holder, turn_until=now + lease)
                 ).rowcount
                 return None if claimed else (row.turn_holder or "another turn")
@@ -208,19 +218,18 @@ class SessionStore:
     def renew(self, holders: list[str], lease: float) -> None:
         """Extend the running turns' claims (a daemon renews its own while they run)."""
         if holders:
-            with self._sessions.begin() as db:
-                db.execute(update(SessionRow).where(SessionRow.turn_holder.in_(holders))
-                           .values(turn_until=time.time() + lease))
+            with self._engine.begin() as conn:
+                conn.execute(update(sessions).where(_ses.turn_holder.in_(holders))
+                             .values(turn_until=time.time() + lease))
 
     def release(self, session_id: str, holder: str, viewer: Viewer = ADMIN) -> None:
         """End a turn that stored nothing (it failed, or its client left): the claim is freed,
         and a session its claim created, still without messages, is removed again."""
         key = resolve(session_id, viewer)
-        with self._sessions.begin() as db:
-            _end_claim(db, key, holder)
-            db.execute(delete(SessionRow).where(
-                SessionRow.id == key, SessionRow.turn_holder.is_(None),
-                ~exists().where(MessageRow.session_id == key)))
+        with self._engine.begin() as conn:
+            _end_claim(conn, key, holder)
+            conn.execute(delete(sessions).where(
+                _ses.id == key, _ses.turn_holder.is_(None), ~exists().where(_msg.session_id == key)))
 
     @retried
     def append_turn(
@@ -232,66 +241,65 @@ class SessionStore:
         the same transaction: a turn whose claim lapsed while another turn took the session is
         `TurnLost`, never interleaved with that turn."""
         key = resolve(session_id, viewer)
-        with self._sessions.begin() as db:
-            row = self._visible(db, key, session_id, viewer)
+        with self._engine.begin() as conn:
+            row = self._visible(conn, key, session_id, viewer)
             now = utcnow()
-            if holder is not None and not _end_claim(db, key, holder):
+            if holder is not None and not _end_claim(conn, key, holder):
                 raise TurnLost(session_id)
             if row is None:
-                row = self._new(db, key, session_id, kind, model, viewer)
-                db.flush()
-            last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == key))
+                self._new(conn, key, session_id, kind, model, viewer)
+            last = conn.scalar(select(func.max(_msg.seq)).where(_msg.session_id == key))
             seq = (last or 0) + 1
             for offset, message in enumerate(messages):
-                db.add(_message_row(key, seq + offset, message, model, now))
-            row.model = model
-            row.updated_at = now
+                _add_message(conn, key, seq + offset, message, model, now)
+            conn.execute(update(sessions).where(_ses.id == key).values(model=model, updated_at=now))
 
     def list(self, viewer: Viewer = ADMIN) -> list[SessionInfo]:
-        with self._sessions() as db:
+        with self._engine.connect() as conn:
             counts = (
-                select(MessageRow.session_id, func.count(MessageRow.id).label("n"))
-                .group_by(MessageRow.session_id)
+                select(_msg.session_id, func.count(_msg.id).label("n"))
+                .group_by(_msg.session_id)
                 .subquery()
             )
             query = (
-                select(SessionRow, func.coalesce(counts.c.n, 0))
-                .outerjoin(counts, counts.c.session_id == SessionRow.id)
-                .order_by(SessionRow.updated_at.desc())
+                select(sessions, func.coalesce(counts.c.n, 0).label("message_count"))
+                .outerjoin(counts, counts.c.session_id == _ses.id)
+                .order_by(_ses.updated_at.desc())
             )
             if not viewer.admin:
-                query = query.where(SessionRow.owner == viewer.key_hash)
-            rows = db.execute(query).all()
+                query = query.where(_ses.owner == viewer.key_hash)
+            rows = conn.execute(query).all()
             first = (
-                select(MessageRow.session_id, func.min(MessageRow.seq).label("seq"))
-                .where(MessageRow.role == "user").group_by(MessageRow.session_id).subquery()
+                select(_msg.session_id, func.min(_msg.seq).label("seq"))
+                .where(_msg.role == "user").group_by(_msg.session_id).subquery()
             )
-            previews = dict(db.execute(
-                select(MessageRow.session_id, func.substr(MessageRow.content, 1, 100))
-                .join(first, (first.c.session_id == MessageRow.session_id) & (first.c.seq == MessageRow.seq))
+            previews = dict(conn.execute(
+                select(_msg.session_id, func.substr(_msg.content, 1, 100))
+                .join(first, (first.c.session_id == _msg.session_id) & (first.c.seq == _msg.seq))
             ).all())
-            return [SessionInfo(shown_id(s.id, s.owner, viewer), s.kind, s.model, s.created_at, s.updated_at, int(n),
-                                previews.get(s.id))
-                    for s, n in rows]
+            return [SessionInfo(shown_id(s.id, s.owner, viewer), s.kind, s.model, s.created_at, s.updated_at,
+                                int(s.message_count), previews.get(s.id))
+                    for s in rows]
 
     def get(self, session_id: str, viewer: Viewer = ADMIN) -> tuple[SessionInfo, list[StoredMessage]]:
         key = resolve(session_id, viewer)
-        with self._sessions() as db:
-            row = self._visible(db, key, session_id, viewer)
+        with self._engine.connect() as conn:
+            row = self._visible(conn, key, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
-            info = SessionInfo(session_id, row.kind, row.model, row.created_at, row.updated_at, len(row.messages))
+            count = conn.scalar(select(func.count()).select_from(session_messages).where(_msg.session_id == key))
+            info = SessionInfo(session_id, row.kind, row.model, row.created_at, row.updated_at, int(count or 0))
         return info, self.history(session_id, viewer)
 
     def image(self, session_id: str, digest: str, viewer: Viewer = ADMIN) -> None:
         """Whether `viewer` may see the image `digest` (sha256 hex): one of the session's
         messages holds it. `SessionNotFound` or `ImageNotFound` otherwise."""
         key = resolve(session_id, viewer)
-        with self._sessions() as db:
-            if self._visible(db, key, session_id, viewer) is None:
+        with self._engine.connect() as conn:
+            if self._visible(conn, key, session_id, viewer) is None:
                 raise SessionNotFound(session_id)
-            held = db.scalar(select(SessionImageRow.id).join(MessageRow, SessionImageRow.message_id == MessageRow.id)
-                             .where(MessageRow.session_id == key, SessionImageRow.digest == digest).limit(1))
+            held = conn.scalar(select(_img.id).join(session_messages, _img.message_id == _msg.id)
+                               .where(_msg.session_id == key, _img.digest == digest).limit(1))
         if held is None:
             raise ImageNotFound(f"session '{session_id}' holds no image sha256:{digest[:64]}")
 
@@ -299,23 +307,23 @@ class SessionStore:
         """Delete a session; returns the digests of its images, for `SessionImages.let_go` (the
         blobs nothing else uses go)."""
         key = resolve(session_id, viewer)
-        with self._sessions.begin() as db:
-            row = self._visible(db, key, session_id, viewer)
+        with self._engine.begin() as conn:
+            row = self._visible(conn, key, session_id, viewer)
             if row is None:
                 raise SessionNotFound(session_id)
-            digests = set(db.scalars(select(SessionImageRow.digest)
-                                     .join(MessageRow, SessionImageRow.message_id == MessageRow.id)
-                                     .where(MessageRow.session_id == key)))
-            db.delete(row)
+            digests = set(conn.scalars(select(_img.digest).join(session_messages, _img.message_id == _msg.id)
+                                       .where(_msg.session_id == key)))
+            # its messages, their images and its responses go with it (ON DELETE CASCADE)
+            conn.execute(delete(sessions).where(_ses.id == key))
         return digests
 
 
-def _end_claim(db: Session, session_id: str, holder: str) -> bool:
+def _end_claim(conn: Connection, session_id: str, holder: str) -> bool:
     """End `holder`'s claim on a session inside the caller's transaction; False when it no
     longer has one. On PostgreSQL the update locks the row until the commit, so a daemon that
     claims next sees this turn's messages."""
-    return bool(db.execute(
-        update(SessionRow).where(SessionRow.id == session_id, SessionRow.turn_holder == holder)
+    return bool(conn.execute(
+        update(sessions).where(_ses.id == session_id, _ses.turn_holder == holder)
         .values(turn_holder=None, turn_until=None)
     ).rowcount)
 
@@ -326,29 +334,26 @@ class ResponseStore:
     again after it was continued once forks: its messages are copied into a new session, so
     every response keeps exactly the conversation it answered."""
 
-    def __init__(self, sessions: sessionmaker[Session]) -> None:
-        self._sessions = sessions
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
 
     @staticmethod
-    def _row(db: Session, response_id: str, viewer: Viewer) -> ResponseRow:
-        """The response, if it exists and its conversation is the viewer's."""
-        row = db.get(ResponseRow, response_id)
-        if row is None or not viewer.sees(db.get(SessionRow, row.session_id).owner):  # type: ignore[union-attr]
+    def _row(conn: Connection, response_id: str, viewer: Viewer) -> Row[Any]:
+        """The response with its session's `owner`, if it exists and its conversation is the viewer's."""
+        row = conn.execute(select(responses, _ses.owner).join(sessions, _ses.id == responses.c.session_id)
+                           .where(responses.c.id == response_id)).first()
+        if row is None or not viewer.sees(row.owner):
             raise ResponseNotFound(response_id)
         return row
 
     def conversation(self, response_id: str, viewer: Viewer = ADMIN) -> tuple[str, list[StoredMessage]]:
         """The session of a stored response (its id as `viewer` names it) and its messages up to
         that response."""
-        with self._sessions() as db:
-            row = self._row(db, response_id, viewer)
-            messages = db.scalars(
-                _with_images().where(MessageRow.session_id == row.session_id, MessageRow.seq <= row.upto)
-                .order_by(MessageRow.seq)
-            ).unique().all()
-            owner = db.get(SessionRow, row.session_id).owner  # type: ignore[union-attr]
-            return (shown_id(row.session_id, owner, viewer),
-                    [StoredMessage.of(m) for m in messages])
+        with self._engine.connect() as conn:
+            row = self._row(conn, response_id, viewer)
+            messages = _messages(conn, _msg.session_id == row.session_id, _msg.seq <= row.upto)
+            return (shown_id(row.session_id, row.owner, viewer),
+                    [StoredMessage.of(m, images) for m, images in messages])
 
     @retried
     def store(
@@ -360,45 +365,44 @@ class ResponseStore:
         `holder`: the turn's claim on the previous response's session, checked and ended here
         as `SessionStore.append_turn` does."""
         now = utcnow()
-        with self._sessions.begin() as db:
+        with self._engine.begin() as conn:
             session_id, upto = stored_id(new_session_id(), viewer.key_hash), 0
             if previous is not None:
-                before = self._row(db, previous, viewer)
-                if holder is not None and not _end_claim(db, before.session_id, holder):
+                before = self._row(conn, previous, viewer)
+                if holder is not None and not _end_claim(conn, before.session_id, holder):
                     raise TurnLost(before.session_id)
-                last = db.scalar(select(func.max(MessageRow.seq)).where(MessageRow.session_id == before.session_id))
+                last = conn.scalar(select(func.max(_msg.seq)).where(_msg.session_id == before.session_id))
                 if last == before.upto:  # the chain's newest response: continue its session
                     session_id, upto = before.session_id, before.upto
                 else:
-                    self._fork(db, before, session_id, model, viewer.key_hash, now)
+                    self._fork(conn, before, session_id, model, viewer.key_hash, now)
                     upto = before.upto
-            session = db.get(SessionRow, session_id)
-            if session is None:
-                session = SessionRow(id=session_id, kind="responses", model=model, owner=viewer.key_hash,
-                                     created_at=now, updated_at=now)
-                db.add(session)
-                db.flush()
+            if not conn.execute(update(sessions).where(_ses.id == session_id)
+                                .values(model=model, updated_at=now)).rowcount:
+                conn.execute(insert(sessions).values(id=session_id, kind="responses", model=model,
+                                                     owner=viewer.key_hash, created_at=now, updated_at=now))
             for offset, message in enumerate(messages, start=1):
-                db.add(_message_row(session_id, upto + offset, message, model, now))
-            session.model, session.updated_at = model, now
-            db.add(ResponseRow(id=body["id"], session_id=session_id, upto=upto + len(messages), body=body, created_at=now))
+                _add_message(conn, session_id, upto + offset, message, model, now)
+            conn.execute(insert(responses).values(id=body["id"], session_id=session_id, upto=upto + len(messages),
+                                                  body=body, created_at=now))
 
     @staticmethod
-    def _fork(db: Session, before: ResponseRow, session_id: str, model: str, owner: str | None, now: datetime) -> None:
-        db.add(SessionRow(id=session_id, kind="responses", model=model, owner=owner, created_at=now, updated_at=now))
-        db.flush()
-        for m in db.scalars(
-            _with_images().where(MessageRow.session_id == before.session_id, MessageRow.seq <= before.upto)
-        ).unique().all():
-            placed = tuple((i.char_at, ImageRef(i.digest, i.size)) for i in m.images)
-            db.add(MessageRow(session_id=session_id, seq=m.seq, role=m.role, content=m.content, tokens=m.tokens,
-                              model=m.model, created_at=m.created_at, thinking=m.thinking, images=_image_rows(placed)))
+    def _fork(conn: Connection, before: Row[Any], session_id: str, model: str, owner: str | None,
+              now: datetime) -> None:
+        """A new session holding a copy of `before`'s conversation (its messages and their images)."""
+        conn.execute(insert(sessions).values(id=session_id, kind="responses", model=model, owner=owner,
+                                             created_at=now, updated_at=now))
+        for m, placed in _messages(conn, _msg.session_id == before.session_id, _msg.seq <= before.upto):
+            _insert_message(conn, {"session_id": session_id, "seq": m.seq, "role": m.role, "content": m.content,
+                                   "tokens": m.tokens, "model": m.model, "created_at": m.created_at,
+                                   "thinking": m.thinking}, placed)
 
     def get(self, response_id: str, viewer: Viewer = ADMIN) -> dict[str, Any]:
-        with self._sessions() as db:
-            return dict(self._row(db, response_id, viewer).body)
+        with self._engine.connect() as conn:
+            return dict(self._row(conn, response_id, viewer).body)
 
     def delete(self, response_id: str, viewer: Viewer = ADMIN) -> None:
         """Forget a response; its session keeps the turns later responses build on."""
-        with self._sessions.begin() as db:
-            db.delete(self._row(db, response_id, viewer))
+        with self._engine.begin() as conn:
+            self._row(conn, response_id, viewer)
+            conn.execute(delete(responses).where(responses.c.id == response_id))

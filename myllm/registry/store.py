@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateSyntaxError
-from sqlalchemy import func, select
-from sqlalchemy.engine import Engine
+from sqlalchemy import ColumnElement, delete, func, insert, select, update
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import IntegrityError as DBIntegrityError
-from sqlalchemy.orm import Session, sessionmaker
 
 from myllm.errors import (
     BlobNotFound,
@@ -30,13 +29,13 @@ from myllm.pools import Pools
 from myllm.registry.blob_refs import blob_in_use, used_digests
 from myllm.registry.blobs import BlobStore, Staged, sha256_file
 from myllm.registry.chat_templates import check_template
-from myllm.registry.db import make_engine, make_sessionmaker
+from myllm.registry.db import make_engine
 from myllm.registry.gguf_check import check_gguf
 from myllm.registry.gguf_meta import GGUFInfo, read_gguf_info
 from myllm.registry.names import normalize
 from myllm.registry.projector_check import check_pairing, check_projector
 from myllm.registry.row_cache import RowCache
-from myllm.registry.schema import ModelRow, utcnow
+from myllm.registry.schema import ModelRow, models, utcnow
 from myllm.registry.session_images import SessionImages
 from myllm.settings import Settings
 
@@ -80,13 +79,13 @@ class Projector:
 class Registry:
     def __init__(self, engine: Engine, blobs: BlobStore, pools: Pools | None = None) -> None:
         self.engine = engine
-        self.sessions: sessionmaker[Session] = make_sessionmaker(engine)
+        """Reads take a connection of it, writes a transaction (`engine.begin()`)."""
         self.blobs = blobs
         self.pools = pools or Pools.from_settings(Settings())
         """Where async callers run this registry's blocking calls (myllm/pools.py): database
         calls on `pools.db`, blob I/O on `pools.blobs`; the methods themselves are blocking."""
         self.rows = RowCache(engine)
-        self.images = SessionImages(blobs, self.sessions)
+        self.images = SessionImages(blobs, engine)
         """The blobs of stored conversations' images (registry/session_images.py)."""
 
     @classmethod
@@ -107,8 +106,8 @@ class Registry:
 
     def get(self, name: str) -> ModelRow:
         key = normalize(name)
-        with self.sessions() as db:
-            row = _named(db, key)
+        with self.engine.connect() as conn:
+            row = _named(conn, key)
         if row is None:
             raise ModelNotFound(name)
         return row
@@ -131,12 +130,12 @@ class Registry:
             return None
 
     def list(self) -> list[ModelRow]:
-        with self.sessions() as db:
-            return list(db.scalars(select(ModelRow).order_by(ModelRow.name)))
+        with self.engine.connect() as conn:
+            return [ModelRow.of(r) for r in conn.execute(select(models).order_by(models.c.name))]
 
     def count(self) -> int:
-        with self.sessions() as db:
-            return int(db.scalar(select(func.count()).select_from(ModelRow)) or 0)
+        with self.engine.connect() as conn:
+            return int(conn.scalar(select(func.count()).select_from(models)) or 0)
 
     def problem(self, row: ModelRow) -> str | None:
         """What is wrong with a model's blob or its projector's (missing, wrong size, digest
@@ -187,8 +186,8 @@ class Registry:
         `check_gguf` has passed them (`InvalidModelFile` naming `source` otherwise): copied
         from a row that has them, so a second name skips re-reading the file, else read
         from it. The check runs either way, as that row may predate it."""
-        with self.sessions() as db:
-            row = db.scalar(select(ModelRow).where(ModelRow.digest == digest).limit(1))
+        with self.engine.connect() as conn:
+            row = _first(conn, models.c.digest == digest)
         if row is None:
             info = _info_columns(read_gguf_info(path, source))
         else:
@@ -301,8 +300,8 @@ class Registry:
     def _upsert(
         self, key: str, digest: str, size: int, source: str, info: dict[str, Any], overrides: Overrides | None
     ) -> tuple[ModelRow, set[str]]:
-        with self.sessions.begin() as db:
-            row = _named(db, key)
+        with self.engine.begin() as conn:
+            row = _named(conn, key)
             replaced = _blobs_of(row)
             if row is not None and overrides is None and row.digest != digest:
                 raise ModelExists(
@@ -310,11 +309,10 @@ class Registry:
                     "or pull under another name"
                 )
             if row is not None and overrides is not None:
-                _delete(db, row)
+                _delete(conn, row)
                 row = None
             if row is None:
                 row = ModelRow(name=key, parameters={})
-                db.add(row)
             row.digest = digest
             row.size = size
             row.source = source
@@ -323,6 +321,7 @@ class Registry:
             if overrides is not None:
                 overrides.lay_over(row)
             row.modified_at = utcnow()
+            _write(conn, row)
         self.blobs.record_check(digest, True)  # just hashed on the way in
         return row, replaced
 
@@ -335,20 +334,20 @@ class Registry:
         to change a model's defaults."""
         key = normalize(dst)
         try:
-            with self.sessions.begin() as db:
-                original = _named(db, normalize(src))
+            with self.engine.begin() as conn:
+                original = _named(conn, normalize(src))
                 if original is None:
                     raise ModelNotFound(src)
-                columns = {c.key: getattr(original, c.key) for c in ModelRow.__table__.columns if c.key != "id"}
+                columns = original.values()
                 if projector is not None:
                     columns.update(self._projector_columns(projector, original.embedding_length, original.name))
-                existing = _named(db, key) if replace else None
+                existing = _named(conn, key) if replace else None
                 if existing is not None:
-                    _delete(db, existing)
+                    _delete(conn, existing)
                 row = ModelRow(**{**columns, "name": key, "created_at": utcnow(), "modified_at": utcnow()})
                 if overrides is not None:
                     overrides.lay_over(row)
-                db.add(row)
+                _write(conn, row)
         except DBIntegrityError as exc:
             raise ModelExists(f"model '{key}' already exists") from exc
         self._let_go(_blobs_of(existing), row)
@@ -357,11 +356,11 @@ class Registry:
     def remove(self, name: str) -> ModelRow:
         """Delete a name; its blob and its projector's each go only when no other name uses it."""
         key = normalize(name)
-        with self.sessions.begin() as db:
-            row = _named(db, key)
+        with self.engine.begin() as conn:
+            row = _named(conn, key)
             if row is None:
                 raise ModelNotFound(name)
-            db.delete(row)
+            _delete(conn, row)
         for digest in _blobs_of(row):
             self._drop_unused_blob(digest)
         return row
@@ -373,8 +372,8 @@ class Registry:
         stored = self.blobs.digests()
         if not stored:
             return {}
-        with self.sessions() as db:
-            used = used_digests(db)
+        with self.engine.connect() as conn:
+            used = used_digests(conn)
         found = {}
         for digest in stored - used:
             try:
@@ -414,12 +413,17 @@ class Registry:
             self.blobs.remove(digest)
 
     def _blob_in_use(self, digest: str) -> bool:
-        with self.sessions() as db:
-            return blob_in_use(db, digest)
+        with self.engine.connect() as conn:
+            return blob_in_use(conn, digest)
 
 
-def _named(db: Session, key: str) -> ModelRow | None:
-    return db.scalar(select(ModelRow).where(ModelRow.name == key))
+def _named(conn: Connection, key: str) -> ModelRow | None:
+    return _first(conn, models.c.name == key)
+
+
+def _first(conn: Connection, where: ColumnElement[bool]) -> ModelRow | None:
+    found = conn.execute(select(models).where(where).limit(1)).first()
+    return ModelRow.of(found) if found is not None else None
 
 
 def _blobs_of(row: ModelRow | None) -> set[str]:
@@ -430,11 +434,18 @@ def _blobs_of(row: ModelRow | None) -> set[str]:
     return own | {a["digest"] for a in row.adapters or ()}
 
 
-def _delete(db: Session, row: ModelRow) -> None:
-    """Delete `row` within the caller's transaction, ahead of a new row of the same name: the
-    flush sends the DELETE first (the unit of work would INSERT first and hit the unique name)."""
-    db.delete(row)
-    db.flush()
+def _delete(conn: Connection, row: ModelRow) -> None:
+    """Delete `row` within the caller's transaction (a new row of the same name may follow it there)."""
+    conn.execute(delete(models).where(models.c.id == row.id))
+
+
+def _write(conn: Connection, row: ModelRow) -> None:
+    """Write `row` within the caller's transaction: a new one (no `id` yet) is inserted and given
+    its `id`, an existing one has every column updated."""
+    if row.id is None:
+        row.id = conn.execute(insert(models).values(**row.values())).inserted_primary_key[0]
+    else:
+        conn.execute(update(models).where(models.c.id == row.id).values(**row.values()))
 
 
 _INFO_COLUMNS = (
