@@ -42,8 +42,11 @@ from tests.test_engine import run
 from tests.test_thinking_api import THINK_TEMPLATE
 
 OPENED_TEMPLATE = GPT_OSS_TEMPLATE.read_text().replace(
-    "<|start|>assistant\n{%- endif -%}", "<|start|>assistant<|channel|>analysis<|message|>\n{%- endif -%}")
-"""gpt-oss's template with a generation prompt that opens the analysis channel."""
+    "<|start|>assistant\n{%- endif -%}", "<|start|>assistant<|channel|>analysis<|message|>\n{%- endif -%}").replace(
+    'strftime_now("%Y-%m-%d")', '"2026-12-04"')
+"""gpt-oss's template with a generation prompt that opens the analysis channel, on a fixed date:
+its system message says the current date, and each day's prompt made other greedy output (on
+2026-12-05 one effort level's answer was empty)."""
 BUDGET = 6
 QUESTION = [{"role": "user", "content": "What is two and two?"}]
 GREEDY = {"temperature": 0, "num_predict": 40}
