@@ -328,6 +328,12 @@ def _end_claim(conn: Connection, session_id: str, holder: str) -> bool:
     ).rowcount)
 
 
+def _new_chain(conn: Connection, session_id: str, model: str, owner: str | None, now: datetime) -> None:
+    """The session of a new chain of responses (or of a fork of one), before its messages."""
+    conn.execute(insert(sessions).values(id=session_id, kind="responses", model=model, owner=owner,
+                                         created_at=now, updated_at=now))
+
+
 class ResponseStore:
     """OpenAI Responses API responses, kept on the session store's tables: a response's
     conversation is a session's messages up to the response's `upto`. A response continued
@@ -367,20 +373,19 @@ class ResponseStore:
         now = utcnow()
         with self._engine.begin() as conn:
             session_id, upto = stored_id(new_session_id(), viewer.key_hash), 0
-            if previous is not None:
+            if previous is None:
+                _new_chain(conn, session_id, model, viewer.key_hash, now)
+            else:
                 before = self._row(conn, previous, viewer)
                 if holder is not None and not _end_claim(conn, before.session_id, holder):
                     raise TurnLost(before.session_id)
                 last = conn.scalar(select(func.max(_msg.seq)).where(_msg.session_id == before.session_id))
                 if last == before.upto:  # the chain's newest response: continue its session
                     session_id, upto = before.session_id, before.upto
+                    conn.execute(update(sessions).where(_ses.id == session_id).values(model=model, updated_at=now))
                 else:
                     self._fork(conn, before, session_id, model, viewer.key_hash, now)
                     upto = before.upto
-            if not conn.execute(update(sessions).where(_ses.id == session_id)
-                                .values(model=model, updated_at=now)).rowcount:
-                conn.execute(insert(sessions).values(id=session_id, kind="responses", model=model,
-                                                     owner=viewer.key_hash, created_at=now, updated_at=now))
             for offset, message in enumerate(messages, start=1):
                 _add_message(conn, session_id, upto + offset, message, model, now)
             conn.execute(insert(responses).values(id=body["id"], session_id=session_id, upto=upto + len(messages),
@@ -390,8 +395,7 @@ class ResponseStore:
     def _fork(conn: Connection, before: Row[Any], session_id: str, model: str, owner: str | None,
               now: datetime) -> None:
         """A new session holding a copy of `before`'s conversation (its messages and their images)."""
-        conn.execute(insert(sessions).values(id=session_id, kind="responses", model=model, owner=owner,
-                                             created_at=now, updated_at=now))
+        _new_chain(conn, session_id, model, owner, now)
         for m, placed in _messages(conn, _msg.session_id == before.session_id, _msg.seq <= before.upto):
             _insert_message(conn, {"session_id": session_id, "seq": m.seq, "role": m.role, "content": m.content,
                                    "tokens": m.tokens, "model": m.model, "created_at": m.created_at,
