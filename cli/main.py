@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 SHOWN = (
     "name", "digest", "size", "architecture", "family", "parameter_count", "parameter_size", "quantization",
     "context_length", "embedding_length", "vocab_size", "license", "source", "parameters", "system", "template",
-    "created_at", "modified_at", "vision", "projector_digest", "projector_size", "kind",
+    "created_at", "modified_at", "vision", "projector_digest", "projector_size", "kind", "adapters", "draft_digest",
+    "draft_size",
 )
 """What `myllm show --json` prints, whether the daemon or the registry answered."""
 
@@ -148,6 +149,10 @@ def show(
     table.add_row("size", human_bytes(facts["size"]))
     if facts["projector_digest"]:
         table.add_row("vision", f"projector {facts['projector_digest']} ({human_bytes(facts['projector_size'] or 0)})")
+    for i, adapter in enumerate(facts["adapters"]):
+        table.add_row("adapter" if i == 0 else "", f"LoRA {adapter['digest']} ({human_bytes(adapter['size'])})")
+    if facts["draft_digest"]:
+        table.add_row("draft", f"model {facts['draft_digest']} ({human_bytes(facts['draft_size'] or 0)})")
     out.print(table)
     out.print("\n[bold]parameters[/]")
     out.print(json.dumps(facts["parameters"], indent=2) if facts["parameters"] else "  (none)")

@@ -53,7 +53,8 @@ def facts_of(row: ModelRow, problem: str | None = None) -> Facts:
         "source": row.source, "parameters": row.parameters, "system": row.system, "template": row.template,
         "created_at": row.created_at.isoformat(), "modified_at": row.modified_at.isoformat(), "problem": problem,
         "vision": row.vision, "projector_digest": row.projector_digest, "projector_size": row.projector_size,
-        "kind": row.kind,
+        "kind": row.kind, "adapters": [{"digest": a["digest"], "size": a["size"]} for a in row.adapters or ()],
+        "draft_digest": row.draft_digest, "draft_size": row.draft_size,
     }
 
 

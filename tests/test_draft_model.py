@@ -6,6 +6,7 @@ cells, where a verify row's logits equal a one-row decode's bit for bit (tests/t
 
 from __future__ import annotations
 
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from myllm.errors import ModelLoadError
 from myllm.runtime.engine.batching import BatchEngine
 from myllm.runtime.engine_types import DoneEvent, LoadSpec, TokenEvent
 from tests.engine_calls import generate as generate_tokens
+from tests.test_cli import myllm
 
 PROMPT = "<|im_start|>user\nWrite a short poem about the sea.<|im_end|>\n<|im_start|>assistant\n"
 OTHER = "<|im_start|>user\nList five uses of a brick.<|im_end|>\n<|im_start|>assistant\n"
@@ -126,6 +128,11 @@ def test_modelfile_draft_is_checked_and_keeps_its_blob(private_home: Path, smoll
         variant = registry.get("variant")
         row = create_model(registry, settings, "drafted", "FROM smollm2:135m\nDRAFT variant\n", tmp_path)
         assert (row.draft_digest, row.draft_size) == (variant.digest, variant.size)
+        # `myllm show` names it (the registry answers: no daemon runs here)
+        shown = json.loads(myllm("show", "drafted", "--json").stdout)
+        assert (shown["draft_digest"], shown["draft_size"], shown["adapters"]) == (variant.digest, variant.size, [])
+        assert f"model {variant.digest}" in " ".join(myllm("show", "drafted").stdout.split())
+        assert json.loads(myllm("show", "smollm2:135m", "--json").stdout)["draft_digest"] is None
         assert registry.draft_file(row) == registry.blobs.path(variant.digest)
         registry.remove("variant")
         assert registry.blobs.exists(variant.digest)  # still the draft of `drafted`
@@ -182,6 +189,9 @@ def test_a_model_created_with_a_draft_speculates_with_it(urls: tuple[str, str]) 
                for s in family.samples
                if s.name == "myllm_tokens_total" and s.labels.get("model") == "smollm2-drafted:latest"}
     assert counted["drafted"] == counted["draft_accepted"] == done["draft_count"], counted
+    detail, base = (httpx.get(f"{urls[0]}/api/models/{name}").json() for name in ("smollm2-drafted", "smollm2:135m"))
+    assert (detail["draft_digest"], detail["draft_size"]) == (base["digest"], base["size"])
+    assert base["draft_digest"] is None and base["draft_size"] is None
     ps = {m["name"]: m for m in httpx.get(f"{urls[1]}/api/ps").json()["models"]}
     assert ps["smollm2-drafted:latest"]["draft_count"] == ps["smollm2-drafted:latest"]["draft_accepted_count"] == (
         done["draft_count"])

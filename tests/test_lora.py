@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import ollama
 import openai
 import pytest
@@ -157,6 +158,9 @@ def test_adapter_models_share_one_base_and_requests_pick_scales(
     assert sorted(loaded) == ["sha256-" + base_blob.removeprefix("sha256:")[:12], "smollm2:135m"]  # tutor and poet: one
     with pytest.raises(openai.BadRequestError, match="lora id 1"):
         say("tutor", lora=[{"id": 1, "scale": 1.0}])
+    shown = httpx.get(f"{url}/api/models/tutor").json()  # the native API, which `myllm show` reads
+    assert shown["adapters"] == [{"digest": digest.removeprefix("sha256:"), "size": adapters["one"].stat().st_size}]
+    assert httpx.get(f"{url}/api/models/smollm2:135m").json()["adapters"] == []
 
 
 def test_an_adapter_for_another_model_is_refused_at_create(

@@ -131,6 +131,13 @@ class ModelInfo(BaseModel):
         "(only embeds), `reranking` (only ranks documents: /api/rerank)")
 
 
+class StoredFile(BaseModel):
+    """A GGUF file a model uses beside its own, in the blob store."""
+
+    digest: str
+    size: int
+
+
 class ModelDetail(ModelInfo):
     """`GET /api/models/{name}`: the list's fields, and (extensions) everything `myllm show`
     prints, so the CLI can show a model from a running daemon."""
@@ -147,6 +154,12 @@ class ModelDetail(ModelInfo):
     created_at: str
     projector_digest: str | None = Field(None, description="sha256 of the model's projector (mmproj) GGUF, if any")
     projector_size: int | None = Field(None, description="the projector file's bytes")
+    adapters: list[StoredFile] = Field(default_factory=list,
+                                       description="the model's LoRA adapters (its ADAPTER lines), in order: each "
+                                       "GGUF's sha256 and bytes; a request's `lora` scales them by index")
+    draft_digest: str | None = Field(None, description="sha256 of the draft model's GGUF (its DRAFT line, speculative "
+                                     "decoding), if any")
+    draft_size: int | None = Field(None, description="the draft model file's bytes")
 
 
 class ModelList(BaseModel):

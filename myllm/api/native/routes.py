@@ -40,6 +40,7 @@ from myllm.api.native.models import (
     SessionMessage,
     SessionSummary,
     StatusMessage,
+    StoredFile,
     Think,
     Usage,
 )
@@ -115,6 +116,8 @@ async def get_model(model_name: str, request: Request) -> ModelDetail:
         embedding_length=row.embedding_length, vocab_size=row.vocab_size, license=row.license, source=row.shown_source,
         system=row.system, chat_template=row.template, created_at=row.created_at.isoformat(),
         projector_digest=row.projector_digest, projector_size=row.projector_size,
+        adapters=[StoredFile(digest=a["digest"], size=a["size"]) for a in row.adapters or ()],
+        draft_digest=row.draft_digest, draft_size=row.draft_size,
     )
 
 
