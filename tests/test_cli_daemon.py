@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +15,8 @@ import pytest
 
 from myllm.settings import Settings
 from tests.server import free_port, running_server
+from tests.terminal import MYLLM, port_of
 
-MYLLM = str(Path(sys.executable).parent / "myllm")
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -25,10 +24,6 @@ REPO = Path(__file__).resolve().parents[1]
 def daemon(private_home: Path) -> Iterator[str]:
     with running_server(Settings(home=private_home, num_threads=2, num_ctx=2048)) as url:
         yield url
-
-
-def port_of(url: str) -> str:
-    return url.rsplit(":", 1)[1]
 
 
 def myllm(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:

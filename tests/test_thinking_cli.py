@@ -8,22 +8,20 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import pexpect
 import pytest
 
 from myllm.registry.store import Overrides, Registry
 from myllm.settings import Settings
 from tests.conftest import writable_home
 from tests.server import running_server
+from tests.terminal import MYLLM, Terminal, port_of
 from tests.test_thinking_api import BUDGET, THINK_TEMPLATE
 
-MYLLM = str(Path(sys.executable).parent / "myllm")
 DIM, UNDIM = "\x1b[2m", "\x1b[22m"
 QUESTION = "What is two and two?"
 GREEDY = {"temperature": 0, "num_predict": 40}
@@ -43,10 +41,6 @@ def daemon(models_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Itera
         yield url
 
 
-def port_of(url: str) -> str:
-    return url.rsplit(":", 1)[1]
-
-
 def api_chat(url: str, model: str, **extra: Any) -> tuple[str, str]:
     """(thinking, answer) of a fresh conversation's first answer, from the native API."""
     message = httpx.post(f"{url}/api/chat", json={"model": model, "messages": [{"role": "user", "content": QUESTION}],
@@ -57,30 +51,6 @@ def api_chat(url: str, model: str, **extra: Any) -> tuple[str, str]:
 def shown(thinking: str, answer: str) -> str:
     """What the terminal gets: the thinking dimmed, its line ended, a blank line, the answer."""
     return f"{DIM}{thinking}{UNDIM}{'' if thinking.endswith(chr(10)) else chr(10)}\n{answer}\n"
-
-
-class Terminal:
-    """`myllm run MODEL` in a pseudo-terminal; `send` returns what a line printed (its echo
-    left out, line endings as written)."""
-
-    def __init__(self, url: str, model: str) -> None:
-        self.child = pexpect.spawn(MYLLM, ["run", model, "--port", port_of(url)], env=os.environ.copy(),
-                                   encoding="utf-8", timeout=120, dimensions=(40, 200))
-        self.child.expect(">>> ")
-
-    def send(self, line: str) -> str:
-        self.child.sendline(line)
-        self.child.expect(">>> ")
-        printed = (self.child.before or "").replace("\r\n", "\n")
-        echo, _, rest = printed.partition("\n")
-        assert echo == line
-        return rest
-
-    def close(self) -> int | None:
-        self.child.sendline("/bye")
-        self.child.expect(pexpect.EOF)
-        self.child.close()
-        return self.child.exitstatus
 
 
 def test_the_repl_dims_the_thinking_and_switches_it(daemon: str) -> None:

@@ -10,25 +10,22 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import ollama
-import pexpect
 import pytest
 
 from myllm.settings import Settings
 from tests.conftest import writable_home
 from tests.server import running_servers
+from tests.terminal import MYLLM, Terminal, environment, port_of
 from tests.vision_fixture import VisionModel, png_image
 
 pytestmark = pytest.mark.slow
 
-MYLLM = str(Path(sys.executable).parent / "myllm")
 MODEL = "smolvlm:cli"
 IMAGE = png_image(16, 16, seed=5)
 DIGEST = hashlib.sha256(IMAGE).hexdigest()
@@ -56,42 +53,11 @@ def folder(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def port_of(url: str) -> str:
-    return url.rsplit(":", 1)[1]
-
-
-def environment(folder: Path) -> dict[str, str]:
-    return {**os.environ, "HOME": str(folder)}
-
-
 def api_chat(url: str, prompt: str, images: list[bytes]) -> tuple[str, str]:
     """The API's greedy answer to one message with `images`, and the session it stored."""
     message = {"role": "user", "content": prompt, "images": [base64.b64encode(i).decode() for i in images]}
     r = httpx.post(f"{url}/api/chat", json={"model": "smolvlm:base", "messages": [message]}, timeout=120).json()
     return r["message"]["content"], r["session_id"]
-
-
-class Terminal:
-    """`myllm run MODEL` in a pseudo-terminal; `send` returns what a line printed, its echo left out."""
-
-    def __init__(self, url: str, model: str, folder: Path) -> None:
-        self.child = pexpect.spawn(MYLLM, ["run", model, "--port", port_of(url)], env=environment(folder),
-                                   cwd=str(folder), encoding="utf-8", timeout=120, dimensions=(40, 400))
-        self.child.expect(">>> ")
-
-    def send(self, line: str) -> str:
-        self.child.sendline(line)
-        self.child.expect(">>> ")
-        printed = (self.child.before or "").replace("\r\n", "\n")
-        echo, _, rest = printed.partition("\n")
-        assert echo == line
-        return rest
-
-    def close(self) -> int | None:
-        self.child.sendline("/bye")
-        self.child.expect(pexpect.EOF)
-        self.child.close()
-        return self.child.exitstatus
 
 
 def sessions(url: str) -> set[str]:
@@ -105,7 +71,7 @@ def user_messages(url: str, ids: set[str]) -> list[dict[str, object]]:
 def test_paths_in_the_chat_send_their_images(url: str, folder: Path) -> None:
     answer, _ = api_chat(url, "Describe please", [IMAGE])
     before = sessions(url)
-    terminal = Terminal(url, "smolvlm:base", folder)
+    terminal = Terminal(url, "smolvlm:base", folder, columns=400)
     try:
         assert "A path to a .png, .jpg, .jpeg, .webp or .gif file in a message sends that image" in terminal.send("/?")
         for line, path in ((f"Describe {folder}/pic.png please", f"{folder}/pic.png"),
