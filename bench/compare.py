@@ -4,7 +4,7 @@ the other. Prints a Markdown table and writes bench/results/latest.{json,md} and
 Methodology (the same client code for both servers): both servers run for the whole benchmark
 and are measured in turn (ABBA order), each figure `--rounds` times, and medians are reported,
 so that the machine's drift falls on both alike. Raw completions through `/v1/completions` with
-streaming; time to first token (TTFT) is measured at the client, the median of 9 short requests
+streaming; time to first token (TTFT) is measured at the client, the median of 45 short requests
 a round; decode rate is (tokens - 1) / (last token time - first token time); aggregate
 throughput is all tokens over the wall time of N simultaneous clients. Chat turns go through
 `/v1/chat/completions`: a turn's prompt cost is given both as its TTFT and as the server's own
