@@ -183,8 +183,7 @@ class SessionStore:
         session that does not exist gets `SessionNotFound`, not a session filed under that key."""
         if key != stored_id(key.partition("@")[0], viewer.key_hash):
             raise SessionNotFound(session_id)
-        conn.execute(insert(sessions).values(id=key, kind=kind, model=model, owner=viewer.key_hash, created_at=utcnow(),
-                                             updated_at=utcnow(), **claim))
+        _insert_session(conn, key, kind, model, viewer.key_hash, utcnow(), **claim)
 
     def history(self, session_id: str, viewer: Viewer = ADMIN) -> list[StoredMessage]:
         """The stored messages of a session, oldest first; empty for an unknown id."""
@@ -328,10 +327,12 @@ def _end_claim(conn: Connection, session_id: str, holder: str) -> bool:
     ).rowcount)
 
 
-def _new_chain(conn: Connection, session_id: str, model: str, owner: str | None, now: datetime) -> None:
-    """The session of a new chain of responses (or of a fork of one), before its messages."""
-    conn.execute(insert(sessions).values(id=session_id, kind="responses", model=model, owner=owner,
-                                         created_at=now, updated_at=now))
+def _insert_session(conn: Connection, session_id: str, kind: str, model: str, owner: str | None, now: datetime,
+                    **claim: Any) -> None:
+    """A new session's row as it is stored (`session_id` already scoped), before its messages:
+    a conversation's, a chain of responses' or a fork's; `claim`: its first turn's claim."""
+    conn.execute(insert(sessions).values(id=session_id, kind=kind, model=model, owner=owner, created_at=now,
+                                         updated_at=now, **claim))
 
 
 class ResponseStore:
@@ -374,7 +375,7 @@ class ResponseStore:
         with self._engine.begin() as conn:
             session_id, upto = stored_id(new_session_id(), viewer.key_hash), 0
             if previous is None:
-                _new_chain(conn, session_id, model, viewer.key_hash, now)
+                _insert_session(conn, session_id, "responses", model, viewer.key_hash, now)
             else:
                 before = self._row(conn, previous, viewer)
                 if holder is not None and not _end_claim(conn, before.session_id, holder):
@@ -395,7 +396,7 @@ class ResponseStore:
     def _fork(conn: Connection, before: Row[Any], session_id: str, model: str, owner: str | None,
               now: datetime) -> None:
         """A new session holding a copy of `before`'s conversation (its messages and their images)."""
-        _new_chain(conn, session_id, model, owner, now)
+        _insert_session(conn, session_id, "responses", model, owner, now)
         for m, placed in _messages(conn, _msg.session_id == before.session_id, _msg.seq <= before.upto):
             _insert_message(conn, {"session_id": session_id, "seq": m.seq, "role": m.role, "content": m.content,
                                    "tokens": m.tokens, "model": m.model, "created_at": m.created_at,
